@@ -1,0 +1,33 @@
+// The cfg_combine CPU inner loop, compiled once per CPU capability (see cfg_combine_chunk.inl).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+// setup.py defines FASTDIFF_CPU_HAVE_AVX2=1 on x86-64 and compiles cfg_combine_avx2.cpp with AVX2
+// flags; the launcher then picks that build at run time. Elsewhere only the portable build exists.
+#ifndef FASTDIFF_CPU_HAVE_AVX2
+#define FASTDIFF_CPU_HAVE_AVX2 0
+#endif
+
+namespace fastdiff::cpu {
+
+// out[i] = uncond[i] + scale * (cond[i] - uncond[i]) for i in [begin, end); uncond = in[0, n),
+// cond = in[n, 2n). dtype is float, double, Half or BFloat16.
+using CfgCombineChunkFn = void (*)(c10::ScalarType dtype, void* out, const void* in, int64_t n, double scale,
+                                   int64_t begin, int64_t end);
+
+namespace isa_default {
+void cfg_combine_chunk(c10::ScalarType dtype, void* out, const void* in, int64_t n, double scale, int64_t begin,
+                       int64_t end);
+}  // namespace isa_default
+
+#if FASTDIFF_CPU_HAVE_AVX2
+namespace isa_avx2 {
+void cfg_combine_chunk(c10::ScalarType dtype, void* out, const void* in, int64_t n, double scale, int64_t begin,
+                       int64_t end);
+}  // namespace isa_avx2
+#endif
+
+}  // namespace fastdiff::cpu

@@ -1,0 +1,51 @@
+// The only place fastdiff op schemas live, and the Python module fastdiff._C.
+//
+// Importing fastdiff._C runs the static registrations below; the ops are then reached through
+// torch.ops.fastdiff.<name>, which is what torch.compile and CUDA graphs see through.
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(fastdiff, m) {
+  // model_out (2B, *rest) = [uncond; cond] on dim 0 -> uncond + scale * (cond - uncond), (B, *rest).
+  m.def("cfg_combine(Tensor model_out, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
+  m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
+}
+
+#ifdef FASTDIFF_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
+  m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
+}
+#endif
+
+// A plain C-API module (no pybind11): the ops need no Python bindings, only the registrations
+// above, and `cuda_compiled` lets fastdiff._native report what this very .so contains.
+static struct PyModuleDef fastdiff_c_module = {
+    PyModuleDef_HEAD_INIT, "_C", "fastdiff native ops (registered as torch.ops.fastdiff.*)", -1, nullptr,
+};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fastdiff_c_module);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef FASTDIFF_WITH_CUDA
+  const long cuda_compiled = 1;
+#else
+  const long cuda_compiled = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "cuda_compiled", cuda_compiled) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

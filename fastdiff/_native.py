@@ -1,0 +1,153 @@
+"""Soft loading of the native extension ``fastdiff._C``.
+
+fastdiff must import and run (on the reference backend) when ``_C`` is missing, was skipped at
+install time, or was built against another torch. Loading a .so built for another torch can fail
+with "undefined symbol" or, worse, crash later on an ABI change, so the versions recorded by the
+build (``fastdiff/_build_info.json``, written by setup.py) are compared with the running torch
+*before* the .so is imported. Anything unexpected warns once (RuntimeWarning) and falls back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = ["load", "status", "on_load"]
+
+_BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
+_REBUILD = "reinstall with `pip install -e . --no-build-isolation` (after torch) to rebuild it"
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_reason: str = ""
+_build_info: dict[str, Any] = {}
+_loaded = False  # load() has run (successfully or not); the result is cached until _reset()
+_callbacks: list[Callable[[ModuleType], None]] = []
+
+
+def _read_build_info() -> dict[str, Any] | None:
+    """The build record, or None if there is none (never built, or built by other means)."""
+    try:
+        return json.loads(_BUILD_INFO_PATH.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"native": False, "native_skipped_reason": f"unreadable {_BUILD_INFO_PATH.name}: {exc}"}
+
+
+def _running_versions() -> dict[str, str | None]:
+    return {
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "torch_git_version": getattr(torch.version, "git_version", None),
+    }
+
+
+def _version_mismatch(info: dict[str, Any]) -> str:
+    """Why the recorded build does not fit the running torch, or "" if it does."""
+    running = _running_versions()
+    labels = {"torch_version": "torch", "torch_cuda_version": "torch CUDA", "torch_git_version": "torch commit"}
+    for key, label in labels.items():
+        built = info.get(key)
+        # Older or hand-made records may lack the commit; the version pair still has to match.
+        if key == "torch_git_version" and (built is None or running[key] is None):
+            continue
+        if built != running[key]:
+            return f"fastdiff._C was built for {label} {built}, but {label} {running[key]} is running"
+    return ""
+
+
+def _try_load() -> tuple[ModuleType | None, str, dict[str, Any], bool]:
+    """(module, reason, build_info, warn): warn is False only for a deliberate pure-Python install."""
+    info = _read_build_info()
+    if info is None:
+        return None, f"fastdiff._C is not built (no {_BUILD_INFO_PATH.name} build record)", {}, True
+    if not info.get("native", False):
+        reason = f"fastdiff._C was not built: {info.get('native_skipped_reason') or 'no reason recorded'}"
+        return None, reason, info, not info.get("native_skip_requested", False)
+    mismatch = _version_mismatch(info)
+    if mismatch:
+        return None, mismatch, info, True
+    try:
+        module = importlib.import_module("fastdiff._C")
+    except (ImportError, OSError) as exc:
+        return None, f"importing fastdiff._C failed: {exc}", info, True
+    return module, "", info, False
+
+
+def load() -> ModuleType | None:
+    """Import ``fastdiff._C`` if it fits the running torch; the module, or None. Cached.
+
+    The first failure warns once with the reason and what to do; later calls return the cached
+    result silently.
+    """
+    global _module, _reason, _build_info, _loaded
+    if _loaded:
+        return _module
+    with _lock:
+        if _loaded:
+            return _module
+        module, reason, info, warn = _try_load()
+        _module, _reason, _build_info, _loaded = module, reason, info, True
+        callbacks = list(_callbacks)
+    if warn:
+        warnings.warn(
+            f"fastdiff: native extension unavailable ({reason}); falling back to the backends that "
+            f"need no native code (reference). To fix it, {_REBUILD}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if module is not None:
+        for callback in callbacks:
+            callback(module)
+    return module
+
+
+def on_load(callback: Callable[[ModuleType], None]) -> None:
+    """Run ``callback(_C)`` once ``_C`` is loaded (now, if it already is).
+
+    Ops use it for Python-side registrations on their native op (autograd formulas) without
+    importing ``_C`` at ``import fastdiff`` time. Callbacks must be idempotent: tests reload.
+    """
+    with _lock:
+        _callbacks.append(callback)
+        module = _module if _loaded else None
+    if module is not None:
+        callback(module)
+
+
+def status() -> dict[str, Any]:
+    """What was built and whether it is usable, for backends and ``fastdiff info``.
+
+    Keys: built (a usable ``_C`` is loaded), cuda_compiled (that ``_C`` has CUDA kernels),
+    cuda_archs (the archs they were compiled for), cuda_skipped_reason (why not, from the build),
+    reason (why ``_C`` is not loaded, or ""), build_info (the build record, {} if none), path.
+    """
+    module = load()
+    built = module is not None
+    # The .so itself says whether it holds CUDA kernels; the record only says what was intended.
+    cuda_compiled = built and bool(getattr(module, "cuda_compiled", False))
+    return {
+        "built": built,
+        "cuda_compiled": cuda_compiled,
+        "cuda_archs": list(_build_info.get("cuda_archs", [])) if cuda_compiled else [],
+        "cuda_skipped_reason": "" if cuda_compiled else _build_info.get("cuda_skipped_reason", ""),
+        "reason": _reason,
+        "build_info": dict(_build_info),
+        "path": getattr(module, "__file__", None) if built else None,
+    }
+
+
+def _reset() -> None:
+    """Forget the cached load result (tests). An imported .so stays registered with torch."""
+    global _module, _reason, _build_info, _loaded
+    with _lock:
+        _module, _reason, _build_info, _loaded = None, "", {}, False

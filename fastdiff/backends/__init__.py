@@ -1,0 +1,215 @@
+"""Which backend runs an op, and when one cannot, the reasons why.
+
+Every op registers an :class:`OpSupport`: per backend, a function that returns the list of reasons
+it cannot run the given inputs (an empty list means it can). Called with ``inputs=None`` it returns
+the static reasons only (not compiled, no device, no kernel yet), which is what ``fastdiff info``
+prints. ``backend="auto"`` tries :data:`PRIORITY` in order and takes the first backend with no
+reasons; an explicit backend that cannot run raises :class:`BackendUnavailableError` with all of
+them. ``FASTDIFF_BACKEND`` overrides the argument everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import _native
+
+__all__ = [
+    "AUTO",
+    "BACKENDS",
+    "PRIORITY",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "OpSupport",
+    "register_op",
+    "registered_ops",
+    "resolve_backend",
+    "select_backend",
+    "support_table",
+    "native_reasons",
+    "not_implemented",
+]
+
+AUTO = "auto"
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Fastest first; the reference accepts everything, so auto always finds a backend.
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+ENV_VAR = "FASTDIFF_BACKEND"
+AVAILABLE = "available"
+
+# reasons(inputs) -> list of reasons the backend cannot run them; inputs=None: static reasons only.
+ReasonsFn = Callable[[Mapping[str, torch.Tensor] | None], list[str]]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the inputs; ``reasons`` lists why."""
+
+    def __init__(self, message: str, reasons: Sequence[str]) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons)
+
+
+@dataclass(frozen=True)
+class OpSupport:
+    """What each backend can run for one op. ``reasons`` has an entry for every backend."""
+
+    op: str
+    reasons: Mapping[str, ReasonsFn]
+
+    def __post_init__(self) -> None:
+        missing = [b for b in BACKENDS if b not in self.reasons]
+        if missing:
+            raise ValueError(f"OpSupport({self.op!r}): no reasons function for backends {missing}")
+
+    def why_not(self, backend: str, inputs: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+        return list(self.reasons[backend](inputs))
+
+
+_REGISTRY: dict[str, OpSupport] = {}
+
+
+def register_op(support: OpSupport) -> OpSupport:
+    """Add (or replace, on module reload) an op's support declaration."""
+    _REGISTRY[support.op] = support
+    return support
+
+
+def registered_ops() -> dict[str, OpSupport]:
+    """Every op's support declaration, after importing fastdiff.ops so all ops have registered."""
+    importlib.import_module("fastdiff.ops")
+    return dict(_REGISTRY)
+
+
+def resolve_backend(backend: str) -> str:
+    """The backend name to use: ``FASTDIFF_BACKEND`` if set, else ``backend``; validated."""
+    accepted = (AUTO, *BACKENDS)
+    override = os.environ.get(ENV_VAR, "").strip()
+    if override:
+        name = override.lower()
+        if name not in accepted:
+            raise ValueError(f"{ENV_VAR} must be one of {accepted}, got {override!r}")
+        return name
+    if not isinstance(backend, str) or backend not in accepted:
+        raise ValueError(f"backend must be one of {accepted}, got {backend!r}")
+    return backend
+
+
+def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
+    """The backend that will run ``op`` on ``inputs``: resolved, then checked.
+
+    ``inputs`` maps argument names to the tensors the backends must accept (names appear in the
+    reasons). With "auto", the first backend of :data:`PRIORITY` with no reasons wins; an explicit
+    backend with reasons raises :class:`BackendUnavailableError` listing all of them.
+    """
+    support = _REGISTRY[op]
+    name = resolve_backend(backend)
+    if name == AUTO:
+        refusals: list[str] = []
+        for candidate in PRIORITY:
+            reasons = support.why_not(candidate, inputs)
+            if not reasons:
+                return candidate
+            refusals.append(f"{candidate}: {'; '.join(reasons)}")
+        raise BackendUnavailableError(f"{op}: no backend can run these inputs ({' | '.join(refusals)})", refusals)
+    reasons = support.why_not(name, inputs)
+    if reasons:
+        source = f"{ENV_VAR}={name}" if os.environ.get(ENV_VAR, "").strip() else f"backend={name!r}"
+        raise BackendUnavailableError(
+            f"{op}: {source} cannot run these inputs: " + "; ".join(reasons) + " (backend='auto' picks one that can)",
+            reasons,
+        )
+    return name
+
+
+def support_table() -> dict[str, dict[str, str | list[str]]]:
+    """op -> backend -> "available", or the static reasons it is not (no inputs considered)."""
+    table: dict[str, dict[str, str | list[str]]] = {}
+    for op, support in sorted(registered_ops().items()):
+        table[op] = {}
+        for backend in PRIORITY:
+            reasons = support.why_not(backend, None)
+            table[op][backend] = reasons if reasons else AVAILABLE
+    return table
+
+
+# ---- reasons shared by the ops -------------------------------------------------------------------
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _compiled_for(capability: tuple[int, int], archs: Sequence[str]) -> bool:
+    """Whether a GPU of this compute capability can run code compiled for ``archs``.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y (same major); "+PTX" is JIT-compiled for any newer
+    GPU; arch-specific targets ("9.0a") run only on exactly that capability.
+    """
+    for arch in archs:
+        core = arch.removesuffix("+PTX")
+        try:
+            built = tuple(int(p) for p in core.rstrip("af").split("."))
+        except ValueError:
+            continue
+        if core.endswith("a"):
+            if built == capability:
+                return True
+        elif (built[0] == capability[0] and built <= capability) or (arch.endswith("+PTX") and built <= capability):
+            return True
+    return False
+
+
+def native_reasons(
+    op: str, device_type: str, dtypes: Sequence[torch.dtype], inputs: Mapping[str, torch.Tensor] | None
+) -> list[str]:
+    """Why the native (fastdiff._C) kernel of ``op`` for ``device_type`` ("cpu"/"cuda") cannot run."""
+    status = _native.status()
+    if not status["built"]:
+        return [f"fastdiff._C not built ({status['reason']})"]
+    reasons: list[str] = []
+    if not hasattr(torch.ops.fastdiff, op):
+        reasons.append(f"fastdiff._C has no {op} kernel (built from older sources; rebuild it)")
+    if device_type == "cuda":
+        if not status["cuda_compiled"]:
+            why = status["cuda_skipped_reason"] or "not in this build"
+            reasons.append(f"CUDA not compiled into fastdiff._C ({why})")
+        elif not torch.cuda.is_available():
+            reasons.append("no CUDA device (torch.cuda.is_available() is False)")
+    if inputs is None:
+        return reasons
+    for arg, tensor in inputs.items():
+        if tensor.device.type != device_type:
+            where = "CPU" if device_type == "cpu" else "CUDA"
+            reasons.append(f"{arg} is on {tensor.device}, {device_type} backend needs {where} tensors")
+        if tensor.dtype not in dtypes:
+            reasons.append(f"{arg} dtype {tensor.dtype} not supported (supported: {_dtype_names(dtypes)})")
+        if device_type == "cuda" and tensor.is_cuda and status["cuda_compiled"]:
+            capability = torch.cuda.get_device_capability(tensor.device)
+            if not _compiled_for(capability, status["cuda_archs"]):
+                reasons.append(
+                    f"{arg} is on a GPU of compute capability {capability[0]}.{capability[1]}, but fastdiff._C "
+                    f"was compiled for {status['cuda_archs']} (set TORCH_CUDA_ARCH_LIST and rebuild)"
+                )
+    return reasons
+
+
+def not_implemented(backend: str, op: str) -> ReasonsFn:
+    """Reasons function of a backend that has no kernel for ``op`` yet."""
+
+    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+        found = [f"not implemented for this op yet (no {backend} kernel for {op})"]
+        if backend == "triton" and importlib.util.find_spec("triton") is None:
+            found.append("triton is not installed")
+        return found
+
+    return reasons
+
+
+def always_available(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """The reference backend: plain PyTorch runs every input the op's validation accepts."""
+    return []

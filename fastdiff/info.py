@@ -1,0 +1,112 @@
+"""``fastdiff info``: versions, what was built, and every op x backend (available, or why not).
+
+Runnable as ``python -m fastdiff.info``; ``fastdiff info`` calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+import torch
+
+from . import _native
+from .backends import AVAILABLE, ENV_VAR, PRIORITY, support_table
+
+__all__ = ["main", "collect"]
+
+
+def _dist_version(name: str) -> str | None:
+    # importlib.metadata rather than `import triton`: the version without paying triton's import.
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict:
+    """Everything ``fastdiff info`` prints, as a JSON-able dict."""
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            devices.append(f"cuda:{i} {torch.cuda.get_device_name(i)} (compute capability {major}.{minor})")
+    return {
+        "fastdiff": _dist_version("fastdiff"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_devices": devices,
+        "triton": _dist_version("triton"),
+        "native": _native.status(),
+        "backends": support_table(),
+        "priority": list(PRIORITY),
+    }
+
+
+def _native_lines(status: dict) -> list[str]:
+    info = status["build_info"]
+    if not status["built"]:
+        return [f"  fastdiff._C: not loaded: {status['reason']}"]
+    lines = [f"  fastdiff._C: {status['path']}", "  CPU kernels: compiled"]
+    if status["cuda_compiled"]:
+        archs = ", ".join(status["cuda_archs"])
+        lines.append(f"  CUDA kernels: compiled for {archs} with nvcc {info.get('nvcc_version')}")
+        if info.get("ptxas_report"):
+            lines.append(f"  ptxas report: {info['ptxas_report']}")
+    else:
+        lines.append(f"  CUDA kernels: not compiled: {status['cuda_skipped_reason'] or 'no reason recorded'}")
+    lines.append(
+        f"  built with torch {info.get('torch_version')} (CUDA {info.get('torch_cuda_version')}), "
+        f"{info.get('cxx_version') or info.get('cxx')}, at {info.get('built_at')}"
+    )
+    return lines
+
+
+def _table_lines(table: dict[str, dict[str, str | list[str]]]) -> list[str]:
+    width = max(len(b) for b in PRIORITY)
+    lines = []
+    for op, backends in table.items():
+        lines.append(f"  {op}")
+        for backend, verdict in backends.items():
+            text = AVAILABLE if verdict == AVAILABLE else "unavailable: " + "; ".join(verdict)
+            lines.append(f"    {backend:<{width}}  {text}")
+    return lines
+
+
+def format_report(report: dict) -> str:
+    devices = report["cuda_devices"] or ["none visible"]
+    lines = [
+        f"fastdiff {report['fastdiff'] or '(not installed as a distribution)'}",
+        f"python   {report['python']}",
+        f"torch    {report['torch']} (CUDA {report['torch_cuda'] or 'none: CPU-only build'})",
+        f"GPUs     {'; '.join(devices)}",
+        f"triton   {report['triton'] or 'not installed'}",
+        "native extension:",
+        *_native_lines(report["native"]),
+        f"ops x backends (auto tries {', '.join(report['priority'])}; {ENV_VAR} overrides):",
+        *_table_lines(report["backends"]),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the report; ``--json`` prints it as JSON. Returns the exit status (0)."""
+    parser = argparse.ArgumentParser(prog="fastdiff info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    report = collect()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_report(report))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The backend registry: names, FASTDIFF_BACKEND, the support table, and honest refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import _native
+from fastdiff.backends import (
+    AUTO,
+    AVAILABLE,
+    BACKENDS,
+    PRIORITY,
+    BackendUnavailableError,
+    OpSupport,
+    _compiled_for,
+    always_available,
+    registered_ops,
+    resolve_backend,
+    select_backend,
+    support_table,
+)
+from fastdiff.ops import attention, group_norm_adagn
+from fastdiff.reference import attention as reference_attention
+from fastdiff.reference import group_norm_adagn as reference_group_norm_adagn
+
+OPS = ("attention", "cfg_combine", "group_norm_adagn")
+
+
+@pytest.mark.parametrize("name", (AUTO, *BACKENDS))
+def test_resolve_accepts_every_name(name):
+    assert resolve_backend(name) == name
+
+
+@pytest.mark.parametrize("bad", ["CUDA", "gpu", "", None, 3])
+def test_resolve_rejects_unknown_names_naming_the_argument(bad):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\)"):
+        resolve_backend(bad)
+
+
+def test_env_var_overrides_the_argument(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    assert resolve_backend("cuda") == "reference"
+    monkeypatch.setenv("FASTDIFF_BACKEND", " CPU ")  # shell values are forgiven case and spaces
+    assert resolve_backend("auto") == "cpu"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"FASTDIFF_BACKEND must be one of .* got 'fastest'"):
+        resolve_backend("auto")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "")  # empty means unset
+    assert resolve_backend("triton") == "triton"
+
+
+def test_priority_covers_every_backend_and_ends_with_the_reference():
+    assert sorted(PRIORITY) == sorted(BACKENDS)
+    assert PRIORITY[-1] == "reference"
+
+
+def test_every_op_is_registered_for_every_backend():
+    ops = registered_ops()
+    for op in OPS:
+        assert op in ops
+        for backend in BACKENDS:
+            assert isinstance(ops[op].why_not(backend, None), list)
+
+
+def test_op_support_must_cover_every_backend():
+    with pytest.raises(ValueError, match=r"no reasons function for backends \['triton'\]"):
+        OpSupport("half_done", {"reference": always_available, "cpu": always_available, "cuda": always_available})
+
+
+def test_support_table_is_available_or_reasons():
+    table = support_table()
+    assert set(OPS) <= set(table)
+    status = _native.status()
+    for op, row in table.items():
+        assert list(row) == list(PRIORITY)
+        assert row["reference"] == AVAILABLE, op
+        for backend, verdict in row.items():
+            assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
+        assert any("not implemented for this op yet" in r for r in row["triton"]), op
+    if status["built"]:
+        assert table["cfg_combine"]["cpu"] == AVAILABLE
+    else:
+        assert table["cfg_combine"]["cpu"] == [f"fastdiff._C not built ({status['reason']})"]
+    if not torch.cuda.is_available():
+        assert table["cfg_combine"]["cuda"] != AVAILABLE
+    for op in ("attention", "group_norm_adagn"):
+        for backend in ("cpu", "cuda"):
+            assert any("not implemented for this op yet" in r for r in table[op][backend])
+
+
+@pytest.mark.parametrize(
+    ("capability", "archs", "runs"),
+    [
+        ((8, 0), ["8.0", "9.0"], True),
+        ((8, 6), ["8.0", "9.0"], True),  # sm_80 cubins run on later minors of Ampere
+        ((8, 9), ["8.0", "9.0"], True),
+        ((9, 0), ["8.0", "9.0"], True),
+        ((7, 5), ["8.0", "9.0"], False),  # too old
+        ((10, 0), ["8.0", "9.0"], False),  # new major, no PTX to JIT from
+        ((10, 0), ["8.0+PTX"], True),
+        ((9, 0), ["9.0a"], True),
+        ((9, 1), ["9.0a"], False),  # arch-specific code runs only on exactly that GPU
+    ],
+)
+def test_compiled_archs_cover_a_gpu(capability, archs, runs):
+    assert _compiled_for(capability, archs) is runs
+
+
+def test_explicit_backend_that_cannot_run_raises_with_every_reason():
+    x = torch.randn(1, 8, 4, 4)
+    with pytest.raises(BackendUnavailableError, match=r"group_norm_adagn: backend='cpu' cannot run") as info:
+        group_norm_adagn(x, 4, backend="cpu")
+    assert info.value.reasons == ["not implemented for this op yet (no cpu kernel for group_norm_adagn)"]
+    with pytest.raises(BackendUnavailableError, match="no triton kernel for attention"):
+        attention(x, x, x, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_ops_without_kernels_run_the_reference(backend):
+    x = torch.randn(2, 8, 5, 3)
+    scale, shift = torch.randn(2, 8), torch.randn(2, 8)
+    torch.testing.assert_close(
+        group_norm_adagn(x, 4, scale=scale, shift=shift, activation="silu", backend=backend),
+        reference_group_norm_adagn(x, 4, scale=scale, shift=shift, activation="silu"),
+    )
+    q, k, v = torch.randn(2, 3, 7, 40), torch.randn(2, 3, 77, 40), torch.randn(2, 3, 77, 40)
+    torch.testing.assert_close(attention(q, k, v, backend=backend), reference_attention(q, k, v))
+    assert select_backend("attention", backend, {"q": q, "k": k, "v": v}) == "reference"
+
+
+def test_ops_keep_the_reference_validation():
+    with pytest.raises(ValueError, match="channels"):
+        group_norm_adagn(torch.randn(1, 6, 2, 2), 4)
+    with pytest.raises(TypeError, match="q must be a tensor"):
+        attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
