@@ -1,0 +1,13 @@
+"""fastdiff: fast diffusion-model sampling with fused kernels, each proven against a reference.
+
+Importing fastdiff never fails because the native extension is missing or stale: ops fall back
+to the backends that can run (see ``fastdiff info``).
+"""
+
+from . import ops, reference
+from .sampling import sample
+from .schedule import Schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["sample", "Schedule", "ops", "reference", "__version__"]

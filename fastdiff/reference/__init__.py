@@ -1,0 +1,7 @@
+"""The oracle: plain, readable PyTorch for every op and sampler that fastdiff accelerates."""
+
+from .attention import attention
+from .group_norm_adagn import group_norm_adagn
+from .sampling import ddim_step, ddpm_step, predict_x0_and_eps, process_x0
+
+__all__ = ["attention", "group_norm_adagn", "ddim_step", "ddpm_step", "predict_x0_and_eps", "process_x0"]
