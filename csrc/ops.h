@@ -4,8 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cmath>
+#include <tuple>
 
 namespace fastdiff {
 
@@ -34,4 +36,49 @@ inline void check_cfg_combine_rows(int64_t rows) {
               "(at least 2), got ", rows);
 }
 
+// sampler_step: one fused DDIM/DDPM update (guidance combine, x0/eps, clipping, noise) reading the
+// step's coefficients from a device table row selected by a step-index tensor. Returns
+// (x_prev, x0); x0 is empty unless return_x0.
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
+                                                    const at::Tensor& coefs, const at::Tensor& step,
+                                                    double cfg_scale, bool learned_range, double clip,
+                                                    const std::optional<at::Tensor>& threshold,
+                                                    const std::optional<at::Tensor>& noise,
+                                                    const std::optional<at::Tensor>& philox_seed, bool return_x0);
+std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const at::Tensor& model_output,
+                                                     const at::Tensor& coefs, const at::Tensor& step,
+                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const std::optional<at::Tensor>& threshold,
+                                                     const std::optional<at::Tensor>& noise,
+                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0);
+#ifdef FASTDIFF_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
+                                                     const at::Tensor& coefs, const at::Tensor& step,
+                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const std::optional<at::Tensor>& threshold,
+                                                     const std::optional<at::Tensor>& noise,
+                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0);
+#endif
+
+// The inputs of one sampler_step, checked and put in one memory order shared by x, the model
+// output, the noise and the outputs (defined in csrc/cpu/sampler_step.cpp, used by CPU and CUDA).
+struct SamplerStepPlan {
+  at::Tensor x, model_output, noise, out, x0;  // noise/x0 undefined when absent
+  int64_t batch = 0, n = 0, mn = 0;            // B, elements per image, model-output elements per row
+  bool guided = false;                         // model_output has 2B rows
+  at::MemoryFormat format = at::MemoryFormat::Contiguous;  // of x as given: outputs are returned in it
+};
+SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
+                                  const at::Tensor& step, double cfg_scale, bool learned_range, double clip,
+                                  const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
+                                  const std::optional<at::Tensor>& philox_seed, bool return_x0);
+// Checks on dtypes, ranks and scalars only (no concrete sizes): shared with the Meta kernel.
+void check_sampler_step_static(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
+                               const at::Tensor& step, double cfg_scale, double clip,
+                               const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
+                               const std::optional<at::Tensor>& philox_seed);
+// Outputs in x's memory format (the plan may have computed in another one).
+std::tuple<at::Tensor, at::Tensor> finish_sampler_step(const SamplerStepPlan& plan);
+
 }  // namespace fastdiff
+

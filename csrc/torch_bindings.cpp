@@ -11,19 +11,28 @@
 TORCH_LIBRARY(fastdiff, m) {
   // model_out (2B, *rest) = [uncond; cond] on dim 0 -> uncond + scale * (cond - uncond), (B, *rest).
   m.def("cfg_combine(Tensor model_out, float scale) -> Tensor");
+  // One fused DDIM/DDPM step: x (B, C, *spatial), model_output (B or 2B rows [uncond; cond]; C or 2C
+  // channels), coefs (steps, 11) per-step coefficients, step () int64 index into them. Noise from
+  // `noise`, or in-kernel Philox keyed by philox_seed; neither: no noise term. -> (x_prev, x0).
+  m.def(
+      "sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, float cfg_scale, bool learned_range, "
+      "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
+  m.impl("sampler_step", &fastdiff::sampler_step_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
+  m.impl("sampler_step", &fastdiff::sampler_step_meta);
 }
 
 #ifdef FASTDIFF_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
+  m.impl("sampler_step", &fastdiff::sampler_step_cuda);
 }
 #endif
 

@@ -279,21 +279,23 @@ def sample(
             )
         if out.dtype != dtype:
             out = out.to(dtype)
-        if guided:
-            eps_channels = shape[1]
-            combined = cfg_combine(out[:, :eps_channels], float(cfg), backend=backend)
-            if out_channels != eps_channels:
-                combined = torch.cat([combined, out[batch:, eps_channels:]], dim=1)
-            out = combined
-        grad = None
-        if classifier_grad is not None:
+        step_noise = streams.step() if sampler_obj.draws_noise(i) else None
+        if classifier_grad is None:
+            # One fused pass: guidance combine, x0/eps, clipping, noise (fastdiff.ops.sampler_step).
+            x = sampler_obj.fused_step(i, x, out, cfg_scale=float(cfg) if guided else None, noise=step_noise,
+                                       backend=backend)
+        else:
+            if guided:
+                eps_channels = shape[1]
+                combined = cfg_combine(out[:, :eps_channels], float(cfg), backend=backend)
+                if out_channels != eps_channels:
+                    combined = torch.cat([combined, out[batch:, eps_channels:]], dim=1)
+                out = combined
             grad = classifier_grad(x, t_cond[i], **cond)
             if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
                 got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
                 raise ValueError(f"classifier_grad must return a tensor of x's shape {tuple(x.shape)}, got {got}")
-            grad = grad.to(dtype)
-        step_noise = streams.step() if sampler_obj.draws_noise(i) else None
-        x, _ = sampler_obj.step(i, x, out, noise=step_noise, classifier_grad=grad)
+            x, _ = sampler_obj.step(i, x, out, noise=step_noise, classifier_grad=grad.to(dtype))
         if callback is not None:
             callback(i, sampler_obj.timesteps[i], x)
     return x

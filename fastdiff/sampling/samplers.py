@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ..reference import sampling as ref
+from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
 __all__ = ["SAMPLERS", "VARIANCES", "Sampler", "DDIMSampler", "DDPMSampler", "make_sampler"]
@@ -68,9 +70,67 @@ class Sampler:
         alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], self._final_alpha())
         self.alpha_t = self._table(ac[ts])
         self.alpha_prev = self._table(alpha_prev)
+        # Row i of the fused step's coefficient table, and i itself as a 0-d device tensor: views
+        # made once, so a step dispatches nothing but the fused op itself.
+        self.coefs = self._table(self.coefficient_table(ac[ts].double(), alpha_prev.double()))
+        self.step_indices = torch.arange(len(self.timesteps), device=self.device).unbind(0)
 
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _update_coefficients(self, a: torch.Tensor, ap: torch.Tensor, cols: dict) -> None:
+        """Fill the c_* / sigma / log_* / noise columns (float64 tensors over the steps)."""
+        raise NotImplementedError
+
+    def coefficient_table(self, alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+        """(steps, 11) float64 coefficients of the fused step, columns as ``STEP_COEFS``.
+
+        x0 = a_x x + a_m m and eps = e_x x + e_m m turn the prediction m into x0 and eps (the
+        formulas of ``reference.sampling.predict_x0_and_eps``, solved for the coefficients); the
+        sampler fills the update prev = c_x0 x0 + c_eps eps + c_x x + sigma z.
+        """
+        a, ap = alpha_t, alpha_prev
+        zero, one = torch.zeros_like(a), torch.ones_like(a)
+        if self.prediction == "eps":
+            cols = {"a_x": 1 / a.sqrt(), "a_m": -(1 - a).sqrt() / a.sqrt(), "e_x": zero, "e_m": one}
+        elif self.prediction == "v":
+            cols = {"a_x": a.sqrt(), "a_m": -(1 - a).sqrt(), "e_x": (1 - a).sqrt(), "e_m": a.sqrt()}
+        else:
+            cols = {"a_x": zero, "a_m": one, "e_x": 1 / (1 - a).sqrt(), "e_m": -a.sqrt() / (1 - a).sqrt()}
+        cols.update({name: zero for name in STEP_COEFS[4:]})
+        self._update_coefficients(a, ap, cols)
+        return torch.stack([cols[name] for name in STEP_COEFS], dim=1)
+
+    def fused_step(
+        self,
+        i: int,
+        x: torch.Tensor,
+        model_output: torch.Tensor,
+        *,
+        cfg_scale: float | None = None,
+        noise: torch.Tensor | None = None,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """x_t → x_prev at step ``i`` through ``fastdiff.ops.sampler_step`` (one pass; with 2B
+        model-output rows the guidance combine happens inside it). Dynamic thresholding takes a
+        first pass for the per-image quantile of |x0|."""
+        threshold = None
+        if self.dynamic_threshold is not None:
+            if model_output.shape[0] != x.shape[0]:
+                model_output = torch.cat(
+                    [ops.cfg_combine(model_output[:, : x.shape[1]], cfg_scale, backend=backend),
+                     model_output[x.shape[0]:, x.shape[1]:]], dim=1)
+            row = self.coefs[i].to(torch.promote_types(x.dtype, torch.float32))
+            x0 = row[0] * x + row[1] * model_output[:, : x.shape[1]]
+            ratio, max_value = self.dynamic_threshold
+            threshold = torch.quantile(x0.reshape(x.shape[0], -1).abs().float(), ratio, dim=1)
+            threshold = threshold.clamp(min=1, max=max_value)
+        x_prev, _ = ops.sampler_step(
+            x, model_output, self.coefs, self.step_indices[i], cfg_scale=cfg_scale,
+            learned_range=self.variance == "learned_range", clip=self.clip_x0, threshold=threshold,
+            noise=noise, backend=backend,
+        )
+        return x_prev
 
     def _final_alpha(self) -> torch.Tensor:
         return torch.tensor(1.0, dtype=torch.float32)
@@ -129,6 +189,13 @@ class DDIMSampler(Sampler):
     def draws_noise(self, i: int) -> bool:
         return self.eta > 0
 
+    def _update_coefficients(self, a, ap, cols):
+        std = self.eta * ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt()
+        cols["c_x0"] = ap.sqrt()
+        cols["c_eps"] = (1 - ap - std**2).sqrt()
+        cols["sigma"] = std
+        cols["noise"] = torch.full_like(a, float(self.eta > 0))
+
     def step(self, i, x, model_output, noise=None, classifier_grad=None):
         if self.variance == "learned_range":
             model_output = model_output[:, : x.shape[1]]
@@ -159,6 +226,17 @@ class DDPMSampler(Sampler):
 
     def draws_noise(self, i: int) -> bool:
         return self.timesteps[i] > 0
+
+    def _update_coefficients(self, a, ap, cols):
+        beta = 1 - a / ap
+        small = ((1 - ap) / (1 - a) * beta).clamp(min=1e-20)
+        noise = (torch.tensor(self.timesteps) > 0).double()
+        cols["c_x0"] = ap.sqrt() * beta / (1 - a)
+        cols["c_x"] = (a / ap).sqrt() * (1 - ap) / (1 - a)
+        cols["sigma"] = (small if self.variance == "fixed_small" else beta).sqrt() * noise
+        cols["log_small"] = small.log()
+        cols["log_large"] = beta.log()
+        cols["noise"] = noise
 
     def step(self, i, x, model_output, noise=None, classifier_grad=None):
         return ref.ddpm_step(

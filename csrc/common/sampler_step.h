@@ -1,0 +1,74 @@
+// The per-element arithmetic of the fused sampler step, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cmath>
+
+#include "macros.h"
+
+namespace fastdiff {
+
+// Columns of a sampler's coefficient table (one row per step), built on the host by
+// fastdiff/sampling/samplers.py (Sampler.coefficient_table; the Python order must match):
+//   x0   = a_x * x + a_m * m                (the prediction m turned into x0: eps, v or x0)
+//   eps  = e_x * x + e_m * m                (... and into eps)
+//   x0   = clamp(x0, -clip, clip) * x0_scale   (clipping, or dynamic thresholding: clip = s, scale = 1/s)
+//   prev = c_x0 * x0 + c_eps * eps + c_x * x + sigma * z
+// DDIM (Song et al. 2021, eq. 12): c_x0 = sqrt(ab_prev), c_eps = sqrt(1 - ab_prev - sigma^2), c_x = 0.
+// DDPM (Ho et al. 2020, eq. 7):    c_x0 = sqrt(ab_prev) beta / (1 - ab), c_x = sqrt(alpha)(1 - ab_prev)/(1 - ab),
+//                                  c_eps = 0; sigma fixed, or learned: exp((f log_large + (1-f) log_small) / 2)
+//                                  with f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), times `noise`.
+enum StepCoef : int {
+  kAx = 0,
+  kAm,
+  kEx,
+  kEm,
+  kCx0,
+  kCeps,
+  kCx,
+  kSigma,
+  kLogSmall,
+  kLogLarge,
+  kNoise,
+  kNumStepCoefs
+};
+
+template <typename T>
+struct StepCoefs {
+  T a_x, a_m, e_x, e_m, c_x0, c_eps, c_x, sigma, log_small, log_large, noise;
+};
+
+template <typename T, typename S>
+FASTDIFF_INLINE StepCoefs<T> load_step_coefs(const S* row) {
+  return StepCoefs<T>{T(row[kAx]),  T(row[kAm]),  T(row[kEx]),   T(row[kEm]),       T(row[kCx0]),     T(row[kCeps]),
+                      T(row[kCx]), T(row[kSigma]), T(row[kLogSmall]), T(row[kLogLarge]), T(row[kNoise])};
+}
+
+// NaN-propagating clamp (a NaN prediction must stay visible, not become the clip value). The CPU
+// vector build declares overloads for at::vec::Vectorized before including this header.
+template <typename T>
+FASTDIFF_INLINE T step_clamp(const T& v, const T& lo, const T& hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
+template <typename T>
+FASTDIFF_INLINE T step_exp(const T& v) {
+  using std::exp;
+  return exp(v);
+}
+
+// One element of the step. x: x_t; m: the (guided) model prediction; var: the learned-variance
+// channel (read only when `learned`); z: the standard-normal noise (0 for none).
+template <typename T>
+FASTDIFF_INLINE T sampler_step_value(const T& x, const T& m, const T& var, const T& z, const StepCoefs<T>& k,
+                                     const T& clip_lo, const T& clip_hi, const T& x0_scale, bool learned, T& x0) {
+  x0 = step_clamp(k.a_x * x + k.a_m * m, clip_lo, clip_hi) * x0_scale;
+  const T eps = k.e_x * x + k.e_m * m;
+  T sigma = k.sigma;
+  if (learned) {
+    const T f = (var + T(1)) * T(0.5);
+    sigma = step_exp(T(0.5) * (f * k.log_large + (T(1) - f) * k.log_small)) * k.noise;
+  }
+  return k.c_x0 * x0 + k.c_eps * eps + k.c_x * x + sigma * z;
+}
+
+}  // namespace fastdiff

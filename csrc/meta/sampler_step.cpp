@@ -1,0 +1,22 @@
+// Meta (shape-only) implementation of sampler_step, for FakeTensor tracing (torch.compile,
+// opcheck): outputs like x (same sizes, dtype and memory format); x0 is empty unless asked for.
+#include "../ops.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+namespace fastdiff {
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const at::Tensor& model_output,
+                                                     const at::Tensor& coefs, const at::Tensor& step,
+                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const std::optional<at::Tensor>& threshold,
+                                                     const std::optional<at::Tensor>& noise,
+                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0) {
+  check_sampler_step_static(x, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed);
+  at::Tensor out = at::empty_like(x, x.options(), x.suggest_memory_format());
+  at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
+  return {out, x0};
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,160 @@
+"""``sampler_step``: one fused DDIM/DDPM update (guidance combine, x0/eps, clipping, noise).
+
+reference: fastdiff.reference.sampler_step (float32 math, float64 stays float64).
+cpu, cuda: torch.ops.fastdiff.sampler_step from fastdiff._C (csrc/cpu, csrc/cuda; the per-element
+arithmetic and the Philox generator are csrc/common/*.h, shared by both). One pass reads x_t and
+the model output once and writes x_{t-1} (and x0 when asked); the step's coefficients are a row of
+a device table picked by a step-index tensor, so nothing returns to the host.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import torch
+
+from ..backends import OpSupport, always_available, native_reasons, not_implemented, register_op, select_backend
+from ..reference.sampler_step import STEP_COEFS
+from ..reference.sampler_step import sampler_step as _reference_sampler_step
+
+__all__ = ["sampler_step", "STEP_COEFS"]
+
+OP = "sampler_step"
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _native_support(device_type: str):
+    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+        return native_reasons(OP, device_type, NATIVE_DTYPES, inputs)
+
+    return reasons
+
+
+SUPPORT = register_op(
+    OpSupport(
+        OP,
+        {
+            "reference": always_available,
+            "cpu": _native_support("cpu"),
+            "cuda": _native_support("cuda"),
+            "triton": not_implemented("triton", OP),
+        },
+    )
+)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"sampler_step: x must be a floating tensor (B, C, *spatial), got {what}")
+    B, C = x.shape[:2]
+    if not isinstance(model_output, torch.Tensor):
+        raise TypeError(f"sampler_step: model_output must be a tensor, got {type(model_output).__name__}")
+    if model_output.dtype != x.dtype or model_output.device != x.device:
+        raise ValueError(
+            f"sampler_step: model_output must match x's dtype and device ({x.dtype}, {x.device}), "
+            f"got {model_output.dtype}, {model_output.device}"
+        )
+    if model_output.dim() != x.dim() or model_output.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"sampler_step: model_output must have shape (B or 2B, C or 2C, {', '.join(map(str, x.shape[2:]))}), "
+            f"got {tuple(model_output.shape)}"
+        )
+    rows, channels = model_output.shape[:2]
+    if rows not in (B, 2 * B):
+        raise ValueError(
+            f"sampler_step: model_output must have B ({B}) rows, or 2B ({2 * B}) rows [uncond; cond] with "
+            f"cfg_scale, got {rows}"
+        )
+    if rows == 2 * B and rows != B and cfg_scale is None:
+        raise ValueError("sampler_step: model_output has 2B rows [uncond; cond] but cfg_scale is None")
+    if channels not in (C, 2 * C) or (learned_range and channels != 2 * C):
+        need = f"2C ({2 * C})" if learned_range else f"C ({C}) or 2C ({2 * C})"
+        raise ValueError(f"sampler_step: model_output must have {need} channels, got {channels}")
+    if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
+                                  or not math.isfinite(cfg_scale)):
+        raise ValueError(f"sampler_step: cfg_scale must be a finite number or None, got {cfg_scale!r}")
+    if (not isinstance(coefs, torch.Tensor) or coefs.dim() != 2 or coefs.shape[1] != len(STEP_COEFS)
+            or coefs.dtype not in (torch.float32, torch.float64) or coefs.device != x.device):
+        got = (f"{tuple(coefs.shape)} {coefs.dtype} on {coefs.device}" if isinstance(coefs, torch.Tensor)
+               else type(coefs).__name__)
+        raise ValueError(
+            f"sampler_step: coefs must be a float32/float64 table (steps, {len(STEP_COEFS)}) on x's device, got {got}"
+        )
+    if _is_int(step):
+        if not 0 <= step < coefs.shape[0]:
+            raise ValueError(f"sampler_step: step must be in [0, {coefs.shape[0]}), got {step}")
+    elif not (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.numel() == 1
+              and step.device == x.device):
+        raise TypeError("sampler_step: step must be an int or a one-element int64 tensor on x's device")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
+        raise ValueError(f"sampler_step: clip must be a positive number or None, got {clip!r}")
+    if threshold is not None:
+        if clip is not None:
+            raise ValueError("sampler_step: give clip or threshold, not both")
+        if not (isinstance(threshold, torch.Tensor) and threshold.shape == (B,) and threshold.is_floating_point()
+                and threshold.device == x.device):
+            raise ValueError(f"sampler_step: threshold must be a floating tensor of shape ({B},) on x's device")
+    if noise is not None:
+        if philox_seed is not None:
+            raise ValueError("sampler_step: give noise or philox_seed, not both")
+        if not (isinstance(noise, torch.Tensor) and noise.shape == x.shape and noise.dtype == x.dtype
+                and noise.device == x.device):
+            raise ValueError(f"sampler_step: noise must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device})")
+    if philox_seed is not None and not (_is_int(philox_seed) and 0 <= philox_seed < 2**63):
+        raise ValueError(f"sampler_step: philox_seed must be an int in [0, 2**63), got {philox_seed!r}")
+
+
+def sampler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: int | torch.Tensor,
+    *,
+    cfg_scale: float | None = None,
+    learned_range: bool = False,
+    clip: float | None = None,
+    threshold: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    philox_seed: int | None = None,
+    return_x0: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused sampler step; returns (x_prev, x0 or None), in x's dtype and memory format.
+
+    x: (B, C, *spatial). model_output: B rows, or 2B rows [uncond; cond] combined with
+    ``cfg_scale`` (u + cfg_scale (c - u)); C channels, or 2C (the last C are the variance
+    channels, used with ``learned_range``, taken from the conditional half). coefs: the sampler's
+    coefficient table (``Sampler.coefficient_table``); step: its row, an int or a one-element
+    int64 tensor on x's device (no host round trip). Noise: ``noise`` (like x), or drawn in the
+    kernel from Philox4x32-10 keyed by ``philox_seed`` with counter (element, image, step) — the
+    same numbers on every backend and batch size (fastdiff.reference.philox) — or none.
+    ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding.
+    ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
+    On CUDA a step-index tensor out of range trips a device-side assert (checking it on the host
+    would cost a sync); on the CPU it raises.
+    """
+    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
+    chosen = select_backend(OP, backend, {"x": x, "model_output": model_output})
+    if chosen == "reference":
+        step_index = step if _is_int(step) else step.reshape(())
+        if philox_seed is not None and not _is_int(step):
+            step_index = int(step_index)  # the reference draws Philox on the host
+        x_prev, x0 = _reference_sampler_step(
+            x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
+            threshold=threshold, noise=noise, philox_seed=philox_seed,
+        )
+        return x_prev, (x0 if return_x0 else None)
+    step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
+    seed_t = None if philox_seed is None else torch.tensor(philox_seed, dtype=torch.int64, device=x.device)
+    x_prev, x0 = torch.ops.fastdiff.sampler_step(
+        x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
+        math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
+    )
+    return x_prev, (x0 if return_x0 else None)

@@ -1,0 +1,91 @@
+"""Reference fused sampler step: the coefficient-table form that the native kernels compute.
+
+A sampler turns each step into one row of a coefficient table (``STEP_COEFS``; built by
+``fastdiff.sampling.Sampler.coefficient_table``), so one formula covers DDIM and DDPM and every
+prediction type:
+
+    x0   = clamp(a_x x + a_m m, -clip, clip)      (or dynamic thresholding with per-image s)
+    eps  = e_x x + e_m m
+    prev = c_x0 x0 + c_eps eps + c_x x + sigma z
+
+with m the (guided) model prediction and, for a learned variance, sigma = exp((f log_large +
+(1 - f) log_small) / 2) * noise, f = (v + 1) / 2. Tests hold every backend of
+``fastdiff.ops.sampler_step`` to ``fastdiff.reference.sampling.ddim_step``/``ddpm_step``, the
+step-by-step oracle that is itself checked against diffusers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .philox import philox_normal
+
+__all__ = ["STEP_COEFS", "sampler_step"]
+
+# Column order of the coefficient table; csrc/common/sampler_step.h's StepCoef enum matches it.
+STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise")
+
+
+def sampler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: int | torch.Tensor,
+    *,
+    cfg_scale: float | None = None,
+    learned_range: bool = False,
+    clip: float | None = None,
+    threshold: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    philox_seed: int | None = None,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step from row ``step`` of ``coefs``; returns (x_prev, x0) in x's dtype.
+
+    model_output has B rows, or 2B rows [uncond; cond] combined as u + cfg_scale (c - u); C
+    channels, or 2C with the variance channels last (taken from the conditional half). Noise is
+    ``noise``, or the Philox normals of (``philox_seed``, step) (see fastdiff.reference.philox), or
+    none. ``threshold`` (B,) applies dynamic thresholding with a per-image s (clamp to [-s, s],
+    divide by s); ``clip`` clamps x0 to [-clip, clip].
+    """
+    B, C = x.shape[:2]
+    compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
+    # A tensor step is looked up on its device (indexing with it would read it on the host).
+    row = coefs.index_select(0, step.reshape(1))[0] if isinstance(step, torch.Tensor) else coefs[step]
+    row = row.to(compute)
+    k = dict(zip(STEP_COEFS, row.unbind(0), strict=True))
+    view = (B,) + (1,) * (x.dim() - 1)
+
+    xc = x.to(compute)
+    m = model_output.to(compute)
+    if model_output.shape[0] == 2 * B:
+        uncond, cond = m.chunk(2, dim=0)
+        m = torch.cat([uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
+    eps_part, var_part = m[:, :C], m[:, C:]
+
+    x0 = k["a_x"] * xc + k["a_m"] * eps_part
+    if threshold is not None:
+        s = threshold.to(compute).view(view)
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+    elif clip is not None and math.isfinite(clip):
+        x0 = x0.clamp(-clip, clip)
+    eps = k["e_x"] * xc + k["e_m"] * eps_part
+    prev = k["c_x0"] * x0 + k["c_eps"] * eps + k["c_x"] * xc
+
+    if philox_seed is not None:
+        step_index = int(step)
+        z = philox_normal(int(philox_seed), step_index, B, x[0].numel()).to(compute).view(x.shape)
+    elif noise is not None:
+        z = noise.to(compute)
+    else:
+        z = None
+    if z is not None:
+        if learned_range:
+            f = (var_part + 1) / 2
+            sigma = torch.exp(0.5 * (f * k["log_large"] + (1 - f) * k["log_small"])) * k["noise"]
+        else:
+            sigma = k["sigma"]
+        prev = prev + sigma * z
+    return prev.to(x.dtype), x0.to(x.dtype)
