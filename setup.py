@@ -37,6 +37,7 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 BUILD_INFO = "_build_info.json"
 PTXAS_REPORT = ROOT / "build" / "ptxas_report.txt"
+PACKAGED_PTXAS_REPORT = "_ptxas_report.txt"  # the copy inside the package (fastdiff/)
 PTXAS_DIR = ROOT / "build" / "ptxas"
 NATIVE_LOG = ROOT / "build" / "native_build.log"
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
@@ -335,6 +336,9 @@ def _native_build_ext() -> type:
             info = _build_info(PLAN, built=True, seconds=seconds)
             for package_dir in self._package_dirs():
                 _write_build_info(package_dir, info)
+                if PLAN["cuda"] and PTXAS_REPORT.exists():
+                    # Installed with the package, so `fastdiff info --kernels` works outside a checkout.
+                    shutil.copyfile(PTXAS_REPORT, package_dir / PACKAGED_PTXAS_REPORT)
             _say(f"built fastdiff._C in {seconds:.0f} s (cuda_compiled={info['cuda_compiled']})")
 
         def build_extension(self, ext) -> None:

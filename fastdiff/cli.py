@@ -80,6 +80,11 @@ def _sample_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["info"]:  # its own parser (fastdiff.info) takes the options
+        from . import info
+
+        return info.main(argv[1:])
     parser = argparse.ArgumentParser(prog="fastdiff", description="Fast diffusion sampling with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -99,14 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--progress", action="store_true")
     s.add_argument("--out", default="samples.png")
 
-    i = sub.add_parser("info", help="versions, what was built, and every op x backend")
-    i.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("info", help="versions, what was built, every op x backend (--kernels, --json)")
 
     args = parser.parse_args(argv)
-    if args.command == "info":
-        from . import info
-
-        return info.main(args.rest)
     if args.per_class < 1:
         parser.error("--per-class must be >= 1")
     try:

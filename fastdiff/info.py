@@ -6,6 +6,7 @@ Runnable as ``python -m fastdiff.info``; ``fastdiff info`` calls :func:`main`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -16,6 +17,7 @@ import torch
 
 from . import _native
 from .backends import AVAILABLE, ENV_VAR, PRIORITY, support_table
+from .kernel_report import format_kernels, native_kernels
 
 __all__ = ["main", "collect"]
 
@@ -57,7 +59,7 @@ def _native_lines(status: dict) -> list[str]:
         archs = ", ".join(status["cuda_archs"])
         lines.append(f"  CUDA kernels: compiled for {archs} with nvcc {info.get('nvcc_version')}")
         if info.get("ptxas_report"):
-            lines.append(f"  ptxas report: {info['ptxas_report']}")
+            lines.append("  ptxas report: `fastdiff info --kernels` lists registers and spills per kernel")
     else:
         lines.append(f"  CUDA kernels: not compiled: {status['cuda_skipped_reason'] or 'no reason recorded'}")
     lines.append(
@@ -98,12 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the report; ``--json`` prints it as JSON. Returns the exit status (0)."""
     parser = argparse.ArgumentParser(prog="fastdiff info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list every compiled GPU kernel: registers, spills, stack, shared memory")
     args = parser.parse_args(argv)
     report = collect()
+    kernels = native_kernels() if args.kernels else None
     if args.json:
+        if kernels is not None:
+            report["kernels"] = [dataclasses.asdict(k) for k in kernels]
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_report(report))
+        if kernels is not None:
+            print("GPU kernels (from nvcc -Xptxas -v at build time):")
+            print(format_kernels(kernels))
     sys.stdout.flush()
     return 0
 

@@ -47,7 +47,12 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
                                     const int64_t* __restrict__ seed,        // () Philox key, or nullptr
                                     StepKernelArgs a) {
   const int64_t s = *step;
-  CUDA_KERNEL_ASSERT(s >= 0 && s < a.steps && "sampler_step: step index out of range");
+  if (s < 0 || s >= a.steps) {
+    // An out-of-range step index can only be seen here (checking it on the host would cost a sync):
+    // stop the kernel rather than read outside the table. CUDA_KERNEL_ASSERT would name the cause
+    // but costs ~30 registers in every thread of this memory-bound kernel.
+    __trap();
+  }
   const StepCoefs<opmath_t> k = load_step_coefs<opmath_t>(coefs + s * kNumStepCoefs);
   const opmath_t cfg = static_cast<opmath_t>(a.cfg_scale);
   const uint64_t key = a.philox ? static_cast<uint64_t>(*seed) : 0;

@@ -137,8 +137,8 @@ def sampler_step(
     same numbers on every backend and batch size (fastdiff.reference.philox) — or none.
     ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding.
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
-    On CUDA a step-index tensor out of range trips a device-side assert (checking it on the host
-    would cost a sync); on the CPU it raises.
+    A step index out of range raises on the CPU; on CUDA it stops the kernel with a device trap
+    (the launch fails), since checking a device tensor on the host would cost a sync.
     """
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
     chosen = select_backend(OP, backend, {"x": x, "model_output": model_output})
