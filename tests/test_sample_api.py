@@ -238,3 +238,22 @@ def test_sampling_loop_makes_no_host_sync(sampler, kw):
     _, checked = count_ops(fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond,
                            uncond=uncond, generator=0, check_finite=True, **kw)
     assert checked.syncs == 10, str(checked)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(sampler="ddim", eta=0.3, clip_x0=1.0), dict(sampler="ddpm", variance="learned_range", prediction="v"),
+     dict(sampler="ddim", dynamic_threshold=(0.9, 1.2))],
+)
+def test_native_backend_samples_like_the_reference(kw):
+    from fastdiff.backends import BackendUnavailableError
+
+    model = Toy(out_factor=2 if kw.get("variance") == "learned_range" else 1)
+    y = torch.tensor([1.0, 2.0, 3.0])
+    args = dict(steps=12, cfg=2.5, cond={"y": y}, uncond={"y": torch.zeros(3)}, generator=4, **kw)
+    ref = fastdiff.sample(model, SHAPE, backend="reference", **args)
+    try:
+        got = fastdiff.sample(model, SHAPE, backend="cpu", **args)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"cpu backend unavailable: {exc}")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
