@@ -295,16 +295,31 @@ def _extensions() -> list:
     cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
     if _AVX2_BUILD:
         cxx_flags.append("-DFASTDIFF_CPU_HAVE_AVX2=1")
+    link_flags = []
+    if _torch_uses_openmp():
+        # at::parallel_for is inline and parallelizes with `#pragma omp parallel`: without -fopenmp
+        # the pragma is ignored and every CPU kernel runs on one thread. The .so then needs
+        # libgomp.so.1, which resolves to the copy torch has already loaded (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not PLAN["cuda"]:
-        return [CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)]
     return [
         CUDAExtension(
             "fastdiff._C",
             cpp_sources + sources("csrc/cuda/*.cu"),
             define_macros=[("FASTDIFF_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-Xptxas", "-v"]},
+            extra_link_args=link_flags,
         )
     ]
+
+
+def _torch_uses_openmp() -> bool:
+    import torch
+
+    return sys.platform.startswith("linux") and "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def _native_build_ext() -> type:

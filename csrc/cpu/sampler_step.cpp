@@ -163,11 +163,13 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   SamplerStepPlan plan =
       plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
                         return_x0);
-  const int64_t index = step.item<int64_t>();
+  const int64_t index = *step.const_data_ptr<int64_t>();  // a CPU tensor: read directly, no dispatch
   TORCH_CHECK(index >= 0 && index < coefs.size(0), "sampler_step: step index ", index, " is out of range [0, ",
               coefs.size(0), ")");
+  // The table is normally already in the op-math type and contiguous: then no aten op runs here.
   const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor coef_row = coefs.select(0, index).to(opmath).contiguous();
+  const at::Tensor table =
+      coefs.scalar_type() == opmath && coefs.is_contiguous() ? coefs : coefs.to(opmath).contiguous();
   const at::Tensor thresholds = threshold.has_value() ? threshold->to(opmath).contiguous() : at::Tensor();
   if (plan.batch * plan.n == 0) {
     return finish_sampler_step(plan);
@@ -180,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   args.x = plan.x.const_data_ptr();
   args.m = plan.model_output.const_data_ptr();
   args.noise = plan.noise.defined() ? plan.noise.const_data_ptr() : nullptr;
-  args.coef = coef_row.const_data_ptr();
+  args.coef = static_cast<const char*>(table.const_data_ptr()) + index * kNumStepCoefs * table.element_size();
   args.threshold = thresholds.defined() ? thresholds.const_data_ptr() : nullptr;
   args.batch = plan.batch;
   args.n = plan.n;
