@@ -11,14 +11,21 @@
 TORCH_LIBRARY(fastdiff, m) {
   // model_out (2B, *rest) = [uncond; cond] on dim 0 -> uncond + scale * (cond - uncond), (B, *rest).
   m.def("cfg_combine(Tensor model_out, float scale) -> Tensor");
+  // act((GroupNorm(x + pre_shift) * weight + bias) * (1 + scale) + shift), act = SiLU if silu.
+  // x (B, C, *spatial), NCHW or channels_last; weight/bias (C,); scale/shift/pre_shift (B, C).
+  m.def(
+      "group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "Tensor? pre_shift, float eps, bool silu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
 }
 
 #ifdef FASTDIFF_WITH_CUDA
