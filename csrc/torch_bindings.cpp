@@ -31,6 +31,7 @@ TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
 #ifdef FASTDIFF_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cuda);
 }
 #endif
 
