@@ -194,8 +194,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
   for (uint32_t k = threadIdx.x; k < vectors; k += blockDim.x) {
     int64_t offset, channel;
     walker.locate(k, offset, channel);
+    const P pack = cache[k];  // one 16-byte shared-memory load, not V scalar ones
     *reinterpret_cast<P*>(out + offset) =
-        pack_apply(cache[k], params, b, channel, shape.channels_last, stats.mean, rstd, silu);
+        pack_apply(pack, params, b, channel, shape.channels_last, stats.mean, rstd, silu);
   }
 }
 
