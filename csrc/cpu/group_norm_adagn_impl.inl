@@ -278,8 +278,10 @@ void nchw_by_segment(const Problem<scalar_t>& pb) {
     }
   }
 
+  // Same split as the statistics pass, walked backwards: each thread starts on the segment it read
+  // last, which is still in its L2.
   at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = end - 1; i >= begin; --i) {
       int64_t offset, len;
       segment(i, offset, len);
       span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, len, coef[i / parts]);
@@ -378,7 +380,8 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
   using opmath_t = typename IO::opmath_t;
   using FVec = typename IO::FVec;
   constexpr int64_t L = FVec::size();
-  for (int64_t r = 0; r < n; ++r) {
+  // Last row first: the statistics pass read the rows forwards, so the last ones are still cached.
+  for (int64_t r = n - 1; r >= 0; --r) {
     const scalar_t* row = x + r * C;
     scalar_t* out_row = out + r * C;
     int64_t c = 0;
@@ -472,8 +475,10 @@ void channels_last(const Problem<scalar_t>& pb) {
     }
   }
 
+  // Same split as the statistics pass, walked backwards: each thread starts on the chunk it read
+  // last, which is still in its L2.
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = end - 1; t >= begin; --t) {
       int64_t b, p0, p1;
       pixels(t, b, p0, p1);
       const int64_t offset = (b * pb.S + p0) * C;
