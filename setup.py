@@ -293,8 +293,8 @@ def _extensions() -> list:
     cpp_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/meta/*.cpp")
     # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which g++ does not know.
     cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
-    if _AVX2_BUILD:
-        cxx_flags.append("-DFASTDIFF_CPU_HAVE_AVX2=1")
+    if _X86_SIMD_BUILD:
+        cxx_flags += ["-DFASTDIFF_CPU_HAVE_AVX2=1", "-DFASTDIFF_CPU_HAVE_AVX512=1"]
     link_flags = []
     if _torch_uses_openmp():
         # at::parallel_for is inline and parallelizes with `#pragma omp parallel`: without -fopenmp
@@ -370,31 +370,43 @@ def _native_build_ext() -> type:
     return NativeBuildExt
 
 
-# x86-64 gets an AVX2 build of the CPU loops next to the portable one (picked at run time):
-# *_avx2.cpp files are compiled with these flags, every other file without them.
-_AVX2_BUILD = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
+# x86-64 gets AVX2 and AVX-512 builds of the CPU loops next to the portable one (picked at run time
+# from torch's own CPU capability): *_avx2.cpp and *_avx512.cpp files are compiled with these flags,
+# every other file without them. Least capable first: that is also their order on the link line.
+_X86_SIMD_BUILD = platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux")
 AVX2_SUFFIX = "_avx2.cpp"
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+AVX512_SUFFIX = "_avx512.cpp"
+# The subset torch builds its own AVX512 kernels with (F, BW, VL, DQ), so at::vec's 512-bit code compiles.
+# g++ 12 flags _mm512_undefined_* inside its own avx512fintrin.h as maybe-uninitialized (a false positive).
+AVX512_FLAGS = [
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+    "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-Wno-maybe-uninitialized",
+]  # fmt: skip
+SIMD_BUILDS = ((AVX2_SUFFIX, AVX2_FLAGS), (AVX512_SUFFIX, AVX512_FLAGS))
 
 
 def _compile_simd_files_apart(compile_fn):
-    """Wrap cpp_extension's ninja compile so *_avx2.cpp get AVX2_FLAGS and link last.
+    """Wrap cpp_extension's ninja compile so *_avx2.cpp / *_avx512.cpp get their flags and link last.
 
     cpp_extension applies one flag set to every source. Portable objects come first on the link
-    line: for inline functions that every file emits, the linker keeps the first (portable) copy,
-    so no AVX2 instruction can leak into code that runs on CPUs without AVX2.
+    line, then AVX2, then AVX-512: for an inline function that several files emit, the linker keeps
+    the first copy, which is always from the least capable build that has it, so no AVX2 or AVX-512
+    instruction can leak into code that runs on CPUs without them.
     """
 
     def compile(sources, *args, extra_postargs=None, **kwargs):
-        simd = [s for s in sources if s.endswith(AVX2_SUFFIX)]
-        portable = [s for s in sources if not s.endswith(AVX2_SUFFIX)]
+        simd_suffixes = tuple(suffix for suffix, _ in SIMD_BUILDS)
+        portable = [s for s in sources if not s.endswith(simd_suffixes)]
         objects = compile_fn(portable, *args, extra_postargs=extra_postargs, **kwargs)
-        if simd and _AVX2_BUILD:
+        for suffix, simd_flags in SIMD_BUILDS:
+            simd = [s for s in sources if s.endswith(suffix)]
+            if not simd:
+                continue
             flags = dict(extra_postargs or {})
-            flags["cxx"] = list(flags.get("cxx", [])) + AVX2_FLAGS
+            if _X86_SIMD_BUILD:
+                flags["cxx"] = list(flags.get("cxx", [])) + simd_flags
             objects += compile_fn(simd, *args, extra_postargs=flags, **kwargs)
-        elif simd:
-            objects += compile_fn(simd, *args, extra_postargs=extra_postargs, **kwargs)
         return objects
 
     return compile

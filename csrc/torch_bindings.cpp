@@ -17,22 +17,30 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, float cfg_scale, bool learned_range, "
       "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)");
+  // act((GroupNorm(x + pre_shift) * weight + bias) * (1 + scale) + shift), act = SiLU if silu.
+  // x (B, C, *spatial), NCHW or channels_last; weight/bias (C,); scale/shift/pre_shift (B, C).
+  m.def(
+      "group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "Tensor? pre_shift, float eps, bool silu) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
   m.impl("sampler_step", &fastdiff::sampler_step_cpu);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
   m.impl("sampler_step", &fastdiff::sampler_step_meta);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
 }
 
 #ifdef FASTDIFF_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
   m.impl("sampler_step", &fastdiff::sampler_step_cuda);
+  m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cuda);
 }
 #endif
 

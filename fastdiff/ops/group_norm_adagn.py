@@ -1,27 +1,53 @@
 """``group_norm_adagn``: GroupNorm + AdaGN scale/shift (+ SiLU), fused.
 
-reference: fastdiff.reference.group_norm_adagn (float32 math). The fused CPU, CUDA and Triton
-kernels are not built yet; their backends say so, and auto picks the reference meanwhile.
+reference: fastdiff.reference.group_norm_adagn (float32 math).
+cpu, cuda: torch.ops.fastdiff.group_norm_adagn from fastdiff._C (csrc/cpu, csrc/cuda; the Welford
+merge, the coefficient fold and the epilogue are csrc/common/group_norm_adagn.h, shared by both).
+Its Meta kernel lives in C++ too, so FakeTensor and torch.compile see through the op; the autograd
+formula is registered here once _C loads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import ModuleType
+
 import torch
 
-from ..backends import OpSupport, always_available, not_implemented, register_op, select_backend
+from .. import _native
+from ..backends import OpSupport, always_available, native_reasons, not_implemented, register_op, select_backend
+from ..reference.group_norm_adagn import check_group_norm_adagn_args
 from ..reference.group_norm_adagn import group_norm_adagn as _reference_group_norm_adagn
 
 __all__ = ["group_norm_adagn"]
 
 OP = "group_norm_adagn"
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
+
+
+def _native_support(device_type: str):
+    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+        found = native_reasons(OP, device_type, NATIVE_DTYPES, inputs)
+        x = inputs.get("x") if inputs is not None else None
+        if x is None:
+            return found
+        for name in PARTS:
+            part = inputs.get(name)
+            if part is not None and part.dtype not in (x.dtype, torch.float32):
+                found.append(f"{name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32")
+        return found
+
+    return reasons
+
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
             "reference": always_available,
-            "cpu": not_implemented("cpu", OP),
-            "cuda": not_implemented("cuda", OP),
+            "cpu": _native_support("cpu"),
+            "cuda": _native_support("cuda"),
             "triton": not_implemented("triton", OP),
         },
     )
@@ -46,10 +72,108 @@ def group_norm_adagn(
     Arguments as :func:`fastdiff.reference.group_norm_adagn` (x is (B, C, *spatial), NCHW or
     channels_last; weight/bias (C,); scale/shift/pre_shift (B, C); activation None or "silu");
     the math always runs in float32 (float64 stays float64), so there is no ``upcast`` switch.
+    Returns x's shape and dtype in x's memory format. The native kernels read each part in x's
+    dtype or float32 (another dtype falls back to the reference under "auto").
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
+
+    Differentiable on every backend; the native backends' backward is a plain PyTorch formula
+    (sampling needs no gradients, so it is written for correctness, not speed).
     """
-    inputs = {"x": x} if isinstance(x, torch.Tensor) else {}
-    select_backend(OP, backend, inputs)  # only the reference can be chosen until the kernels land
-    return _reference_group_norm_adagn(
-        x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps, activation=activation, upcast=True
+    check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
+    parts = dict(zip(PARTS, (weight, bias, scale, shift, pre_shift), strict=True))
+    inputs = {"x": x, **{name: t for name, t in parts.items() if t is not None}}
+    chosen = select_backend(OP, backend, inputs)
+    if chosen == "reference":
+        return _reference_group_norm_adagn(
+            x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps, activation=activation, upcast=True
+        )
+    return torch.ops.fastdiff.group_norm_adagn(
+        x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
     )
+
+
+# ---- autograd for the native op ----------------------------------------------------------------
+# Forward: u = x + p;  n = (u - mean_g) * rstd_g  (statistics per sample and group);
+#          h = n * w + bias;  z = h * (1 + s) + t;  y = silu(z) or z.
+# Backward, from gy: gz = gy * silu'(z) with silu'(z) = sig(z) * (1 + z * (1 - sig(z)));
+#   gt = sum_spatial gz;  gs = sum_spatial gz * h;  gh = gz * (1 + s);
+#   gbias = sum_{batch, spatial} gh;  gw = sum_{batch, spatial} gh * n;  gn = gh * w;
+#   GroupNorm's own backward, per group of N values: gu = rstd * (gn - mean(gn) - n * mean(gn * n));
+#   gx = gu;  gp = sum_spatial gu.
+
+
+def _sum_spatial(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
+
+
+def _backward_formula(grad, x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu):
+    compute = torch.promote_types(x.dtype, torch.float32)
+    B, C = x.shape[0], x.shape[1]
+    per_sample = (B, C) + (1,) * (x.dim() - 2)
+    per_channel = (1, C) + (1,) * (x.dim() - 2)
+    u = x.to(compute)
+    if pre_shift is not None:
+        u = u + pre_shift.to(compute).view(per_sample)
+    grouped = u.reshape(B, num_groups, -1)
+    mean = grouped.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(grouped.var(-1, unbiased=False, keepdim=True) + eps)
+    n = ((grouped - mean) * rstd).reshape(x.shape)
+    h = n * weight.to(compute).view(per_channel) if weight is not None else n
+    if bias is not None:
+        h = h + bias.to(compute).view(per_channel)
+    one_plus_scale = 1 + scale.to(compute).view(per_sample) if scale is not None else None
+    gz = grad.to(compute)
+    if silu:
+        z = h * one_plus_scale if one_plus_scale is not None else h
+        if shift is not None:
+            z = z + shift.to(compute).view(per_sample)
+        sig = torch.sigmoid(z)
+        gz = gz * sig * (1 + z * (1 - sig))
+    gh = gz * one_plus_scale if one_plus_scale is not None else gz
+    gn = gh * weight.to(compute).view(per_channel) if weight is not None else gh
+    gn_grouped = gn.reshape(B, num_groups, -1)
+    n_grouped = n.reshape(B, num_groups, -1)
+    gu = rstd * (
+        gn_grouped - gn_grouped.mean(-1, keepdim=True) - n_grouped * (gn_grouped * n_grouped).mean(-1, keepdim=True)
+    )
+    gu = gu.reshape(x.shape)
+
+    def cast(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
+        return None if like is None else value.to(like.dtype)
+
+    return (
+        gu.to(x.dtype),
+        cast(_sum_spatial(gh * n).sum(0), weight),
+        cast(_sum_spatial(gh).sum(0), bias),
+        cast(_sum_spatial(gz * h), scale),
+        cast(_sum_spatial(gz), shift),
+        cast(_sum_spatial(gu), pre_shift),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu = inputs
+    ctx.save_for_backward(x, weight, bias, scale, shift, pre_shift)
+    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight, bias, scale, shift, pre_shift = ctx.saved_tensors
+    gx, gw, gb, gs, gt, gp = _backward_formula(
+        grad, x, ctx.num_groups, weight, bias, scale, shift, pre_shift, ctx.eps, ctx.silu
+    )
+    return gx, None, gw, gb, gs, gt, gp, None, None
+
+
+_autograd_registered = False
+
+
+def _register_autograd(_c: ModuleType) -> None:
+    global _autograd_registered
+    if _autograd_registered or not hasattr(torch.ops.fastdiff, OP):
+        return
+    torch.library.register_autograd(f"fastdiff::{OP}", _backward, setup_context=_setup_context)
+    _autograd_registered = True
+
+
+_native.on_load(_register_autograd)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["group_norm_adagn"]
+__all__ = ["group_norm_adagn", "check_group_norm_adagn_args"]
 
 _ACTIVATIONS = (None, "silu")
 
@@ -19,6 +22,41 @@ def _check_per_channel(name: str, t: torch.Tensor | None, shape: tuple[int, ...]
         raise ValueError(f"group_norm_adagn: {name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"group_norm_adagn: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_group_norm_adagn_args(
+    x: object,
+    num_groups: object,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    pre_shift: torch.Tensor | None,
+    eps: object,
+    activation: object,
+) -> None:
+    """The argument checks of :func:`group_norm_adagn`, shared with ``fastdiff.ops`` so that every
+    backend rejects the same inputs with the same errors (TypeError/ValueError naming the argument)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"group_norm_adagn: x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_adagn: x must have shape (B, C, *spatial), got {tuple(x.shape)}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"group_norm_adagn: x must be a floating tensor, got {x.dtype}")
+    B, C = x.shape[0], x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
+        raise ValueError(
+            f"group_norm_adagn: channels ({C}) must be divisible by num_groups ({num_groups}), "
+            "num_groups a positive int"
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"group_norm_adagn: eps must be a finite real number >= 0, got {eps!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"group_norm_adagn: activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, (C,), x)
+    for name, t in (("scale", scale), ("shift", shift), ("pre_shift", pre_shift)):
+        _check_per_channel(name, t, (B, C), x)
 
 
 def group_norm_adagn(
@@ -42,24 +80,8 @@ def group_norm_adagn(
     in float32 (float64 stays float64) and the result is cast back to x's dtype. The output keeps
     x's memory format.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"group_norm_adagn: x must be a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"group_norm_adagn: x must have shape (B, C, *spatial), got {tuple(x.shape)}")
-    if not (x.is_floating_point()):
-        raise TypeError(f"group_norm_adagn: x must be a floating tensor, got {x.dtype}")
+    check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
     B, C = x.shape[0], x.shape[1]
-    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
-        raise ValueError(
-            f"group_norm_adagn: channels ({C}) must be divisible by num_groups ({num_groups}), "
-            "num_groups a positive int"
-        )
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"group_norm_adagn: activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_per_channel(name, t, (C,), x)
-    for name, t in (("scale", scale), ("shift", shift), ("pre_shift", pre_shift)):
-        _check_per_channel(name, t, (B, C), x)
 
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype

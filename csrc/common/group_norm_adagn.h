@@ -1,0 +1,136 @@
+// GroupNorm + AdaGN (+ SiLU) arithmetic, shared by the CPU and CUDA kernels.
+//
+// The op is y = act((GN(x + p) * w + b) * (1 + s) + t) with GN's statistics taken per (sample,
+// group) in float32 (float64 for float64 input). Per element it folds into centering and one
+// multiply-add with per-channel coefficients (adagn_coefficients), so the kernels only gather
+// statistics, fold, and apply. T is float or double on both compilers; on the CPU it is
+// also at::vec::Vectorized<float|double> where a function runs lane-wise (welford_combine over
+// channels, adagn_apply), with the count a scalar: every lane holds the same number of values.
+#pragma once
+
+#include "macros.h"
+
+#include <math.h>
+#include <stdint.h>
+
+namespace fastdiff {
+
+// Moments of a set of values: how many, their mean, and M2 = sum of squared deviations from the mean.
+// Never sum(v^2) - n * mean^2: that cancels catastrophically when |mean| >> std.
+template <typename T, typename N = T>
+struct WelfordStats {
+  N count;
+  T mean;
+  T m2;
+};
+
+// Adds one value (Welford 1962): the update that keeps M2 without ever forming sum(v^2).
+template <typename T>
+FASTDIFF_INLINE WelfordStats<T> welford_update(WelfordStats<T> s, T v) {
+  s.count += T(1);
+  const T delta = v - s.mean;
+  s.mean += delta / s.count;
+  s.m2 += delta * (v - s.mean);
+  return s;
+}
+
+// Merges the moments of two disjoint sets (Chan, Golub & LeVeque 1979):
+//   n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n.
+// Either side may be empty; both empty returns a (count 0), never 0/0.
+template <typename T, typename N>
+FASTDIFF_INLINE WelfordStats<T, N> welford_combine(const WelfordStats<T, N>& a, const WelfordStats<T, N>& b) {
+  const N n = a.count + b.count;
+  if (n == N(0)) {
+    return a;
+  }
+  const N fb = b.count / n;
+  const T delta = b.mean - a.mean;
+  return {n, a.mean + delta * T(fb), a.m2 + b.m2 + delta * delta * T(a.count * fb)};
+}
+
+FASTDIFF_INLINE float sqrt_of(float v) { return ::sqrtf(v); }
+FASTDIFF_INLINE double sqrt_of(double v) { return ::sqrt(v); }
+FASTDIFF_INLINE float exp_of(float v) { return ::expf(v); }
+FASTDIFF_INLINE double exp_of(double v) { return ::exp(v); }
+
+// exp for the SiLU; the CPU kernels specialize it for at::vec::Vectorized (a struct, not an overload,
+// so that a specialization declared after this template is still the one picked at instantiation).
+template <typename T>
+struct ExpOf {
+  static FASTDIFF_INLINE T apply(const T& v) { return exp_of(v); }
+};
+
+// 1 / sqrt(var + eps) with GroupNorm's biased (population) variance M2 / n. M2 >= 0 in exact
+// arithmetic; the clamp only removes a rounding-level negative. The count must be positive.
+template <typename T>
+FASTDIFF_INLINE T group_norm_rstd(const WelfordStats<T>& s, T eps) {
+  T var = s.m2 / s.count;
+  if (var < T(0)) {
+    var = T(0);
+  }
+  return T(1) / sqrt_of(var + eps);
+}
+
+// One channel's output before the activation: y = ((x + pre_shift) - mean) * a + b.
+template <typename T>
+struct AdagnCoefficients {
+  T pre_shift;
+  T mean;
+  T a;
+  T b;
+};
+
+// Folds the affine and AdaGN's (1 + scale) and shift into one multiply-add per element:
+//   ((x + p - mean) * rstd * w + bias) * (1 + s) + t
+//     = ((x + p) - mean) * [rstd * w * (1 + s)] + [bias * (1 + s) + t].
+// mean/rstd are the group's statistics of x + p. The input is centered before the multiply, in the
+// reference's order, rather than folding -mean * a into b: a small variance makes rstd large
+// (1/sqrt(eps) for a constant group), and x * a - mean * a would cancel two large, separately
+// rounded products. An absent part takes its neutral value (w = 1, bias = s = t = p = 0), which
+// leaves the result bit-identical to skipping it.
+template <typename T>
+FASTDIFF_INLINE AdagnCoefficients<T> adagn_coefficients(T mean, T rstd, T weight, T bias, T scale, T shift,
+                                                        T pre_shift) {
+  const T one_plus_scale = T(1) + scale;
+  return {pre_shift, mean, rstd * weight * one_plus_scale, bias * one_plus_scale + shift};
+}
+
+// The optional per-channel parts as the kernels see them; nullptr = absent (neutral value).
+template <typename param_t>
+struct AdagnParams {
+  const param_t* weight;     // (C,)
+  const param_t* bias;       // (C,)
+  const param_t* scale;      // (B, C)
+  const param_t* shift;      // (B, C)
+  const param_t* pre_shift;  // (B, C)
+  int64_t channels;          // C
+
+  template <typename T>
+  FASTDIFF_INLINE T pre_shift_at(int64_t b, int64_t c) const {
+    return pre_shift != nullptr ? T(pre_shift[b * channels + c]) : T(0);
+  }
+
+  // Channel c of sample b, given its group's statistics of x + pre_shift.
+  template <typename T>
+  FASTDIFF_INLINE AdagnCoefficients<T> coefficients(int64_t b, int64_t c, T mean, T rstd) const {
+    const int64_t bc = b * channels + c;
+    return adagn_coefficients<T>(mean, rstd, weight != nullptr ? T(weight[c]) : T(1),
+                                 bias != nullptr ? T(bias[c]) : T(0), scale != nullptr ? T(scale[bc]) : T(0),
+                                 shift != nullptr ? T(shift[bc]) : T(0), pre_shift_at<T>(b, c));
+  }
+};
+
+// silu(y) = y * sigmoid(y) = y / (1 + exp(-y)); exp(-y) = inf for very negative y gives -0, not NaN.
+template <typename T>
+FASTDIFF_INLINE T silu_value(const T& y) {
+  return y / (T(1) + ExpOf<T>::apply(-y));
+}
+
+// The per-element epilogue: act(((x + pre_shift) - mean) * a + b).
+template <typename T>
+FASTDIFF_INLINE T adagn_apply(const T& x, const T& pre_shift, const T& mean, const T& a, const T& b, bool silu) {
+  const T y = ((x + pre_shift) - mean) * a + b;
+  return silu ? silu_value(y) : y;
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,88 @@
+// CPU implementation of group_norm_adagn: checks, layout, allocation and the per-channel parts in the
+// math type here; the loops in group_norm_adagn_impl.inl (at::vec, at::parallel_for), compiled once
+// portable (below) and once for AVX2 (group_norm_adagn_avx2.cpp), picked at run time.
+#include "../ops.h"
+#include "group_norm_adagn_kernel.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+
+#define FASTDIFF_CPU_ISA isa_default
+#include "group_norm_adagn_impl.inl"
+#undef FASTDIFF_CPU_ISA
+
+namespace fastdiff {
+namespace {
+
+cpu::GroupNormAdagnFn pick_kernel() {
+#if FASTDIFF_CPU_HAVE_AVX2
+  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
+  const std::string capability = at::get_cpu_capability();
+#if FASTDIFF_CPU_HAVE_AVX512
+  if (capability == "AVX512") {
+    return &cpu::isa_avx512::group_norm_adagn_kernel;
+  }
+#endif
+  if (capability == "AVX2" || capability == "AVX512") {
+    return &cpu::isa_avx2::group_norm_adagn_kernel;
+  }
+#endif
+  return &cpu::isa_default::group_norm_adagn_kernel;
+}
+
+// A part as the kernel reads it: contiguous, in the math type (B*C values at most, so the copy is
+// negligible next to x). Returns an undefined tensor for an absent part.
+at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
+  if (!part.has_value()) {
+    return at::Tensor();
+  }
+  return part->to(math_type).contiguous();
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+}  // namespace
+
+at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& pre_shift,
+                                double eps, bool silu) {
+  check_group_norm_adagn(x, num_groups, weight, bias, scale, shift, pre_shift, eps);
+  TORCH_CHECK(x.device().is_cpu(), "group_norm_adagn (cpu): x must be a CPU tensor, got device ", x.device());
+
+  const at::MemoryFormat format = group_norm_adagn_format(x);
+  const at::Tensor in = x.contiguous(format);  // a no-op for NCHW and channels_last inputs
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::ScalarType math_type = at::toOpMathType(x.scalar_type());
+  const at::Tensor w = prepare_part(weight, math_type), b = prepare_part(bias, math_type);
+  const at::Tensor s = prepare_part(scale, math_type), t = prepare_part(shift, math_type);
+  const at::Tensor p = prepare_part(pre_shift, math_type);
+
+  cpu::GroupNormAdagnArgs args{};
+  args.dtype = x.scalar_type();
+  args.x = in.const_data_ptr();
+  args.out = out.mutable_data_ptr();
+  args.weight = ptr_or_null(w);
+  args.bias = ptr_or_null(b);
+  args.scale = ptr_or_null(s);
+  args.shift = ptr_or_null(t);
+  args.pre_shift = ptr_or_null(p);
+  args.batch = x.size(0);
+  args.channels = x.size(1);
+  args.groups = num_groups;
+  args.spatial = x.numel() / (args.batch * args.channels);
+  // NCHW-contiguous wins when x is both (a size-1 spatial or channel dim): the memory is the same.
+  args.channels_last = format != at::MemoryFormat::Contiguous && !in.is_contiguous();
+  args.eps = eps;
+  args.silu = silu;
+
+  static const cpu::GroupNormAdagnFn kernel = pick_kernel();
+  kernel(args);
+  return out;
+}
+
+}  // namespace fastdiff

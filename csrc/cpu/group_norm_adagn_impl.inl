@@ -1,0 +1,535 @@
+// Body of the group_norm_adagn CPU kernel. Included by exactly one .cpp per CPU capability, which first
+// defines FASTDIFF_CPU_ISA (the namespace) and, for a SIMD build, the CPU_CAPABILITY_* macros, so
+// at::vec::Vectorized is that capability's implementation (see cfg_combine_chunk.inl).
+//
+// Memory traffic: the statistics read x once; the epilogue reads x again and writes out once.
+//  * NCHW: a group is one contiguous run of C/G * S values. With enough groups to keep every thread
+//    busy, one task per (sample, group) takes the statistics and applies at once, so the second read
+//    comes from L2. Otherwise runs of rows are split into segments: statistics per segment, merged
+//    per group, then the epilogue per segment.
+//  * channels_last: a group is C/G adjacent channels of every pixel, so a group-wise walk would stride
+//    through memory. Instead tasks are (sample, chunk of pixels): each keeps per-channel moments of its
+//    pixels (vectors across channels, no horizontal work), the chunks are merged per channel, channels
+//    per group, and the epilogue walks the pixels again with per-channel coefficients.
+// Moments of a run come from blocks small enough to stay in L1: the block's mean, then the sum of
+// squared deviations from it (a second pass over L1, not memory), merged with welford_combine.
+#ifndef FASTDIFF_CPU_ISA
+#error "define FASTDIFF_CPU_ISA before including group_norm_adagn_impl.inl"
+#endif
+
+#include "../common/group_norm_adagn.h"
+#include "group_norm_adagn_kernel.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace fastdiff {
+
+// The vector exp of this capability for silu_value; scalars use the primary template. float takes
+// at::vec's exp_u20 (a degree-5 polynomial, <= 4e-7 relative error measured over [-120, 120], no
+// NaN/overflow at the ends) rather than Sleef's 1-ulp exp: the SiLU's exp is the one compute-bound
+// part of the op, and this is ~1.25x (AVX-512) to 1.5x (AVX2) faster per element, far inside the
+// tolerance (a few ulp of float32 against the reference).
+template <>
+struct ExpOf<at::vec::Vectorized<float>> {
+  static at::vec::Vectorized<float> apply(const at::vec::Vectorized<float>& v) { return v.exp_u20(); }
+};
+template <>
+struct ExpOf<at::vec::Vectorized<double>> {
+  static at::vec::Vectorized<double> apply(const at::vec::Vectorized<double>& v) { return v.exp(); }
+};
+
+namespace cpu::FASTDIFF_CPU_ISA {
+namespace {
+
+// Elements per two-pass block: 2 KB of float, so the second pass reads L1.
+constexpr int64_t kBlock = 512;
+// Bytes per block of pixels in the channels_last statistics, walked once per tile of channels: the
+// block must stay in L1 (48 KB here) across the tiles and the two passes.
+constexpr int64_t kChannelsLastBlockBytes = 24 * 1024;
+// Below this many elements in total, waking threads costs more than the work (ATen's own grain).
+constexpr int64_t kGrainElements = 32768;
+// Work units per thread in the split paths, so that a slow thread on a shared machine is diluted.
+constexpr int64_t kTasksPerThread = 4;
+// Smallest segment (NCHW) or pixel chunk (channels_last) worth its own task, in elements.
+constexpr int64_t kMinTaskElements = 16384;
+
+template <typename scalar_t>
+struct Io {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using FVec = at::vec::Vectorized<opmath_t>;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<scalar_t>;
+  // Values per step: one Vec of a 16-bit type widens into two FVec; float/double also take two FVec
+  // per step, which gives the reductions two independent accumulation chains.
+  static constexpr int64_t kStep = 2 * FVec::size();
+  static_assert(!kReduced || Vec::size() == kStep, "a 16-bit vector must widen into exactly two float vectors");
+
+  static void load(const scalar_t* p, FVec& lo, FVec& hi) {
+    if constexpr (kReduced) {
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vec::loadu(p));
+    } else {
+      lo = FVec::loadu(p);
+      hi = FVec::loadu(p + FVec::size());
+    }
+  }
+
+  static void store(scalar_t* p, const FVec& lo, const FVec& hi) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    } else {
+      lo.store(p);
+      hi.store(p + FVec::size());
+    }
+  }
+
+  static opmath_t sum_lanes(const FVec& v) {
+    opmath_t lanes[FVec::size()];
+    v.store(lanes);
+    opmath_t s = 0;
+    for (int64_t i = 0; i < FVec::size(); ++i) {
+      s += lanes[i];
+    }
+    return s;
+  }
+};
+
+// Moments of x[0, n), n >= 1: per L1 block its mean, then its centered sum of squares; blocks merged.
+template <typename scalar_t>
+WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t n) {
+  using IO = Io<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using FVec = typename IO::FVec;
+  WelfordStats<opmath_t> total{0, 0, 0};
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const scalar_t* p = x + start;
+    const int64_t len = std::min(kBlock, n - start);
+    FVec lo, hi, s0(0), s1(0);
+    int64_t i = 0;
+    for (; i + IO::kStep <= len; i += IO::kStep) {
+      IO::load(p + i, lo, hi);
+      s0 = s0 + lo;
+      s1 = s1 + hi;
+    }
+    opmath_t sum = IO::sum_lanes(s0 + s1);
+    for (; i < len; ++i) {
+      sum += static_cast<opmath_t>(p[i]);
+    }
+    const opmath_t mean = sum / static_cast<opmath_t>(len);
+    const FVec mean_v(mean);
+    FVec q0(0), q1(0);
+    for (i = 0; i + IO::kStep <= len; i += IO::kStep) {
+      IO::load(p + i, lo, hi);
+      lo = lo - mean_v;
+      hi = hi - mean_v;
+      q0 = at::vec::fmadd(lo, lo, q0);
+      q1 = at::vec::fmadd(hi, hi, q1);
+    }
+    opmath_t m2 = IO::sum_lanes(q0 + q1);
+    for (; i < len; ++i) {
+      const opmath_t d = static_cast<opmath_t>(p[i]) - mean;
+      m2 += d * d;
+    }
+    total = welford_combine(total, WelfordStats<opmath_t>{static_cast<opmath_t>(len), mean, m2});
+  }
+  return total;
+}
+
+// out[i] = act(((x[i] + k.pre_shift) - k.mean) * k.a + k.b) for i in [0, n): one channel's run.
+template <typename scalar_t, bool kSilu>
+void span_apply(const scalar_t* __restrict__ x,  // (n,) input run
+                scalar_t* __restrict__ out,      // (n,) output run
+                int64_t n, const AdagnCoefficients<at::opmath_type<scalar_t>>& k) {
+  using IO = Io<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using FVec = typename IO::FVec;
+  const FVec p(k.pre_shift), mean(k.mean), a(k.a), b(k.b);
+  FVec lo, hi;
+  int64_t i = 0;
+  for (; i + IO::kStep <= n; i += IO::kStep) {
+    IO::load(x + i, lo, hi);
+    IO::store(out + i, adagn_apply(lo, p, mean, a, b, kSilu), adagn_apply(hi, p, mean, a, b, kSilu));
+  }
+  for (; i < n; ++i) {
+    out[i] = static_cast<scalar_t>(
+        adagn_apply<opmath_t>(static_cast<opmath_t>(x[i]), k.pre_shift, k.mean, k.a, k.b, kSilu));
+  }
+}
+
+template <typename scalar_t>
+struct Problem {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* out;
+  AdagnParams<opmath_t> params;
+  int64_t B, C, G, Cg, S;
+  opmath_t eps;
+
+  explicit Problem(const GroupNormAdagnArgs& a)
+      : x(static_cast<const scalar_t*>(a.x)),
+        out(static_cast<scalar_t*>(a.out)),
+        params{static_cast<const opmath_t*>(a.weight),    static_cast<const opmath_t*>(a.bias),
+               static_cast<const opmath_t*>(a.scale),     static_cast<const opmath_t*>(a.shift),
+               static_cast<const opmath_t*>(a.pre_shift), a.channels},
+        B(a.batch),
+        C(a.channels),
+        G(a.groups),
+        Cg(a.channels / a.groups),
+        S(a.spatial),
+        eps(static_cast<opmath_t>(a.eps)) {}
+};
+
+// Tasks per parallel_for grain so that tiny inputs stay on the calling thread.
+inline int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_task));
+}
+
+// ---- NCHW ---------------------------------------------------------------------------------------
+
+// Group statistics from per-row moments: each row's mean moves by its channel's pre_shift (the
+// variance does not), then the rows merge. Without pre_shift the group is one run.
+template <typename scalar_t>
+WelfordStats<at::opmath_type<scalar_t>> nchw_group_moments(const Problem<scalar_t>& pb, int64_t b, int64_t g) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* xg = pb.x + (b * pb.C + g * pb.Cg) * pb.S;
+  if (pb.params.pre_shift == nullptr) {
+    return span_moments(xg, pb.Cg * pb.S);
+  }
+  WelfordStats<opmath_t> stats{0, 0, 0};
+  for (int64_t j = 0; j < pb.Cg; ++j) {
+    WelfordStats<opmath_t> row = span_moments(xg + j * pb.S, pb.S);
+    row.mean += pb.params.template pre_shift_at<opmath_t>(b, g * pb.Cg + j);
+    stats = welford_combine(stats, row);
+  }
+  return stats;
+}
+
+// One task per (sample, group): statistics, then the epilogue while the group is still in L2.
+template <typename scalar_t, bool kSilu>
+void nchw_by_group(const Problem<scalar_t>& pb) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t group_elements = pb.Cg * pb.S;
+  at::parallel_for(0, pb.B * pb.G, grain_for(group_elements), [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / pb.G, g = bg % pb.G;
+      const WelfordStats<opmath_t> stats = nchw_group_moments(pb, b, g);
+      const opmath_t rstd = group_norm_rstd(stats, pb.eps);
+      for (int64_t j = 0; j < pb.Cg; ++j) {
+        const int64_t c = g * pb.Cg + j;
+        const int64_t offset = (b * pb.C + c) * pb.S;
+        span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, pb.S,
+                                    pb.params.coefficients(b, c, stats.mean, rstd));
+      }
+    }
+  });
+}
+
+// Too few groups to occupy every thread: rows (sample, channel) split into equal segments.
+template <typename scalar_t, bool kSilu>
+void nchw_by_segment(const Problem<scalar_t>& pb) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t rows = pb.B * pb.C;
+  const int64_t want = kTasksPerThread * at::get_num_threads();
+  const int64_t max_parts = std::max<int64_t>(1, pb.S / kMinTaskElements);
+  const int64_t parts = std::clamp<int64_t>((want + rows - 1) / rows, 1, max_parts);
+  const int64_t segments = rows * parts;
+  auto segment = [&](int64_t i, int64_t& offset, int64_t& len) {
+    const int64_t row = i / parts, k = i % parts;
+    const int64_t lo = k * pb.S / parts, hi = (k + 1) * pb.S / parts;
+    offset = row * pb.S + lo;
+    len = hi - lo;
+  };
+  const int64_t grain = grain_for(pb.S / parts);
+
+  std::vector<WelfordStats<opmath_t>> moments(segments);
+  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t offset, len;
+      segment(i, offset, len);
+      moments[i] = span_moments(pb.x + offset, len);
+    }
+  });
+
+  std::vector<AdagnCoefficients<opmath_t>> coef(rows);
+  for (int64_t b = 0; b < pb.B; ++b) {
+    for (int64_t g = 0; g < pb.G; ++g) {
+      WelfordStats<opmath_t> stats{0, 0, 0};
+      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+        WelfordStats<opmath_t> row{0, 0, 0};
+        for (int64_t k = 0; k < parts; ++k) {
+          row = welford_combine(row, moments[(b * pb.C + c) * parts + k]);
+        }
+        row.mean += pb.params.template pre_shift_at<opmath_t>(b, c);
+        stats = welford_combine(stats, row);
+      }
+      const opmath_t rstd = group_norm_rstd(stats, pb.eps);
+      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+        coef[b * pb.C + c] = pb.params.coefficients(b, c, stats.mean, rstd);
+      }
+    }
+  }
+
+  // Same split as the statistics pass, walked backwards: each thread starts on the segment it read
+  // last, which is still in its L2.
+  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = end - 1; i >= begin; --i) {
+      int64_t offset, len;
+      segment(i, offset, len);
+      span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, len, coef[i / parts]);
+    }
+  });
+}
+
+// ---- channels_last ------------------------------------------------------------------------------
+
+// Per-channel moments of pixels [p0, p1) of sample b (x is (B, S, C)) into mean[C], m2[C]; returns
+// the count. Blocks of pixels small enough for L1 are walked one tile of channels at a time with the
+// sums in registers: the tile's mean over the block's pixels, then its centered squares (a second
+// pass over L1), then merged into the running per-channel moments lane-wise (welford_combine on
+// vectors, the count shared by every lane).
+template <typename scalar_t>
+int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0, int64_t p1,
+                              at::opmath_type<scalar_t>* __restrict__ mean,  // (C,) out
+                              at::opmath_type<scalar_t>* __restrict__ m2) {  // (C,) out
+  using IO = Io<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using FVec = typename IO::FVec;
+  using Stats = WelfordStats<FVec, opmath_t>;
+  constexpr int64_t L = FVec::size();
+  const int64_t C = pb.C;
+  const int64_t block = std::max<int64_t>(1, kChannelsLastBlockBytes / (C * static_cast<int64_t>(sizeof(scalar_t))));
+  std::fill(mean, mean + C, opmath_t(0));
+  std::fill(m2, m2 + C, opmath_t(0));
+  opmath_t count = 0;
+  for (int64_t q0 = p0; q0 < p1; q0 += block) {
+    const int64_t n = std::min(block, p1 - q0);
+    const scalar_t* rows = pb.x + (b * pb.S + q0) * C;
+    const opmath_t nb = static_cast<opmath_t>(n);
+    const FVec inv_n(opmath_t(1) / nb);
+    int64_t c = 0;
+    for (; c + IO::kStep <= C; c += IO::kStep) {
+      FVec lo, hi, s0(0), s1(0);
+      for (int64_t r = 0; r < n; ++r) {
+        IO::load(rows + r * C + c, lo, hi);
+        s0 = s0 + lo;
+        s1 = s1 + hi;
+      }
+      const FVec m0 = s0 * inv_n, m1 = s1 * inv_n;
+      FVec q0v(0), q1v(0);
+      for (int64_t r = 0; r < n; ++r) {
+        IO::load(rows + r * C + c, lo, hi);
+        lo = lo - m0;
+        hi = hi - m1;
+        q0v = at::vec::fmadd(lo, lo, q0v);
+        q1v = at::vec::fmadd(hi, hi, q1v);
+      }
+      const Stats merged0 =
+          welford_combine(Stats{count, FVec::loadu(mean + c), FVec::loadu(m2 + c)}, Stats{nb, m0, q0v});
+      const Stats merged1 =
+          welford_combine(Stats{count, FVec::loadu(mean + c + L), FVec::loadu(m2 + c + L)}, Stats{nb, m1, q1v});
+      merged0.mean.store(mean + c);
+      merged0.m2.store(m2 + c);
+      merged1.mean.store(mean + c + L);
+      merged1.m2.store(m2 + c + L);
+    }
+    for (; c < C; ++c) {
+      opmath_t sum = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        sum += static_cast<opmath_t>(rows[r * C + c]);
+      }
+      const opmath_t block_mean = sum / nb;
+      opmath_t block_m2 = 0;
+      for (int64_t r = 0; r < n; ++r) {
+        const opmath_t d = static_cast<opmath_t>(rows[r * C + c]) - block_mean;
+        block_m2 += d * d;
+      }
+      const auto merged = welford_combine(WelfordStats<opmath_t>{count, mean[c], m2[c]},
+                                          WelfordStats<opmath_t>{nb, block_mean, block_m2});
+      mean[c] = merged.mean;
+      m2[c] = merged.m2;
+    }
+    count += nb;
+  }
+  return p1 - p0;
+}
+
+// out[p, c] = act(((x[p, c] + k.pre_shift[c]) - k.mean[c]) * k.a[c] + k.b[c]) for the n pixel rows of C
+// channels at x/out.
+template <typename opmath_t>
+struct ChannelCoefficients {
+  const opmath_t* pre_shift;  // (C,) the sample's pre_shift (zeros when absent)
+  const opmath_t* mean;       // (C,) the mean of each channel's group
+  const opmath_t* a;          // (C,) per-channel gain
+  const opmath_t* b;          // (C,) per-channel offset
+};
+
+template <typename scalar_t, bool kSilu>
+void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
+                         scalar_t* __restrict__ out,      // (n, C) output rows
+                         int64_t n, int64_t C, const ChannelCoefficients<at::opmath_type<scalar_t>>& k) {
+  using IO = Io<scalar_t>;
+  using opmath_t = typename IO::opmath_t;
+  using FVec = typename IO::FVec;
+  constexpr int64_t L = FVec::size();
+  // Last row first: the statistics pass read the rows forwards, so the last ones are still cached.
+  for (int64_t r = n - 1; r >= 0; --r) {
+    const scalar_t* row = x + r * C;
+    scalar_t* out_row = out + r * C;
+    int64_t c = 0;
+    for (; c + IO::kStep <= C; c += IO::kStep) {
+      FVec lo, hi;
+      IO::load(row + c, lo, hi);
+      IO::store(out_row + c,
+                adagn_apply(lo, FVec::loadu(k.pre_shift + c), FVec::loadu(k.mean + c), FVec::loadu(k.a + c),
+                            FVec::loadu(k.b + c), kSilu),
+                adagn_apply(hi, FVec::loadu(k.pre_shift + c + L), FVec::loadu(k.mean + c + L),
+                            FVec::loadu(k.a + c + L), FVec::loadu(k.b + c + L), kSilu));
+    }
+    for (; c < C; ++c) {
+      out_row[c] = static_cast<scalar_t>(
+          adagn_apply<opmath_t>(static_cast<opmath_t>(row[c]), k.pre_shift[c], k.mean[c], k.a[c], k.b[c], kSilu));
+    }
+  }
+}
+
+template <typename scalar_t, bool kSilu>
+void channels_last(const Problem<scalar_t>& pb) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using FVec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t L = FVec::size();
+  const int64_t C = pb.C;
+  const int64_t want = kTasksPerThread * at::get_num_threads();
+  const int64_t max_chunks = std::max<int64_t>(1, pb.S * C / kMinTaskElements);
+  const int64_t chunks = std::clamp<int64_t>((want + pb.B - 1) / pb.B, 1, max_chunks);
+  const int64_t tasks = pb.B * chunks;
+  auto pixels = [&](int64_t task, int64_t& b, int64_t& p0, int64_t& p1) {
+    b = task / chunks;
+    const int64_t k = task % chunks;
+    p0 = k * pb.S / chunks;
+    p1 = (k + 1) * pb.S / chunks;
+  };
+  const int64_t grain = grain_for(pb.S / chunks * C);
+
+  // Per task: per-channel mean and M2 of its pixels, and their count.
+  std::vector<opmath_t> chunk_mean(tasks * C), chunk_m2(tasks * C), chunk_count(tasks);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b, p0, p1;
+      pixels(t, b, p0, p1);
+      const int64_t n = channels_last_moments(pb, b, p0, p1, chunk_mean.data() + t * C, chunk_m2.data() + t * C);
+      chunk_count[t] = static_cast<opmath_t>(n);
+    }
+  });
+
+  // Chunks -> channels (lane-wise over channels), channels -> groups, groups -> coefficients.
+  std::vector<opmath_t> coef_p(pb.B * C), coef_mean(pb.B * C), coef_a(pb.B * C), coef_b(pb.B * C);
+  std::vector<opmath_t> mean(C), m2(C);
+  for (int64_t b = 0; b < pb.B; ++b) {
+    std::fill(mean.begin(), mean.end(), opmath_t(0));
+    std::fill(m2.begin(), m2.end(), opmath_t(0));
+    opmath_t count = 0;
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t t = b * chunks + k;
+      const opmath_t* tm = chunk_mean.data() + t * C;
+      const opmath_t* tq = chunk_m2.data() + t * C;
+      const opmath_t n = chunk_count[t];
+      int64_t c = 0;
+      for (; c + L <= C; c += L) {
+        using Stats = WelfordStats<FVec, opmath_t>;
+        const Stats merged = welford_combine(Stats{count, FVec::loadu(&mean[c]), FVec::loadu(&m2[c])},
+                                             Stats{n, FVec::loadu(tm + c), FVec::loadu(tq + c)});
+        merged.mean.store(&mean[c]);
+        merged.m2.store(&m2[c]);
+      }
+      for (; c < C; ++c) {
+        const auto merged =
+            welford_combine(WelfordStats<opmath_t>{count, mean[c], m2[c]}, WelfordStats<opmath_t>{n, tm[c], tq[c]});
+        mean[c] = merged.mean;
+        m2[c] = merged.m2;
+      }
+      count += n;
+    }
+    for (int64_t g = 0; g < pb.G; ++g) {
+      WelfordStats<opmath_t> stats{0, 0, 0};
+      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+        const opmath_t shifted = mean[c] + pb.params.template pre_shift_at<opmath_t>(b, c);
+        stats = welford_combine(stats, WelfordStats<opmath_t>{count, shifted, m2[c]});
+      }
+      const opmath_t rstd = group_norm_rstd(stats, pb.eps);
+      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+        const auto k = pb.params.coefficients(b, c, stats.mean, rstd);
+        coef_p[b * C + c] = k.pre_shift;
+        coef_mean[b * C + c] = k.mean;
+        coef_a[b * C + c] = k.a;
+        coef_b[b * C + c] = k.b;
+      }
+    }
+  }
+
+  // Same split as the statistics pass, walked backwards: each thread starts on the chunk it read
+  // last, which is still in its L2.
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = end - 1; t >= begin; --t) {
+      int64_t b, p0, p1;
+      pixels(t, b, p0, p1);
+      const int64_t offset = (b * pb.S + p0) * C;
+      const ChannelCoefficients<opmath_t> k{coef_p.data() + b * C, coef_mean.data() + b * C, coef_a.data() + b * C,
+                                            coef_b.data() + b * C};
+      channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, k);
+    }
+  });
+}
+
+template <typename scalar_t, bool kSilu>
+void run(const GroupNormAdagnArgs& args) {
+  const Problem<scalar_t> pb(args);
+  if (args.channels_last) {
+    return channels_last<scalar_t, kSilu>(pb);
+  }
+  const int64_t groups = pb.B * pb.G;
+  const int64_t threads = at::get_num_threads();
+  // By group when the groups spread evenly over the threads (or are many): the fused path.
+  if (groups % threads == 0 || groups >= kTasksPerThread * threads) {
+    return nchw_by_group<scalar_t, kSilu>(pb);
+  }
+  return nchw_by_segment<scalar_t, kSilu>(pb);
+}
+
+template <typename scalar_t>
+void run_typed(const GroupNormAdagnArgs& args) {
+  if (args.silu) {
+    run<scalar_t, true>(args);
+  } else {
+    run<scalar_t, false>(args);
+  }
+}
+
+}  // namespace
+
+void group_norm_adagn_kernel(const GroupNormAdagnArgs& args) {
+  // A plain switch rather than AT_DISPATCH: the launcher has already checked the dtype.
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return run_typed<float>(args);
+    case c10::ScalarType::Double:
+      return run_typed<double>(args);
+    case c10::ScalarType::Half:
+      return run_typed<c10::Half>(args);
+    case c10::ScalarType::BFloat16:
+      return run_typed<c10::BFloat16>(args);
+    default:
+      TORCH_CHECK(false, "group_norm_adagn (cpu): unsupported dtype ", args.dtype);
+  }
+}
+
+}  // namespace cpu::FASTDIFF_CPU_ISA
+}  // namespace fastdiff
