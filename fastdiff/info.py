@@ -16,7 +16,7 @@ from importlib import metadata
 import torch
 
 from . import _native
-from .backends import AVAILABLE, ENV_VAR, PRIORITY, support_table
+from .backends import AVAILABLE, ENV_VAR, registered_ops, support_table
 from .kernel_report import format_kernels, native_kernels
 
 __all__ = ["main", "collect"]
@@ -46,7 +46,7 @@ def collect() -> dict:
         "triton": _dist_version("triton"),
         "native": _native.status(),
         "backends": support_table(),
-        "priority": list(PRIORITY),
+        "priority": {op: list(support.priority) for op, support in sorted(registered_ops().items())},
     }
 
 
@@ -70,7 +70,7 @@ def _native_lines(status: dict) -> list[str]:
 
 
 def _table_lines(table: dict[str, dict[str, str | list[str]]]) -> list[str]:
-    width = max(len(b) for b in PRIORITY)
+    width = max(len(b) for backends in table.values() for b in backends)
     lines = []
     for op, backends in table.items():
         lines.append(f"  {op}")
@@ -90,7 +90,7 @@ def format_report(report: dict) -> str:
         f"triton   {report['triton'] or 'not installed'}",
         "native extension:",
         *_native_lines(report["native"]),
-        f"ops x backends (auto tries {', '.join(report['priority'])}; {ENV_VAR} overrides):",
+        f"ops x backends (auto tries them in the order listed; {ENV_VAR} overrides):",
         *_table_lines(report["backends"]),
     ]
     return "\n".join(lines)
@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_kernels(kernels))
     sys.stdout.flush()
     return 0
+
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The backend registry: names, FASTDIFF_BACKEND, the support table, and honest refusals."""
+"""The backend registry: names, per-op extra backends, FASTDIFF_BACKEND, the support table, and
+honest refusals."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastdiff.backends import (
     BACKENDS,
     PRIORITY,
     BackendUnavailableError,
+    ExplicitOnly,
     OpSupport,
     _compiled_for,
     always_available,
@@ -34,7 +36,7 @@ def test_resolve_accepts_every_name(name):
 
 @pytest.mark.parametrize("bad", ["CUDA", "gpu", "", None, 3])
 def test_resolve_rejects_unknown_names_naming_the_argument(bad):
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'"):
         resolve_backend(bad)
 
 
@@ -68,12 +70,44 @@ def test_op_support_must_cover_every_backend():
         OpSupport("half_done", {"reference": always_available, "cpu": always_available, "cuda": always_available})
 
 
+def _everywhere(**extra):
+    return {b: always_available for b in BACKENDS} | extra
+
+
+def test_extra_backends_go_before_the_reference_unless_ordered():
+    support = OpSupport("demo", _everywhere(fast=always_available, other=always_available))
+    assert support.priority == (*PRIORITY[:-1], "fast", "other", "reference")
+    ordered = ("fast", "cuda", "triton", "cpu", "other", "reference")
+    assert OpSupport("demo", _everywhere(fast=always_available, other=always_available), ordered).priority == ordered
+    with pytest.raises(ValueError, match=r"priority \('cuda', 'reference'\) must order exactly the backends"):
+        OpSupport("demo", _everywhere(), ("cuda", "reference"))
+    with pytest.raises(ValueError, match=r"backend names must be identifiers other than 'auto', got 'auto'"):
+        OpSupport("demo", _everywhere(auto=always_available))
+
+
+def test_explicit_only_reasons_keep_auto_away_but_not_an_explicit_request():
+    from fastdiff.backends import register_op
+
+    def slow(inputs):
+        return [ExplicitOnly("slow: only when asked")] if inputs is not None else []
+
+    register_op(OpSupport("demo_explicit", _everywhere(slow=slow), ("slow", "cuda", "triton", "cpu", "reference")))
+    x = {"x": torch.randn(2)}
+    try:
+        assert select_backend("demo_explicit", "auto", x) == "cuda"  # the next in its order
+        assert select_backend("demo_explicit", "slow", x) == "slow"
+    finally:
+        from fastdiff.backends import _REGISTRY
+
+        _REGISTRY.pop("demo_explicit")
+
+
 def test_support_table_is_available_or_reasons():
     table = support_table()
     assert set(OPS) <= set(table)
     status = _native.status()
     for op, row in table.items():
-        assert list(row) == list(PRIORITY)
+        assert list(row) == list(registered_ops()[op].priority)
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
