@@ -17,6 +17,7 @@ from fastdiff.backends import (
     OpSupport,
     _compiled_for,
     always_available,
+    known_backends,
     registered_ops,
     resolve_backend,
     select_backend,
@@ -38,6 +39,24 @@ def test_resolve_accepts_every_name(name):
 def test_resolve_rejects_unknown_names_naming_the_argument(bad):
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'"):
         resolve_backend(bad)
+
+
+def test_extra_backends_belong_to_their_op():
+    """attention has sdpa and xformers; other ops reject those names, naming the op and what it takes."""
+    assert known_backends()[: len(BACKENDS)] == BACKENDS
+    assert {"sdpa", "xformers"} <= set(known_backends())
+    assert resolve_backend("sdpa", "attention") == "sdpa"
+    with pytest.raises(ValueError, match=r"cfg_combine: backend must be one of \('auto', 'reference', 'cpu', "
+                                         r"'cuda', 'triton'\), got 'sdpa'"):
+        resolve_backend("sdpa", "cfg_combine")
+
+
+def test_env_var_naming_an_extra_backend_leaves_other_ops_on_auto(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "sdpa")
+    assert resolve_backend("reference", "attention") == "sdpa"
+    assert resolve_backend("cpu", "cfg_combine") == "auto"
+    x = torch.randn(2, 3)
+    assert select_backend("cfg_combine", "reference", {"model_out": x}) in ("cpu", "reference")
 
 
 def test_env_var_overrides_the_argument(monkeypatch):
@@ -111,7 +130,10 @@ def test_support_table_is_available_or_reasons():
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
-        assert any("not implemented for this op yet" in r for r in row["triton"]), op
+        if op != "attention":
+            assert any("not implemented for this op yet" in r for r in row["triton"]), op
+    assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
+    assert table["attention"]["sdpa"] == AVAILABLE
     if status["built"]:
         assert table["cfg_combine"]["cpu"] == AVAILABLE
     else:
@@ -146,8 +168,9 @@ def test_explicit_backend_that_cannot_run_raises_with_every_reason():
     with pytest.raises(BackendUnavailableError, match=r"group_norm_adagn: backend='cpu' cannot run") as info:
         group_norm_adagn(x, 4, backend="cpu")
     assert info.value.reasons == ["not implemented for this op yet (no cpu kernel for group_norm_adagn)"]
-    with pytest.raises(BackendUnavailableError, match="no triton kernel for attention"):
-        attention(x, x, x, backend="triton")
+    with pytest.raises(BackendUnavailableError, match=r"attention: backend='triton' cannot run") as info:
+        attention(x.double(), x.double(), x.double(), backend="triton")
+    assert "q dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in info.value.reasons
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -160,7 +183,9 @@ def test_ops_without_kernels_run_the_reference(backend):
     )
     q, k, v = torch.randn(2, 3, 7, 40), torch.randn(2, 3, 77, 40), torch.randn(2, 3, 77, 40)
     torch.testing.assert_close(attention(q, k, v, backend=backend), reference_attention(q, k, v))
-    assert select_backend("attention", backend, {"q": q, "k": k, "v": v}) == "reference"
+    # attention's auto picks PyTorch's SDPA on the CPU (fastdiff has no CPU attention kernel)
+    expected = "sdpa" if backend == "auto" else "reference"
+    assert select_backend("attention", backend, {"q": q, "k": k, "v": v}) == expected
 
 
 def test_ops_keep_the_reference_validation():
