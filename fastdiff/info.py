@@ -105,18 +105,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = collect()
     kernels = native_kernels() if args.kernels else None
+    triton_kernels, triton_reason = _triton_kernels() if args.kernels else ([], None)
     if args.json:
         if kernels is not None:
             report["kernels"] = [dataclasses.asdict(k) for k in kernels]
+            report["triton_kernels"] = [dataclasses.asdict(k) for k in triton_kernels]
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_report(report))
         if kernels is not None:
             print("GPU kernels (from nvcc -Xptxas -v at build time):")
             print(format_kernels(kernels))
+            print("Triton kernels (compiled ahead of time for sm_80 and sm_90 by fastdiff.triton.aot; no GPU needed):")
+            if triton_reason:
+                print(f"  none: {triton_reason}")
+            else:
+                from .triton.aot import format_triton_kernels
+
+                print(format_triton_kernels(triton_kernels))
     sys.stdout.flush()
     return 0
 
+
+def _triton_kernels() -> tuple[list, str | None]:
+    """The Triton AOT report (compiled on first use, about a minute; cached), or why there is none."""
+    if _dist_version("triton") is None:
+        return [], "triton is not installed"
+    from .triton import aot
+
+    if not aot.cache_path().exists():
+        print("fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
+              file=sys.stderr, flush=True)
+    try:
+        return aot.attention_report(), None
+    except Exception as e:  # a broken toolchain must not take `fastdiff info` down with it
+        return [], f"the ahead-of-time build failed: {str(e).strip().splitlines()[-1]}"
 
 
 if __name__ == "__main__":
