@@ -16,7 +16,7 @@ from importlib import metadata
 import torch
 
 from . import _native
-from .backends import AVAILABLE, ENV_VAR, PRIORITY, support_table
+from .backends import AVAILABLE, ENV_VAR, registered_ops, support_table
 from .kernel_report import format_kernels, native_kernels
 
 __all__ = ["main", "collect"]
@@ -46,7 +46,7 @@ def collect() -> dict:
         "triton": _dist_version("triton"),
         "native": _native.status(),
         "backends": support_table(),
-        "priority": list(PRIORITY),
+        "priority": {op: list(support.priority) for op, support in sorted(registered_ops().items())},
     }
 
 
@@ -70,7 +70,7 @@ def _native_lines(status: dict) -> list[str]:
 
 
 def _table_lines(table: dict[str, dict[str, str | list[str]]]) -> list[str]:
-    width = max(len(b) for b in PRIORITY)
+    width = max(len(b) for backends in table.values() for b in backends)
     lines = []
     for op, backends in table.items():
         lines.append(f"  {op}")
@@ -90,7 +90,7 @@ def format_report(report: dict) -> str:
         f"triton   {report['triton'] or 'not installed'}",
         "native extension:",
         *_native_lines(report["native"]),
-        f"ops x backends (auto tries {', '.join(report['priority'])}; {ENV_VAR} overrides):",
+        f"ops x backends (auto tries them in the order listed; {ENV_VAR} overrides):",
         *_table_lines(report["backends"]),
     ]
     return "\n".join(lines)
@@ -105,17 +105,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = collect()
     kernels = native_kernels() if args.kernels else None
+    triton_kernels, triton_reason = _triton_kernels() if args.kernels else ([], None)
     if args.json:
         if kernels is not None:
             report["kernels"] = [dataclasses.asdict(k) for k in kernels]
+            report["triton_kernels"] = [dataclasses.asdict(k) for k in triton_kernels]
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_report(report))
         if kernels is not None:
             print("GPU kernels (from nvcc -Xptxas -v at build time):")
             print(format_kernels(kernels))
+            print("Triton kernels (compiled ahead of time for sm_80 and sm_90 by fastdiff.triton.aot; no GPU needed):")
+            if triton_reason:
+                print(f"  none: {triton_reason}")
+            else:
+                from .triton.aot import format_triton_kernels
+
+                print(format_triton_kernels(triton_kernels))
     sys.stdout.flush()
     return 0
+
+
+def _triton_kernels() -> tuple[list, str | None]:
+    """The Triton AOT report (compiled on first use, about a minute; cached), or why there is none."""
+    if _dist_version("triton") is None:
+        return [], "triton is not installed"
+    from .triton import aot
+
+    if not aot.cache_path().exists():
+        print("fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
+              file=sys.stderr, flush=True)
+    try:
+        return aot.attention_report(), None
+    except Exception as e:  # a broken toolchain must not take `fastdiff info` down with it
+        return [], f"the ahead-of-time build failed: {str(e).strip().splitlines()[-1]}"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared test helpers: the dtype-following tolerance rule of shared/STYLE.md."""
+"""Shared test helpers: the dtype-following tolerance rule of shared/STYLE.md, and where the Triton
+tier (tests/triton/) runs: the GPU, or Triton's CPU interpreter."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import os
 
 import pytest
 import torch
+
+# Triton decides compiled vs interpreted when triton.language is imported, so the interpreter
+# must be asked for before any test imports Triton. On a machine without a GPU it is the only way
+# Triton kernels run, and it is what the Triton tier (tests/triton) needs; with a GPU the same
+# tests run the compiled kernels on it. `auto` never picks the interpreter (see
+# fastdiff.backends.ExplicitOnly), so the rest of the suite dispatches as it would without it.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Absolute floors per dtype, added to the 2x-eager bound (flash-attention's rule).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -48,3 +57,25 @@ def assert_within_eager_bound(out: torch.Tensor, eager: torch.Tensor, exact: tor
 
 def runslow() -> bool:
     return os.environ.get("FASTDIFF_RUN_SLOW", "") == "1"
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where the Triton tier runs its kernels: the GPU when there is one, else the CPU in Triton's
+    interpreter (TRITON_INTERPRET=1, set for the whole session at the top of this file). Skips,
+    with the reason, when neither can run."""
+    pytest.importorskip("triton", reason="Triton is not installed: the Triton tier needs it")
+    from fastdiff.triton import interpreter_mismatch, interpreting
+
+    if torch.cuda.is_available() and not interpreting():
+        return torch.device("cuda")
+    if not interpreting():
+        pytest.skip("no CUDA device, and TRITON_INTERPRET is off: Triton kernels cannot run here")
+    if (why := interpreter_mismatch()) is not None:
+        pytest.skip(why)
+    return torch.device("cpu")
+
+
+def full_triton_grid() -> bool:
+    """FASTDIFF_FULL_TRITON=1 widens the Triton tier's grids (slow in the interpreter: minutes)."""
+    return os.environ.get("FASTDIFF_FULL_TRITON", "") == "1"

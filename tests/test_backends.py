@@ -1,4 +1,5 @@
-"""The backend registry: names, FASTDIFF_BACKEND, the support table, and honest refusals."""
+"""The backend registry: names, per-op extra backends, FASTDIFF_BACKEND, the support table, and
+honest refusals."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from fastdiff.backends import (
     BACKENDS,
     PRIORITY,
     BackendUnavailableError,
+    ExplicitOnly,
     OpSupport,
     _compiled_for,
     always_available,
+    known_backends,
     registered_ops,
     resolve_backend,
     select_backend,
@@ -34,8 +37,26 @@ def test_resolve_accepts_every_name(name):
 
 @pytest.mark.parametrize("bad", ["CUDA", "gpu", "", None, 3])
 def test_resolve_rejects_unknown_names_naming_the_argument(bad):
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\)"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'"):
         resolve_backend(bad)
+
+
+def test_extra_backends_belong_to_their_op():
+    """attention has sdpa and xformers; other ops reject those names, naming the op and what it takes."""
+    assert known_backends()[: len(BACKENDS)] == BACKENDS
+    assert {"sdpa", "xformers"} <= set(known_backends())
+    assert resolve_backend("sdpa", "attention") == "sdpa"
+    with pytest.raises(ValueError, match=r"cfg_combine: backend must be one of \('auto', 'reference', 'cpu', "
+                                         r"'cuda', 'triton'\), got 'sdpa'"):
+        resolve_backend("sdpa", "cfg_combine")
+
+
+def test_env_var_naming_an_extra_backend_leaves_other_ops_on_auto(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "sdpa")
+    assert resolve_backend("reference", "attention") == "sdpa"
+    assert resolve_backend("cpu", "cfg_combine") == "auto"
+    x = torch.randn(2, 3)
+    assert select_backend("cfg_combine", "reference", {"model_out": x}) in ("cpu", "reference")
 
 
 def test_env_var_overrides_the_argument(monkeypatch):
@@ -68,17 +89,52 @@ def test_op_support_must_cover_every_backend():
         OpSupport("half_done", {"reference": always_available, "cpu": always_available, "cuda": always_available})
 
 
+def _everywhere(**extra):
+    return {b: always_available for b in BACKENDS} | extra
+
+
+def test_extra_backends_go_before_the_reference_unless_ordered():
+    support = OpSupport("demo", _everywhere(fast=always_available, other=always_available))
+    assert support.priority == (*PRIORITY[:-1], "fast", "other", "reference")
+    ordered = ("fast", "cuda", "triton", "cpu", "other", "reference")
+    assert OpSupport("demo", _everywhere(fast=always_available, other=always_available), ordered).priority == ordered
+    with pytest.raises(ValueError, match=r"priority \('cuda', 'reference'\) must order exactly the backends"):
+        OpSupport("demo", _everywhere(), ("cuda", "reference"))
+    with pytest.raises(ValueError, match=r"backend names must be identifiers other than 'auto', got 'auto'"):
+        OpSupport("demo", _everywhere(auto=always_available))
+
+
+def test_explicit_only_reasons_keep_auto_away_but_not_an_explicit_request():
+    from fastdiff.backends import register_op
+
+    def slow(inputs):
+        return [ExplicitOnly("slow: only when asked")] if inputs is not None else []
+
+    register_op(OpSupport("demo_explicit", _everywhere(slow=slow), ("slow", "cuda", "triton", "cpu", "reference")))
+    x = {"x": torch.randn(2)}
+    try:
+        assert select_backend("demo_explicit", "auto", x) == "cuda"  # the next in its order
+        assert select_backend("demo_explicit", "slow", x) == "slow"
+    finally:
+        from fastdiff.backends import _REGISTRY
+
+        _REGISTRY.pop("demo_explicit")
+
+
 def test_support_table_is_available_or_reasons():
     table = support_table()
     assert set(OPS) <= set(table)
     status = _native.status()
     for op, row in table.items():
-        assert list(row) == list(PRIORITY)
+        assert list(row) == list(registered_ops()[op].priority)
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
-        assert any("not implemented for this op yet" in r for r in row["triton"]), op
-    for op in ("cfg_combine", "group_norm_adagn"):
+        if op != "attention":
+            assert any("not implemented for this op yet" in r for r in row["triton"]), op
+    assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
+    assert table["attention"]["sdpa"] == AVAILABLE
+    for op in ("cfg_combine", "group_norm_adagn", "sampler_step"):
         if status["built"]:
             assert table[op]["cpu"] == AVAILABLE
         else:
@@ -112,8 +168,9 @@ def test_explicit_backend_that_cannot_run_raises_with_every_reason():
     with pytest.raises(BackendUnavailableError, match=r"group_norm_adagn: backend='triton' cannot run") as info:
         group_norm_adagn(x, 4, backend="triton")
     assert info.value.reasons[0] == "not implemented for this op yet (no triton kernel for group_norm_adagn)"
-    with pytest.raises(BackendUnavailableError, match="no triton kernel for attention"):
-        attention(x, x, x, backend="triton")
+    with pytest.raises(BackendUnavailableError, match=r"attention: backend='triton' cannot run") as info:
+        attention(x.double(), x.double(), x.double(), backend="triton")
+    assert "q dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in info.value.reasons
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -126,7 +183,9 @@ def test_ops_without_kernels_run_the_reference(backend):
     )
     q, k, v = torch.randn(2, 3, 7, 40), torch.randn(2, 3, 77, 40), torch.randn(2, 3, 77, 40)
     torch.testing.assert_close(attention(q, k, v, backend=backend), reference_attention(q, k, v))
-    assert select_backend("attention", backend, {"q": q, "k": k, "v": v}) == "reference"
+    # attention's auto picks PyTorch's SDPA on the CPU (fastdiff has no CPU attention kernel)
+    expected = "sdpa" if backend == "auto" else "reference"
+    assert select_backend("attention", backend, {"q": q, "k": k, "v": v}) == expected
 
 
 def test_ops_keep_the_reference_validation():

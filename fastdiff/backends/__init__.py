@@ -3,9 +3,15 @@
 Every op registers an :class:`OpSupport`: per backend, a function that returns the list of reasons
 it cannot run the given inputs (an empty list means it can). Called with ``inputs=None`` it returns
 the static reasons only (not compiled, no device, no kernel yet), which is what ``fastdiff info``
-prints. ``backend="auto"`` tries :data:`PRIORITY` in order and takes the first backend with no
+prints. ``backend="auto"`` tries the op's priority in order and takes the first backend with no
 reasons; an explicit backend that cannot run raises :class:`BackendUnavailableError` with all of
 them. ``FASTDIFF_BACKEND`` overrides the argument everywhere.
+
+Every op has the :data:`BACKENDS` (fastdiff's own kernels and the reference). An op may declare
+extra backends that only make sense for it, e.g. attention's "sdpa" (PyTorch's
+scaled_dot_product_attention) and "xformers": by default auto tries them after fastdiff's own
+kernels and before the reference. ``FASTDIFF_BACKEND`` naming an extra backend steers the ops that
+have it and leaves the others on auto.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ __all__ = [
     "PRIORITY",
     "ENV_VAR",
     "BackendUnavailableError",
+    "ExplicitOnly",
     "OpSupport",
     "register_op",
     "registered_ops",
+    "known_backends",
     "resolve_backend",
     "select_backend",
     "support_table",
@@ -46,6 +54,15 @@ AVAILABLE = "available"
 ReasonsFn = Callable[[Mapping[str, torch.Tensor] | None], list[str]]
 
 
+class ExplicitOnly(str):
+    """A reason that keeps auto away from a backend which still runs the input when asked by name.
+
+    Triton's CPU interpreter is the example: correct, and the way to test GPU code without a GPU,
+    but far too slow to be anyone's automatic choice. Auto skips the backend with this reason; an
+    explicit ``backend=`` (or FASTDIFF_BACKEND) runs it.
+    """
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run the inputs; ``reasons`` lists why."""
 
@@ -56,15 +73,37 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class OpSupport:
-    """What each backend can run for one op. ``reasons`` has an entry for every backend."""
+    """What each backend can run for one op.
+
+    ``reasons`` has an entry for every one of :data:`BACKENDS` and for each extra backend of this
+    op. ``priority`` is auto's order; empty means :data:`PRIORITY` with the extra backends (in
+    ``reasons``' order) inserted just before the reference.
+    """
 
     op: str
     reasons: Mapping[str, ReasonsFn]
+    priority: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         missing = [b for b in BACKENDS if b not in self.reasons]
         if missing:
             raise ValueError(f"OpSupport({self.op!r}): no reasons function for backends {missing}")
+        extras = tuple(b for b in self.reasons if b not in BACKENDS)
+        for name in extras:
+            if not isinstance(name, str) or not name.isidentifier() or name == AUTO:
+                raise ValueError(f"OpSupport({self.op!r}): backend names must be identifiers other than "
+                                 f"{AUTO!r}, got {name!r}")
+        priority = tuple(self.priority) or (*PRIORITY[:-1], *extras, PRIORITY[-1])
+        if sorted(priority) != sorted(self.reasons):
+            raise ValueError(
+                f"OpSupport({self.op!r}): priority {priority} must order exactly the backends {tuple(self.reasons)}"
+            )
+        object.__setattr__(self, "priority", priority)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """This op's backend names, in auto's order."""
+        return self.priority
 
     def why_not(self, backend: str, inputs: Mapping[str, torch.Tensor] | None = None) -> list[str]:
         return list(self.reasons[backend](inputs))
@@ -85,17 +124,36 @@ def registered_ops() -> dict[str, OpSupport]:
     return dict(_REGISTRY)
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend name to use: ``FASTDIFF_BACKEND`` if set, else ``backend``; validated."""
-    accepted = (AUTO, *BACKENDS)
+def known_backends() -> tuple[str, ...]:
+    """Every backend name some registered op has: :data:`BACKENDS`, then the ops' extra backends.
+    Reads the registry as it is (no import), so torch.compile traces through it."""
+    names = list(BACKENDS)
+    for support in _REGISTRY.values():
+        names += [b for b in support.backends if b not in names]
+    return tuple(names)
+
+
+def resolve_backend(backend: str, op: str | None = None) -> str:
+    """The backend name to use: ``FASTDIFF_BACKEND`` if set, else ``backend``; validated.
+
+    With ``op``, ``backend`` must be "auto" or one of that op's backends; an override naming a
+    backend this op lacks (FASTDIFF_BACKEND=sdpa for cfg_combine) resolves to "auto". Without
+    ``op``, any name some op has is accepted.
+    """
+    everywhere = (AUTO, *known_backends())
+    if op is not None:
+        accepted = (AUTO, *BACKENDS, *(b for b in _REGISTRY[op].backends if b not in BACKENDS))
+    else:
+        accepted = everywhere
     override = os.environ.get(ENV_VAR, "").strip()
     if override:
         name = override.lower()
-        if name not in accepted:
-            raise ValueError(f"{ENV_VAR} must be one of {accepted}, got {override!r}")
-        return name
+        if name not in everywhere:
+            raise ValueError(f"{ENV_VAR} must be one of {everywhere}, got {override!r}")
+        return name if name in accepted else AUTO
     if not isinstance(backend, str) or backend not in accepted:
-        raise ValueError(f"backend must be one of {accepted}, got {backend!r}")
+        where = f"{op}: " if op is not None else ""
+        raise ValueError(f"{where}backend must be one of {accepted}, got {backend!r}")
     return backend
 
 
@@ -103,20 +161,20 @@ def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) ->
     """The backend that will run ``op`` on ``inputs``: resolved, then checked.
 
     ``inputs`` maps argument names to the tensors the backends must accept (names appear in the
-    reasons). With "auto", the first backend of :data:`PRIORITY` with no reasons wins; an explicit
+    reasons). With "auto", the first backend of the op's priority with no reasons wins; an explicit
     backend with reasons raises :class:`BackendUnavailableError` listing all of them.
     """
     support = _REGISTRY[op]
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, op)
     if name == AUTO:
         refusals: list[str] = []
-        for candidate in PRIORITY:
+        for candidate in support.priority:
             reasons = support.why_not(candidate, inputs)
             if not reasons:
                 return candidate
             refusals.append(f"{candidate}: {'; '.join(reasons)}")
         raise BackendUnavailableError(f"{op}: no backend can run these inputs ({' | '.join(refusals)})", refusals)
-    reasons = support.why_not(name, inputs)
+    reasons = [r for r in support.why_not(name, inputs) if not isinstance(r, ExplicitOnly)]
     if reasons:
         source = f"{ENV_VAR}={name}" if os.environ.get(ENV_VAR, "").strip() else f"backend={name!r}"
         raise BackendUnavailableError(
@@ -127,11 +185,11 @@ def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) ->
 
 
 def support_table() -> dict[str, dict[str, str | list[str]]]:
-    """op -> backend -> "available", or the static reasons it is not (no inputs considered)."""
+    """op -> backend (in auto's order) -> "available", or the static reasons it is not (no inputs)."""
     table: dict[str, dict[str, str | list[str]]] = {}
     for op, support in sorted(registered_ops().items()):
         table[op] = {}
-        for backend in PRIORITY:
+        for backend in support.priority:
             reasons = support.why_not(backend, None)
             table[op][backend] = reasons if reasons else AVAILABLE
     return table

@@ -1,5 +1,6 @@
 """Modules built on fastdiff.ops: drop-in pieces of diffusion models that run the fused kernels."""
 
 from .adagn import AdaGroupNorm
+from .attention import CrossAttention, SpatialSelfAttention, cache_context
 
-__all__ = ["AdaGroupNorm"]
+__all__ = ["AdaGroupNorm", "CrossAttention", "SpatialSelfAttention", "cache_context"]
