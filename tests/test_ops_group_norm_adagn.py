@@ -467,8 +467,16 @@ def _cuda_case(shape, G, dtype, layout, kind="all", activation="silu", part_dtyp
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize(
     ("shape", "G"),
-    # small groups (one kernel, group in shared memory) and large ones (statistics + apply pair)
-    [((2, 96, 7, 9), 32), ((3, 6, 1, 1), 6), ((2, 320, 64, 64), 32), ((1, 64, 128, 128), 1), ((3, 30, 45, 47), 5)],
+    # small groups (one kernel, group in shared memory) and large ones (statistics + apply pair), each
+    # with rows that take 16-byte vectors and rows that do not (H*W or C/G not a multiple of 16 bytes)
+    [
+        ((2, 64, 8, 8), 8),
+        ((2, 96, 7, 9), 32),
+        ((3, 6, 1, 1), 6),
+        ((2, 320, 64, 64), 32),
+        ((1, 64, 128, 128), 1),
+        ((3, 30, 45, 47), 5),
+    ],
     ids=str,
 )
 def test_cuda_fused_and_pair_paths_match_reference(dtype, layout, shape, G):
