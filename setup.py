@@ -291,17 +291,24 @@ def _extensions() -> list:
 
     cpp_sources = sources("csrc/torch_bindings.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/meta/*.cpp")
     # -Wno-unknown-pragmas: torch's at::vec headers carry `#pragma unroll`, which g++ does not know.
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is a header template that runs `#pragma omp parallel` only when
+    # _OPENMP is defined; without the flag every parallel_for in fastdiff._C silently ran on one
+    # thread. The link flag resolves to the libgomp.so.1 torch has already loaded (same soname).
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if _X86_SIMD_BUILD:
         cxx_flags += ["-DFASTDIFF_CPU_HAVE_AVX2=1", "-DFASTDIFF_CPU_HAVE_AVX512=1"]
     if not PLAN["cuda"]:
-        return [CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})]
+        return [
+            CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        ]
     return [
         CUDAExtension(
             "fastdiff._C",
             cpp_sources + sources("csrc/cuda/*.cu"),
             define_macros=[("FASTDIFF_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-Xptxas", "-v"]},
+            extra_link_args=link_flags,
         )
     ]
 
