@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def diffusers_ddim_cfg_step(scheduler, model_output: torch.Tensor, t, x: torch.Tensor, cfg: float) -> torch.Tensor:
@@ -18,3 +19,14 @@ def make_diffusers_ddim(steps: int = 50):
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def eager_group_norm_scale_shift_silu(
+    x: torch.Tensor, num_groups: int, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """A diffusers ResnetBlock2D norm with ``time_embedding_norm="scale_shift"``: GroupNorm, then
+    ``* (1 + scale) + shift`` with (B, C) conditioning, then SiLU, as three eager steps."""
+    expand = scale.shape + (1,) * (x.dim() - 2)
+    h = F.group_norm(x, num_groups, eps=eps)
+    h = h * (1 + scale.view(expand)) + shift.view(expand)
+    return F.silu(h)

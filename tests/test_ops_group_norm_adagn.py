@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -219,6 +220,18 @@ def test_no_nan_from_recycled_memory():
             out = group_norm_adagn(x, 32, **parts, activation="silu", backend="cpu")
             assert torch.isfinite(out).all(), layout
             _check_against_reference(out, x, 32, parts, "silu", f"recycled memory {layout}")
+
+
+@needs_native
+def test_cpu_kernels_are_compiled_with_openmp():
+    """at::parallel_for only spreads work over threads when the extension is compiled with -fopenmp;
+    without it every CPU kernel silently runs on one thread. Its parallel regions call GOMP_parallel."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs binutils' nm to list the extension's imported symbols; none here")
+    path = _native.status()["path"]
+    imported = subprocess.run([nm, "-D", "--undefined-only", path], capture_output=True, text=True, check=True)
+    assert "GOMP_parallel" in imported.stdout, f"{path} does not call into OpenMP: built without -fopenmp?"
 
 
 # ---- registration: opcheck, Meta, autograd ---------------------------------------------------------
@@ -467,8 +480,16 @@ def _cuda_case(shape, G, dtype, layout, kind="all", activation="silu", part_dtyp
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize(
     ("shape", "G"),
-    # small groups (one kernel, group in shared memory) and large ones (statistics + apply pair)
-    [((2, 96, 7, 9), 32), ((3, 6, 1, 1), 6), ((2, 320, 64, 64), 32), ((1, 64, 128, 128), 1), ((3, 30, 45, 47), 5)],
+    # small groups (one kernel, group in shared memory) and large ones (statistics + apply pair), each
+    # with rows that take 16-byte vectors and rows that do not (H*W or C/G not a multiple of 16 bytes)
+    [
+        ((2, 64, 8, 8), 8),
+        ((2, 96, 7, 9), 32),
+        ((3, 6, 1, 1), 6),
+        ((2, 320, 64, 64), 32),
+        ((1, 64, 128, 128), 1),
+        ((3, 30, 45, 47), 5),
+    ],
     ids=str,
 )
 def test_cuda_fused_and_pair_paths_match_reference(dtype, layout, shape, G):

@@ -29,6 +29,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -59,7 +60,7 @@ constexpr int64_t kChannelsLastBlockBytes = 24 * 1024;
 // Below this many elements in total, waking threads costs more than the work (ATen's own grain).
 constexpr int64_t kGrainElements = 32768;
 // Work units per thread in the split paths, so that a slow thread on a shared machine is diluted.
-constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kTasksPerThread = 8;
 // Smallest segment (NCHW) or pixel chunk (channels_last) worth its own task, in elements.
 constexpr int64_t kMinTaskElements = 16384;
 
@@ -188,9 +189,28 @@ struct Problem {
         eps(static_cast<opmath_t>(a.eps)) {}
 };
 
-// Tasks per parallel_for grain so that tiny inputs stay on the calling thread.
-inline int64_t grain_for(int64_t elements_per_task) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, elements_per_task));
+// Runs body(i) for every task i in [0, n), on all threads. Tasks go out one at a time from a shared
+// counter rather than in at::parallel_for's fixed shares: on a shared machine a thread is often
+// descheduled for a while, and with fixed shares every other thread would wait for it. With
+// `last_first` the tasks go out from n - 1 down: an epilogue then starts on the data its statistics
+// pass read last, which is still in cache. Inputs too small to be worth waking threads for stay on
+// the calling thread.
+template <typename F>
+void for_each_task(int64_t n, int64_t elements_per_task, bool last_first, const F& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || n * elements_per_task < kGrainElements || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) {
+      body(last_first ? n - 1 - i : i);
+    }
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      body(last_first ? n - 1 - i : i);
+    }
+  });
 }
 
 // ---- NCHW ---------------------------------------------------------------------------------------
@@ -218,17 +238,15 @@ template <typename scalar_t, bool kSilu>
 void nchw_by_group(const Problem<scalar_t>& pb) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t group_elements = pb.Cg * pb.S;
-  at::parallel_for(0, pb.B * pb.G, grain_for(group_elements), [&](int64_t begin, int64_t end) {
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / pb.G, g = bg % pb.G;
-      const WelfordStats<opmath_t> stats = nchw_group_moments(pb, b, g);
-      const opmath_t rstd = group_norm_rstd(stats, pb.eps);
-      for (int64_t j = 0; j < pb.Cg; ++j) {
-        const int64_t c = g * pb.Cg + j;
-        const int64_t offset = (b * pb.C + c) * pb.S;
-        span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, pb.S,
-                                    pb.params.coefficients(b, c, stats.mean, rstd));
-      }
+  for_each_task(pb.B * pb.G, group_elements, /*last_first=*/false, [&](int64_t bg) {
+    const int64_t b = bg / pb.G, g = bg % pb.G;
+    const WelfordStats<opmath_t> stats = nchw_group_moments(pb, b, g);
+    const opmath_t rstd = group_norm_rstd(stats, pb.eps);
+    for (int64_t j = 0; j < pb.Cg; ++j) {
+      const int64_t c = g * pb.Cg + j;
+      const int64_t offset = (b * pb.C + c) * pb.S;
+      span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, pb.S,
+                                  pb.params.coefficients(b, c, stats.mean, rstd));
     }
   });
 }
@@ -248,15 +266,13 @@ void nchw_by_segment(const Problem<scalar_t>& pb) {
     offset = row * pb.S + lo;
     len = hi - lo;
   };
-  const int64_t grain = grain_for(pb.S / parts);
+  const int64_t segment_elements = pb.S / parts;
 
   std::vector<WelfordStats<opmath_t>> moments(segments);
-  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t offset, len;
-      segment(i, offset, len);
-      moments[i] = span_moments(pb.x + offset, len);
-    }
+  for_each_task(segments, segment_elements, /*last_first=*/false, [&](int64_t i) {
+    int64_t offset, len;
+    segment(i, offset, len);
+    moments[i] = span_moments(pb.x + offset, len);
   });
 
   std::vector<AdagnCoefficients<opmath_t>> coef(rows);
@@ -278,14 +294,10 @@ void nchw_by_segment(const Problem<scalar_t>& pb) {
     }
   }
 
-  // Same split as the statistics pass, walked backwards: each thread starts on the segment it read
-  // last, which is still in its L2.
-  at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = end - 1; i >= begin; --i) {
-      int64_t offset, len;
-      segment(i, offset, len);
-      span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, len, coef[i / parts]);
-    }
+  for_each_task(segments, segment_elements, /*last_first=*/true, [&](int64_t i) {
+    int64_t offset, len;
+    segment(i, offset, len);
+    span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, len, coef[i / parts]);
   });
 }
 
@@ -417,17 +429,15 @@ void channels_last(const Problem<scalar_t>& pb) {
     p0 = k * pb.S / chunks;
     p1 = (k + 1) * pb.S / chunks;
   };
-  const int64_t grain = grain_for(pb.S / chunks * C);
+  const int64_t chunk_elements = pb.S / chunks * C;
 
   // Per task: per-channel mean and M2 of its pixels, and their count.
   std::vector<opmath_t> chunk_mean(tasks * C), chunk_m2(tasks * C), chunk_count(tasks);
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t b, p0, p1;
-      pixels(t, b, p0, p1);
-      const int64_t n = channels_last_moments(pb, b, p0, p1, chunk_mean.data() + t * C, chunk_m2.data() + t * C);
-      chunk_count[t] = static_cast<opmath_t>(n);
-    }
+  for_each_task(tasks, chunk_elements, /*last_first=*/false, [&](int64_t t) {
+    int64_t b, p0, p1;
+    pixels(t, b, p0, p1);
+    const int64_t n = channels_last_moments(pb, b, p0, p1, chunk_mean.data() + t * C, chunk_m2.data() + t * C);
+    chunk_count[t] = static_cast<opmath_t>(n);
   });
 
   // Chunks -> channels (lane-wise over channels), channels -> groups, groups -> coefficients.
@@ -475,17 +485,13 @@ void channels_last(const Problem<scalar_t>& pb) {
     }
   }
 
-  // Same split as the statistics pass, walked backwards: each thread starts on the chunk it read
-  // last, which is still in its L2.
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = end - 1; t >= begin; --t) {
-      int64_t b, p0, p1;
-      pixels(t, b, p0, p1);
-      const int64_t offset = (b * pb.S + p0) * C;
-      const ChannelCoefficients<opmath_t> k{coef_p.data() + b * C, coef_mean.data() + b * C, coef_a.data() + b * C,
-                                            coef_b.data() + b * C};
-      channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, k);
-    }
+  for_each_task(tasks, chunk_elements, /*last_first=*/true, [&](int64_t t) {
+    int64_t b, p0, p1;
+    pixels(t, b, p0, p1);
+    const int64_t offset = (b * pb.S + p0) * C;
+    const ChannelCoefficients<opmath_t> k{coef_p.data() + b * C, coef_mean.data() + b * C, coef_a.data() + b * C,
+                                          coef_b.data() + b * C};
+    channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, k);
   });
 }
 

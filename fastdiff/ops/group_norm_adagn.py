@@ -28,13 +28,15 @@ PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
 
 def _native_support(device_type: str):
     def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        found = native_reasons(OP, device_type, NATIVE_DTYPES, inputs)
-        x = inputs.get("x") if inputs is not None else None
-        if x is None:
-            return found
+        if inputs is None:
+            return native_reasons(OP, device_type, NATIVE_DTYPES, None)
+        # The parts share x's device (validated before dispatch), so only x goes through the generic
+        # device/dtype checks; the parts' own dtype rule is checked here. This runs on every call.
+        x = inputs["x"]
+        found = native_reasons(OP, device_type, NATIVE_DTYPES, {"x": x})
         for name in PARTS:
             part = inputs.get(name)
-            if part is not None and part.dtype not in (x.dtype, torch.float32):
+            if part is not None and part.dtype != x.dtype and part.dtype != torch.float32:
                 found.append(f"{name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32")
         return found
 
