@@ -40,6 +40,7 @@ __all__ = [
     "select_backend",
     "support_table",
     "native_reasons",
+    "native_support",
     "not_implemented",
 ]
 
@@ -253,6 +254,15 @@ def native_reasons(
                     f"{arg} is on a GPU of compute capability {capability[0]}.{capability[1]}, but fastdiff._C "
                     f"was compiled for {status['cuda_archs']} (set TORCH_CUDA_ARCH_LIST and rebuild)"
                 )
+    return reasons
+
+
+def native_support(op: str, device_type: str, dtypes: Sequence[torch.dtype]) -> ReasonsFn:
+    """The reasons function of an op's plain native (fastdiff._C) backend on ``device_type``."""
+
+    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+        return native_reasons(op, device_type, dtypes, inputs)
+
     return reasons
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
 from types import ModuleType
 
 import torch
 
 from .. import _native
-from ..backends import OpSupport, always_available, native_reasons, not_implemented, register_op, select_backend
+from ..backends import OpSupport, always_available, native_support, not_implemented, register_op, select_backend
 from ..reference.guidance import cfg_combine as _reference_cfg_combine
 
 __all__ = ["cfg_combine"]
@@ -25,20 +24,13 @@ OP = "cfg_combine"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _native_support(device_type: str):
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        return native_reasons(OP, device_type, NATIVE_DTYPES, inputs)
-
-    return reasons
-
-
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
             "reference": always_available,
-            "cpu": _native_support("cpu"),
-            "cuda": _native_support("cuda"),
+            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
+            "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
             "triton": not_implemented("triton", OP),
         },
     )

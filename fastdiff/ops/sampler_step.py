@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
 
 import torch
 
-from ..backends import OpSupport, always_available, native_reasons, not_implemented, register_op, select_backend
+from ..backends import OpSupport, always_available, native_support, not_implemented, register_op, select_backend
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
@@ -25,20 +24,13 @@ OP = "sampler_step"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _native_support(device_type: str):
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        return native_reasons(OP, device_type, NATIVE_DTYPES, inputs)
-
-    return reasons
-
-
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
             "reference": always_available,
-            "cpu": _native_support("cpu"),
-            "cuda": _native_support("cuda"),
+            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
+            "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
             "triton": not_implemented("triton", OP),
         },
     )
