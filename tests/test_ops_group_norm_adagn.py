@@ -147,7 +147,13 @@ def test_every_cpu_work_split_matches_reference(threads):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cases = [((1, 2, 190, 190), 1), ((1, 6, 64, 64), 3), ((2, 40, 33, 33), 8), ((3, 8, 100, 110), 2)]
+        cases = [
+            ((1, 2, 190, 190), 1),
+            ((1, 6, 64, 64), 3),
+            ((2, 40, 33, 33), 8),
+            ((3, 8, 100, 110), 2),
+            ((5, 16, 50, 125), 4),
+        ]
         for shape, G in cases:
             for layout in ("nchw", "channels_last"):
                 x = _make_x(shape, torch.float32, layout)
