@@ -142,8 +142,9 @@ def test_channels_last_3d_keeps_its_format():
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_every_cpu_work_split_matches_reference(threads):
-    """The CPU kernel splits work by (sample, group) when that fills the threads, else by segments
-    of rows (NCHW) or chunks of pixels (channels_last); thread counts 1-3 reach every split."""
+    """The CPU kernel splits NCHW work by (sample, group) when that fills the threads, else by
+    segments of rows; channels_last by sample when the samples fill the threads, else by chunks of
+    pixels. Thread counts 1-3 reach every split (and ragged last blocks of pixels)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

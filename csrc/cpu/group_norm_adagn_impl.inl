@@ -8,9 +8,13 @@
 //    comes from L2. Otherwise runs of rows are split into segments: statistics per segment, merged
 //    per group, then the epilogue per segment.
 //  * channels_last: a group is C/G adjacent channels of every pixel, so a group-wise walk would stride
-//    through memory. Instead tasks are (sample, chunk of pixels): each keeps per-channel moments of its
-//    pixels (vectors across channels, no horizontal work), the chunks are merged per channel, channels
-//    per group, and the epilogue walks the pixels again with per-channel coefficients.
+//    through memory. Instead the statistics keep per-channel moments of runs of pixels (vectors across
+//    channels, no horizontal work), merged per channel and then channels per group, and the epilogue
+//    walks the pixels again with per-channel coefficients. With samples enough to fill the threads a
+//    task is one sample (statistics, then its epilogue from the last block of pixels back, so it starts
+//    on what is still in L2); otherwise tasks are (sample, chunk of pixels) with a merge in between.
+//    Every walk goes forwards through memory: rows walked backwards defeated the prefetchers (the
+//    epilogue ran 1.4x slower on one thread).
 // Moments of a run come from blocks small enough to stay in L1: the block's mean, then the sum of
 // squared deviations from it (a second pass over L1, not memory), merged with welford_combine.
 #ifndef FASTDIFF_CPU_ISA
@@ -325,6 +329,16 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
   for (int64_t q0 = p0; q0 < p1; q0 += block) {
     const int64_t n = std::min(block, p1 - q0);
     const scalar_t* rows = pb.x + (b * pb.S + q0) * C;
+    // The tiles below walk the block a column of channels at a time, a stride the hardware
+    // prefetchers follow poorly (the first pass stalled on memory); fetch the next block in address
+    // order while this one is summed from L1.
+    if (q0 + block < p1) {
+      const char* next = reinterpret_cast<const char*>(rows + n * C);
+      const int64_t next_bytes = std::min(block, p1 - q0 - block) * C * static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t offset = 0; offset < next_bytes; offset += 64) {
+        __builtin_prefetch(next + offset, 0, 3);
+      }
+    }
     const opmath_t nb = static_cast<opmath_t>(n);
     const FVec inv_n(opmath_t(1) / nb);
     int64_t c = 0;
@@ -392,8 +406,7 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
   using opmath_t = typename IO::opmath_t;
   using FVec = typename IO::FVec;
   constexpr int64_t L = FVec::size();
-  // Last row first: the statistics pass read the rows forwards, so the last ones are still cached.
-  for (int64_t r = n - 1; r >= 0; --r) {
+  for (int64_t r = 0; r < n; ++r) {
     const scalar_t* row = x + r * C;
     scalar_t* out_row = out + r * C;
     int64_t c = 0;
@@ -413,8 +426,69 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
   }
 }
 
+// Per-channel coefficients of sample b from its per-channel moments (count values each, of x
+// without pre_shift): channels -> groups (each channel's mean moved by its pre_shift), groups ->
+// the epilogue's coefficients, written to k's arrays at [b * C, (b + 1) * C).
+template <typename scalar_t>
+struct ChannelCoefficientTable {
+  using opmath_t = at::opmath_type<scalar_t>;
+  std::vector<opmath_t> pre_shift, mean, a, b;
+  explicit ChannelCoefficientTable(int64_t n) : pre_shift(n), mean(n), a(n), b(n) {}
+  ChannelCoefficients<opmath_t> sample(int64_t s, int64_t C) const {
+    return {pre_shift.data() + s * C, mean.data() + s * C, a.data() + s * C, b.data() + s * C};
+  }
+};
+
+template <typename scalar_t>
+void channels_last_coefficients(const Problem<scalar_t>& pb, int64_t b, at::opmath_type<scalar_t> count,
+                                const at::opmath_type<scalar_t>* mean,  // (C,) per-channel means
+                                const at::opmath_type<scalar_t>* m2,    // (C,) per-channel M2
+                                ChannelCoefficientTable<scalar_t>& table) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = pb.C;
+  for (int64_t g = 0; g < pb.G; ++g) {
+    WelfordStats<opmath_t> stats{0, 0, 0};
+    for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+      const opmath_t shifted = mean[c] + pb.params.template pre_shift_at<opmath_t>(b, c);
+      stats = welford_combine(stats, WelfordStats<opmath_t>{count, shifted, m2[c]});
+    }
+    const opmath_t rstd = group_norm_rstd(stats, pb.eps);
+    for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
+      const auto k = pb.params.coefficients(b, c, stats.mean, rstd);
+      table.pre_shift[b * C + c] = k.pre_shift;
+      table.mean[b * C + c] = k.mean;
+      table.a[b * C + c] = k.a;
+      table.b[b * C + c] = k.b;
+    }
+  }
+}
+
+// One task per sample: its statistics, then its epilogue in blocks of pixels from the last block to
+// the first (each block walked forwards, which the prefetchers follow), so the epilogue starts on
+// what the statistics pass left in this core's L2. Needs no barrier between the two passes.
 template <typename scalar_t, bool kSilu>
-void channels_last(const Problem<scalar_t>& pb) {
+void channels_last_by_sample(const Problem<scalar_t>& pb) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t C = pb.C;
+  ChannelCoefficientTable<scalar_t> table(pb.B * C);
+  const int64_t block = std::max<int64_t>(1, kChannelsLastBlockBytes / (C * static_cast<int64_t>(sizeof(scalar_t))));
+  for_each_task(pb.B, pb.S * C, /*last_first=*/false, [&](int64_t b) {
+    std::vector<opmath_t> mean(C), m2(C);
+    const int64_t n = channels_last_moments(pb, b, 0, pb.S, mean.data(), m2.data());
+    channels_last_coefficients(pb, b, static_cast<opmath_t>(n), mean.data(), m2.data(), table);
+    const ChannelCoefficients<opmath_t> k = table.sample(b, C);
+    for (int64_t p1 = pb.S; p1 > 0; p1 -= block) {
+      const int64_t p0 = std::max<int64_t>(0, p1 - block);
+      const int64_t offset = (b * pb.S + p0) * C;
+      channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, k);
+    }
+  });
+}
+
+// Too few samples to spread evenly over the threads: each sample's pixels split into chunks,
+// per-chunk moments merged per channel, then the epilogue per chunk.
+template <typename scalar_t, bool kSilu>
+void channels_last_by_chunk(const Problem<scalar_t>& pb) {
   using opmath_t = at::opmath_type<scalar_t>;
   using FVec = at::vec::Vectorized<opmath_t>;
   constexpr int64_t L = FVec::size();
@@ -440,8 +514,8 @@ void channels_last(const Problem<scalar_t>& pb) {
     chunk_count[t] = static_cast<opmath_t>(n);
   });
 
-  // Chunks -> channels (lane-wise over channels), channels -> groups, groups -> coefficients.
-  std::vector<opmath_t> coef_p(pb.B * C), coef_mean(pb.B * C), coef_a(pb.B * C), coef_b(pb.B * C);
+  // Chunks -> channels (lane-wise over channels), then channels -> coefficients.
+  ChannelCoefficientTable<scalar_t> table(pb.B * C);
   std::vector<opmath_t> mean(C), m2(C);
   for (int64_t b = 0; b < pb.B; ++b) {
     std::fill(mean.begin(), mean.end(), opmath_t(0));
@@ -468,41 +542,29 @@ void channels_last(const Problem<scalar_t>& pb) {
       }
       count += n;
     }
-    for (int64_t g = 0; g < pb.G; ++g) {
-      WelfordStats<opmath_t> stats{0, 0, 0};
-      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
-        const opmath_t shifted = mean[c] + pb.params.template pre_shift_at<opmath_t>(b, c);
-        stats = welford_combine(stats, WelfordStats<opmath_t>{count, shifted, m2[c]});
-      }
-      const opmath_t rstd = group_norm_rstd(stats, pb.eps);
-      for (int64_t c = g * pb.Cg; c < (g + 1) * pb.Cg; ++c) {
-        const auto k = pb.params.coefficients(b, c, stats.mean, rstd);
-        coef_p[b * C + c] = k.pre_shift;
-        coef_mean[b * C + c] = k.mean;
-        coef_a[b * C + c] = k.a;
-        coef_b[b * C + c] = k.b;
-      }
-    }
+    channels_last_coefficients(pb, b, count, mean.data(), m2.data(), table);
   }
 
   for_each_task(tasks, chunk_elements, /*last_first=*/true, [&](int64_t t) {
     int64_t b, p0, p1;
     pixels(t, b, p0, p1);
     const int64_t offset = (b * pb.S + p0) * C;
-    const ChannelCoefficients<opmath_t> k{coef_p.data() + b * C, coef_mean.data() + b * C, coef_a.data() + b * C,
-                                          coef_b.data() + b * C};
-    channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, k);
+    channels_last_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, p1 - p0, C, table.sample(b, C));
   });
 }
 
 template <typename scalar_t, bool kSilu>
 void run(const GroupNormAdagnArgs& args) {
   const Problem<scalar_t> pb(args);
+  const int64_t threads = at::get_num_threads();
   if (args.channels_last) {
-    return channels_last<scalar_t, kSilu>(pb);
+    // By sample when the samples spread evenly over the threads (or are many).
+    if (pb.B % threads == 0 || pb.B >= kTasksPerThread * threads) {
+      return channels_last_by_sample<scalar_t, kSilu>(pb);
+    }
+    return channels_last_by_chunk<scalar_t, kSilu>(pb);
   }
   const int64_t groups = pb.B * pb.G;
-  const int64_t threads = at::get_num_threads();
   // By group when the groups spread evenly over the threads (or are many): the fused path.
   if (groups % threads == 0 || groups >= kTasksPerThread * threads) {
     return nchw_by_group<scalar_t, kSilu>(pb);
