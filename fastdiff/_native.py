@@ -29,6 +29,8 @@ _lock = threading.Lock()
 _module: ModuleType | None = None
 _reason: str = ""
 _build_info: dict[str, Any] = {}
+# Bumped by _reset(): dispatch decisions cached under an older generation are stale.
+generation = 0
 _loaded = False  # load() has run (successfully or not); the result is cached until _reset()
 _callbacks: list[Callable[[ModuleType], None]] = []
 
@@ -148,6 +150,7 @@ def status() -> dict[str, Any]:
 
 def _reset() -> None:
     """Forget the cached load result (tests). An imported .so stays registered with torch."""
-    global _module, _reason, _build_info, _loaded
+    global _module, _reason, _build_info, _loaded, generation
     with _lock:
         _module, _reason, _build_info, _loaded = None, "", {}, False
+        generation += 1

@@ -193,3 +193,59 @@ def test_ops_keep_the_reference_validation():
         group_norm_adagn(torch.randn(1, 6, 2, 2), 4)
     with pytest.raises(TypeError, match="q must be a tensor"):
         attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+
+
+def _counting_op(name: str, cpu_refuses: list[str], cacheable: bool = True):
+    """A throwaway op whose cpu reasons function counts its calls and refuses while told to."""
+    from fastdiff.backends import _REGISTRY, register_op
+
+    calls = {"cpu": 0}
+
+    def cpu(inputs):
+        calls["cpu"] += 1
+        return list(cpu_refuses)
+
+    def never(inputs):
+        return ["not here"]
+
+    register_op(OpSupport(name, {"reference": always_available, "cpu": cpu, "cuda": never, "triton": never},
+                          cacheable=cacheable))
+    return calls, lambda: _REGISTRY.pop(name, None)
+
+
+def test_cacheable_ops_remember_decisions_per_device_and_dtype(monkeypatch):
+    refuses: list[str] = []
+    calls, unregister = _counting_op("_cached_op", refuses)
+    try:
+        x = torch.randn(3, 4)
+        assert select_backend("_cached_op", AUTO, {"x": x}) == "cpu"
+        assert select_backend("_cached_op", AUTO, {"x": torch.randn(7)}) == "cpu"  # same device and dtype
+        assert calls["cpu"] == 1
+        # Another dtype, another explicit backend or FASTDIFF_BACKEND: decided afresh.
+        assert select_backend("_cached_op", AUTO, {"x": x.double()}) == "cpu"
+        assert select_backend("_cached_op", "cpu", {"x": x}) == "cpu"
+        monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+        assert select_backend("_cached_op", AUTO, {"x": x}) == "reference"
+        monkeypatch.delenv("FASTDIFF_BACKEND")
+        assert calls["cpu"] == 3
+        # Reloading the native extension's state forgets every decision.
+        refuses.append("simulated: cpu kernel gone")
+        monkeypatch.setattr(_native, "generation", _native.generation + 1)
+        assert select_backend("_cached_op", AUTO, {"x": x}) == "reference"
+        # Refusals of an explicit backend are never remembered: each call raises with its reasons.
+        for _ in range(2):
+            with pytest.raises(BackendUnavailableError, match="simulated: cpu kernel gone"):
+                select_backend("_cached_op", "cpu", {"x": x})
+        assert calls["cpu"] == 6
+    finally:
+        unregister()
+
+
+def test_ops_that_are_not_cacheable_decide_every_call():
+    calls, unregister = _counting_op("_uncached_op", [], cacheable=False)
+    try:
+        for _ in range(3):
+            assert select_backend("_uncached_op", AUTO, {"x": torch.randn(2)}) == "cpu"
+        assert calls["cpu"] == 3
+    finally:
+        unregister()

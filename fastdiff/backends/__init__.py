@@ -38,6 +38,7 @@ __all__ = [
     "known_backends",
     "resolve_backend",
     "select_backend",
+    "forget_decisions",
     "support_table",
     "native_reasons",
     "native_support",
@@ -84,6 +85,11 @@ class OpSupport:
     op: str
     reasons: Mapping[str, ReasonsFn]
     priority: tuple[str, ...] = ()
+    # Whether every reasons function looks only at the inputs' devices and dtypes (which inputs are
+    # given included) and at global state that select_backend keys on (FASTDIFF_BACKEND,
+    # TRITON_INTERPRET, the loaded fastdiff._C): then a decision is remembered per input signature,
+    # which takes dispatch off the hot path of modules called at every step.
+    cacheable: bool = False
 
     def __post_init__(self) -> None:
         missing = [b for b in BACKENDS if b not in self.reasons]
@@ -116,6 +122,7 @@ _REGISTRY: dict[str, OpSupport] = {}
 def register_op(support: OpSupport) -> OpSupport:
     """Add (or replace, on module reload) an op's support declaration."""
     _REGISTRY[support.op] = support
+    forget_decisions()
     return support
 
 
@@ -158,14 +165,43 @@ def resolve_backend(backend: str, op: str | None = None) -> str:
     return backend
 
 
+_DECISIONS: dict[tuple, str] = {}
+_DECISIONS_MAX = 4096
+
+
+def _decision_key(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
+    signature = tuple((name, t.device, t.dtype) for name, t in inputs.items())
+    return (op, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), _native.generation, signature)
+
+
 def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
     """The backend that will run ``op`` on ``inputs``: resolved, then checked.
 
     ``inputs`` maps argument names to the tensors the backends must accept (names appear in the
     reasons). With "auto", the first backend of the op's priority with no reasons wins; an explicit
-    backend with reasons raises :class:`BackendUnavailableError` listing all of them.
+    backend with reasons raises :class:`BackendUnavailableError` listing all of them. For a
+    ``cacheable`` op a successful decision is remembered per input signature (see OpSupport).
     """
     support = _REGISTRY[op]
+    if not support.cacheable or torch.compiler.is_compiling():  # traced once; no need to remember
+        return _select(support, backend, inputs)
+    key = _decision_key(op, backend, inputs)
+    chosen = _DECISIONS.get(key)
+    if chosen is None:
+        chosen = _select(support, backend, inputs)
+        if len(_DECISIONS) >= _DECISIONS_MAX:
+            _DECISIONS.clear()
+        _DECISIONS[key] = chosen
+    return chosen
+
+
+def forget_decisions() -> None:
+    """Drop every remembered dispatch decision (after changing what a reasons function sees)."""
+    _DECISIONS.clear()
+
+
+def _select(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
+    op = support.op
     name = resolve_backend(backend, op)
     if name == AUTO:
         refusals: list[str] = []

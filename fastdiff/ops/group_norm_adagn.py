@@ -52,6 +52,7 @@ SUPPORT = register_op(
             "cuda": _native_support("cuda"),
             "triton": not_implemented("triton", OP),
         },
+        cacheable=True,
     )
 )
 

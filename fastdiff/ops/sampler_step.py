@@ -33,6 +33,7 @@ SUPPORT = register_op(
             "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
             "triton": not_implemented("triton", OP),
         },
+        cacheable=True,
     )
 )
 
