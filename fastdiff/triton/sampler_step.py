@@ -431,37 +431,39 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool, learned: bool, noise: bool,
-                 write_x0: bool, coef_size: int = 4, threshold: bool = False, philox: bool = False,
+def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = False, learned: bool = False,
+                 noise: str = "none", write_x0: bool = False, coef_size: int = 4, threshold_size: int = 0,
                  config: StepConfig = CONFIG) -> dict[str, int]:
-    """The bytes one launch is designed to move.
+    """The bytes one launch is designed to move (``noise``: "none", "tensor" or "philox";
+    ``threshold_size``: the threshold's element size, 0 without one).
 
-    Every tensor once: x; the model output's C channels of each of its B (2B with guidance) rows,
-    plus the C variance channels of one row with a learned variance; the noise when given; x_prev
-    and x0 when asked. Per program (ceil(ceil(n/4) / BLOCK_Q) x B of them; on a GPU all but the
-    first hit in cache): the step index (8 B), the 7 coefficients every step uses, plus sigma or the
-    3 learned-variance ones when noise is added, the seed (8 B) with Philox, the image's threshold.
-    ``"minimum"`` counts those scalars once.
+    Every tensor once: x; the model output's first C channels of each of its B (2B with guidance)
+    rows, plus the C variance channels of one row when a learned variance scales noise; the noise
+    tensor; x_prev, and x0 when asked. Per program (ceil(ceil(n / 4) / BLOCK_Q) per image; on a GPU
+    all but the first hit in cache): the step index (8 B), the 7 coefficients every step uses, plus
+    sigma or, learned, the 3 variance ones when noise is added; the seed (8 B) with Philox; the
+    image's threshold. ``"minimum"`` is every tensor once and those scalars once.
     """
-    B, C = x_shape[:2]
+    B = x_shape[0]
     image = 1
     for d in x_shape[1:]:
         image *= d
     tensor = B * image * element_size
-    rows = 2 if guided else 1
+    noisy = noise != "none"
     programs = triton.cdiv(triton.cdiv(image, 4), config.block_q) * B
-    coefs = 7 + ((3 if learned else 1) if (noise or philox) else 0)
-    scalars = 8 + coefs * coef_size + (8 if philox else 0) + (coef_size if threshold else 0)
+    coefs = (7 + ((3 if learned else 1) if noisy else 0)) * coef_size
+    per_program = 8 + coefs + (8 if noise == "philox" else 0) + threshold_size
     d = {
         "x": tensor,
-        "model_output": tensor * rows + (tensor if learned and (noise or philox) else 0),
-        "noise": tensor if noise else 0,
+        "model_output": tensor * (2 if guided else 1) + (tensor if learned and noisy else 0),
+        "noise": tensor if noise == "tensor" else 0,
         "out": tensor,
         "x0": tensor if write_x0 else 0,
-        "scalars": programs * scalars,
+        "coefs": programs * coefs,
+        "scalars": programs * per_program,
     }
-    d["total"] = sum(d.values())
-    d["minimum"] = d["total"] - d["scalars"] + scalars + (B - 1) * (coef_size if threshold else 0)  # scalars once
+    d["total"] = sum(v for k, v in d.items() if k != "coefs")  # "scalars" includes the coefficients
+    d["minimum"] = d["total"] - d["scalars"] + per_program - threshold_size + B * threshold_size
     return d
 
 
