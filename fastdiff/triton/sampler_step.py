@@ -49,6 +49,7 @@ __all__ = [
     "kernel_constants",
     "aot_builds",
     "aot_example",
+    "aot_compile",
     "memory_format",
 ]
 
@@ -89,7 +90,10 @@ def _box_muller(b_r, b_theta, ACCURATE_MATH: tl.constexpr):
     """Two normals r (cos t, sin t), r = sqrt(-2 ln u1), t = 2 pi u2 (philox_normal4), in float32."""
     u = _uniform(b_r)
     theta = 6.2831853071795864769 * _uniform(b_theta)
-    if ACCURATE_MATH:  # libm-accurate, like the CPU kernel's logf/cosf/sinf (tl.log may be lg2.approx)
+    # libm-accurate, like the CPU kernel's logf/cosf/sinf: Triton 3.8 lowers tl.log/cos/sin to the
+    # same libdevice calls (no .approx in the PTX), but a lowering to fast approximations would
+    # change the numbers, so the compiled kernel names libdevice itself.
+    if ACCURATE_MATH:
         r = tl.sqrt_rn(-2.0 * libdevice.log(u))
         return r * libdevice.cos(theta), r * libdevice.sin(theta)
     else:
@@ -508,3 +512,35 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     args = kernel_args(out, x0, x, m, noise, coefs, step, seed, threshold, cfg_scale=4.0,
                        clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"))
     return args, constants, CONFIG
+
+
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+
+
+def aot_compile(build: tuple[int, torch.dtype, str]):
+    """Compile one build of :func:`aot_builds` for its GPU and measure it (fastdiff.triton.aot.measure)."""
+    import time
+
+    from triton.compiler import ASTSource
+
+    from . import aot
+
+    arch, dtype, variant = build
+    kernel = _compat.as_jit(KERNEL)
+    args, constants, config = aot_example(dtype, variant)
+    signature, constexprs, attrs = aot._specialize(kernel, args, constants, _TT[dtype])
+    for i, name in enumerate(kernel.arg_names):  # pointers of their own dtypes (the table, the step, ...)
+        if name not in constants and isinstance(args[i], torch.Tensor):
+            signature[name] = "*" + _TT[args[i].dtype]
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=_compat.GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps},
+    )
+    row = aot.TritonBuild(
+        kernel=compiled.metadata.name, arch=_compat.sm_arch(arch), dtype=str(dtype).removeprefix("torch."),
+        head_dim=0, block_d=4 * config.block_q, config=str(config), layout=variant,
+        compile_seconds=round(time.perf_counter() - start, 2),
+    )
+    return aot.measure(compiled, row)
+
