@@ -113,7 +113,9 @@ def sampler_step_report() -> list[aot.TritonBuild]:
 def test_sampler_step_builds_compile_without_spills(sampler_step_report):
     """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 4 variants x 3 dtypes x
     sm_80/sm_90) compiled, with no spills, the cubin's own register count, and no shared memory
-    beyond what a layout conversion needs."""
+    beyond what a layout conversion needs. The Philox builds keep a 32-byte stack frame and no
+    spills: libdevice's sinf/cosf hold a small array for the Payne-Hanek reduction of huge arguments
+    (as the native CUDA kernel's do); the others have no stack at all."""
     from fastdiff.triton import sampler_step as triton_sampler_step
 
     built = {(r.arch, r.dtype, r.layout) for r in sampler_step_report}
@@ -122,7 +124,8 @@ def test_sampler_step_builds_compile_without_spills(sampler_step_report):
     assert built == expected
     for r in sampler_step_report:
         label = f"{r.arch} {r.dtype} {r.layout}"
-        assert r.spills == 0 and r.stack_bytes == 0, (label, r.spills, r.registers)
+        assert r.spills == 0, (label, r.spills, r.registers)
+        assert r.stack_bytes <= (32 if "philox" in r.layout else 0), (label, r.stack_bytes)
         assert r.registers == r.cubin_registers and 0 < r.registers <= 128, label  # 4 warps: >= 4 blocks per SM
         assert r.shared_bytes <= 16384 and not r.mma, label
 
