@@ -5,9 +5,18 @@ Baseline: the eager CFG combine + DDIMScheduler.step that diffusers' pipelines r
 same fused step on the reference backend (plain PyTorch) and torch.compile of it. Also
 reported: aten ops and host syncs per step (TorchDispatchMode), and GB/s over the design minimum
 of bytes (read x and the 2B-row model output once, write x_prev once).
+
+GPU group (skips without a GPU, with the reason): the same step on CUDA tensors, fp32 and fp16, at
+SD's latent size (8, 4, 64, 64) and a large one (8, 4, 256, 256), DDIM eta = 1 with a noise tensor
+(the form torch.compile of the reference takes too; the Philox path is the same kernel without that
+read): the Triton kernel (backend="triton") vs the native CUDA kernel and torch.compile of the
+reference (the baseline); GB/s over the design minimum (x, 2B rows of model output, the noise,
+x_prev, each once).
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -74,3 +83,43 @@ def test_ddim_cfg_step(benchmark, provider):
     result = benchmark(timed(run))
     benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
     assert result.shape == SHAPE
+
+
+# ---- GPU: the Triton kernel vs the native CUDA kernel vs torch.compile ---------------------------
+
+needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: no CUDA device here")
+GPU_SHAPES = {"latent 64x64": (8, 4, 64, 64), "latent 256x256": (8, 4, 256, 256)}
+GPU_PROVIDERS = ["triton", "cuda", "torch.compile(fastdiff-reference)"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(GPU_SHAPES))
+def test_sampler_step_gpu(benchmark, name, dtype, provider):
+    shape = GPU_SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    out = torch.randn((2 * shape[0],) + shape[1:], generator=g).to(DEVICE, dtype)
+    noise = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    sampler = DDIMSampler(fastdiff.Schedule(), 50, eta=1.0, device=DEVICE, dtype=dtype)
+    step = sampler.step_indices[STEP]
+    backend = "reference" if provider.startswith("torch.compile") else provider
+    reasons = sys.modules["fastdiff.ops.sampler_step"].SUPPORT.why_not(backend, {"x": x, "model_output": out})
+    if reasons:
+        pytest.skip(f"{provider} cannot run here: {'; '.join(reasons)}")
+
+    def step_fn(x, out):
+        return fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, noise=noise,
+                                         backend=backend)[0]
+
+    fn = torch.compile(step_fn, fullgraph=True) if provider.startswith("torch.compile") else step_fn
+    run = timed(lambda: fn(x, out))
+    run()  # compiles (Triton or torch.compile) outside the timed region
+    benchmark.group = f"sampler_step gpu {name} {str(dtype).removeprefix('torch.')} cfg noise"
+    benchmark.extra_info.update(provider=provider, baseline="torch.compile(fastdiff-reference)")
+    result = benchmark(run)
+    nbytes = 5 * torch.Size(shape).numel() * x.element_size()  # x, 2B model-output rows, noise, x_prev
+    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)
+    assert result.shape == shape
+

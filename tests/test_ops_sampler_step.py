@@ -16,7 +16,7 @@ from conftest import DTYPES, assert_within_eager_bound
 
 import fastdiff
 from fastdiff import _native
-from fastdiff.backends import BACKENDS
+from fastdiff.backends import BACKENDS, select_backend
 from fastdiff.profiling import count_ops
 from fastdiff.reference import ddim_step, ddpm_step
 from fastdiff.reference.philox import philox_normal
@@ -208,6 +208,40 @@ def test_compiles_without_graph_break():
     compiled = torch.compile(step, fullgraph=True)
     x, out, noise = _inputs(sampler, (2, 3, 5, 4), True, torch.float32, "cpu")
     torch.testing.assert_close(compiled(x, out, noise, 4), step(x, out, noise, 4))
+
+
+def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(monkeypatch):
+    """A GPU (faked: FakeTensor CUDA tensors, is_available patched) and a fastdiff._C built without
+    CUDA (simulated): auto dispatches to Triton, float64 to the reference. The Triton op's fake impl
+    gives the outputs (x's memory format); the sampler's fast path then calls the Triton op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastdiff.triton
+
+    real = _native.status()
+    monkeypatch.setattr(_native, "status", lambda: {**real, "cuda_compiled": False,
+                                                   "cuda_skipped_reason": "simulated: no nvcc"})
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fastdiff.triton, "interpreter_mismatch", lambda: None)
+    sampler = DDIMSampler(SCHEDULE, 50)  # its tables are made CUDA (fake) ones below
+    with FakeTensorMode():
+        x = torch.empty(8, 4, 64, 64, device="cuda", memory_format=torch.channels_last)
+        out = torch.empty(16, 4, 64, 64, device="cuda")
+        assert SUPPORT.why_not("cuda", {"x": x})  # the native CUDA op is absent
+        assert select_backend("sampler_step", "auto", {"x": x, "model_output": out}) == "triton"
+        sampler.coefs = torch.empty(50, 11, device="cuda")
+        sampler.step_indices = [torch.empty((), dtype=torch.int64, device="cuda")] * 50
+        # a tensor step: torch.tensor(3, device="cuda") would allocate a real one even in fake mode
+        prev, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, sampler.step_indices[3], cfg_scale=4.0,
+                                             return_x0=True)
+        assert prev.device.type == "cuda" and prev.shape == x.shape
+        assert prev.is_contiguous(memory_format=torch.channels_last) and x0.stride() == prev.stride()
+        for _ in range(2):
+            assert sampler.fused_step(3, x, out, cfg_scale=4.0).shape == x.shape
+        assert sampler._kernel_op is torch.ops.fastdiff.sampler_step_triton
+        wide = torch.empty(2, 3, 5, device="cuda", dtype=torch.float64)
+        assert select_backend("sampler_step", "auto", {"x": wide, "model_output": wide}) == "reference"
 
 
 # ---- bad input -------------------------------------------------------------------------------------

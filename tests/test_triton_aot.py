@@ -98,3 +98,40 @@ def test_info_kernels_prints_the_triton_report(report, capsys):
     assert "Triton kernels (compiled ahead of time for sm_80 and sm_90" in out
     assert re.search(r"_attention_fwd_kernel\s+sm_90a\s+float16\s+40", out)
     assert f"{len(report)} Triton builds, 0 bytes of spills in all, 0 without tensor-core MMA" in out
+
+
+# ---- the other registered kernels (fastdiff.triton.aot.KERNELS) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampler_step_report() -> list[aot.TritonBuild]:
+    rows = aot.kernel_report("sampler_step")
+    assert rows, "no builds"
+    return rows
+
+
+def test_sampler_step_builds_compile_without_spills(sampler_step_report):
+    """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 4 variants x 3 dtypes x
+    sm_80/sm_90) compiled, with no spills, the cubin's own register count, and no shared memory
+    beyond what a layout conversion needs. The Philox builds keep a 32-byte stack frame and no
+    spills: libdevice's sinf/cosf hold a small array for the Payne-Hanek reduction of huge arguments
+    (as the native CUDA kernel's do); the others have no stack at all."""
+    from fastdiff.triton import sampler_step as triton_sampler_step
+
+    built = {(r.arch, r.dtype, r.layout) for r in sampler_step_report}
+    expected = {(aot._compat.sm_arch(a), str(d).removeprefix("torch."), v)
+                for a, d, v in triton_sampler_step.aot_builds()}
+    assert built == expected
+    for r in sampler_step_report:
+        label = f"{r.arch} {r.dtype} {r.layout}"
+        assert r.spills == 0, (label, r.spills, r.registers)
+        assert r.stack_bytes <= (32 if "philox" in r.layout else 0), (label, r.stack_bytes)
+        assert r.registers == r.cubin_registers and 0 < r.registers <= 128, label  # 4 warps: >= 4 blocks per SM
+        assert r.shared_bytes <= 16384 and not r.mma, label
+
+
+def test_info_kernels_prints_the_sampler_step_report(sampler_step_report, capsys):
+    assert main(["--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"_sampler_step_kernel\s+sm_90a\s+float16", out)
+    assert f"{len(sampler_step_report)} Triton builds, 0 bytes of spills in all, no dots (no MMA expected)" in out

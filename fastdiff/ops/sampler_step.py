@@ -5,23 +5,72 @@ cpu, cuda: torch.ops.fastdiff.sampler_step from fastdiff._C (csrc/cpu, csrc/cuda
 arithmetic and the Philox generator are csrc/common/*.h, shared by both). One pass reads x_t and
 the model output once and writes x_{t-1} (and x0 when asked); the step's coefficients are a row of
 a device table picked by a step-index tensor, so nothing returns to the host.
+triton: fastdiff.triton.sampler_step, the same op in Triton (same arguments, results and Philox
+numbers), registered below as ``fastdiff::sampler_step_triton`` (custom_op + fake impl, so
+torch.compile(fullgraph=True) and CUDA graphs see one opaque node); float32/float16/bfloat16 on
+CUDA (float64 refused: its math is float32), CPU tensors only under TRITON_INTERPRET=1 and only
+when asked for by name. Importing this module never imports Triton.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
-from ..backends import OpSupport, always_available, native_support, not_implemented, register_op, select_backend
+from ..backends import ExplicitOnly, OpSupport, always_available, native_support, register_op, select_backend
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
-__all__ = ["sampler_step", "STEP_COEFS"]
+__all__ = ["sampler_step", "STEP_COEFS", "TRITON_DTYPES", "kernel_op"]
 
 OP = "sampler_step"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What the Triton kernel accepts (fastdiff.triton.sampler_step checks the same; kept here so that
+# asking the triton backend why it refuses never imports Triton).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_triton_found: list[str] = []
+
+
+def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs (device, dtype).
+
+    CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1 when asked for by name; auto
+    never picks the interpreter (an :class:`ExplicitOnly` reason).
+    """
+    from ..triton import interpreter_mismatch, interpreting
+
+    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
+        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
+    reasons = [r for r in _triton_found if r]
+    interpret = interpreting()
+    if interpret and (why := interpreter_mismatch()) is not None:
+        reasons.append(why)
+    if inputs is None:
+        if not interpret and not torch.cuda.is_available():
+            reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
+                           "kernel in Triton's CPU interpreter)")
+        return reasons
+    on_cpu = []
+    for name, t in inputs.items():
+        if t.device.type == "cpu" and interpret:
+            on_cpu.append(name)
+        elif t.device.type != "cuda":
+            reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
+                           "under TRITON_INTERPRET=1)")
+        if t.dtype == torch.float64:
+            reasons.append(f"{name} dtype torch.float64 not supported: the Triton kernel computes in float32 "
+                           "(the cpu, cuda and reference backends keep float64)")
+        elif t.dtype not in TRITON_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} not supported (supported: float32, float16, bfloat16)")
+    if on_cpu:
+        reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
+                                    "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
+    return reasons
 
 
 SUPPORT = register_op(
@@ -31,11 +80,45 @@ SUPPORT = register_op(
             "reference": always_available,
             "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
             "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
-            "triton": not_implemented("triton", OP),
+            "triton": _triton_reasons,
         },
         cacheable=True,
     )
 )
+
+
+# ---- the Triton kernel as a torch op --------------------------------------------------------------
+# The native op's schema under another name; custom_op rather than triton_op for the reason
+# fastdiff/ops/attention.py gives (triton_op imports torch._inductor at registration).
+
+
+@torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
+def _sampler_step_triton(
+    x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor, cfg_scale: float,
+    learned_range: bool, clip: float, threshold: torch.Tensor | None, noise: torch.Tensor | None,
+    philox_seed: torch.Tensor | None, return_x0: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..triton.sampler_step import sampler_step as triton_sampler_step
+
+    return triton_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
+                               philox_seed, return_x0)
+
+
+@_sampler_step_triton.register_fake
+def _sampler_step_triton_fake(
+    x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+):
+    from torch._prims_common import suggest_memory_format
+
+    fmt = suggest_memory_format(x)  # the kernel's outputs take x's suggested format (as the native op's)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    x0 = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if return_x0 else x.new_empty((0,))
+    return out, x0
+
+
+def kernel_op(backend: str):
+    """The torch op that runs ``backend`` ("cpu", "cuda" or "triton"), all with the native schema."""
+    return torch.ops.fastdiff.sampler_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_step
 
 
 def _is_int(v: object) -> bool:
@@ -131,7 +214,8 @@ def sampler_step(
     ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding.
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
     A step index out of range raises on the CPU; on CUDA it stops the kernel with a device trap
-    (the launch fails), since checking a device tensor on the host would cost a sync.
+    (the launch fails), since checking a device tensor on the host would cost a sync; the Triton
+    kernel reads nothing out of range and returns NaN everywhere instead (it cannot trap portably).
     """
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
     chosen = select_backend(OP, backend, {"x": x, "model_output": model_output})
@@ -146,7 +230,7 @@ def sampler_step(
         return x_prev, (x0 if return_x0 else None)
     step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
     seed_t = None if philox_seed is None else torch.tensor(philox_seed, dtype=torch.int64, device=x.device)
-    x_prev, x0 = torch.ops.fastdiff.sampler_step(
+    x_prev, x0 = kernel_op(chosen)(
         x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
         math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
     )

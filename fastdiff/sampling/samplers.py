@@ -15,6 +15,7 @@ import torch
 
 from .. import ops
 from ..backends import ENV_VAR, select_backend
+from ..ops.sampler_step import kernel_op as _sampler_step_op
 from ..reference import sampling as ref
 from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
@@ -79,7 +80,7 @@ class Sampler:
         self.coefs = self._table(self.coefficient_table(ac[ts].double(), alpha_prev.double()))
         self.step_indices = torch.arange(len(self.timesteps), device=self.device).unbind(0)
         self._checked_key: tuple | None = None  # what fused_step last validated (see there)
-        self._native_chosen = False
+        self._kernel_op = None  # the torch op fused_step's fast path calls (see there)
 
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -134,12 +135,12 @@ class Sampler:
         learned = self.variance == "learned_range"
         # The first step of a run (or any change in what the checks depend on) goes through the
         # public op: full validation and backend choice. Later steps with the same inputs call the
-        # chosen native kernel directly, which still runs its own TORCH_CHECKs: ~20 us of Python
-        # dispatch saved per step, a fifth of a (8, 4, 64, 64) step on the CPU.
+        # chosen kernel's torch op directly (native or Triton: one schema), which still runs its own
+        # checks: ~20 us of Python dispatch saved per step, a fifth of a (8, 4, 64, 64) step on the CPU.
         key = (backend, os.environ.get(ENV_VAR), x.device, x.dtype, x.shape, model_output.shape,
                model_output.dtype, cfg_scale is None, noise is None, threshold is None)
-        if key == self._checked_key and self._native_chosen:
-            return torch.ops.fastdiff.sampler_step(
+        if key == self._checked_key and self._kernel_op is not None:
+            return self._kernel_op(
                 x, model_output, self.coefs, self.step_indices[i], 1.0 if cfg_scale is None else cfg_scale,
                 learned, math.inf if self.clip_x0 is None else self.clip_x0, threshold, noise, None, False)[0]
         x_prev, _ = ops.sampler_step(
@@ -147,7 +148,8 @@ class Sampler:
             clip=self.clip_x0, threshold=threshold, noise=noise, backend=backend,
         )
         chosen = select_backend("sampler_step", backend, {"x": x, "model_output": model_output})
-        self._checked_key, self._native_chosen = key, chosen in ("cpu", "cuda")
+        self._checked_key = key
+        self._kernel_op = _sampler_step_op(chosen) if chosen != "reference" else None
         return x_prev
 
     def _final_alpha(self) -> torch.Tensor:

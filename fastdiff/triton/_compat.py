@@ -78,10 +78,11 @@ class InterpreterTraffic:
     def unique_bytes(self, kind: str, tensor: torch.Tensor | None = None) -> int:
         """Like :meth:`bytes`, but each address counted once: the footprint, not the traffic."""
         events = self.loads if kind == "load" else self.stores
-        if not events:
-            return 0
-        size = events[0][1]
-        return int(np.unique(np.concatenate([self._in(a, tensor) for a, _ in events])).size) * size
+        total = 0
+        for size in {s for _, s in events}:  # kernels mix element sizes (an int64 index, fp16 data)
+            addresses = np.concatenate([self._in(a, tensor) for a, s in events if s == size])
+            total += int(np.unique(addresses).size) * size
+        return total
 
 
 @contextlib.contextmanager

@@ -47,6 +47,10 @@ __all__ = [
     "attention_report",
     "format_triton_kernels",
     "cache_path",
+    "measure",
+    "KERNELS",
+    "kernel_report",
+    "kernel_cache_path",
     "main",
 ]
 
@@ -163,12 +167,20 @@ def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: 
         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
     )
     seconds = time.perf_counter() - start
-    gpu = _compat.sm_arch(arch)
     row = TritonBuild(
-        kernel=compiled.metadata.name, arch=gpu, dtype=str(dtype).removeprefix("torch."), head_dim=head_dim,
-        block_d=constants["BLOCK_D"], config=str(config), layout=layout,
-        shared_bytes=int(compiled.metadata.shared), compile_seconds=round(seconds, 2),
+        kernel=compiled.metadata.name, arch=_compat.sm_arch(arch), dtype=str(dtype).removeprefix("torch."),
+        head_dim=head_dim, block_d=constants["BLOCK_D"], config=str(config), layout=layout,
+        compile_seconds=round(seconds, 2),
     )
+    return measure(compiled, row)
+
+
+def measure(compiled, row: TritonBuild) -> TritonBuild:
+    """Fill ``row`` (its ``arch`` set) from one ``triton.compile`` result: registers and spills (ptxas
+    -v on Triton's PTX with Triton's flags), the cubin's own register count, shared memory, and the
+    tensor-core instructions in the SASS. Every kernel's builds go through here."""
+    gpu = row.arch
+    row.shared_bytes = int(compiled.metadata.shared)
     with tempfile.TemporaryDirectory(prefix="fastdiff-aot-") as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(compiled.asm["ptx"])
@@ -203,7 +215,7 @@ def _ptxas_version() -> str:
 def _cache_key(builds: Iterable) -> str:
     h = hashlib.sha256()
     # What decides the builds' code, not the modules' prose: edits elsewhere keep the cache.
-    for fn in (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build,
+    for fn in (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build, measure,
                _specialize, _example_tensors):
         h.update(inspect.getsource(fn).encode())
     h.update(triton.__version__.encode())
@@ -224,32 +236,76 @@ def _compile_all(path: Path) -> list[TritonBuild]:
         rows.append(compile_build(*build))
         print(f"aot: {rows[-1].arch} {rows[-1].dtype} D={rows[-1].head_dim} {rows[-1].config} {rows[-1].layout}: "
               f"{rows[-1].compile_seconds:.1f} s", file=sys.stderr, flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    tmp.replace(path)  # atomic: a concurrent reader sees no file or the whole of it
+    _write_rows(path, rows)
     return rows
+
+
+def _compile_in_child(path: Path, *extra: str) -> None:
+    """Run ``python -m fastdiff.triton.aot [extra] --write path`` in a child process without
+    TRITON_INTERPRET: compiling needs Triton's language functions in compiled mode, and a test
+    session on a machine without a GPU runs them interpreted."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    package_root = str(Path(__file__).resolve().parents[2])  # this fastdiff, not another install
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    result = subprocess.run([sys.executable, "-m", "fastdiff.triton.aot", *extra, "--write", str(path)], env=env,
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"aot: compiling the Triton builds failed:\n{result.stderr[-4000:]}")
 
 
 def attention_report(*, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
     """Every attention build (:func:`attention_builds`) compiled and measured, from the cache if
     there; ``compile_missing=False`` returns [] instead of compiling (about a minute on 2 cores).
-
-    The builds run in a child process without TRITON_INTERPRET: compiling needs Triton's language
-    functions in compiled mode, and a test session on a machine without a GPU runs them interpreted.
-    """
+    The builds run in a child process (:func:`_compile_in_child`)."""
     path = cache_path()
     if not (use_cache and path.exists()):
         if not compile_missing:
             return []
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        package_root = str(Path(__file__).resolve().parents[2])  # this fastdiff, not another install
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        result = subprocess.run([sys.executable, "-m", "fastdiff.triton.aot", "--write", str(path)], env=env,
-                                capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"aot: compiling the Triton builds failed:\n{result.stderr[-4000:]}")
+        _compile_in_child(path)
     return [TritonBuild(**row) for row in json.loads(path.read_text())]
+
+
+# ---- other kernels' builds --------------------------------------------------------------------------
+# A kernel module registered here lists its builds (``aot_builds()``) and compiles one
+# (``aot_compile(build) -> TritonBuild``, through :func:`measure`); its report is compiled in a child
+# process and cached like attention's, keyed by the module's whole source.
+KERNELS = {"sampler_step": "fastdiff.triton.sampler_step"}
+
+
+def _kernel_module(name: str):
+    import importlib
+
+    return importlib.import_module(KERNELS[name])
+
+
+def kernel_cache_path(name: str) -> Path:
+    """Where the report of a registered kernel's builds is cached."""
+    module = _kernel_module(name)
+    h = hashlib.sha256(inspect.getsource(module).encode())
+    for fn in (measure, _specialize):
+        h.update(inspect.getsource(fn).encode())
+    h.update(triton.__version__.encode())
+    h.update(_ptxas_version().encode())
+    h.update(repr([tuple(map(str, b)) for b in module.aot_builds()]).encode())
+    root = Path(os.environ.get("FASTDIFF_CACHE_DIR", Path.home() / ".cache" / "fastdiff"))
+    return root / f"triton_aot_{name}_{h.hexdigest()[:16]}.json"
+
+
+def kernel_report(name: str, *, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
+    """Every build of the registered kernel ``name`` (:data:`KERNELS`), compiled and measured, cached."""
+    path = kernel_cache_path(name)
+    if not (use_cache and path.exists()):
+        if not compile_missing:
+            return []
+        _compile_in_child(path, "--kernel", name)
+    return [TritonBuild(**row) for row in json.loads(path.read_text())]
+
+
+def _write_rows(path: Path, rows: list[TritonBuild]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    tmp.replace(path)  # atomic: a concurrent reader sees no file or the whole of it
 
 
 def format_triton_kernels(rows: list[TritonBuild]) -> str:
@@ -267,7 +323,9 @@ def format_triton_kernels(rows: list[TritonBuild]) -> str:
         )
     spills = sum(r.spills for r in rows)
     no_mma = sum(1 for r in rows if not r.mma)
-    lines.append(f"  {len(rows)} Triton builds, {spills} bytes of spills in all, {no_mma} without tensor-core MMA")
+    # Kernels without a dot (elementwise ones) have no MMA to miss: the count is for the others.
+    mma = f", {no_mma} without tensor-core MMA" if any(r.mma for r in rows) else ", no dots (no MMA expected)"
+    lines.append(f"  {len(rows)} Triton builds, {spills} bytes of spills in all{mma}")
     return "\n".join(lines)
 
 
@@ -277,8 +335,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m fastdiff.triton.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="write the report as JSON here (the cache file)")
+    parser.add_argument("--kernel", choices=sorted(KERNELS), help="a registered kernel's builds instead of attention's")
     args = parser.parse_args(argv)
-    rows = _compile_all(args.write or cache_path())
+    if args.kernel is None:
+        rows = _compile_all(args.write or cache_path())
+    else:
+        module = _kernel_module(args.kernel)
+        rows = [module.aot_compile(build) for build in module.aot_builds()]
+        _write_rows(args.write or kernel_cache_path(args.kernel), rows)
     print(format_triton_kernels(rows))
     return 0
 

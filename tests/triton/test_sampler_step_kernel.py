@@ -1,0 +1,291 @@
+"""The Triton sampler_step kernel against the step-by-step oracle: on the GPU if there is one, else in
+Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py).
+
+The grid is the native backends' (tests/test_ops_sampler_step.py: its samplers, case builders and
+oracle are imported, not rewritten): DDIM/DDPM x eps/v/x0 x fixed/learned variances x clipping x
+CFG x fp32/fp16/bf16, each held to the dtype-following bound against the float64 oracle, with the
+outputs poisoned (NaN) before the kernel writes them. Then layouts (channels_last, mixed formats,
+strided views, read in place), dynamic thresholding, the Philox noise (bit-exact Philox words;
+normals within the float32 rounding of Box-Muller, the same arithmetic as the CPU kernel), an
+out-of-range step, the torch op (opcheck) and the sampler's fast path. FASTDIFF_FULL_TRITON=1 adds
+every step of every case and a second seed of inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
+from test_ops_sampler_step import CONFIGS, SHAPES, STEPS, _inputs, _oracle, _sampler
+
+import fastdiff
+from fastdiff import _native
+from fastdiff.reference.philox import philox4x32_10, philox_normal
+from fastdiff.reference.sampler_step import sampler_step as reference_step
+from fastdiff.sampling import DDIMSampler, DDPMSampler
+
+triton_step = pytest.importorskip("fastdiff.triton.sampler_step", reason="Triton is not installed")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+OP_MODULE = sys.modules["fastdiff.ops.sampler_step"]
+STEP_INDICES = range(STEPS) if full_triton_grid() else (0, 4, STEPS - 1)
+SEEDS = (0, 1) if full_triton_grid() else (0,)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs start as NaN: an element the kernel fails to write shows up."""
+
+    def new_output(x):
+        return torch.full_like(x, math.nan, memory_format=triton_step.memory_format(x))
+
+    monkeypatch.setattr(triton_step, "_new_output", new_output)
+
+
+def _step(x, out, sampler, i, **kw):
+    learned = sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
+    return fastdiff.ops.sampler_step(x, out, sampler.coefs, i, learned_range=learned, clip=sampler.clip_x0,
+                                     return_x0=True, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_matches_oracle(dtype, config, guided, triton_device, poisoned):
+    sampler = _sampler(config, dtype, triton_device)
+    for seed in SEEDS:
+        for shape_name, shape in SHAPES.items():
+            x, out, noise = _inputs(sampler, shape, guided, dtype, triton_device, seed=seed)
+            for i in STEP_INDICES:
+                step_noise = noise if sampler.draws_noise(i) else None
+                got, x0 = _step(x, out, sampler, i, cfg_scale=3.5 if guided else None, noise=step_noise)
+                xc, oc, nc = x.cpu(), out.cpu(), None if step_noise is None else step_noise.cpu()
+                exact_prev, exact_x0 = _oracle(sampler, i, xc.double(), oc.double(),
+                                               None if nc is None else nc.double(), 3.5, False)
+                eager_prev, eager_x0 = _oracle(sampler, i, xc, oc, nc, 3.5, False)
+                what = f"triton {dtype} {config} {'cfg' if guided else 'plain'} {shape_name} step {i} seed {seed}"
+                assert got.dtype == dtype and got.shape == x.shape and got.device == x.device
+                assert_within_eager_bound(got.cpu(), eager_prev, exact_prev, what + " x_prev")
+                assert_within_eager_bound(x0.cpu(), eager_x0, exact_x0, what + " x0")
+
+
+def _views(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # a non-contiguous view (of other values) whose spatial dims still collapse
+        return torch.cat([t, t], dim=-1)[..., ::2]
+    if layout is None:
+        return None
+    if layout == "transposed":  # H and W swapped: no single spatial stride, the launcher copies
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    return t
+
+
+LAYOUT_CASES = {
+    # name: (x's layout, model output's, noise's, noise mode, sampler)
+    "channels_last-noise": ("channels_last", "channels_last", "channels_last", "tensor", "ddpm-large-v-clip"),
+    "channels_last-philox-learned": ("channels_last", "channels_last", None, "philox", "ddpm-learned"),
+    "channels_last-2C-ddim": ("channels_last", "channels_last", "channels_last", "tensor", "ddim-x0-learned"),
+    "mixed-formats": ("channels_last", "contiguous", "strided", "tensor", "ddpm-small"),
+    "strided-philox": ("strided", "strided", None, "philox", "ddim-v-eta-clip"),
+    "transposed-noise": ("transposed", "contiguous", "transposed", "tensor", "ddpm-learned"),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_memory_formats_and_views(case, triton_device, poisoned):
+    x_layout, out_layout, noise_layout, noise_mode, config = LAYOUT_CASES[case]
+    sampler = _sampler(config, device=triton_device)
+    x, out, noise = _inputs(sampler, (3, 4, 7, 9), True, torch.float32, triton_device)
+    x, out, noise = _views(x, x_layout), _views(out, out_layout), _views(noise, noise_layout)
+    kw = dict(noise=noise) if noise_mode == "tensor" else dict(philox_seed=99)
+    got, x0 = _step(x, out, sampler, 2, cfg_scale=2.0, **kw)
+    expect_cl = x_layout == "channels_last"
+    assert got.is_contiguous(memory_format=torch.channels_last if expect_cl else torch.contiguous_format)
+    assert x0.stride() == got.stride()
+    ref_noise = noise if noise_mode == "tensor" else philox_normal(99, 2, 3, 4 * 7 * 9).view(x.shape).float()
+    exact, exact_x0 = _oracle(sampler, 2, x.cpu().double(), out.cpu().double(), ref_noise.cpu().double(), 2.0, False)
+    eager, eager_x0 = _oracle(sampler, 2, x.cpu(), out.cpu(), ref_noise.cpu(), 2.0, False)
+    # Box-Muller in float32 differs from the float64 oracle by a few ulp (see test_philox_normals):
+    # far below the eager bound's floor.
+    assert_within_eager_bound(got.cpu(), eager, exact, f"triton {case}")
+    assert_within_eager_bound(x0.cpu(), eager_x0, exact_x0, f"triton {case} x0")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dynamic_threshold(dtype, triton_device, poisoned):
+    sampler = _sampler("ddim-eps", dtype, triton_device)
+    x, out, _ = _inputs(sampler, (3, 4, 7, 9), True, dtype, triton_device)
+    out = out * 4
+    threshold = torch.tensor([1.0, 1.3, 2.5], device=triton_device)
+    got, x0 = _step(x, out, sampler, 3, cfg_scale=2.0, threshold=threshold)
+    xc, oc, tc, table = x.cpu(), out.cpu(), threshold.cpu(), sampler.coefs.cpu()
+    exact = reference_step(xc.double(), oc.double(), table.double(), 3, cfg_scale=2.0, threshold=tc.double())
+    eager = reference_step(xc, oc, table, 3, cfg_scale=2.0, threshold=tc, upcast=False)
+    assert_within_eager_bound(got.cpu(), eager[0], exact[0], f"triton threshold {dtype} x_prev")
+    assert_within_eager_bound(x0.cpu(), eager[1], exact[1], f"triton threshold {dtype} x0")
+    assert x0.abs().max() <= 1 + 1e-6  # thresholded x0 lies in [-1, 1] (x s * (1/s): an ulp over at most)
+
+
+# ---- Philox --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _philox_words_kernel(C, K, OUT, N: tl.constexpr):
+    i = tl.arange(0, N)
+    c0 = tl.load(C + 4 * i + 0)
+    c1 = tl.load(C + 4 * i + 1)
+    c2 = tl.load(C + 4 * i + 2)
+    c3 = tl.load(C + 4 * i + 3)
+    k0 = tl.load(K + 0)
+    k1 = tl.load(K + 1)
+    w0, w1, w2, w3 = triton_step._philox4x32_10(c0, c1, c2, c3, k0, k1)
+    tl.store(OUT + 4 * i + 0, w0)
+    tl.store(OUT + 4 * i + 1, w1)
+    tl.store(OUT + 4 * i + 2, w2)
+    tl.store(OUT + 4 * i + 3, w3)
+
+
+def test_philox_words_are_bit_exact(triton_device):
+    """The kernel's Philox4x32-10 rounds give the numpy oracle's words, every bit, over random
+    counters and keys (full 32-bit range: the multiplies' high halves and the key's wrap-around)."""
+    rng = np.random.default_rng(7)
+    counters = rng.integers(0, 2**32, size=(64, 4), dtype=np.uint64).astype(np.uint32)
+    counters[0] = 0
+    counters[1] = 0xFFFFFFFF
+    key = (int(rng.integers(0, 2**32)), 0xFFFFFFFF)
+    c = torch.from_numpy(counters.view(np.int32).copy()).to(triton_device).view(torch.uint32)
+    k = torch.tensor(np.array(key, dtype=np.uint32).view(np.int32), device=triton_device).view(torch.uint32)
+    out = torch.empty_like(c)
+    _philox_words_kernel[(1,)](c, k, out, N=64)
+    got = out.view(torch.int32).cpu().numpy().view(np.uint32)
+    np.testing.assert_array_equal(got, philox4x32_10(counters, key))
+
+
+def _normals(triton_device, seed, step, shape, backend="triton", layout="contiguous"):
+    """The normals the op draws: a table whose only nonzero column is sigma = 1 makes x_prev = z."""
+    coefs = torch.zeros(STEPS, 11, device=triton_device if backend == "triton" else "cpu")
+    coefs[:, 7] = 1
+    device = coefs.device
+    x = _views(torch.zeros(shape, device=device), layout)
+    return fastdiff.ops.sampler_step(x, x, coefs, step, philox_seed=seed, backend=backend)[0]
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 7, 2**63 - 1])
+def test_philox_normals(seed, triton_device):
+    """Normals from Philox (counter (j // 4, image, step, 0), key = the seed) within the float32
+    rounding of Box-Muller (csrc/common/philox.h's arithmetic, which the CPU kernel runs too) of the
+    float64 oracle. In float32, u = (k + 1/2) 2^-24 rounds for k >= 2^23 (25 bits), by up to 2^-25,
+    so ln u is off by up to eps = 2^-24 absolute, and r = sqrt(-2 ln u) by eps / r (r^2 = -2 ln u);
+    2 pi u rounds by an ulp of 2 pi u, and log, sqrt, cos, sin by about an ulp each:
+    |z - z64| <= eps / r + r (|d theta| + 2 eps) + 3 eps |z|. The same image's noise is the same at
+    any batch size; another step or seed draws other noise."""
+    shape = (3, 5, 7, 3)  # 105 elements per image: a ragged last quad
+    eps = 2.0**-24
+    for step in (0, 7):
+        z = _normals(triton_device, seed, step, shape).cpu().double()
+        quads = philox_normal(seed, step, 3, 108).view(3, 27, 2, 2)  # whole quads: pairs (z0, z1), (z2, z3)
+        z64 = quads.view(3, 108)[:, :105].reshape(shape)
+        r = quads.pow(2).sum(-1).sqrt().repeat_interleave(2, -1).view(3, 108)[:, :105].reshape(shape)
+        bound = eps / r + r * (2 * math.pi * 2 * eps + 2 * eps) + 3 * eps * z64.abs()
+        err = (z - z64).abs()
+        worst = int(err.argmax())
+        assert (err <= bound).all(), f"seed {seed} step {step}: {int((err > bound).sum())} normals over the bound"
+        print(f"\nseed {seed} step {step}: max |z - z64| {err.max():.3g} (at |z| {z64.flatten()[worst]:.3g}); "
+              f"{(z == z64.float().double()).double().mean():.1%} equal to the oracle rounded to float32")
+    one = _normals(triton_device, seed, 7, (1,) + shape[1:]).cpu()
+    torch.testing.assert_close(one[0], _normals(triton_device, seed, 7, shape).cpu()[0], rtol=0, atol=0)
+    assert not torch.equal(_normals(triton_device, seed, 6, shape).cpu(), _normals(triton_device, seed, 7, shape).cpu())
+    assert not torch.equal(_normals(triton_device, seed ^ 1, 7, shape).cpu(),
+                           _normals(triton_device, seed, 7, shape).cpu())
+
+
+@pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
+def test_philox_normals_match_the_cpu_kernel(triton_device):
+    """Against the CPU kernel, which runs the same float32 Box-Muller (csrc/common/philox.h): the
+    Philox words are equal, and each of logf/cosf/sinf is correctly rounded or nearly so in both
+    libms (glibc; numpy or libdevice here), so the normals agree to an ulp or two of r."""
+    shape = (2, 4, 16, 16)
+    for layout in ("contiguous", "channels_last"):
+        z = _normals(triton_device, 1234, 3, shape, layout=layout).cpu()
+        ref = _normals(triton_device, 1234, 3, shape, backend="cpu", layout=layout)
+        r = ref.abs().clamp(min=1.0)
+        diff = (z - ref).abs()
+        assert (diff <= 4 * 2.0**-24 * 6 * r).all(), diff.max()
+        equal = (z == ref).float().mean().item()
+        print(f"\n{layout}: {equal:.1%} bit-equal to the CPU kernel, max diff {diff.max():.3g}")
+
+
+# ---- the op's edges -------------------------------------------------------------------------------
+
+
+def test_out_of_range_step_reads_nothing_and_writes_nan(triton_device):
+    """A device step index past the table (the host never sees it): no coefficient is read, every
+    output element is NaN. The CPU kernel raises, the CUDA kernel traps instead."""
+    sampler = _sampler("ddim-eps", device=triton_device)
+    x, out, _ = _inputs(sampler, (2, 3, 5, 4), False, torch.float32, triton_device)
+    for bad in (STEPS, -1, 2**40):
+        step = torch.tensor(bad, device=triton_device)
+        if triton_device.type == "cpu":
+            from fastdiff.triton import _compat
+
+            with _compat.interpreter_traffic() as traffic:
+                got, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, step, return_x0=True, backend="triton")
+            assert traffic.bytes("load", sampler.coefs) == 0
+        else:
+            got, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, step, return_x0=True, backend="triton")
+        assert got.isnan().all() and x0.isnan().all()
+
+
+def test_empty_batch_and_one_element(triton_device):
+    sampler = _sampler("ddpm-small", device=triton_device)
+    x = torch.randn(0, 3, 4, 4, device=triton_device)
+    got, _ = fastdiff.ops.sampler_step(x, x, sampler.coefs, 1, backend="triton")
+    assert got.shape == x.shape
+    x = torch.randn(1, 1, device=triton_device)
+    m = torch.randn(2, 1, device=triton_device)
+    got, _ = fastdiff.ops.sampler_step(x, m, sampler.coefs, 1, cfg_scale=2.0, philox_seed=3, backend="triton")
+    ref, _ = fastdiff.ops.sampler_step(x.cpu(), m.cpu(), sampler.coefs.cpu(), 1, cfg_scale=2.0, philox_seed=3,
+                                       backend="reference")
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_is_refused_with_the_reason(triton_device):
+    sampler = _sampler("ddim-eps", torch.float64, triton_device)
+    x = torch.randn(2, 3, 4, device=triton_device, dtype=torch.float64)
+    with pytest.raises(fastdiff.backends.BackendUnavailableError, match="float32") as info:
+        fastdiff.ops.sampler_step(x, x, sampler.coefs, 1, backend="triton")
+    assert any("float64 not supported: the Triton kernel computes in float32" in r for r in info.value.reasons)
+
+
+def test_the_sampler_fast_path_runs_triton(triton_device):
+    """fused_step validates on its first call, then calls the chosen backend's torch op directly:
+    with backend="triton" that is the Triton op, and every step agrees with the reference."""
+    sampler = DDIMSampler(fastdiff.Schedule("linear"), STEPS, eta=0.5, device=triton_device)
+    x, out, noise = _inputs(sampler, (2, 3, 5, 4), True, torch.float32, triton_device)
+    for i in (2, 3):
+        got = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="triton")
+        ref = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="reference")
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        got = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="triton")  # fast path
+        assert sampler._kernel_op is torch.ops.fastdiff.sampler_step_triton
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["plain", "cfg-learned-x0", "philox-clip-channels_last", "threshold-noise"])
+def test_opcheck(dtype, variant, triton_device):
+    sampler = _sampler("ddpm-learned" if "learned" in variant else "ddim-v-eta-clip", dtype, triton_device)
+    x, out, noise = _inputs(sampler, (2, 3, 5, 4), "cfg" in variant, dtype, triton_device,
+                            layout="channels_last" if "channels_last" in variant else "contiguous")
+    args = (x, out, sampler.coefs, torch.tensor(3, device=triton_device), 2.0, "learned" in variant,
+            1.0 if "clip" in variant else math.inf,
+            torch.full((2,), 1.3, device=triton_device) if "threshold" in variant else None,
+            noise if "noise" in variant else None,
+            torch.tensor(11, device=triton_device) if "philox" in variant else None, "x0" in variant)
+    torch.library.opcheck(torch.ops.fastdiff.sampler_step_triton.default, args)
