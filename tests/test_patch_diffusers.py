@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from baselines import design_unet
 from conftest import DTYPES, assert_within_eager_bound
 from torch import nn
 
@@ -30,20 +31,6 @@ from fastdiff.integrations.diffusers import PatchReport, PatchWarning, patch_rep
 NATIVE = _native.status()["built"]
 # The native kernels when built, else the reference: the numbers follow the same rule either way.
 BACKENDS = ["auto", "reference"]
-
-
-def design_unet(**overrides) -> UNet2DModel:
-    """shared/DESIGN.md's UNet2DModel for end-to-end comparisons (9.6M params, AdaGN "scale_shift")."""
-    torch.manual_seed(0)
-    config = dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-        block_out_channels=(64, 128, 128, 128),
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        num_class_embeds=11, resnet_time_scale_shift="scale_shift",
-    )
-    config.update(overrides)
-    return UNet2DModel(**config).eval()
 
 
 def small_unet(**overrides) -> UNet2DModel:
