@@ -5,9 +5,10 @@ to the backends that can run (see ``fastdiff info``).
 """
 
 from . import ops, reference
+from .integrations.diffusers import patch, unpatch
 from .sampling import sample
 from .schedule import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "Schedule", "ops", "reference", "__version__"]
+__all__ = ["sample", "patch", "unpatch", "Schedule", "ops", "reference", "__version__"]

@@ -13,6 +13,23 @@ def diffusers_ddim_cfg_step(scheduler, model_output: torch.Tensor, t, x: torch.T
     return scheduler.step(guided, t, x).prev_sample
 
 
+def design_unet(**overrides):
+    """shared/DESIGN.md's diffusers UNet2DModel for end-to-end comparisons (9.6M params, AdaGN
+    "scale_shift", class 10 the null class), random init seeded by ``torch.manual_seed(0)``, eval mode."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(64, 128, 128, 128),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        num_class_embeds=11, resnet_time_scale_shift="scale_shift",
+    )
+    config.update(overrides)
+    return UNet2DModel(**config).eval()
+
+
 def make_diffusers_ddim(steps: int = 50):
     from diffusers import DDIMScheduler
 
@@ -30,3 +47,16 @@ def eager_group_norm_scale_shift_silu(
     h = F.group_norm(x, num_groups, eps=eps)
     h = h * (1 + scale.view(expand)) + shift.view(expand)
     return F.silu(h)
+
+
+def diffusers_ddim_cfg_loop(unet, scheduler, noise: torch.Tensor, cond: dict, uncond: dict, cfg: float) -> torch.Tensor:
+    """The sampling loop of diffusers' pipelines, eager: per timestep, the UNet on ``[x; x]`` with
+    the kwargs ``[uncond; cond]``, the CFG combine, then ``DDIMScheduler.step``. ``scheduler`` has
+    had ``set_timesteps`` called; runs under ``torch.no_grad()`` as the pipelines do."""
+    kwargs = {key: torch.cat([uncond[key], cond[key]]) for key in cond}
+    x = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(torch.cat([x, x]), t, **kwargs).sample
+            x = diffusers_ddim_cfg_step(scheduler, out, t, x, cfg)
+    return x

@@ -1,0 +1,1 @@
+"""Integrations with other libraries' models: fastdiff's fused kernels inside their modules."""

@@ -1,0 +1,206 @@
+"""What ``fastdiff.patch`` puts inside a diffusers UNet: a fused ResnetBlock2D and an attention processor.
+
+This module imports diffusers at the top (the fused block subclasses diffusers' ResnetBlock2D), so
+it is only imported once a model has been found to be a diffusers one; ``import fastdiff`` never
+imports diffusers. The math follows diffusers 0.30+ ``ResnetBlock2D.forward`` and
+``AttnProcessor2_0.__call__`` step by step; only the fused steps differ, and they are named below.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+from ..ops.attention import attention
+from ..ops.group_norm_adagn import group_norm_adagn
+
+__all__ = ["FusedResnetBlock2D", "FastdiffAttnProcessor", "resnet_unsupported", "attention_unsupported"]
+
+RESNET_TIME_NORMS = ("default", "scale_shift")
+ORIGINAL_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+def resnet_unsupported(block: nn.Module) -> str | None:
+    """Why ``block`` (a ResnetBlock2D) cannot run fused, or None when it can."""
+    if type(block) is not ResnetBlock2D:
+        return f"{type(block).__name__} subclasses ResnetBlock2D; its forward may differ, so it is left alone"
+    if not isinstance(block.nonlinearity, nn.SiLU):
+        return f"activation {type(block.nonlinearity).__name__}: only SiLU is fused"
+    if block.time_embedding_norm not in RESNET_TIME_NORMS:
+        return f"time_embedding_norm {block.time_embedding_norm!r}: only {RESNET_TIME_NORMS} are fused"
+    if block.time_emb_proj is None:
+        return "no time embedding projection (temb_channels=None)"
+    for name in ("norm1", "norm2"):
+        norm = getattr(block, name)
+        if type(norm) is not nn.GroupNorm:
+            return f"{name} is {type(norm).__name__}, not torch.nn.GroupNorm"
+    return None
+
+
+def attention_unsupported(attn: nn.Module) -> str | None:
+    """Why the processor of ``attn`` (a diffusers Attention) cannot be replaced, or None when it can."""
+    processor = attn.processor
+    if type(processor) not in ORIGINAL_PROCESSORS:
+        return (
+            f"processor {type(processor).__name__} is not diffusers' default (AttnProcessor or AttnProcessor2_0); "
+            "it is left as set"
+        )
+    if attn.spatial_norm is not None:
+        return "spatial_norm (MoVQ-style conditioning) is not fused"
+    if attn.norm_q is not None or attn.norm_k is not None:
+        return "query/key normalization (qk_norm) is not fused"
+    if attn.group_norm is not None and type(attn.group_norm) is not nn.GroupNorm:
+        return f"group_norm is {type(attn.group_norm).__name__}, not torch.nn.GroupNorm"
+    if attn.inner_kv_dim != attn.inner_dim:
+        return "grouped key/value heads (kv_heads != heads)"
+    return None
+
+
+class FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D with GroupNorm+SiLU fused, and GroupNorm+time embedding+SiLU fused.
+
+    ``fastdiff.patch`` swaps a block's class to this one (same parameters, buffers, submodules and
+    state_dict keys); ``fastdiff.unpatch`` swaps it back. Fused, each one ``group_norm_adagn``:
+    ``silu(norm1(x))``, and ``silu(norm2(h + temb))`` ("default", the embedding as ``pre_shift``)
+    or ``silu(norm2(h) * (1 + scale) + shift)`` ("scale_shift"). Everything else (up/down
+    sampling, dropout, the shortcut, ``output_scale_factor``) runs diffusers' own modules.
+    The norms' math runs in float32 for every dtype.
+    """
+
+    fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = input_tensor.shape[0]
+        if args or kwargs.get("scale") is not None or temb is None or temb.dim() != 2 or temb.shape[0] != batch:
+            # The deprecated `scale` argument, or a time embedding the fused op cannot take per sample
+            # (missing, or broadcast from one row): diffusers' own forward, errors included.
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        backend = self.fastdiff_backend
+        norm1, norm2 = self.norm1, self.norm2
+        hidden_states = group_norm_adagn(
+            input_tensor, norm1.num_groups, norm1.weight, norm1.bias, eps=norm1.eps, activation="silu", backend=backend
+        )
+
+        if self.upsample is not None:
+            # As diffusers: nearest upsampling of channels_last inputs fails with large batches.
+            if hidden_states.shape[0] >= 64:
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self.upsample(input_tensor)
+            hidden_states = self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+            hidden_states = self.downsample(hidden_states)
+
+        hidden_states = self.conv1(hidden_states)
+
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)
+        if self.time_embedding_norm == "default":
+            hidden_states = group_norm_adagn(
+                hidden_states, norm2.num_groups, norm2.weight, norm2.bias, pre_shift=temb, eps=norm2.eps,
+                activation="silu", backend=backend,
+            )
+        else:
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+            hidden_states = group_norm_adagn(
+                hidden_states, norm2.num_groups, norm2.weight, norm2.bias, scale=time_scale, shift=time_shift,
+                eps=norm2.eps, activation="silu", backend=backend,
+            )
+
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
+
+        if self.conv_shortcut is not None:
+            if self.training:  # as diffusers: DDP wants contiguous gradients
+                input_tensor = input_tensor.contiguous()
+            input_tensor = self.conv_shortcut(input_tensor)
+
+        return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+class FastdiffAttnProcessor:
+    """A diffusers attention processor on fastdiff's ops, for ``Attention`` modules.
+
+    Runs what ``AttnProcessor2_0`` runs (self- and cross-attention, the module's ``group_norm``,
+    ``norm_cross``, ``residual_connection``, ``rescale_output_factor``), with the GroupNorm as
+    ``fastdiff.ops.group_norm_adagn`` and the attention as ``fastdiff.ops.attention``. Calls with an
+    ``attention_mask`` (or extra arguments) go to the processor it replaced, with a warning.
+    ``original`` is that processor; ``fastdiff.unpatch`` puts it back.
+    """
+
+    def __init__(self, original: AttnProcessor | AttnProcessor2_0, backend: str = "auto") -> None:
+        self.original = original
+        self.backend = backend
+        # AttnProcessor scales the scores by attn.scale; AttnProcessor2_0 leaves SDPA's 1/sqrt(head_dim).
+        self._module_scale = type(original) is AttnProcessor
+        self._warned_mask = False
+
+    def __repr__(self) -> str:
+        return f"FastdiffAttnProcessor(original={type(self.original).__name__}, backend={self.backend!r})"
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if attention_mask is not None or args or kwargs:
+            if attention_mask is not None and not self._warned_mask:
+                self._warned_mask = True
+                warnings.warn(
+                    f"fastdiff: attention masks are not fused; this Attention runs {type(self.original).__name__} "
+                    "(diffusers' own processor) whenever a mask is given",
+                    stacklevel=2,
+                )
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        residual = hidden_states
+        group_norm = attn.group_norm
+        spatial = hidden_states.dim() == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            if group_norm is not None:  # normalized before the flattening: the same numbers, one kernel
+                hidden_states = self._group_norm(group_norm, hidden_states)
+            hidden_states = hidden_states.reshape(batch, channels, height * width).transpose(1, 2)
+        elif group_norm is not None:
+            hidden_states = self._group_norm(group_norm, hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        scale = attn.scale if self._module_scale else 1.0 / math.sqrt(head_dim)
+        hidden_states = attention(query, key, value, scale=scale, backend=self.backend)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if spatial:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_adagn(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, backend=self.backend)

@@ -1,0 +1,204 @@
+"""``fastdiff.patch`` and ``fastdiff.unpatch``: fastdiff's fused kernels inside a diffusers UNet.
+
+Patching works in place and keeps the weights: every parameter, buffer, submodule name and
+state_dict key stays as it was.
+
+Patched:
+  * ``ResnetBlock2D`` with SiLU and ``time_embedding_norm`` "default" or "scale_shift": the
+    block's class becomes :class:`FusedResnetBlock2D`, whose forward runs norm1+SiLU and
+    norm2+time embedding+SiLU as one ``fastdiff.ops.group_norm_adagn`` each.
+  * ``Attention`` modules running diffusers' default processor (``AttnProcessor2_0`` or
+    ``AttnProcessor``): the processor becomes a :class:`FastdiffAttnProcessor` (GroupNorm via
+    ``group_norm_adagn``, attention via ``fastdiff.ops.attention``); calls with an attention mask
+    go to the original processor.
+  * ``channels_last=True``: 4-D parameters and buffers (the convolution weights) are stored
+    channels_last, so the convolutions, and after them every activation, run NHWC.
+
+Left alone and reported: other activations than SiLU, ``ResnetBlockCondNorm2D`` (time embedding
+norms "ada_group" and "spatial"), subclasses of ResnetBlock2D, attention with other processors,
+spatial norms, qk norms or grouped key/value heads, and any other attention class.
+
+:func:`unpatch` restores the original classes, processors and weight layouts, so the model's
+outputs are bit-equal to those before patching.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backends import AUTO, resolve_backend
+
+__all__ = ["patch", "unpatch", "patch_report", "PatchReport", "PatchWarning"]
+
+_STATE = "_fastdiff_patch"
+_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel")
+
+
+class PatchWarning(UserWarning):
+    """Raised (as a warning) when ``fastdiff.patch`` leaves blocks of a model unpatched."""
+
+
+@dataclass(frozen=True)
+class PatchReport:
+    """What :func:`patch` did to a model.
+
+    ``patched``: (module name, what was fused) for every patched block; ``skipped``: (module name,
+    why it was left alone) for every ResNet-like block or attention module that was not;
+    ``channels_last``: whether the weights were converted.
+    """
+
+    patched: tuple[tuple[str, str], ...]
+    skipped: tuple[tuple[str, str], ...]
+    channels_last: bool
+
+    def __str__(self) -> str:
+        lines = [
+            f"fastdiff.patch: {len(self.patched)} blocks patched, {len(self.skipped)} left alone"
+            f"{', weights channels_last' if self.channels_last else ''}"
+        ]
+        lines += [f"  patched {name}: {what}" for name, what in self.patched]
+        lines += [f"  left alone {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class _PatchState:
+    report: PatchReport
+    resnets: list[tuple[nn.Module, type]] = field(default_factory=list)
+    processors: list[tuple[nn.Module, object]] = field(default_factory=list)
+    channels_last: list[torch.Tensor] = field(default_factory=list)
+
+
+def _check_model(model: object, caller: str) -> None:
+    """Raise TypeError unless ``model`` is a diffusers UNet2DModel or UNet2DConditionModel."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise TypeError(
+            f"{caller}: model must be a diffusers UNet2DModel or UNet2DConditionModel, got "
+            f"{type(model).__name__} (diffusers is not installed)"
+        )
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    if not isinstance(model, (UNet2DModel, UNet2DConditionModel)):
+        raise TypeError(
+            f"{caller}: model must be a diffusers UNet2DModel or UNet2DConditionModel, got {type(model).__name__}"
+        )
+
+
+def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
+    """Store every 4-D NCHW-contiguous parameter and buffer channels_last; returns the converted ones."""
+    converted = []
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        if t.dim() == 4 and t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last):
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+            converted.append(t)
+    return converted
+
+
+def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO) -> nn.Module:
+    """Run a diffusers ``UNet2DModel``/``UNet2DConditionModel`` on fastdiff's fused kernels, in place.
+
+    Args:
+        model: the diffusers UNet; anything else raises TypeError.
+        channels_last: store the 4-D weights channels_last, so convolutions (the bulk of a UNet's
+            time on the CPU) and the activations after them run NHWC; inputs may stay NCHW, and
+            outputs come back channels_last-strided (same shape and values).
+        backend: passed to every fastdiff op the patched blocks call ("auto" picks the fastest
+            that runs; ``FASTDIFF_BACKEND`` overrides).
+
+    Returns the same model object. Blocks that cannot be fused are left as they are and listed in
+    a :class:`PatchWarning`; :func:`patch_report` gives the full :class:`PatchReport`. Patching a
+    patched model first undoes the earlier patch, so patching twice is the same as once.
+    """
+    _check_model(model, "fastdiff.patch")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"fastdiff.patch: channels_last must be a bool, got {type(channels_last).__name__}")
+    resolve_backend(backend)  # raises ValueError for an unknown name
+    if _STATE in model.__dict__:
+        unpatch(model)
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
+
+    from ._diffusers_modules import (
+        FastdiffAttnProcessor,
+        FusedResnetBlock2D,
+        attention_unsupported,
+        resnet_unsupported,
+    )
+
+    state = _PatchState(report=PatchReport((), (), channels_last))
+    patched: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, ResnetBlock2D):
+            why = resnet_unsupported(module)
+            if why is None:
+                state.resnets.append((module, type(module)))
+                module.__class__ = FusedResnetBlock2D
+                module.fastdiff_backend = backend
+                patched.append((name, f"ResnetBlock2D ({module.time_embedding_norm}): norm1+SiLU, norm2+temb+SiLU"))
+            else:
+                skipped.append((name, why))
+        elif isinstance(module, ResnetBlockCondNorm2D):
+            skipped.append((name, f"ResnetBlockCondNorm2D (time_embedding_norm {module.time_embedding_norm!r}) "
+                                  "is not fused"))
+        elif isinstance(module, Attention):
+            why = attention_unsupported(module)
+            if why is None:
+                original = module.processor
+                state.processors.append((module, original))
+                module.set_processor(FastdiffAttnProcessor(original, backend))
+                kind = "cross" if module.is_cross_attention else "self"
+                patched.append((name, f"Attention ({kind}): {type(original).__name__} -> FastdiffAttnProcessor"))
+            else:
+                skipped.append((name, why))
+        elif hasattr(module, "set_processor") and name:
+            skipped.append((name, f"{type(module).__name__}: only diffusers' Attention modules get fastdiff's "
+                                  "processor"))
+        elif type(module).__name__.startswith("Resnet"):
+            skipped.append((name, f"{type(module).__name__} is not fused"))
+    if channels_last:
+        state.channels_last = _to_channels_last(model)
+    state.report = PatchReport(tuple(patched), tuple(skipped), channels_last)
+    model.__dict__[_STATE] = state
+    if skipped:
+        listed = "\n".join(f"  {name}: {why}" for name, why in skipped)
+        warnings.warn(
+            f"fastdiff.patch left {len(skipped)} block(s) of {type(model).__name__} unpatched "
+            f"({len(patched)} patched):\n{listed}",
+            PatchWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` in place: original block classes, attention processors and weight layouts.
+
+    The model's outputs are then bit-equal to those before patching. Unpatching a model that is not
+    patched does nothing; anything but a diffusers UNet raises TypeError. Returns the same model.
+    """
+    _check_model(model, "fastdiff.unpatch")
+    state = model.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    for module, cls in state.resnets:
+        module.__class__ = cls
+        module.__dict__.pop("fastdiff_backend", None)
+    for module, original in state.processors:
+        module.set_processor(original)
+    for t in state.channels_last:
+        t.data = t.data.contiguous()
+    return model
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    """The :class:`PatchReport` of a patched model, or None when it is not patched."""
+    state = getattr(model, "__dict__", {}).get(_STATE)
+    return None if state is None else state.report

@@ -1,0 +1,366 @@
+"""fastdiff.patch / fastdiff.unpatch on diffusers UNets: same outputs, exact undo, honest reports.
+
+Every model is random-init (seeded) from a config; nothing is downloaded. Outputs follow the
+dtype rule of shared/STYLE.md end to end: err(patched) <= 2 * err(unpatched eager, same dtype) +
+floor(dtype), both against the unpatched model in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from baselines import design_unet
+from conftest import DTYPES, assert_within_eager_bound
+from torch import nn
+
+import fastdiff
+from fastdiff import _native
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
+from diffusers import UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: E402
+from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D  # noqa: E402
+
+from fastdiff.integrations._diffusers_modules import FastdiffAttnProcessor  # noqa: E402
+from fastdiff.integrations.diffusers import PatchReport, PatchWarning, patch_report  # noqa: E402
+
+NATIVE = _native.status()["built"]
+# The native kernels when built, else the reference: the numbers follow the same rule either way.
+BACKENDS = ["auto", "reference"]
+
+
+def small_unet(**overrides) -> UNet2DModel:
+    """A small UNet2DModel: "default" time embedding, resnet up/down sampling, shortcut convs, a prime
+    size (8x10 latents), attention heads of 8, output_scale_factor 2, dropout (inactive in eval)."""
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=(8, 10), in_channels=3, out_channels=5, layers_per_block=1,
+        block_out_channels=(24, 48), norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="default", dropout=0.1,
+    )
+    config.update(overrides)
+    model = UNet2DModel(**config).eval()
+    for resnet in (m for m in model.modules() if isinstance(m, ResnetBlock2D)):
+        resnet.output_scale_factor = 2.0
+    return model
+
+
+def cond_unet(**overrides) -> UNet2DConditionModel:
+    """A small UNet2DConditionModel with self- and cross-attention (7 context tokens of width 40)."""
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=40,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
+
+
+def cond_unet_variant() -> UNet2DConditionModel:
+    model = cond_unet(resnet_time_scale_shift="scale_shift", resnet_skip_time_act=True, resnet_out_scale_factor=1.5)
+    model.set_attn_processor(AttnProcessor())
+    return model
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """diffusers initializes GroupNorm to ones/zeros; fresh values make a swapped weight or bias visible."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model
+
+
+def _inputs(model: nn.Module, batch: int = 3) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(2)
+    cfg = model.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+    x = torch.randn(batch, cfg.in_channels, *size, generator=g)
+    kwargs = {"timestep": torch.tensor([1, 500, 999, 250][:batch])}
+    if isinstance(model, UNet2DConditionModel):
+        kwargs["encoder_hidden_states"] = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    elif cfg.num_class_embeds is not None:
+        kwargs["class_labels"] = torch.tensor([0, 10, 3, 7][:batch])
+    return x, kwargs
+
+
+def _run(model: nn.Module, x: torch.Tensor, kwargs: dict, dtype: torch.dtype) -> torch.Tensor:
+    kwargs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        return model(x.to(dtype), **kwargs).sample
+
+
+@functools.cache
+def _outputs_unpatched(make, dtype: torch.dtype) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """(x, kwargs, the unpatched model's output in ``dtype``), cached: the float64 run is the costly one."""
+    model = _randomize(make()).to(dtype)
+    x, kwargs = _inputs(model)
+    return x, kwargs, _run(model, x, kwargs, dtype)
+
+
+def _check_matches(make, dtype: torch.dtype, channels_last: bool = False, backend: str = "auto") -> nn.Module:
+    x, kwargs, exact = _outputs_unpatched(make, torch.float64)
+    eager = _outputs_unpatched(make, dtype)[2]
+    model = _randomize(make()).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchWarning)  # these configs patch fully
+        fastdiff.patch(model, channels_last=channels_last, backend=backend)
+    out = _run(model, x, kwargs, dtype)
+    assert_within_eager_bound(out, eager, exact, f"{type(model).__name__} {dtype} channels_last={channels_last}")
+    return model
+
+
+# ---- numbers --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_design_unet_matches_unpatched(dtype, channels_last):
+    model = _check_matches(design_unet, dtype, channels_last)
+    report = patch_report(model)
+    assert len(report.patched) == 28 and report.skipped == ()  # 22 ResnetBlock2D + 6 Attention
+    assert report.channels_last is channels_last
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_unet_default_time_norm_resnet_up_down(dtype, backend):
+    model = _check_matches(small_unet, dtype, backend=backend)
+    resnets = [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    assert {m.time_embedding_norm for m in resnets} == {"default"}
+    assert any(m.up for m in resnets) and any(m.down for m in resnets) and any(m.conv_shortcut for m in resnets)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_attention_unet_matches_unpatched(dtype, channels_last):
+    model = _check_matches(cond_unet, dtype, channels_last)
+    kinds = [what for _, what in patch_report(model).patched if what.startswith("Attention")]
+    assert any("(cross)" in k for k in kinds) and any("(self)" in k for k in kinds)
+
+
+def test_cross_attention_unet_variants():
+    """scale_shift, skip_time_act, an output scale factor, the classic AttnProcessor (attn.scale)."""
+    _check_matches(cond_unet_variant, torch.float32)
+
+
+def test_attention_without_scale_qk_uses_the_original_processors_scale():
+    """AttnProcessor scales scores by attn.scale (1 without scale_qk); AttnProcessor2_0 by 1/sqrt(D)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 5, 3)
+    for processor in (AttnProcessor(), AttnProcessor2_0()):
+        attn = Attention(32, heads=4, dim_head=8, norm_num_groups=8, scale_qk=False, residual_connection=True,
+                         rescale_output_factor=1.7).eval()
+        attn.set_processor(processor)
+        with torch.no_grad():
+            expected = attn(x)
+            attn.set_processor(FastdiffAttnProcessor(processor))
+            got = attn(x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_with_patched_model_and_class_labels():
+    """fastdiff.sample drives a patched diffusers model (a .sample output, class labels, CFG)."""
+    model = _randomize(small_unet(num_class_embeds=11, out_channels=3))
+    y = torch.tensor([1, 4])
+    args = dict(shape=(2, 3, 8, 10), steps=4, cfg=4.0, cond={"class_labels": y},
+                uncond={"class_labels": torch.full_like(y, 10)}, generator=0)
+    expected = fastdiff.sample(model, **args)
+    fastdiff.patch(model)
+    got = fastdiff.sample(model, **args)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    fastdiff.patch(model, channels_last=True)
+    torch.testing.assert_close(fastdiff.sample(model, **args), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_match_in_training_mode():
+    """The fused ops are differentiable: a patched model trains like the original (dropout 0)."""
+    model = _randomize(cond_unet()).train()
+    x, kwargs = _inputs(model)
+    twin = copy.deepcopy(model)
+    fastdiff.patch(twin)
+    for m in (model, twin):
+        m(x, **kwargs).sample.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---- undo, idempotence, state --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [design_unet, cond_unet], ids=["UNet2DModel", "UNet2DConditionModel"])
+def test_unpatch_restores_bit_equal_outputs(make):
+    model = _randomize(make())
+    x, kwargs = _inputs(model)
+    before = _run(model, x, kwargs, torch.float32)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    processors = {name: m.processor for name, m in model.named_modules() if isinstance(m, Attention)}
+    strides = {name: p.stride() for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+
+    fastdiff.patch(model, channels_last=True)
+    assert list(model.state_dict()) == keys
+    assert any(type(m).__name__ == "FusedResnetBlock2D" for m in model.modules())
+    assert fastdiff.unpatch(model) is model
+
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            assert m.processor is processors[name]
+        assert "fastdiff_backend" not in m.__dict__
+    assert {name: p.stride() for name, p in model.named_parameters()} == strides
+    assert patch_report(model) is None
+    assert torch.equal(_run(model, x, kwargs, torch.float32), before)
+    fastdiff.unpatch(model)  # unpatching an unpatched model does nothing
+
+
+def test_patching_twice_is_patching_once():
+    model = _randomize(small_unet())
+    x, kwargs = _inputs(model)
+    before = _run(model, x, kwargs, torch.float32)
+    once = _run(fastdiff.patch(model), x, kwargs, torch.float32)
+    report = patch_report(model)
+    assert fastdiff.patch(model) is model
+    assert torch.equal(_run(model, x, kwargs, torch.float32), once)
+    assert patch_report(model) == report
+    for m in model.modules():
+        if isinstance(m, Attention):
+            assert type(m.processor.original) is AttnProcessor2_0  # not a fastdiff processor wrapped twice
+    fastdiff.patch(model, channels_last=True)
+    fastdiff.patch(model, channels_last=True)
+    fastdiff.unpatch(model)
+    assert torch.equal(_run(model, x, kwargs, torch.float32), before)
+
+
+def test_patched_model_loads_and_saves_the_same_state_dict():
+    model, twin = design_unet(), _randomize(design_unet())
+    fastdiff.patch(model)
+    model.load_state_dict(twin.state_dict())
+    x, kwargs = _inputs(model)
+    torch.testing.assert_close(_run(model, x, kwargs, torch.float32), _run(twin, x, kwargs, torch.float32),
+                               rtol=1e-5, atol=1e-5)
+    assert model.state_dict().keys() == twin.state_dict().keys()
+
+
+def test_repr_shows_what_is_patched():
+    model = fastdiff.patch(small_unet())
+    text = repr(model)
+    assert "FusedResnetBlock2D(" in text and "ResnetBlock2D(" not in text.replace("FusedResnetBlock2D(", "")
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    assert repr(attn.processor) == "FastdiffAttnProcessor(original=AttnProcessor2_0, backend='auto')"
+    assert str(patch_report(model)).startswith("fastdiff.patch: 14 blocks patched, 0 left alone")
+
+
+# ---- what is left alone ---------------------------------------------------------------------------
+
+
+def test_non_silu_activation_is_left_alone_and_reported():
+    model = _randomize(small_unet(act_fn="mish"))
+    x, kwargs = _inputs(model)
+    before = _run(model, x, kwargs, torch.float32)
+    with pytest.warns(PatchWarning, match="activation Mish: only SiLU is fused"):
+        fastdiff.patch(model)
+    report = patch_report(model)
+    assert all("resnets" in name or "downsamplers" in name or "upsamplers" in name for name, _ in report.skipped)
+    assert len(report.skipped) == 10 and len(report.patched) == 4  # the attention still runs fastdiff's processor
+    assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
+    torch.testing.assert_close(_run(model, x, kwargs, torch.float32), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["ada_group", "spatial"])
+def test_cond_norm_resnets_are_left_alone_and_reported(norm):
+    model = small_unet(block_out_channels=(32, 64))  # SpatialNorm has 32 groups
+    torch.manual_seed(0)
+    block = ResnetBlockCondNorm2D(in_channels=64, temb_channels=128, groups=8, time_embedding_norm=norm).eval()
+    model.mid_block.resnets[0] = block
+    with pytest.warns(PatchWarning, match=f"ResnetBlockCondNorm2D \\(time_embedding_norm '{norm}'\\) is not fused"):
+        fastdiff.patch(model)
+    assert [name for name, _ in patch_report(model).skipped] == ["mid_block.resnets.0"]
+    assert model.mid_block.resnets[0] is block and type(block) is ResnetBlockCondNorm2D
+
+
+def test_custom_processor_and_subclassed_block_are_left_alone():
+    class MyProcessor(AttnProcessor2_0):
+        pass
+
+    class MyResnet(ResnetBlock2D):
+        pass
+
+    model = small_unet()
+    attn = model.down_blocks[0].attentions[0]
+    mine = MyProcessor()
+    attn.set_processor(mine)
+    model.down_blocks[1].resnets[0].__class__ = MyResnet
+    with pytest.warns(PatchWarning) as caught:
+        fastdiff.patch(model)
+    message = str(caught[0].message)
+    assert "down_blocks.0.attentions.0: processor MyProcessor is not diffusers' default" in message
+    assert "down_blocks.1.resnets.0: MyResnet subclasses ResnetBlock2D" in message
+    assert attn.processor is mine and type(model.down_blocks[1].resnets[0]) is MyResnet
+    fastdiff.unpatch(model)
+    assert attn.processor is mine
+
+
+def test_attention_mask_falls_back_to_the_original_processor():
+    torch.manual_seed(0)
+    attn = Attention(16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    original = attn.processor
+    x, context = torch.randn(2, 5, 16), torch.randn(2, 3, 12)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        expected = attn(x, context, attention_mask=mask)
+        attn.set_processor(FastdiffAttnProcessor(original))
+        with pytest.warns(UserWarning, match="attention masks are not fused"):
+            got = attn(x, context, attention_mask=mask)
+        no_mask = attn(x, context)
+        attn.set_processor(original)
+        no_mask_expected = attn(x, context)
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(no_mask, no_mask_expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [nn.Linear(2, 2), "unet", None])
+@pytest.mark.parametrize("fn", [fastdiff.patch, fastdiff.unpatch], ids=["patch", "unpatch"])
+def test_not_a_diffusers_unet_raises_type_error(fn, bad):
+    with pytest.raises(TypeError, match="model must be a diffusers UNet2DModel or UNet2DConditionModel, got"):
+        fn(bad)
+
+
+def test_bad_options_raise():
+    model = small_unet()
+    with pytest.raises(TypeError, match="channels_last must be a bool, got str"):
+        fastdiff.patch(model, channels_last="yes")
+    with pytest.raises(ValueError, match="backend"):
+        fastdiff.patch(model, backend="fastest")
+    assert patch_report(model) is None
+    assert isinstance(fastdiff.patch(model), UNet2DModel) and isinstance(patch_report(model), PatchReport)
+
+
+@pytest.mark.skipif(not NATIVE, reason=f"fastdiff._C not built: {_native.status()['reason']}")
+def test_auto_runs_the_native_kernel_in_patched_blocks(monkeypatch):
+    """With _C built, the patched blocks call fastdiff's native op, not a reference fallback."""
+    calls = []
+    native = torch.ops.fastdiff.group_norm_adagn
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return native(*args)
+
+    monkeypatch.setattr(torch.ops.fastdiff, "group_norm_adagn", Spy())
+    model = fastdiff.patch(small_unet())
+    x, kwargs = _inputs(model)
+    _run(model, x, kwargs, torch.float32)
+    assert len(calls) == 2 * 10 + 4  # two per ResnetBlock2D, one per Attention group_norm
