@@ -76,12 +76,14 @@ class InterpreterTraffic:
         return sum(self._in(a, tensor).size * size for a, size in events)
 
     def unique_bytes(self, kind: str, tensor: torch.Tensor | None = None) -> int:
-        """Like :meth:`bytes`, but each address counted once: the footprint, not the traffic."""
+        """Like :meth:`bytes`, but each address counted once: the footprint, not the traffic.
+        Accesses of different element sizes (a float32 workspace beside 16-bit data) are kept apart."""
         events = self.loads if kind == "load" else self.stores
-        if not events:
-            return 0
-        size = events[0][1]
-        return int(np.unique(np.concatenate([self._in(a, tensor) for a, _ in events])).size) * size
+        total = 0
+        for size in {s for _, s in events}:
+            addresses = np.concatenate([self._in(a, tensor) for a, s in events if s == size])
+            total += int(np.unique(addresses).size) * size
+        return total
 
 
 @contextlib.contextmanager
