@@ -133,11 +133,11 @@ def _triton_kernels() -> tuple[list, str | None]:
         return [], "triton is not installed"
     from .triton import aot
 
-    if not aot.cache_path().exists():
+    if not all(aot.cache_path(op=op).exists() for op in aot.FAMILIES):
         print("fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
               file=sys.stderr, flush=True)
     try:
-        return aot.attention_report(), None
+        return aot.report(), None
     except Exception as e:  # a broken toolchain must not take `fastdiff info` down with it
         return [], f"the ahead-of-time build failed: {str(e).strip().splitlines()[-1]}"
 
