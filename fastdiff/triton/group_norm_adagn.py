@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -367,31 +368,39 @@ def plan(
     return Plan("split", block_c, block_s, _warps(block_c * block_s, 16), splits)
 
 
-# The plans the AOT report compiles (fastdiff.triton.aot): the largest fused tile (the register
-# limit), a small one, and the split path's tile in each memory format's shape.
+# The builds the AOT report compiles (fastdiff.triton.aot), each with an example (B, C, S) and G
+# whose strides the JIT would specialize on: the largest fused tile (the register limit) in both
+# memory formats, a small fused tile with odd sizes (no divisibility hints), and the split path's
+# tiles in each memory format's shape, at Stable Diffusion's 64x64 level (C = 320, G = 32).
 AOT_PLANS = (
-    ("nchw", Plan("fused", 16, 1024, 16)),
-    ("channels_last", Plan("fused", 16, 1024, 16)),
-    ("nchw", Plan("fused", 4, 64, 1)),
-    ("nchw", Plan("split", 1, 4096, 8, 16)),
-    ("channels_last", Plan("split", 16, 256, 8, 16)),
+    ("nchw", (2, 320, 1024), 32, Plan("fused", 16, 1024, 16)),
+    ("channels_last", (2, 320, 1024), 32, Plan("fused", 16, 1024, 16)),
+    ("nchw", (3, 96, 63), 32, Plan("fused", 4, 64, 1)),
+    ("nchw", (2, 320, 4096), 32, Plan("split", 1, 4096, 8, 16)),
+    ("channels_last", (2, 320, 4096), 32, Plan("split", 16, 256, 8, 16)),
 )
 
 
 # ---- the launcher ----------------------------------------------------------------------------------
 
 
-def _views(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _views(x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x as (B, C, S), without copying when its spatial dims merge (else a copy in its suggested
-    format); the output, allocated in x's suggested format, and its (B, C, S) view."""
-    B, C = x.shape[0], x.shape[1]
+    format); the output in x's suggested format (``out`` if given, checked), and its (B, C, S) view."""
+    B, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     fmt = suggest_memory_format(x)  # Tensor.suggest_memory_format, as the native op and its Meta kernel
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    expected = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    if out is None:
+        out = expected
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != expected.stride():
+        raise ValueError(f"group_norm_adagn (triton): out must be a {tuple(x.shape)} {x.dtype} tensor on {x.device} "
+                         f"with strides {expected.stride()} (x's suggested memory format), got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device} with strides {out.stride()}")
     try:
-        x3 = x.view(B, C, -1)
+        x3 = x.view(B, C, S)
     except RuntimeError:  # spatial dims that do not merge into one stride: one copy, as the native op
-        x3 = x.contiguous(memory_format=fmt).view(B, C, -1)
-    return x3, out, out.view(B, C, -1)
+        x3 = x.contiguous(memory_format=fmt).view(B, C, S)
+    return x3, out, out.view(B, C, S)
 
 
 def sample_extent(x: torch.Tensor) -> int:
@@ -474,6 +483,7 @@ def group_norm_adagn(
     eps: float = 1e-5,
     silu: bool = False,
     *,
+    out: torch.Tensor | None = None,
     two_kernel: bool | None = None,
     tile: int | None = None,
     splits: int | None = None,
@@ -482,14 +492,15 @@ def group_norm_adagn(
 
     x (B, C, *spatial) float32/float16/bfloat16 on a CUDA device (or the CPU under
     TRITON_INTERPRET=1); weight/bias (C,), scale/shift/pre_shift (B, C), each in x's dtype or
-    float32. Returns x's shape and dtype in x's suggested memory format. ``two_kernel``, ``tile``
-    and ``splits`` force a launch plan (see :func:`plan`); by default the size decides.
+    float32. Returns x's shape and dtype in x's suggested memory format: a new tensor, or ``out``
+    (which must have exactly that shape, dtype and strides). ``two_kernel``, ``tile`` and ``splits``
+    force a launch plan (see :func:`plan`); by default the size decides.
     """
     parts = dict(zip(PARTS, (weight, bias, scale, shift, pre_shift), strict=True))
     _check(x, num_groups, parts)
+    x3, out, out3 = _views(x, out)
     if x.numel() == 0:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
-    x3, out, out3 = _views(x)
+        return out
     B, C, S = x3.shape
     cpg = C // num_groups
     channels_last = x3.stride(1) == 1 and C > 1
