@@ -114,6 +114,9 @@ def test_part_kinds_in_16_bit(dtype, path, triton_device):
                                                                f"{activation}")
 
 
+# The split path's masked lanes hold (0 - mean) * a, far out here, and SiLU's exp overflows there
+# (to inf, giving -0, never stored); numpy says so.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_large_mean_small_spread(path, triton_device):
     """|mean| >> std: E[u^2] - E[u]^2 would cancel to noise; centered moments do not."""
