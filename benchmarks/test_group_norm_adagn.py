@@ -6,9 +6,17 @@ timed region), fastdiff's reference, fastdiff's native op, and a plain copy of x
 bandwidth ceiling. GB/s counts the bytes any implementation must move (read x once, write the output
 once), so the providers compare on one scale; the fused CPU kernel actually reads x twice (once for
 the statistics, once from cache for the epilogue). Run once per memory format (NCHW, channels_last).
+
+GPU groups (skip without a GPU, with the reason), fp16, G = 32, per memory format: (2, 320, 64, 64),
+whose groups of 40960 values take the Triton statistics + apply pair (x read twice), and
+(2, 320, 32, 32), whose groups of 10240 fit one fused program (x read once). Providers: the eager
+baseline, torch.compile of it, fastdiff's Triton kernels (backend="triton") and its native CUDA
+kernel (backend="cuda", when fastdiff._C was compiled with CUDA). Same GB/s scale as above.
 """
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -17,6 +25,7 @@ from baselines import eager_group_norm_scale_shift_silu
 
 import fastdiff
 from fastdiff.backends import select_backend
+from fastdiff.ops import group_norm_adagn
 from fastdiff.reference import group_norm_adagn as reference_group_norm_adagn
 
 SHAPE = (2, 320, 64, 64)
@@ -65,3 +74,45 @@ def test_group_norm_adagn(benchmark, provider, layout):
     benchmark(timed(run))
     nbytes = 2 * x.numel() * x.element_size()
     benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+
+
+needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: no CUDA device here")
+GPU_SHAPES = {"64x64 (triton: split path)": (2, 320, 64, 64), "32x32 (triton: fused path)": (2, 320, 32, 32)}
+GPU_PROVIDERS = [BASELINE, "torch.compile(eager)", "triton", "cuda"]
+
+
+def _gpu_inputs(shape, layout: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=DEVICE, dtype=torch.float16)
+    x = x.contiguous(memory_format=LAYOUTS[layout])
+    scale, shift = (torch.randn(shape[:2], generator=g).to(device=DEVICE, dtype=torch.float16) for _ in range(2))
+    return x, scale, shift
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
+@pytest.mark.parametrize("name", list(GPU_SHAPES))
+def test_group_norm_adagn_gpu(benchmark, name, provider, layout):
+    shape = GPU_SHAPES[name]
+    x, scale, shift = _gpu_inputs(shape, layout)
+    if provider in ("triton", "cuda"):
+        support = sys.modules["fastdiff.ops.group_norm_adagn"].SUPPORT
+        reasons = support.why_not(provider, {"x": x, "scale": scale, "shift": shift})
+        if reasons:
+            pytest.skip(f"{provider} cannot run here: {'; '.join(reasons)}")
+
+        def run():
+            return group_norm_adagn(x, GROUPS, scale=scale, shift=shift, activation="silu", backend=provider)
+    else:
+        run = _make(provider, x, scale, shift)
+    run = timed(run)
+    out = run()  # warm-up: compiles the Triton kernels and torch.compile's graph outside the timed region
+    expected = reference_group_norm_adagn(x, GROUPS, scale=scale, shift=shift, activation="silu")
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)  # fp16 outputs: a rounding or two apart
+    assert out.is_contiguous(memory_format=LAYOUTS[layout])
+    benchmark.group = f"group_norm_adagn {shape} G={GROUPS} fp16 {layout} (GPU)"
+    benchmark.extra_info.update(provider=provider, baseline=BASELINE)
+    benchmark(run)
+    nbytes = 2 * x.numel() * x.element_size()
+    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)

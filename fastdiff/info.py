@@ -106,11 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = collect()
     kernels = native_kernels() if args.kernels else None
     triton_kernels, triton_reason = _triton_kernels() if args.kernels else ([], None)
-    other_kernels = _other_triton_kernels() if args.kernels and not triton_reason else []
     if args.json:
         if kernels is not None:
             report["kernels"] = [dataclasses.asdict(k) for k in kernels]
-            report["triton_kernels"] = [dataclasses.asdict(k) for k in triton_kernels + sum(other_kernels, [])]
+            report["triton_kernels"] = [dataclasses.asdict(k) for k in triton_kernels]
         print(json.dumps(report, indent=2, default=str))
     else:
         print(format_report(report))
@@ -124,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from .triton.aot import format_triton_kernels
 
                 print(format_triton_kernels(triton_kernels))
-                for rows in other_kernels:
-                    print(format_triton_kernels(rows))
     sys.stdout.flush()
     return 0
 
@@ -136,30 +133,13 @@ def _triton_kernels() -> tuple[list, str | None]:
         return [], "triton is not installed"
     from .triton import aot
 
-    if not aot.cache_path().exists():
+    if not all(aot.cache_path(op=op).exists() for op in aot.FAMILIES):
         print("fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
               file=sys.stderr, flush=True)
     try:
-        return aot.attention_report(), None
+        return aot.report(), None
     except Exception as e:  # a broken toolchain must not take `fastdiff info` down with it
         return [], f"the ahead-of-time build failed: {str(e).strip().splitlines()[-1]}"
-
-
-
-def _other_triton_kernels() -> list[list]:
-    """The AOT reports of the other registered Triton kernels (fastdiff.triton.aot.KERNELS), one
-    list of builds each; a kernel whose build fails is left out rather than failing `info`."""
-    from .triton import aot
-
-    reports = []
-    for name in aot.KERNELS:
-        try:
-            reports.append(aot.kernel_report(name))
-        except Exception as e:
-            print(f"fastdiff info: the {name} Triton builds failed: {str(e).strip().splitlines()[-1]}",
-                  file=sys.stderr)
-    return reports
-
 
 
 if __name__ == "__main__":

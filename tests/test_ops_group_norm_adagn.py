@@ -451,10 +451,16 @@ def test_native_backends_refuse_parts_in_a_third_dtype_and_auto_falls_back():
         group_norm_adagn(x, 4, scale=scale, backend="cpu")
 
 
-def test_explicit_backend_refusal_lists_every_reason():
+def test_explicit_backend_refusal_lists_every_reason(monkeypatch):
     x = torch.randn(2, 8, 3, 3)
-    with pytest.raises(BackendUnavailableError, match=r"backend='triton'.*not implemented for this op yet"):
-        group_norm_adagn(x, 4, backend="triton")
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "0")  # as on a machine where the interpreter is not asked for
+        with pytest.raises(BackendUnavailableError, match=r"backend='triton' cannot run") as info:
+            group_norm_adagn(x.double(), 4, scale=torch.randn(2, 8).half(), backend="triton")
+    assert "x is on cpu, the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)" in \
+        info.value.reasons
+    assert "x dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in info.value.reasons
+    assert "scale dtype torch.float16 must be x's dtype (torch.float64) or float32" in info.value.reasons
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the cuda backend's refusal is tested where there is none")
     with pytest.raises(BackendUnavailableError) as info:
@@ -467,6 +473,32 @@ def test_explicit_backend_refusal_lists_every_reason():
         assert "x is on cpu, cuda backend needs CUDA tensors" in info.value.reasons
     else:
         assert any(r.startswith("CUDA not compiled into fastdiff._C") for r in info.value.reasons)
+
+
+def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(monkeypatch):
+    """On a GPU (faked: FakeTensor CUDA tensors, is_available patched) with fastdiff._C built without
+    CUDA (its status patched), auto dispatches to the Triton kernels; float64 falls back to the
+    reference. The Triton op's fake impl gives the output without running anything."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastdiff.backends
+
+    status = dict(_native.status(), cuda_compiled=False, cuda_skipped_reason="simulated: built without nvcc")
+    monkeypatch.setattr(_native, "status", lambda: status)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
+    with FakeTensorMode():
+        x = torch.empty(2, 64, 64, 320, device="cuda", dtype=torch.float16).permute(0, 3, 1, 2)  # channels_last
+        scale = torch.empty(2, 320, device="cuda", dtype=torch.float32)
+        inputs = {"x": x, "scale": scale}
+        assert any("CUDA not compiled into fastdiff._C" in r or "fastdiff._C not built" in r
+                   for r in SUPPORT.why_not("cuda", inputs))
+        assert select_backend("group_norm_adagn", "auto", inputs) == "triton"
+        out = group_norm_adagn(x, 32, scale=scale, activation="silu")
+        assert out.shape == x.shape and out.device.type == "cuda" and out.dtype == torch.float16
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert select_backend("group_norm_adagn", "auto", {"x": x.double()}) == "reference"
 
 
 # ---- GPU tier: runs wherever a CUDA device is present ---------------------------------------------

@@ -1,5 +1,7 @@
-"""Every Triton attention build compiled for sm_80 and sm_90 without a GPU: no spills, tensor-core
-MMA in the SASS, shared memory within what the GPUs offer (fastdiff.triton.aot).
+"""Every Triton build compiled for sm_80 and sm_90 without a GPU (fastdiff.triton.aot): attention's
+with no spills, tensor-core MMA in the SASS and shared memory within what the GPUs offer;
+group_norm_adagn's (fused, statistics and apply kernels) with no spills and registers that let a
+block of their warps launch.
 
 The first run compiles the builds in a child process (about a minute and a half on 2 cores) and
 caches the report (FASTDIFF_CACHE_DIR, default ~/.cache/fastdiff); later runs read the cache
@@ -22,6 +24,13 @@ from fastdiff.triton import attention as triton_attention  # noqa: E402
 @pytest.fixture(scope="module")
 def report() -> list[aot.TritonBuild]:
     rows = aot.attention_report()
+    assert rows, "no builds"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def gn_report() -> list[aot.TritonBuild]:
+    rows = aot.report("group_norm_adagn")
     assert rows, "no builds"
     return rows
 
@@ -92,20 +101,63 @@ def test_specialization_follows_the_jit():
     assert signature["qk_scale"] == "fp32" and signature["HEAD_DIM"] == "constexpr"
 
 
-def test_info_kernels_prints_the_triton_report(report, capsys):
+def test_info_kernels_prints_the_triton_report(report, gn_report, capsys):
     assert main(["--kernels"]) == 0
     out = capsys.readouterr().out
     assert "Triton kernels (compiled ahead of time for sm_80 and sm_90" in out
     assert re.search(r"_attention_fwd_kernel\s+sm_90a\s+float16\s+40", out)
-    assert f"{len(report)} Triton builds, 0 bytes of spills in all, 0 without tensor-core MMA" in out
+    assert f"attention: {len(report)} Triton builds, 0 bytes of spills in all, 0 without tensor-core MMA" in out
+    assert re.search(r"_group_norm_adagn_fused_kernel\s+sm_90a\s+bfloat16\s+fused-C16-S1024-w16\s+channels_last", out)
+    assert f"group_norm_adagn: {len(gn_report)} Triton builds, 0 bytes of spills in all\n" in out
 
 
-# ---- the other registered kernels (fastdiff.triton.aot.KERNELS) -----------------------------------
+# ---- group_norm_adagn ------------------------------------------------------------------------------
+
+
+def _gn_label(r: aot.TritonBuild) -> str:
+    return f"{r.kernel} {r.arch} {r.dtype} {r.config} {r.layout}"
+
+
+def test_every_group_norm_adagn_kernel_was_built_for_every_arch(gn_report):
+    built = {(r.kernel, r.arch, r.dtype, r.config, r.layout) for r in gn_report}
+    expected = {
+        (f"_group_norm_adagn_{kernel}_kernel", aot._compat.sm_arch(arch), str(dtype)[6:], str(plan), layout)
+        for arch, dtype, layout, _, _, plan, kernel in aot.group_norm_adagn_builds()
+    }
+    assert built == expected
+    assert len(expected) == 2 * 3 * 7  # archs x dtypes x (3 fused plans + 2 split plans of 2 kernels)
+    assert all(r.op == "group_norm_adagn" for r in gn_report)
+
+
+def test_no_group_norm_adagn_build_spills(gn_report):
+    spilled = [f"{_gn_label(r)}: {r.spills} B, stack {r.stack_bytes} B" for r in gn_report if r.spills or r.stack_bytes]
+    assert not spilled, spilled
+
+
+def test_group_norm_adagn_blocks_fit_the_register_file(gn_report):
+    """Registers per thread as Triton's cubin has them, and few enough that a block of the plan's
+    warps fits an SM's 64K registers (the 16-warp fused tile is the tightest: at most 128)."""
+    warps = {str(plan): plan.num_warps for *_, plan, _ in aot.group_norm_adagn_builds()}
+    for r in gn_report:
+        assert r.registers == r.cubin_registers, _gn_label(r)
+        assert 0 < r.registers * 32 * warps[r.config] <= 65536, _gn_label(r)
+        assert r.shared_bytes <= aot.SHARED_LIMITS[86], _gn_label(r)  # reductions only: a few bytes
+        assert not r.mma, _gn_label(r)  # no dots
+
+
+def test_report_families_are_a_registry():
+    """Each op registers its builds once; a family's cache key covers its kernels' source."""
+    assert set(aot.FAMILIES) >= {"attention", "group_norm_adagn", "sampler_step"}
+    assert aot.cache_path(op="attention") != aot.cache_path(op="group_norm_adagn")
+    assert aot.cache_path(op="group_norm_adagn").name.startswith("triton_aot_group_norm_adagn_")
+
+
+# ---- sampler_step -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def sampler_step_report() -> list[aot.TritonBuild]:
-    rows = aot.kernel_report("sampler_step")
+    rows = aot.report("sampler_step")
     assert rows, "no builds"
     return rows
 
@@ -134,4 +186,4 @@ def test_info_kernels_prints_the_sampler_step_report(sampler_step_report, capsys
     assert main(["--kernels"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"_sampler_step_kernel\s+sm_90a\s+float16", out)
-    assert f"{len(sampler_step_report)} Triton builds, 0 bytes of spills in all, no dots (no MMA expected)" in out
+    assert f"sampler_step: {len(sampler_step_report)} Triton builds, 0 bytes of spills in all\n" in out

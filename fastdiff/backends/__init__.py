@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _native
+from ..triton import interpreter_mismatch, interpreting
 
 __all__ = [
     "AUTO",
@@ -43,6 +44,7 @@ __all__ = [
     "native_reasons",
     "native_support",
     "not_implemented",
+    "triton_reasons",
 ]
 
 AUTO = "auto"
@@ -299,6 +301,43 @@ def native_support(op: str, device_type: str, dtypes: Sequence[torch.dtype]) -> 
     def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
         return native_reasons(op, device_type, dtypes, inputs)
 
+    return reasons
+
+
+_triton_found: list[str] = []
+
+
+def triton_reasons(
+    inputs: Mapping[str, torch.Tensor] | None, dtypes: Sequence[torch.dtype], dtype_checked: Sequence[str] | None = None
+) -> list[str]:
+    """The reasons every Triton backend shares: Triton missing, TRITON_INTERPRET flipped after the
+    import, no GPU, and per input its device and (for the names in ``dtype_checked``, default all)
+    its dtype against ``dtypes``. CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1,
+    only when asked for by name: auto never picks the interpreter (an :class:`ExplicitOnly`
+    reason, last), it is a test tool. Never imports Triton."""
+    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
+        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
+    reasons = [r for r in _triton_found if r]
+    interpreted = interpreting()
+    if interpreted and (why := interpreter_mismatch()) is not None:
+        reasons.append(why)
+    if inputs is None:
+        if not interpreted and not torch.cuda.is_available():
+            reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
+                           "kernel in Triton's CPU interpreter)")
+        return reasons
+    on_cpu = []
+    for name, t in inputs.items():
+        if t.device.type == "cpu" and interpreted:
+            on_cpu.append(name)
+        elif t.device.type != "cuda":
+            reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
+                           "under TRITON_INTERPRET=1)")
+        if (dtype_checked is None or name in dtype_checked) and t.dtype not in dtypes:
+            reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(dtypes)})")
+    if on_cpu:
+        reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
+                                    "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
     return reasons
 
 

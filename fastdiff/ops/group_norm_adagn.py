@@ -5,6 +5,11 @@ cpu, cuda: torch.ops.fastdiff.group_norm_adagn from fastdiff._C (csrc/cpu, csrc/
 merge, the coefficient fold and the epilogue are csrc/common/group_norm_adagn.h, shared by both).
 Its Meta kernel lives in C++ too, so FakeTensor and torch.compile see through the op; the autograd
 formula is registered here once _C loads.
+triton: fastdiff.triton.group_norm_adagn (one kernel per (sample, group) when the group fits in
+registers, else a statistics + apply pair), registered below as the torch op
+``fastdiff::group_norm_adagn_triton`` (custom_op + fake impl + the same autograd formula). Its
+implementation imports Triton on first use only. CUDA tensors; CPU tensors only in Triton's
+interpreter (TRITON_INTERPRET=1) and only when asked for by name.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from collections.abc import Mapping
 from types import ModuleType
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from .. import _native
-from ..backends import OpSupport, always_available, native_reasons, not_implemented, register_op, select_backend
+from ..backends import OpSupport, always_available, native_reasons, register_op, select_backend, triton_reasons
 from ..reference.group_norm_adagn import check_group_norm_adagn_args
 from ..reference.group_norm_adagn import group_norm_adagn as _reference_group_norm_adagn
 
@@ -23,7 +29,21 @@ __all__ = ["group_norm_adagn"]
 
 OP = "group_norm_adagn"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What the Triton kernels accept (fastdiff.triton.group_norm_adagn checks the same; kept here so that
+# asking the triton backend why it refuses never imports Triton).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
+_INT32_MAX = 2**31 - 1
+
+
+def _part_dtype_reasons(inputs: Mapping[str, torch.Tensor]) -> list[str]:
+    x = inputs["x"]
+    found = []
+    for name in PARTS:
+        part = inputs.get(name)
+        if part is not None and part.dtype != x.dtype and part.dtype != torch.float32:
+            found.append(f"{name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32")
+    return found
 
 
 def _native_support(device_type: str):
@@ -32,14 +52,24 @@ def _native_support(device_type: str):
             return native_reasons(OP, device_type, NATIVE_DTYPES, None)
         # The parts share x's device (validated before dispatch), so only x goes through the generic
         # device/dtype checks; the parts' own dtype rule is checked here. This runs on every call.
-        x = inputs["x"]
-        found = native_reasons(OP, device_type, NATIVE_DTYPES, {"x": x})
-        for name in PARTS:
-            part = inputs.get(name)
-            if part is not None and part.dtype != x.dtype and part.dtype != torch.float32:
-                found.append(f"{name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32")
-        return found
+        return native_reasons(OP, device_type, NATIVE_DTYPES, {"x": inputs["x"]}) + _part_dtype_reasons(inputs)
 
+    return reasons
+
+
+def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """Why the Triton kernels cannot run: no triton, no GPU, x's dtype (float64), the parts' dtype
+    rule, or a sample too large for 32-bit indexing. CPU tensors run in Triton's interpreter under
+    TRITON_INTERPRET=1, when asked for by name (an ExplicitOnly reason keeps auto away)."""
+    reasons = triton_reasons(inputs, TRITON_DTYPES, ("x",))
+    if inputs is None:
+        return reasons
+    x = inputs["x"]
+    reasons += _part_dtype_reasons(inputs)
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:], strict=True))
+    if x.numel() and extent > _INT32_MAX:
+        reasons.append(f"one sample of x spans {extent} elements; the triton kernels index within a sample in "
+                       f"32 bits (at most {_INT32_MAX})")
     return reasons
 
 
@@ -50,11 +80,38 @@ SUPPORT = register_op(
             "reference": always_available,
             "cpu": _native_support("cpu"),
             "cuda": _native_support("cuda"),
-            "triton": not_implemented("triton", OP),
+            "triton": _triton_reasons,
         },
         cacheable=True,
     )
 )
+
+
+# ---- the Triton kernels as a torch op ---------------------------------------------------------------
+# custom_op rather than triton_op, as for attention: triton_op imports torch._inductor at registration.
+
+
+@torch.library.custom_op("fastdiff::group_norm_adagn_triton", mutates_args=())
+def _group_norm_adagn_triton(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    pre_shift: torch.Tensor | None,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    from ..triton.group_norm_adagn import group_norm_adagn as triton_group_norm_adagn
+
+    return triton_group_norm_adagn(x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu)
+
+
+@_group_norm_adagn_triton.register_fake
+def _group_norm_adagn_triton_fake(x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu) -> torch.Tensor:
+    # x's shape and dtype in x's suggested memory format, like the kernels' output and the native Meta kernel
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
 def group_norm_adagn(
@@ -78,8 +135,10 @@ def group_norm_adagn(
     Returns x's shape and dtype in x's memory format. The native kernels read each part in x's
     dtype or float32 (another dtype falls back to the reference under "auto").
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
+    The triton backend runs float32/float16/bfloat16 CUDA tensors (auto picks it on a GPU when the
+    native CUDA op is absent), and CPU tensors in Triton's interpreter when asked for by name.
 
-    Differentiable on every backend; the native backends' backward is a plain PyTorch formula
+    Differentiable on every backend; the native and Triton backends' backward is a plain PyTorch formula
     (sampling needs no gradients, so it is written for correctness, not speed).
     """
     check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
@@ -89,6 +148,10 @@ def group_norm_adagn(
     if chosen == "reference":
         return _reference_group_norm_adagn(
             x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps, activation=activation, upcast=True
+        )
+    if chosen == "triton":
+        return torch.ops.fastdiff.group_norm_adagn_triton(
+            x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
         )
     return torch.ops.fastdiff.group_norm_adagn(
         x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
@@ -167,6 +230,9 @@ def _backward(ctx, grad: torch.Tensor):
     )
     return gx, None, gw, gb, gs, gt, gp, None, None
 
+
+# The Triton op has no native dependency: its backward is registered at import.
+torch.library.register_autograd("fastdiff::group_norm_adagn_triton", _backward, setup_context=_setup_context)
 
 _autograd_registered = False
 

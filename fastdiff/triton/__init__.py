@@ -1,4 +1,5 @@
-"""Triton kernels, one module per op (``attention``), plus ``_compat`` for version differences.
+"""Triton kernels, one module per op (``attention``, ``group_norm_adagn``), plus ``_compat`` for version
+differences.
 
 Importing this package does not import Triton; the kernel modules do, on first use. The ahead-of-
 time resource report (registers, spills, shared memory, tensor-core instructions per build for

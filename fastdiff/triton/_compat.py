@@ -76,7 +76,8 @@ class InterpreterTraffic:
         return sum(self._in(a, tensor).size * size for a, size in events)
 
     def unique_bytes(self, kind: str, tensor: torch.Tensor | None = None) -> int:
-        """Like :meth:`bytes`, but each address counted once: the footprint, not the traffic."""
+        """Like :meth:`bytes`, but each address counted once: the footprint, not the traffic.
+        Accesses of different element sizes (a float32 workspace beside 16-bit data) are kept apart."""
         events = self.loads if kind == "load" else self.stores
         total = 0
         for size in {s for _, s in events}:  # kernels mix element sizes (an int64 index, fp16 data)

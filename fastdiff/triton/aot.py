@@ -6,12 +6,19 @@ that GPU: registers per thread and spills (``ptxas -v`` on Triton's PTX, with Tr
 shared memory (Triton's allocation: its pipelined tiles live there), and whether the SASS
 (``cuobjdump -sass``) runs the dots on tensor cores (HMMA on sm_80; HGMMA, i.e. wgmma, on sm_90).
 
-Builds: every autotune configuration x dtype x head dim (40, 80, 160: one per BLOCK_D bucket, each
-masked) x arch, with the argument specialization the JIT would give contiguous (B, H, N, D) inputs
-("d-contig": stride along D is 1), and for fp16 also the qkv-view layout of SpatialSelfAttention
-("n-contig": stride along N is 1). The report is cached on disk (``FASTDIFF_CACHE_DIR``, default
-``~/.cache/fastdiff``) under a key of the kernel source, the build list, Triton's and ptxas'
-versions, so the tests and ``fastdiff info --kernels`` compile once per change.
+Each op with Triton kernels registers a :class:`KernelFamily` here (:data:`FAMILIES`): the list of
+its builds, how to compile one, and what source decides the code (the cache key). The families:
+
+- attention: every autotune configuration x dtype x head dim (40, 80, 160: one per BLOCK_D bucket,
+  each masked) x arch, with the argument specialization the JIT would give contiguous (B, H, N, D)
+  inputs ("d-contig": stride along D is 1), and for fp16 also the qkv-view layout of
+  SpatialSelfAttention ("n-contig": stride along N is 1).
+- group_norm_adagn: every kernel of each plan in fastdiff.triton.group_norm_adagn.AOT_PLANS (fused;
+  statistics and apply) x dtype x arch, with every optional part and SiLU, in NCHW or channels_last.
+
+Each family's report is cached on disk (``FASTDIFF_CACHE_DIR``, default ``~/.cache/fastdiff``)
+under a key of its kernel source, its build list, Triton's and ptxas' versions, so the tests and
+``fastdiff info --kernels`` compile once per change.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,20 +44,25 @@ from triton.compiler import ASTSource
 from ..kernel_report import parse_ptxas
 from . import _compat
 from . import attention as _attention
+from . import group_norm_adagn as _group_norm_adagn
+from . import sampler_step as _sampler_step
 
 __all__ = [
     "ARCHS",
     "SHARED_LIMITS",
     "TritonBuild",
+    "KernelFamily",
+    "FAMILIES",
+    "register_family",
     "attention_builds",
     "compile_build",
     "attention_report",
+    "group_norm_adagn_builds",
+    "compile_group_norm_adagn_build",
+    "compile_sampler_step_build",
+    "report",
     "format_triton_kernels",
     "cache_path",
-    "measure",
-    "KERNELS",
-    "kernel_report",
-    "kernel_cache_path",
     "main",
 ]
 
@@ -61,7 +73,7 @@ ARCHS = (80, 90)
 # the ones that do not fit the GPU at hand.
 SHARED_LIMITS = {80: 166912, 86: 101376, 90: 232448}
 HEAD_DIMS = (40, 80, 160)
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
 # A SASS instruction line: "/*0a30*/   @!P0 HMMA.16816.F32 R4, R16, R20, R4 ;" -> "HMMA".
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 _CUOBJDUMP_REGS = re.compile(r"REG:(\d+)")
@@ -74,10 +86,11 @@ class TritonBuild:
     kernel: str
     arch: str  # "sm_80", "sm_90a"
     dtype: str  # "float16"
-    head_dim: int
-    block_d: int
-    config: str  # "M128-N64-w4-s3"
-    layout: str  # "d-contig" | "n-contig"
+    head_dim: int  # attention's D; 0 for other ops
+    block_d: int  # attention's BLOCK_D; 0 for other ops
+    config: str  # "M128-N64-w4-s3", "fused-C16-S1024-w16"
+    layout: str  # "d-contig" | "n-contig" (attention), "nchw" | "channels_last" (group_norm_adagn)
+    op: str = "attention"  # the KernelFamily it belongs to
     registers: int = 0
     spill_store_bytes: int = 0
     spill_load_bytes: int = 0
@@ -118,8 +131,8 @@ def _specialize(kernel, args: list, constants: dict, tt: str) -> tuple[dict, dic
             signature[name] = "constexpr"
             continue
         value = args[i]
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + tt
+        if isinstance(value, torch.Tensor):  # each pointer in its tensor's dtype (tt: a fallback)
+            signature[name] = "*" + _TT.get(value.dtype, tt)
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -153,34 +166,21 @@ def _tool(name: str) -> str:
     return str(cuda)
 
 
-def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: str) -> TritonBuild:
-    """Compile one attention build for ``sm_<arch>`` and measure it (no GPU needed)."""
-    kernel = _compat.as_jit(_attention.KERNEL)
-    q, k, v, out = _example_tensors(layout, dtype, head_dim)
-    args = _attention.kernel_args(q, k, v, out, 1.0 / head_dim**0.5)
-    constants = _attention.kernel_constants(head_dim, dtype, config)
-    signature, constexprs, attrs = _specialize(kernel, args, constants, _TT[dtype])
+def _measure(kernel, args: list, constants: dict, arch: int, options: dict, row: dict) -> TritonBuild:
+    """Compile ``kernel`` with the JIT's specialization of ``args`` for ``sm_<arch>`` and measure
+    it: ``row`` gives the build's descriptive fields; the rest comes from Triton, ptxas and cuobjdump."""
+    kernel = _compat.as_jit(kernel)
+    signature, constexprs, attrs = _specialize(kernel, args, constants, "fp32")
     start = time.perf_counter()
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=_compat.GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options=options,
     )
     seconds = time.perf_counter() - start
-    row = TritonBuild(
-        kernel=compiled.metadata.name, arch=_compat.sm_arch(arch), dtype=str(dtype).removeprefix("torch."),
-        head_dim=head_dim, block_d=constants["BLOCK_D"], config=str(config), layout=layout,
-        compile_seconds=round(seconds, 2),
-    )
-    return measure(compiled, row)
-
-
-def measure(compiled, row: TritonBuild) -> TritonBuild:
-    """Fill ``row`` (its ``arch`` set) from one ``triton.compile`` result: registers and spills (ptxas
-    -v on Triton's PTX with Triton's flags), the cubin's own register count, shared memory, and the
-    tensor-core instructions in the SASS. Every kernel's builds go through here."""
-    gpu = row.arch
-    row.shared_bytes = int(compiled.metadata.shared)
+    gpu = _compat.sm_arch(arch)
+    build = TritonBuild(kernel=compiled.metadata.name, arch=gpu, shared_bytes=int(compiled.metadata.shared),
+                        compile_seconds=round(seconds, 2), **row)
     with tempfile.TemporaryDirectory(prefix="fastdiff-aot-") as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(compiled.asm["ptx"])
@@ -199,12 +199,66 @@ def measure(compiled, row: TritonBuild) -> TritonBuild:
     if len(parsed) != 1:
         raise RuntimeError(f"aot: expected one entry in ptxas -v output for {gpu}, got:\n{log}")
     r = parsed[0]
-    row.registers, row.stack_bytes = r.registers, r.stack_bytes
-    row.spill_store_bytes, row.spill_load_bytes = r.spill_store_bytes, r.spill_load_bytes
+    build.registers, build.stack_bytes = r.registers, r.stack_bytes
+    build.spill_store_bytes, build.spill_load_bytes = r.spill_store_bytes, r.spill_load_bytes
     if m := _CUOBJDUMP_REGS.search(usage):
-        row.cubin_registers = int(m[1])
-    row.mma = sorted({op for op in _OPCODE.findall(sass) if "MMA" in op})
-    return row
+        build.cubin_registers = int(m[1])
+    build.mma = sorted({op for op in _OPCODE.findall(sass) if "MMA" in op})
+    return build
+
+
+def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: str) -> TritonBuild:
+    """Compile one attention build for ``sm_<arch>`` and measure it (no GPU needed)."""
+    q, k, v, out = _example_tensors(layout, dtype, head_dim)
+    args = _attention.kernel_args(q, k, v, out, 1.0 / head_dim**0.5)
+    constants = _attention.kernel_constants(head_dim, dtype, config)
+    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, block_d=constants["BLOCK_D"],
+               config=str(config), layout=layout, op="attention")
+    return _measure(_attention.KERNEL, args, constants, arch,
+                    {"num_warps": config.num_warps, "num_stages": config.num_stages}, row)
+
+
+def group_norm_adagn_builds() -> list[tuple]:
+    """(arch, dtype, layout, (B, C, S), G, plan, kernel) for every group_norm_adagn build."""
+    builds = []
+    for arch in ARCHS:
+        for dtype in _group_norm_adagn.DTYPES:
+            for layout, shape, groups, plan in _group_norm_adagn.AOT_PLANS:
+                kernels = ("fused",) if plan.path == "fused" else ("stats", "apply")
+                builds += [(arch, dtype, layout, shape, groups, plan, kernel) for kernel in kernels]
+    return builds
+
+
+def _group_norm_adagn_example(layout: str, dtype: torch.dtype, shape: tuple[int, int, int]):
+    """Meta (B, C, S) views of x and out with the layout's strides, and every part in x's dtype."""
+    B, C, S = shape
+    if layout == "nchw":
+        x3, out3 = (torch.empty(B, C, S, dtype=dtype, device="meta") for _ in range(2))
+    else:  # channels_last: channels adjacent, (B, S, C) memory seen as (B, C, S)
+        x3, out3 = (torch.empty(B, S, C, dtype=dtype, device="meta").transpose(1, 2) for _ in range(2))
+    parts = {n: torch.empty((C,) if n in ("weight", "bias") else (B, C), dtype=dtype, device="meta")
+             for n in _group_norm_adagn.PARTS}
+    return x3, out3, parts
+
+
+def compile_group_norm_adagn_build(arch: int, dtype: torch.dtype, layout: str, shape: tuple[int, int, int],
+                                   groups: int, plan, kernel: str) -> TritonBuild:
+    """Compile one group_norm_adagn kernel of ``plan`` (every part present, SiLU) for ``sm_<arch>``."""
+    x3, out3, parts = _group_norm_adagn_example(layout, dtype, shape)
+    partials = torch.empty(shape[0] * groups * plan.splits * 3, dtype=torch.float32, device="meta")
+    args = _group_norm_adagn.kernel_args(x3, out3, parts, partials, groups, 1e-5, plan)[kernel]
+    constants = _group_norm_adagn.kernel_constants(parts, True, plan)[kernel]
+    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=0, config=str(plan), layout=layout,
+               op="group_norm_adagn")
+    return _measure(_group_norm_adagn.KERNELS[kernel], args, constants, arch, {"num_warps": plan.num_warps}, row)
+
+
+def compile_sampler_step_build(arch: int, dtype: torch.dtype, variant: str) -> TritonBuild:
+    """Compile one sampler_step build (:func:`fastdiff.triton.sampler_step.aot_builds`) for ``sm_<arch>``."""
+    args, constants, config = _sampler_step.aot_example(dtype, variant)
+    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=4 * config.block_q, config=str(config),
+               layout=variant, op="sampler_step")
+    return _measure(_sampler_step.KERNEL, args, constants, arch, {"num_warps": config.num_warps}, row)
 
 
 def _ptxas_version() -> str:
@@ -212,137 +266,165 @@ def _ptxas_version() -> str:
     return out.strip().splitlines()[-1] if out.strip() else "unknown"
 
 
-def _cache_key(builds: Iterable) -> str:
+@dataclass(frozen=True)
+class KernelFamily:
+    """One op's Triton kernels in the AOT report.
+
+    ``builds()`` lists hashable-by-repr descriptors, ``compile(*descriptor)`` compiles and measures
+    one, ``sources`` are the functions whose source decides the code (hashed into the cache key with
+    the build list), ``columns``/``cells`` are the table's op-specific header and row cells, and
+    ``tensor_cores`` says whether every build must run its dots on tensor cores.
+    """
+
+    op: str
+    builds: Callable[[], list[tuple]]
+    compile: Callable[..., TritonBuild]
+    sources: Callable[[], Sequence[Callable]]
+    columns: str = ""
+    cells: Callable[[TritonBuild], str] = lambda r: ""
+    tensor_cores: bool = False
+
+    def label(self, build: tuple) -> str:
+        return " ".join(str(p).removeprefix("torch.") for p in build)
+
+
+FAMILIES: dict[str, KernelFamily] = {}
+
+
+def register_family(family: KernelFamily) -> KernelFamily:
+    """Add (or replace) an op's kernels in the report; ``python -m fastdiff.triton.aot --op NAME`` compiles them."""
+    FAMILIES[family.op] = family
+    return family
+
+
+register_family(KernelFamily(
+    op="attention",
+    builds=attention_builds,
+    compile=compile_build,
+    sources=lambda: (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build,
+                     _example_tensors),
+    columns="  D  BLOCK_D",
+    cells=lambda r: f"{r.head_dim:3d}  {r.block_d:7d}",
+    tensor_cores=True,
+))
+register_family(KernelFamily(
+    op="group_norm_adagn",
+    builds=group_norm_adagn_builds,
+    compile=compile_group_norm_adagn_build,
+    sources=lambda: (*(k.fn for k in _group_norm_adagn.KERNELS.values()), _group_norm_adagn.kernel_constants,
+                     _group_norm_adagn.kernel_args, compile_group_norm_adagn_build, _group_norm_adagn_example),
+))
+
+register_family(KernelFamily(
+    op="sampler_step",
+    builds=lambda: _sampler_step.aot_builds(),
+    compile=compile_sampler_step_build,
+    sources=lambda: (_sampler_step.KERNEL.fn, _sampler_step.kernel_constants, _sampler_step.kernel_args,
+                     _sampler_step.aot_example, compile_sampler_step_build),
+))
+
+
+def _cache_key(family: KernelFamily, builds: Iterable) -> str:
     h = hashlib.sha256()
     # What decides the builds' code, not the modules' prose: edits elsewhere keep the cache.
-    for fn in (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build, measure,
-               _specialize, _example_tensors):
+    for fn in (*family.sources(), _measure, _specialize):
         h.update(inspect.getsource(fn).encode())
     h.update(triton.__version__.encode())
     h.update(_ptxas_version().encode())
-    h.update(repr([(a, str(d), hd, str(c), lay) for a, d, hd, c, lay in builds]).encode())
+    h.update(repr([tuple(str(p) for p in b) for b in builds]).encode())
     return h.hexdigest()[:16]
 
 
-def cache_path(builds: Iterable | None = None) -> Path:
-    """Where the report for these builds (default: all of them) is cached."""
+def cache_path(builds: Iterable | None = None, op: str = "attention") -> Path:
+    """Where the report of ``op``'s builds (default: all of them) is cached."""
+    family = FAMILIES[op]
     root = Path(os.environ.get("FASTDIFF_CACHE_DIR", Path.home() / ".cache" / "fastdiff"))
-    return root / f"triton_aot_attention_{_cache_key(attention_builds() if builds is None else builds)}.json"
+    key = _cache_key(family, family.builds() if builds is None else builds)
+    return root / f"triton_aot_{op}_{key}.json"
 
 
-def _compile_all(path: Path) -> list[TritonBuild]:
+def _compile_all(path: Path, op: str = "attention") -> list[TritonBuild]:
+    family = FAMILIES[op]
     rows = []
-    for build in attention_builds():
-        rows.append(compile_build(*build))
-        print(f"aot: {rows[-1].arch} {rows[-1].dtype} D={rows[-1].head_dim} {rows[-1].config} {rows[-1].layout}: "
-              f"{rows[-1].compile_seconds:.1f} s", file=sys.stderr, flush=True)
-    _write_rows(path, rows)
-    return rows
-
-
-def _compile_in_child(path: Path, *extra: str) -> None:
-    """Run ``python -m fastdiff.triton.aot [extra] --write path`` in a child process without
-    TRITON_INTERPRET: compiling needs Triton's language functions in compiled mode, and a test
-    session on a machine without a GPU runs them interpreted."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    package_root = str(Path(__file__).resolve().parents[2])  # this fastdiff, not another install
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    result = subprocess.run([sys.executable, "-m", "fastdiff.triton.aot", *extra, "--write", str(path)], env=env,
-                            capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"aot: compiling the Triton builds failed:\n{result.stderr[-4000:]}")
-
-
-def attention_report(*, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
-    """Every attention build (:func:`attention_builds`) compiled and measured, from the cache if
-    there; ``compile_missing=False`` returns [] instead of compiling (about a minute on 2 cores).
-    The builds run in a child process (:func:`_compile_in_child`)."""
-    path = cache_path()
-    if not (use_cache and path.exists()):
-        if not compile_missing:
-            return []
-        _compile_in_child(path)
-    return [TritonBuild(**row) for row in json.loads(path.read_text())]
-
-
-# ---- other kernels' builds --------------------------------------------------------------------------
-# A kernel module registered here lists its builds (``aot_builds()``) and compiles one
-# (``aot_compile(build) -> TritonBuild``, through :func:`measure`); its report is compiled in a child
-# process and cached like attention's, keyed by the module's whole source.
-KERNELS = {"sampler_step": "fastdiff.triton.sampler_step"}
-
-
-def _kernel_module(name: str):
-    import importlib
-
-    return importlib.import_module(KERNELS[name])
-
-
-def kernel_cache_path(name: str) -> Path:
-    """Where the report of a registered kernel's builds is cached."""
-    module = _kernel_module(name)
-    h = hashlib.sha256(inspect.getsource(module).encode())
-    for fn in (measure, _specialize):
-        h.update(inspect.getsource(fn).encode())
-    h.update(triton.__version__.encode())
-    h.update(_ptxas_version().encode())
-    h.update(repr([tuple(map(str, b)) for b in module.aot_builds()]).encode())
-    root = Path(os.environ.get("FASTDIFF_CACHE_DIR", Path.home() / ".cache" / "fastdiff"))
-    return root / f"triton_aot_{name}_{h.hexdigest()[:16]}.json"
-
-
-def kernel_report(name: str, *, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
-    """Every build of the registered kernel ``name`` (:data:`KERNELS`), compiled and measured, cached."""
-    path = kernel_cache_path(name)
-    if not (use_cache and path.exists()):
-        if not compile_missing:
-            return []
-        _compile_in_child(path, "--kernel", name)
-    return [TritonBuild(**row) for row in json.loads(path.read_text())]
-
-
-def _write_rows(path: Path, rows: list[TritonBuild]) -> None:
+    for build in family.builds():
+        rows.append(family.compile(*build))
+        print(f"aot: {family.label(build)}: {rows[-1].compile_seconds:.1f} s", file=sys.stderr, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     tmp.replace(path)  # atomic: a concurrent reader sees no file or the whole of it
+    return rows
+
+
+def report(op: str | None = None, *, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
+    """Every build of ``op`` (default: of every family) compiled and measured, from the cache if
+    there; ``compile_missing=False`` skips what is not cached instead of compiling it.
+
+    The builds run in a child process without TRITON_INTERPRET: compiling needs Triton's language
+    functions in compiled mode, and a test session on a machine without a GPU runs them interpreted.
+    """
+    rows: list[TritonBuild] = []
+    for name in FAMILIES if op is None else (op,):
+        path = cache_path(op=name)
+        if not (use_cache and path.exists()):
+            if not compile_missing:
+                continue
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            package_root = str(Path(__file__).resolve().parents[2])  # this fastdiff, not another install
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            result = subprocess.run(
+                [sys.executable, "-m", "fastdiff.triton.aot", "--op", name, "--write", str(path)], env=env,
+                capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"aot: compiling the Triton builds of {name} failed:\n{result.stderr[-4000:]}")
+        rows += [TritonBuild(**row) for row in json.loads(path.read_text())]
+    return rows
+
+
+def attention_report(*, use_cache: bool = True, compile_missing: bool = True) -> list[TritonBuild]:
+    """Every attention build (:func:`attention_builds`): ``report("attention")``."""
+    return report("attention", use_cache=use_cache, compile_missing=compile_missing)
 
 
 def format_triton_kernels(rows: list[TritonBuild]) -> str:
-    """The report as a table, one build per line, and a summary line."""
+    """The report as one table per op, one build per line, each with a summary line."""
     if not rows:
         return "  no Triton builds (triton not installed, or not compiled yet: python -m fastdiff.triton.aot)"
-    lines = [
-        "  kernel                  arch    dtype     D  BLOCK_D  config           layout    regs  spill(B)  "
-        "smem(B)  MMA"
-    ]
-    for r in rows:
-        lines.append(
-            f"  {r.kernel:<22}  {r.arch:<6}  {r.dtype:<8} {r.head_dim:3d}  {r.block_d:7d}  {r.config:<15}  "
-            f"{r.layout:<8}  {r.registers:4d}  {r.spills:8d}  {r.shared_bytes:7d}  {','.join(r.mma) or 'none'}"
-        )
-    spills = sum(r.spills for r in rows)
-    no_mma = sum(1 for r in rows if not r.mma)
-    # Kernels without a dot (elementwise ones) have no MMA to miss: the count is for the others.
-    mma = f", {no_mma} without tensor-core MMA" if any(r.mma for r in rows) else ", no dots (no MMA expected)"
-    lines.append(f"  {len(rows)} Triton builds, {spills} bytes of spills in all{mma}")
+    lines = []
+    for op, family in FAMILIES.items():
+        mine = [r for r in rows if r.op == op]
+        if not mine:
+            continue
+        width = max(22, *(len(r.kernel) for r in mine))
+        lines.append(f"  {'kernel':<{width}}  arch    dtype   {family.columns}  config                  layout    "
+                     "regs  spill(B)  smem(B)  MMA")
+        for r in mine:
+            cells = f" {family.cells(r)}  " if family.columns else "  "
+            lines.append(
+                f"  {r.kernel:<{width}}  {r.arch:<6}  {r.dtype:<8}{cells}{r.config:<22}  {r.layout:<13}  "
+                f"{r.registers:4d}  {r.spills:8d}  {r.shared_bytes:7d}  {','.join(r.mma) or 'none'}"
+            )
+        spills = sum(r.spills for r in mine)
+        summary = f"  {op}: {len(mine)} Triton builds, {spills} bytes of spills in all"
+        if family.tensor_cores:
+            summary += f", {sum(1 for r in mine if not r.mma)} without tensor-core MMA"
+        lines.append(summary)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastdiff.triton.aot [--write PATH]``: compile every build, print the report."""
+    """``python -m fastdiff.triton.aot [--op NAME [--write PATH]]``: compile the builds, print the report."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fastdiff.triton.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--write", type=Path, help="write the report as JSON here (the cache file)")
-    parser.add_argument("--kernel", choices=sorted(KERNELS), help="a registered kernel's builds instead of attention's")
+    parser.add_argument("--op", choices=list(FAMILIES), help="only this op's builds (default: every op's)")
+    parser.add_argument("--write", type=Path, help="with --op: write the report as JSON here (the cache file)")
     args = parser.parse_args(argv)
-    if args.kernel is None:
-        rows = _compile_all(args.write or cache_path())
-    else:
-        module = _kernel_module(args.kernel)
-        rows = [module.aot_compile(build) for build in module.aot_builds()]
-        _write_rows(args.write or kernel_cache_path(args.kernel), rows)
+    if args.write is not None and args.op is None:
+        parser.error("--write needs --op")
+    rows = []
+    for op in FAMILIES if args.op is None else (args.op,):
+        rows += _compile_all(args.write or cache_path(op=op), op)
     print(format_triton_kernels(rows))
     return 0
 

@@ -514,33 +514,9 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     return args, constants, CONFIG
 
 
-_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
-
-
 def aot_compile(build: tuple[int, torch.dtype, str]):
-    """Compile one build of :func:`aot_builds` for its GPU and measure it (fastdiff.triton.aot.measure)."""
-    import time
-
-    from triton.compiler import ASTSource
-
+    """Compile one build of :func:`aot_builds` for its GPU and measure it (fastdiff.triton.aot)."""
     from . import aot
 
-    arch, dtype, variant = build
-    kernel = _compat.as_jit(KERNEL)
-    args, constants, config = aot_example(dtype, variant)
-    signature, constexprs, attrs = aot._specialize(kernel, args, constants, _TT[dtype])
-    for i, name in enumerate(kernel.arg_names):  # pointers of their own dtypes (the table, the step, ...)
-        if name not in constants and isinstance(args[i], torch.Tensor):
-            signature[name] = "*" + _TT[args[i].dtype]
-    start = time.perf_counter()
-    compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=_compat.GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps},
-    )
-    row = aot.TritonBuild(
-        kernel=compiled.metadata.name, arch=_compat.sm_arch(arch), dtype=str(dtype).removeprefix("torch."),
-        head_dim=0, block_d=4 * config.block_q, config=str(config), layout=variant,
-        compile_seconds=round(time.perf_counter() - start, 2),
-    )
-    return aot.measure(compiled, row)
+    return aot.compile_sampler_step_build(*build)
 
