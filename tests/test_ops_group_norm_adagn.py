@@ -577,3 +577,15 @@ def test_cuda_opcheck():
             for args in _opcheck_samples(dtype, layout):
                 args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
                 torch.library.opcheck(torch.ops.fastdiff.group_norm_adagn, args)
+
+
+def test_dispatch_cache_keys_on_the_triton_size_limit():
+    """Decisions are remembered per device and dtype; the triton backend also refuses samples past
+    32-bit indexing, so that limit is part of the key (else a small input's pick would be reused)."""
+    from fastdiff.ops.group_norm_adagn import SUPPORT
+
+    small = torch.empty(2, 8, 64, 64, device="meta")
+    huge = torch.empty(1, 8, 2**14, 2**14 + 1, device="meta")
+    assert SUPPORT.cacheable and SUPPORT.cache_key is not None
+    assert SUPPORT.cache_key({"x": small}) != SUPPORT.cache_key({"x": huge})
+    assert any("32 bits" in r for r in SUPPORT.why_not("triton", {"x": huge}))

@@ -90,8 +90,10 @@ class OpSupport:
     # Whether every reasons function looks only at the inputs' devices and dtypes (which inputs are
     # given included) and at global state that select_backend keys on (FASTDIFF_BACKEND,
     # TRITON_INTERPRET, the loaded fastdiff._C): then a decision is remembered per input signature,
-    # which takes dispatch off the hot path of modules called at every step.
+    # which takes dispatch off the hot path of modules called at every step. ``cache_key(inputs)``
+    # adds whatever else the reasons look at (a size limit, say) to that signature.
     cacheable: bool = False
+    cache_key: Callable[[Mapping[str, torch.Tensor]], tuple] | None = None
 
     def __post_init__(self) -> None:
         missing = [b for b in BACKENDS if b not in self.reasons]
@@ -171,9 +173,11 @@ _DECISIONS: dict[tuple, str] = {}
 _DECISIONS_MAX = 4096
 
 
-def _decision_key(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
+def _decision_key(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
     signature = tuple((name, t.device, t.dtype) for name, t in inputs.items())
-    return (op, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), _native.generation, signature)
+    extra = support.cache_key(inputs) if support.cache_key is not None else ()
+    return (support.op, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), _native.generation,
+            signature, extra)
 
 
 def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
@@ -187,7 +191,7 @@ def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) ->
     support = _REGISTRY[op]
     if not support.cacheable or torch.compiler.is_compiling():  # traced once; no need to remember
         return _select(support, backend, inputs)
-    key = _decision_key(op, backend, inputs)
+    key = _decision_key(support, backend, inputs)
     chosen = _DECISIONS.get(key)
     if chosen is None:
         chosen = _select(support, backend, inputs)

@@ -64,13 +64,24 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     reasons = triton_reasons(inputs, TRITON_DTYPES, ("x",))
     if inputs is None:
         return reasons
-    x = inputs["x"]
     reasons += _part_dtype_reasons(inputs)
-    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:], strict=True))
-    if x.numel() and extent > _INT32_MAX:
+    extent = _sample_extent(inputs["x"])
+    if extent > _INT32_MAX:
         reasons.append(f"one sample of x spans {extent} elements; the triton kernels index within a sample in "
                        f"32 bits (at most {_INT32_MAX})")
     return reasons
+
+
+def _sample_extent(x: torch.Tensor) -> int:
+    """Elements between the first and last of one sample of x, both included (0 when x is empty)."""
+    if not x.numel():
+        return 0
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:], strict=True))
+
+
+def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    """What the reasons depend on beyond devices and dtypes: whether a sample fits 32-bit indexing."""
+    return (_sample_extent(inputs["x"]) > _INT32_MAX,)
 
 
 SUPPORT = register_op(
@@ -83,6 +94,7 @@ SUPPORT = register_op(
             "triton": _triton_reasons,
         },
         cacheable=True,
+        cache_key=_cache_key,
     )
 )
 
