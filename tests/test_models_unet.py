@@ -14,7 +14,7 @@ from torch import nn
 import fastdiff
 from fastdiff import _native
 from fastdiff.models import UNet
-from fastdiff.models.digits import DIGITS_CONFIG, NULL_CLASS, digits_to_images, images_to_digits
+from fastdiff.models.digits import DIGITS_CONFIG, DIGITS_WEIGHTS, NULL_CLASS, digits_to_images, images_to_digits
 from fastdiff.nn import AdaGroupNorm, SpatialSelfAttention
 
 SMALL = dict(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
@@ -234,6 +234,18 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     with pytest.raises(FileNotFoundError, match="no weights at"):
         load_unet(tmp_path / "missing.safetensors")
+
+
+def test_shipped_digits_weights_load():
+    pytest.importorskip("safetensors", reason="safetensors is not installed (a dependency of fastdiff)")
+    from fastdiff.models import digits_unet
+
+    assert DIGITS_WEIGHTS.is_file() and DIGITS_WEIGHTS.stat().st_size < 5e6
+    model = digits_unet()
+    assert model.config == UNet(**DIGITS_CONFIG).config
+    assert model.metadata["sampling"] == {"image_size": 16, "null_class": 10, "num_train_timesteps": 1000,
+                                          "prediction": "eps", "schedule": "cosine"}
+    assert model.metadata["training"]["steps"] > 0
 
 
 def test_digits_round_trip_through_16x16():
