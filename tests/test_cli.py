@@ -36,12 +36,25 @@ def test_png_writer_roundtrip(tmp_path):
 
 def test_sample_command_writes_grid_and_reports(tmp_path, capsys):
     out = tmp_path / "s.png"
-    assert main(["sample", "--steps", "20", "--cfg", "4", "--per-class", "3", "--out", str(out)]) == 0
+    assert main(["sample", "--model", "glyphs", "--steps", "20", "--cfg", "4", "--per-class", "3",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "images nearest to the requested digit: 100.0%" in text
     assert "backend auto" in text and "backend reference" in text and "ms/image" in text
     w, h = _read_png_size(out)
     assert h == 10 * 34 + 2 and w == 4 * 34 + 4
+
+
+def test_sample_command_digits_is_the_default(tmp_path, capsys):
+    pytest.importorskip("safetensors", reason="safetensors is not installed (a dependency of fastdiff)")
+    out = tmp_path / "d.png"
+    assert main(["sample", "--steps", "3", "--cfg", "4", "--per-class", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("model digits: 10 images, ddim 3 steps, cfg=4.0")
+    assert "backend auto" in text and "backend reference" in text and "ms/image" in text
+    assert "speed-up of auto over the reference: " in text
+    w, h = _read_png_size(out)
+    assert h == 10 * 34 + 2 and w == 2 * 34 + 4
 
 
 def test_sample_command_rejects_bad_arguments(tmp_path, capsys):

@@ -1,6 +1,8 @@
-"""Denoisers: analytic ones for tests and demos now; U-Nets and DiTs built on fastdiff.nn later."""
+"""Denoisers: analytic ones for tests and demos, and the ADM-style U-Net built on fastdiff.nn."""
 
+from .digits import digits_unet
 from .gaussian_mixture import GaussianMixtureDenoiser
 from .glyphs import digit_glyphs, glyph_mixture
+from .unet import UNet
 
-__all__ = ["GaussianMixtureDenoiser", "digit_glyphs", "glyph_mixture"]
+__all__ = ["GaussianMixtureDenoiser", "UNet", "digit_glyphs", "digits_unet", "glyph_mixture"]

@@ -41,7 +41,8 @@ class SpatialSelfAttention(nn.Module):
     [q of all heads; k; v] with ``use_new_attention_order``: either way q, k, v are views. Parameter
     names follow ADM (norm, qkv, proj_out), so its state dicts load. ``proj_out`` starts at zero, as
     in ADM, so a new block is the identity; ``zero_init=False`` keeps PyTorch's default init.
-    ``backend`` picks the attention backend (see fastdiff.ops.attention).
+    ``backend`` picks the attention backend (see fastdiff.ops.attention); "reference" puts the
+    norm on the reference too.
     """
 
     def __init__(
@@ -106,7 +107,10 @@ class SpatialSelfAttention(nn.Module):
             raise ValueError(f"SpatialSelfAttention: x must be (B, {self.channels}, *spatial), got {tuple(x.shape)}")
         B, C = x.shape[:2]
         flat = x.reshape(B, C, -1)
-        h = group_norm_adagn(flat, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps)
+        # The norm follows backend="reference" (a whole model switched to the oracle runs no kernel);
+        # any other backend names an attention backend, and the norm picks its own on auto.
+        h = group_norm_adagn(flat, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps,
+                             backend="reference" if self.backend == "reference" else "auto")
         q, k, v = self.split_heads(self.qkv(h).contiguous())
         a = _attention(q, k, v, backend=self.backend)  # (B, heads, N, head_dim)
         a = a.transpose(2, 3).reshape(B, C, -1)  # channel = head * head_dim + d, as ADM
