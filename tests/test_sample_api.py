@@ -257,3 +257,14 @@ def test_native_backend_samples_like_the_reference(kw):
     except BackendUnavailableError as exc:
         pytest.skip(f"cpu backend unavailable: {exc}")
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_keeps_no_autograd_graph():
+    """A model with trainable parameters, called outside no_grad: the samples carry no graph."""
+    layer = torch.nn.Conv2d(2, 2, 1)
+
+    def model(x, t):
+        return layer(x)
+
+    x = fastdiff.sample(model, (2, 2, 4, 4), steps=3, generator=0)
+    assert not x.requires_grad and x.grad_fn is None

@@ -122,7 +122,8 @@ def sample(
     """Sample from a diffusion model with DDIM or ancestral DDPM; returns the final x_0 batch.
 
     Model contract: ``model(x, t, **kwargs)`` with ``t`` an int64 tensor of shape (batch,) on x's
-    device, returning a tensor, a tuple (first item used) or an object with ``.sample``.
+    device, returning a tensor, a tuple (first item used) or an object with ``.sample``. The model
+    runs under ``torch.no_grad()``: sampling keeps no autograd graph across the steps.
 
     Args:
         shape: (B, C, ...) of the samples; or give ``noise``, the initial x_T (then shape is optional).
@@ -267,7 +268,8 @@ def sample(
     # ---- the loop: no host round trip unless check_finite asks for one ---------------------------
     for i in iterator:
         x_in = torch.cat([x, x], dim=0) if guided else x
-        out = _model_output(model(x_in, t_rows[i], **model_kwargs))
+        with torch.no_grad():  # sampling never backpropagates through the model: keep no graph
+            out = _model_output(model(x_in, t_rows[i], **model_kwargs))
         if tuple(out.shape) != expected:
             what = " (2C channels for variance='learned_range')" if sampler_obj.model_channels_factor == 2 else ""
             raise ValueError(
