@@ -30,3 +30,12 @@ def eager_group_norm_scale_shift_silu(
     h = F.group_norm(x, num_groups, eps=eps)
     h = h * (1 + scale.view(expand)) + shift.view(expand)
     return F.silu(h)
+
+
+def eager_layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """DiT's ``modulate(norm(x), shift, scale)``: LayerNorm without affine over the last dim of x
+    (B, N, D), then ``* (1 + scale) + shift`` with (B, D) conditioning, as eager steps."""
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

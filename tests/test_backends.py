@@ -130,7 +130,7 @@ def test_support_table_is_available_or_reasons():
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
-        if op != "attention":
+        if op not in ("attention", "layer_norm_modulate"):  # the ops with a Triton kernel
             assert any("not implemented for this op yet" in r for r in row["triton"]), op
     assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
     assert table["attention"]["sdpa"] == AVAILABLE
