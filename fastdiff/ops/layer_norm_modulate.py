@@ -33,7 +33,7 @@ PARTS = ("weight", "bias", "scale", "shift")
 # What the Triton kernel accepts (fastdiff.triton.layer_norm_modulate checks the same; kept here so
 # that asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TRITON_MAX_FEATURES = 16384
+TRITON_MAX_FEATURES = 8192
 
 
 def _dtype_names(dtypes) -> str:
