@@ -22,18 +22,25 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
       "Tensor? pre_shift, float eps, bool silu) -> Tensor");
+  // (LayerNorm(x) * weight + bias) * (1 + scale) + shift over the last dim (DiT's adaLN modulate).
+  // x (B, N, D), any strides; weight/bias (D,); scale/shift (B, D). Returns contiguous (B, N, D).
+  m.def(
+      "layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
   m.impl("sampler_step", &fastdiff::sampler_step_cpu);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu);
+  m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
   m.impl("sampler_step", &fastdiff::sampler_step_meta);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
+  m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_meta);
 }
 
 #ifdef FASTDIFF_WITH_CUDA
@@ -41,6 +48,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
   m.impl("sampler_step", &fastdiff::sampler_step_cuda);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cuda);
+  m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cuda);
 }
 #endif
 

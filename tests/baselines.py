@@ -60,3 +60,12 @@ def diffusers_ddim_cfg_loop(unet, scheduler, noise: torch.Tensor, cond: dict, un
             out = unet(torch.cat([x, x]), t, **kwargs).sample
             x = diffusers_ddim_cfg_step(scheduler, out, t, x, cfg)
     return x
+
+
+def eager_layer_norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """DiT's ``modulate(norm(x), shift, scale)``: LayerNorm without affine over the last dim of x
+    (B, N, D), then ``* (1 + scale) + shift`` with (B, D) conditioning, as eager steps."""
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)

@@ -9,47 +9,13 @@
 #pragma once
 
 #include "macros.h"
+#include "welford.h"
 
 #include <math.h>
 #include <stdint.h>
 
 namespace fastdiff {
 
-// Moments of a set of values: how many, their mean, and M2 = sum of squared deviations from the mean.
-// Never sum(v^2) - n * mean^2: that cancels catastrophically when |mean| >> std.
-template <typename T, typename N = T>
-struct WelfordStats {
-  N count;
-  T mean;
-  T m2;
-};
-
-// Adds one value (Welford 1962): the update that keeps M2 without ever forming sum(v^2).
-template <typename T>
-FASTDIFF_INLINE WelfordStats<T> welford_update(WelfordStats<T> s, T v) {
-  s.count += T(1);
-  const T delta = v - s.mean;
-  s.mean += delta / s.count;
-  s.m2 += delta * (v - s.mean);
-  return s;
-}
-
-// Merges the moments of two disjoint sets (Chan, Golub & LeVeque 1979):
-//   n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n.
-// Either side may be empty; both empty returns a (count 0), never 0/0.
-template <typename T, typename N>
-FASTDIFF_INLINE WelfordStats<T, N> welford_combine(const WelfordStats<T, N>& a, const WelfordStats<T, N>& b) {
-  const N n = a.count + b.count;
-  if (n == N(0)) {
-    return a;
-  }
-  const N fb = b.count / n;
-  const T delta = b.mean - a.mean;
-  return {n, a.mean + delta * T(fb), a.m2 + b.m2 + delta * delta * T(a.count * fb)};
-}
-
-FASTDIFF_INLINE float sqrt_of(float v) { return ::sqrtf(v); }
-FASTDIFF_INLINE double sqrt_of(double v) { return ::sqrt(v); }
 FASTDIFF_INLINE float exp_of(float v) { return ::expf(v); }
 FASTDIFF_INLINE double exp_of(double v) { return ::exp(v); }
 
@@ -60,15 +26,10 @@ struct ExpOf {
   static FASTDIFF_INLINE T apply(const T& v) { return exp_of(v); }
 };
 
-// 1 / sqrt(var + eps) with GroupNorm's biased (population) variance M2 / n. M2 >= 0 in exact
-// arithmetic; the clamp only removes a rounding-level negative. The count must be positive.
+// 1 / sqrt(var + eps) of a group, with the biased (population) variance (welford.h).
 template <typename T>
 FASTDIFF_INLINE T group_norm_rstd(const WelfordStats<T>& s, T eps) {
-  T var = s.m2 / s.count;
-  if (var < T(0)) {
-    var = T(0);
-  }
-  return T(1) / sqrt_of(var + eps);
+  return population_rstd(s, eps);
 }
 
 // One channel's output before the activation: y = ((x + pre_shift) - mean) * a + b.

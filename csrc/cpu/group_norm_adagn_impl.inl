@@ -23,6 +23,7 @@
 
 #include "../common/group_norm_adagn.h"
 #include "group_norm_adagn_kernel.h"
+#include "vec_io.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -67,46 +68,6 @@ constexpr int64_t kGrainElements = 32768;
 constexpr int64_t kTasksPerThread = 8;
 // Smallest segment (NCHW) or pixel chunk (channels_last) worth its own task, in elements.
 constexpr int64_t kMinTaskElements = 16384;
-
-template <typename scalar_t>
-struct Io {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using FVec = at::vec::Vectorized<opmath_t>;
-  using Vec = at::vec::Vectorized<scalar_t>;
-  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<scalar_t>;
-  // Values per step: one Vec of a 16-bit type widens into two FVec; float/double also take two FVec
-  // per step, which gives the reductions two independent accumulation chains.
-  static constexpr int64_t kStep = 2 * FVec::size();
-  static_assert(!kReduced || Vec::size() == kStep, "a 16-bit vector must widen into exactly two float vectors");
-
-  static void load(const scalar_t* p, FVec& lo, FVec& hi) {
-    if constexpr (kReduced) {
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vec::loadu(p));
-    } else {
-      lo = FVec::loadu(p);
-      hi = FVec::loadu(p + FVec::size());
-    }
-  }
-
-  static void store(scalar_t* p, const FVec& lo, const FVec& hi) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
-    } else {
-      lo.store(p);
-      hi.store(p + FVec::size());
-    }
-  }
-
-  static opmath_t sum_lanes(const FVec& v) {
-    opmath_t lanes[FVec::size()];
-    v.store(lanes);
-    opmath_t s = 0;
-    for (int64_t i = 0; i < FVec::size(); ++i) {
-      s += lanes[i];
-    }
-    return s;
-  }
-};
 
 // Moments of x[0, n), n >= 1: per L1 block its mean, then its centered sum of squares; blocks merged.
 template <typename scalar_t>

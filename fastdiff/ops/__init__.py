@@ -3,6 +3,7 @@
 from .attention import attention
 from .cfg_combine import cfg_combine
 from .group_norm_adagn import group_norm_adagn
+from .layer_norm_modulate import layer_norm_modulate
 from .sampler_step import sampler_step
 
-__all__ = ["attention", "cfg_combine", "group_norm_adagn", "sampler_step"]
+__all__ = ["attention", "cfg_combine", "group_norm_adagn", "layer_norm_modulate", "sampler_step"]

@@ -2,6 +2,15 @@
 
 from .attention import attention
 from .group_norm_adagn import group_norm_adagn
+from .layer_norm_modulate import layer_norm_modulate
 from .sampling import ddim_step, ddpm_step, predict_x0_and_eps, process_x0
 
-__all__ = ["attention", "group_norm_adagn", "ddim_step", "ddpm_step", "predict_x0_and_eps", "process_x0"]
+__all__ = [
+    "attention",
+    "group_norm_adagn",
+    "layer_norm_modulate",
+    "ddim_step",
+    "ddpm_step",
+    "predict_x0_and_eps",
+    "process_x0",
+]

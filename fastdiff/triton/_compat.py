@@ -100,7 +100,9 @@ def interpreter_traffic() -> Iterator[InterpreterTraffic]:
     traffic = InterpreterTraffic()
 
     def record(events: list, ptrs, mask) -> None:
-        active = np.broadcast_to(mask.data, ptrs.data.shape)
+        # A mask combined with a scalar condition (`(offs < D) & (row < N)`) reaches the interpreter
+        # as int32 0/1, not bool: indexing with it would pick elements 0 and 1, not the active lanes.
+        active = np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)
         events.append((ptrs.data[active].astype(np.uint64), ptrs.get_element_ty().primitive_bitwidth // 8))
 
     load, store = builder.create_masked_load, builder.create_masked_store
