@@ -147,7 +147,7 @@ def test_group_norm_adagn_blocks_fit_the_register_file(gn_report):
 
 def test_report_families_are_a_registry():
     """Each op registers its builds once; a family's cache key covers its kernels' source."""
-    assert set(aot.FAMILIES) >= {"attention", "group_norm_adagn", "sampler_step"}
+    assert set(aot.FAMILIES) >= {"attention", "group_norm_adagn", "sampler_step", "layer_norm_modulate"}
     assert aot.cache_path(op="attention") != aot.cache_path(op="group_norm_adagn")
     assert aot.cache_path(op="group_norm_adagn").name.startswith("triton_aot_group_norm_adagn_")
 
@@ -187,3 +187,28 @@ def test_info_kernels_prints_the_sampler_step_report(sampler_step_report, capsys
     out = capsys.readouterr().out
     assert re.search(r"_sampler_step_kernel\s+sm_90a\s+float16", out)
     assert f"sampler_step: {len(sampler_step_report)} Triton builds, 0 bytes of spills in all\n" in out
+
+
+# ---- layer_norm_modulate ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lnm_report() -> list[aot.TritonBuild]:
+    rows = aot.report("layer_norm_modulate")
+    assert rows, "no builds"
+    return rows
+
+
+def test_layer_norm_modulate_builds_compile_without_spills(lnm_report):
+    """DiT-XL/2's rows (D 1152, scale/shift strided views of the adaLN output) and the largest row
+    the kernel accepts (D 8192, every part), fp32/fp16/bf16 on sm_80 and sm_90: no spills, no stack,
+    and a block of the launcher's warps fits an SM's 64K registers."""
+    from fastdiff.triton import layer_norm_modulate as triton_lnm
+
+    assert len(lnm_report) == len(aot.layer_norm_modulate_builds()) == 2 * 3 * 2
+    for r in lnm_report:
+        label = f"{r.arch} {r.dtype} {r.config}"
+        assert r.spills == 0 and r.stack_bytes == 0, (label, r.spills, r.stack_bytes)
+        assert r.registers == r.cubin_registers, label
+        assert r.registers * 32 * triton_lnm._num_warps(r.block_d) <= 65536, (label, r.registers)
+        assert not r.mma, label

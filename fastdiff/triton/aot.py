@@ -45,6 +45,7 @@ from ..kernel_report import parse_ptxas
 from . import _compat
 from . import attention as _attention
 from . import group_norm_adagn as _group_norm_adagn
+from . import layer_norm_modulate as _layer_norm_modulate
 from . import sampler_step as _sampler_step
 
 __all__ = [
@@ -60,6 +61,8 @@ __all__ = [
     "group_norm_adagn_builds",
     "compile_group_norm_adagn_build",
     "compile_sampler_step_build",
+    "layer_norm_modulate_builds",
+    "compile_layer_norm_modulate_build",
     "report",
     "format_triton_kernels",
     "cache_path",
@@ -261,6 +264,42 @@ def compile_sampler_step_build(arch: int, dtype: torch.dtype, variant: str) -> T
     return _measure(_sampler_step.KERNEL, args, constants, arch, {"num_warps": config.num_warps}, row)
 
 
+# (D, parts, rows per program): DiT-XL/2's 1152 features with scale/shift read in place from the
+# (B, 6D) adaLN output, 4 tokens a program; and the largest row the kernel takes, with every part.
+_LAYER_NORM_MODULATE_PLANS = ((1152, ("scale", "shift"), 4), (_layer_norm_modulate.MAX_FEATURES,
+                                                             ("weight", "bias", "scale", "shift"), 1))
+
+
+def layer_norm_modulate_builds() -> list[tuple]:
+    """(arch, dtype, D, parts, rows) for every layer_norm_modulate build."""
+    return [(arch, dtype, d, parts, rows) for arch in ARCHS for dtype in _layer_norm_modulate.DTYPES
+            for d, parts, rows in _LAYER_NORM_MODULATE_PLANS]
+
+
+def compile_layer_norm_modulate_build(arch: int, dtype: torch.dtype, features: int, parts: tuple[str, ...],
+                                      rows: int) -> TritonBuild:
+    """Compile the layer_norm_modulate kernel for (8, 256, features) tokens on ``sm_<arch>``."""
+    B, N, D = 8, 256, features
+    x, y = (torch.empty(B, N, D, dtype=dtype, device="meta") for _ in range(2))
+    modulation = torch.empty(B, 6 * D, dtype=torch.float32, device="meta")  # DiT's adaLN output
+    given = {"weight": torch.empty(D, dtype=dtype, device="meta"), "bias": torch.empty(D, dtype=dtype, device="meta"),
+             "scale": modulation[:, :D], "shift": modulation[:, D:2 * D]}
+    given = {name: t for name, t in given.items() if name in parts}
+
+    def strides(name: str, n: int) -> tuple[int, ...]:
+        return given[name].stride() if name in given else (0,) * n
+
+    args = [x, y, *(given.get(name, x) for name in ("weight", "bias", "scale", "shift")), *x.stride(),
+            *strides("weight", 1), *strides("bias", 1), *strides("scale", 2), *strides("shift", 2), N, D, 1e-6]
+    block_d = triton.next_power_of_2(D)
+    constants = dict(HAS_WEIGHT="weight" in given, HAS_BIAS="bias" in given, HAS_SCALE="scale" in given,
+                     HAS_SHIFT="shift" in given, BLOCK_D=block_d, ROWS=rows, ROUND_BF16=False)
+    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=block_d,
+               config=f"D{D}-rows{rows}-{'+'.join(parts)}", layout="contiguous", op="layer_norm_modulate")
+    return _measure(_layer_norm_modulate.KERNEL, args, constants, arch,
+                    {"num_warps": _layer_norm_modulate._num_warps(block_d)}, row)
+
+
 def _ptxas_version() -> str:
     out = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True, check=False).stdout
     return out.strip().splitlines()[-1] if out.strip() else "unknown"
@@ -321,6 +360,14 @@ register_family(KernelFamily(
     compile=compile_sampler_step_build,
     sources=lambda: (_sampler_step.KERNEL.fn, _sampler_step.kernel_constants, _sampler_step.kernel_args,
                      _sampler_step.aot_example, compile_sampler_step_build),
+))
+
+register_family(KernelFamily(
+    op="layer_norm_modulate",
+    builds=layer_norm_modulate_builds,
+    compile=compile_layer_norm_modulate_build,
+    sources=lambda: (_layer_norm_modulate.KERNEL.fn, _layer_norm_modulate._num_warps,
+                     compile_layer_norm_modulate_build),
 ))
 
 
