@@ -148,6 +148,20 @@ def status() -> dict[str, Any]:
     }
 
 
+def register_autograd_on_load(op: str, backward: Callable, setup_context: Callable) -> None:
+    """Register the autograd formula of the native op ``fastdiff::<op>`` once ``_C`` is loaded (and
+    only once, however often the ops module is reloaded or ``_C`` re-announced)."""
+    registered: list[bool] = []
+
+    def register(_c: ModuleType) -> None:
+        if registered or not hasattr(torch.ops.fastdiff, op):
+            return
+        torch.library.register_autograd(f"fastdiff::{op}", backward, setup_context=setup_context)
+        registered.append(True)
+
+    on_load(register)
+
+
 def _reset() -> None:
     """Forget the cached load result (tests). An imported .so stays registered with torch."""
     global _module, _reason, _build_info, _loaded, generation

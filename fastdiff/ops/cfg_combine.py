@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from types import ModuleType
 
 import torch
 
@@ -86,15 +85,4 @@ def _backward(ctx, grad: torch.Tensor):
     return torch.cat([grad * (1.0 - ctx.scale), grad * ctx.scale], dim=0), None
 
 
-_autograd_registered = False
-
-
-def _register_autograd(_c: ModuleType) -> None:
-    global _autograd_registered
-    if _autograd_registered or not hasattr(torch.ops.fastdiff, OP):
-        return
-    torch.library.register_autograd(f"fastdiff::{OP}", _backward, setup_context=_setup_context)
-    _autograd_registered = True
-
-
-_native.on_load(_register_autograd)
+_native.register_autograd_on_load(OP, _backward, _setup_context)

@@ -15,7 +15,6 @@ interpreter (TRITON_INTERPRET=1) and only when asked for by name.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -246,15 +245,4 @@ def _backward(ctx, grad: torch.Tensor):
 # The Triton op has no native dependency: its backward is registered at import.
 torch.library.register_autograd("fastdiff::group_norm_adagn_triton", _backward, setup_context=_setup_context)
 
-_autograd_registered = False
-
-
-def _register_autograd(_c: ModuleType) -> None:
-    global _autograd_registered
-    if _autograd_registered or not hasattr(torch.ops.fastdiff, OP):
-        return
-    torch.library.register_autograd(f"fastdiff::{OP}", _backward, setup_context=_setup_context)
-    _autograd_registered = True
-
-
-_native.on_load(_register_autograd)
+_native.register_autograd_on_load(OP, _backward, _setup_context)

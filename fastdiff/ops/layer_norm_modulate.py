@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping
-from types import ModuleType
 
 import torch
 
@@ -214,15 +213,4 @@ def _backward(ctx, grad: torch.Tensor):
     return (*_backward_formula(grad, x, weight, bias, scale, shift, ctx.eps), None)
 
 
-_autograd_registered = False
-
-
-def _register_autograd(_c: ModuleType) -> None:
-    global _autograd_registered
-    if _autograd_registered or not hasattr(torch.ops.fastdiff, OP):
-        return
-    torch.library.register_autograd(f"fastdiff::{OP}", _backward, setup_context=_setup_context)
-    _autograd_registered = True
-
-
-_native.on_load(_register_autograd)
+_native.register_autograd_on_load(OP, _backward, _setup_context)

@@ -14,14 +14,13 @@ when asked for by name. Importing this module never imports Triton.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 from collections.abc import Mapping
 
 import torch
 
-from ..backends import ExplicitOnly, OpSupport, always_available, native_support, register_op, select_backend
+from ..backends import OpSupport, always_available, native_support, register_op, select_backend, triton_reasons
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
@@ -33,44 +32,10 @@ NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_triton_found: list[str] = []
-
-
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs (device, dtype).
-
-    CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1 when asked for by name; auto
-    never picks the interpreter (an :class:`ExplicitOnly` reason).
-    """
-    from ..triton import interpreter_mismatch, interpreting
-
-    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
-        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
-    reasons = [r for r in _triton_found if r]
-    interpret = interpreting()
-    if interpret and (why := interpreter_mismatch()) is not None:
-        reasons.append(why)
-    if inputs is None:
-        if not interpret and not torch.cuda.is_available():
-            reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
-                           "kernel in Triton's CPU interpreter)")
-        return reasons
-    on_cpu = []
-    for name, t in inputs.items():
-        if t.device.type == "cpu" and interpret:
-            on_cpu.append(name)
-        elif t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
-                           "under TRITON_INTERPRET=1)")
-        if t.dtype == torch.float64:
-            reasons.append(f"{name} dtype torch.float64 not supported: the Triton kernel computes in float32 "
-                           "(the cpu, cuda and reference backends keep float64)")
-        elif t.dtype not in TRITON_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} not supported (supported: float32, float16, bfloat16)")
-    if on_cpu:
-        reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
-                                    "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
-    return reasons
+    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs' devices and dtypes (it
+    computes in float32, so float64 stays on the cpu, cuda and reference backends)."""
+    return triton_reasons(inputs, TRITON_DTYPES)
 
 
 SUPPORT = register_op(

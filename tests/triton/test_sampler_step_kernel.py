@@ -260,7 +260,8 @@ def test_float64_is_refused_with_the_reason(triton_device):
     x = torch.randn(2, 3, 4, device=triton_device, dtype=torch.float64)
     with pytest.raises(fastdiff.backends.BackendUnavailableError, match="float32") as info:
         fastdiff.ops.sampler_step(x, x, sampler.coefs, 1, backend="triton")
-    assert any("float64 not supported: the Triton kernel computes in float32" in r for r in info.value.reasons)
+    assert any("dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in r
+               for r in info.value.reasons)
 
 
 def test_the_sampler_fast_path_runs_triton(triton_device):
