@@ -53,13 +53,16 @@ class _Demo:
 
             self.schedule = fastdiff.Schedule(schedule or "linear")
             self.model = glyph_mixture(self.schedule)
+            self.prediction = "eps"
             self.image_shape = (1, 8, 8)
         else:
             from .models import digits_unet
-            from .models.digits import digits_schedule
+            from .models.digits import digits_sampling
 
             self.model = digits_unet()
-            self.schedule = fastdiff.Schedule(schedule) if schedule else digits_schedule(self.model)
+            trained = digits_sampling(self.model)
+            self.schedule = fastdiff.Schedule(schedule) if schedule else trained["schedule"]
+            self.prediction = trained["prediction"]
             self.image_shape = (1, 16, 16)
 
     def set_backend(self, backend: str) -> None:
@@ -98,7 +101,7 @@ def _sample_command(args: argparse.Namespace) -> int:
     shape = (n, *demo.image_shape)
     labels = torch.arange(10).repeat_interleave(args.per_class)
     kwargs = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, schedule=demo.schedule,
-                  generator=args.seed, dtype=_DTYPES[args.dtype], device=args.device)
+                  prediction=demo.prediction, generator=args.seed, dtype=_DTYPES[args.dtype], device=args.device)
     if args.cfg is not None:
         kwargs.update(cfg=args.cfg, cond={"y": labels}, uncond={"y": torch.full((n,), 10)})
     else:

@@ -244,7 +244,7 @@ def test_shipped_digits_weights_load():
     model = digits_unet()
     assert model.config == UNet(**DIGITS_CONFIG).config
     assert model.metadata["sampling"] == {"image_size": 16, "null_class": 10, "num_train_timesteps": 1000,
-                                          "prediction": "eps", "schedule": "cosine"}
+                                          "prediction": "v", "schedule": "cosine"}
     assert model.metadata["training"]["steps"] > 0
 
 

@@ -6,7 +6,8 @@ U-Net has room to downsample. Nearest, not bilinear, because its inverse is exac
 (:func:`images_to_digits`) returns the original 8x8 image, so a classifier trained on the 8x8 digits
 judges generated images on exactly the grid it was trained on. ``examples/train_digits.py`` trains
 the model; the weights ship in ``fastdiff/models/weights/digits_unet.safetensors`` with the model's
-config and its sampling settings (schedule, prediction, null class) in the file's metadata.
+config and its sampling settings (schedule, prediction, null class) in the file's metadata;
+:func:`digits_sampling` turns them into ``fastdiff.sample`` arguments.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from ..schedule import Schedule
 from .unet import UNet
 
 __all__ = [
-    "DIGITS_CONFIG", "DIGITS_WEIGHTS", "NULL_CLASS", "digits_schedule", "digits_to_images", "digits_unet",
-    "images_to_digits", "load_unet", "save_unet",
+    "DIGITS_CONFIG", "DIGITS_WEIGHTS", "NULL_CLASS", "digits_sampling", "digits_schedule", "digits_to_images",
+    "digits_unet", "images_to_digits", "load_unet", "save_unet",
 ]
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
@@ -89,9 +90,9 @@ def load_unet(path: str | Path, backend: str = "auto", device: torch.device | st
 
 def digits_unet(backend: str = "auto", device: torch.device | str = "cpu") -> UNet:
     """The shipped digits U-Net (no network): ``model(x, t, y=labels)`` on (B, 1, 16, 16) images in
-    [-1, 1], labels 0..9 and 10 for the null class. ``model.metadata["sampling"]`` holds the
-    settings it was trained with (schedule, prediction, null class); :func:`digits_schedule` builds
-    its schedule."""
+    [-1, 1], labels 0..9 and 10 for the null class. It predicts v (Salimans & Ho 2022), not eps:
+    ``model.metadata["sampling"]`` holds the settings it was trained with (schedule, prediction,
+    null class), and ``fastdiff.sample(model, ..., **digits_sampling(model))`` passes them on."""
     return load_unet(DIGITS_WEIGHTS, backend=backend, device=device)
 
 
@@ -99,3 +100,9 @@ def digits_schedule(model: UNet) -> Schedule:
     """The training noise schedule recorded in a digits model's metadata."""
     sampling = model.metadata["sampling"]
     return Schedule(sampling["schedule"], sampling["num_train_timesteps"])
+
+
+def digits_sampling(model: UNet) -> dict[str, Any]:
+    """The ``fastdiff.sample`` keyword arguments a digits model was trained for: ``schedule`` and
+    ``prediction`` (files written before v-prediction record "eps")."""
+    return {"schedule": digits_schedule(model), "prediction": model.metadata["sampling"].get("prediction", "eps")}
