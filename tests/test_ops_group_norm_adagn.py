@@ -28,8 +28,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # (shape, num_groups): C = 3·G with H·W = 7·9, G = C at 1×1 with an odd batch, G = 1 at batch 1,
 # an odd batch, a 3-D (B, C, L) input with L prime, a 5-D input, and one large enough to spread
-# over threads (and to leave vector tails: 29·31 is odd).
+# over threads (and to leave vector tails: 29·31 is odd); C = 40 leaves a channels_last tail after a
+# full vector step (32 + 8 with AVX-512) and H·W = 15 a partial NCHW step; 4×4 (the demo U-Net's
+# smallest level) is exactly half a step per channel row.
 SHAPES = [
+    ((2, 40, 5, 3), 8),
+    ((3, 32, 4, 4), 8),
     ((2, 96, 7, 9), 32),
     ((3, 6, 1, 1), 6),
     ((1, 5, 4, 3), 1),

@@ -86,11 +86,13 @@ WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t 
       s0 = s0 + lo;
       s1 = s1 + hi;
     }
-    opmath_t sum = IO::sum_lanes(s0 + s1);
-    for (; i < len; ++i) {
-      sum += static_cast<opmath_t>(p[i]);
+    const int64_t rest = len - i;  // < kStep: one partial step, zeros past the end
+    if (rest > 0) {
+      IO::load_n(p + i, rest, lo, hi);
+      s0 = s0 + lo;
+      s1 = s1 + hi;
     }
-    const opmath_t mean = sum / static_cast<opmath_t>(len);
+    const opmath_t mean = IO::sum_lanes(s0 + s1) / static_cast<opmath_t>(len);
     const FVec mean_v(mean);
     FVec q0(0), q1(0);
     for (i = 0; i + IO::kStep <= len; i += IO::kStep) {
@@ -100,11 +102,15 @@ WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t 
       q0 = at::vec::fmadd(lo, lo, q0);
       q1 = at::vec::fmadd(hi, hi, q1);
     }
-    opmath_t m2 = IO::sum_lanes(q0 + q1);
-    for (; i < len; ++i) {
-      const opmath_t d = static_cast<opmath_t>(p[i]) - mean;
-      m2 += d * d;
+    if (rest > 0) {
+      IO::load_n(p + i, rest, lo, hi);
+      lo = lo - mean_v;
+      hi = hi - mean_v;
+      IO::zero_past(rest, lo, hi);  // the lanes past the end would add mean^2
+      q0 = at::vec::fmadd(lo, lo, q0);
+      q1 = at::vec::fmadd(hi, hi, q1);
     }
+    const opmath_t m2 = IO::sum_lanes(q0 + q1);
     total = welford_combine(total, WelfordStats<opmath_t>{static_cast<opmath_t>(len), mean, m2});
   }
   return total;
@@ -116,7 +122,6 @@ void span_apply(const scalar_t* __restrict__ x,  // (n,) input run
                 scalar_t* __restrict__ out,      // (n,) output run
                 int64_t n, const AdagnCoefficients<at::opmath_type<scalar_t>>& k) {
   using IO = Io<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
   using FVec = typename IO::FVec;
   const FVec p(k.pre_shift), mean(k.mean), a(k.a), b(k.b);
   FVec lo, hi;
@@ -125,9 +130,9 @@ void span_apply(const scalar_t* __restrict__ x,  // (n,) input run
     IO::load(x + i, lo, hi);
     IO::store(out + i, adagn_apply(lo, p, mean, a, b, kSilu), adagn_apply(hi, p, mean, a, b, kSilu));
   }
-  for (; i < n; ++i) {
-    out[i] = static_cast<scalar_t>(
-        adagn_apply<opmath_t>(static_cast<opmath_t>(x[i]), k.pre_shift, k.mean, k.a, k.b, kSilu));
+  if (i < n) {  // the last n - i < kStep values as one partial step (a scalar tail would run libm's expf)
+    IO::load_n(x + i, n - i, lo, hi);
+    IO::store_n(out + i, n - i, adagn_apply(lo, p, mean, a, b, kSilu), adagn_apply(hi, p, mean, a, b, kSilu));
   }
 }
 
@@ -169,11 +174,17 @@ void for_each_task(int64_t n, int64_t elements_per_task, bool last_first, const 
     }
     return;
   }
+  // Small tasks go out in runs of about kMinTaskElements: one counter increment per task cost more
+  // than the work of a 2 KB task (the counter's cache line moves between cores on every grab).
+  const int64_t run = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, elements_per_task));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(last_first ? n - 1 - i : i);
+    for (int64_t first = next.fetch_add(run, std::memory_order_relaxed); first < n;
+         first = next.fetch_add(run, std::memory_order_relaxed)) {
+      const int64_t last = std::min(n, first + run);
+      for (int64_t i = first; i < last; ++i) {
+        body(last_first ? n - 1 - i : i);
+      }
     }
   });
 }
@@ -281,6 +292,7 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
   using opmath_t = typename IO::opmath_t;
   using FVec = typename IO::FVec;
   using Stats = WelfordStats<FVec, opmath_t>;
+  using MathIO = Io<opmath_t>;  // the (C,) moment arrays, in the math type
   constexpr int64_t L = FVec::size();
   const int64_t C = pb.C;
   const int64_t block = std::max<int64_t>(1, kChannelsLastBlockBytes / (C * static_cast<int64_t>(sizeof(scalar_t))));
@@ -328,21 +340,30 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
       merged1.mean.store(mean + c + L);
       merged1.m2.store(m2 + c + L);
     }
-    for (; c < C; ++c) {
-      opmath_t sum = 0;
+    if (c < C) {  // the last C - c < kStep channels as one partial tile; its empty lanes stay zero
+      const int64_t rest = C - c;
+      FVec lo, hi, s0(0), s1(0);
       for (int64_t r = 0; r < n; ++r) {
-        sum += static_cast<opmath_t>(rows[r * C + c]);
+        IO::load_n(rows + r * C + c, rest, lo, hi);
+        s0 = s0 + lo;
+        s1 = s1 + hi;
       }
-      const opmath_t block_mean = sum / nb;
-      opmath_t block_m2 = 0;
+      const FVec m0 = s0 * inv_n, m1 = s1 * inv_n;
+      FVec q0v(0), q1v(0);
       for (int64_t r = 0; r < n; ++r) {
-        const opmath_t d = static_cast<opmath_t>(rows[r * C + c]) - block_mean;
-        block_m2 += d * d;
+        IO::load_n(rows + r * C + c, rest, lo, hi);
+        lo = lo - m0;
+        hi = hi - m1;
+        q0v = at::vec::fmadd(lo, lo, q0v);
+        q1v = at::vec::fmadd(hi, hi, q1v);
       }
-      const auto merged = welford_combine(WelfordStats<opmath_t>{count, mean[c], m2[c]},
-                                          WelfordStats<opmath_t>{nb, block_mean, block_m2});
-      mean[c] = merged.mean;
-      m2[c] = merged.m2;
+      FVec mean0, mean1, m20, m21;
+      MathIO::load_n(mean + c, rest, mean0, mean1);
+      MathIO::load_n(m2 + c, rest, m20, m21);
+      const Stats merged0 = welford_combine(Stats{count, mean0, m20}, Stats{nb, m0, q0v});
+      const Stats merged1 = welford_combine(Stats{count, mean1, m21}, Stats{nb, m1, q1v});
+      MathIO::store_n(mean + c, rest, merged0.mean, merged1.mean);
+      MathIO::store_n(m2 + c, rest, merged0.m2, merged1.m2);
     }
     count += nb;
   }
@@ -366,7 +387,15 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
   using IO = Io<scalar_t>;
   using opmath_t = typename IO::opmath_t;
   using FVec = typename IO::FVec;
+  using MathIO = Io<opmath_t>;
   constexpr int64_t L = FVec::size();
+  // The last C % kStep channels run as one partial step per row, with their coefficients loaded once.
+  const int64_t c_tail = C - C % IO::kStep, rest = C - c_tail;
+  FVec tp0, tp1, tm0, tm1, ta0, ta1, tb0, tb1;
+  MathIO::load_n(k.pre_shift + c_tail, rest, tp0, tp1);
+  MathIO::load_n(k.mean + c_tail, rest, tm0, tm1);
+  MathIO::load_n(k.a + c_tail, rest, ta0, ta1);
+  MathIO::load_n(k.b + c_tail, rest, tb0, tb1);
   for (int64_t r = 0; r < n; ++r) {
     const scalar_t* row = x + r * C;
     scalar_t* out_row = out + r * C;
@@ -380,9 +409,11 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
                 adagn_apply(hi, FVec::loadu(k.pre_shift + c + L), FVec::loadu(k.mean + c + L),
                             FVec::loadu(k.a + c + L), FVec::loadu(k.b + c + L), kSilu));
     }
-    for (; c < C; ++c) {
-      out_row[c] = static_cast<scalar_t>(
-          adagn_apply<opmath_t>(static_cast<opmath_t>(row[c]), k.pre_shift[c], k.mean[c], k.a[c], k.b[c], kSilu));
+    if (rest > 0) {
+      FVec lo, hi;
+      IO::load_n(row + c_tail, rest, lo, hi);
+      IO::store_n(out_row + c_tail, rest, adagn_apply(lo, tp0, tm0, ta0, tb0, kSilu),
+                  adagn_apply(hi, tp1, tm1, ta1, tb1, kSilu));
     }
   }
 }

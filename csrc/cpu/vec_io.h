@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -46,14 +47,43 @@ struct Io {
     }
   }
 
-  static opmath_t sum_lanes(const FVec& v) {
-    opmath_t lanes[FVec::size()];
-    v.store(lanes);
-    opmath_t s = 0;
-    for (int64_t i = 0; i < FVec::size(); ++i) {
-      s += lanes[i];
+  // The first n values at p (0 <= n <= kStep) into lo and hi; the lanes past n read as zero.
+  static void load_n(const scalar_t* p, int64_t n, FVec& lo, FVec& hi) {
+    constexpr int64_t L = FVec::size();
+    if constexpr (kReduced) {
+      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(Vec::loadu(p, n));
+    } else {
+      lo = n > 0 ? FVec::loadu(p, std::min(n, L)) : FVec(0);
+      hi = n > L ? FVec::loadu(p + L, n - L) : FVec(0);
     }
-    return s;
+  }
+
+  // Stores the first n values (0 <= n <= kStep) of lo and hi at p; nothing past p + n is written.
+  static void store_n(scalar_t* p, int64_t n, const FVec& lo, const FVec& hi) {
+    constexpr int64_t L = FVec::size();
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p, n);
+    } else {
+      if (n > 0) {
+        lo.store(p, std::min(n, L));
+      }
+      if (n > L) {
+        hi.store(p + L, n - L);
+      }
+    }
+  }
+
+  // Zeroes the lanes of lo and hi past the first n values (0 <= n <= kStep).
+  static void zero_past(int64_t n, FVec& lo, FVec& hi) {
+    constexpr int64_t L = FVec::size();
+    lo = FVec::set(FVec(0), lo, std::min(n, L));
+    hi = FVec::set(FVec(0), hi, std::max<int64_t>(n - L, 0));
+  }
+
+  // The sum of v's lanes, as a tree of shuffles (a serial sum of the stored lanes is a chain of
+  // FVec::size() dependent adds, which showed in the per-group cost of small groups).
+  static opmath_t sum_lanes(const FVec& v) {
+    return at::vec::vec_reduce_all<opmath_t>([](const FVec& a, const FVec& b) { return a + b; }, v);
   }
 };
 
