@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import attention as _attention
@@ -92,29 +93,37 @@ class SpatialSelfAttention(nn.Module):
         )
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, 3C, N) -> q, k, v, each a (B, heads, N, head_dim) view of ``qkv`` (no copy)."""
-        B, _, N = qkv.shape
+        """Token-major (B, N, 3C) -> q, k, v, each a (B, heads, N, head_dim) view of ``qkv`` (no copy)
+        whose last dimension is contiguous."""
+        B, N, _ = qkv.shape
         H, D = self.num_heads, self.head_dim
         if self.use_new_attention_order:
-            parts = qkv.view(B, 3, H, D, N).unbind(1)  # [q of all heads; k; v]
+            parts = qkv.view(B, N, 3, H, D).unbind(2)  # [q of all heads; k; v]
         else:
-            parts = qkv.view(B, H, 3, D, N).unbind(2)  # per head [q, k, v]
-        q, k, v = (t.transpose(-1, -2) for t in parts)
+            parts = qkv.view(B, N, H, 3, D).unbind(3)  # per head [q, k, v]
+        q, k, v = (t.transpose(1, 2) for t in parts)
         return q, k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3 or x.shape[1] != self.channels:
             raise ValueError(f"SpatialSelfAttention: x must be (B, {self.channels}, *spatial), got {tuple(x.shape)}")
         B, C = x.shape[:2]
-        flat = x.reshape(B, C, -1)
         # The norm follows backend="reference" (a whole model switched to the oracle runs no kernel);
-        # any other backend names an attention backend, and the norm picks its own on auto.
-        h = group_norm_adagn(flat, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps,
+        # any other backend names an attention backend, and the norm picks its own on auto. It runs on
+        # x as given, so a channels_last map stays channels_last.
+        h = group_norm_adagn(x, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps,
                              backend="reference" if self.backend == "reference" else "auto")
-        q, k, v = self.split_heads(self.qkv(h).contiguous())
+        # Token-major (B, N, C) (a view of a channels_last map; one transposing copy of an NCHW one):
+        # the 1x1 convs are then plain matmuls (F.linear on the convs' own weights), and q, k, v are
+        # views with a contiguous head dimension, the layout fused attention kernels read fastest
+        # (PyTorch's CPU flash attention needs it). ADM's convs over (B, C, N) computed the same.
+        tokens = h.movedim(1, -1).reshape(B, -1, C)
+        qkv = F.linear(tokens, self.qkv.weight.squeeze(-1), self.qkv.bias)
+        q, k, v = self.split_heads(qkv)
         a = _attention(q, k, v, backend=self.backend)  # (B, heads, N, head_dim)
-        a = a.transpose(2, 3).reshape(B, C, -1)  # channel = head * head_dim + d, as ADM
-        return (flat + self.proj_out(a)).reshape(x.shape)
+        a = a.transpose(1, 2).reshape(B, -1, C)  # channel = head * head_dim + d, as ADM
+        out = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return x + out.view(B, *x.shape[2:], C).movedim(-1, 1)
 
 
 class _ContextCache:
