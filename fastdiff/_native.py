@@ -126,6 +126,15 @@ def on_load(callback: Callable[[ModuleType], None]) -> None:
         callback(module)
 
 
+@torch.compiler.assume_constant_result
+def _load_outside_tracing() -> bool:
+    """load(), run for real even while torch.compile traces a caller (Dynamo calls a function marked
+    assume_constant_result and keeps its result): the first load takes a lock and imports, neither of
+    which Dynamo can trace, so a model compiled before anything loaded ``_C`` would otherwise break
+    its graph at every fastdiff op."""
+    return load() is not None
+
+
 def status() -> dict[str, Any]:
     """What was built and whether it is usable, for backends and ``fastdiff info``.
 
@@ -133,7 +142,8 @@ def status() -> dict[str, Any]:
     cuda_archs (the archs they were compiled for), cuda_skipped_reason (why not, from the build),
     reason (why ``_C`` is not loaded, or ""), build_info (the build record, {} if none), path.
     """
-    module = load()
+    _load_outside_tracing()
+    module = load()  # cached by now: no lock, no import
     built = module is not None
     # The .so itself says whether it holds CUDA kernels; the record only says what was intended.
     cuda_compiled = built and bool(getattr(module, "cuda_compiled", False))

@@ -6,6 +6,10 @@ wrappers are traceable end to end (what CUDA-graph capture and compiled models r
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -45,3 +49,25 @@ def test_module_with_both_ops_compiles_without_graph_breaks():
     with torch.no_grad():
         for i in (0, 7):
             torch.testing.assert_close(compiled(x, noise, i), module(x, noise, i), rtol=1e-5, atol=1e-5)
+
+
+def test_digits_unet_compiles_whole_when_nothing_loaded_fastdiff_C_first():
+    """A fresh interpreter compiles the demo U-Net (auto backend) with fullgraph=True before any
+    fastdiff op has run: the first native load happens inside Dynamo's trace (it took a lock that
+    Dynamo cannot trace, which split the model into 14 graphs)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from fastdiff import _native
+        from fastdiff.models import digits_unet
+        assert not _native._loaded
+        model = digits_unet()
+        x, t, y = torch.randn(4, 1, 16, 16), torch.full((4,), 500), torch.arange(4)
+        with torch.no_grad():
+            out = torch.compile(model, fullgraph=True)(x, t, y)
+            torch.testing.assert_close(out, model(x, t, y), rtol=1e-4, atol=1e-4)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
