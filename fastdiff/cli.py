@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 _MODELS = ("digits", "glyphs")
+_MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -65,11 +66,14 @@ class _Demo:
             self.prediction = trained["prediction"]
             self.image_shape = (1, 16, 16)
 
-    def set_backend(self, backend: str) -> None:
+    def set_backend(self, backend: str, memory_format: torch.memory_format) -> None:
         """The model's own layers follow the sampling backend where they can: the reference run is
-        the reference end to end; every fused backend runs the layers on auto."""
+        the reference end to end (plain PyTorch, NCHW); every fused backend runs the layers on auto,
+        in ``memory_format``."""
         if hasattr(self.model, "set_backend"):
             self.model.set_backend("reference" if backend == "reference" else "auto")
+            fmt = torch.contiguous_format if backend == "reference" else memory_format
+            self.model.to(memory_format=fmt)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> str:
         if self.name == "glyphs":
@@ -111,12 +115,13 @@ def _sample_command(args: argparse.Namespace) -> int:
 
     timings = {}
     backends = [args.backend, "reference"] if args.backend != "reference" else ["reference"]
+    memory_format = _MEMORY_FORMATS[args.memory_format]
     with torch.no_grad():
         for backend in backends:  # warm up first, so neither timing pays one-time costs (loading _C)
-            demo.set_backend(backend)
+            demo.set_backend(backend, memory_format)
             fastdiff.sample(demo.model, shape, backend=backend, **(kwargs | {"steps": 2}))
         for backend in backends:
-            demo.set_backend(backend)
+            demo.set_backend(backend, memory_format)
             start = time.perf_counter()
             x = fastdiff.sample(demo.model, shape, backend=backend, progress=args.progress, **kwargs)
             if x.is_cuda:
@@ -130,8 +135,11 @@ def _sample_command(args: argparse.Namespace) -> int:
     cfg_text = f"cfg={args.cfg}" if args.cfg is not None else "no guidance"
     print(f"model {args.model}: {n} images, {args.sampler} {args.steps} steps, {cfg_text} -> {args.out}")
     print(demo.score(result, labels))
+    layouts = {backend: "NCHW" if backend == "reference" or args.memory_format == "contiguous" else "channels_last"
+               for backend in timings}
     for backend, seconds in timings.items():
-        print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image")
+        layout = f" ({layouts[backend]})" if isinstance(demo.model, torch.nn.Module) else ""
+        print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{layout}")
     if len(timings) == 2:
         print(f"  speed-up of {args.backend} over the reference: {timings['reference'] / timings[args.backend]:.2f}x")
     return 0
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton")
+    s.add_argument("--memory-format", choices=tuple(_MEMORY_FORMATS), default="channels_last",
+                   help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
     s.add_argument("--progress", action="store_true")
     s.add_argument("--out", default="samples.png")
 

@@ -1,0 +1,77 @@
+"""End to end: the shipped digits U-Net (fastdiff.models.digits_unet) sampled with fastdiff.sample.
+
+Batch 16 at 16x16, DDIM, cfg 4 (the model runs on the 32-row batch [uncond; cond]), the v-prediction
+and schedule the weights were trained with. Baseline: the same weights on the reference path
+(``set_backend("reference")`` and ``backend="reference"``: every norm, attention and sampler step in
+plain PyTorch, NCHW). Also: torch.compile of that reference model (NCHW and channels_last; the
+compile time of the untimed warm-up is reported as compile_s), fastdiff's fused path (auto) in
+NCHW and channels_last, and that model under torch.compile (fastdiff's ops are custom ops Inductor
+keeps, fusing the glue around them). The issue's targets: fused >= 1.5x the reference path and not slower than
+torch.compile of the reference model.
+
+FASTDIFF_BENCH_STEPS (default 50) and FASTDIFF_BENCH_ROUNDS (default 5) shorten a run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from _bench import DEVICE, timed
+
+import fastdiff
+from fastdiff.models import digits_unet
+from fastdiff.models.digits import NULL_CLASS, digits_sampling
+
+BATCH = 16
+SHAPE = (BATCH, 1, 16, 16)
+CFG = 4.0
+STEPS = int(os.environ.get("FASTDIFF_BENCH_STEPS", "50"))
+ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "5"))
+PROVIDERS = [
+    "reference",
+    "torch.compile(reference)",
+    "torch.compile(reference) channels_last",
+    "fastdiff",
+    "fastdiff channels_last",
+    "torch.compile(fastdiff)",
+    "torch.compile(fastdiff) channels_last",
+]
+
+
+def _make(provider: str):
+    """A function of the step count that samples the batch with this provider."""
+    reference = "reference" in provider
+    backend = "reference" if reference else "auto"
+    model = digits_unet(backend=backend, device=DEVICE)
+    kwargs = digits_sampling(model)
+    fmt = torch.channels_last if provider.endswith("channels_last") else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if provider.startswith("torch.compile"):
+        model = torch.compile(model)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(SHAPE, generator=g).to(DEVICE).contiguous(memory_format=fmt)
+    labels = (torch.arange(BATCH) % 10).to(DEVICE)
+
+    def run(steps: int) -> torch.Tensor:
+        return fastdiff.sample(model, noise=noise, sampler="ddim", steps=steps, cfg=CFG, cond={"y": labels},
+                               uncond={"y": torch.full_like(labels, NULL_CLASS)}, backend=backend, **kwargs)
+
+    return run
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_sample_digits_unet(benchmark, provider):
+    run = _make(provider)
+    start = time.perf_counter()
+    run(2)  # warm-up (and compilation for torch.compile), not timed
+    warmup_s = time.perf_counter() - start
+    benchmark.group = f"digits U-Net DDIM cfg=4, batch {BATCH} 16x16, {STEPS} steps, fp32"
+    benchmark.extra_info.update(provider=provider, baseline="reference", steps=STEPS)
+    if provider.startswith("torch.compile"):
+        benchmark.extra_info["compile_s"] = round(warmup_s, 1)
+    result = benchmark.pedantic(timed(lambda: run(STEPS)), rounds=ROUNDS, iterations=1)
+    benchmark.extra_info["ms/image"] = round(benchmark.stats.stats.median / BATCH * 1e3, 3)
+    assert result.shape == SHAPE and bool(torch.isfinite(result).all())
