@@ -53,6 +53,10 @@ def _native_support(device_type: str):
     return reasons
 
 
+def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
+
+
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
     x's device and dtype; CPU tensors only in the interpreter, when asked for by name), D past the
@@ -66,9 +70,15 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
         reasons.append(f"D={x.shape[-1]} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds "
                        "in registers")
     reasons += _part_dtype_reasons(inputs)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values()):
+    if _needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
     return reasons
+
+
+def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    """What the reasons depend on beyond devices and dtypes: the triton kernel's longest row, and
+    whether grad is needed (the triton kernel is forward-only)."""
+    return (inputs["x"].shape[-1] > TRITON_MAX_FEATURES, _needs_grad(inputs))
 
 
 SUPPORT = register_op(
@@ -80,6 +90,7 @@ SUPPORT = register_op(
             "cuda": _native_support("cuda"),
             "triton": _triton_reasons,
         },
+        cache_key=_cache_key,
     )
 )
 
