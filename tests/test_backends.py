@@ -11,6 +11,7 @@ from fastdiff.backends import (
     AUTO,
     AVAILABLE,
     BACKENDS,
+    DEVICES_AND_DTYPES,
     PRIORITY,
     BackendUnavailableError,
     ExplicitOnly,
@@ -195,7 +196,7 @@ def test_ops_keep_the_reference_validation():
         attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
 
 
-def _counting_op(name: str, cpu_refuses: list[str], cacheable: bool = True):
+def _counting_op(name: str, cpu_refuses: list[str], cache_key=DEVICES_AND_DTYPES):
     """A throwaway op whose cpu reasons function counts its calls and refuses while told to."""
     from fastdiff.backends import _REGISTRY, register_op
 
@@ -209,11 +210,11 @@ def _counting_op(name: str, cpu_refuses: list[str], cacheable: bool = True):
         return ["not here"]
 
     register_op(OpSupport(name, {"reference": always_available, "cpu": cpu, "cuda": never, "triton": never},
-                          cacheable=cacheable))
+                          cache_key=cache_key))
     return calls, lambda: _REGISTRY.pop(name, None)
 
 
-def test_cacheable_ops_remember_decisions_per_device_and_dtype(monkeypatch):
+def test_ops_with_a_cache_key_remember_decisions_per_device_and_dtype(monkeypatch):
     refuses: list[str] = []
     calls, unregister = _counting_op("_cached_op", refuses)
     try:
@@ -241,8 +242,8 @@ def test_cacheable_ops_remember_decisions_per_device_and_dtype(monkeypatch):
         unregister()
 
 
-def test_ops_that_are_not_cacheable_decide_every_call():
-    calls, unregister = _counting_op("_uncached_op", [], cacheable=False)
+def test_ops_without_a_cache_key_decide_every_call():
+    calls, unregister = _counting_op("_uncached_op", [], cache_key=None)
     try:
         for _ in range(3):
             assert select_backend("_uncached_op", AUTO, {"x": torch.randn(2)}) == "cpu"

@@ -590,6 +590,6 @@ def test_dispatch_cache_keys_on_the_triton_size_limit():
 
     small = torch.empty(2, 8, 64, 64, device="meta")
     huge = torch.empty(1, 8, 2**14, 2**14 + 1, device="meta")
-    assert SUPPORT.cacheable and SUPPORT.cache_key is not None
+    assert SUPPORT.cache_key is not None
     assert SUPPORT.cache_key({"x": small}) != SUPPORT.cache_key({"x": huge})
     assert any("32 bits" in r for r in SUPPORT.why_not("triton", {"x": huge}))

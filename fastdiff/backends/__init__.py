@@ -31,6 +31,7 @@ __all__ = [
     "BACKENDS",
     "PRIORITY",
     "ENV_VAR",
+    "DEVICES_AND_DTYPES",
     "BackendUnavailableError",
     "ExplicitOnly",
     "OpSupport",
@@ -56,6 +57,16 @@ AVAILABLE = "available"
 
 # reasons(inputs) -> list of reasons the backend cannot run them; inputs=None: static reasons only.
 ReasonsFn = Callable[[Mapping[str, torch.Tensor] | None], list[str]]
+# cache_key(inputs) -> what the reasons look at beyond devices and dtypes (see OpSupport.cache_key).
+CacheKeyFn = Callable[[Mapping[str, torch.Tensor]], tuple]
+
+
+def _nothing_beyond_devices_and_dtypes(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    return ()
+
+
+# The cache_key of an op whose reasons look only at the inputs' devices and dtypes.
+DEVICES_AND_DTYPES: CacheKeyFn = _nothing_beyond_devices_and_dtypes
 
 
 class ExplicitOnly(str):
@@ -87,13 +98,13 @@ class OpSupport:
     op: str
     reasons: Mapping[str, ReasonsFn]
     priority: tuple[str, ...] = ()
-    # Whether every reasons function looks only at the inputs' devices and dtypes (which inputs are
-    # given included) and at global state that select_backend keys on (FASTDIFF_BACKEND,
-    # TRITON_INTERPRET, the loaded fastdiff._C): then a decision is remembered per input signature,
-    # which takes dispatch off the hot path of modules called at every step. ``cache_key(inputs)``
-    # adds whatever else the reasons look at (a size limit, say) to that signature.
-    cacheable: bool = False
-    cache_key: Callable[[Mapping[str, torch.Tensor]], tuple] | None = None
+    # Given, a successful decision is remembered per input signature (each input's device and dtype,
+    # which inputs are given, and the global state select_backend keys on: FASTDIFF_BACKEND,
+    # TRITON_INTERPRET, the loaded fastdiff._C) plus ``cache_key(inputs)``, which must hold whatever
+    # else the reasons functions look at (a size limit, grad mode, say): :data:`DEVICES_AND_DTYPES`
+    # when nothing else. This takes dispatch off the hot path of modules called at every step.
+    # None: decided afresh on every call.
+    cache_key: CacheKeyFn | None = None
 
     def __post_init__(self) -> None:
         missing = [b for b in BACKENDS if b not in self.reasons]
@@ -175,9 +186,8 @@ _DECISIONS_MAX = 4096
 
 def _decision_key(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
     signature = tuple((name, t.device, t.dtype) for name, t in inputs.items())
-    extra = support.cache_key(inputs) if support.cache_key is not None else ()
     return (support.op, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), _native.generation,
-            signature, extra)
+            signature, support.cache_key(inputs))
 
 
 def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
@@ -185,11 +195,11 @@ def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) ->
 
     ``inputs`` maps argument names to the tensors the backends must accept (names appear in the
     reasons). With "auto", the first backend of the op's priority with no reasons wins; an explicit
-    backend with reasons raises :class:`BackendUnavailableError` listing all of them. For a
-    ``cacheable`` op a successful decision is remembered per input signature (see OpSupport).
+    backend with reasons raises :class:`BackendUnavailableError` listing all of them. For an op
+    with a ``cache_key`` a successful decision is remembered per input signature (see OpSupport).
     """
     support = _REGISTRY[op]
-    if not support.cacheable or torch.compiler.is_compiling():  # traced once; no need to remember
+    if support.cache_key is None or torch.compiler.is_compiling():  # traced once; no need to remember
         return _select(support, backend, inputs)
     key = _decision_key(support, backend, inputs)
     chosen = _DECISIONS.get(key)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import positive_int
 from ..backends import AUTO, BACKENDS
 from ..ops import attention, layer_norm_modulate
 
@@ -34,12 +35,6 @@ __all__ = ["DiT", "sincos_position_embedding_2d", "timestep_embedding"]
 
 _NORM_EPS = 1e-6  # DiT's LayerNorm(elementwise_affine=False, eps=1e-6)
 _POS_EMBEDS = ("sincos", "learned")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"DiT: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -159,7 +154,7 @@ class DiT(nn.Module):
         super().__init__()
         for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
                             ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
-            _positive_int(name, value)
+            positive_int(name, value, "DiT")
         if input_size % patch_size != 0:
             raise ValueError(f"DiT: input_size ({input_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % num_heads != 0:

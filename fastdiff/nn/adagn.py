@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import positive_int
 from ..backends import AUTO, BACKENDS
 from ..ops.group_norm_adagn import group_norm_adagn
 
@@ -37,8 +38,7 @@ class AdaGroupNorm(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("num_channels", num_channels), ("num_groups", num_groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AdaGroupNorm: {name} must be a positive int, got {value!r}")
+            positive_int(name, value, "AdaGroupNorm")
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"AdaGroupNorm: num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"

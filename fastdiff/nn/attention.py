@@ -20,16 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import positive_int
 from ..ops import attention as _attention
 from ..ops import group_norm_adagn
 
 __all__ = ["SpatialSelfAttention", "CrossAttention", "cache_context"]
-
-
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class SpatialSelfAttention(nn.Module):
@@ -58,17 +53,17 @@ class SpatialSelfAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_positive("channels", channels)
+        positive_int("channels", channels)
         if head_dim is not None:
-            _check_positive("head_dim", head_dim)
+            positive_int("head_dim", head_dim)
             if channels % head_dim:
                 raise ValueError(f"channels ({channels}) must be divisible by head_dim ({head_dim})")
             num_heads = channels // head_dim
         else:
-            _check_positive("num_heads", num_heads)
+            positive_int("num_heads", num_heads)
             if channels % num_heads:
                 raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
-        _check_positive("num_groups", num_groups)
+        positive_int("num_groups", num_groups)
         if channels % num_groups:
             raise ValueError(f"channels ({channels}) must be divisible by num_groups ({num_groups})")
         self.channels = channels
@@ -175,10 +170,10 @@ class CrossAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_positive("query_dim", query_dim)
-        context_dim = query_dim if context_dim is None else _check_positive("context_dim", context_dim)
-        _check_positive("heads", heads)
-        _check_positive("dim_head", dim_head)
+        positive_int("query_dim", query_dim)
+        context_dim = query_dim if context_dim is None else positive_int("context_dim", context_dim)
+        positive_int("heads", heads)
+        positive_int("dim_head", dim_head)
         inner = heads * dim_head
         self.query_dim = query_dim
         self.context_dim = context_dim

@@ -20,11 +20,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..backends import ExplicitOnly, OpSupport, always_available, not_implemented, register_op, select_backend
+from ..backends import OpSupport, always_available, not_implemented, register_op, select_backend, triton_reasons
 from ..reference.attention import attention as _reference_attention
 from ..reference.attention import check_inputs
-from ..triton import interpreter_mismatch
-from ..triton import interpreting as triton_interpreting
 
 __all__ = ["attention", "TRITON_DTYPES", "TRITON_MAX_HEAD_DIM"]
 
@@ -44,44 +42,18 @@ def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
 
 
-_triton_found: list[str] = []
-
-
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs (device, dtype, D, grad).
-
-    CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1, when asked for by name:
-    auto never picks the interpreter (an :class:`ExplicitOnly` reason), it is a test tool.
-    """
-    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
-        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
-    reasons = [r for r in _triton_found if r]
-    interpreting = triton_interpreting()
-    if interpreting and (why := interpreter_mismatch()) is not None:
-        reasons.append(why)
-    if not interpreting and not torch.cuda.is_available():
-        reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
-                       "kernel in Triton's CPU interpreter)")
+    """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
+    the inputs' devices and dtypes; CPU tensors only in the interpreter, when asked for by name), a
+    head dim past what the kernel tiles, or grad (the kernel is forward-only)."""
+    reasons = triton_reasons(inputs, TRITON_DTYPES)
     if inputs is None:
         return reasons
-    reasons = [r for r in reasons if not r.startswith("no CUDA device")]
     q = inputs.get("q")
-    on_cpu = []
-    for name, t in inputs.items():
-        if t.device.type == "cpu" and interpreting:
-            on_cpu.append(name)
-        elif t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
-                           "under TRITON_INTERPRET=1)")
-        if t.dtype not in TRITON_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(TRITON_DTYPES)})")
     if q is not None and q.shape[-1] > TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim D={q.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the largest the kernel tiles")
     if _needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
-    if on_cpu:
-        reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
-                                    "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
     return reasons
 
 

@@ -14,7 +14,15 @@ import numbers
 import torch
 
 from .. import _native
-from ..backends import OpSupport, always_available, native_support, not_implemented, register_op, select_backend
+from ..backends import (
+    DEVICES_AND_DTYPES,
+    OpSupport,
+    always_available,
+    native_support,
+    not_implemented,
+    register_op,
+    select_backend,
+)
 from ..reference.guidance import cfg_combine as _reference_cfg_combine
 
 __all__ = ["cfg_combine"]
@@ -32,7 +40,7 @@ SUPPORT = register_op(
             "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
             "triton": not_implemented("triton", OP),
         },
-        cacheable=True,
+        cache_key=DEVICES_AND_DTYPES,
     )
 )
 

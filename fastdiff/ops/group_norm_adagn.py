@@ -92,7 +92,6 @@ SUPPORT = register_op(
             "cuda": _native_support("cuda"),
             "triton": _triton_reasons,
         },
-        cacheable=True,
         cache_key=_cache_key,
     )
 )

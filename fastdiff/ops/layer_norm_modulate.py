@@ -12,17 +12,14 @@ imports Triton on first use.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 
 import torch
 
 from .. import _native
-from ..backends import ExplicitOnly, OpSupport, always_available, native_reasons, register_op, select_backend
+from ..backends import OpSupport, always_available, native_reasons, register_op, select_backend, triton_reasons
 from ..reference.layer_norm_modulate import check_layer_norm_modulate_args
 from ..reference.layer_norm_modulate import layer_norm_modulate as _reference_layer_norm_modulate
-from ..triton import interpreter_mismatch
-from ..triton import interpreting as triton_interpreting
 
 __all__ = ["layer_norm_modulate", "TRITON_DTYPES", "TRITON_MAX_FEATURES"]
 
@@ -33,10 +30,6 @@ PARTS = ("weight", "bias", "scale", "shift")
 # that asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_FEATURES = 8192
-
-
-def _dtype_names(dtypes) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 def _part_dtype_reasons(inputs: Mapping[str, torch.Tensor]) -> list[str]:
@@ -60,42 +53,32 @@ def _native_support(device_type: str):
     return reasons
 
 
-_triton_found: list[str] = []
+def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
 
 
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs (device, dtype, D, grad).
-
-    CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1, when asked for by name: auto
-    never picks the interpreter (an :class:`ExplicitOnly` reason), it is a test tool.
-    """
-    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
-        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
-    reasons = [r for r in _triton_found if r]
-    interpreting = triton_interpreting()
-    if interpreting and (why := interpreter_mismatch()) is not None:
-        reasons.append(why)
+    """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
+    x's device and dtype; CPU tensors only in the interpreter, when asked for by name), D past the
+    longest row the kernel holds, the parts' dtype rule, or grad (the kernel is forward-only)."""
     if inputs is None:
-        if not interpreting and not torch.cuda.is_available():
-            reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
-                           "kernel in Triton's CPU interpreter)")
-        return reasons
+        return triton_reasons(None, TRITON_DTYPES)
     x = inputs["x"]
-    if x.device.type == "cpu" and interpreting:
-        reasons.append(ExplicitOnly("x on the CPU runs in Triton's interpreter (TRITON_INTERPRET=1): only with "
-                                    "backend='triton', never picked by auto"))
-    elif x.device.type != "cuda":
-        reasons.append(f"x is on {x.device}, the triton backend needs CUDA tensors (or CPU tensors under "
-                       "TRITON_INTERPRET=1)")
-    if x.dtype not in TRITON_DTYPES:
-        reasons.append(f"x dtype {x.dtype} not supported (supported: {_dtype_names(TRITON_DTYPES)})")
+    # The parts share x's device (validated before dispatch), as for the native backends.
+    reasons = triton_reasons({"x": x}, TRITON_DTYPES)
     if x.shape[-1] > TRITON_MAX_FEATURES:
         reasons.append(f"D={x.shape[-1]} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds "
                        "in registers")
     reasons += _part_dtype_reasons(inputs)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values()):
+    if _needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
     return reasons
+
+
+def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    """What the reasons depend on beyond devices and dtypes: the triton kernel's longest row, and
+    whether grad is needed (the triton kernel is forward-only)."""
+    return (inputs["x"].shape[-1] > TRITON_MAX_FEATURES, _needs_grad(inputs))
 
 
 SUPPORT = register_op(
@@ -107,6 +90,7 @@ SUPPORT = register_op(
             "cuda": _native_support("cuda"),
             "triton": _triton_reasons,
         },
+        cache_key=_cache_key,
     )
 )
 

@@ -20,7 +20,15 @@ from collections.abc import Mapping
 
 import torch
 
-from ..backends import OpSupport, always_available, native_support, register_op, select_backend, triton_reasons
+from ..backends import (
+    DEVICES_AND_DTYPES,
+    OpSupport,
+    always_available,
+    native_support,
+    register_op,
+    select_backend,
+    triton_reasons,
+)
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
@@ -47,7 +55,7 @@ SUPPORT = register_op(
             "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
             "triton": _triton_reasons,
         },
-        cacheable=True,
+        cache_key=DEVICES_AND_DTYPES,
     )
 )
 
