@@ -126,13 +126,17 @@ def on_load(callback: Callable[[ModuleType], None]) -> None:
         callback(module)
 
 
-@torch.compiler.assume_constant_result
 def _load_outside_tracing() -> bool:
     """load(), run for real even while torch.compile traces a caller (Dynamo calls a function marked
     assume_constant_result and keeps its result): the first load takes a lock and imports, neither of
     which Dynamo can trace, so a model compiled before anything loaded ``_C`` would otherwise break
     its graph at every fastdiff op."""
     return load() is not None
+
+
+# What torch.compiler.assume_constant_result does, without its `import torch._dynamo` (which
+# imports Triton and costs ~1 s at `import fastdiff`); tests/test_compile.py checks the two agree.
+_load_outside_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def status() -> dict[str, Any]:

@@ -71,3 +71,12 @@ def test_digits_unet_compiles_whole_when_nothing_loaded_fastdiff_C_first():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_native_loader_carries_torch_compilers_constant_mark():
+    """_native marks its loader the way torch.compiler.assume_constant_result does (without importing
+    torch._dynamo at `import fastdiff`); if torch renames the mark, this fails."""
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    names = {name for name in vars(marked) if name.startswith("_dynamo")}
+    assert names == {"_dynamo_marked_constant"}
+    assert _native._load_outside_tracing._dynamo_marked_constant is True
