@@ -48,9 +48,11 @@ def test_repr_names_the_configuration():
     text = repr(DiT(**SMALL, backend="reference"))
     assert text.startswith(
         "DiT(\n  input_size=8, patch_size=2, in_channels=3, out_channels=6, hidden_size=48, depth=2, "
-        "num_heads=3, mlp_ratio=4.0, num_classes=5, pos_embed='sincos', backend='reference'"
+        "num_heads=3, mlp_ratio=4.0, num_classes=5, pos_embed='sincos', class_dropout_prob=0.0, "
+        "backend='reference'"
     )
     assert "(blocks): ModuleList(" in text and "GELU(approximate='tanh')" in text
+    assert "(norm1): AdaLayerNorm(48, eps=1e-06, elementwise_affine=False, backend='reference')" in text
 
 
 def test_zero_init_output_is_exactly_zero_and_blocks_are_the_identity():
@@ -85,8 +87,8 @@ def test_reference_and_auto_backends_agree_on_the_same_weights(dtype):
     with torch.no_grad():
         expected = model(x, t, y)
         model.backend = "auto"
-        assert all(b.backend == "auto" and b.attn.backend == "auto" for b in model.blocks)
-        assert model.final_layer.backend == "auto"
+        assert all(b.norm1.backend == b.norm2.backend == b.attn.backend == "auto" for b in model.blocks)
+        assert model.final_layer.norm_final.backend == "auto"
         out = model(x, t, y)
         exact = model.double()(x.double(), t, y)
     assert out.dtype == dtype
@@ -198,3 +200,39 @@ def test_forward_errors_name_the_argument():
         model(x, t, y.float())
     with pytest.raises(ValueError, match=r"backend must be one of"):
         model.backend = "fast"
+
+
+def test_class_dropout_replaces_labels_by_the_null_class_in_training_only():
+    torch.manual_seed(0)
+    model = DiT(**SMALL, class_dropout_prob=1.0, backend="reference")
+    for p in model.parameters():  # adaLN-Zero starts every block as the identity: randomize
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(4, 3, 8, 8), torch.tensor([10, 200, 500, 999]), torch.tensor([0, 1, 2, 3])
+    null = torch.full_like(y, model.null_class)
+    with torch.no_grad():
+        model.eval()
+        conditional, unconditional = model(x, t, y), model(x, t, null)
+        assert not torch.allclose(conditional, unconditional)
+        model.train()
+        torch.testing.assert_close(model(x, t, y), unconditional)  # p = 1: every label dropped
+        model.class_dropout_prob = 0.5
+        torch.manual_seed(1)
+        mixed = model(x, t, y)
+        torch.manual_seed(1)
+        dropped = torch.rand(4) < 0.5
+        assert 0 < int(dropped.sum()) < 4  # this seed drops some and keeps some
+        expected = torch.where(dropped[:, None, None, None], unconditional, conditional)
+        torch.testing.assert_close(mixed, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(class_dropout_prob=1.5), r"class_dropout_prob must be a number in \[0, 1\], got 1.5"),
+        (dict(class_dropout_prob=True), r"class_dropout_prob must be a number in \[0, 1\], got True"),
+        (dict(class_dropout_prob=0.1, num_classes=0), r"class_dropout_prob needs class labels"),
+    ],
+)
+def test_class_dropout_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiT(**(SMALL | kwargs))

@@ -29,7 +29,8 @@ from torch import nn
 
 from .._checks import positive_int
 from ..backends import AUTO, BACKENDS
-from ..ops import attention, layer_norm_modulate
+from ..nn.adaln import AdaLayerNorm
+from ..ops import attention
 
 __all__ = ["DiT", "sincos_position_embedding_2d", "timestep_embedding"]
 
@@ -91,14 +92,15 @@ class DiTBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.backend = backend
+        self.norm1 = AdaLayerNorm(dim, eps=_NORM_EPS, backend=backend)
+        self.norm2 = AdaLayerNorm(dim, eps=_NORM_EPS, backend=backend)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # Six (B, D) chunks of one (B, 6D) projection: strided views, read in place by the norm.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = layer_norm_modulate(x, scale=scale_msa, shift=shift_msa, eps=_NORM_EPS, backend=self.backend)
+        h = self.norm1(x, scale=scale_msa, shift=shift_msa)
         x = x + gate_msa.unsqueeze(1) * self.attn(h)
-        h = layer_norm_modulate(x, scale=scale_mlp, shift=shift_mlp, eps=_NORM_EPS, backend=self.backend)
+        h = self.norm2(x, scale=scale_mlp, shift=shift_mlp)
         return x + gate_mlp.unsqueeze(1) * self.mlp(h)
 
 
@@ -107,11 +109,11 @@ class _FinalLayer(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.backend = backend
+        self.norm_final = AdaLayerNorm(dim, eps=_NORM_EPS, backend=backend)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(layer_norm_modulate(x, scale=scale, shift=shift, eps=_NORM_EPS, backend=self.backend))
+        return self.linear(self.norm_final(x, scale=scale, shift=shift))
 
 
 class DiT(nn.Module):
@@ -130,6 +132,10 @@ class DiT(nn.Module):
             0 makes an unconditional model (``y`` must be None).
         learn_sigma: output 2C channels (eps, then the variance interpolation) instead of C.
         pos_embed: "sincos" (fixed, as in DiT) or "learned" (a parameter that starts as the sin-cos table).
+        class_dropout_prob: in training mode (``model.train()``), the probability that a sample's label
+            is replaced by the null class (DiT's label dropout, 0.1 there), so one model learns the
+            conditional and unconditional predictions classifier-free guidance combines. Drawn from
+            torch's global RNG; eval mode never drops.
         backend: the backend of every fastdiff op in the model (layer_norm_modulate, attention):
             "auto" or one of fastdiff.backends.BACKENDS ("reference" runs plain PyTorch).
 
@@ -149,6 +155,7 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         pos_embed: str = "sincos",
+        class_dropout_prob: float = 0.0,
         backend: str = AUTO,
     ) -> None:
         super().__init__()
@@ -169,6 +176,11 @@ class DiT(nn.Module):
                              f"{hidden_size}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"DiT: num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
+        if (isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float))
+                or not 0.0 <= class_dropout_prob <= 1.0):
+            raise ValueError(f"DiT: class_dropout_prob must be a number in [0, 1], got {class_dropout_prob!r}")
+        if class_dropout_prob > 0 and num_classes == 0:
+            raise ValueError("DiT: class_dropout_prob needs class labels; this model is unconditional (num_classes=0)")
         if pos_embed not in _POS_EMBEDS:
             raise ValueError(f"DiT: pos_embed must be one of {_POS_EMBEDS}, got {pos_embed!r}")
         if backend not in (AUTO, *BACKENDS):
@@ -183,6 +195,7 @@ class DiT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
+        self.class_dropout_prob = float(class_dropout_prob)
         self.pos_embed_kind = pos_embed
         self.frequency_embedding_size = 256
         self._backend = backend
@@ -249,7 +262,8 @@ class DiT(nn.Module):
         return (f"input_size={self.input_size}, patch_size={self.patch_size}, in_channels={self.in_channels}, "
                 f"out_channels={self.out_channels}, hidden_size={self.hidden_size}, depth={self.depth}, "
                 f"num_heads={self.num_heads}, mlp_ratio={self.mlp_ratio}, num_classes={self.num_classes}, "
-                f"pos_embed={self.pos_embed_kind!r}, backend={self.backend!r}")
+                f"pos_embed={self.pos_embed_kind!r}, class_dropout_prob={self.class_dropout_prob}, "
+                f"backend={self.backend!r}")
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
         expected = (self.in_channels, self.input_size, self.input_size)
@@ -280,6 +294,9 @@ class DiT(nn.Module):
         c = self.t_embedder(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
         if self.y_embedder is not None:
             labels = y if y is not None else torch.full_like(t, self.null_class, dtype=torch.long)
+            if self.training and self.class_dropout_prob > 0:  # train the null class for guidance
+                dropped = torch.rand(labels.shape, device=labels.device) < self.class_dropout_prob
+                labels = torch.where(dropped, torch.full_like(labels, self.null_class), labels)
             c = c + self.y_embedder(labels)
         for block in self.blocks:
             tokens = block(tokens, c)
