@@ -3,9 +3,9 @@
 // portable (below) and once for AVX2 (group_norm_adagn_avx2.cpp), picked at run time.
 #include "../ops.h"
 #include "group_norm_adagn_kernel.h"
+#include "launch.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 #define FASTDIFF_CPU_ISA isa_default
@@ -14,22 +14,6 @@
 
 namespace fastdiff {
 namespace {
-
-cpu::GroupNormAdagnFn pick_kernel() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
-  const std::string capability = at::get_cpu_capability();
-#if FASTDIFF_CPU_HAVE_AVX512
-  if (capability == "AVX512") {
-    return &cpu::isa_avx512::group_norm_adagn_kernel;
-  }
-#endif
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::group_norm_adagn_kernel;
-  }
-#endif
-  return &cpu::isa_default::group_norm_adagn_kernel;
-}
 
 // A part as the kernel reads it: contiguous, in the math type (B*C values at most, so the copy is
 // negligible next to x). Returns an undefined tensor for an absent part.
@@ -80,7 +64,9 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
   args.eps = eps;
   args.silu = silu;
 
-  static const cpu::GroupNormAdagnFn kernel = pick_kernel();
+  static const cpu::GroupNormAdagnFn kernel = cpu::pick_isa<cpu::GroupNormAdagnFn>(
+      &cpu::isa_default::group_norm_adagn_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::group_norm_adagn_kernel),
+      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::group_norm_adagn_kernel));
   kernel(args);
   return out;
 }

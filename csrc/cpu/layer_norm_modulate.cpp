@@ -4,9 +4,9 @@
 // run time.
 #include "../ops.h"
 #include "layer_norm_modulate_kernel.h"
+#include "launch.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 #define FASTDIFF_CPU_ISA isa_default
@@ -15,22 +15,6 @@
 
 namespace fastdiff {
 namespace {
-
-cpu::LayerNormModulateFn pick_kernel() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
-  const std::string capability = at::get_cpu_capability();
-#if FASTDIFF_CPU_HAVE_AVX512
-  if (capability == "AVX512") {
-    return &cpu::isa_avx512::layer_norm_modulate_kernel;
-  }
-#endif
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::layer_norm_modulate_kernel;
-  }
-#endif
-  return &cpu::isa_default::layer_norm_modulate_kernel;
-}
 
 // A part as the kernel reads it: in the math type, features contiguous (a copy of B*D values at
 // most, negligible next to x; none for float32 chunks of a (B, 6D) projection). Returns an
@@ -81,7 +65,9 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
   args.stride_n = in.stride(1);
   args.eps = eps;
 
-  static const cpu::LayerNormModulateFn kernel = pick_kernel();
+  static const cpu::LayerNormModulateFn kernel = cpu::pick_isa<cpu::LayerNormModulateFn>(
+      &cpu::isa_default::layer_norm_modulate_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::layer_norm_modulate_kernel),
+      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::layer_norm_modulate_kernel));
   kernel(args);
   return out;
 }

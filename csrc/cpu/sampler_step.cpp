@@ -8,10 +8,10 @@
 #undef FASTDIFF_CPU_ISA
 
 #include "../ops.h"
+#include "launch.h"
 #include "sampler_step_kernel.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 namespace fastdiff {
@@ -138,16 +138,6 @@ std::tuple<at::Tensor, at::Tensor> finish_sampler_step(const SamplerStepPlan& pl
 
 namespace {
 
-cpu::SamplerStepChunkFn pick_chunk_fn() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::sampler_step_chunk;
-  }
-#endif
-  return &cpu::isa_default::sampler_step_chunk;
-}
-
 // Elements per parallel chunk: below this, waking the second thread costs more than the loop.
 constexpr int64_t kGrainSize = 16384;
 
@@ -195,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   args.seed = args.philox ? static_cast<uint64_t>(philox_seed->item<int64_t>()) : 0;
   args.step = index;
 
-  static const cpu::SamplerStepChunkFn chunk_fn = pick_chunk_fn();
+  static const cpu::SamplerStepChunkFn chunk_fn = cpu::pick_isa<cpu::SamplerStepChunkFn>(
+      &cpu::isa_default::sampler_step_chunk, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::sampler_step_chunk), nullptr);
   at::parallel_for(0, plan.batch * plan.n, kGrainSize,
                    [&](int64_t begin, int64_t end) { chunk_fn(args, begin, end); });
   return finish_sampler_step(plan);
