@@ -13,20 +13,6 @@
 #undef FASTDIFF_CPU_ISA
 
 namespace fastdiff {
-namespace {
-
-// A part as the kernel reads it: contiguous, in the math type (B*C values at most, so the copy is
-// negligible next to x). Returns an undefined tensor for an absent part.
-at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
-  if (!part.has_value()) {
-    return at::Tensor();
-  }
-  return part->to(math_type).contiguous();
-}
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-}  // namespace
 
 at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
@@ -42,19 +28,19 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
     return out;
   }
   const at::ScalarType math_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = prepare_part(weight, math_type), b = prepare_part(bias, math_type);
-  const at::Tensor s = prepare_part(scale, math_type), t = prepare_part(shift, math_type);
-  const at::Tensor p = prepare_part(pre_shift, math_type);
+  const at::Tensor w = cpu::prepare_part(weight, math_type), b = cpu::prepare_part(bias, math_type);
+  const at::Tensor s = cpu::prepare_part(scale, math_type), t = cpu::prepare_part(shift, math_type);
+  const at::Tensor p = cpu::prepare_part(pre_shift, math_type);
 
   cpu::GroupNormAdagnArgs args{};
   args.dtype = x.scalar_type();
   args.x = in.const_data_ptr();
   args.out = out.mutable_data_ptr();
-  args.weight = ptr_or_null(w);
-  args.bias = ptr_or_null(b);
-  args.scale = ptr_or_null(s);
-  args.shift = ptr_or_null(t);
-  args.pre_shift = ptr_or_null(p);
+  args.weight = cpu::ptr_or_null(w);
+  args.bias = cpu::ptr_or_null(b);
+  args.scale = cpu::ptr_or_null(s);
+  args.shift = cpu::ptr_or_null(t);
+  args.pre_shift = cpu::ptr_or_null(p);
   args.batch = x.size(0);
   args.channels = x.size(1);
   args.groups = num_groups;

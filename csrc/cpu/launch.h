@@ -1,11 +1,14 @@
-// Helpers shared by the CPU launchers (<op>.cpp): the run-time pick of a kernel's CPU build.
-// Portable code only: the *_avx2.cpp / *_avx512.cpp builds never include it.
+// Helpers shared by the CPU launchers (<op>.cpp): the run-time pick of a kernel's CPU build and the
+// preparation of optional parts. Portable code only: the *_avx2.cpp / *_avx512.cpp builds never
+// include it.
 #pragma once
 
 #include "isa.h"
 
 #include <ATen/Version.h>
+#include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 
 // `fn` where that build is compiled in, else nullptr (its symbol does not exist there), for pick_isa.
@@ -39,5 +42,16 @@ Fn pick_isa(Fn portable, [[maybe_unused]] Fn avx2, [[maybe_unused]] Fn avx512) {
 #endif
   return portable;
 }
+
+// An optional part (per channel or per sample) as a kernel reads it: contiguous, in the math type
+// (B*C values at most, so the copy is negligible next to x). Undefined for an absent part.
+inline at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
+  if (!part.has_value()) {
+    return at::Tensor();
+  }
+  return part->to(math_type).contiguous();
+}
+
+inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 }  // namespace fastdiff::cpu

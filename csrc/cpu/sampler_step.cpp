@@ -160,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor table =
       coefs.scalar_type() == opmath && coefs.is_contiguous() ? coefs : coefs.to(opmath).contiguous();
-  const at::Tensor thresholds = threshold.has_value() ? threshold->to(opmath).contiguous() : at::Tensor();
+  const at::Tensor thresholds = cpu::prepare_part(threshold, opmath);
   if (plan.batch * plan.n == 0) {
     return finish_sampler_step(plan);
   }
@@ -171,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   args.x0_out = plan.x0.defined() ? plan.x0.mutable_data_ptr() : nullptr;
   args.x = plan.x.const_data_ptr();
   args.m = plan.model_output.const_data_ptr();
-  args.noise = plan.noise.defined() ? plan.noise.const_data_ptr() : nullptr;
+  args.noise = cpu::ptr_or_null(plan.noise);
   args.coef = static_cast<const char*>(table.const_data_ptr()) + index * kNumStepCoefs * table.element_size();
-  args.threshold = thresholds.defined() ? thresholds.const_data_ptr() : nullptr;
+  args.threshold = cpu::ptr_or_null(thresholds);
   args.batch = plan.batch;
   args.n = plan.n;
   args.mn = plan.mn;
