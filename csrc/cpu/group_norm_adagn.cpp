@@ -1,6 +1,7 @@
 // CPU implementation of group_norm_adagn: checks, layout, allocation and the per-channel parts in the
 // math type here; the loops in group_norm_adagn_impl.inl (at::vec, at::parallel_for), compiled once
-// portable (below) and once for AVX2 (group_norm_adagn_avx2.cpp), picked at run time.
+// portable (below) and once each for AVX2 and AVX-512 (group_norm_adagn_avx2.cpp, _avx512.cpp),
+// picked at run time.
 #include "../ops.h"
 #include "group_norm_adagn_kernel.h"
 #include "launch.h"
