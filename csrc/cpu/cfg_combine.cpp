@@ -2,9 +2,9 @@
 // (vectorized with at::vec), split across threads with at::parallel_for.
 #include "../ops.h"
 #include "cfg_combine_kernel.h"
+#include "launch.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 // The portable build of the loop (Vectorized's generic implementation, which the compiler
@@ -19,17 +19,6 @@ namespace {
 // Elements per parallel chunk (ATen's own elementwise grain): below it, waking threads costs more
 // than the loop, so small tensors stay on one thread.
 constexpr int64_t kGrainSize = 32768;
-
-cpu::CfgCombineChunkFn pick_chunk_fn() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::cfg_combine_chunk;
-  }
-#endif
-  return &cpu::isa_default::cfg_combine_chunk;
-}
 
 }  // namespace
 
@@ -48,7 +37,8 @@ at::Tensor cfg_combine_cpu(const at::Tensor& model_out, double scale) {
   if (n == 0) {
     return out;
   }
-  static const cpu::CfgCombineChunkFn chunk_fn = pick_chunk_fn();
+  static const cpu::CfgCombineChunkFn chunk_fn = cpu::pick_isa<cpu::CfgCombineChunkFn>(
+      &cpu::isa_default::cfg_combine_chunk, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::cfg_combine_chunk), nullptr);
   const c10::ScalarType dtype = in.scalar_type();
   void* out_ptr = out.mutable_data_ptr();
   const void* in_ptr = in.const_data_ptr();

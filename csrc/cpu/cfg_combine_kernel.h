@@ -1,15 +1,11 @@
 // The cfg_combine CPU inner loop, compiled once per CPU capability (see cfg_combine_chunk.inl).
 #pragma once
 
+#include "isa.h"
+
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-
-// setup.py defines FASTDIFF_CPU_HAVE_AVX2=1 on x86-64 and compiles cfg_combine_avx2.cpp with AVX2
-// flags; the launcher then picks that build at run time. Elsewhere only the portable build exists.
-#ifndef FASTDIFF_CPU_HAVE_AVX2
-#define FASTDIFF_CPU_HAVE_AVX2 0
-#endif
 
 namespace fastdiff::cpu {
 

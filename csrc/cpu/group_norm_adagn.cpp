@@ -1,11 +1,12 @@
 // CPU implementation of group_norm_adagn: checks, layout, allocation and the per-channel parts in the
 // math type here; the loops in group_norm_adagn_impl.inl (at::vec, at::parallel_for), compiled once
-// portable (below) and once for AVX2 (group_norm_adagn_avx2.cpp), picked at run time.
+// portable (below) and once each for AVX2 and AVX-512 (group_norm_adagn_avx2.cpp, _avx512.cpp),
+// picked at run time.
 #include "../ops.h"
 #include "group_norm_adagn_kernel.h"
+#include "launch.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 #define FASTDIFF_CPU_ISA isa_default
@@ -13,36 +14,6 @@
 #undef FASTDIFF_CPU_ISA
 
 namespace fastdiff {
-namespace {
-
-cpu::GroupNormAdagnFn pick_kernel() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
-  const std::string capability = at::get_cpu_capability();
-#if FASTDIFF_CPU_HAVE_AVX512
-  if (capability == "AVX512") {
-    return &cpu::isa_avx512::group_norm_adagn_kernel;
-  }
-#endif
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::group_norm_adagn_kernel;
-  }
-#endif
-  return &cpu::isa_default::group_norm_adagn_kernel;
-}
-
-// A part as the kernel reads it: contiguous, in the math type (B*C values at most, so the copy is
-// negligible next to x). Returns an undefined tensor for an absent part.
-at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
-  if (!part.has_value()) {
-    return at::Tensor();
-  }
-  return part->to(math_type).contiguous();
-}
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-}  // namespace
 
 at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
@@ -58,19 +29,19 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
     return out;
   }
   const at::ScalarType math_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = prepare_part(weight, math_type), b = prepare_part(bias, math_type);
-  const at::Tensor s = prepare_part(scale, math_type), t = prepare_part(shift, math_type);
-  const at::Tensor p = prepare_part(pre_shift, math_type);
+  const at::Tensor w = cpu::prepare_part(weight, math_type), b = cpu::prepare_part(bias, math_type);
+  const at::Tensor s = cpu::prepare_part(scale, math_type), t = cpu::prepare_part(shift, math_type);
+  const at::Tensor p = cpu::prepare_part(pre_shift, math_type);
 
   cpu::GroupNormAdagnArgs args{};
   args.dtype = x.scalar_type();
   args.x = in.const_data_ptr();
   args.out = out.mutable_data_ptr();
-  args.weight = ptr_or_null(w);
-  args.bias = ptr_or_null(b);
-  args.scale = ptr_or_null(s);
-  args.shift = ptr_or_null(t);
-  args.pre_shift = ptr_or_null(p);
+  args.weight = cpu::ptr_or_null(w);
+  args.bias = cpu::ptr_or_null(b);
+  args.scale = cpu::ptr_or_null(s);
+  args.shift = cpu::ptr_or_null(t);
+  args.pre_shift = cpu::ptr_or_null(p);
   args.batch = x.size(0);
   args.channels = x.size(1);
   args.groups = num_groups;
@@ -80,7 +51,9 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
   args.eps = eps;
   args.silu = silu;
 
-  static const cpu::GroupNormAdagnFn kernel = pick_kernel();
+  static const cpu::GroupNormAdagnFn kernel = cpu::pick_isa<cpu::GroupNormAdagnFn>(
+      &cpu::isa_default::group_norm_adagn_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::group_norm_adagn_kernel),
+      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::group_norm_adagn_kernel));
   kernel(args);
   return out;
 }

@@ -4,9 +4,9 @@
 // run time.
 #include "../ops.h"
 #include "layer_norm_modulate_kernel.h"
+#include "launch.h"
 
 #include <ATen/OpMathType.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 #define FASTDIFF_CPU_ISA isa_default
@@ -16,26 +16,10 @@
 namespace fastdiff {
 namespace {
 
-cpu::LayerNormModulateFn pick_kernel() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  // torch's own answer (cpuinfo, honouring ATEN_CPU_CAPABILITY), so fastdiff and ATen agree.
-  const std::string capability = at::get_cpu_capability();
-#if FASTDIFF_CPU_HAVE_AVX512
-  if (capability == "AVX512") {
-    return &cpu::isa_avx512::layer_norm_modulate_kernel;
-  }
-#endif
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::layer_norm_modulate_kernel;
-  }
-#endif
-  return &cpu::isa_default::layer_norm_modulate_kernel;
-}
-
-// A part as the kernel reads it: in the math type, features contiguous (a copy of B*D values at
-// most, negligible next to x; none for float32 chunks of a (B, 6D) projection). Returns an
-// undefined tensor for an absent part.
-at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
+// A part as the kernel reads it: in the math type, features contiguous but samples at any stride,
+// unlike cpu::prepare_part (a copy of B*D values at most, negligible next to x; none for float32
+// chunks of a (B, 6D) projection). Returns an undefined tensor for an absent part.
+at::Tensor prepare_strided_part(const std::optional<at::Tensor>& part, at::ScalarType math_type) {
   if (!part.has_value()) {
     return at::Tensor();
   }
@@ -44,8 +28,6 @@ at::Tensor prepare_part(const std::optional<at::Tensor>& part, at::ScalarType ma
 }
 
 int64_t sample_stride(const at::Tensor& t) { return t.defined() ? t.stride(0) : 0; }
-
-const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
 }  // namespace
 
@@ -61,17 +43,17 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
   }
   const at::Tensor in = layer_norm_modulate_input(x);  // rows at any strides, features contiguous
   const at::ScalarType math_type = at::toOpMathType(x.scalar_type());
-  const at::Tensor w = prepare_part(weight, math_type), b = prepare_part(bias, math_type);
-  const at::Tensor s = prepare_part(scale, math_type), t = prepare_part(shift, math_type);
+  const at::Tensor w = prepare_strided_part(weight, math_type), b = prepare_strided_part(bias, math_type);
+  const at::Tensor s = prepare_strided_part(scale, math_type), t = prepare_strided_part(shift, math_type);
 
   cpu::LayerNormModulateArgs args{};
   args.dtype = x.scalar_type();
   args.x = in.const_data_ptr();
   args.out = out.mutable_data_ptr();
-  args.weight = ptr_or_null(w);
-  args.bias = ptr_or_null(b);
-  args.scale = ptr_or_null(s);
-  args.shift = ptr_or_null(t);
+  args.weight = cpu::ptr_or_null(w);
+  args.bias = cpu::ptr_or_null(b);
+  args.scale = cpu::ptr_or_null(s);
+  args.shift = cpu::ptr_or_null(t);
   args.scale_stride = sample_stride(s);
   args.shift_stride = sample_stride(t);
   args.batch = x.size(0);
@@ -81,7 +63,9 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
   args.stride_n = in.stride(1);
   args.eps = eps;
 
-  static const cpu::LayerNormModulateFn kernel = pick_kernel();
+  static const cpu::LayerNormModulateFn kernel = cpu::pick_isa<cpu::LayerNormModulateFn>(
+      &cpu::isa_default::layer_norm_modulate_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::layer_norm_modulate_kernel),
+      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::layer_norm_modulate_kernel));
   kernel(args);
   return out;
 }

@@ -1,18 +1,11 @@
 // The layer_norm_modulate CPU kernel, compiled once per CPU capability (see layer_norm_modulate_impl.inl).
 #pragma once
 
+#include "isa.h"
+
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-
-// setup.py defines FASTDIFF_CPU_HAVE_AVX2=1 and FASTDIFF_CPU_HAVE_AVX512=1 on x86-64 and compiles
-// *_avx2.cpp / *_avx512.cpp with those flags; the launcher picks a build at run time.
-#ifndef FASTDIFF_CPU_HAVE_AVX2
-#define FASTDIFF_CPU_HAVE_AVX2 0
-#endif
-#ifndef FASTDIFF_CPU_HAVE_AVX512
-#define FASTDIFF_CPU_HAVE_AVX512 0
-#endif
 
 namespace fastdiff::cpu {
 

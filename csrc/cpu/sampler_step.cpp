@@ -8,10 +8,10 @@
 #undef FASTDIFF_CPU_ISA
 
 #include "../ops.h"
+#include "launch.h"
 #include "sampler_step_kernel.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 
 namespace fastdiff {
@@ -138,16 +138,6 @@ std::tuple<at::Tensor, at::Tensor> finish_sampler_step(const SamplerStepPlan& pl
 
 namespace {
 
-cpu::SamplerStepChunkFn pick_chunk_fn() {
-#if FASTDIFF_CPU_HAVE_AVX2
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX2" || capability == "AVX512") {
-    return &cpu::isa_avx2::sampler_step_chunk;
-  }
-#endif
-  return &cpu::isa_default::sampler_step_chunk;
-}
-
 // Elements per parallel chunk: below this, waking the second thread costs more than the loop.
 constexpr int64_t kGrainSize = 16384;
 
@@ -170,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   const at::ScalarType opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor table =
       coefs.scalar_type() == opmath && coefs.is_contiguous() ? coefs : coefs.to(opmath).contiguous();
-  const at::Tensor thresholds = threshold.has_value() ? threshold->to(opmath).contiguous() : at::Tensor();
+  const at::Tensor thresholds = cpu::prepare_part(threshold, opmath);
   if (plan.batch * plan.n == 0) {
     return finish_sampler_step(plan);
   }
@@ -181,9 +171,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   args.x0_out = plan.x0.defined() ? plan.x0.mutable_data_ptr() : nullptr;
   args.x = plan.x.const_data_ptr();
   args.m = plan.model_output.const_data_ptr();
-  args.noise = plan.noise.defined() ? plan.noise.const_data_ptr() : nullptr;
+  args.noise = cpu::ptr_or_null(plan.noise);
   args.coef = static_cast<const char*>(table.const_data_ptr()) + index * kNumStepCoefs * table.element_size();
-  args.threshold = thresholds.defined() ? thresholds.const_data_ptr() : nullptr;
+  args.threshold = cpu::ptr_or_null(thresholds);
   args.batch = plan.batch;
   args.n = plan.n;
   args.mn = plan.mn;
@@ -195,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
   args.seed = args.philox ? static_cast<uint64_t>(philox_seed->item<int64_t>()) : 0;
   args.step = index;
 
-  static const cpu::SamplerStepChunkFn chunk_fn = pick_chunk_fn();
+  static const cpu::SamplerStepChunkFn chunk_fn = cpu::pick_isa<cpu::SamplerStepChunkFn>(
+      &cpu::isa_default::sampler_step_chunk, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::sampler_step_chunk), nullptr);
   at::parallel_for(0, plan.batch * plan.n, kGrainSize,
                    [&](int64_t begin, int64_t end) { chunk_fn(args, begin, end); });
   return finish_sampler_step(plan);

@@ -1,13 +1,11 @@
 // The sampler_step CPU inner loop, compiled once per CPU capability (see sampler_step_chunk.inl).
 #pragma once
 
+#include "isa.h"
+
 #include <c10/core/ScalarType.h>
 
 #include <cstdint>
-
-#ifndef FASTDIFF_CPU_HAVE_AVX2
-#define FASTDIFF_CPU_HAVE_AVX2 0
-#endif
 
 namespace fastdiff::cpu {
 
