@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 
@@ -116,14 +117,25 @@ def _sample_command(args: argparse.Namespace) -> int:
     timings = {}
     backends = [args.backend, "reference"] if args.backend != "reference" else ["reference"]
     memory_format = _MEMORY_FORMATS[args.memory_format]
+    if args.compile and not isinstance(demo.model, torch.nn.Module):
+        raise ValueError(f"--compile needs a torch module; the {args.model} model is not one")
+    models = {}  # what each backend samples: the demo's model, or (--compile) a compiled copy
+    for backend in backends:
+        demo.set_backend(backend, memory_format)
+        compiled = args.compile and backend != "reference"
+        models[backend] = torch.compile(copy.deepcopy(demo.model)) if compiled else demo.model
+    compile_seconds = None
     with torch.no_grad():
-        for backend in backends:  # warm up first, so neither timing pays one-time costs (loading _C)
+        for backend in backends:  # warm up first, so neither timing pays one-time costs (loading _C, compiling)
             demo.set_backend(backend, memory_format)
-            fastdiff.sample(demo.model, shape, backend=backend, **(kwargs | {"steps": 2}))
+            start = time.perf_counter()
+            fastdiff.sample(models[backend], shape, backend=backend, **(kwargs | {"steps": 2}))
+            if models[backend] is not demo.model:
+                compile_seconds = time.perf_counter() - start
         for backend in backends:
             demo.set_backend(backend, memory_format)
             start = time.perf_counter()
-            x = fastdiff.sample(demo.model, shape, backend=backend, progress=args.progress, **kwargs)
+            x = fastdiff.sample(models[backend], shape, backend=backend, progress=args.progress, **kwargs)
             if x.is_cuda:
                 torch.cuda.synchronize()
             timings[backend] = (time.perf_counter() - start) / n
@@ -139,7 +151,11 @@ def _sample_command(args: argparse.Namespace) -> int:
                for backend in timings}
     for backend, seconds in timings.items():
         layout = f" ({layouts[backend]})" if isinstance(demo.model, torch.nn.Module) else ""
+        if models[backend] is not demo.model:
+            layout = layout[:-1] + ", torch.compile)"
         print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{layout}")
+    if compile_seconds is not None:
+        print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:
         print(f"  speed-up of {args.backend} over the reference: {timings['reference'] / timings[args.backend]:.2f}x")
     return 0
@@ -170,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton")
     s.add_argument("--memory-format", choices=tuple(_MEMORY_FORMATS), default="channels_last",
                    help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
+    s.add_argument("--compile", action="store_true",
+                   help="run the fused backend's model under torch.compile (compiled in the untimed warm-up)")
     s.add_argument("--progress", action="store_true")
     s.add_argument("--out", default="samples.png")
 

@@ -21,6 +21,16 @@ def _read_png_size(path):
     return w, h
 
 
+def _read_png_pixels(path):
+    """The RGB pixels of a PNG written by fastdiff._png (one IDAT, filter 0 on every row)."""
+    data = path.read_bytes()
+    w, h = _read_png_size(path)
+    idat = data[data.index(b"IDAT") + 4 :]
+    rows = np.frombuffer(zlib.decompressobj().decompress(idat), dtype=np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()
+    return rows[:, 1:].reshape(h, w, 3)
+
+
 def test_png_writer_roundtrip(tmp_path):
     img = np.arange(6 * 5 * 3, dtype=np.uint8).reshape(6, 5, 3)
     write_png(tmp_path / "a.png", img)
@@ -57,11 +67,29 @@ def test_sample_command_digits_is_the_default(tmp_path, capsys):
     assert h == 10 * 34 + 2 and w == 2 * 34 + 4
 
 
+def test_sample_command_compiles_the_fused_model_on_request(tmp_path, capsys):
+    """--compile samples a torch.compile'd copy of the U-Net on the fused backend (the reference
+    run stays eager), reports the compile time apart, and gives the eager run's images."""
+    pytest.importorskip("safetensors", reason="safetensors is not installed (a dependency of fastdiff)")
+    args = ["sample", "--steps", "2", "--cfg", "4", "--per-class", "1", "--backend", "auto"]
+    assert main([*args, "--out", str(tmp_path / "eager.png")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--compile", "--out", str(tmp_path / "compiled.png")]) == 0
+    text = capsys.readouterr().out
+    assert "backend auto" in text and "(channels_last, torch.compile)" in text
+    assert "backend reference" in text and "(NCHW)" in text
+    assert "torch.compile: " in text and "not in the ms/image" in text
+    eager, compiled = _read_png_pixels(tmp_path / "eager.png"), _read_png_pixels(tmp_path / "compiled.png")
+    # The same images; Inductor may round the glue differently, which can move a pixel by one level.
+    assert eager.shape == compiled.shape and np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
+
+
 def test_sample_command_rejects_bad_arguments(tmp_path, capsys):
     assert main(["sample", "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "steps must be an int in [1, num_train_timesteps=1000]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--model", "sdxl"])
+
 
 
 def test_module_entry_point_runs():
