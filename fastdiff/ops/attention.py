@@ -116,7 +116,8 @@ def _attention_triton_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+    # PyTorch's CPU flash kernel writes (B, Nq, H, D) memory; kept as it is (see attention()).
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -124,7 +125,7 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
 
     # xformers takes (B, N, H, D); the transposes are views, not copies.
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2)  # (B, Nq, H, D) memory, as xformers wrote it
 
 
 def _check_scale(scale: object) -> None:
@@ -146,7 +147,10 @@ def attention(
 ) -> torch.Tensor:
     """``softmax(q @ k^T * scale) @ v`` for q (B, H, Nq, D), k and v (B, H, Nk, D), any strides.
 
-    Returns a contiguous (B, H, Nq, D) tensor in q's dtype. ``scale`` defaults to ``1 / sqrt(D)``.
+    Returns a dense (B, H, Nq, D) tensor in q's dtype: contiguous, or (sdpa, xformers) laid out as
+    (B, Nq, H, D) in memory, the way those libraries write it, so that the usual head merge
+    ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is a view rather than a second copy.
+    ``scale`` defaults to ``1 / sqrt(D)``.
     Sums and the softmax run in float32 on every backend (float64 stays float64); the fused kernels
     round the probabilities to the input dtype before the second product, as FlashAttention does.
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton" | "xformers" | "sdpa";
