@@ -23,6 +23,7 @@
 
 #include "../common/group_norm_adagn.h"
 #include "group_norm_adagn_kernel.h"
+#include "loops.h"
 #include "vec_io.h"
 
 #include <ATen/OpMathType.h>
@@ -34,7 +35,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -62,59 +62,6 @@ constexpr int64_t kBlock = 512;
 // Bytes per block of pixels in the channels_last statistics, walked once per tile of channels: the
 // block must stay in L1 (48 KB here) across the tiles and the two passes.
 constexpr int64_t kChannelsLastBlockBytes = 24 * 1024;
-// Below this many elements in total, waking threads costs more than the work (ATen's own grain).
-constexpr int64_t kGrainElements = 32768;
-// Work units per thread in the split paths, so that a slow thread on a shared machine is diluted.
-constexpr int64_t kTasksPerThread = 8;
-// Smallest segment (NCHW) or pixel chunk (channels_last) worth its own task, in elements.
-constexpr int64_t kMinTaskElements = 16384;
-
-// Moments of x[0, n), n >= 1: per L1 block its mean, then its centered sum of squares; blocks merged.
-template <typename scalar_t>
-WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t n) {
-  using IO = Io<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using FVec = typename IO::FVec;
-  WelfordStats<opmath_t> total{0, 0, 0};
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const scalar_t* p = x + start;
-    const int64_t len = std::min(kBlock, n - start);
-    FVec lo, hi, s0(0), s1(0);
-    int64_t i = 0;
-    for (; i + IO::kStep <= len; i += IO::kStep) {
-      IO::load(p + i, lo, hi);
-      s0 = s0 + lo;
-      s1 = s1 + hi;
-    }
-    const int64_t rest = len - i;  // < kStep: one partial step, zeros past the end
-    if (rest > 0) {
-      IO::load_n(p + i, rest, lo, hi);
-      s0 = s0 + lo;
-      s1 = s1 + hi;
-    }
-    const opmath_t mean = IO::sum_lanes(s0 + s1) / static_cast<opmath_t>(len);
-    const FVec mean_v(mean);
-    FVec q0(0), q1(0);
-    for (i = 0; i + IO::kStep <= len; i += IO::kStep) {
-      IO::load(p + i, lo, hi);
-      lo = lo - mean_v;
-      hi = hi - mean_v;
-      q0 = at::vec::fmadd(lo, lo, q0);
-      q1 = at::vec::fmadd(hi, hi, q1);
-    }
-    if (rest > 0) {
-      IO::load_n(p + i, rest, lo, hi);
-      lo = lo - mean_v;
-      hi = hi - mean_v;
-      IO::zero_past(rest, lo, hi);  // the lanes past the end would add mean^2
-      q0 = at::vec::fmadd(lo, lo, q0);
-      q1 = at::vec::fmadd(hi, hi, q1);
-    }
-    const opmath_t m2 = IO::sum_lanes(q0 + q1);
-    total = welford_combine(total, WelfordStats<opmath_t>{static_cast<opmath_t>(len), mean, m2});
-  }
-  return total;
-}
 
 // out[i] = act(((x[i] + k.pre_shift) - k.mean) * k.a + k.b) for i in [0, n): one channel's run.
 template <typename scalar_t, bool kSilu>
@@ -159,36 +106,6 @@ struct Problem {
         eps(static_cast<opmath_t>(a.eps)) {}
 };
 
-// Runs body(i) for every task i in [0, n), on all threads. Tasks go out one at a time from a shared
-// counter rather than in at::parallel_for's fixed shares: on a shared machine a thread is often
-// descheduled for a while, and with fixed shares every other thread would wait for it. With
-// `last_first` the tasks go out from n - 1 down: an epilogue then starts on the data its statistics
-// pass read last, which is still in cache. Inputs too small to be worth waking threads for stay on
-// the calling thread.
-template <typename F>
-void for_each_task(int64_t n, int64_t elements_per_task, bool last_first, const F& body) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1 || n * elements_per_task < kGrainElements || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) {
-      body(last_first ? n - 1 - i : i);
-    }
-    return;
-  }
-  // Small tasks go out in runs of about kMinTaskElements: one counter increment per task cost more
-  // than the work of a 2 KB task (the counter's cache line moves between cores on every grab).
-  const int64_t run = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, elements_per_task));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t first = next.fetch_add(run, std::memory_order_relaxed); first < n;
-         first = next.fetch_add(run, std::memory_order_relaxed)) {
-      const int64_t last = std::min(n, first + run);
-      for (int64_t i = first; i < last; ++i) {
-        body(last_first ? n - 1 - i : i);
-      }
-    }
-  });
-}
-
 // ---- NCHW ---------------------------------------------------------------------------------------
 
 // Group statistics from per-row moments: each row's mean moves by its channel's pre_shift (the
@@ -198,11 +115,11 @@ WelfordStats<at::opmath_type<scalar_t>> nchw_group_moments(const Problem<scalar_
   using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* xg = pb.x + (b * pb.C + g * pb.Cg) * pb.S;
   if (pb.params.pre_shift == nullptr) {
-    return span_moments(xg, pb.Cg * pb.S);
+    return span_moments(xg, pb.Cg * pb.S, kBlock);
   }
   WelfordStats<opmath_t> stats{0, 0, 0};
   for (int64_t j = 0; j < pb.Cg; ++j) {
-    WelfordStats<opmath_t> row = span_moments(xg + j * pb.S, pb.S);
+    WelfordStats<opmath_t> row = span_moments(xg + j * pb.S, pb.S, kBlock);
     row.mean += pb.params.template pre_shift_at<opmath_t>(b, g * pb.Cg + j);
     stats = welford_combine(stats, row);
   }
@@ -248,7 +165,7 @@ void nchw_by_segment(const Problem<scalar_t>& pb) {
   for_each_task(segments, segment_elements, /*last_first=*/false, [&](int64_t i) {
     int64_t offset, len;
     segment(i, offset, len);
-    moments[i] = span_moments(pb.x + offset, len);
+    moments[i] = span_moments(pb.x + offset, len, kBlock);
   });
 
   std::vector<AdagnCoefficients<opmath_t>> coef(rows);

@@ -13,6 +13,7 @@
 
 #include "../common/layer_norm_modulate.h"
 #include "layer_norm_modulate_kernel.h"
+#include "loops.h"
 #include "vec_io.h"
 
 #include <ATen/OpMathType.h>
@@ -24,7 +25,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 namespace fastdiff {
@@ -34,52 +34,6 @@ namespace {
 // Elements per two-pass block: 16 KB of float, so the second pass reads L1 (DiT's rows, D <= 1536,
 // are one block each).
 constexpr int64_t kBlock = 4096;
-// Below this many elements in total, waking threads costs more than the work (ATen's own grain).
-constexpr int64_t kGrainElements = 32768;
-// Tasks per thread, so that a slow thread on a shared machine is diluted, and the smallest task.
-constexpr int64_t kTasksPerThread = 8;
-constexpr int64_t kMinTaskElements = 16384;
-
-// Moments of x[0, n), n >= 1: per block its mean, then its centered sum of squares; blocks merged.
-template <typename scalar_t>
-WelfordStats<at::opmath_type<scalar_t>> row_moments(const scalar_t* x, int64_t n) {
-  using IO = Io<scalar_t>;
-  using opmath_t = typename IO::opmath_t;
-  using FVec = typename IO::FVec;
-  WelfordStats<opmath_t> total{0, 0, 0};
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const scalar_t* p = x + start;
-    const int64_t len = std::min(kBlock, n - start);
-    FVec lo, hi, s0(0), s1(0);
-    int64_t i = 0;
-    for (; i + IO::kStep <= len; i += IO::kStep) {
-      IO::load(p + i, lo, hi);
-      s0 = s0 + lo;
-      s1 = s1 + hi;
-    }
-    opmath_t sum = IO::sum_lanes(s0 + s1);
-    for (; i < len; ++i) {
-      sum += static_cast<opmath_t>(p[i]);
-    }
-    const opmath_t mean = sum / static_cast<opmath_t>(len);
-    const FVec mean_v(mean);
-    FVec q0(0), q1(0);
-    for (i = 0; i + IO::kStep <= len; i += IO::kStep) {
-      IO::load(p + i, lo, hi);
-      lo = lo - mean_v;
-      hi = hi - mean_v;
-      q0 = at::vec::fmadd(lo, lo, q0);
-      q1 = at::vec::fmadd(hi, hi, q1);
-    }
-    opmath_t m2 = IO::sum_lanes(q0 + q1);
-    for (; i < len; ++i) {
-      const opmath_t d = static_cast<opmath_t>(p[i]) - mean;
-      m2 += d * d;
-    }
-    total = welford_combine(total, WelfordStats<opmath_t>{static_cast<opmath_t>(len), mean, m2});
-  }
-  return total;
-}
 
 // out[d] = (x[d] - mean) * rstd * gain[d] + offset[d] for one row of D features.
 template <typename scalar_t>
@@ -100,31 +54,14 @@ void row_apply(const scalar_t* __restrict__ x,                      // (D,) inpu
               modulate_apply(lo, mean_v, rstd_v, FVec::loadu(gain + d), FVec::loadu(offset + d)),
               modulate_apply(hi, mean_v, rstd_v, FVec::loadu(gain + d + L), FVec::loadu(offset + d + L)));
   }
-  for (; d < D; ++d) {
-    out[d] = static_cast<scalar_t>(modulate_apply(static_cast<at::opmath_type<scalar_t>>(x[d]), mean, rstd, gain[d],
-                                                  offset[d]));
+  if (d < D) {  // the last D - d < kStep features as one partial step, as group_norm_adagn's rows end
+    using MathIO = Io<at::opmath_type<scalar_t>>;
+    FVec g0, g1, o0, o1;
+    MathIO::load_n(gain + d, D - d, g0, g1);
+    MathIO::load_n(offset + d, D - d, o0, o1);
+    IO::load_n(x + d, D - d, lo, hi);
+    IO::store_n(out + d, D - d, modulate_apply(lo, mean_v, rstd_v, g0, o0), modulate_apply(hi, mean_v, rstd_v, g1, o1));
   }
-}
-
-// Runs body(i) for every task i in [0, n) on all threads, handing tasks out one at a time from a
-// shared counter (as group_norm_adagn does): on a shared machine a descheduled thread then delays
-// only its current task, not a fixed share. Small inputs stay on the calling thread.
-template <typename F>
-void for_each_task(int64_t n, int64_t elements_per_task, const F& body) {
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1 || n * elements_per_task < kGrainElements || at::in_parallel_region()) {
-    for (int64_t i = 0; i < n; ++i) {
-      body(i);
-    }
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      body(i);
-    }
-  });
 }
 
 template <typename scalar_t>
@@ -142,7 +79,7 @@ void run(const LayerNormModulateArgs& args) {
 
   // (B, D) gains and offsets: read by every row of the sample, from cache.
   std::vector<opmath_t> gain(B * D), offset(B * D);
-  for_each_task(B, D, [&](int64_t b) {
+  for_each_task(B, D, /*last_first=*/false, [&](int64_t b) {
     for (int64_t d = 0; d < D; ++d) {
       const ModulateCoefficients<opmath_t> k = params.template coefficients<opmath_t>(b, d);
       gain[b * D + d] = k.gain;
@@ -155,12 +92,12 @@ void run(const LayerNormModulateArgs& args) {
   const int64_t rows_per_task = std::max<int64_t>(
       1, std::min((kMinTaskElements + D - 1) / D, (rows + want - 1) / want));
   const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
-  for_each_task(tasks, rows_per_task * D, [&](int64_t t) {
+  for_each_task(tasks, rows_per_task * D, /*last_first=*/false, [&](int64_t t) {
     const int64_t end = std::min(rows, (t + 1) * rows_per_task);
     for (int64_t r = t * rows_per_task; r < end; ++r) {
       const int64_t b = r / N, n = r % N;
       const scalar_t* row = x + b * args.stride_b + n * args.stride_n;
-      const WelfordStats<opmath_t> stats = row_moments(row, D);
+      const WelfordStats<opmath_t> stats = span_moments(row, D, kBlock);
       const opmath_t rstd = population_rstd(stats, eps);
       row_apply(row, out + r * D, gain.data() + b * D, offset.data() + b * D, D, stats.mean, rstd);
     }
