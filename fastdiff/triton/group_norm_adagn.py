@@ -84,6 +84,37 @@ _INT32_MAX = 2**31 - 1
 # group_norm_rstd computes it.
 
 
+# The epilogue both kernels share, per tile of BLOCK_C channels of one group: the fold of
+# csrc/common/group_norm_adagn.h (a = rstd * w * (1 + s), b = bias * (1 + s) + t, an absent part
+# neutral) applied to the centered values, then the optional SiLU.
+@triton.jit
+def _adagn_epilogue(
+    centered,  # (BLOCK_C, BLOCK_S) u - mean
+    rstd,  # the group's 1 / sqrt(var + eps)
+    channels, sample_channels, c_valid,  # (BLOCK_C,) channel index, b * C + channel, channel in range
+    W, BIAS, SCALE, SHIFT,  # the parts (any pointer when absent)
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    a = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
+    b = tl.zeros([BLOCK_C], tl.float32)
+    if HAS_WEIGHT:
+        a = a * tl.load(W + channels, mask=c_valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(BIAS + channels, mask=c_valid, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        one_plus_scale = 1.0 + tl.load(SCALE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
+        a = a * one_plus_scale
+        b = b * one_plus_scale
+    if HAS_SHIFT:
+        b = b + tl.load(SHIFT + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
+    y = centered * a[:, None] + b[:, None]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
 # Fused path, per (sample b, group g): u = x + p over the C/G x S tile in registers;
 # mean = sum(u) / n; M2 = sum((u - mean)^2) over the valid lanes (the exact two-pass moments).
 @triton.jit
@@ -124,21 +155,8 @@ def _group_norm_adagn_fused_kernel(
     centered = tl.where(mask, u - mean, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(tl.sum(centered * centered), count), 0.0) + eps))
 
-    a = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-    b = tl.zeros([BLOCK_C], tl.float32)
-    if HAS_WEIGHT:
-        a = a * tl.load(W + channels, mask=c_valid, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(BIAS + channels, mask=c_valid, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        one_plus_scale = 1.0 + tl.load(SCALE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
-        a = a * one_plus_scale
-        b = b * one_plus_scale
-    if HAS_SHIFT:
-        b = b + tl.load(SHIFT + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
-    y = centered * a[:, None] + b[:, None]
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
+    y = _adagn_epilogue(centered, rstd, channels, sample_channels, c_valid, W, BIAS, SCALE, SHIFT, HAS_WEIGHT,
+                        HAS_BIAS, HAS_SCALE, HAS_SHIFT, SILU, BLOCK_C)
     y_ptrs = Y + sample.to(tl.int64) * stride_yb + channels[:, None] * stride_yc + offs_s[None, :] * stride_ys
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -260,21 +278,8 @@ def _group_norm_adagn_apply_kernel(
         if HAS_PRE:
             u = u + tl.load(PRE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)[:, None]
         centered = u - mean
-        a = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-        b = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_WEIGHT:
-            a = a * tl.load(W + channels, mask=c_valid, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b = tl.load(BIAS + channels, mask=c_valid, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            one_plus_scale = 1.0 + tl.load(SCALE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
-            a = a * one_plus_scale
-            b = b * one_plus_scale
-        if HAS_SHIFT:
-            b = b + tl.load(SHIFT + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
-        y = centered * a[:, None] + b[:, None]
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
+        y = _adagn_epilogue(centered, rstd, channels, sample_channels, c_valid, W, BIAS, SCALE, SHIFT, HAS_WEIGHT,
+                            HAS_BIAS, HAS_SCALE, HAS_SHIFT, SILU, BLOCK_C)
         tl.store(y_base + channels[:, None] * stride_yc + (s0 + offs_s)[None, :] * stride_ys,
                  y.to(Y.dtype.element_ty), mask=mask)
 
