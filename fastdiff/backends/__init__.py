@@ -44,6 +44,7 @@ __all__ = [
     "support_table",
     "native_reasons",
     "native_support",
+    "part_dtype_reasons",
     "not_implemented",
     "triton_reasons",
 ]
@@ -309,11 +310,27 @@ def native_reasons(
     return reasons
 
 
-def native_support(op: str, device_type: str, dtypes: Sequence[torch.dtype]) -> ReasonsFn:
-    """The reasons function of an op's plain native (fastdiff._C) backend on ``device_type``."""
+def part_dtype_reasons(inputs: Mapping[str, torch.Tensor], parts: Sequence[str]) -> list[str]:
+    """The rule for the optional parts of the norm ops (weight, bias, scale, ...): each given part
+    is in x's dtype or float32."""
+    x = inputs["x"]
+    return [
+        f"{name} dtype {inputs[name].dtype} must be x's dtype ({x.dtype}) or float32"
+        for name in parts
+        if name in inputs and inputs[name].dtype not in (x.dtype, torch.float32)
+    ]
+
+
+def native_support(op: str, device_type: str, dtypes: Sequence[torch.dtype], parts: Sequence[str] = ()) -> ReasonsFn:
+    """The reasons function of an op's native (fastdiff._C) backend on ``device_type``. With
+    ``parts`` (the names of optional inputs beside ``x``): the parts share x's device (validated
+    before dispatch), so only x goes through the device/dtype checks, and the parts follow
+    :func:`part_dtype_reasons`."""
 
     def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        return native_reasons(op, device_type, dtypes, inputs)
+        if inputs is None or not parts:
+            return native_reasons(op, device_type, dtypes, inputs)
+        return native_reasons(op, device_type, dtypes, {"x": inputs["x"]}) + part_dtype_reasons(inputs, parts)
 
     return reasons
 

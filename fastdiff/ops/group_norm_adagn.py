@@ -20,7 +20,15 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from .. import _native
-from ..backends import OpSupport, always_available, native_reasons, register_op, select_backend, triton_reasons
+from ..backends import (
+    OpSupport,
+    always_available,
+    native_support,
+    part_dtype_reasons,
+    register_op,
+    select_backend,
+    triton_reasons,
+)
 from ..reference.group_norm_adagn import check_group_norm_adagn_args
 from ..reference.group_norm_adagn import group_norm_adagn as _reference_group_norm_adagn
 
@@ -35,27 +43,6 @@ PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
 _INT32_MAX = 2**31 - 1
 
 
-def _part_dtype_reasons(inputs: Mapping[str, torch.Tensor]) -> list[str]:
-    x = inputs["x"]
-    found = []
-    for name in PARTS:
-        part = inputs.get(name)
-        if part is not None and part.dtype != x.dtype and part.dtype != torch.float32:
-            found.append(f"{name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32")
-    return found
-
-
-def _native_support(device_type: str):
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        if inputs is None:
-            return native_reasons(OP, device_type, NATIVE_DTYPES, None)
-        # The parts share x's device (validated before dispatch), so only x goes through the generic
-        # device/dtype checks; the parts' own dtype rule is checked here. This runs on every call.
-        return native_reasons(OP, device_type, NATIVE_DTYPES, {"x": inputs["x"]}) + _part_dtype_reasons(inputs)
-
-    return reasons
-
-
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     """Why the Triton kernels cannot run: no triton, no GPU, x's dtype (float64), the parts' dtype
     rule, or a sample too large for 32-bit indexing. CPU tensors run in Triton's interpreter under
@@ -63,7 +50,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     reasons = triton_reasons(inputs, TRITON_DTYPES, ("x",))
     if inputs is None:
         return reasons
-    reasons += _part_dtype_reasons(inputs)
+    reasons += part_dtype_reasons(inputs, PARTS)
     extent = _sample_extent(inputs["x"])
     if extent > _INT32_MAX:
         reasons.append(f"one sample of x spans {extent} elements; the triton kernels index within a sample in "
@@ -88,8 +75,8 @@ SUPPORT = register_op(
         OP,
         {
             "reference": always_available,
-            "cpu": _native_support("cpu"),
-            "cuda": _native_support("cuda"),
+            "cpu": native_support(OP, "cpu", NATIVE_DTYPES, PARTS),
+            "cuda": native_support(OP, "cuda", NATIVE_DTYPES, PARTS),
             "triton": _triton_reasons,
         },
         cache_key=_cache_key,

@@ -17,7 +17,15 @@ from collections.abc import Mapping
 import torch
 
 from .. import _native
-from ..backends import OpSupport, always_available, native_reasons, register_op, select_backend, triton_reasons
+from ..backends import (
+    OpSupport,
+    always_available,
+    native_support,
+    part_dtype_reasons,
+    register_op,
+    select_backend,
+    triton_reasons,
+)
 from ..reference.layer_norm_modulate import check_layer_norm_modulate_args
 from ..reference.layer_norm_modulate import layer_norm_modulate as _reference_layer_norm_modulate
 
@@ -30,27 +38,6 @@ PARTS = ("weight", "bias", "scale", "shift")
 # that asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_FEATURES = 8192
-
-
-def _part_dtype_reasons(inputs: Mapping[str, torch.Tensor]) -> list[str]:
-    """The kernels read each part in x's dtype or float32."""
-    x = inputs["x"]
-    return [
-        f"{name} dtype {inputs[name].dtype} must be x's dtype ({x.dtype}) or float32"
-        for name in PARTS
-        if name in inputs and inputs[name].dtype not in (x.dtype, torch.float32)
-    ]
-
-
-def _native_support(device_type: str):
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        if inputs is None:
-            return native_reasons(OP, device_type, NATIVE_DTYPES, None)
-        # The parts share x's device (validated before dispatch), so only x goes through the generic
-        # device/dtype checks; the parts' own dtype rule is checked here. This runs on every call.
-        return native_reasons(OP, device_type, NATIVE_DTYPES, {"x": inputs["x"]}) + _part_dtype_reasons(inputs)
-
-    return reasons
 
 
 def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
@@ -69,7 +56,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     if x.shape[-1] > TRITON_MAX_FEATURES:
         reasons.append(f"D={x.shape[-1]} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds "
                        "in registers")
-    reasons += _part_dtype_reasons(inputs)
+    reasons += part_dtype_reasons(inputs, PARTS)
     if _needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
     return reasons
@@ -86,8 +73,8 @@ SUPPORT = register_op(
         OP,
         {
             "reference": always_available,
-            "cpu": _native_support("cpu"),
-            "cuda": _native_support("cuda"),
+            "cpu": native_support(OP, "cpu", NATIVE_DTYPES, PARTS),
+            "cuda": native_support(OP, "cuda", NATIVE_DTYPES, PARTS),
             "triton": _triton_reasons,
         },
         cache_key=_cache_key,
