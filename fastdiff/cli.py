@@ -117,8 +117,6 @@ def _sample_command(args: argparse.Namespace) -> int:
     timings = {}
     backends = [args.backend, "reference"] if args.backend != "reference" else ["reference"]
     memory_format = _MEMORY_FORMATS[args.memory_format]
-    if args.compile and not isinstance(demo.model, torch.nn.Module):
-        raise ValueError(f"--compile needs a torch module; the {args.model} model is not one")
     models = {}  # what each backend samples: the demo's model, or (--compile) a compiled copy
     for backend in backends:
         demo.set_backend(backend, memory_format)
@@ -147,13 +145,14 @@ def _sample_command(args: argparse.Namespace) -> int:
     cfg_text = f"cfg={args.cfg}" if args.cfg is not None else "no guidance"
     print(f"model {args.model}: {n} images, {args.sampler} {args.steps} steps, {cfg_text} -> {args.out}")
     print(demo.score(result, labels))
-    layouts = {backend: "NCHW" if backend == "reference" or args.memory_format == "contiguous" else "channels_last"
-               for backend in timings}
     for backend, seconds in timings.items():
-        layout = f" ({layouts[backend]})" if isinstance(demo.model, torch.nn.Module) else ""
+        how = []
+        if hasattr(demo.model, "set_backend"):  # the U-Net: set_backend also set its layout
+            how.append("NCHW" if backend == "reference" or args.memory_format == "contiguous" else "channels_last")
         if models[backend] is not demo.model:
-            layout = layout[:-1] + ", torch.compile)"
-        print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{layout}")
+            how.append("torch.compile")
+        detail = f" ({', '.join(how)})" if how else ""
+        print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{detail}")
     if compile_seconds is not None:
         print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:
