@@ -76,6 +76,15 @@ def triton_device() -> torch.device:
     return torch.device("cpu")
 
 
+@pytest.fixture
+def interpreted(triton_device):
+    """The Triton tier's device when it is Triton's CPU interpreter (the bytes tests count every
+    load and store there); skips where the kernels run compiled on a GPU."""
+    if triton_device.type != "cpu":
+        pytest.skip("counts bytes in Triton's interpreter; kernels run compiled on this machine's GPU")
+    return triton_device
+
+
 def full_triton_grid() -> bool:
     """FASTDIFF_FULL_TRITON=1 widens the Triton tier's grids (slow in the interpreter: minutes)."""
     return os.environ.get("FASTDIFF_FULL_TRITON", "") == "1"

@@ -19,13 +19,6 @@ from fastdiff.triton import _compat  # noqa: E402
 TOLERANCE = 1.1
 
 
-@pytest.fixture
-def interpreted(triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("counts bytes in Triton's interpreter; kernels run compiled on this machine's GPU")
-    return triton_device
-
-
 # (B, H, Nq, Nk, D)
 SHAPES = [
     (2, 2, 300, 300, 40),  # self-attention, D masked 40 -> 64, ragged last query and key blocks

@@ -23,13 +23,6 @@ from fastdiff.triton import _compat  # noqa: E402
 TOLERANCE = 1.1
 
 
-@pytest.fixture
-def interpreted(triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("counts bytes in Triton's interpreter; kernels run compiled on this machine's GPU")
-    return triton_device
-
-
 # (shape, G, launcher options): both paths, the split one forced on a small shape (ragged tiles,
 # 3 programs per group) and taken by size on a group past FUSED_MAX_ELEMENTS.
 CASES = [

@@ -21,13 +21,6 @@ from fastdiff.triton import _compat  # noqa: E402
 TOLERANCE = 1.1
 
 
-@pytest.fixture
-def interpreted(triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("counts bytes in Triton's interpreter; kernels run compiled on this machine's GPU")
-    return triton_device
-
-
 CASES = {
     # name: (shape, dtype, guided, sampler variance, noise, return_x0, threshold, layout)
     "ddim-plain-fp32": ((2, 4, 33, 17), torch.float32, False, None, "none", False, False, "contiguous"),
