@@ -27,6 +27,9 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) "
       "-> Tensor");
+  // conv2d(x, weight, bias, stride 1, padding 1) + residual: x (N, C_in, H, W), weight (C_out, C_in, 3, 3),
+  // bias (C_out,), residual (N, C_out, H, W); float32. Returns channels_last (N, C_out, H, W). CPU only.
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
@@ -34,6 +37,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("sampler_step", &fastdiff::sampler_step_cpu);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cpu);
+  m.impl("conv3x3", &fastdiff::conv3x3_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
@@ -41,6 +45,7 @@ TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("sampler_step", &fastdiff::sampler_step_meta);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_meta);
+  m.impl("conv3x3", &fastdiff::conv3x3_meta);
 }
 
 #ifdef FASTDIFF_WITH_CUDA

@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+from ..nn.conv import conv3x3_module
 from ..ops.attention import attention
 from ..ops.group_norm_adagn import group_norm_adagn
 
@@ -67,7 +68,9 @@ class FusedResnetBlock2D(ResnetBlock2D):
     ``fastdiff.patch`` swaps a block's class to this one (same parameters, buffers, submodules and
     state_dict keys); ``fastdiff.unpatch`` swaps it back. Fused, each one ``group_norm_adagn``:
     ``silu(norm1(x))``, and ``silu(norm2(h + temb))`` ("default", the embedding as ``pre_shift``)
-    or ``silu(norm2(h) * (1 + scale) + shift)`` ("scale_shift"). Everything else (up/down
+    or ``silu(norm2(h) * (1 + scale) + shift)`` ("scale_shift"). conv1 and conv2 run through
+    :func:`fastdiff.nn.conv.conv3x3_module` (fastdiff's Winograd kernel where it is faster, the
+    skip add folded into conv2 when ``output_scale_factor`` is 1). Everything else (up/down
     sampling, dropout, the shortcut, ``output_scale_factor``) runs diffusers' own modules.
     The norms' math runs in float32 for every dtype.
     """
@@ -97,7 +100,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
             input_tensor = self.downsample(input_tensor)
             hidden_states = self.downsample(hidden_states)
 
-        hidden_states = self.conv1(hidden_states)
+        hidden_states = conv3x3_module(self.conv1, hidden_states, backend=backend)
 
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
@@ -115,13 +118,15 @@ class FusedResnetBlock2D(ResnetBlock2D):
             )
 
         hidden_states = self.dropout(hidden_states)
-        hidden_states = self.conv2(hidden_states)
 
         if self.conv_shortcut is not None:
             if self.training:  # as diffusers: DDP wants contiguous gradients
                 input_tensor = input_tensor.contiguous()
             input_tensor = self.conv_shortcut(input_tensor)
 
+        if self.output_scale_factor == 1:  # the skip add happens as conv2 writes its output
+            return conv3x3_module(self.conv2, hidden_states, residual=input_tensor, backend=backend)
+        hidden_states = conv3x3_module(self.conv2, hidden_states, backend=backend)
         return (input_tensor + hidden_states) / self.output_scale_factor
 
 

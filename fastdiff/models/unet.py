@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends import AUTO
-from ..nn import AdaGroupNorm, SpatialSelfAttention
+from ..nn import AdaGroupNorm, Conv3x3, SpatialSelfAttention
 
 __all__ = ["UNet", "timestep_embedding", "UNET_BACKENDS", "EMBEDDING_MODES"]
 
@@ -83,11 +83,11 @@ class _ResBlock(nn.Module):
         self.embedding_mode = embedding_mode
         self.norm1 = AdaGroupNorm(in_ch, num_groups, activation="silu", backend=backend)
         self.resample = _Resample(in_ch, up=up, use_conv=False) if (up or down) else None
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = Conv3x3(in_ch, out_ch, backend=backend)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if embedding_mode == "scale_shift" else out_ch)
         self.norm2 = AdaGroupNorm(out_ch, num_groups, activation="silu", backend=backend)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = _zero(Conv3x3(out_ch, out_ch, backend=backend))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class _ResBlock(nn.Module):
             h = self.norm2(h, scale=scale, shift=shift)
         else:
             h = self.norm2(h, pre_shift=e)
-        return self.skip(x) + self.conv2(self.dropout(h))
+        return self.conv2(self.dropout(h), residual=self.skip(x))  # the skip add happens in conv2's output
 
 
 class _Level(nn.ModuleList):
@@ -299,7 +299,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet.set_backend: backend must be one of {UNET_BACKENDS}, got {backend!r}")
         self.backend = backend
         for m in self.modules():
-            if isinstance(m, (AdaGroupNorm, SpatialSelfAttention)):
+            if isinstance(m, (AdaGroupNorm, Conv3x3, SpatialSelfAttention)):
                 m.backend = backend
         return self
 

@@ -3,5 +3,6 @@
 from .adagn import AdaGroupNorm
 from .adaln import AdaLayerNorm
 from .attention import CrossAttention, SpatialSelfAttention, cache_context
+from .conv import Conv3x3
 
-__all__ = ["AdaGroupNorm", "AdaLayerNorm", "CrossAttention", "SpatialSelfAttention", "cache_context"]
+__all__ = ["AdaGroupNorm", "AdaLayerNorm", "Conv3x3", "CrossAttention", "SpatialSelfAttention", "cache_context"]

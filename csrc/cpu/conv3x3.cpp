@@ -1,0 +1,154 @@
+// CPU implementation of conv3x3 by Winograd F(2x2, 3x3): checks, allocation and the stages here;
+// the tile transforms themselves are in conv3x3_impl.inl, built once per CPU capability.
+//
+// Why: F(2x2, 3x3) takes 16 multiplies per 2x2 output tile and channel pair instead of 36, so its
+// GEMMs do 2.25x fewer flops than a direct convolution. The price is memory traffic: the transformed
+// patches V and products M hold 4x the pixels of x and of the output. So tiles go in blocks sized
+// to stay in L2: each task transforms a block's patches, runs the block's 16 GEMMs and writes the
+// block's output, and V and M never travel to memory.
+//
+// The GEMMs call the BLAS that torch links (the Fortran sgemm_ symbol: MKL on x86-64 builds,
+// OpenBLAS on others), looked up at run time, since torch exports no C++ GEMM for raw pointers. When
+// it is absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages run unblocked over all tiles with at::bmm.
+#include "../ops.h"
+#include "conv3x3_kernel.h"
+#include "launch.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#define FASTDIFF_CPU_ISA isa_default
+#include "conv3x3_impl.inl"
+#undef FASTDIFF_CPU_ISA
+
+namespace fastdiff {
+namespace {
+
+// Fortran BLAS sgemm (column-major; LP64 integers, as torch's MKL and OpenBLAS builds use).
+using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                         const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                         const float* beta, float* c, const int* ldc);
+
+SgemmFn find_sgemm() {
+  const char* off = std::getenv("FASTDIFF_CONV3X3_NO_BLAS");
+  if (off != nullptr && std::strcmp(off, "1") == 0) {
+    return nullptr;
+  }
+  return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+}
+
+// Bytes of V and M one block may take (half of a 2 MiB L2), and the block's tile-count bounds.
+constexpr int64_t kBlockBytes = 1 << 20;
+constexpr int64_t kMinBlockTiles = 8;
+constexpr int64_t kMaxBlockTiles = 256;
+// Values a task of the unblocked path transforms at least (ATen's elementwise grain).
+constexpr int64_t kGrainValues = 32768;
+
+}  // namespace
+
+at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual) {
+  check_conv3x3(x, weight, bias, residual);
+  TORCH_CHECK(x.device().is_cpu(), "conv3x3 (cpu): x must be a CPU tensor, got device ", x.device());
+  constexpr auto kNhwc = at::MemoryFormat::ChannelsLast;
+  cpu::Conv3x3Geometry g{};
+  g.n = x.size(0);
+  g.c_in = x.size(1);
+  g.h = x.size(2);
+  g.w = x.size(3);
+  g.c_out = weight.size(0);
+  g.tiles_h = (g.h + 1) / 2;
+  g.tiles_w = (g.w + 1) / 2;
+  g.tiles = g.n * g.tiles_h * g.tiles_w;
+  at::Tensor out = at::empty({g.n, g.c_out, g.h, g.w}, x.options().memory_format(kNhwc));
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor in = x.contiguous(kNhwc);
+  const at::Tensor b = cpu::prepare_part(bias, at::kFloat);
+  const at::Tensor res = residual.has_value() ? residual->contiguous(kNhwc) : at::Tensor();
+
+  static const cpu::Conv3x3InputFn input_fn =
+      cpu::pick_isa<cpu::Conv3x3InputFn>(&cpu::isa_default::conv3x3_input_tiles,
+                                         FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_input_tiles),
+                                         FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_input_tiles));
+  static const cpu::Conv3x3OutputFn output_fn =
+      cpu::pick_isa<cpu::Conv3x3OutputFn>(&cpu::isa_default::conv3x3_output_tiles,
+                                          FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_output_tiles),
+                                          FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_output_tiles));
+  static const cpu::Conv3x3WeightFn weight_fn =
+      cpu::pick_isa<cpu::Conv3x3WeightFn>(&cpu::isa_default::conv3x3_weight,
+                                          FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_weight),
+                                          FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
+  static const SgemmFn sgemm = find_sgemm();
+
+  // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
+  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
+  at::Tensor u = at::empty({16, g.c_in, g.c_out}, x.options());
+  const float* w_ptr = w.const_data_ptr<float>();
+  float* u_mut = u.mutable_data_ptr<float>();
+  at::parallel_for(0, g.c_in, std::max<int64_t>(1, kGrainValues / (16 * g.c_out)), [&](int64_t begin, int64_t end) {
+    weight_fn(w_ptr, u_mut, g.c_in, g.c_out, begin, end);
+  });
+
+  const float* x_ptr = in.const_data_ptr<float>();
+  const float* u_ptr = u.const_data_ptr<float>();
+  const float* b_ptr = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const float* res_ptr = res.defined() ? res.const_data_ptr<float>() : nullptr;
+  float* out_ptr = out.mutable_data_ptr<float>();
+  const int64_t c_in = std::max<int64_t>(g.c_in, 1);  // C_in = 0 still runs: V is empty, M is all zero
+
+  if (sgemm == nullptr) {
+    at::Tensor v = at::empty({16, g.tiles, g.c_in}, x.options());
+    float* v_ptr = v.mutable_data_ptr<float>();
+    at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * c_in)), [&](int64_t begin, int64_t end) {
+      input_fn(x_ptr, v_ptr + begin * g.c_in, g.tiles, g, begin, end);
+    });
+    const at::Tensor m = at::bmm(v, u);  // (16, tiles, C_out)
+    const float* m_ptr = m.const_data_ptr<float>();
+    at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * g.c_out)), [&](int64_t begin, int64_t end) {
+      output_fn(m_ptr + begin * g.c_out, g.tiles, b_ptr, res_ptr, out_ptr, g, begin, end);
+    });
+    return out;
+  }
+
+  // Blocks small enough for L2, and at least two per thread when the tiles allow it.
+  const int64_t threads = at::get_num_threads();
+  int64_t block = kBlockBytes / (16 * static_cast<int64_t>(sizeof(float)) * (c_in + g.c_out));
+  block = std::min(block, (g.tiles + 2 * threads - 1) / (2 * threads));
+  block = std::clamp(block, kMinBlockTiles, kMaxBlockTiles);
+  const int64_t blocks = (g.tiles + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> v(static_cast<size_t>(16 * block * c_in));
+    std::vector<float> m(static_cast<size_t>(16 * block * g.c_out));
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t begin = blk * block;
+      const int64_t end = std::min(g.tiles, begin + block);
+      input_fn(x_ptr, v.data(), block, g, begin, end);
+      // Row-major M_k (tiles x C_out) = V_k (tiles x C_in) U_k (C_in x C_out) is, column-major,
+      // M_k^T = U_k^T V_k^T: sgemm with m = C_out, n = tiles, k = C_in and no transposes.
+      const int gm = static_cast<int>(g.c_out);
+      const int gn = static_cast<int>(end - begin);
+      const int gk = static_cast<int>(g.c_in);
+      const int ldv = static_cast<int>(c_in);
+      const float one = 1.0f;
+      const float zero = 0.0f;
+      for (int64_t k = 0; k < 16; ++k) {
+        sgemm("N", "N", &gm, &gn, &gk, &one, u_ptr + k * g.c_in * g.c_out, &gm, v.data() + k * block * c_in, &ldv,
+              &zero, m.data() + k * block * g.c_out, &gm);
+      }
+      output_fn(m.data(), block, b_ptr, res_ptr, out_ptr, g, begin, end);
+    }
+  });
+  return out;
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,15 @@
+// Meta (shape-only) implementation of conv3x3, for FakeTensor tracing (torch.compile, opcheck).
+#include "../ops.h"
+
+#include <ATen/ops/empty.h>
+
+namespace fastdiff {
+
+at::Tensor conv3x3_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& residual) {
+  check_conv3x3(x, weight, bias, residual);
+  return at::empty_symint({x.sym_size(0), weight.sym_size(0), x.sym_size(2), x.sym_size(3)},
+                          x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,122 @@
+"""``conv3x3``: a 3x3 convolution (stride 1, padding 1) with its bias and an optional residual added.
+
+The U-Net's workhorse: on a CPU its convolutions take 70-80% of a denoiser's time.
+
+reference: fastdiff.reference.conv3x3 (``F.conv2d``, i.e. oneDNN on CPUs and cuDNN on GPUs, then
+the residual add).
+cpu: torch.ops.fastdiff.conv3x3 from fastdiff._C (csrc/cpu/conv3x3*.cpp), float32: Winograd
+F(2x2, 3x3), whose GEMMs do 2.25x fewer flops than a direct convolution, with the bias and the
+residual added as the output tiles are written. It pays off from about 32 channels and 8x8 maps
+(``fastdiff.nn.Conv3x3`` applies that rule); below, oneDNN's direct convolution is faster. Its
+error is that of a float32 convolution (the transforms only add, subtract and halve).
+cuda, triton: none; on GPUs cuDNN's convolutions (the reference path) are the ones to use.
+The native op has a Meta kernel (torch.compile sees through it) and an autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from ..backends import (
+    DEVICES_AND_DTYPES,
+    OpSupport,
+    always_available,
+    native_support,
+    not_implemented,
+    register_op,
+    select_backend,
+)
+from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
+
+__all__ = ["conv3x3"]
+
+OP = "conv3x3"
+NATIVE_DTYPES = (torch.float32,)
+
+SUPPORT = register_op(
+    OpSupport(
+        OP,
+        {
+            "reference": always_available,
+            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
+            "cuda": not_implemented("cuda", OP),
+            "triton": not_implemented("triton", OP),
+        },
+        cache_key=DEVICES_AND_DTYPES,
+    )
+)
+
+
+def _validate(x: object, weight: object, bias: object, residual: object) -> None:
+    for name, t, optional in (("x", x, False), ("weight", weight, False), ("bias", bias, True),
+                              ("residual", residual, True)):
+        if t is None and optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+            raise TypeError(f"conv3x3: {name} must be {kind}, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"conv3x3: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"conv3x3: {name} dtype {t.dtype} must match x's dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"conv3x3: {name} is on {t.device} but x is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"conv3x3: x must have shape (N, C_in, H, W), got {tuple(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(
+            f"conv3x3: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {tuple(weight.shape)}"
+        )
+    c_out = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"conv3x3: bias must have shape (C_out,) = ({c_out},), got {tuple(bias.shape)}")
+    want = (x.shape[0], c_out, x.shape[2], x.shape[3])
+    if residual is not None and tuple(residual.shape) != want:
+        raise ValueError(f"conv3x3: residual must have shape (N, C_out, H, W) = {want}, got {tuple(residual.shape)}")
+
+
+def conv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``conv2d(x, weight, bias, stride=1, padding=1) + residual``.
+
+    x (N, C_in, H, W), NCHW or channels_last; weight (C_out, C_in, 3, 3); bias (C_out,) or None;
+    residual (N, C_out, H, W) or None; one dtype and device for all. The cpu backend returns a
+    channels_last tensor (NCHW input is converted first, a copy); the reference backend returns
+    what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
+    FASTDIFF_BACKEND overrides it.
+    """
+    _validate(x, weight, bias, residual)
+    chosen = select_backend(OP, backend, {"x": x, "weight": weight})
+    if chosen == "reference":
+        return _reference_conv3x3(x, weight, bias, residual)
+    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
+
+
+# ---- autograd for the native op ----------------------------------------------------------------
+# The gradients of a convolution are aten's own (convolution_backward); the residual's is grad.
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, residual = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
+    )
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, grad if ctx.has_residual else None
+
+
+_native.register_autograd_on_load(OP, _backward, _setup_context)
