@@ -18,11 +18,15 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <vector>
 
 #define FASTDIFF_CPU_ISA isa_default
@@ -51,6 +55,72 @@ constexpr int64_t kMinBlockTiles = 8;
 constexpr int64_t kMaxBlockTiles = 256;
 // Values a task of the unblocked path transforms at least (ATen's elementwise grain).
 constexpr int64_t kGrainValues = 32768;
+
+
+// U for a weight, remembered for the last kCachedWeights weights: a model's filters change only
+// when it trains, and transforming one costs a large share of a call on small maps (at 4x4 pixels,
+// more than the GEMMs). An entry matches only the same tensor (held weakly: a freed weight can
+// never match, and its TensorImpl address cannot be reused while the entry lives) with the same
+// data pointer, sizes, strides and version counter, so in-place updates and `.data` swaps (a
+// channels_last conversion) transform again. Inference tensors have no version counter: never
+// cached.
+constexpr size_t kCachedWeights = 256;
+
+struct CachedWeight {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  const void* data;
+  std::vector<int64_t> sizes;
+  std::vector<int64_t> strides;
+  uint32_t version;
+  at::Tensor u;
+};
+
+at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
+  // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
+  const int64_t c_out = weight.size(0);
+  const int64_t c_in = weight.size(1);
+  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
+  at::Tensor u = at::empty({16, c_in, c_out}, weight.options());
+  const float* w_ptr = w.const_data_ptr<float>();
+  float* u_ptr = u.mutable_data_ptr<float>();
+  at::parallel_for(0, c_in, std::max<int64_t>(1, kGrainValues / (16 * std::max<int64_t>(c_out, 1))),
+                   [&](int64_t begin, int64_t end) { weight_fn(w_ptr, u_ptr, c_in, c_out, begin, end); });
+  return u;
+}
+
+at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
+  if (weight.is_inference()) {
+    return transform_weight(weight, weight_fn);
+  }
+  static std::mutex mutex;
+  static std::deque<CachedWeight> cache;  // most recently used first
+  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      const auto held = it->weight.lock();
+      if (held.get() == weight.unsafeGetTensorImpl() && it->data == weight.const_data_ptr() &&
+          it->version == version && weight.sizes().equals(it->sizes) && weight.strides().equals(it->strides)) {
+        CachedWeight hit = std::move(*it);
+        cache.erase(it);
+        cache.push_front(std::move(hit));
+        return cache.front().u;
+      }
+    }
+  }
+  at::Tensor u = transform_weight(weight, weight_fn);
+  std::lock_guard<std::mutex> lock(mutex);
+  // Drop entries whose weight is gone, then the least recently used beyond the limit.
+  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const CachedWeight& e) { return e.weight.expired(); }),
+              cache.end());
+  cache.push_front(CachedWeight{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                                    weight.getIntrusivePtr()),
+                                weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), version, u});
+  if (cache.size() > kCachedWeights) {
+    cache.pop_back();
+  }
+  return u;
+}
 
 }  // namespace
 
@@ -90,14 +160,7 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
                                           FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
   static const SgemmFn sgemm = find_sgemm();
 
-  // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
-  const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
-  at::Tensor u = at::empty({16, g.c_in, g.c_out}, x.options());
-  const float* w_ptr = w.const_data_ptr<float>();
-  float* u_mut = u.mutable_data_ptr<float>();
-  at::parallel_for(0, g.c_in, std::max<int64_t>(1, kGrainValues / (16 * g.c_out)), [&](int64_t begin, int64_t end) {
-    weight_fn(w_ptr, u_mut, g.c_in, g.c_out, begin, end);
-  });
+  const at::Tensor u = transformed_weight(weight, weight_fn);
 
   const float* x_ptr = in.const_data_ptr<float>();
   const float* u_ptr = u.const_data_ptr<float>();

@@ -11,10 +11,12 @@ from ..ops.conv3x3 import conv3x3
 __all__ = ["Conv3x3", "conv3x3_module"]
 
 # Where the cpu kernel (Winograd F(2x2, 3x3)) beats oneDNN's direct convolution, measured on this
-# project's 2-core AVX-512 machine at batch 16-32: from 32 channels on each side and 8x8 maps. At
-# 4x4 maps, or 3 input channels, the transforms cost more than the GEMMs save.
+# project's 2-core AVX-512 machine at batch 2-32: with 32 or more channels on each side at every map
+# size, and on maps of 8x8 pixels or fewer at any channel count (there oneDNN's ~100 us fixed cost
+# per call dominates). With 16 channels on 16x16 maps and larger, the transforms' memory traffic
+# costs more than the GEMMs save.
 MIN_CHANNELS = 32
-MIN_PIXELS = 64
+SMALL_MAP_PIXELS = 64
 
 
 def _same_3x3(conv: nn.Conv2d) -> bool:
@@ -35,7 +37,8 @@ def conv3x3_module(
 ) -> torch.Tensor:
     """``conv(x) + residual`` (residual optional) for any ``nn.Conv2d``, through
     :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and, for "auto",
-    the input is float32 on the CPU with at least 32 channels in and out and 64 pixels; otherwise
+    the input is float32 on the CPU with at least 32 channels in and out, or a map of at most 64
+    pixels; otherwise
     ``conv`` itself runs (``backend="reference"`` always runs it, and so does a subclass of
     ``nn.Conv2d``, whose forward may differ)."""
     use_op = _same_3x3(conv) and backend != "reference"
@@ -44,9 +47,11 @@ def conv3x3_module(
             x.device.type == "cpu"
             and x.dtype == torch.float32
             and conv.weight.dtype == torch.float32
-            and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
             and x.dim() == 4
-            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS
+            and (
+                min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+                or x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+            )
         )
     if use_op:
         return conv3x3(x, conv.weight, conv.bias, residual, backend=backend)

@@ -6,8 +6,10 @@ reference: fastdiff.reference.conv3x3 (``F.conv2d``, i.e. oneDNN on CPUs and cuD
 the residual add).
 cpu: torch.ops.fastdiff.conv3x3 from fastdiff._C (csrc/cpu/conv3x3*.cpp), float32: Winograd
 F(2x2, 3x3), whose GEMMs do 2.25x fewer flops than a direct convolution, with the bias and the
-residual added as the output tiles are written. It pays off from about 32 channels and 8x8 maps
-(``fastdiff.nn.Conv3x3`` applies that rule); below, oneDNN's direct convolution is faster. Its
+residual added as the output tiles are written, and the transformed filters remembered per weight
+tensor (and its version). It pays off from 32 channels, or on maps of 8x8 pixels or fewer
+(``fastdiff.nn.Conv3x3`` applies that rule); with fewer channels on larger maps oneDNN's direct
+convolution is faster. Its
 error is that of a float32 convolution (the transforms only add, subtract and halve).
 cuda, triton: none; on GPUs cuDNN's convolutions (the reference path) are the ones to use.
 The native op has a Meta kernel (torch.compile sees through it) and an autograd formula.
