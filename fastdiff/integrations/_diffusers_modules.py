@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from ..nn.conv import conv3x3_module
+from ..nn.conv import conv1x1_module, conv3x3_module
 from ..ops.attention import attention
 from ..ops.group_norm_adagn import group_norm_adagn
 
@@ -122,7 +122,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
         if self.conv_shortcut is not None:
             if self.training:  # as diffusers: DDP wants contiguous gradients
                 input_tensor = input_tensor.contiguous()
-            input_tensor = self.conv_shortcut(input_tensor)
+            input_tensor = conv1x1_module(self.conv_shortcut, input_tensor)
 
         if self.output_scale_factor == 1:  # the skip add happens as conv2 writes its output
             return conv3x3_module(self.conv2, hidden_states, residual=input_tensor, backend=backend)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..backends import AUTO
 from ..nn import AdaGroupNorm, Conv3x3, SpatialSelfAttention
+from ..nn.conv import conv1x1_module
 
 __all__ = ["UNet", "timestep_embedding", "UNET_BACKENDS", "EMBEDDING_MODES"]
 
@@ -52,12 +53,14 @@ def _zero(module: nn.Module) -> nn.Module:
 class _Resample(nn.Module):
     """x2 up (nearest, then an optional 3x3 conv) or x2 down (3x3 stride-2 conv, or 2x2 average)."""
 
-    def __init__(self, channels: int, up: bool, use_conv: bool) -> None:
+    def __init__(self, channels: int, up: bool, use_conv: bool, backend: str = AUTO) -> None:
         super().__init__()
         self.up = up
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1)
+            self.conv = (
+                Conv3x3(channels, channels, backend=backend) if up else nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:
@@ -101,7 +104,8 @@ class _ResBlock(nn.Module):
             h = self.norm2(h, scale=scale, shift=shift)
         else:
             h = self.norm2(h, pre_shift=e)
-        return self.conv2(self.dropout(h), residual=self.skip(x))  # the skip add happens in conv2's output
+        skip = x if isinstance(self.skip, nn.Identity) else conv1x1_module(self.skip, x)
+        return self.conv2(self.dropout(h), residual=skip)  # the skip add happens in conv2's output
 
 
 class _Level(nn.ModuleList):
@@ -250,7 +254,7 @@ class UNet(nn.Module):
         def resample(ch: int, up: bool) -> nn.Module:
             if resblock_updown:
                 return block(ch, ch, up=up, down=not up)
-            return _Resample(ch, up=up, use_conv=conv_resample)
+            return _Resample(ch, up=up, use_conv=conv_resample, backend=backend)
 
         self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.encoder = nn.ModuleList()

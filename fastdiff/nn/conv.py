@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backends import AUTO, BACKENDS
 from ..ops.conv3x3 import conv3x3
 
-__all__ = ["Conv3x3", "conv3x3_module"]
+__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
 
 # Where the cpu kernel (Winograd F(2x2, 3x3)) beats oneDNN's direct convolution, measured on this
-# project's 2-core AVX-512 machine at batch 2-32: with 32 or more channels on each side at every map
-# size, and on maps of 8x8 pixels or fewer at any channel count (there oneDNN's ~100 us fixed cost
-# per call dominates). With 16 channels on 16x16 maps and larger, the transforms' memory traffic
-# costs more than the GEMMs save.
-MIN_CHANNELS = 32
+# project's 2-core AVX-512 machine at batch 16-32, channels_last, each shape timed 7 times
+# alternating with oneDNN: with 64 or more channels on each side at every map size (1.26-1.65x),
+# and on maps of 8x8 pixels or fewer at any channel count, where oneDNN's fixed cost per call
+# dominates (1.29x at 32 channels, 8x8). With 32 channels or fewer on 16x16 maps and larger, the
+# transforms' memory traffic costs more than the GEMMs save (0.66-0.92x).
+MIN_CHANNELS = 64
 SMALL_MAP_PIXELS = 64
+# A 1x1 convolution of a channels_last map is a matrix product over pixels; as F.linear it skips
+# oneDNN's ~70 us fixed cost per call, which wins up to about this many multiply-adds (2.0-2.8x at
+# the demo U-Net's 4x4-8x8 skips, 1.5x at 16x16) and loses beyond (0.74x at (16, 128->64, 32x32)).
+POINTWISE_MAX_MACS = 1 << 24
+
+
+def conv1x1_module(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for any ``nn.Conv2d``; a plain 1x1 convolution (stride 1, no padding or groups)
+    of a small channels_last CPU map runs as ``F.linear`` over its pixels instead (same math, a
+    channels_last-strided result)."""
+    if (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid", "same")
+        and conv.groups == 1
+        and x.device.type == "cpu"
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and x.numel() * conv.out_channels <= POINTWISE_MAX_MACS
+    ):
+        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+    return conv(x)
 
 
 def _same_3x3(conv: nn.Conv2d) -> bool:
@@ -37,7 +63,7 @@ def conv3x3_module(
 ) -> torch.Tensor:
     """``conv(x) + residual`` (residual optional) for any ``nn.Conv2d``, through
     :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and, for "auto",
-    the input is float32 on the CPU with at least 32 channels in and out, or a map of at most 64
+    the input is float32 on the CPU with at least 64 channels in and out, or a map of at most 64
     pixels; otherwise
     ``conv`` itself runs (``backend="reference"`` always runs it, and so does a subclass of
     ``nn.Conv2d``, whose forward may differ)."""
