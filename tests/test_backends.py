@@ -28,7 +28,7 @@ from fastdiff.ops import attention, group_norm_adagn
 from fastdiff.reference import attention as reference_attention
 from fastdiff.reference import group_norm_adagn as reference_group_norm_adagn
 
-OPS = ("attention", "cfg_combine", "group_norm_adagn")
+OPS = ("attention", "cfg_combine", "conv3x3", "group_norm_adagn")
 
 
 @pytest.mark.parametrize("name", (AUTO, *BACKENDS))
@@ -135,7 +135,7 @@ def test_support_table_is_available_or_reasons():
             assert any("not implemented for this op yet" in r for r in row["triton"]), op
     assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
     assert table["attention"]["sdpa"] == AVAILABLE
-    for op in ("cfg_combine", "group_norm_adagn", "sampler_step"):
+    for op in ("cfg_combine", "conv3x3", "group_norm_adagn", "sampler_step"):
         if status["built"]:
             assert table[op]["cpu"] == AVAILABLE
         else:

@@ -1,0 +1,619 @@
+"""fastdiff.ops.conv3x3 (and fastdiff.nn.Conv3x3) against the reference, plus its bad inputs."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, FLOOR, assert_within_eager_bound
+from torch import nn
+
+from fastdiff import _native
+from fastdiff.backends import BackendUnavailableError, select_backend
+from fastdiff.nn import Conv3x3
+from fastdiff.nn.conv import conv3x3_module
+from fastdiff.ops import conv3x3
+from fastdiff.reference import conv3x3 as reference_conv3x3
+
+OP_MODULE = sys.modules["fastdiff.ops.conv3x3"]  # the package attribute is the function
+NN_MODULE = sys.modules["fastdiff.nn.conv"]
+SUPPORT = OP_MODULE.SUPPORT
+ROOT = Path(__file__).resolve().parent.parent
+
+needs_native = pytest.mark.skipif(
+    not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
+)
+
+# (N, C_in, C_out, H, W): every size 1; primes with odd H and W (half tiles on both edges); C_in 17 and
+# C_out 33 leave vector tails after one full step; a map smaller than one 4x4 patch; a single
+# column (W = 1); a batch of 64-channel maps large enough for several L2 blocks per thread; C_out
+# 96 (not a power of two) on a 5x6 map; an odd batch of 7.
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (2, 3, 5, 7, 9),
+    (3, 17, 33, 8, 8),
+    (2, 40, 24, 2, 3),
+    (1, 64, 64, 15, 1),
+    (16, 64, 64, 16, 16),
+    (2, 128, 96, 5, 6),
+    (7, 32, 32, 9, 11),
+]
+LAYOUTS = ("nchw", "channels_last", "strided", "permuted")
+
+
+def _tensor(shape, dtype, layout="nchw"):
+    """Fresh random values (nonzero mean) of ``shape`` in the requested layout."""
+    n, c, h, w = shape
+    if layout == "strided":  # every other column: dense in neither layout, a copy in the kernel
+        t = (torch.randn(n, c, h, 2 * w) + 0.5).to(dtype)[..., ::2]
+    elif layout == "permuted":  # (N, H, C, W) storage seen as (N, C, H, W)
+        t = (torch.randn(n, h, c, w) + 0.5).to(dtype).permute(0, 2, 1, 3)
+    else:
+        t = (torch.randn(shape) + 0.5).to(dtype)
+        if layout == "channels_last":
+            t = t.contiguous(memory_format=torch.channels_last)
+    assert tuple(t.shape) == tuple(shape)
+    if layout in ("strided", "permuted") and t.numel() > 1 and min(t.shape) > 1:
+        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _case(shape, dtype=torch.float32, layout="nchw", with_bias=True, with_residual=True):
+    n, c_in, c_out, h, w = shape
+    x = _tensor((n, c_in, h, w), dtype, layout)
+    # He-like scaling keeps outputs O(1) whatever C_in, so the float32 floor means the same everywhere
+    weight = (torch.randn(c_out, c_in, 3, 3) / math.sqrt(9 * c_in)).to(dtype)
+    bias = torch.randn(c_out).to(dtype) if with_bias else None
+    residual = _tensor((n, c_out, h, w), dtype, layout) if with_residual else None
+    return x, weight, bias, residual
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+def _check_against_reference(out, x, weight, bias, residual, what):
+    exact = reference_conv3x3(x.double(), weight.double(), _double(bias), _double(residual))
+    eager = reference_conv3x3(x, weight, bias, residual)  # plain PyTorch in the same dtype
+    assert out.device == x.device, what
+    assert out.dtype == x.dtype, what
+    assert_within_eager_bound(out, eager, exact, what)
+
+
+def _skip_unless_runs(backend, x, weight):
+    reasons = SUPPORT.why_not(backend, {"x": x, "weight": weight})
+    if reasons:
+        pytest.skip(f"{backend} cannot run this input here: {'; '.join(reasons)}")
+
+
+# ---- the cpu kernel against the oracle -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_matches_reference(shape, layout):
+    for with_bias in (False, True):
+        for with_residual in (False, True):
+            x, weight, bias, residual = _case(shape, torch.float32, layout, with_bias, with_residual)
+            _skip_unless_runs("cpu", x, weight)
+            out = conv3x3(x, weight, bias, residual, backend="cpu")
+            what = f"cpu {shape} {layout} bias={with_bias} residual={with_residual}"
+            n, _, c_out, h, w = shape
+            assert out.shape == (n, c_out, h, w), what
+            # no out= argument to poison: every element must be written (finite) and the layout is
+            # the documented one
+            assert torch.isfinite(out).all(), what
+            assert out.is_contiguous(memory_format=torch.channels_last), what
+            _check_against_reference(out, x, weight, bias, residual, what)
+
+
+@needs_native
+def test_cpu_takes_non_contiguous_weight_bias_and_mixed_layouts():
+    n, c_in, c_out, h, w = 3, 33, 40, 7, 10
+    x = _tensor((n, c_in, h, w), torch.float32, "nchw")
+    weight = (torch.randn(c_out, c_in, 3, 3) / math.sqrt(9 * c_in)).transpose(2, 3)  # a view
+    bias = torch.randn(2 * c_out)[::2]
+    residual = _tensor((n, c_out, h, w), torch.float32, "channels_last")  # x is NCHW, residual is not
+    assert not weight.is_contiguous() and not bias.is_contiguous()
+    out = conv3x3(x, weight, bias, residual, backend="cpu")
+    _check_against_reference(out, x, weight, bias, residual, "non-contiguous weight and bias")
+    residual = _tensor((n, c_out, h, w), torch.float32, "strided")
+    x = _tensor((n, c_in, h, w), torch.float32, "channels_last")
+    out = conv3x3(x, weight, bias, residual, backend="cpu")
+    _check_against_reference(out, x, weight, bias, residual, "channels_last x, strided residual")
+
+
+@needs_native
+def test_cpu_expanded_residual_and_bias():
+    """Broadcast views (stride 0) are legal inputs: a residual expanded over the batch, an expanded bias."""
+    x, weight, _, _ = _case((4, 32, 32, 6, 7))
+    residual = torch.randn(1, 32, 6, 7).expand(4, 32, 6, 7)
+    bias = torch.randn(1).expand(32)
+    out = conv3x3(x, weight, bias, residual, backend="cpu")
+    _check_against_reference(out, x, weight, bias, residual, "expanded residual and bias")
+
+
+@needs_native
+def test_no_nan_from_recycled_memory():
+    """The op allocates its output; fill the allocator with NaN first, so any element the kernel
+    failed to write would show up (CPU allocations of this size are recycled by the allocator)."""
+    shape = (4, 48, 40, 13, 11)
+    x, weight, bias, residual = _case(shape)
+    for _ in range(3):
+        poison = torch.full((4, 40, 13, 11), math.nan).contiguous(memory_format=torch.channels_last)
+        del poison
+        out = conv3x3(x, weight, bias, residual, backend="cpu")
+        assert torch.isfinite(out).all()
+        _check_against_reference(out, x, weight, bias, residual, "recycled memory")
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_cpu_work_split_matches_reference(threads):
+    """Tiles go in L2 blocks, at least two per thread when there are enough: thread counts 1-3 give
+    exact and ragged last blocks (150 tiles here), and a block count below the thread count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(5, 32, 48, 9, 11), (1, 40, 24, 3, 3), (2, 96, 64, 31, 17)]:
+            x, weight, bias, residual = _case(shape, layout="channels_last")
+            out = conv3x3(x, weight, bias, residual, backend="cpu")
+            _check_against_reference(out, x, weight, bias, residual, f"threads={threads} {shape}")
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_native
+def test_empty_inputs():
+    x, weight, bias, residual = _case((0, 8, 5, 4, 4))
+    assert conv3x3(x, weight, bias, residual, backend="cpu").shape == (0, 5, 4, 4)
+    for shape in [(2, 4, 0, 5), (2, 4, 5, 0)]:  # F.conv2d (the reference) rejects these
+        assert conv3x3(torch.randn(shape), torch.randn(3, 4, 3, 3), backend="cpu").shape == (2, 3, *shape[2:])
+    # no input channels: the sums are empty, the output is bias + residual (F.conv2d returns
+    # (2, 0, 5, 5) here instead, so there is no oracle to ask)
+    x, weight, bias, residual = _case((2, 0, 3, 5, 5))
+    out = conv3x3(x, weight, bias, residual, backend="cpu")
+    torch.testing.assert_close(out, bias.view(1, 3, 1, 1) + residual, rtol=0, atol=0)
+
+
+_SUBPROCESS_CODE = textwrap.dedent(
+    """
+    import math, os
+    import torch
+    from fastdiff import _native
+    from fastdiff.ops import conv3x3
+    from fastdiff.reference import conv3x3 as ref
+    assert _native.load() is not None, _native.status()["reason"]
+    want = os.environ.get("ATEN_CPU_CAPABILITY")
+    assert want is None or torch.backends.cpu.get_cpu_capability() == want.upper(), want
+    torch.manual_seed(0)
+    worst = -math.inf  # err(kernel) - bound, over every case; <= 0 passes
+    shapes = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6), (5, 32, 48, 9, 11)]
+    for n, ci, co, h, w in shapes:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(n, ci, h, w) + 0.5).contiguous(memory_format=fmt)
+            wt = torch.randn(co, ci, 3, 3) / math.sqrt(9 * ci)
+            b, r = torch.randn(co), torch.randn(n, co, h, w)
+            for bias, residual in ((None, None), (b, r)):
+                out = conv3x3(x, wt, bias, residual, backend="cpu")
+                assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all()
+                exact = ref(x.double(), wt.double(), *(None if t is None else t.double() for t in (bias, residual)))
+                eager = ref(x, wt, bias, residual)
+                bound = 2 * (eager.double() - exact).abs().max().item() + 1e-5
+                worst = max(worst, (out.double() - exact).abs().max().item() - bound)
+    print(f"excess={worst!r}")
+    """
+)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "env",
+    [
+        # without BLAS (read once per process) the stages run unblocked over all tiles with at::bmm
+        {"FASTDIFF_CONV3X3_NO_BLAS": "1"},
+        # this machine picks the AVX-512 transforms; the AVX2 and portable builds run under these
+        {"ATEN_CPU_CAPABILITY": "avx2"},
+        {"ATEN_CPU_CAPABILITY": "default"},
+    ],
+    ids=["no-blas", "avx2", "portable"],
+)
+def test_other_cpu_paths_match_reference(env):
+    """Paths chosen once per process, each in a fresh interpreter against the oracle."""
+    env = dict(os.environ, **env)
+    env.pop("FASTDIFF_BACKEND", None)
+    result = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS_CODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    excess = float(result.stdout.strip().rsplit("excess=", 1)[1])
+    assert excess <= 0, f"exceeds the 2 * eager + floor bound by {excess:.3g}"
+
+
+# ---- the reference backend, every dtype ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8)], ids=str)
+def test_reference_backend_matches_oracle(dtype, shape):
+    """F.conv2d runs in float16 and bfloat16 on the CPU too (torch >= 2.4's oneDNN/native paths)."""
+    for layout in ("nchw", "channels_last"):
+        x, weight, bias, residual = _case(shape, dtype, layout)
+        out = conv3x3(x, weight, bias, residual, backend="reference")
+        what = f"reference {dtype} {shape} {layout}"
+        if dtype == torch.float64:
+            exact = reference_conv3x3(x, weight, bias, residual)
+            torch.testing.assert_close(out, exact, rtol=0, atol=FLOOR[torch.float64])
+            continue
+        # eager here is the backend itself, so the rule reduces to finite, right dtype and shape
+        _check_against_reference(out, x, weight, bias, residual, what)
+        # an absolute sanity bound: the rounding of a few dozen products of O(1) values
+        exact = reference_conv3x3(x.double(), weight.double(), _double(bias), _double(residual))
+        limit = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}[dtype]
+        assert (out.double() - exact).abs().max() <= limit, what
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_auto_runs_the_reference_for_dtypes_the_kernel_lacks(dtype):
+    x, weight, bias, residual = _case((2, 32, 32, 8, 8), dtype)
+    assert select_backend("conv3x3", "auto", {"x": x, "weight": weight}) == "reference"
+    out = conv3x3(x, weight, bias, residual)
+    assert out.dtype == dtype
+    assert torch.equal(out, reference_conv3x3(x, weight, bias, residual))
+
+
+def test_auto_picks_the_fastest_backend_that_runs():
+    x, weight, _, _ = _case((2, 8, 8, 4, 4))
+    inputs = {"x": x, "weight": weight}
+    chosen = select_backend("conv3x3", "auto", inputs)
+    expected = next(b for b in ("cuda", "triton", "cpu", "reference") if not SUPPORT.why_not(b, inputs))
+    assert chosen == expected
+    if _native.status()["built"]:
+        assert chosen == "cpu"
+
+
+@needs_native
+def test_cpu_backend_refuses_float64_naming_the_dtype():
+    x, weight, bias, residual = _case((2, 8, 8, 4, 4), torch.float64)
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"conv3x3: backend='cpu' cannot run these inputs: x dtype torch\.float64 not supported "
+        r"\(supported: float32\)",
+    ) as info:
+        conv3x3(x, weight, bias, residual, backend="cpu")
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.reasons == [
+        "x dtype torch.float64 not supported (supported: float32)",
+        "weight dtype torch.float64 not supported (supported: float32)",
+    ]
+
+
+def test_explicit_gpu_backends_refuse_with_reasons():
+    x, weight, _, _ = _case((1, 4, 4, 3, 3))
+    for backend in ("cuda", "triton"):
+        with pytest.raises(BackendUnavailableError, match=rf"backend='{backend}'.*not implemented for this op yet"):
+            conv3x3(x, weight, backend=backend)
+
+
+# ---- bad input: each error names the argument ----------------------------------------------------
+
+
+def _x():
+    return torch.randn(2, 4, 5, 6)
+
+
+def _w():
+    return torch.randn(3, 4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (([[1.0]], _w()), TypeError, r"conv3x3: x must be a torch\.Tensor, got list"),
+        ((_x(), "w"), TypeError, r"conv3x3: weight must be a torch\.Tensor, got str"),
+        ((_x(), _w(), [0.0] * 3), TypeError, r"conv3x3: bias must be a torch\.Tensor or None, got list"),
+        ((_x(), _w(), None, 1.0), TypeError, r"conv3x3: residual must be a torch\.Tensor or None, got float"),
+        ((torch.ones(2, 4, 5, 6, dtype=torch.int64), _w()), TypeError, r"x must be a floating tensor.*int64"),
+        ((_x(), _w().double()), TypeError, r"weight dtype torch\.float64 must match x's dtype torch\.float32"),
+        ((_x(), _w(), torch.randn(3).half()), TypeError, r"bias dtype torch\.float16 must match x's dtype"),
+        (
+            (_x(), _w(), None, torch.randn(2, 3, 5, 6).bfloat16()),
+            TypeError,
+            r"residual dtype torch\.bfloat16 must match x's dtype",
+        ),
+        ((_x(), _w().to("meta")), ValueError, r"conv3x3: weight is on meta but x is on cpu"),
+        ((torch.randn(4, 5, 6), _w()), ValueError, r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)"),
+        ((torch.randn(1, 2, 4, 5, 6), _w()), ValueError, r"x must have shape \(N, C_in, H, W\)"),
+        (
+            (_x(), torch.randn(3, 4, 5, 5)),
+            ValueError,
+            r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)",
+        ),
+        ((_x(), torch.randn(3, 5, 3, 3)), ValueError, r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5"),
+        ((_x(), torch.randn(3, 4, 3)), ValueError, r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)"),
+        ((_x(), _w(), torch.randn(4)), ValueError, r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)"),
+        ((_x(), _w(), torch.randn(1, 3)), ValueError, r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)"),
+        (
+            (_x(), _w(), None, torch.randn(2, 4, 5, 6)),
+            ValueError,
+            r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)",
+        ),
+        ((_x(), _w(), None, torch.randn(1, 3, 5, 6)), ValueError, r"residual must have shape .* got \(1, 3, 5, 6\)"),
+        ((_x(), _w(), None, torch.randn(3, 5, 6)), ValueError, r"residual must have shape .* got \(3, 5, 6\)"),
+    ],
+)
+@pytest.mark.parametrize("backend", ("auto", "reference", "cpu"))
+def test_bad_input_names_the_argument(args, error, match, backend):
+    with pytest.raises(error, match=match):
+        conv3x3(*args, backend=backend)
+
+
+def test_unknown_backend_names_the_argument_and_the_choices():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\)"):
+        conv3x3(_x(), _w(), backend="winograd")
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.randn(4, 5, 6), _w()), r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension"),
+        ((_x().double(), _w().double()), r"conv3x3: x dtype must be float32, got Double"),
+        ((_x(), torch.randn(3, 4, 5, 5)), r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]"),
+        ((_x(), torch.randn(3, 4, 9)), r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]"),
+        ((_x(), torch.randn(3, 5, 3, 3)), r"conv3x3: weight has 5 input channels but x has 4"),
+        ((_x(), _w().half()), r"conv3x3: weight dtype must be float32, got Half"),
+        ((_x(), _w(), torch.randn(4)), r"conv3x3: bias must have shape \[3\], got \[4\]"),
+        ((_x(), _w(), torch.randn(3).double()), r"conv3x3: bias dtype must be float32, got Double"),
+        (
+            (_x(), _w(), None, torch.randn(2, 3, 5)),
+            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]",
+        ),
+        (
+            (_x(), _w(), None, torch.randn(2, 3, 6, 5)),
+            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6",
+        ),
+    ],
+)
+def test_native_checks_name_the_limit(device, args, match):
+    """The C++ op checks too (CPU and Meta kernels alike), for callers of torch.ops directly."""
+    args = [None if a is None else a.to(device) for a in args]
+    args += [None] * (4 - len(args))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastdiff.conv3x3(*args)
+
+
+@needs_native
+def test_native_checks_the_device_of_each_part():
+    with pytest.raises(RuntimeError, match=r"conv3x3: residual is on meta but x is on cpu"):
+        torch.ops.fastdiff.conv3x3(_x(), _w(), None, torch.empty(2, 3, 5, 6, device="meta"))
+
+
+# ---- registration: autograd, opcheck, Meta, torch.compile ----------------------------------------
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gradients_match_the_reference(layout):
+    """The native op's backward is aten's convolution_backward; each gradient of the float32 cpu op
+    meets the 2 * eager + floor rule against the float64 reference's."""
+    x, weight, bias, residual = _case((3, 33, 40, 7, 6), torch.float32, layout)
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias, residual)]
+    grad = torch.randn(3, 40, 7, 6)
+    native = torch.autograd.grad(conv3x3(*leaves, backend="cpu"), leaves, grad)
+    eager = torch.autograd.grad(reference_conv3x3(*leaves), leaves, grad)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    exact = torch.autograd.grad(reference_conv3x3(*doubles), doubles, grad.double())
+    for name, a, e, x64 in zip(("x", "weight", "bias", "residual"), native, eager, exact, strict=True):
+        assert_within_eager_bound(a, e, x64, f"grad of {name} ({layout})")
+
+
+@needs_native
+def test_gradients_of_each_input_alone():
+    """Only the inputs that require grad get one (the backward's output mask follows them)."""
+    names = ("x", "weight", "bias", "residual")
+    tensors = _case((2, 8, 6, 5, 5))
+    grad = torch.randn(2, 6, 5, 5)
+    for i, name in enumerate(names):
+        leaves = [t.detach().requires_grad_(j == i) for j, t in enumerate(tensors)]
+        (got,) = torch.autograd.grad(conv3x3(*leaves, backend="cpu"), [leaves[i]], grad)
+        (want,) = torch.autograd.grad(reference_conv3x3(*leaves), [leaves[i]], grad)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(layout):
+    op = torch.ops.fastdiff.conv3x3
+    x, weight, bias, residual = _case((2, 5, 6, 7, 9), torch.float32, layout)
+    samples = [
+        (x, weight, None, None),
+        (x, weight, bias, None),
+        (x, weight, None, residual),
+        (x, weight, bias, residual),
+        tuple(None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)),
+        (x.detach().clone().requires_grad_(), weight, None, residual),
+    ]
+    for args in samples:
+        torch.library.opcheck(op, args)
+
+
+@needs_native
+def test_meta_shape_dtype_and_format():
+    x = torch.empty(2, 8, 5, 7, device="meta")
+    out = torch.ops.fastdiff.conv3x3(x, torch.empty(12, 8, 3, 3, device="meta"), None, None)
+    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 12, 5, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_native
+def test_compiles_with_fullgraph_and_matches_eager():
+    def step(x, weight, bias, residual):
+        return conv3x3(x, weight, bias, residual, backend="cpu")
+
+    x, weight, bias, residual = _case((2, 32, 32, 8, 8))
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(x, weight, bias, residual), step(x, weight, bias, residual)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ---- fastdiff.nn.Conv3x3 and conv3x3_module ------------------------------------------------------
+
+
+def test_repr_names_the_backend():
+    assert repr(Conv3x3(32, 64)) == "Conv3x3(32, 64, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), backend='auto')"
+    assert "backend='reference'" in repr(Conv3x3(3, 8, bias=False, backend="reference"))
+
+
+def test_state_dict_is_that_of_conv2d():
+    conv, reference = Conv3x3(12, 20), nn.Conv2d(12, 20, 3, padding=1)
+    assert list(conv.state_dict()) == list(reference.state_dict()) == ["weight", "bias"]
+    assert list(Conv3x3(4, 4, bias=False).state_dict()) == ["weight"]
+    conv.load_state_dict(reference.state_dict())
+    assert torch.equal(conv.weight, reference.weight) and torch.equal(conv.bias, reference.bias)
+
+
+def test_invalid_backend_raises():
+    with pytest.raises(ValueError, match=r"Conv3x3: backend must be one of .*got 'winograd'"):
+        Conv3x3(8, 8, backend="winograd")
+
+
+def _pair(c_in, c_out, backend="auto"):
+    conv = Conv3x3(c_in, c_out, backend=backend)
+    reference = nn.Conv2d(c_in, c_out, 3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    return conv, reference
+
+
+def _spy_on_the_op(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return conv3x3(*args, **kwargs)
+
+    monkeypatch.setattr(NN_MODULE, "conv3x3", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "hw", "takes_the_op"),
+    [
+        ((32, 32, (8, 8), True)),
+        ((48, 40, (9, 8), True)),  # 72 pixels, odd H
+        ((3, 32, (8, 8), False)),  # too few input channels
+        ((32, 16, (8, 8), False)),  # too few output channels
+        ((32, 32, (7, 9), False)),  # 63 pixels
+    ],
+)
+def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):
+    calls = _spy_on_the_op(monkeypatch)
+    conv, reference = _pair(c_in, c_out)
+    x = _tensor((3, c_in, *hw), torch.float32)
+    with torch.no_grad():
+        out = conv(x)
+        exact = F.conv2d(x.double(), reference.weight.double(), reference.bias.double(), padding=1)
+        assert_within_eager_bound(out, reference(x), exact, f"Conv3x3 {c_in}->{c_out} {hw}")
+    assert bool(calls) == takes_the_op  # the rule does not depend on the build; the op's dispatch does
+    if not takes_the_op:
+        assert torch.equal(out, reference(x))  # nn.Conv2d itself ran
+
+
+def test_module_residual_argument():
+    conv, reference = _pair(32, 32)
+    x, residual = _tensor((2, 32, 8, 8), torch.float32), _tensor((2, 32, 8, 8), torch.float32)
+    with torch.no_grad():
+        out = conv(x, residual)
+        exact = reference_conv3x3(x.double(), reference.weight.double(), reference.bias.double(), residual.double())
+        assert_within_eager_bound(out, reference(x) + residual, exact, "Conv3x3 with residual")
+        small, small_ref = _pair(3, 8)
+        y, r = _tensor((2, 3, 5, 5), torch.float32), _tensor((2, 8, 5, 5), torch.float32)
+        assert torch.equal(small(y, r), small_ref(y) + r)
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+def test_reference_backend_module_is_bit_identical_to_conv2d(dtype, monkeypatch):
+    calls = _spy_on_the_op(monkeypatch)
+    conv, reference = _pair(32, 32, backend="reference")
+    conv, reference = conv.to(dtype), reference.to(dtype)
+    x = _tensor((2, 32, 8, 8), dtype, "channels_last")
+    with torch.no_grad():
+        assert torch.equal(conv(x), reference(x))
+    assert not calls
+
+
+@needs_native
+def test_cpu_backend_module_runs_the_op_at_any_size(monkeypatch):
+    calls = _spy_on_the_op(monkeypatch)
+    conv, reference = _pair(3, 5, backend="cpu")
+    x = _tensor((2, 3, 5, 4), torch.float32)
+    with torch.no_grad():
+        out = conv(x)
+        exact = F.conv2d(x.double(), reference.weight.double(), reference.bias.double(), padding=1)
+        assert_within_eager_bound(out, reference(x), exact, "Conv3x3 cpu 3->5")
+    assert calls == ["cpu"]
+
+
+def test_module_gradients_reach_the_parameters():
+    conv = Conv3x3(32, 32)
+    x = _tensor((2, 32, 8, 8), torch.float32).requires_grad_()
+    conv(x).square().sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None and conv.bias.grad is not None
+    assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_conv3x3_module_runs_a_subclass_forward(monkeypatch):
+    """A subclass of nn.Conv2d (a LoRA adapter, say) keeps its own forward, whatever the backend."""
+    calls = _spy_on_the_op(monkeypatch)
+
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    conv = Doubled(32, 32, 3, padding=1)
+    x, residual = _tensor((2, 32, 8, 8), torch.float32), _tensor((2, 32, 8, 8), torch.float32)
+    with torch.no_grad():
+        expected = 2 * F.conv2d(x, conv.weight, conv.bias, padding=1) + residual
+        for backend in ("auto", "cpu", "reference"):
+            torch.testing.assert_close(conv3x3_module(conv, x, residual, backend), expected, rtol=0, atol=0)
+    assert not calls
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.Conv2d(32, 32, 3, padding=2, dilation=2),
+        nn.Conv2d(32, 32, 3, padding=1, groups=2),
+        nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(32, 32, 1),
+        nn.Conv2d(32, 32, 3, padding=0),
+    ],
+    ids=["stride2", "dilated", "grouped", "reflect", "1x1", "valid"],
+)
+def test_conv3x3_module_leaves_other_convolutions_to_conv2d(monkeypatch, conv):
+    calls = _spy_on_the_op(monkeypatch)
+    x = _tensor((2, 32, 8, 8), torch.float32)
+    with torch.no_grad():
+        assert torch.equal(conv3x3_module(conv, x), conv(x))
+    assert not calls
+
+
+def test_conv3x3_module_takes_padding_same(monkeypatch):
+    calls = _spy_on_the_op(monkeypatch)
+    conv = nn.Conv2d(32, 32, 3, padding="same")
+    x = _tensor((2, 32, 8, 8), torch.float32)
+    with torch.no_grad():
+        out = conv3x3_module(conv, x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+        assert_within_eager_bound(out, conv(x), exact, "padding='same'")
+    assert calls == ["auto"]
