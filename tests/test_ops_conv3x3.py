@@ -173,13 +173,20 @@ def test_every_cpu_work_split_matches_reference(threads):
 @needs_native
 def test_empty_inputs():
     x, weight, bias, residual = _case((0, 8, 5, 4, 4))
-    assert conv3x3(x, weight, bias, residual, backend="cpu").shape == (0, 5, 4, 4)
-    for shape in [(2, 4, 0, 5), (2, 4, 5, 0)]:  # F.conv2d (the reference) rejects these
-        assert conv3x3(torch.randn(shape), torch.randn(3, 4, 3, 3), backend="cpu").shape == (2, 3, *shape[2:])
-    # no input channels: the sums are empty, the output is bias + residual (F.conv2d returns
-    # (2, 0, 5, 5) here instead, so there is no oracle to ask)
+    for backend in ("cpu", "reference"):
+        assert conv3x3(x, weight, bias, residual, backend=backend).shape == (0, 5, 4, 4)
+    # F.conv2d (the reference) fails on an empty map and returns (N, 0, H, W) for no input
+    # channels, so the public op refuses both for every backend, naming the size
+    for shape, what in [((2, 4, 0, 5), "H and W"), ((2, 4, 5, 0), "H and W"), ((2, 0, 5, 5), "C_in")]:
+        for backend in ("cpu", "reference"):
+            with pytest.raises(ValueError, match=f"conv3x3: x .*{what}"):
+                conv3x3(torch.randn(shape), torch.randn(3, shape[1], 3, 3), backend=backend)
+    # the native op itself: an empty map gives an empty output, no input channels bias + residual
+    for shape in [(2, 4, 0, 5), (2, 4, 5, 0)]:
+        out = torch.ops.fastdiff.conv3x3(torch.randn(shape), torch.randn(3, 4, 3, 3), None, None)
+        assert out.shape == (2, 3, *shape[2:])
     x, weight, bias, residual = _case((2, 0, 3, 5, 5))
-    out = conv3x3(x, weight, bias, residual, backend="cpu")
+    out = torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
     torch.testing.assert_close(out, bias.view(1, 3, 1, 1) + residual, rtol=0, atol=0)
 
 
@@ -508,11 +515,12 @@ def _spy_on_the_op(monkeypatch):
 @pytest.mark.parametrize(
     ("c_in", "c_out", "hw", "takes_the_op"),
     [
-        ((32, 32, (8, 8), True)),
-        ((48, 40, (9, 8), True)),  # 72 pixels, odd H
-        ((3, 32, (8, 8), False)),  # too few input channels
-        ((32, 16, (8, 8), False)),  # too few output channels
-        ((32, 32, (7, 9), False)),  # 63 pixels
+        ((64, 64, (16, 16), True)),  # 64 channels each side: any map size
+        ((96, 64, (9, 17), True)),  # odd sizes
+        ((3, 32, (8, 8), True)),  # 64 pixels or fewer: any channel count
+        ((16, 16, (7, 9), True)),
+        ((3, 64, (16, 16), False)),  # too few input channels for a 256-pixel map
+        ((64, 32, (9, 8), False)),  # too few output channels for 72 pixels
     ],
 )
 def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):
@@ -535,8 +543,8 @@ def test_module_residual_argument():
         out = conv(x, residual)
         exact = reference_conv3x3(x.double(), reference.weight.double(), reference.bias.double(), residual.double())
         assert_within_eager_bound(out, reference(x) + residual, exact, "Conv3x3 with residual")
-        small, small_ref = _pair(3, 8)
-        y, r = _tensor((2, 3, 5, 5), torch.float32), _tensor((2, 8, 5, 5), torch.float32)
+        small, small_ref = _pair(3, 8)  # nn.Conv2d's own path: few channels on a 256-pixel map
+        y, r = _tensor((2, 3, 16, 16), torch.float32), _tensor((2, 8, 16, 16), torch.float32)
         assert torch.equal(small(y, r), small_ref(y) + r)
 
 
@@ -617,3 +625,56 @@ def test_conv3x3_module_takes_padding_same(monkeypatch):
         exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
         assert_within_eager_bound(out, conv(x), exact, "padding='same'")
     assert calls == ["auto"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
+def test_module_runs_conv2d_where_the_named_backend_cannot(monkeypatch, backend):
+    """A backend name meant for a whole block (fastdiff.patch(..., backend=...)): the op runs where
+    that backend can run it (cpu, float32), nn.Conv2d everywhere else, never an error."""
+    calls = _spy_on_the_op(monkeypatch)
+    for dtype in (torch.bfloat16, torch.float32):
+        conv, reference = _pair(32, 32, backend=backend)
+        conv, reference = conv.to(dtype), reference.to(dtype)
+        x = _tensor((2, 32, 8, 8), dtype)
+        with torch.no_grad():
+            out = conv(x)
+        runs_op = backend == "cpu" and dtype == torch.float32 and _native.status()["built"]
+        assert calls == (["cpu"] if runs_op else []), (backend, dtype)
+        if not runs_op:
+            assert torch.equal(out, reference(x))
+        calls.clear()
+
+
+@needs_native
+def test_cpu_remembered_filters_follow_weight_changes():
+    """The cpu kernel keeps each weight's transformed filters; every way a weight can change must
+    transform it again: in-place updates, `.data` swaps (a channels_last conversion), and fresh
+    weights allocated where freed ones lived."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 32, 8, 8, generator=g)
+
+    def check(weight, what):
+        out = conv3x3(x, weight, backend="cpu")
+        exact = F.conv2d(x.double(), weight.double(), padding=1)
+        eager = F.conv2d(x, weight, padding=1)
+        assert_within_eager_bound(out, eager, exact, what)
+
+    w = torch.randn(32, 32, 3, 3, generator=g) / 17
+    check(w, "first call")
+    check(w, "second call (remembered)")
+    w.mul_(-2.0)  # in place: the version counter moves
+    check(w, "after mul_")
+    with torch.no_grad():
+        w[3, 5] = 1.0
+    check(w, "after an indexed write")
+    w.data = torch.randn(32, 32, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    check(w, "after a .data swap")
+    for i in range(3):  # fresh weights, likely at a freed one's address
+        del w
+        w = torch.randn(32, 32, 3, 3, generator=g)
+        check(w, f"fresh weight {i}")
+    with torch.inference_mode():  # inference tensors have no version counter: never remembered
+        wi = torch.randn(32, 32, 3, 3, generator=g)
+        check(wi, "inference tensor")
+        wi.mul_(3.0)
+        check(wi, "inference tensor after mul_")

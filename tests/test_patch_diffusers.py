@@ -140,6 +140,28 @@ def test_small_unet_default_time_norm_resnet_up_down(dtype, backend):
     assert any(m.up for m in resnets) and any(m.down for m in resnets) and any(m.conv_shortcut for m in resnets)
 
 
+@pytest.mark.skipif(not NATIVE, reason=f"fastdiff._C not built: {_native.status()['reason']}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_explicit_cpu_backend_runs_every_dtype(dtype):
+    """backend="cpu" names the kernels of every op in a block; the convolutions' cpu kernel is
+    float32 only, so in other dtypes they run nn.Conv2d instead of refusing the whole model. (No
+    attention here: ops.attention has no cpu kernel, so backend="cpu" refuses it by design.)"""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                        norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                        add_attention=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        exact = model.double()(x.double(), 10).sample
+        model = model.to(dtype)
+        eager = model(x.to(dtype), 10).sample
+        fastdiff.patch(model, backend="cpu")
+        out = model(x.to(dtype), 10).sample
+    assert_within_eager_bound(out, eager, exact, f"patch(backend='cpu') {dtype}")
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cross_attention_unet_matches_unpatched(dtype, channels_last):

@@ -58,9 +58,10 @@ class _Resample(nn.Module):
         self.up = up
         self.use_conv = use_conv
         if use_conv:
-            self.conv = (
-                Conv3x3(channels, channels, backend=backend) if up else nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-            )
+            if up:
+                self.conv = Conv3x3(channels, channels, backend=backend)
+            else:
+                self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.up:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import AUTO, BACKENDS
+from ..backends import AUTO, BACKENDS, resolve_backend
+from ..ops.conv3x3 import SUPPORT as _CONV3X3_SUPPORT
 from ..ops.conv3x3 import conv3x3
 
 __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
@@ -62,13 +63,21 @@ def conv3x3_module(
     conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, backend: str = AUTO
 ) -> torch.Tensor:
     """``conv(x) + residual`` (residual optional) for any ``nn.Conv2d``, through
-    :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and, for "auto",
-    the input is float32 on the CPU with at least 64 channels in and out, or a map of at most 64
-    pixels; otherwise
-    ``conv`` itself runs (``backend="reference"`` always runs it, and so does a subclass of
-    ``nn.Conv2d``, whose forward may differ)."""
-    use_op = _same_3x3(conv) and backend != "reference"
-    if use_op and backend == AUTO:
+    :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and
+
+    * ``backend="auto"``: the input is float32 on the CPU with at least 64 channels in and out, or
+      a map of at most 64 pixels (where the kernel measured faster than oneDNN);
+    * another backend name: that backend of the op can run the input. The name is meant for every
+      fastdiff op of a block (``fastdiff.patch(model, backend=...)``), and convolutions have only a
+      float32 CPU kernel, so a convolution it cannot run (a GPU, another dtype) runs ``conv``;
+    * ``"reference"``: never.
+
+    Otherwise ``conv`` itself runs, and so does a subclass of ``nn.Conv2d``, whose forward may differ.
+    """
+    chosen = resolve_backend(backend, "conv3x3") if _same_3x3(conv) else "reference"  # FASTDIFF_BACKEND applies
+    if chosen == "reference":
+        use_op = False
+    elif chosen == AUTO:
         use_op = (
             x.device.type == "cpu"
             and x.dtype == torch.float32
@@ -79,8 +88,10 @@ def conv3x3_module(
                 or x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
             )
         )
+    else:
+        use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:
-        return conv3x3(x, conv.weight, conv.bias, residual, backend=backend)
+        return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen)
     out = nn.Conv2d.forward(conv, x) if isinstance(conv, Conv3x3) else conv(x)
     return out if residual is None else out + residual
 
@@ -89,11 +100,20 @@ class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 3, padding=1)`` whose forward takes an optional residual
     and runs :func:`conv3x3_module`: fastdiff's Winograd kernel where it is faster, the convolution
     of ``nn.Conv2d`` elsewhere. Same parameters and state_dict keys as the ``nn.Conv2d``.
-    ``backend``: "auto" (the rule above) or any backend name of :func:`fastdiff.ops.conv3x3`.
+    ``backend``: "auto" (the rule above), "reference" (never the op), or another backend name of
+    :func:`fastdiff.ops.conv3x3` (the op where that backend can run the input, the module's own
+    convolution elsewhere; see :func:`conv3x3_module`).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, backend: str = AUTO,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bias: bool = True,
+        backend: str = AUTO,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         if backend not in (AUTO, *BACKENDS):
             raise ValueError(f"Conv3x3: backend must be one of {(AUTO, *BACKENDS)}, got {backend!r}")
         super().__init__(in_channels, out_channels, 3, padding=1, bias=bias, device=device, dtype=dtype)

@@ -51,8 +51,12 @@ SUPPORT = register_op(
 
 
 def _validate(x: object, weight: object, bias: object, residual: object) -> None:
-    for name, t, optional in (("x", x, False), ("weight", weight, False), ("bias", bias, True),
-                              ("residual", residual, True)):
+    for name, t, optional in (
+        ("x", x, False),
+        ("weight", weight, False),
+        ("bias", bias, True),
+        ("residual", residual, True),
+    ):
         if t is None and optional:
             continue
         if not isinstance(t, torch.Tensor):
@@ -66,10 +70,12 @@ def _validate(x: object, weight: object, bias: object, residual: object) -> None
             raise ValueError(f"conv3x3: {name} is on {t.device} but x is on {x.device}")
     if x.dim() != 4:
         raise ValueError(f"conv3x3: x must have shape (N, C_in, H, W), got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"conv3x3: x must have at least one channel (C_in >= 1), got shape {tuple(x.shape)}")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"conv3x3: x must have H and W >= 1, got shape {tuple(x.shape)}")
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
-        raise ValueError(
-            f"conv3x3: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {tuple(weight.shape)}"
-        )
+        raise ValueError(f"conv3x3: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
     c_out = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"conv3x3: bias must have shape (C_out,) = ({c_out},), got {tuple(bias.shape)}")
