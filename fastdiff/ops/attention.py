@@ -83,6 +83,12 @@ def _xformers_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     return reasons
 
 
+def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    """What the reasons depend on beyond devices and dtypes: the triton kernel's largest head dim,
+    and whether grad is needed (the triton kernel is forward-only)."""
+    return (inputs["q"].shape[-1] > TRITON_MAX_HEAD_DIM, _needs_grad(inputs))
+
+
 SUPPORT = register_op(
     OpSupport(
         OP,
@@ -94,6 +100,7 @@ SUPPORT = register_op(
             "xformers": _xformers_reasons,
             "sdpa": _sdpa_reasons,
         },
+        cache_key=_cache_key,
     )
 )
 
