@@ -37,6 +37,21 @@ def _no_backend_override(monkeypatch):
     yield
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Dispatch as on a machine with a GPU, for FakeTensor CUDA tensors: torch.cuda.is_available()
+    is True and Triton compiles (TRITON_INTERPRET=0). Remembered dispatch decisions are dropped
+    before and after, so none made under the fake outlives the test. Yields the monkeypatch."""
+    import fastdiff.backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
+    fastdiff.backends.forget_decisions()
+    yield monkeypatch
+    fastdiff.backends.forget_decisions()
+
+
 def assert_within_eager_bound(out: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
     """err(out) <= 2 * err(eager in out's dtype) + floor(dtype), element-wise against ``exact``
     (the reference in float64). On failure, report the worst element and the share that fails."""

@@ -94,15 +94,10 @@ def test_auto_picks_sdpa_on_the_cpu():
     assert select_backend("attention", "auto", {"q": q, "k": k, "v": v}) == "sdpa"
 
 
-def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+def test_auto_picks_triton_for_cuda_tensors(fake_gpu):
     """With a GPU (faked: FakeTensor CUDA tensors and is_available patched) and no native CUDA
     attention kernel, auto dispatches to Triton; past what the kernel tiles (D > 256), to SDPA.
     The kernel's fake impl gives the output's shape without running anything."""
-    import fastdiff.backends
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
     with FakeTensorMode():
         q = torch.empty(2, 8, 4096, 40, device="cuda", dtype=torch.float16)
         k = torch.empty(2, 8, 77, 40, device="cuda", dtype=torch.float16)
@@ -177,28 +172,20 @@ def test_sdpa_output_merges_heads_without_a_copy():
     torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch_cache_keys_on_the_head_dim_limit_and_grad(monkeypatch):
+def test_dispatch_cache_keys_on_the_head_dim_limit_and_grad(fake_gpu):
     """Decisions are remembered per device and dtype; the triton backend also refuses head dims past
     TRITON_MAX_HEAD_DIM and inputs that need grad, so both are part of the key (else one input's pick
     would be reused for the other). A faked GPU, as auto sees it there."""
-    import fastdiff.backends
     from fastdiff.ops.attention import TRITON_MAX_HEAD_DIM
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
-    fastdiff.backends.forget_decisions()  # decided under the patched state only
-    try:
-        with FakeTensorMode():
-            q = torch.empty(2, 3, 16, 64, device="cuda", dtype=torch.float16)
-            wide = torch.empty(2, 3, 16, TRITON_MAX_HEAD_DIM + 8, device="cuda", dtype=torch.float16)
-            grad_q = torch.empty(2, 3, 16, 64, device="cuda", dtype=torch.float16, requires_grad=True)
-            auto = lambda q, k: select_backend("attention", "auto", {"q": q, "k": k, "v": k})  # noqa: E731
-            for _ in range(2):  # the second round reads the remembered decisions
-                assert auto(q, q) == "triton"
-                assert auto(wide, wide) != "triton"
-                assert auto(grad_q, q) != "triton"
-                with torch.no_grad():
-                    assert auto(grad_q, q) == "triton"
-    finally:
-        fastdiff.backends.forget_decisions()
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 16, 64, device="cuda", dtype=torch.float16)
+        wide = torch.empty(2, 3, 16, TRITON_MAX_HEAD_DIM + 8, device="cuda", dtype=torch.float16)
+        grad_q = torch.empty(2, 3, 16, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+        auto = lambda q, k: select_backend("attention", "auto", {"q": q, "k": k, "v": k})  # noqa: E731
+        for _ in range(2):  # the second round reads the remembered decisions
+            assert auto(q, q) == "triton"
+            assert auto(wide, wide) != "triton"
+            assert auto(grad_q, q) != "triton"
+            with torch.no_grad():
+                assert auto(grad_q, q) == "triton"

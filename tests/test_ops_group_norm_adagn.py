@@ -479,19 +479,14 @@ def test_explicit_backend_refusal_lists_every_reason(monkeypatch):
         assert any(r.startswith("CUDA not compiled into fastdiff._C") for r in info.value.reasons)
 
 
-def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(monkeypatch):
+def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(fake_gpu):
     """On a GPU (faked: FakeTensor CUDA tensors, is_available patched) with fastdiff._C built without
     CUDA (its status patched), auto dispatches to the Triton kernels; float64 falls back to the
     reference. The Triton op's fake impl gives the output without running anything."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import fastdiff.backends
-
     status = dict(_native.status(), cuda_compiled=False, cuda_skipped_reason="simulated: built without nvcc")
-    monkeypatch.setattr(_native, "status", lambda: status)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
+    fake_gpu.setattr(_native, "status", lambda: status)
     with FakeTensorMode():
         x = torch.empty(2, 64, 64, 320, device="cuda", dtype=torch.float16).permute(0, 3, 1, 2)  # channels_last
         scale = torch.empty(2, 320, device="cuda", dtype=torch.float32)

@@ -419,34 +419,25 @@ def test_triton_refuses_what_its_kernel_cannot_run():
     )
 
 
-def test_dispatch_cache_keys_on_the_row_limit_and_grad(monkeypatch):
+def test_dispatch_cache_keys_on_the_row_limit_and_grad(fake_gpu):
     """Decisions are remembered per device and dtype; the triton backend also refuses rows past
     TRITON_MAX_FEATURES and inputs that need grad, so both are part of the key (else one input's
     pick would be reused for the other). Faked GPU without the native CUDA op, as auto sees it there."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import fastdiff.backends
-
     status = dict(_native.status(), cuda_compiled=False, cuda_skipped_reason="simulated: built without nvcc")
-    monkeypatch.setattr(_native, "status", lambda: status)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(fastdiff.backends, "interpreter_mismatch", lambda: None)
-    fastdiff.backends.forget_decisions()  # decided under the patched state only
-    try:
-        with FakeTensorMode():
-            x = torch.empty(2, 5, 64, device="cuda", dtype=torch.float16)
-            scale = torch.empty(2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
-            wide = torch.empty(1, 1, OP_MODULE.TRITON_MAX_FEATURES + 1, device="cuda", dtype=torch.float16)
-            auto = lambda x, **parts: select_backend("layer_norm_modulate", "auto", {"x": x, **parts})  # noqa: E731
-            for _ in range(2):  # the second round reads the remembered decisions
-                assert auto(x) == "triton"
-                assert auto(wide) == "reference"
-                assert auto(x, scale=scale) == "reference"
-                with torch.no_grad():
-                    assert auto(x, scale=scale) == "triton"
-    finally:
-        fastdiff.backends.forget_decisions()
+    fake_gpu.setattr(_native, "status", lambda: status)
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 64, device="cuda", dtype=torch.float16)
+        scale = torch.empty(2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+        wide = torch.empty(1, 1, OP_MODULE.TRITON_MAX_FEATURES + 1, device="cuda", dtype=torch.float16)
+        auto = lambda x, **parts: select_backend("layer_norm_modulate", "auto", {"x": x, **parts})  # noqa: E731
+        for _ in range(2):  # the second round reads the remembered decisions
+            assert auto(x) == "triton"
+            assert auto(wide) == "reference"
+            assert auto(x, scale=scale) == "reference"
+            with torch.no_grad():
+                assert auto(x, scale=scale) == "triton"
 
 
 def test_explicit_cuda_refusal_lists_every_reason():
