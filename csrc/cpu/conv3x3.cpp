@@ -36,17 +36,23 @@
 namespace fastdiff {
 namespace {
 
-// Fortran BLAS sgemm (column-major; LP64 integers, as torch's MKL and OpenBLAS builds use).
-using SgemmFn = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                         const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                         const float* beta, float* c, const int* ldc);
+// Fortran BLAS sgemm (column-major). Its integers are 32-bit (LP64, torch's MKL and OpenBLAS) or
+// 64-bit (an ILP64 build); every integer passed points at an int64_t holding a value below 2^31,
+// which on a little-endian CPU reads the same either way.
+using SgemmFn = void (*)(const char* transa, const char* transb, const void* m, const void* n, const void* k,
+                         const float* alpha, const float* a, const void* lda, const float* b, const void* ldb,
+                         const float* beta, float* c, const void* ldc);
 
 SgemmFn find_sgemm() {
   const char* off = std::getenv("FASTDIFF_CONV3X3_NO_BLAS");
   if (off != nullptr && std::strcmp(off, "1") == 0) {
     return nullptr;
   }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
   return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+#else
+  return nullptr;
+#endif
 }
 
 // Bytes of V and M one block may take (half of a 2 MiB L2), and the block's tile-count bounds.
@@ -169,7 +175,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   float* out_ptr = out.mutable_data_ptr<float>();
   const int64_t c_in = std::max<int64_t>(g.c_in, 1);  // C_in = 0 still runs: V is empty, M is all zero
 
-  if (sgemm == nullptr) {
+  constexpr int64_t kBlasIntLimit = int64_t{1} << 31;  // the values handed to sgemm must fit 32 bits
+  if (sgemm == nullptr || g.c_in >= kBlasIntLimit || g.c_out >= kBlasIntLimit) {
     at::Tensor v = at::empty({16, g.tiles, g.c_in}, x.options());
     float* v_ptr = v.mutable_data_ptr<float>();
     at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * c_in)), [&](int64_t begin, int64_t end) {
@@ -198,10 +205,10 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       input_fn(x_ptr, v.data(), block, g, begin, end);
       // Row-major M_k (tiles x C_out) = V_k (tiles x C_in) U_k (C_in x C_out) is, column-major,
       // M_k^T = U_k^T V_k^T: sgemm with m = C_out, n = tiles, k = C_in and no transposes.
-      const int gm = static_cast<int>(g.c_out);
-      const int gn = static_cast<int>(end - begin);
-      const int gk = static_cast<int>(g.c_in);
-      const int ldv = static_cast<int>(c_in);
+      const int64_t gm = g.c_out;
+      const int64_t gn = end - begin;
+      const int64_t gk = g.c_in;
+      const int64_t ldv = c_in;
       const float one = 1.0f;
       const float zero = 0.0f;
       for (int64_t k = 0; k < 16; ++k) {
