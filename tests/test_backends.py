@@ -36,6 +36,24 @@ def test_resolve_accepts_every_name(name):
     assert resolve_backend(name) == name
 
 
+def test_resolve_follows_ops_registering_and_leaving():
+    """resolve_backend remembers the accepted names; an op registering or leaving with an extra
+    backend must change them."""
+    from fastdiff.backends import register_op, unregister_op
+
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("demo_extra")
+    reasons = {**dict.fromkeys(BACKENDS, always_available), "demo_extra": always_available}
+    register_op(OpSupport("demo_extra_op", reasons))
+    try:
+        assert resolve_backend("demo_extra") == "demo_extra"
+        assert resolve_backend("demo_extra", "demo_extra_op") == "demo_extra"
+    finally:
+        unregister_op("demo_extra_op")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("demo_extra")
+
+
 @pytest.mark.parametrize("bad", ["CUDA", "gpu", "", None, 3])
 def test_resolve_rejects_unknown_names_naming_the_argument(bad):
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'"):
@@ -117,9 +135,9 @@ def test_explicit_only_reasons_keep_auto_away_but_not_an_explicit_request():
         assert select_backend("demo_explicit", "auto", x) == "cuda"  # the next in its order
         assert select_backend("demo_explicit", "slow", x) == "slow"
     finally:
-        from fastdiff.backends import _REGISTRY
+        from fastdiff.backends import unregister_op
 
-        _REGISTRY.pop("demo_explicit")
+        unregister_op("demo_explicit")
 
 
 def test_support_table_is_available_or_reasons():
@@ -198,7 +216,7 @@ def test_ops_keep_the_reference_validation():
 
 def _counting_op(name: str, cpu_refuses: list[str], cache_key=DEVICES_AND_DTYPES):
     """A throwaway op whose cpu reasons function counts its calls and refuses while told to."""
-    from fastdiff.backends import _REGISTRY, register_op
+    from fastdiff.backends import register_op, unregister_op
 
     calls = {"cpu": 0}
 
@@ -211,7 +229,7 @@ def _counting_op(name: str, cpu_refuses: list[str], cache_key=DEVICES_AND_DTYPES
 
     register_op(OpSupport(name, {"reference": always_available, "cpu": cpu, "cuda": never, "triton": never},
                           cache_key=cache_key))
-    return calls, lambda: _REGISTRY.pop(name, None)
+    return calls, lambda: unregister_op(name)
 
 
 def test_ops_with_a_cache_key_remember_decisions_per_device_and_dtype(monkeypatch):
@@ -250,3 +268,53 @@ def test_ops_without_a_cache_key_decide_every_call():
         assert calls["cpu"] == 3
     finally:
         unregister()
+
+
+# ---- the float32 CPU fast path of group_norm_adagn and conv3x3 ------------------------------------
+
+
+def _fast_path_inputs(op: str) -> dict[str, torch.Tensor]:
+    if op == "group_norm_adagn":
+        return {"x": torch.randn(2, 8, 3, 3), "weight": torch.randn(8), "scale": torch.randn(2, 8)}
+    return {"x": torch.randn(2, 4, 5, 5), "weight": torch.randn(3, 4, 3, 3)}
+
+
+def _call(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    import fastdiff
+
+    if op == "group_norm_adagn":
+        return fastdiff.ops.group_norm_adagn(inputs["x"], 2, inputs["weight"], scale=inputs["scale"])
+    return fastdiff.ops.conv3x3(inputs["x"], inputs["weight"])
+
+
+@pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
+@pytest.mark.parametrize("op", ["group_norm_adagn", "conv3x3"])
+def test_native_cpu_fast_path_is_autos_decision(op, monkeypatch):
+    """The ops call their cpu kernel straight away for float32 CPU inputs when auto_runs_native_cpu
+    says auto would pick it; that claim must match the dispatcher, and FASTDIFF_BACKEND must turn the
+    shortcut off (here: to the reference, which the op must then run)."""
+    from fastdiff.backends import auto_runs_native_cpu, forget_decisions
+
+    inputs = _fast_path_inputs(op)
+    assert auto_runs_native_cpu(op)
+    assert select_backend(op, AUTO, inputs) == "cpu"
+    module = __import__(f"fastdiff.ops.{op}", fromlist=["_"])
+    reference_calls = []
+    original = getattr(module, f"_reference_{op}")
+
+    def spy(*args, **kwargs):
+        reference_calls.append(op)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, f"_reference_{op}", spy)
+    _call(op, inputs)
+    assert reference_calls == []  # the native kernel ran
+    monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+    forget_decisions()
+    try:
+        assert not auto_runs_native_cpu(op)
+        _call(op, inputs)
+        assert reference_calls == [op]
+    finally:
+        monkeypatch.delenv("FASTDIFF_BACKEND")
+        forget_decisions()

@@ -36,11 +36,13 @@ __all__ = [
     "ExplicitOnly",
     "OpSupport",
     "register_op",
+    "unregister_op",
     "registered_ops",
     "known_backends",
     "resolve_backend",
     "select_backend",
     "forget_decisions",
+    "auto_runs_native_cpu",
     "support_table",
     "native_reasons",
     "native_support",
@@ -133,13 +135,24 @@ class OpSupport:
 
 
 _REGISTRY: dict[str, OpSupport] = {}
+# resolve_backend's (every name, names this op accepts) per op (None: any op), until an op registers.
+_ACCEPTED: dict[str | None, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
 def register_op(support: OpSupport) -> OpSupport:
     """Add (or replace, on module reload) an op's support declaration."""
     _REGISTRY[support.op] = support
+    _ACCEPTED.clear()
     forget_decisions()
     return support
+
+
+def unregister_op(op: str) -> None:
+    """Remove an op's support declaration (a throwaway op of a test or an experiment); unknown names
+    are ignored."""
+    _REGISTRY.pop(op, None)
+    _ACCEPTED.clear()
+    forget_decisions()
 
 
 def registered_ops() -> dict[str, OpSupport]:
@@ -164,11 +177,17 @@ def resolve_backend(backend: str, op: str | None = None) -> str:
     backend this op lacks (FASTDIFF_BACKEND=sdpa for cfg_combine) resolves to "auto". Without
     ``op``, any name some op has is accepted.
     """
-    everywhere = (AUTO, *known_backends())
-    if op is not None:
-        accepted = (AUTO, *BACKENDS, *(b for b in _REGISTRY[op].backends if b not in BACKENDS))
-    else:
-        accepted = everywhere
+    names = _ACCEPTED.get(op)
+    if names is None:
+        everywhere = (AUTO, *known_backends())
+        if op is not None:
+            accepted = (AUTO, *BACKENDS, *(b for b in _REGISTRY[op].backends if b not in BACKENDS))
+        else:
+            accepted = everywhere
+        names = (everywhere, accepted)
+        if not torch.compiler.is_compiling():  # a traced call only reads
+            _ACCEPTED[op] = names
+    everywhere, accepted = names
     override = os.environ.get(ENV_VAR, "").strip()
     if override:
         name = override.lower()
@@ -215,6 +234,25 @@ def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) ->
 def forget_decisions() -> None:
     """Drop every remembered dispatch decision (after changing what a reasons function sees)."""
     _DECISIONS.clear()
+    _NATIVE_CPU_AUTO.clear()
+
+
+_NATIVE_CPU_AUTO: dict[str, tuple[int, bool]] = {}
+
+
+def auto_runs_native_cpu(op: str) -> bool:
+    """Whether ``backend="auto"`` sends ``op``'s float32 CPU inputs to its native cpu kernel whatever
+    else they are: fastdiff._C has the op and FASTDIFF_BACKEND is unset. For an op whose cpu reasons
+    look at nothing but devices and dtypes (and whose GPU backends refuse CPU tensors, as auto's
+    priority has them first), this is auto's decision, so the op can call its kernel straight away
+    on that path (the per-call dispatch costs more than a small kernel). Remembered per load of _C."""
+    if os.environ.get(ENV_VAR):
+        return False
+    known = _NATIVE_CPU_AUTO.get(op)
+    if known is None or known[0] != _native.generation:
+        known = (_native.generation, not native_reasons(op, "cpu", (torch.float32,), None))
+        _NATIVE_CPU_AUTO[op] = known
+    return known[1]
 
 
 def _select(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:

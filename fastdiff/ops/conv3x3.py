@@ -24,6 +24,7 @@ from ..backends import (
     DEVICES_AND_DTYPES,
     OpSupport,
     always_available,
+    auto_runs_native_cpu,
     native_support,
     not_implemented,
     register_op,
@@ -84,6 +85,23 @@ def _validate(x: object, weight: object, bias: object, residual: object) -> None
         raise ValueError(f"conv3x3: residual must have shape (N, C_out, H, W) = {want}, got {tuple(residual.shape)}")
 
 
+def _float32_cpu(x: object, *others: torch.Tensor | None) -> bool:
+    """x is a non-empty float32 CPU map, every other given tensor float32 on the CPU, auto takes the
+    native cpu kernel for them, and nothing is being traced (Dynamo sees the full dispatch)."""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dtype == torch.float32
+        and x.is_cpu
+        and x.dim() == 4
+        and x.shape[1] > 0
+        and x.shape[2] > 0
+        and x.shape[3] > 0
+        and all(t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu) for t in others)
+        and auto_runs_native_cpu(OP)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def conv3x3(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -100,6 +118,14 @@ def conv3x3(
     what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
     FASTDIFF_BACKEND overrides it.
     """
+    if backend == "auto" and _float32_cpu(x, weight, bias, residual):
+        # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
+        # Python ones below except for empty maps and channels (which it computes); any input it
+        # rejects goes the long way, for the Python error.
+        try:
+            return torch.ops.fastdiff.conv3x3.default(x, weight, bias, residual)
+        except (RuntimeError, TypeError, ValueError):
+            pass
     _validate(x, weight, bias, residual)
     chosen = select_backend(OP, backend, {"x": x, "weight": weight})
     if chosen == "reference":
