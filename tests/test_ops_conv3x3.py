@@ -678,3 +678,85 @@ def test_cpu_remembered_filters_follow_weight_changes():
         check(wi, "inference tensor")
         wi.mul_(3.0)
         check(wi, "inference tensor after mul_")
+
+
+# ---- conv1x1_module: small channels_last 1x1 convolutions as F.linear -----------------------------
+
+
+def _pointwise(c_in, c_out):
+    conv = nn.Conv2d(c_in, c_out, 1)
+    return conv
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
+def test_conv1x1_module_matches_conv2d_on_channels_last_maps(dtype, monkeypatch):
+    from fastdiff.nn import conv1x1_module
+
+    linear_calls = _spy_on_linear(monkeypatch)
+    conv = _pointwise(48, 16).to(dtype)
+    x = _tensor((3, 48, 5, 7), dtype, "channels_last")
+    with torch.no_grad():
+        out = conv1x1_module(conv, x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double())
+        assert_within_eager_bound(out, conv(x), exact, f"conv1x1_module {dtype}")
+    assert out.shape == (3, 16, 5, 7) and out.is_contiguous(memory_format=torch.channels_last)
+    assert linear_calls == [(3, 5, 7, 48)]  # the pixels as rows
+
+
+def test_conv1x1_module_gradients_match_conv2d():
+    from fastdiff.nn import conv1x1_module
+
+    conv = _pointwise(12, 8)
+    x = _tensor((2, 12, 4, 4), torch.float32, "channels_last").requires_grad_()
+    conv1x1_module(conv, x).square().sum().backward()
+    grads = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+    x.grad = None
+    conv.zero_grad()
+    conv(x).square().sum().backward()
+    for mine, theirs in zip(grads, [x.grad, conv.weight.grad, conv.bias.grad], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+class _Doubled(nn.Conv2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "case", ["nchw input", "reference backend", "too large", "subclass", "3x3 kernel", "stride 2"]
+)
+def test_conv1x1_module_leaves_other_cases_to_the_module(case, monkeypatch):
+    from fastdiff.nn import conv1x1_module
+    from fastdiff.nn.conv import POINTWISE_MAX_MACS
+
+    linear_calls = _spy_on_linear(monkeypatch)
+
+    conv, x, backend = _pointwise(8, 4), _tensor((2, 8, 4, 4), torch.float32, "channels_last"), "auto"
+    if case == "nchw input":
+        x = x.contiguous()
+    elif case == "reference backend":
+        backend = "reference"
+    elif case == "too large":
+        side = int((POINTWISE_MAX_MACS // (8 * 4)) ** 0.5) + 2
+        x = _tensor((1, 8, side, side), torch.float32, "channels_last")
+    elif case == "subclass":
+        conv = _Doubled(8, 4, 1)
+    elif case == "3x3 kernel":
+        conv = nn.Conv2d(8, 4, 3, padding=1)
+    else:
+        conv = nn.Conv2d(8, 4, 1, stride=2)
+    with torch.no_grad():
+        assert torch.equal(conv1x1_module(conv, x, backend), conv(x))
+    assert linear_calls == []
+
+
+def _spy_on_linear(monkeypatch):
+    calls = []
+    original = F.linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "linear", spy)
+    return calls

@@ -122,7 +122,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
         if self.conv_shortcut is not None:
             if self.training:  # as diffusers: DDP wants contiguous gradients
                 input_tensor = input_tensor.contiguous()
-            input_tensor = conv1x1_module(self.conv_shortcut, input_tensor)
+            input_tensor = conv1x1_module(self.conv_shortcut, input_tensor, backend)
 
         if self.output_scale_factor == 1:  # the skip add happens as conv2 writes its output
             return conv3x3_module(self.conv2, hidden_states, residual=input_tensor, backend=backend)

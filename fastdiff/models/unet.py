@@ -105,7 +105,7 @@ class _ResBlock(nn.Module):
             h = self.norm2(h, scale=scale, shift=shift)
         else:
             h = self.norm2(h, pre_shift=e)
-        skip = x if isinstance(self.skip, nn.Identity) else conv1x1_module(self.skip, x)
+        skip = x if isinstance(self.skip, nn.Identity) else conv1x1_module(self.skip, x, self.conv2.backend)
         return self.conv2(self.dropout(h), residual=skip)  # the skip add happens in conv2's output
 
 

@@ -26,12 +26,13 @@ SMALL_MAP_PIXELS = 64
 POINTWISE_MAX_MACS = 1 << 24
 
 
-def conv1x1_module(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def conv1x1_module(conv: nn.Conv2d, x: torch.Tensor, backend: str = AUTO) -> torch.Tensor:
     """``conv(x)`` for any ``nn.Conv2d``; a plain 1x1 convolution (stride 1, no padding or groups)
     of a small channels_last CPU map runs as ``F.linear`` over its pixels instead (same math, a
-    channels_last-strided result)."""
+    channels_last-strided result), unless ``backend`` is "reference" (the module's own forward)."""
     if (
-        type(conv) is nn.Conv2d
+        backend != "reference"
+        and type(conv) is nn.Conv2d
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.padding in ((0, 0), "valid", "same")
