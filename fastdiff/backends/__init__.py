@@ -43,6 +43,7 @@ __all__ = [
     "select_backend",
     "forget_decisions",
     "auto_runs_native_cpu",
+    "native_cpu_shortcut",
     "support_table",
     "native_reasons",
     "native_support",
@@ -253,6 +254,17 @@ def auto_runs_native_cpu(op: str) -> bool:
         known = (_native.generation, not native_reasons(op, "cpu", (torch.float32,), None))
         _NATIVE_CPU_AUTO[op] = known
     return known[1]
+
+
+def native_cpu_shortcut(op: str, *tensors: object) -> bool:
+    """Whether an op may call its native cpu kernel directly for these tensors (None for an absent
+    optional one): all float32 CPU tensors, :func:`auto_runs_native_cpu`, and no torch.compile trace
+    (Dynamo sees the full dispatch). The op still checks its non-tensor arguments itself."""
+    return (
+        all(t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu) for t in tensors)
+        and auto_runs_native_cpu(op)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _select(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:

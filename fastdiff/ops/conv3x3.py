@@ -9,8 +9,8 @@ F(2x2, 3x3), whose GEMMs do 2.25x fewer flops than a direct convolution, with th
 residual added as the output tiles are written, and the transformed filters remembered per weight
 tensor (and its version). It pays off from 64 channels, or on maps of 8x8 pixels or fewer
 (``fastdiff.nn.Conv3x3`` applies that rule); with fewer channels on larger maps oneDNN's direct
-convolution is faster. Its
-error is that of a float32 convolution (the transforms only add, subtract and halve).
+convolution is faster. Its error is that of a float32 convolution (the transforms only add,
+subtract and halve).
 cuda, triton: none; on GPUs cuDNN's convolutions (the reference path) are the ones to use.
 The native op has a Meta kernel (torch.compile sees through it) and an autograd formula.
 """
@@ -24,7 +24,7 @@ from ..backends import (
     DEVICES_AND_DTYPES,
     OpSupport,
     always_available,
-    auto_runs_native_cpu,
+    native_cpu_shortcut,
     native_support,
     not_implemented,
     register_op,
@@ -85,23 +85,6 @@ def _validate(x: object, weight: object, bias: object, residual: object) -> None
         raise ValueError(f"conv3x3: residual must have shape (N, C_out, H, W) = {want}, got {tuple(residual.shape)}")
 
 
-def _float32_cpu(x: object, *others: torch.Tensor | None) -> bool:
-    """x is a non-empty float32 CPU map, every other given tensor float32 on the CPU, auto takes the
-    native cpu kernel for them, and nothing is being traced (Dynamo sees the full dispatch)."""
-    return (
-        isinstance(x, torch.Tensor)
-        and x.dtype == torch.float32
-        and x.is_cpu
-        and x.dim() == 4
-        and x.shape[1] > 0
-        and x.shape[2] > 0
-        and x.shape[3] > 0
-        and all(t is None or (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.is_cpu) for t in others)
-        and auto_runs_native_cpu(OP)
-        and not torch.compiler.is_compiling()
-    )
-
-
 def conv3x3(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -118,10 +101,16 @@ def conv3x3(
     what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
     FASTDIFF_BACKEND overrides it.
     """
-    if backend == "auto" and _float32_cpu(x, weight, bias, residual):
+    if (
+        backend == "auto"
+        and isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and min(x.shape[1:]) > 0
+        and native_cpu_shortcut(OP, x, weight, bias, residual)
+    ):
         # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
-        # Python ones below except for empty maps and channels (which it computes); any input it
-        # rejects goes the long way, for the Python error.
+        # Python ones below except for empty maps and channels (which it computes, so they are
+        # kept off this path); any input it rejects goes the long way, for the Python error.
         try:
             return torch.ops.fastdiff.conv3x3.default(x, weight, bias, residual)
         except (RuntimeError, TypeError, ValueError):

@@ -23,7 +23,7 @@ from .. import _native
 from ..backends import (
     OpSupport,
     always_available,
-    auto_runs_native_cpu,
+    native_cpu_shortcut,
     native_support,
     part_dtype_reasons,
     register_op,
@@ -112,19 +112,6 @@ def _group_norm_adagn_triton_fake(x, num_groups, weight, bias, scale, shift, pre
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
 
 
-def _float32_cpu(x: object, *parts: torch.Tensor | None) -> bool:
-    """x and every given part are float32 CPU tensors, auto would take the native cpu kernel for
-    them, and nothing is being traced (Dynamo sees the full dispatch)."""
-    return (
-        isinstance(x, torch.Tensor)
-        and x.dtype == torch.float32
-        and x.is_cpu
-        and all(p is None or (isinstance(p, torch.Tensor) and p.dtype == torch.float32 and p.is_cpu) for p in parts)
-        and auto_runs_native_cpu(OP)
-        and not torch.compiler.is_compiling()
-    )
-
-
 def group_norm_adagn(
     x: torch.Tensor,
     num_groups: int,
@@ -157,7 +144,8 @@ def group_norm_adagn(
         and type(num_groups) is int
         and type(eps) in (float, int)
         and activation in (None, "silu")
-        and _float32_cpu(x, weight, bias, scale, shift, pre_shift)
+        and isinstance(x, torch.Tensor)
+        and native_cpu_shortcut(OP, x, weight, bias, scale, shift, pre_shift)
     ):
         # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
         # Python ones below; an input they reject goes the long way, for the Python error.
