@@ -236,9 +236,13 @@ inline void check_conv3x3(const at::Tensor& x, const at::Tensor& weight, const s
   TORCH_SYM_CHECK(weight.sym_size(1).sym_eq(x.sym_size(1)), "conv3x3: weight has ", weight.sym_size(1),
                   " input channels but x has ", x.sym_size(1));
   const c10::SymInt& c_out = weight.sym_size(0);
+  // x's device, float32, and (want non-empty) the shape want.
   auto check_part = [&](const char* name, const at::Tensor& t, c10::SymIntArrayRef want) {
     TORCH_CHECK(t.device() == x.device(), "conv3x3: ", name, " is on ", t.device(), " but x is on ", x.device());
     TORCH_CHECK(t.scalar_type() == at::kFloat, "conv3x3: ", name, " dtype must be float32, got ", t.scalar_type());
+    if (want.empty()) {
+      return;
+    }
     bool same_rank = t.dim() == static_cast<int64_t>(want.size());
     TORCH_CHECK(same_rank, "conv3x3: ", name, " must have shape ", want, ", got ", t.sym_sizes());
     c10::SymBool same = c10::SymBool(true);
@@ -247,7 +251,7 @@ inline void check_conv3x3(const at::Tensor& x, const at::Tensor& weight, const s
     }
     TORCH_SYM_CHECK(same, "conv3x3: ", name, " must have shape ", want, ", got ", t.sym_sizes());
   };
-  check_part("weight", weight, weight.sym_sizes());
+  check_part("weight", weight, {});  // its shape is checked above
   if (bias.has_value()) {
     check_part("bias", *bias, {c_out});
   }

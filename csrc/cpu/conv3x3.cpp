@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -197,12 +198,13 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   block = std::clamp(block, kMinBlockTiles, kMaxBlockTiles);
   const int64_t blocks = (g.tiles + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> v(static_cast<size_t>(16 * block * c_in));
-    std::vector<float> m(static_cast<size_t>(16 * block * g.c_out));
+    // Uninitialized: the transform writes every row of v the GEMMs read, and the GEMMs all of m.
+    const std::unique_ptr<float[]> v(new float[static_cast<size_t>(16 * block * c_in)]);
+    const std::unique_ptr<float[]> m(new float[static_cast<size_t>(16 * block * g.c_out)]);
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t begin = blk * block;
       const int64_t end = std::min(g.tiles, begin + block);
-      input_fn(x_ptr, v.data(), block, g, begin, end);
+      input_fn(x_ptr, v.get(), block, g, begin, end);
       // Row-major M_k (tiles x C_out) = V_k (tiles x C_in) U_k (C_in x C_out) is, column-major,
       // M_k^T = U_k^T V_k^T: sgemm with m = C_out, n = tiles, k = C_in and no transposes.
       const int64_t gm = g.c_out;
@@ -212,10 +214,10 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       const float one = 1.0f;
       const float zero = 0.0f;
       for (int64_t k = 0; k < 16; ++k) {
-        sgemm("N", "N", &gm, &gn, &gk, &one, u_ptr + k * g.c_in * g.c_out, &gm, v.data() + k * block * c_in, &ldv,
-              &zero, m.data() + k * block * g.c_out, &gm);
+        sgemm("N", "N", &gm, &gn, &gk, &one, u_ptr + k * g.c_in * g.c_out, &gm, v.get() + k * block * c_in, &ldv,
+              &zero, m.get() + k * block * g.c_out, &gm);
       }
-      output_fn(m.data(), block, b_ptr, res_ptr, out_ptr, g, begin, end);
+      output_fn(m.get(), block, b_ptr, res_ptr, out_ptr, g, begin, end);
     }
   });
   return out;
