@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def end_to_end_steps() -> int:
+    """Sampler steps of the end-to-end benchmarks: FASTDIFF_BENCH_STEPS, default 50."""
+    return int(os.environ.get("FASTDIFF_BENCH_STEPS", "50"))
+
+
+def end_to_end_rounds(default: int) -> int:
+    """Timed rounds of an end-to-end benchmark: FASTDIFF_BENCH_ROUNDS, else the module's default."""
+    return int(os.environ.get("FASTDIFF_BENCH_ROUNDS", str(default)))
 
 
 def synchronize() -> None:

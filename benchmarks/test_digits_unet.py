@@ -14,12 +14,11 @@ FASTDIFF_BENCH_STEPS (default 50) and FASTDIFF_BENCH_ROUNDS (default 5) shorten 
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
-from _bench import DEVICE, timed
+from _bench import DEVICE, end_to_end_rounds, end_to_end_steps, timed
 
 import fastdiff
 from fastdiff.models import digits_unet
@@ -28,8 +27,8 @@ from fastdiff.models.digits import NULL_CLASS, digits_sampling
 BATCH = 16
 SHAPE = (BATCH, 1, 16, 16)
 CFG = 4.0
-STEPS = int(os.environ.get("FASTDIFF_BENCH_STEPS", "50"))
-ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "5"))
+STEPS = end_to_end_steps()
+ROUNDS = end_to_end_rounds(5)
 PROVIDERS = [
     "reference",
     "torch.compile(reference)",

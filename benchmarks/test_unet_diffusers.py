@@ -16,11 +16,10 @@ runs 2 steps.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-from _bench import DEVICE, timed
+from _bench import DEVICE, end_to_end_rounds, end_to_end_steps, timed
 
 import fastdiff
 
@@ -31,8 +30,8 @@ BATCH = 8
 SHAPE = (BATCH, 3, 32, 32)
 CFG = 4.0
 NULL_CLASS = 10
-STEPS = int(os.environ.get("FASTDIFF_BENCH_STEPS", "50"))
-ROUNDS = int(os.environ.get("FASTDIFF_BENCH_ROUNDS", "2"))
+STEPS = end_to_end_steps()
+ROUNDS = end_to_end_rounds(2)
 PROVIDERS = [
     "diffusers",
     "diffusers channels_last + torch.compile",
