@@ -318,3 +318,37 @@ def test_native_cpu_fast_path_is_autos_decision(op, monkeypatch):
     finally:
         monkeypatch.delenv("FASTDIFF_BACKEND")
         forget_decisions()
+
+
+@pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
+def test_call_native_skips_only_the_autograd_kernel_without_grad():
+    """call_native under no_grad: the same values as the dispatched op, no graph, and dispatch modes
+    (FakeTensor, profilers, flop counters) still see the call; with grad on it keeps the graph."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdiff.backends import call_native
+
+    op = torch.ops.fastdiff.conv3x3.default
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, generator=g, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, generator=g, requires_grad=True)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Seen() as seen:
+            out = call_native(op, x, w, None, None)
+        expected = op(x, w, None, None)
+    assert op in seen.ops
+    assert not out.requires_grad and out.grad_fn is None
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with_grad = call_native(op, x, w, None, None)
+    assert with_grad.requires_grad and with_grad.grad_fn is not None
+    torch.testing.assert_close(with_grad.detach(), expected, rtol=0, atol=0)

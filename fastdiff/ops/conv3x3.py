@@ -24,6 +24,7 @@ from ..backends import (
     DEVICES_AND_DTYPES,
     OpSupport,
     always_available,
+    call_native,
     native_cpu_shortcut,
     native_support,
     not_implemented,
@@ -112,7 +113,7 @@ def conv3x3(
         # Python ones below except for empty maps and channels (which it computes, so they are
         # kept off this path); any input it rejects goes the long way, for the Python error.
         try:
-            return torch.ops.fastdiff.conv3x3.default(x, weight, bias, residual)
+            return call_native(torch.ops.fastdiff.conv3x3.default, x, weight, bias, residual)
         except (RuntimeError, TypeError, ValueError):
             pass
     _validate(x, weight, bias, residual)

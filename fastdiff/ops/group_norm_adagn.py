@@ -23,6 +23,7 @@ from .. import _native
 from ..backends import (
     OpSupport,
     always_available,
+    call_native,
     native_cpu_shortcut,
     native_support,
     part_dtype_reasons,
@@ -150,8 +151,9 @@ def group_norm_adagn(
         # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
         # Python ones below; an input they reject goes the long way, for the Python error.
         try:
-            return torch.ops.fastdiff.group_norm_adagn.default(
-                x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
+            return call_native(
+                torch.ops.fastdiff.group_norm_adagn.default,
+                x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu",
             )
         except (RuntimeError, TypeError, ValueError):
             pass
