@@ -257,7 +257,7 @@ class UNet(nn.Module):
                 return block(ch, ch, up=up, down=not up)
             return _Resample(ch, up=up, use_conv=conv_resample, backend=backend)
 
-        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.input_conv = Conv3x3(in_channels, model_channels, backend=backend)
         self.encoder = nn.ModuleList()
         skips = [model_channels]
         ch, rate = model_channels, 1
@@ -286,7 +286,7 @@ class UNet(nn.Module):
                     rate //= 2
                 self.decoder.append(_Level(layers))
         self.out_norm = AdaGroupNorm(ch, num_groups, activation="silu", backend=backend)
-        self.out_conv = _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
+        self.out_conv = _zero(Conv3x3(ch, out_channels, backend=backend))
 
     @staticmethod
     def _check_heads(ch: int, num_heads: int, num_head_channels: int | None) -> None:

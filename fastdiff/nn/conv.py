@@ -17,9 +17,16 @@ __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
 # alternating with oneDNN: with 64 or more channels on each side at every map size (1.26-1.65x),
 # and on maps of 8x8 pixels or fewer at any channel count, where oneDNN's fixed cost per call
 # dominates (1.29x at 32 channels, 8x8). With 32 channels or fewer on 16x16 maps and larger, the
-# transforms' memory traffic costs more than the GEMMs save (0.66-0.92x).
+# transforms' memory traffic costs more than the GEMMs save (0.66-0.92x). Small problems as a whole
+# (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds) also go to the kernel, which
+# skips oneDNN's fixed cost per call: 1.07-1.92x at batch 1-8 on 16x16 maps and for a 16 -> 1
+# output conv at batch 32 (timed alternating, 7 rounds), against 0.96-0.97x at 2^20. Not with under
+# 8 input channels (an image input conv): there Winograd's GEMMs have K = C_in and it lost (0.53x
+# at C_in 1, 0.78x at C_in 3).
 MIN_CHANNELS = 64
 SMALL_MAP_PIXELS = 64
+SMALL_PROBLEM_PRODUCTS = 1 << 19
+SMALL_PROBLEM_MIN_IN_CHANNELS = 8
 # A 1x1 convolution of a channels_last map is a matrix product over pixels; as F.linear it skips
 # oneDNN's ~70 us fixed cost per call, which wins up to about this many multiply-adds (2.0-2.8x at
 # the demo U-Net's 4x4-8x8 skips, 1.5x at 16x16) and loses beyond (0.74x at (16, 128->64, 32x32)).
@@ -60,14 +67,23 @@ def _same_3x3(conv: nn.Conv2d) -> bool:
     )
 
 
+def _auto_takes(x: torch.Tensor, c_in: int, c_out: int) -> bool:
+    """The auto rule's shape part (see MIN_CHANNELS and the constants after it)."""
+    pixels = x.shape[-2] * x.shape[-1]
+    if min(c_in, c_out) >= MIN_CHANNELS or pixels <= SMALL_MAP_PIXELS:
+        return True
+    return c_in >= SMALL_PROBLEM_MIN_IN_CHANNELS and x.shape[0] * pixels * c_in * c_out <= SMALL_PROBLEM_PRODUCTS
+
+
 def conv3x3_module(
     conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, backend: str = AUTO
 ) -> torch.Tensor:
     """``conv(x) + residual`` (residual optional) for any ``nn.Conv2d``, through
     :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and
 
-    * ``backend="auto"``: the input is float32 on the CPU with at least 64 channels in and out, or
-      a map of at most 64 pixels (where the kernel measured faster than oneDNN);
+    * ``backend="auto"``: the input is float32 on the CPU with at least 64 channels in and out, a
+      map of at most 64 pixels, or a small problem (N * H * W * C_in * C_out up to 2^19, with at
+      least 8 input channels): where the kernel measured faster than oneDNN;
     * another backend name: that backend of the op can run the input. The name is meant for every
       fastdiff op of a block (``fastdiff.patch(model, backend=...)``), and convolutions have only a
       float32 CPU kernel, so a convolution it cannot run (a GPU, another dtype) runs ``conv``;
@@ -84,10 +100,7 @@ def conv3x3_module(
             and x.dtype == torch.float32
             and conv.weight.dtype == torch.float32
             and x.dim() == 4
-            and (
-                min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-                or x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
-            )
+            and _auto_takes(x, conv.in_channels, conv.out_channels)
         )
     else:
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
