@@ -515,14 +515,15 @@ def _spy_on_the_op(monkeypatch):
 @pytest.mark.parametrize(
     ("c_in", "c_out", "hw", "takes_the_op"),
     [
-        ((64, 64, (16, 16), True)),  # 64 channels each side: any map size
+        ((64, 64, (16, 16), True)),  # 32 or more channels each side: any map size
+        ((32, 40, (17, 16), True)),
         ((96, 64, (9, 17), True)),  # odd sizes
         ((3, 32, (8, 8), True)),  # 64 pixels or fewer: any channel count
         ((16, 16, (7, 9), True)),
         ((16, 32, (16, 16), True)),  # a small problem: 3 * 256 * 16 * 32 <= 2^19 products
         ((3, 64, (16, 16), False)),  # small, but under 8 input channels (an image input conv)
-        ((16, 32, (24, 24), False)),  # 3 * 576 * 16 * 32 > 2^19, and fewer than 64 channels
-        ((64, 32, (17, 16), False)),  # too few output channels for 272 pixels at this size
+        ((16, 32, (24, 24), False)),  # 3 * 576 * 16 * 32 > 2^19, and fewer than 32 channels
+        ((64, 16, (17, 16), False)),  # too few output channels for 272 pixels at this size
     ],
 )
 def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):

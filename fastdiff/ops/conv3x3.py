@@ -7,7 +7,7 @@ the residual add).
 cpu: torch.ops.fastdiff.conv3x3 from fastdiff._C (csrc/cpu/conv3x3*.cpp), float32: Winograd
 F(2x2, 3x3), whose GEMMs do 2.25x fewer flops than a direct convolution, with the bias and the
 residual added as the output tiles are written, and the transformed filters remembered per weight
-tensor (and its version). It pays off from 64 channels, on maps of 8x8 pixels or fewer, and on
+tensor (and its version). It pays off from 32 channels, on maps of 8x8 pixels or fewer, and on
 small problems, where oneDNN's fixed cost per call dominates (``fastdiff.nn.Conv3x3`` applies that
 rule); with fewer channels on larger maps oneDNN's direct convolution is faster. Its error is
 that of a float32 convolution (the transforms only add, subtract and halve).
