@@ -276,3 +276,26 @@ def test_is_a_module_with_trainable_parameters():
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert isinstance(model, nn.Module)
+
+
+def test_dropout_acts_in_training_only():
+    """ResBlocks drop activations before their last conv in training mode with dropout > 0, and
+    nowhere else (eval mode, or dropout 0, gives the deterministic forward)."""
+    model = _randomized(UNet(**SMALL, dropout=0.5))
+    x, t, y = _inputs(model)
+    with torch.no_grad():
+        model.train()
+        torch.manual_seed(0)
+        a = model(x, t, y=y)
+        torch.manual_seed(0)
+        b = model(x, t, y=y)
+        torch.manual_seed(1)
+        c = model(x, t, y=y)
+        model.eval()
+        d = model(x, t, y=y)
+        no_dropout = _randomized(UNet(**SMALL, dropout=0.0)).train()
+        e = no_dropout(x, t, y=y)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same seed, same mask
+    assert not torch.allclose(a, c)  # another seed drops other activations
+    assert not torch.allclose(a, d)
+    torch.testing.assert_close(d, e, rtol=0, atol=0)  # eval == training with dropout 0

@@ -105,8 +105,10 @@ class _ResBlock(nn.Module):
             h = self.norm2(h, scale=scale, shift=shift)
         else:
             h = self.norm2(h, pre_shift=e)
+        if self.training and self.dropout.p > 0:  # an identity otherwise: skip its module call
+            h = self.dropout(h)
         skip = x if isinstance(self.skip, nn.Identity) else conv1x1_module(self.skip, x, self.conv2.backend)
-        return self.conv2(self.dropout(h), residual=skip)  # the skip add happens in conv2's output
+        return self.conv2(h, residual=skip)  # the skip add happens in conv2's output
 
 
 class _Level(nn.ModuleList):
