@@ -299,3 +299,39 @@ def test_dropout_acts_in_training_only():
     assert not torch.allclose(a, c)  # another seed drops other activations
     assert not torch.allclose(a, d)
     torch.testing.assert_close(d, e, rtol=0, atol=0)  # eval == training with dropout 0
+
+
+def test_block_projections_match_each_blocks_own():
+    """UNet.forward projects the embedding for all ResBlocks in one product; each block's share must
+    be its own emb_proj(emb), and a block whose projection is not a plain nn.Linear (or carries a
+    hook) must be left to project for itself, so the model's output equals the per-block path."""
+    from fastdiff.models.unet import _ResBlock
+
+    model = _randomized(UNet(**{**SMALL, "channel_mult": (1, 2, 2)}, resblock_updown=True))
+    x, t, y = _inputs(model)
+    blocks = [m for m in model.modules() if isinstance(m, _ResBlock)]
+    with torch.no_grad():
+        emb = model.embedding(t, y, x.shape[0])
+        proj = model.block_projections(emb)
+        assert set(proj) == set(blocks)
+        for block in blocks:
+            torch.testing.assert_close(proj[block], block.emb_proj(emb))
+
+    class Doubled(nn.Linear):
+        def forward(self, inp):
+            calls.append(1)
+            return 2 * super().forward(inp)
+
+    calls: list[int] = []
+    odd = Doubled(blocks[1].emb_proj.in_features, blocks[1].emb_proj.out_features)
+    odd.load_state_dict(blocks[1].emb_proj.state_dict())
+    blocks[1].emb_proj = odd
+    hooked = []
+    blocks[2].emb_proj.register_forward_hook(lambda module, args, out: hooked.append(1))
+    with torch.no_grad():
+        assert set(model.block_projections(emb)) == set(blocks) - {blocks[1], blocks[2]}
+        out = model(x, t, y=y)
+        assert calls == [1] and hooked == [1]
+        per_block = copy.deepcopy(model)
+        per_block.block_projections = lambda emb: {}
+        torch.testing.assert_close(out, per_block(x, t, y=y))

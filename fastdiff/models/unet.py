@@ -94,12 +94,15 @@ class _ResBlock(nn.Module):
         self.conv2 = _zero(Conv3x3(out_ch, out_ch, backend=backend))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, e: torch.Tensor | None = None) -> torch.Tensor:
+        """``e``: this block's ``emb_proj(emb)`` when the caller has it (the UNet projects for all its
+        blocks in one matrix product), else computed here."""
         h = self.norm1(x)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv1(h)
-        e = self.emb_proj(emb)  # emb is already SiLU'd once by the UNet (ADM applies SiLU per block)
+        if e is None:
+            e = self.emb_proj(emb)  # emb is already SiLU'd once by the UNet (ADM applies SiLU per block)
         if self.embedding_mode == "scale_shift":
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h, scale=scale, shift=shift)
@@ -114,9 +117,14 @@ class _ResBlock(nn.Module):
 class _Level(nn.ModuleList):
     """One entry of the encoder/decoder lists: a ResBlock or resampler, then optional attention."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor, projections: dict[nn.Module, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, _ResBlock) else layer(x)
+            if isinstance(layer, _ResBlock):
+                x = layer(x, emb, None if projections is None else projections.get(layer))
+            else:
+                x = layer(x)
         return x
 
 
@@ -343,6 +351,22 @@ class UNet(nn.Module):
             emb = emb + self.class_embed(y)
         return F.silu(emb)
 
+    def block_projections(self, emb: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+        """Every ResBlock's ``emb_proj(emb)`` from one matrix product with their weights stacked (one
+        GEMM instead of one small one per block, each of which costs more in fixed overhead than in
+        flops), keyed by block. Blocks whose projection is not a plain hook-free ``nn.Linear`` with a
+        bias are left out (they project for themselves)."""
+        blocks = [layer for level in (*self.encoder, self.middle, *self.decoder) for layer in level
+                  if isinstance(layer, _ResBlock)]
+        blocks = [b for b in blocks if type(b.emb_proj) is nn.Linear and b.emb_proj.bias is not None
+                  and not (b.emb_proj._forward_hooks or b.emb_proj._forward_pre_hooks)]
+        if not blocks:
+            return {}
+        weight = torch.cat([b.emb_proj.weight for b in blocks])
+        bias = torch.cat([b.emb_proj.bias for b in blocks])
+        parts = F.linear(emb, weight, bias).split([b.emb_proj.out_features for b in blocks], dim=1)
+        return dict(zip(blocks, parts, strict=True))
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -368,13 +392,14 @@ class UNet(nn.Module):
             x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         ) else torch.contiguous_format
         emb = self.embedding(t, y, B)
+        proj = self.block_projections(emb)
         h = self.input_conv(x.contiguous(memory_format=self.memory_format))
         skips = [h]
         for level in self.encoder:
-            h = level(h, emb)
+            h = level(h, emb, proj)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self.middle(h, emb, proj)
         for level in self.decoder:
-            h = level(torch.cat([h, skips.pop()], dim=1), emb)
+            h = level(torch.cat([h, skips.pop()], dim=1), emb, proj)
         out = self.out_conv(self.out_norm(h))
         return out.contiguous(memory_format=in_format)
