@@ -270,12 +270,14 @@ def test_ops_without_a_cache_key_decide_every_call():
         unregister()
 
 
-# ---- the float32 CPU fast path of group_norm_adagn and conv3x3 ------------------------------------
+# ---- the float32 CPU fast path of group_norm_adagn, conv3x3 and layer_norm_modulate ----------------
 
 
 def _fast_path_inputs(op: str) -> dict[str, torch.Tensor]:
     if op == "group_norm_adagn":
         return {"x": torch.randn(2, 8, 3, 3), "weight": torch.randn(8), "scale": torch.randn(2, 8)}
+    if op == "layer_norm_modulate":
+        return {"x": torch.randn(2, 5, 8), "scale": torch.randn(2, 8), "shift": torch.randn(2, 8)}
     return {"x": torch.randn(2, 4, 5, 5), "weight": torch.randn(3, 4, 3, 3)}
 
 
@@ -284,11 +286,13 @@ def _call(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
     if op == "group_norm_adagn":
         return fastdiff.ops.group_norm_adagn(inputs["x"], 2, inputs["weight"], scale=inputs["scale"])
+    if op == "layer_norm_modulate":
+        return fastdiff.ops.layer_norm_modulate(inputs["x"], scale=inputs["scale"], shift=inputs["shift"])
     return fastdiff.ops.conv3x3(inputs["x"], inputs["weight"])
 
 
 @pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
-@pytest.mark.parametrize("op", ["group_norm_adagn", "conv3x3"])
+@pytest.mark.parametrize("op", ["group_norm_adagn", "conv3x3", "layer_norm_modulate"])
 def test_native_cpu_fast_path_is_autos_decision(op, monkeypatch):
     """The ops call their cpu kernel straight away for float32 CPU inputs when auto_runs_native_cpu
     says auto would pick it; that claim must match the dispatcher, and FASTDIFF_BACKEND must turn the

@@ -14,15 +14,16 @@ __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
 
 # Where the cpu kernel (Winograd F(2x2, 3x3)) beats oneDNN's direct convolution, measured on this
 # project's 2-core AVX-512 machine at batch 16-32, channels_last, each shape timed 7 times
-# alternating with oneDNN: with 32 or more channels on each side at every map size (1.04-1.32x at
-# 32-48 channels on 16x16 to 64x64 maps, 1.26-1.65x from 64), and on maps of 8x8 pixels or fewer at
-# any channel count, where oneDNN's fixed cost per call dominates (1.29x at 32 channels, 8x8). With
-# 16 channels on either side of a 16x16 map or larger, the transforms' memory traffic costs about
-# what the GEMMs save (0.88-1.05x). Small problems as a whole (N * H * W * C_in * C_out up to 2^19,
-# i.e. under 5M multiply-adds) also go to the kernel, which skips oneDNN's fixed cost per call:
-# 1.07-1.92x at batch 1-8 on 16x16 maps and for a 16 -> 1 output conv at batch 32, against
-# 0.96-0.97x at 2^20. Not with under 8 input channels (an image input conv): there Winograd's GEMMs
-# have K = C_in and it lost (0.53x at C_in 1, 0.78x at C_in 3).
+# alternating with oneDNN: with 32 or more channels on each side at every map size (0.95-1.32x at
+# 32-48 channels on 16x16 to 64x64 maps, 1.1x typical, over 20 such timings; 1.26-1.65x from 64
+# channels), and on maps of 8x8 pixels or fewer at any channel count, where oneDNN's fixed cost per
+# call dominates (1.29x at 32 channels, 8x8). With 16 channels on either side of a 16x16 map or
+# larger, the transforms' memory traffic costs about what the GEMMs save (0.88-1.05x). Small
+# problems as a whole (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds) also go to
+# the kernel, which skips oneDNN's fixed cost per call: 1.07-1.92x at batch 1-8 on 16x16 maps and
+# for a 16 -> 1 output conv at batch 32, against 0.96-0.97x at 2^20. Not with under 8 input
+# channels (an image input conv): there Winograd's GEMMs have K = C_in and it lost (0.53x at C_in 1,
+# 0.78x at C_in 3).
 MIN_CHANNELS = 32
 SMALL_MAP_PIXELS = 64
 SMALL_PROBLEM_PRODUCTS = 1 << 19
