@@ -226,11 +226,13 @@ _SUBPROCESS_CODE = textwrap.dedent(
     [
         # without BLAS (read once per process) the stages run unblocked over all tiles with at::bmm
         {"FASTDIFF_CONV3X3_NO_BLAS": "1"},
+        # without MKL's batched GEMM (as with OpenBLAS) each block makes 16 sgemm calls
+        {"FASTDIFF_CONV3X3_NO_BATCH": "1"},
         # this machine picks the AVX-512 transforms; the AVX2 and portable builds run under these
         {"ATEN_CPU_CAPABILITY": "avx2"},
         {"ATEN_CPU_CAPABILITY": "default"},
     ],
-    ids=["no-blas", "avx2", "portable"],
+    ids=["no-blas", "no-batch", "avx2", "portable"],
 )
 def test_other_cpu_paths_match_reference(env):
     """Paths chosen once per process, each in a fresh interpreter against the oracle."""

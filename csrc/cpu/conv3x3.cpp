@@ -7,9 +7,10 @@
 // to stay in L2: each task transforms a block's patches, runs the block's 16 GEMMs and writes the
 // block's output, and V and M never travel to memory.
 //
-// The GEMMs call the BLAS that torch links (the Fortran sgemm_ symbol: MKL on x86-64 builds,
-// OpenBLAS on others), looked up at run time, since torch exports no C++ GEMM for raw pointers. When
-// it is absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages run unblocked over all tiles with at::bmm.
+// The GEMMs call the BLAS that torch links (MKL on x86-64 builds, OpenBLAS on others), looked up at
+// run time, since torch exports no C++ GEMM for raw pointers: MKL's sgemm_batch_ for a block's 16 at
+// once, else the Fortran sgemm_ 16 times (also with FASTDIFF_CONV3X3_NO_BATCH=1). When sgemm_ is
+// absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages run unblocked over all tiles with at::bmm.
 #include "../ops.h"
 #include "conv3x3_kernel.h"
 #include "launch.h"
@@ -51,6 +52,27 @@ SgemmFn find_sgemm() {
   }
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
   return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+#else
+  return nullptr;
+#endif
+}
+
+// MKL's grouped batch of sgemm calls (Fortran sgemm_batch_; OpenBLAS has none). One group of the 16
+// same-shaped GEMMs of a block in one call: per call, MKL's fixed cost is a large share of GEMMs this
+// small (C_in, C_out <= 48: the block's convolution ran 10-25% faster batched). Each per-group array
+// has one element, so the int64_t trick above holds for it too; the pointer arrays are pointers.
+using SgemmBatchFn = void (*)(const char* transa, const char* transb, const void* m, const void* n, const void* k,
+                              const float* alpha, const float** a, const void* lda, const float** b,
+                              const void* ldb, const float* beta, float** c, const void* ldc,
+                              const void* group_count, const void* group_size);
+
+SgemmBatchFn find_sgemm_batch() {
+  const char* off = std::getenv("FASTDIFF_CONV3X3_NO_BATCH");
+  if (off != nullptr && std::strcmp(off, "1") == 0) {
+    return nullptr;
+  }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  return reinterpret_cast<SgemmBatchFn>(dlsym(RTLD_DEFAULT, "sgemm_batch_"));
 #else
   return nullptr;
 #endif
@@ -166,6 +188,7 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
                                           FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_weight),
                                           FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
   static const SgemmFn sgemm = find_sgemm();
+  static const SgemmBatchFn sgemm_batch = find_sgemm_batch();
 
   const at::Tensor u = transformed_weight(weight, weight_fn);
 
@@ -213,9 +236,22 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       const int64_t ldv = c_in;
       const float one = 1.0f;
       const float zero = 0.0f;
+      const float* us[16];
+      const float* vs[16];
+      float* ms[16];
       for (int64_t k = 0; k < 16; ++k) {
-        sgemm("N", "N", &gm, &gn, &gk, &one, u_ptr + k * g.c_in * g.c_out, &gm, v.get() + k * block * c_in, &ldv,
-              &zero, m.get() + k * block * g.c_out, &gm);
+        us[k] = u_ptr + k * g.c_in * g.c_out;
+        vs[k] = v.get() + k * block * c_in;
+        ms[k] = m.get() + k * block * g.c_out;
+      }
+      if (sgemm_batch != nullptr) {
+        const int64_t groups = 1;
+        const int64_t size = 16;
+        sgemm_batch("N", "N", &gm, &gn, &gk, &one, us, &gm, vs, &ldv, &zero, ms, &gm, &groups, &size);
+      } else {
+        for (int64_t k = 0; k < 16; ++k) {
+          sgemm("N", "N", &gm, &gn, &gk, &one, us[k], &gm, vs[k], &ldv, &zero, ms[k], &gm);
+        }
       }
       output_fn(m.get(), block, b_ptr, res_ptr, out_ptr, g, begin, end);
     }
