@@ -45,18 +45,6 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const void* m, 
                          const float* alpha, const float* a, const void* lda, const float* b, const void* ldb,
                          const float* beta, float* c, const void* ldc);
 
-SgemmFn find_sgemm() {
-  const char* off = std::getenv("FASTDIFF_CONV3X3_NO_BLAS");
-  if (off != nullptr && std::strcmp(off, "1") == 0) {
-    return nullptr;
-  }
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "sgemm_"));
-#else
-  return nullptr;
-#endif
-}
-
 // MKL's grouped batch of sgemm calls (Fortran sgemm_batch_; OpenBLAS has none). One group of the 16
 // same-shaped GEMMs of a block in one call: per call, MKL's fixed cost is a large share of GEMMs this
 // small (C_in, C_out <= 48: the block's convolution ran 10-25% faster batched). Each per-group array
@@ -66,13 +54,16 @@ using SgemmBatchFn = void (*)(const char* transa, const char* transb, const void
                               const void* ldb, const float* beta, float** c, const void* ldc,
                               const void* group_count, const void* group_size);
 
-SgemmBatchFn find_sgemm_batch() {
-  const char* off = std::getenv("FASTDIFF_CONV3X3_NO_BATCH");
-  if (off != nullptr && std::strcmp(off, "1") == 0) {
+// A BLAS routine of the library torch links, by its symbol; nullptr when it is absent, when the
+// environment variable `off` is "1", or on a big-endian CPU (where the int64_t trick does not hold).
+template <typename Fn>
+Fn find_blas(const char* symbol, const char* off) {
+  const char* value = std::getenv(off);
+  if (value != nullptr && std::strcmp(value, "1") == 0) {
     return nullptr;
   }
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-  return reinterpret_cast<SgemmBatchFn>(dlsym(RTLD_DEFAULT, "sgemm_batch_"));
+  return reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, symbol));
 #else
   return nullptr;
 #endif
@@ -187,8 +178,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       cpu::pick_isa<cpu::Conv3x3WeightFn>(&cpu::isa_default::conv3x3_weight,
                                           FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_weight),
                                           FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
-  static const SgemmFn sgemm = find_sgemm();
-  static const SgemmBatchFn sgemm_batch = find_sgemm_batch();
+  static const SgemmFn sgemm = find_blas<SgemmFn>("sgemm_", "FASTDIFF_CONV3X3_NO_BLAS");
+  static const SgemmBatchFn sgemm_batch = find_blas<SgemmBatchFn>("sgemm_batch_", "FASTDIFF_CONV3X3_NO_BATCH");
 
   const at::Tensor u = transformed_weight(weight, weight_fn);
 
