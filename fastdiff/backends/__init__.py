@@ -44,8 +44,9 @@ __all__ = [
     "select_backend",
     "forget_decisions",
     "auto_runs_native_cpu",
-    "native_cpu_shortcut",
     "call_native",
+    "run_native_cpu",
+    "NOT_RUN",
     "support_table",
     "native_reasons",
     "native_support",
@@ -258,19 +259,6 @@ def auto_runs_native_cpu(op: str) -> bool:
     return known[1]
 
 
-def native_cpu_shortcut(op: str, *tensors: object) -> bool:
-    """Whether an op may call its native cpu kernel directly for these tensors (None for an absent
-    optional one): all float32 CPU tensors, :func:`auto_runs_native_cpu`, and no torch.compile trace
-    (Dynamo sees the full dispatch). The op still checks its non-tensor arguments itself.
-    Written as a plain loop: it runs before every small kernel, where each microsecond shows."""
-    if torch.compiler.is_compiling():
-        return False
-    for t in tensors:
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype is torch.float32 and t.is_cpu):
-            return False
-    return auto_runs_native_cpu(op)
-
-
 # Excludes the autograd dispatch keys for a block, as inference mode does, without making inference
 # tensors (torch's own redispatch from a Python autograd kernel uses it).
 _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
@@ -284,6 +272,30 @@ def call_native(overload: Any, *args: Any) -> Any:
         return overload(*args)
     with _BELOW_AUTOGRAD():
         return overload(*args)
+
+
+NOT_RUN = object()  # what run_native_cpu returns when the caller must take its checked path
+
+
+def run_native_cpu(op: str, *args: Any) -> Any:
+    """An op's float32 CPU fast path under ``backend="auto"``: ``torch.ops.fastdiff.<op>(*args)``
+    through :func:`call_native` when
+    every tensor among ``args`` is a float32 CPU tensor, :func:`auto_runs_native_cpu` holds (so the
+    native kernel is auto's decision) and no torch.compile trace is running (Dynamo sees the full
+    dispatch); else, or when the kernel's own checks reject the arguments, :data:`NOT_RUN`, and the
+    caller runs its checked path (which raises the Python error). Written as a plain loop: it runs
+    before every small kernel, where each microsecond shows."""
+    if torch.compiler.is_compiling():
+        return NOT_RUN
+    for a in args:
+        if isinstance(a, torch.Tensor) and not (a.dtype is torch.float32 and a.is_cpu):
+            return NOT_RUN
+    if not auto_runs_native_cpu(op):
+        return NOT_RUN
+    try:  # the op exists: auto_runs_native_cpu found it in the loaded _C
+        return call_native(getattr(torch.ops.fastdiff, op).default, *args)
+    except (RuntimeError, TypeError, ValueError):
+        return NOT_RUN
 
 
 def _select(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:

@@ -22,13 +22,13 @@ import torch
 from .. import _native
 from ..backends import (
     DEVICES_AND_DTYPES,
+    NOT_RUN,
     OpSupport,
     always_available,
-    call_native,
-    native_cpu_shortcut,
     native_support,
     not_implemented,
     register_op,
+    run_native_cpu,
     select_backend,
 )
 from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
@@ -102,20 +102,12 @@ def conv3x3(
     what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
     FASTDIFF_BACKEND overrides it.
     """
-    if (
-        backend == "auto"
-        and isinstance(x, torch.Tensor)
-        and x.dim() == 4
-        and min(x.shape[1:]) > 0
-        and native_cpu_shortcut(OP, x, weight, bias, residual)
-    ):
-        # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
-        # Python ones below except for empty maps and channels (which it computes, so they are
-        # kept off this path); any input it rejects goes the long way, for the Python error.
-        try:
-            return call_native(torch.ops.fastdiff.conv3x3.default, x, weight, bias, residual)
-        except (RuntimeError, TypeError, ValueError):
-            pass
+    if backend == "auto" and isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 0:
+        # The native kernel's own checks match the Python ones below except for empty maps and
+        # channels (which it computes, so they are kept off this path).
+        out = run_native_cpu(OP, x, weight, bias, residual)
+        if out is not NOT_RUN:
+            return out
     _validate(x, weight, bias, residual)
     chosen = select_backend(OP, backend, {"x": x, "weight": weight})
     if chosen == "reference":

@@ -21,13 +21,13 @@ from torch._prims_common import suggest_memory_format
 
 from .. import _native
 from ..backends import (
+    NOT_RUN,
     OpSupport,
     always_available,
-    call_native,
-    native_cpu_shortcut,
     native_support,
     part_dtype_reasons,
     register_op,
+    run_native_cpu,
     select_backend,
     triton_reasons,
 )
@@ -146,17 +146,10 @@ def group_norm_adagn(
         and type(eps) in (float, int)
         and activation in (None, "silu")
         and isinstance(x, torch.Tensor)
-        and native_cpu_shortcut(OP, x, weight, bias, scale, shift, pre_shift)
-    ):
-        # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
-        # Python ones below; an input they reject goes the long way, for the Python error.
-        try:
-            return call_native(
-                torch.ops.fastdiff.group_norm_adagn.default,
-                x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu",
-            )
-        except (RuntimeError, TypeError, ValueError):
-            pass
+    ):  # the native kernel's own checks match the Python ones below
+        out = run_native_cpu(OP, x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu")
+        if out is not NOT_RUN:
+            return out
     check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
     parts = dict(zip(PARTS, (weight, bias, scale, shift, pre_shift), strict=True))
     inputs = {"x": x, **{name: t for name, t in parts.items() if t is not None}}

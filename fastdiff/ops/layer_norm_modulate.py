@@ -18,13 +18,13 @@ import torch
 
 from .. import _native
 from ..backends import (
+    NOT_RUN,
     OpSupport,
     always_available,
-    call_native,
-    native_cpu_shortcut,
     native_support,
     part_dtype_reasons,
     register_op,
+    run_native_cpu,
     select_backend,
     triton_reasons,
 )
@@ -131,22 +131,12 @@ def layer_norm_modulate(
     Differentiable on the reference, cpu and cuda backends (the native backward is a plain PyTorch
     formula: sampling needs no gradients, so it is written for correctness, not speed).
     """
-    if (
-        backend == "auto"
-        and type(eps) in (float, int)
-        and isinstance(x, torch.Tensor)
-        and x.dim() == 3
-        and x.shape[2] > 0
-        and native_cpu_shortcut(OP, x, weight, bias, scale, shift)
-    ):
-        # Auto's decision for float32 CPU inputs is the native kernel, whose own checks match the
-        # Python ones below except for D = 0 (kept off this path); an input they reject goes the
-        # long way, for the Python error.
-        try:
-            return call_native(torch.ops.fastdiff.layer_norm_modulate.default, x, weight, bias, scale, shift,
-                               float(eps))
-        except (RuntimeError, TypeError, ValueError):
-            pass
+    if backend == "auto" and type(eps) in (float, int) and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[2]:
+        # The native kernel's own checks match the Python ones below except for D = 0 (kept off
+        # this path).
+        out = run_native_cpu(OP, x, weight, bias, scale, shift, float(eps))
+        if out is not NOT_RUN:
+            return out
     check_layer_norm_modulate_args(x, weight, bias, scale, shift, eps)
     parts = dict(zip(PARTS, (weight, bias, scale, shift), strict=True))
     inputs = {"x": x, **{name: t for name, t in parts.items() if t is not None}}
