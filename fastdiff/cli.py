@@ -114,7 +114,8 @@ def _sample_command(args: argparse.Namespace) -> int:
     if isinstance(demo.model, torch.nn.Module):
         demo.model.to(device=args.device, dtype=_DTYPES[args.dtype])
 
-    timings = {}
+    cfg_text = f"cfg={args.cfg}" if args.cfg is not None else "no guidance"
+    print(f"model {args.model}: {n} images, {args.sampler} {args.steps} steps, {cfg_text} -> {args.out}")
     backends = [args.backend, "reference"] if args.backend != "reference" else ["reference"]
     memory_format = _MEMORY_FORMATS[args.memory_format]
     models = {}  # what each backend samples: the demo's model, or (--compile) a compiled copy
@@ -130,20 +131,28 @@ def _sample_command(args: argparse.Namespace) -> int:
             fastdiff.sample(models[backend], shape, backend=backend, **(kwargs | {"steps": 2}))
             if models[backend] is not demo.model:
                 compile_seconds = time.perf_counter() - start
-        for backend in backends:
-            demo.set_backend(backend, memory_format)
-            start = time.perf_counter()
-            x = fastdiff.sample(models[backend], shape, backend=backend, progress=args.progress, **kwargs)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            timings[backend] = (time.perf_counter() - start) / n
-            if backend == args.backend:
-                result = x
+        # The timed runs take turns, one per backend in each round, and each backend's time is its
+        # median over the rounds: a shared machine's speed drifts by tens of percent from one
+        # moment to the next, and alternating lets a slow spell fall on every backend alike.
+        rounds = {backend: [] for backend in backends}
+        for r in range(args.rounds):
+            for backend in backends:
+                demo.set_backend(backend, memory_format)
+                start = time.perf_counter()
+                x = fastdiff.sample(models[backend], shape, backend=backend,
+                                    progress=args.progress and r == 0, **kwargs)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                rounds[backend].append((time.perf_counter() - start) / n)
+                if backend == args.backend and r == 0:
+                    result = x
+            if args.rounds > 1:
+                times = ", ".join(f"{backend} {rounds[backend][-1] * 1e3:.1f}" for backend in backends)
+                print(f"round {r + 1}/{args.rounds}: {times} ms/image", flush=True)
+        timings = {backend: float(np.median(times)) for backend, times in rounds.items()}
     result = result.float().cpu()
     write_png(args.out, _grid(result, labels, args.per_class))
 
-    cfg_text = f"cfg={args.cfg}" if args.cfg is not None else "no guidance"
-    print(f"model {args.model}: {n} images, {args.sampler} {args.steps} steps, {cfg_text} -> {args.out}")
     print(demo.score(result, labels))
     for backend, seconds in timings.items():
         how = []
@@ -156,7 +165,9 @@ def _sample_command(args: argparse.Namespace) -> int:
     if compile_seconds is not None:
         print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:
-        print(f"  speed-up of {args.backend} over the reference: {timings['reference'] / timings[args.backend]:.2f}x")
+        how = f"medians of {args.rounds} alternating rounds" if args.rounds > 1 else "one round"
+        ratio = timings["reference"] / timings[args.backend]
+        print(f"  speed-up of {args.backend} over the reference: {ratio:.2f}x ({how})")
     return 0
 
 
@@ -187,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
     s.add_argument("--compile", action="store_true",
                    help="run the fused backend's model under torch.compile (compiled in the untimed warm-up)")
-    s.add_argument("--progress", action="store_true")
+    s.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds; each samples the images once per backend, the backends taking turns, "
+                        "and the reported ms/image is each backend's median (the grid is the first round's)")
+    s.add_argument("--progress", action="store_true", help="a progress bar for the first timed round")
     s.add_argument("--out", default="samples.png")
 
     sub.add_parser("info", help="versions, what was built, every op x backend (--kernels, --json)")
@@ -195,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be >= 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     try:
         return _sample_command(args)
     except (ValueError, TypeError) as exc:

@@ -84,11 +84,35 @@ def test_sample_command_compiles_the_fused_model_on_request(tmp_path, capsys):
     assert eager.shape == compiled.shape and np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1
 
 
+def test_sample_command_alternates_backends_over_rounds(tmp_path, capsys):
+    """Each timed round samples once per backend, the backends taking turns; the reported time is
+    each backend's median over the rounds, and the grid is the same whatever the round count."""
+    args = ["sample", "--model", "glyphs", "--steps", "5", "--cfg", "4", "--per-class", "1"]
+    assert main([*args, "--rounds", "4", "--out", str(tmp_path / "four.png")]) == 0
+    text = capsys.readouterr().out
+    rounds = [line for line in text.splitlines() if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == [f"round {r}/4" for r in range(1, 5)]
+    assert all(" auto " in line and " reference " in line for line in rounds)
+    assert "(medians of 4 alternating rounds)" in text
+    per_round = {b: sorted(float(line.split(f" {b} ")[1].split(",")[0].split()[0]) for line in rounds)
+                 for b in ("auto", "reference")}
+    for b, times in per_round.items():
+        reported = float(next(line for line in text.splitlines() if line.startswith(f"  backend {b}")).split()[2])
+        assert reported == pytest.approx((times[1] + times[2]) / 2, abs=0.051)  # median of 4, shown to 0.1
+    assert main([*args, "--rounds", "1", "--out", str(tmp_path / "one.png")]) == 0
+    text = capsys.readouterr().out
+    assert "round 1/1" not in text and "(one round)" in text
+    assert np.array_equal(_read_png_pixels(tmp_path / "four.png"), _read_png_pixels(tmp_path / "one.png"))
+
+
 def test_sample_command_rejects_bad_arguments(tmp_path, capsys):
     assert main(["sample", "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "steps must be an int in [1, num_train_timesteps=1000]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--model", "sdxl"])
+    with pytest.raises(SystemExit):
+        main(["sample", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 
