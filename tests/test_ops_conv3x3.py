@@ -34,7 +34,10 @@ needs_native = pytest.mark.skipif(
 # (N, C_in, C_out, H, W): every size 1; primes with odd H and W (half tiles on both edges); C_in 17 and
 # C_out 33 leave vector tails after one full step; a map smaller than one 4x4 patch; a single
 # column (W = 1); a batch of 64-channel maps large enough for several L2 blocks per thread; C_out
-# 96 (not a power of two) on a 5x6 map; an odd batch of 7.
+# 96 (not a power of two) on a 5x6 map; an odd batch of 7. The cpu kernel's fused path (16 or
+# fewer channels on one side): C_in 16 with C_out 33 (GEMM column blocks of two vectors, then one),
+# 48 -> 16 on odd sizes, 13 -> 7 (partial vectors on both sides), and 256 tiles (groups of 12 with
+# a remainder).
 SHAPES = [
     (1, 1, 1, 1, 1),
     (2, 3, 5, 7, 9),
@@ -44,6 +47,10 @@ SHAPES = [
     (16, 64, 64, 16, 16),
     (2, 128, 96, 5, 6),
     (7, 32, 32, 9, 11),
+    (3, 16, 33, 8, 8),
+    (5, 48, 16, 17, 9),
+    (2, 13, 7, 9, 11),
+    (4, 16, 16, 16, 16),
 ]
 LAYOUTS = ("nchw", "channels_last", "strided", "permuted")
 
@@ -158,11 +165,12 @@ def test_no_nan_from_recycled_memory():
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_every_cpu_work_split_matches_reference(threads):
     """Tiles go in L2 blocks, at least two per thread when there are enough: thread counts 1-3 give
-    exact and ragged last blocks (150 tiles here), and a block count below the thread count."""
+    exact and ragged last blocks (150 tiles here), and a block count below the thread count. The
+    fused path splits groups of tiles: 168 tiles, and 4 (fewer groups than threads)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for shape in [(5, 32, 48, 9, 11), (1, 40, 24, 3, 3), (2, 96, 64, 31, 17)]:
+        for shape in [(5, 32, 48, 9, 11), (1, 40, 24, 3, 3), (2, 96, 64, 31, 17), (3, 16, 24, 13, 15), (1, 8, 4, 3, 3)]:
             x, weight, bias, residual = _case(shape, layout="channels_last")
             out = conv3x3(x, weight, bias, residual, backend="cpu")
             _check_against_reference(out, x, weight, bias, residual, f"threads={threads} {shape}")
@@ -202,7 +210,8 @@ _SUBPROCESS_CODE = textwrap.dedent(
     assert want is None or torch.backends.cpu.get_cpu_capability() == want.upper(), want
     torch.manual_seed(0)
     worst = -math.inf  # err(kernel) - bound, over every case; <= 0 passes
-    shapes = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6), (5, 32, 48, 9, 11)]
+    shapes = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6), (5, 32, 48, 9, 11),
+              (3, 16, 33, 8, 8), (4, 48, 16, 16, 16)]
     for n, ci, co, h, w in shapes:
         for fmt in (torch.contiguous_format, torch.channels_last):
             x = (torch.randn(n, ci, h, w) + 0.5).contiguous(memory_format=fmt)
@@ -228,11 +237,14 @@ _SUBPROCESS_CODE = textwrap.dedent(
         {"FASTDIFF_CONV3X3_NO_BLAS": "1"},
         # without MKL's batched GEMM (as with OpenBLAS) each block makes 16 sgemm calls
         {"FASTDIFF_CONV3X3_NO_BATCH": "1"},
+        # every shape on the fused path (its own GEMMs, L1 groups), or on the blocked BLAS path
+        {"FASTDIFF_CONV3X3_FUSED": "1"},
+        {"FASTDIFF_CONV3X3_FUSED": "0"},
         # this machine picks the AVX-512 transforms; the AVX2 and portable builds run under these
         {"ATEN_CPU_CAPABILITY": "avx2"},
         {"ATEN_CPU_CAPABILITY": "default"},
     ],
-    ids=["no-blas", "no-batch", "avx2", "portable"],
+    ids=["no-blas", "no-batch", "fused", "blocked", "avx2", "portable"],
 )
 def test_other_cpu_paths_match_reference(env):
     """Paths chosen once per process, each in a fresh interpreter against the oracle."""
@@ -524,8 +536,10 @@ def _spy_on_the_op(monkeypatch):
         ((16, 16, (7, 9), True)),
         ((16, 32, (16, 16), True)),  # a small problem: 3 * 256 * 16 * 32 <= 2^19 products
         ((3, 64, (16, 16), False)),  # small, but under 8 input channels (an image input conv)
-        ((16, 32, (24, 24), False)),  # 3 * 576 * 16 * 32 > 2^19, and fewer than 32 channels
-        ((64, 16, (17, 16), False)),  # too few output channels for 272 pixels at this size
+        ((16, 32, (24, 24), True)),  # up to 1024 pixels with 16 or more input channels
+        ((64, 16, (17, 16), True)),
+        ((16, 16, (33, 32), False)),  # 1056 pixels, 3 * 1056 * 16 * 16 > 2^19, under 32 channels
+        ((8, 32, (32, 32), False)),  # under 16 input channels, and 3 * 1024 * 8 * 32 > 2^19
     ],
 )
 def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):

@@ -7,10 +7,16 @@
 // to stay in L2: each task transforms a block's patches, runs the block's 16 GEMMs and writes the
 // block's output, and V and M never travel to memory.
 //
-// The GEMMs call the BLAS that torch links (MKL on x86-64 builds, OpenBLAS on others), looked up at
-// run time, since torch exports no C++ GEMM for raw pointers: MKL's sgemm_batch_ for a block's 16 at
-// once, else the Fortran sgemm_ 16 times (also with FASTDIFF_CONV3X3_NO_BATCH=1). When sgemm_ is
-// absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages run unblocked over all tiles with at::bmm.
+// With few channels (16 or fewer on one side), even L2 is too far: the transforms' loads and stores
+// of V and M cost more than the GEMMs. There the fused path (conv3x3_fused_tiles) takes tiles in
+// groups of 12 (6 without AVX-512) whose V and M stay in L1, and runs their GEMMs with a
+// register-blocked loop of its own instead of BLAS calls, whose fixed cost is large at these sizes.
+//
+// The GEMMs of the blocked path call the BLAS that torch links (MKL on x86-64 builds, OpenBLAS on
+// others), looked up at run time, since torch exports no C++ GEMM for raw pointers: MKL's
+// sgemm_batch_ for a block's 16 at once, else the Fortran sgemm_ 16 times (also with
+// FASTDIFF_CONV3X3_NO_BATCH=1). When sgemm_ is absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages
+// run unblocked over all tiles with at::bmm.
 #include "../ops.h"
 #include "conv3x3_kernel.h"
 #include "launch.h"
@@ -18,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <c10/util/intrusive_ptr.h>
 
@@ -75,6 +82,27 @@ constexpr int64_t kMinBlockTiles = 8;
 constexpr int64_t kMaxBlockTiles = 256;
 // Values a task of the unblocked path transforms at least (ATen's elementwise grain).
 constexpr int64_t kGrainValues = 32768;
+// Multiply-adds of the GEMMs a task of the fused path does at least.
+constexpr int64_t kGrainMacs = 1 << 16;
+// The fused path (conv3x3_fused_tiles) with at most this many channels on one side. Against the
+// BLAS path, alternating in one process at batch 4-160: 1.07-1.44x with 16 or fewer (16 -> 16 at
+// 16x16 to 64x64, 48 -> 16, 32 -> 16, 16 -> 32, 16 -> 1, 8 -> 16), but 0.90-1.01x at 32 -> 32,
+// about level at 64 -> 64, and 0.74x at 128 -> 128, where MKL's GEMMs win.
+constexpr int64_t kFusedMaxChannels = 16;
+
+// Which path: FASTDIFF_CONV3X3_FUSED=1 or 0 (read once per process) forces the fused or the
+// blocked BLAS path, for tests and measurements. C_in = 0 never takes the fused path (its GEMM
+// starts from the first input channel).
+bool use_fused_path(int64_t c_in, int64_t c_out) {
+  static const int forced = [] {
+    const char* value = std::getenv("FASTDIFF_CONV3X3_FUSED");
+    return value == nullptr ? -1 : (std::strcmp(value, "1") == 0 ? 1 : (std::strcmp(value, "0") == 0 ? 0 : -1));
+  }();
+  if (c_in < 1) {
+    return false;
+  }
+  return forced >= 0 ? forced == 1 : std::min(c_in, c_out) <= kFusedMaxChannels;
+}
 
 
 // U for a weight, remembered for the last kCachedWeights weights: a model's filters change only
@@ -95,16 +123,22 @@ struct CachedWeight {
   at::Tensor u;
 };
 
+// U's rows: C_out rounded up to whole 64-byte lines, so that every vector the fused path's GEMMs
+// load is whole and aligned; the columns past C_out are zero.
+int64_t u_stride(int64_t c_out) { return (c_out + 15) / 16 * 16; }
+
 at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
   // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
   const int64_t c_out = weight.size(0);
   const int64_t c_in = weight.size(1);
+  const int64_t ldu = u_stride(c_out);
   const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
-  at::Tensor u = at::empty({16, c_in, c_out}, weight.options());
+  at::Tensor u = ldu == c_out ? at::empty({16, c_in, ldu}, weight.options())
+                              : at::zeros({16, c_in, ldu}, weight.options());
   const float* w_ptr = w.const_data_ptr<float>();
   float* u_ptr = u.mutable_data_ptr<float>();
-  at::parallel_for(0, c_in, std::max<int64_t>(1, kGrainValues / (16 * std::max<int64_t>(c_out, 1))),
-                   [&](int64_t begin, int64_t end) { weight_fn(w_ptr, u_ptr, c_in, c_out, begin, end); });
+  at::parallel_for(0, c_in, std::max<int64_t>(1, kGrainValues / (16 * ldu)),
+                   [&](int64_t begin, int64_t end) { weight_fn(w_ptr, u_ptr, c_in, c_out, ldu, begin, end); });
   return u;
 }
 
@@ -178,6 +212,14 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       cpu::pick_isa<cpu::Conv3x3WeightFn>(&cpu::isa_default::conv3x3_weight,
                                           FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_weight),
                                           FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
+  static const cpu::Conv3x3FusedFn fused_fn =
+      cpu::pick_isa<cpu::Conv3x3FusedFn>(&cpu::isa_default::conv3x3_fused_tiles,
+                                         FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_fused_tiles),
+                                         FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_fused_tiles));
+  static const cpu::Conv3x3GroupTilesFn group_tiles_fn =
+      cpu::pick_isa<cpu::Conv3x3GroupTilesFn>(&cpu::isa_default::conv3x3_group_tiles,
+                                              FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_group_tiles),
+                                              FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_group_tiles));
   static const SgemmFn sgemm = find_blas<SgemmFn>("sgemm_", "FASTDIFF_CONV3X3_NO_BLAS");
   static const SgemmBatchFn sgemm_batch = find_blas<SgemmBatchFn>("sgemm_batch_", "FASTDIFF_CONV3X3_NO_BATCH");
 
@@ -189,18 +231,29 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   const float* res_ptr = res.defined() ? res.const_data_ptr<float>() : nullptr;
   float* out_ptr = out.mutable_data_ptr<float>();
   const int64_t c_in = std::max<int64_t>(g.c_in, 1);  // C_in = 0 still runs: V is empty, M is all zero
+  const int64_t ldu = u.size(2);
+
+  if (use_fused_path(g.c_in, g.c_out)) {
+    const int64_t group = group_tiles_fn();
+    const int64_t groups = (g.tiles + group - 1) / group;
+    const int64_t grain = std::max<int64_t>(1, kGrainMacs / (group * 16 * c_in * ldu));
+    at::parallel_for(0, groups, grain, [&](int64_t first, int64_t last) {
+      fused_fn(x_ptr, u_ptr, ldu, b_ptr, res_ptr, out_ptr, g, first * group, std::min(g.tiles, last * group));
+    });
+    return out;
+  }
 
   constexpr int64_t kBlasIntLimit = int64_t{1} << 31;  // the values handed to sgemm must fit 32 bits
   if (sgemm == nullptr || g.c_in >= kBlasIntLimit || g.c_out >= kBlasIntLimit) {
     at::Tensor v = at::empty({16, g.tiles, g.c_in}, x.options());
     float* v_ptr = v.mutable_data_ptr<float>();
     at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * c_in)), [&](int64_t begin, int64_t end) {
-      input_fn(x_ptr, v_ptr + begin * g.c_in, g.tiles, g, begin, end);
+      input_fn(x_ptr, v_ptr + begin * g.c_in, cpu::Conv3x3Layout{g.c_in, g.tiles * g.c_in}, g, begin, end);
     });
-    const at::Tensor m = at::bmm(v, u);  // (16, tiles, C_out)
+    const at::Tensor m = at::bmm(v, u);  // (16, tiles, ldu)
     const float* m_ptr = m.const_data_ptr<float>();
-    at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * g.c_out)), [&](int64_t begin, int64_t end) {
-      output_fn(m_ptr + begin * g.c_out, g.tiles, b_ptr, res_ptr, out_ptr, g, begin, end);
+    at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainValues / (16 * ldu)), [&](int64_t begin, int64_t end) {
+      output_fn(m_ptr + begin * ldu, cpu::Conv3x3Layout{ldu, g.tiles * ldu}, b_ptr, res_ptr, out_ptr, g, begin, end);
     });
     return out;
   }
@@ -211,14 +264,19 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   block = std::min(block, (g.tiles + 2 * threads - 1) / (2 * threads));
   block = std::clamp(block, kMinBlockTiles, kMaxBlockTiles);
   const int64_t blocks = (g.tiles + block - 1) / block;
+  // A plane holds one row more than the block's tiles: with exactly 256 rows of 16 or 32 channels,
+  // the 16 planes a tile's transform writes (and the output transform reads) sit a multiple of 4 KiB
+  // apart and contend for the same L1 sets (10-18% slower).
+  const cpu::Conv3x3Layout vl{c_in, (block + 1) * c_in};
+  const cpu::Conv3x3Layout ml{g.c_out, (block + 1) * g.c_out};
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     // Uninitialized: the transform writes every row of v the GEMMs read, and the GEMMs all of m.
-    const std::unique_ptr<float[]> v(new float[static_cast<size_t>(16 * block * c_in)]);
-    const std::unique_ptr<float[]> m(new float[static_cast<size_t>(16 * block * g.c_out)]);
+    const std::unique_ptr<float[]> v(new float[static_cast<size_t>(16 * vl.plane)]);
+    const std::unique_ptr<float[]> m(new float[static_cast<size_t>(16 * ml.plane)]);
     for (int64_t blk = first; blk < last; ++blk) {
       const int64_t begin = blk * block;
       const int64_t end = std::min(g.tiles, begin + block);
-      input_fn(x_ptr, v.get(), block, g, begin, end);
+      input_fn(x_ptr, v.get(), vl, g, begin, end);
       // Row-major M_k (tiles x C_out) = V_k (tiles x C_in) U_k (C_in x C_out) is, column-major,
       // M_k^T = U_k^T V_k^T: sgemm with m = C_out, n = tiles, k = C_in and no transposes.
       const int64_t gm = g.c_out;
@@ -231,20 +289,20 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
       const float* vs[16];
       float* ms[16];
       for (int64_t k = 0; k < 16; ++k) {
-        us[k] = u_ptr + k * g.c_in * g.c_out;
-        vs[k] = v.get() + k * block * c_in;
-        ms[k] = m.get() + k * block * g.c_out;
+        us[k] = u_ptr + k * g.c_in * ldu;
+        vs[k] = v.get() + k * vl.plane;
+        ms[k] = m.get() + k * ml.plane;
       }
       if (sgemm_batch != nullptr) {
         const int64_t groups = 1;
         const int64_t size = 16;
-        sgemm_batch("N", "N", &gm, &gn, &gk, &one, us, &gm, vs, &ldv, &zero, ms, &gm, &groups, &size);
+        sgemm_batch("N", "N", &gm, &gn, &gk, &one, us, &ldu, vs, &ldv, &zero, ms, &gm, &groups, &size);
       } else {
         for (int64_t k = 0; k < 16; ++k) {
-          sgemm("N", "N", &gm, &gn, &gk, &one, us[k], &gm, vs[k], &ldv, &zero, ms[k], &gm);
+          sgemm("N", "N", &gm, &gn, &gk, &one, us[k], &ldu, vs[k], &ldv, &zero, ms[k], &gm);
         }
       }
-      output_fn(m.get(), block, b_ptr, res_ptr, out_ptr, g, begin, end);
+      output_fn(m.get(), ml, b_ptr, res_ptr, out_ptr, g, begin, end);
     }
   });
   return out;

@@ -18,26 +18,46 @@ struct Conv3x3Geometry {
   int64_t tiles;              // n * tiles_h * tiles_w
 };
 
-// V[k][t - begin][ci] = (B^T d_t B)[k] for tiles t in [begin, end): x is (N, H, W, C_in) (NHWC,
-// dense), V is (16, plane_tiles, C_in) with plane_tiles >= end - begin; pixels outside the map read
-// as zero (the convolution's padding of 1).
-using Conv3x3InputFn = void (*)(const float* x, float* v, int64_t plane_tiles, const Conv3x3Geometry& g,
+// Where the transformed values of tile t (counted from the range's first) and Winograd position k
+// (0..15) start in V or M: at (t - begin) * tile + k * plane floats, channels contiguous from there.
+struct Conv3x3Layout {
+  int64_t tile;
+  int64_t plane;
+};
+
+// V[k][t - begin][ci] = (B^T d_t B)[k] for tiles t in [begin, end), placed by `layout`: x is (N, H,
+// W, C_in) (NHWC, dense); pixels outside the map read as zero (the convolution's padding of 1).
+using Conv3x3InputFn = void (*)(const float* x, float* v, const Conv3x3Layout& layout, const Conv3x3Geometry& g,
                                 int64_t begin, int64_t end);
-// out[t's pixels][co] = (A^T M_t A) + bias[co] (+ residual) for tiles t in [begin, end): M is
-// (16, plane_tiles, C_out), tile t at row t - begin; out and residual are (N, H, W, C_out) (NHWC,
-// dense); bias and residual may be null.
-using Conv3x3OutputFn = void (*)(const float* m, int64_t plane_tiles, const float* bias, const float* residual,
+// out[t's pixels][co] = (A^T M_t A) + bias[co] (+ residual) for tiles t in [begin, end), M placed by
+// `layout`; out and residual are (N, H, W, C_out) (NHWC, dense); bias and residual may be null.
+using Conv3x3OutputFn = void (*)(const float* m, const Conv3x3Layout& layout, const float* bias, const float* residual,
                                  float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);
 // U[k][ci][co] = (G g G^T)[k] for the filters g = w[ci][:][co] of input channels ci in [begin, end):
-// w is the weight as (C_in, 9, C_out) (3x3 taps in the middle), U is (16, C_in, C_out).
-using Conv3x3WeightFn = void (*)(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t begin, int64_t end);
+// w is the weight as (C_in, 9, C_out) (3x3 taps in the middle), U is (16, C_in, ldu), ldu >= C_out.
+using Conv3x3WeightFn = void (*)(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t ldu, int64_t begin,
+                                 int64_t end);
+
+// The whole convolution for tiles [begin, end), in groups small enough that their V and M stay in
+// L1, with the GEMMs in registers (no BLAS): for few channels, where the BLAS path's V and M of a
+// block of 256 tiles travel through L2 and the transforms cost more than the GEMMs. u is (16, C_in,
+// ldu) with ldu a multiple of 16 and its columns past C_out zero.
+using Conv3x3FusedFn = void (*)(const float* x, const float* u, int64_t ldu, const float* bias,
+                                const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,
+                                int64_t end);
+using Conv3x3GroupTilesFn = int64_t (*)();
 
 #define FASTDIFF_CONV3X3_DECLARE                                                                      \
-  void conv3x3_weight(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t begin, int64_t end); \
-  void conv3x3_input_tiles(const float* x, float* v, int64_t plane_tiles, const Conv3x3Geometry& g,   \
+  void conv3x3_weight(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t ldu, int64_t begin,  \
+                      int64_t end);                                                                   \
+  void conv3x3_input_tiles(const float* x, float* v, const Conv3x3Layout& layout, const Conv3x3Geometry& g, \
                            int64_t begin, int64_t end);                                               \
-  void conv3x3_output_tiles(const float* m, int64_t plane_tiles, const float* bias, const float* residual, \
-                            float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);
+  void conv3x3_output_tiles(const float* m, const Conv3x3Layout& layout, const float* bias, const float* residual, \
+                            float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);        \
+  void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const float* bias,                \
+                           const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,   \
+                           int64_t end);                                                                  \
+  int64_t conv3x3_group_tiles();
 
 namespace isa_default {
 FASTDIFF_CONV3X3_DECLARE

@@ -13,19 +13,25 @@ from ..ops.conv3x3 import conv3x3
 __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
 
 # Where the cpu kernel (Winograd F(2x2, 3x3)) beats oneDNN's direct convolution, measured on this
-# project's 2-core AVX-512 machine at batch 16-32, channels_last, each shape timed 7 times
-# alternating with oneDNN: with 32 or more channels on each side at every map size (0.95-1.32x at
-# 32-48 channels on 16x16 to 64x64 maps, 1.1x typical, over 20 such timings; 1.26-1.65x from 64
-# channels), and on maps of 8x8 pixels or fewer at any channel count, where oneDNN's fixed cost per
-# call dominates (1.29x at 32 channels, 8x8). With 16 channels on either side of a 16x16 map or
-# larger, the transforms' memory traffic costs about what the GEMMs save (0.88-1.05x). Small
-# problems as a whole (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds) also go to
-# the kernel, which skips oneDNN's fixed cost per call: 1.07-1.92x at batch 1-8 on 16x16 maps and
-# for a 16 -> 1 output conv at batch 32, against 0.96-0.97x at 2^20. Not with under 8 input
-# channels (an image input conv): there Winograd's GEMMs have K = C_in and it lost (0.53x at C_in 1,
-# 0.78x at C_in 3).
+# project's 2-core AVX-512 machine, channels_last, each shape timed 7 times alternating with oneDNN
+# in one process:
+# * 32 or more channels on each side, at every map size: 1.09-1.80x at 32 channels on 8x8 to 32x32
+#   maps, 1.42-1.46x at 64 and 128 channels (batch 8-32).
+# * Maps of 8x8 pixels or fewer, at any channel count, where oneDNN's fixed cost per call dominates
+#   (2.4-2.8x at 32 channels on 4x4).
+# * Maps of up to 32x32 pixels with at least 16 input channels, where the kernel's fused path (its
+#   own GEMMs on groups of tiles kept in L1) serves 16-channel sides: 1.46x at 16 -> 16 on 16x16
+#   (batch 32), 1.15-1.22x at 48 -> 16 and 32 -> 16, 1.04-1.19x on 32x32 maps; but 0.95x at 16 -> 16
+#   on 64x64 (batch 16), so larger maps stay with oneDNN below 32 channels.
+# * Small problems as a whole (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds)
+#   with at least 8 input channels: the kernel skips oneDNN's fixed cost per call (2.4-3.6x at batch
+#   2-8 on 16x16 maps).
+# Not with under 8 input channels (an image input conv): there Winograd's GEMMs have K = C_in and it
+# lost (0.74x at C_in 3, 0.98x at C_in 1 on 16x16; 0.95x at C_in 8 on 32x32).
 MIN_CHANNELS = 32
 SMALL_MAP_PIXELS = 64
+MID_MAP_PIXELS = 1024
+MID_MAP_MIN_IN_CHANNELS = 16
 SMALL_PROBLEM_PRODUCTS = 1 << 19
 SMALL_PROBLEM_MIN_IN_CHANNELS = 8
 # A 1x1 convolution of a channels_last map is a matrix product over pixels; as F.linear it skips
@@ -73,6 +79,8 @@ def _auto_takes(x: torch.Tensor, c_in: int, c_out: int) -> bool:
     pixels = x.shape[-2] * x.shape[-1]
     if min(c_in, c_out) >= MIN_CHANNELS or pixels <= SMALL_MAP_PIXELS:
         return True
+    if c_in >= MID_MAP_MIN_IN_CHANNELS and pixels <= MID_MAP_PIXELS:
+        return True
     return c_in >= SMALL_PROBLEM_MIN_IN_CHANNELS and x.shape[0] * pixels * c_in * c_out <= SMALL_PROBLEM_PRODUCTS
 
 
@@ -83,8 +91,9 @@ def conv3x3_module(
     :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and
 
     * ``backend="auto"``: the input is float32 on the CPU with at least 32 channels in and out, a
-      map of at most 64 pixels, or a small problem (N * H * W * C_in * C_out up to 2^19, with at
-      least 8 input channels): where the kernel measured faster than oneDNN;
+      map of at most 64 pixels, a map of at most 1024 pixels with at least 16 input channels, or a
+      small problem (N * H * W * C_in * C_out up to 2^19, with at least 8 input channels): where
+      the kernel measured faster than oneDNN;
     * another backend name: that backend of the op can run the input. The name is meant for every
       fastdiff op of a block (``fastdiff.patch(model, backend=...)``), and convolutions have only a
       float32 CPU kernel, so a convolution it cannot run (a GPU, another dtype) runs ``conv``;
