@@ -166,7 +166,8 @@ def test_no_nan_from_recycled_memory():
 def test_every_cpu_work_split_matches_reference(threads):
     """Tiles go in L2 blocks, at least two per thread when there are enough: thread counts 1-3 give
     exact and ragged last blocks (150 tiles here), and a block count below the thread count. The
-    fused path splits groups of tiles: 168 tiles, and 4 (fewer groups than threads)."""
+    fused path splits its tiles in ranges that end in partial groups: 168 tiles, and 4 (under one
+    group of 12)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -200,26 +200,10 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   const at::Tensor b = cpu::prepare_part(bias, at::kFloat);
   const at::Tensor res = residual.has_value() ? residual->contiguous(kNhwc) : at::Tensor();
 
-  static const cpu::Conv3x3InputFn input_fn =
-      cpu::pick_isa<cpu::Conv3x3InputFn>(&cpu::isa_default::conv3x3_input_tiles,
-                                         FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_input_tiles),
-                                         FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_input_tiles));
-  static const cpu::Conv3x3OutputFn output_fn =
-      cpu::pick_isa<cpu::Conv3x3OutputFn>(&cpu::isa_default::conv3x3_output_tiles,
-                                          FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_output_tiles),
-                                          FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_output_tiles));
-  static const cpu::Conv3x3WeightFn weight_fn =
-      cpu::pick_isa<cpu::Conv3x3WeightFn>(&cpu::isa_default::conv3x3_weight,
-                                          FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_weight),
-                                          FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_weight));
-  static const cpu::Conv3x3FusedFn fused_fn =
-      cpu::pick_isa<cpu::Conv3x3FusedFn>(&cpu::isa_default::conv3x3_fused_tiles,
-                                         FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_fused_tiles),
-                                         FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_fused_tiles));
-  static const cpu::Conv3x3GroupTilesFn group_tiles_fn =
-      cpu::pick_isa<cpu::Conv3x3GroupTilesFn>(&cpu::isa_default::conv3x3_group_tiles,
-                                              FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::conv3x3_group_tiles),
-                                              FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::conv3x3_group_tiles));
+  static const cpu::Conv3x3InputFn input_fn = FASTDIFF_CPU_PICK(cpu::Conv3x3InputFn, conv3x3_input_tiles);
+  static const cpu::Conv3x3OutputFn output_fn = FASTDIFF_CPU_PICK(cpu::Conv3x3OutputFn, conv3x3_output_tiles);
+  static const cpu::Conv3x3WeightFn weight_fn = FASTDIFF_CPU_PICK(cpu::Conv3x3WeightFn, conv3x3_weight);
+  static const cpu::Conv3x3FusedFn fused_fn = FASTDIFF_CPU_PICK(cpu::Conv3x3FusedFn, conv3x3_fused_tiles);
   static const SgemmFn sgemm = find_blas<SgemmFn>("sgemm_", "FASTDIFF_CONV3X3_NO_BLAS");
   static const SgemmBatchFn sgemm_batch = find_blas<SgemmBatchFn>("sgemm_batch_", "FASTDIFF_CONV3X3_NO_BATCH");
 
@@ -234,11 +218,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t ldu = u.size(2);
 
   if (use_fused_path(g.c_in, g.c_out)) {
-    const int64_t group = group_tiles_fn();
-    const int64_t groups = (g.tiles + group - 1) / group;
-    const int64_t grain = std::max<int64_t>(1, kGrainMacs / (group * 16 * c_in * ldu));
-    at::parallel_for(0, groups, grain, [&](int64_t first, int64_t last) {
-      fused_fn(x_ptr, u_ptr, ldu, b_ptr, res_ptr, out_ptr, g, first * group, std::min(g.tiles, last * group));
+    at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainMacs / (16 * c_in * ldu)), [&](int64_t begin, int64_t end) {
+      fused_fn(x_ptr, u_ptr, ldu, b_ptr, res_ptr, out_ptr, g, begin, end);
     });
     return out;
   }

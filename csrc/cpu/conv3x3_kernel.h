@@ -45,7 +45,6 @@ using Conv3x3WeightFn = void (*)(const float* w, float* u, int64_t c_in, int64_t
 using Conv3x3FusedFn = void (*)(const float* x, const float* u, int64_t ldu, const float* bias,
                                 const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,
                                 int64_t end);
-using Conv3x3GroupTilesFn = int64_t (*)();
 
 #define FASTDIFF_CONV3X3_DECLARE                                                                      \
   void conv3x3_weight(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t ldu, int64_t begin,  \
@@ -56,8 +55,7 @@ using Conv3x3GroupTilesFn = int64_t (*)();
                             float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);        \
   void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const float* bias,                \
                            const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,   \
-                           int64_t end);                                                                  \
-  int64_t conv3x3_group_tiles();
+                           int64_t end);
 
 namespace isa_default {
 FASTDIFF_CONV3X3_DECLARE

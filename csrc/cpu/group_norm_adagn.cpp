@@ -51,9 +51,7 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
   args.eps = eps;
   args.silu = silu;
 
-  static const cpu::GroupNormAdagnFn kernel = cpu::pick_isa<cpu::GroupNormAdagnFn>(
-      &cpu::isa_default::group_norm_adagn_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::group_norm_adagn_kernel),
-      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::group_norm_adagn_kernel));
+  static const cpu::GroupNormAdagnFn kernel = FASTDIFF_CPU_PICK(cpu::GroupNormAdagnFn, group_norm_adagn_kernel);
   kernel(args);
   return out;
 }

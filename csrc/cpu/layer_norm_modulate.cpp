@@ -63,9 +63,8 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
   args.stride_n = in.stride(1);
   args.eps = eps;
 
-  static const cpu::LayerNormModulateFn kernel = cpu::pick_isa<cpu::LayerNormModulateFn>(
-      &cpu::isa_default::layer_norm_modulate_kernel, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::layer_norm_modulate_kernel),
-      FASTDIFF_CPU_IF_AVX512(&cpu::isa_avx512::layer_norm_modulate_kernel));
+  static const cpu::LayerNormModulateFn kernel =
+      FASTDIFF_CPU_PICK(cpu::LayerNormModulateFn, layer_norm_modulate_kernel);
   kernel(args);
   return out;
 }
