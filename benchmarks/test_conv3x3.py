@@ -2,9 +2,10 @@
 
 Shapes, channels_last (what ``fastdiff.patch(channels_last=True)`` and the UNet run): the diffusers
 UNet2DModel of shared/DESIGN.md under CFG (16 rows), at its 32x32 level (64 channels) and its 16x16
-level (128 channels); the digits U-Net's 32-channel 16x16 up-sampling conv under CFG (32 rows, the
-smallest channel count fastdiff.nn.Conv3x3 sends to the kernel on such maps); and a small problem
-(2 rows of 16 channels at 16x16, where oneDNN's fixed cost per call dominates). Baseline:
+level (128 channels); the digits U-Net's 32-channel 16x16 up-sampling conv under CFG (32 rows, on
+the kernel's BLAS path) and its 16-channel 16x16 convs (32 rows, on the kernel's fused path for 16
+or fewer channels); and a small problem (2 rows of 16 channels at 16x16, where oneDNN's fixed cost
+per call dominates). Baseline:
 ``F.conv2d(x, w, b, padding=1) + residual`` in eager PyTorch (oneDNN's direct convolution). Also:
 torch.compile of that composition (Inductor calls the same oneDNN convolution and fuses the add) and
 fastdiff's reference. GFLOP/s counts a direct convolution's
@@ -25,6 +26,7 @@ SHAPES = {
     "32x32 level": (16, 64, 64, 32),
     "16x16 level": (16, 128, 128, 16),
     "digits 16x16 32ch": (32, 32, 32, 16),
+    "digits 16x16 16ch": (32, 16, 16, 16),
     "small problem": (2, 16, 16, 16),
 }
 BASELINE = "eager F.conv2d + add"
