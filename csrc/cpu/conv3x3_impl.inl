@@ -296,10 +296,6 @@ void conv3x3_output_tiles(const float* m,         // GEMM results, C_out contigu
   }
 }
 
-}  // namespace fastdiff::cpu::FASTDIFF_CPU_ISA
-
-namespace fastdiff::cpu::FASTDIFF_CPU_ISA {
-
 void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const float* bias, const float* residual,
                          float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end) {
   // V and M of one group of tiles, rows padded to whole vectors (ldu, a multiple of kLanes, for M)
