@@ -147,8 +147,8 @@ def _sample_command(args: argparse.Namespace) -> int:
                 if backend == args.backend and r == 0:
                     result = x
             if args.rounds > 1:
-                times = ", ".join(f"{backend} {rounds[backend][-1] * 1e3:.1f}" for backend in backends)
-                print(f"round {r + 1}/{args.rounds}: {times} ms/image", flush=True)
+                line = ", ".join(f"{backend} {rounds[backend][-1] * 1e3:.1f}" for backend in backends)
+                print(f"round {r + 1}/{args.rounds}: {line} ms/image", flush=True)
         timings = {backend: float(np.median(times)) for backend, times in rounds.items()}
     result = result.float().cpu()
     write_png(args.out, _grid(result, labels, args.per_class))

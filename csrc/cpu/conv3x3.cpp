@@ -123,15 +123,12 @@ struct CachedWeight {
   at::Tensor u;
 };
 
-// U's rows: C_out rounded up to whole 64-byte lines, so that every vector the fused path's GEMMs
-// load is whole and aligned; the columns past C_out are zero.
-int64_t u_stride(int64_t c_out) { return (c_out + 15) / 16 * 16; }
-
 at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
   // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
   const int64_t c_out = weight.size(0);
   const int64_t c_in = weight.size(1);
-  const int64_t ldu = u_stride(c_out);
+  // Rows padded (zeros past C_out), so every vector the fused path's GEMMs load is whole and aligned.
+  const int64_t ldu = cpu::conv3x3_padded_row(c_out);
   const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
   at::Tensor u = ldu == c_out ? at::empty({16, c_in, ldu}, weight.options())
                               : at::zeros({16, c_in, ldu}, weight.options());

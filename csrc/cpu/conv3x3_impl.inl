@@ -143,34 +143,34 @@ void gemm_rows(const float* v, int64_t ldv, const float* u, int64_t ldu, float* 
   Lanes w[kCols];
 #pragma GCC unroll 4
   for (int j = 0; j < kCols; ++j) {
-    std::memcpy(&w[j], u + j * kLanes, sizeof(Lanes));
+    w[j] = WholeLanes::load(u + j * kLanes);
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r) {
-  #pragma GCC unroll 4
-  for (int j = 0; j < kCols; ++j) {
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) {
       acc[r][j] = v[r * ldv] * w[j];
     }
   }
   for (int64_t ci = 1; ci < depth; ++ci) {
-  #pragma GCC unroll 4
-  for (int j = 0; j < kCols; ++j) {
-      std::memcpy(&w[j], u + ci * ldu + j * kLanes, sizeof(Lanes));
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) {
+      w[j] = WholeLanes::load(u + ci * ldu + j * kLanes);
     }
-  #pragma GCC unroll 16
-  for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kRows; ++r) {
       const float a = v[r * ldv + ci];
-    #pragma GCC unroll 4
-  for (int j = 0; j < kCols; ++j) {
+#pragma GCC unroll 4
+      for (int j = 0; j < kCols; ++j) {
         acc[r][j] += a * w[j];
       }
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < kRows; ++r) {
-  #pragma GCC unroll 4
-  for (int j = 0; j < kCols; ++j) {
-      std::memcpy(m + r * ldm + j * kLanes, &acc[r][j], sizeof(Lanes));
+#pragma GCC unroll 4
+    for (int j = 0; j < kCols; ++j) {
+      WholeLanes::store(acc[r][j], m + r * ldm + j * kLanes);
     }
   }
 }
@@ -300,7 +300,7 @@ void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const floa
                          float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end) {
   // V and M of one group of tiles, rows padded to whole vectors (ldu, a multiple of kLanes, for M)
   // and to 64-byte lines: the group's 16 planes stay in L1 between the three stages.
-  const int64_t ldv = (g.c_in + 15) / 16 * 16;
+  const int64_t ldv = conv3x3_padded_row(g.c_in);
   const int64_t ldm = ldu;
   const Conv3x3Layout vl{ldv, kGroupTiles * ldv};
   const Conv3x3Layout ml{ldm, kGroupTiles * ldm};

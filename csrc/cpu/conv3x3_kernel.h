@@ -18,6 +18,10 @@ struct Conv3x3Geometry {
   int64_t tiles;              // n * tiles_h * tiles_w
 };
 
+// A row of `channels` floats rounded up to whole 64-byte lines (16 floats, a multiple of every
+// build's vector width): the row stride of U, and of the fused path's V and M.
+inline int64_t conv3x3_padded_row(int64_t channels) { return (channels + 15) / 16 * 16; }
+
 // Where the transformed values of tile t (counted from the range's first) and Winograd position k
 // (0..15) start in V or M: at (t - begin) * tile + k * plane floats, channels contiguous from there.
 struct Conv3x3Layout {
