@@ -21,13 +21,13 @@ __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
 #   (2.4-2.8x at 32 channels on 4x4).
 # * Maps of up to 32x32 pixels with at least 16 input channels, where the kernel's fused path (its
 #   own GEMMs on groups of tiles kept in L1) serves 16-channel sides: 1.46x at 16 -> 16 on 16x16
-#   (batch 32), 1.15-1.22x at 48 -> 16 and 32 -> 16, 1.04-1.19x on 32x32 maps; but 0.95x at 16 -> 16
-#   on 64x64 (batch 16), so larger maps stay with oneDNN below 32 channels.
+#   (batch 32), 1.11-1.22x at 48 -> 16 and 32 -> 16 (batch 32-160), 1.04-1.19x on 32x32 maps; but
+#   0.95x at 16 -> 16 on 64x64 (batch 16), so larger maps stay with oneDNN below 32 channels.
 # * Small problems as a whole (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds)
 #   with at least 8 input channels: the kernel skips oneDNN's fixed cost per call (2.4-3.6x at batch
 #   2-8 on 16x16 maps).
 # Not with under 8 input channels (an image input conv): there Winograd's GEMMs have K = C_in and it
-# lost (0.74x at C_in 3, 0.98x at C_in 1 on 16x16; 0.95x at C_in 8 on 32x32).
+# lost (0.74x at C_in 3 and 0.95x at C_in 8 on 32x32, 0.98x at C_in 1 on 16x16).
 MIN_CHANNELS = 32
 SMALL_MAP_PIXELS = 64
 MID_MAP_PIXELS = 1024
