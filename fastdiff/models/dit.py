@@ -22,6 +22,7 @@ new DiT is the identity in every block and outputs exactly zero.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -169,14 +170,18 @@ class DiT(nn.Module):
         if hidden_size % 4 != 0:
             raise ValueError(f"DiT: hidden_size ({hidden_size}) must be divisible by 4 (2-D sin-cos position "
                              "embedding: sines and cosines of rows and columns)")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
             raise ValueError(f"DiT: mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        if not math.isfinite(mlp_ratio):
+            raise ValueError(f"DiT: mlp_ratio must be a finite positive number, got {mlp_ratio!r}")
         if int(hidden_size * mlp_ratio) < 1:
             raise ValueError(f"DiT: mlp_ratio ({mlp_ratio}) leaves the MLP no hidden units at hidden_size "
                              f"{hidden_size}")
+        if not isinstance(learn_sigma, bool):
+            raise ValueError(f"DiT: learn_sigma must be True or False, got {learn_sigma!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"DiT: num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
-        if (isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, (int, float))
+        if (isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, numbers.Real)
                 or not 0.0 <= class_dropout_prob <= 1.0):
             raise ValueError(f"DiT: class_dropout_prob must be a number in [0, 1], got {class_dropout_prob!r}")
         if class_dropout_prob > 0 and num_classes == 0:
