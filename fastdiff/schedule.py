@@ -78,8 +78,14 @@ class Schedule:
                     raise ValueError("Schedule: every beta must lie in (0, 1)")
                 self.betas = values
             else:
-                if ((values <= 0) | (values > 1)).any():
-                    raise ValueError("Schedule: every alphas_cumprod value must lie in (0, 1]")
+                if ((values <= 0) | (values >= 1)).any():
+                    # 1 is a training step without noise (beta 0): the samplers divide by 1 - alphas_cumprod
+                    # (the eps of an x0 or v prediction, DDIM's variance), as diffusers' do, and return NaN.
+                    bad = values[(values <= 0) | (values >= 1)][0].item()
+                    raise ValueError(
+                        f"Schedule: every alphas_cumprod value must lie in (0, 1), got {bad} (1 is a step without "
+                        "noise, where the samplers divide by 1 - alphas_cumprod; every beta lies in (0, 1))"
+                    )
                 if (values[1:] > values[:-1]).any():
                     raise ValueError("Schedule: alphas_cumprod must be non-increasing")
                 alphas = torch.cat([values[0:1], values[1:] / values[:-1]])
@@ -116,6 +122,24 @@ class Schedule:
     def __repr__(self) -> str:
         extra = ", rescale_zero_terminal_snr=True" if self.rescale_zero_terminal_snr else ""
         return f"Schedule(kind={self.kind!r}, num_train_timesteps={self.num_train_timesteps}{extra})"
+
+    def check_prediction(self, prediction: str, timesteps: torch.Tensor | Sequence[int]) -> None:
+        """Raise ValueError when an eps prediction meets a visited timestep of zero SNR
+        (alphas_cumprod 0, the last step of ``rescale_zero_terminal_snr``): there x0 = (x - sqrt(1 -
+        alphas_cumprod) eps) / sqrt(alphas_cumprod) divides by zero, and the sample is all NaN (diffusers'
+        DDIMScheduler too, unless its clipping turns the infinite x0 into +-clip_sample_range). A v or x0
+        prediction gives x0 at every step."""
+        if prediction != "eps":
+            return
+        ts = torch.as_tensor(timesteps, dtype=torch.int64).reshape(-1)
+        zero = ts[self.alphas_cumprod[ts] == 0]
+        if zero.numel():
+            why = " (rescale_zero_terminal_snr=True)" if self.rescale_zero_terminal_snr else ""
+            raise ValueError(
+                f"prediction='eps' cannot sample timestep {int(zero[0])}, where this schedule{why} has zero SNR "
+                "(alphas_cumprod 0: x0 = (x - sqrt(1 - alphas_cumprod) eps) / sqrt(alphas_cumprod) divides by "
+                "zero); a zero-terminal-SNR schedule needs prediction='v' or 'x0'"
+            )
 
     def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 0) -> torch.Tensor:
         """The ``steps`` training timesteps visited at inference, in decreasing order (int64).

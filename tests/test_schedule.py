@@ -57,11 +57,41 @@ def test_custom_betas_and_alphas_cumprod():
         (dict(alphas_cumprod=[0.5, 0.9]), "non-increasing"),
         (dict(betas=[0.1], alphas_cumprod=[0.9]), "not both"),
         (dict(betas=[[0.1]]), "1-D"),
+        (dict(alphas_cumprod=[1.0, 0.5, 0.1]), r"every alphas_cumprod value must lie in \(0, 1\), got 1\.0"),
+        (dict(alphas_cumprod=[0.5, 0.0]), r"every alphas_cumprod value must lie in \(0, 1\), got 0\.0"),
     ],
 )
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastdiff.Schedule(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_custom_alphas_cumprod_with_a_repeated_value_samples_finite(backend, prediction, sampler):
+    """A repeated alphas_cumprod value (a beta of 0 inside the schedule) is accepted and samples finite
+    numbers; only a value of 1 (DDIM went all NaN on it, as diffusers does) is refused."""
+    schedule = fastdiff.Schedule(alphas_cumprod=[0.9, 0.9, 0.5, 0.1])
+    x = fastdiff.sample(lambda x, t: 0.3 * x, (1, 1, 2, 3), steps=4, schedule=schedule, generator=0,
+                        backend=backend, prediction=prediction, sampler=sampler)
+    assert torch.isfinite(x).all()
+
+
+def test_zero_terminal_snr_refuses_eps_at_the_zero_snr_step():
+    """eps prediction cannot give x0 where alphas_cumprod is 0 (it divides by sqrt(alphas_cumprod) = 0;
+    diffusers' DDIMScheduler returns NaN there too, without clipping); v and x0 can."""
+    schedule = fastdiff.Schedule(rescale_zero_terminal_snr=True)
+    assert schedule.alphas_cumprod[-1] == 0
+    trailing = schedule.timesteps(5, "trailing")
+    match = (r"prediction='eps' cannot sample timestep 999, where this schedule \(rescale_zero_terminal_snr=True\) "
+             r"has zero SNR.*needs prediction='v' or 'x0'")
+    with pytest.raises(ValueError, match=match):
+        schedule.check_prediction("eps", trailing)
+    schedule.check_prediction("v", trailing)
+    schedule.check_prediction("x0", trailing)
+    schedule.check_prediction("eps", schedule.timesteps(5, "leading"))  # never visits the zero-SNR step
+    fastdiff.Schedule().check_prediction("eps", fastdiff.Schedule().timesteps(5, "trailing"))
 
 
 @pytest.mark.parametrize(
