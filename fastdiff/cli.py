@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
 import sys
 import time
 
@@ -13,6 +15,7 @@ import torch
 _MODELS = ("digits", "glyphs")
 _MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 def _grid(images: torch.Tensor, labels: torch.Tensor, per_row: int, cell: int = 32) -> np.ndarray:
@@ -97,11 +100,92 @@ class _Demo:
         return f"an SVC trained on sklearn's digits reads the requested digit in {accuracy:.1%}"
 
 
-def _sample_command(args: argparse.Namespace) -> int:
+def _check_device(device: str) -> str | None:
+    """Why ``--device`` cannot run the sampling, or None."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"argument --device: {device!r} is not a device (accepted: cpu, cuda, cuda:N)"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"argument --device: {device!r} is a {dev.type} device; accepted: cpu, cuda, cuda:N"
+    if not torch.cuda.is_available():
+        return f"argument --device: {device!r} needs a CUDA GPU, and none is available (torch.cuda.is_available())"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"argument --device: {device!r} names GPU {dev.index}, but only {torch.cuda.device_count()} are visible"
+    return None
+
+
+def _check_out(path: str) -> str | None:
+    """Why the grid cannot be written to ``--out``, or None: checked before sampling (an unwritable
+    path used to fail only after every sampling and timing round). Opening the file is the only test
+    every file system and user answers truthfully; a file made by the test is removed again."""
+    if os.path.isdir(path):
+        example = os.path.join(path, "samples.png")
+        return f"argument --out: {path!r} is a directory; give a file name such as {example!r}"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"argument --out: the directory {parent!r} of {path!r} does not exist"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        return f"argument --out: cannot write {path!r} ({exc.strerror or exc})"
+    if not existed:
+        os.remove(path)
+    return None
+
+
+def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
+    """Every check of ``fastdiff sample``'s arguments, before anything is sampled: a bad argument
+    exits with status 2 and ``fastdiff sample: error: ...`` (argparse's form), never a traceback
+    after minutes of sampling. Returns the demo (model and schedule) the arguments describe."""
+    import fastdiff
+    from fastdiff.backends import BackendUnavailableError, select_backend
+
+    if args.per_class < 1:
+        s.error("--per-class must be >= 1")
+    if args.rounds < 1:
+        s.error("--rounds must be >= 1")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        s.error(f"argument --cfg: the guidance scale must be a finite number, got {args.cfg}")
+    if not 0.0 <= args.eta <= 1.0:  # also refuses nan
+        s.error(f"argument --eta: must be a number in [0, 1], got {args.eta}")
+    if args.sampler == "ddpm" and args.eta != 0:
+        s.error("argument --eta: eta applies to --sampler ddim only; DDPM's noise is set by its variance")
+    if not 0 <= args.seed < 2**63:
+        s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
+    why = _check_device(args.device)
+    if why:
+        s.error(why)
+    probe = torch.empty((1, 1, 1, 1), dtype=_DTYPES[args.dtype], device=args.device)
+    try:  # the fused step's backend; the model's layers run on auto (see _Demo.set_backend)
+        select_backend("sampler_step", args.backend, {"x": probe})
+    except (BackendUnavailableError, ValueError) as exc:
+        s.error(f"argument --backend: {exc}")
+    why = _check_out(args.out)
+    if why:
+        s.error(why)
+    if args.schedule is not None:
+        try:
+            fastdiff.Schedule(args.schedule)
+        except ValueError as exc:
+            s.error(f"argument --schedule: {exc}")
+    demo = _Demo(args.model, args.schedule)
+    try:
+        timesteps = demo.schedule.timesteps(args.steps)
+        demo.schedule.check_prediction(demo.prediction, timesteps)
+    except ValueError as exc:
+        s.error(f"argument --steps: {exc}")
+    return demo
+
+
+def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     import fastdiff
     from fastdiff._png import write_png
 
-    demo = _Demo(args.model, args.schedule)
     n = 10 * args.per_class
     shape = (n, *demo.image_shape)
     labels = torch.arange(10).repeat_interleave(args.per_class)
@@ -151,7 +235,12 @@ def _sample_command(args: argparse.Namespace) -> int:
                 print(f"round {r + 1}/{args.rounds}: {line} ms/image", flush=True)
         timings = {backend: float(np.median(times)) for backend, times in rounds.items()}
     result = result.float().cpu()
-    write_png(args.out, _grid(result, labels, args.per_class))
+    try:  # checked before sampling; this catches a path that went away meanwhile
+        write_png(args.out, _grid(result, labels, args.per_class))
+    except OSError as exc:
+        print(f"fastdiff sample: error: argument --out: cannot write {args.out!r} ({exc.strerror or exc})",
+              file=sys.stderr)
+        return 2
 
     print(demo.score(result, labels))
     for backend, seconds in timings.items():
@@ -193,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton")
+    s.add_argument("--backend", choices=_BACKENDS, default="auto",
+                   help="the sampler step's backend; the model's layers run on auto (reference: all reference)")
     s.add_argument("--memory-format", choices=tuple(_MEMORY_FORMATS), default="channels_last",
                    help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
     s.add_argument("--compile", action="store_true",
@@ -207,12 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, what was built, every op x backend (--kernels, --json)")
 
     args = parser.parse_args(argv)
-    if args.per_class < 1:
-        parser.error("--per-class must be >= 1")
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    demo = _check_args(s, args)
     try:
-        return _sample_command(args)
+        return _sample_command(args, demo)
     except (ValueError, TypeError) as exc:
         print(f"fastdiff sample: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import struct
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 
 from fastdiff._png import write_png
 from fastdiff.cli import main
@@ -106,13 +109,105 @@ def test_sample_command_alternates_backends_over_rounds(tmp_path, capsys):
 
 
 def test_sample_command_rejects_bad_arguments(tmp_path, capsys):
-    assert main(["sample", "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--steps", "0", "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
     assert "steps must be an int in [1, num_train_timesteps=1000]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["sample", "--model", "sdxl"])
     with pytest.raises(SystemExit):
         main(["sample", "--rounds", "0"])
     assert "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def _no_sampling(monkeypatch):
+    """Make any sampling fail the test: a bad argument must be reported before the first step."""
+    import fastdiff
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fastdiff.sample ran although an argument was bad")
+
+    monkeypatch.setattr(fastdiff, "sample", refuse)
+
+
+def _bad_args_cases(tmp_path):
+    (tmp_path / "somedir").mkdir()
+    ok = str(tmp_path / "ok.png")
+    cases = [
+        (["--out", str(tmp_path / "somedir")], r"argument --out: '.*somedir' is a directory"),
+        (["--out", str(tmp_path / "missing" / "x.png")], r"argument --out: the directory '.*missing' .* does not "),
+        (["--device", "bogus", "--out", ok], r"argument --device: 'bogus' is not a device \(accepted: cpu, cuda"),
+        (["--device", "meta", "--out", ok], r"argument --device: 'meta' is a meta device; accepted: cpu, cuda"),
+        (["--model", "sdxl", "--out", ok], r"argument --model: invalid choice: 'sdxl'"),
+        (["--backend", "fast", "--out", ok], r"argument --backend: invalid choice: 'fast'"),
+        (["--steps", "0", "--out", ok], r"argument --steps: steps must be an int in \[1, num_train_timesteps=1000\], "
+                                        r"got 0"),
+        (["--steps", "1001", "--out", ok], r"argument --steps: steps must be an int in \[1, num_train_timesteps=1000"),
+        (["--cfg", "nan", "--out", ok], r"argument --cfg: the guidance scale must be a finite number, got nan"),
+        (["--cfg", "inf", "--out", ok], r"argument --cfg: the guidance scale must be a finite number, got inf"),
+        (["--eta", "1.5", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got 1\.5"),
+        (["--eta", "nan", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got nan"),
+        (["--sampler", "ddpm", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only"),
+        (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
+        (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
+        (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),
+        (["--rounds", "0", "--out", ok], r"--rounds must be >= 1"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [
+            (["--device", "cuda", "--out", ok], r"argument --device: 'cuda' needs a CUDA GPU, and none is available"),
+            (["--backend", "cuda", "--out", ok], r"argument --backend: sampler_step: backend='cuda' cannot run these "
+                                                 r"inputs: .*no CUDA device"),
+        ]
+    return cases
+
+
+def test_sample_command_reports_every_bad_argument_before_sampling(tmp_path, capsys, monkeypatch):
+    """Issue 13: --out a directory or in a missing directory (which failed only after all the sampling
+    and timing rounds), --device bogus, --backend cuda without a GPU and every other bad argument exit
+    with status 2 and argparse's `fastdiff sample: error: ...`, with no traceback and nothing sampled."""
+    _no_sampling(monkeypatch)
+    for extra, match in _bad_args_cases(tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            main(["sample", "--model", "glyphs", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, extra
+        assert "usage: fastdiff sample" in err and "Traceback" not in err, (extra, err)
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("fastdiff sample: error: "), (extra, err)
+        assert re.search(match, line), (extra, line)
+    assert not (tmp_path / "ok.png").exists()  # the write check leaves no file behind
+
+
+def test_sample_command_refuses_an_unwritable_out_before_sampling(tmp_path, capsys, monkeypatch):
+    """A directory without write permission (for root, who may write anywhere else: sysfs)."""
+    _no_sampling(monkeypatch)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if not os.path.isdir("/sys/kernel"):
+            pytest.skip("running as root, which writes into read-only directories, and no sysfs to try instead")
+        with pytest.raises(SystemExit) as exc:
+            main(["sample", "--model", "glyphs", "--out", "/sys/fastdiff-x.png"])
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            with pytest.raises(SystemExit) as exc:
+                main(["sample", "--model", "glyphs", "--out", str(locked / "fastdiff-x.png")])
+        finally:
+            locked.chmod(0o700)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"fastdiff sample: error: argument --out: cannot write '.*fastdiff-x\.png' \(Permission denied\)",
+                     err), err
+
+
+def test_sample_command_bad_argument_from_the_shell_exits_2_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--model", "glyphs", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("fastdiff sample: error: argument --out: ")
 
 
 
