@@ -224,6 +224,10 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
                        const std::optional<at::Tensor>& residual);
 at::Tensor conv3x3_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& residual);
+// The cpu kernel's remembered filters: drops the entries of freed weights, then those of the weight
+// whose TensorImpl is at address `forget` (0: none), or all of them when `clear`. Returns
+// [entries, bytes, budget bytes, hits, misses] (the counters count since the last clear).
+std::vector<int64_t> conv3x3_weight_cache(int64_t forget, bool clear);
 
 // The checks every implementation runs first (sizes as SymInts, so Meta checks symbolic shapes too).
 inline void check_conv3x3(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

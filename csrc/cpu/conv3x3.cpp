@@ -24,6 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
 #include <c10/util/intrusive_ptr.h>
@@ -105,23 +106,71 @@ bool use_fused_path(int64_t c_in, int64_t c_out) {
 }
 
 
-// U for a weight, remembered for the last kCachedWeights weights: a model's filters change only
-// when it trains, and transforming one costs a large share of a call on small maps (at 4x4 pixels,
-// more than the GEMMs). An entry matches only the same tensor (held weakly: a freed weight can
-// never match, and its TensorImpl address cannot be reused while the entry lives) with the same
-// data pointer, sizes, strides and version counter, so in-place updates and `.data` swaps (a
-// channels_last conversion) transform again. Inference tensors have no version counter: never
-// cached.
-constexpr size_t kCachedWeights = 256;
-
+// U for a weight, remembered per weight tensor: a model's filters change only when it trains, and
+// transforming one costs a large share of a call on small maps (at 4x4 pixels, more than the GEMMs).
+// An entry is keyed by the tensor (held weakly: a freed weight can never match, and its TensorImpl
+// address cannot be reused while the entry lives), its data pointer, sizes and strides, and it keeps
+// a copy of the weight's bytes as they were transformed. A hit needs those bytes unchanged: the
+// version counter alone misses writes through `.data`, numpy views and storage copies, which is how
+// EMA weights are swapped in (`p.data.copy_(ema)`), and inference tensors have none. Comparing the
+// bytes reads the weight twice; transforming it reads it, permutes it and writes 16/9 of it.
+// Entries of freed weights are dropped on every call (and by fastdiff.ops.conv3x3 as soon as Python
+// frees a weight it has seen); past the byte budget new weights are transformed on every call rather
+// than evicting others, so a model larger than the budget keeps a stable part of its filters cached
+// instead of missing on every call in turn.
 struct CachedWeight {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+  const void* impl;  // the weight's TensorImpl, for forgetting it by address
   const void* data;
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;
-  uint32_t version;
+  at::Tensor raw;  // the weight's bytes when it was transformed (its dense span)
   at::Tensor u;
+  int64_t bytes;
 };
+
+struct WeightCache {
+  std::mutex mutex;
+  std::deque<CachedWeight> entries;  // most recently used first
+  int64_t bytes = 0;
+  int64_t hits = 0;
+  int64_t misses = 0;
+
+  // Caller holds the mutex.
+  template <typename Pred>
+  void drop_if(Pred pred) {
+    auto keep = std::stable_partition(entries.begin(), entries.end(), [&](const CachedWeight& e) { return !pred(e); });
+    for (auto it = keep; it != entries.end(); ++it) {
+      bytes -= it->bytes;
+    }
+    entries.erase(keep, entries.end());
+  }
+  void drop_freed() {
+    drop_if([](const CachedWeight& e) { return e.weight.expired(); });
+  }
+};
+
+WeightCache& weight_cache() {
+  static WeightCache* cache = new WeightCache();  // never destroyed: safe to use during interpreter exit
+  return *cache;
+}
+
+// FASTDIFF_CONV3X3_CACHE_MB (read once; default 1024): the most memory the remembered filters and
+// their byte copies may take; 0 turns the cache off.
+int64_t cache_budget_bytes() {
+  static const int64_t budget = [] {
+    const char* value = std::getenv("FASTDIFF_CONV3X3_CACHE_MB");
+    if (value == nullptr || *value == '\0') {
+      return int64_t{1024} << 20;
+    }
+    char* end = nullptr;
+    const long long mb = std::strtoll(value, &end, 10);
+    TORCH_CHECK(end != value && *end == '\0' && mb >= 0,
+                "FASTDIFF_CONV3X3_CACHE_MB must be a whole number of MiB >= 0, got '", value, "'");
+    return static_cast<int64_t>(mb) << 20;
+  }();
+  return budget;
+}
 
 at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
   // The filters as (C_in, 9, C_out), so the transform's vectors run along contiguous C_out.
@@ -139,41 +188,73 @@ at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weigh
   return u;
 }
 
+bool same_bytes(const at::Tensor& weight, const at::Tensor& raw) {
+  return std::memcmp(weight.const_data_ptr(), raw.const_data_ptr(), raw.nbytes()) == 0;
+}
+
 at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weight_fn) {
-  if (weight.is_inference()) {
+  // Only a dense weight has one span of bytes to compare (any permutation of dims: channels_last too).
+  const int64_t budget = cache_budget_bytes();
+  if (budget == 0 || !weight.is_non_overlapping_and_dense()) {
     return transform_weight(weight, weight_fn);
   }
-  static std::mutex mutex;
-  static std::deque<CachedWeight> cache;  // most recently used first
-  const uint32_t version = weight.unsafeGetTensorImpl()->version_counter().current_version();
+  WeightCache& cache = weight_cache();
+  const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+  at::Tensor raw;
+  at::Tensor u;
   {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto it = cache.begin(); it != cache.end(); ++it) {
-      const auto held = it->weight.lock();
-      if (held.get() == weight.unsafeGetTensorImpl() && it->data == weight.const_data_ptr() &&
-          it->version == version && weight.sizes().equals(it->sizes) && weight.strides().equals(it->strides)) {
-        CachedWeight hit = std::move(*it);
-        cache.erase(it);
-        cache.push_front(std::move(hit));
-        return cache.front().u;
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    cache.drop_freed();
+    for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
+      if (it->impl == impl && it->data == weight.const_data_ptr() && weight.sizes().equals(it->sizes) &&
+          weight.strides().equals(it->strides)) {
+        raw = it->raw;
+        u = it->u;
+        std::rotate(cache.entries.begin(), it, std::next(it));
+        break;
       }
     }
   }
-  at::Tensor u = transform_weight(weight, weight_fn);
-  std::lock_guard<std::mutex> lock(mutex);
-  // Drop entries whose weight is gone, then the least recently used beyond the limit.
-  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const CachedWeight& e) { return e.weight.expired(); }),
-              cache.end());
-  cache.push_front(CachedWeight{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                                    weight.getIntrusivePtr()),
-                                weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), version, u});
-  if (cache.size() > kCachedWeights) {
-    cache.pop_back();
+  // The comparison runs outside the lock: raw and u are immutable once published.
+  if (raw.defined() && same_bytes(weight, raw)) {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    ++cache.hits;
+    return u;
+  }
+  // A copy of the bytes first, then the transform of the copy's values: a write racing with this
+  // call cannot leave an entry whose U disagrees with its bytes.
+  at::Tensor copy = at::empty_like(weight);
+  std::memcpy(copy.mutable_data_ptr(), weight.const_data_ptr(), copy.nbytes());
+  u = transform_weight(copy, weight_fn);
+  const int64_t bytes = static_cast<int64_t>(copy.nbytes() + u.nbytes());
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  ++cache.misses;
+  cache.drop_if([&](const CachedWeight& e) { return e.impl == impl; });
+  if (cache.bytes + bytes <= budget) {
+    cache.entries.push_front(CachedWeight{
+        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()), impl,
+        weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
+    cache.bytes += bytes;
   }
   return u;
 }
 
 }  // namespace
+
+std::vector<int64_t> conv3x3_weight_cache(int64_t forget, bool clear) {
+  WeightCache& cache = weight_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  cache.drop_freed();
+  if (clear) {
+    cache.drop_if([](const CachedWeight&) { return true; });
+    cache.hits = 0;
+    cache.misses = 0;
+  } else if (forget != 0) {
+    const void* impl = reinterpret_cast<const void*>(static_cast<intptr_t>(forget));
+    cache.drop_if([&](const CachedWeight& e) { return e.impl == impl; });
+  }
+  return {static_cast<int64_t>(cache.entries.size()), cache.bytes, cache_budget_bytes(), cache.hits, cache.misses};
+}
 
 at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& residual) {
