@@ -4,10 +4,14 @@ Importing fastdiff never fails because the native extension is missing or stale:
 to the backends that can run (see ``fastdiff info``).
 """
 
-from . import ops, reference
+from . import _native, ops, reference
 from .integrations.diffusers import patch, unpatch
 from .sampling import sample
 from .schedule import Schedule
+
+# Every native op is a torch op from the start (torch.ops.fastdiff.<op>), not only once some op has
+# loaded _C; after the ops' autograd registrations, which ride on the load. Silent and never failing.
+_native.preload()
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["load", "status", "on_load"]
+__all__ = ["load", "preload", "status", "on_load"]
 
 _BUILD_INFO_PATH = Path(__file__).with_name("_build_info.json")
 _REBUILD = "reinstall with `pip install -e . --no-build-isolation` (after torch) to rebuild it"
@@ -111,6 +111,32 @@ def load() -> ModuleType | None:
         for callback in callbacks:
             callback(module)
     return module
+
+
+def preload() -> None:
+    """Load ``_C`` at ``import fastdiff`` when it fits the running torch, so that every native op
+    (``torch.ops.fastdiff.cfg_combine``, ...) exists from the start rather than after the first op
+    that happens to ask for the library; importing the .so costs a few milliseconds. Silent: when
+    ``_C`` is missing or stale nothing is cached, and the first :func:`load` warns with the reason
+    as before. Never raises."""
+    global _module, _reason, _build_info, _loaded
+    if _loaded:
+        return
+    try:
+        with _lock:
+            if _loaded:
+                return
+            module, reason, info, _ = _try_load()
+            if module is None:
+                return
+            _module, _reason, _build_info, _loaded = module, reason, info, True
+            callbacks = list(_callbacks)
+        for callback in callbacks:
+            callback(module)
+    except Exception as exc:  # an import-time helper: `import fastdiff` must not fail because of it
+        warnings.warn(
+            f"fastdiff: preparing the native extension at import failed ({exc!r})", RuntimeWarning, stacklevel=2
+        )
 
 
 def on_load(callback: Callable[[ModuleType], None]) -> None:

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 import torch
 
 from ..backends import (
-    DEVICES_AND_DTYPES,
     OpSupport,
     always_available,
     native_support,
@@ -40,10 +39,49 @@ NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The tensors whose device and dtype the kernels' reasons check; the others (coefs, threshold, noise)
+# share x's device and have dtypes the validation already fixed, but take part in the grad rule.
+_CHECKED = ("x", "model_output")
+
+
+def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
+
+
+def _grad_reasons(inputs: Mapping[str, torch.Tensor], backend: str) -> list[str]:
+    """The kernels have no backward: with grad, their output would carry a graph whose backward is
+    wrong (PyTorch only warns), so they refuse, and auto takes the differentiable reference."""
+    if not _needs_grad(inputs):
+        return []
+    names = ", ".join(name for name, t in inputs.items() if t.requires_grad)
+    return [f"inputs require grad ({names}): the {backend} kernel is forward-only (no backward); "
+            "the reference backend is differentiable"]
+
+
+def _native_reasons(device_type: str):
+    checked = native_support(OP, device_type, NATIVE_DTYPES)
+
+    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+        if inputs is None:
+            return checked(None)
+        return checked({k: t for k, t in inputs.items() if k in _CHECKED}) + _grad_reasons(inputs, device_type)
+
+    return reasons
+
+
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: no triton, no GPU, or the inputs' devices and dtypes (it
-    computes in float32, so float64 stays on the cpu, cuda and reference backends)."""
-    return triton_reasons(inputs, TRITON_DTYPES)
+    """Why the Triton kernel cannot run: no triton, no GPU, the inputs' devices and dtypes (it
+    computes in float32, so float64 stays on the cpu, cuda and reference backends), or grad."""
+    if inputs is None:
+        return triton_reasons(None, TRITON_DTYPES)
+    return triton_reasons({k: t for k, t in inputs.items() if k in _CHECKED}, TRITON_DTYPES) + _grad_reasons(
+        inputs, "triton"
+    )
+
+
+def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
+    """What the reasons depend on beyond devices and dtypes: whether grad is needed."""
+    return (_needs_grad(inputs),)
 
 
 SUPPORT = register_op(
@@ -51,11 +89,11 @@ SUPPORT = register_op(
         OP,
         {
             "reference": always_available,
-            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
-            "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
+            "cpu": _native_reasons("cpu"),
+            "cuda": _native_reasons("cuda"),
             "triton": _triton_reasons,
         },
-        cache_key=DEVICES_AND_DTYPES,
+        cache_key=_cache_key,
     )
 )
 
@@ -96,6 +134,12 @@ def kernel_op(backend: str):
 
 def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _tracing_or_capturing(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed):
@@ -150,6 +194,16 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
         if not (isinstance(threshold, torch.Tensor) and threshold.shape == (B,) and threshold.is_floating_point()
                 and threshold.device == x.device):
             raise ValueError(f"sampler_step: threshold must be a floating tensor of shape ({B},) on x's device")
+        # A value check reads the tensor on the host: skipped while a trace or a CUDA graph capture runs
+        # (fastdiff.sample's thresholds are clamped to >= 1 where they are made).
+        if not _tracing_or_capturing(threshold):
+            bad = ~(torch.isfinite(threshold) & (threshold > 0))
+            if bool(bad.any()):
+                value = threshold[bad][0].item()
+                raise ValueError(
+                    f"sampler_step: threshold must hold finite positive values (the dynamic-thresholding s of "
+                    f"each image: x0 is clamped to [-s, s] and divided by s), got {value}"
+                )
     if noise is not None:
         if philox_seed is not None:
             raise ValueError("sampler_step: give noise or philox_seed, not both")
@@ -184,14 +238,26 @@ def sampler_step(
     int64 tensor on x's device (no host round trip). Noise: ``noise`` (like x), or drawn in the
     kernel from Philox4x32-10 keyed by ``philox_seed`` with counter (element, image, step) — the
     same numbers on every backend and batch size (fastdiff.reference.philox) — or none.
-    ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding.
+    ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding: finite
+    positive values (checked, except under torch.compile or CUDA graph capture), any floating dtype
+    (float16/bfloat16 are read as float32 on every backend).
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
+    An empty batch (B = 0) returns empty tensors on every backend.
+    Differentiable on the reference backend only: the cpu, cuda and triton kernels are forward-only
+    and refuse inputs that require grad (under grad mode), so auto picks the reference there.
     A step index out of range raises on the CPU; on CUDA it stops the kernel with a device trap
     (the launch fails), since checking a device tensor on the host would cost a sync; the Triton
     kernel reads nothing out of range and returns NaN everywhere instead (it cannot trap portably).
     """
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
-    chosen = select_backend(OP, backend, {"x": x, "model_output": model_output})
+    if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
+        threshold = threshold.float()  # exact for float16/bfloat16; every backend reads float32 or float64
+    inputs = {"x": x, "model_output": model_output, "coefs": coefs}
+    if threshold is not None:
+        inputs["threshold"] = threshold
+    if noise is not None:
+        inputs["noise"] = noise
+    chosen = select_backend(OP, backend, inputs)
     if chosen == "reference":
         step_index = step if _is_int(step) else step.reshape(())
         if philox_seed is not None and not _is_int(step):

@@ -60,7 +60,7 @@ def sampler_step(
 
     xc = x.to(compute)
     m = model_output.to(compute)
-    if model_output.shape[0] == 2 * B:
+    if model_output.shape[0] == 2 * B and B:  # B = 0: B and 2B rows are the same empty batch
         uncond, cond = m.chunk(2, dim=0)
         m = torch.cat([uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]], dim=1)
     eps_part, var_part = m[:, :C], m[:, C:]
@@ -76,7 +76,7 @@ def sampler_step(
 
     if philox_seed is not None:
         step_index = int(step)
-        z = philox_normal(int(philox_seed), step_index, B, x[0].numel()).to(compute).view(x.shape)
+        z = philox_normal(int(philox_seed), step_index, B, math.prod(x.shape[1:])).to(compute).view(x.shape)
     elif noise is not None:
         z = noise.to(compute)
     else:

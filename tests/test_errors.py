@@ -1,0 +1,210 @@
+"""Issue 13's unclear errors, one named regression test each: every backend that runs here gives the
+reference's result or the same clear error (the CLI, Schedule and DiT have theirs in their own files)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import _native
+from fastdiff.backends import BackendUnavailableError
+from fastdiff.ops import cfg_combine, conv3x3, group_norm_adagn, layer_norm_modulate, sampler_step
+from fastdiff.reference.sampler_step import STEP_COEFS
+
+NATIVE = _native.status()["built"]
+needs_native = pytest.mark.skipif(not NATIVE, reason="fastdiff._C is not built")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def _backends(op_triton: bool = True) -> list:
+    """The backends that run CPU tensors here: reference, cpu (native), triton (interpreter)."""
+    out = ["reference", pytest.param("cpu", marks=needs_native)]
+    if op_triton:
+        out.append(pytest.param("triton", marks=pytest.mark.skipif(
+            not (HAS_TRITON and INTERPRETED), reason="Triton's CPU interpreter is not on (TRITON_INTERPRET=1)")))
+    return out
+
+
+def _coefs(steps: int = 3, dtype=torch.float32) -> torch.Tensor:
+    return torch.rand(steps, len(STEP_COEFS), dtype=dtype) + 0.1
+
+
+# ---- sampler_step ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_sampler_step_threshold_must_be_finite_positive(backend, bad):
+    """A negative threshold gave x0 = +1 on cpu and -1 on the reference: every backend refuses it."""
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"sampler_step: threshold must hold finite positive values .* got "):
+        sampler_step(x, m, _coefs(), 1, threshold=torch.tensor([1.5, bad]), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", *_backends()])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sampler_step_half_threshold_is_read_as_float32(backend, dtype):
+    """An fp16 threshold passed validation and then the native op rejected it under auto: every
+    backend now reads it as float32 (exact) and gives the reference's numbers."""
+    x, m = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    coefs = _coefs()
+    s = torch.tensor([1.25, 2.5], dtype=dtype)
+    got = sampler_step(x, m, coefs, 1, threshold=s, return_x0=True, backend=backend)
+    want = sampler_step(x, m, coefs, 1, threshold=s.float(), return_x0=True, backend="reference")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("extra", [{}, {"philox_seed": 3}, {"threshold": "ones"}, {"cfg_scale": 2.0},
+                                   {"noise": "randn"}])
+def test_sampler_step_empty_batch_returns_empty(backend, extra):
+    """B = 0 raised a TypeError on the reference (0 rows read as 2B rows, combined with cfg_scale
+    None) and an IndexError with philox_seed; every backend returns empty tensors."""
+    x, m = torch.randn(0, 3, 4, 4), torch.randn(0, 3, 4, 4)
+    kwargs = dict(extra)
+    if kwargs.get("threshold") == "ones":
+        kwargs["threshold"] = torch.ones(0)
+    if kwargs.get("noise") == "randn":
+        kwargs["noise"] = torch.randn(0, 3, 4, 4)
+    x_prev, x0 = sampler_step(x, m, _coefs(), 1, return_x0=True, backend=backend, **kwargs)
+    assert x_prev.shape == (0, 3, 4, 4) and x0.shape == (0, 3, 4, 4) and x_prev.dtype == x.dtype
+
+
+def test_sampler_step_gradcheck_through_auto_float64():
+    """With inputs that require grad, auto takes the differentiable reference (the kernels have no
+    backward); its gradients are right (gradcheck in float64)."""
+    x = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    coefs = _coefs(dtype=torch.float64).requires_grad_()
+
+    def step(x, m, noise, coefs):
+        return sampler_step(x, m, coefs, 1, cfg_scale=3.0, noise=noise, return_x0=True, backend="auto")
+
+    assert torch.autograd.gradcheck(step, (x, m, noise, coefs))
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "reference"])
+@pytest.mark.parametrize("which", ["x", "model_output", "noise", "coefs"])
+def test_sampler_step_explicit_kernel_refuses_inputs_that_require_grad(backend, which):
+    """The cpu and triton kernels returned an output with requires_grad=True and a wrong backward
+    (PyTorch only warned); they now refuse, naming the reason."""
+    tensors = {"x": torch.randn(2, 3, 4, 4), "model_output": torch.randn(2, 3, 4, 4),
+               "noise": torch.randn(2, 3, 4, 4), "coefs": _coefs()}
+    tensors[which].requires_grad_()
+    with pytest.raises(BackendUnavailableError, match=rf"inputs require grad \({which}\): the {backend} kernel is "
+                                                       r"forward-only \(no backward\)"):
+        sampler_step(tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"],
+                     backend=backend)
+    with torch.no_grad():  # without grad mode the kernel runs
+        out, _ = sampler_step(tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"],
+                              backend=backend)
+    assert not out.requires_grad
+
+
+# ---- every op: no backend returns a graph whose backward is wrong ----------------------------------
+
+
+def _grad_cases():
+    B, C, H, W = 2, 4, 3, 5
+    return {
+        "cfg_combine": (lambda b, t: cfg_combine(t[0], 2.5, backend=b), [torch.randn(2 * B, C, H)], False),
+        "conv3x3": (lambda b, t: conv3x3(t[0], t[1], t[2], backend=b),
+                    [torch.randn(B, C, H, W), torch.randn(C, C, 3, 3), torch.randn(C)], False),
+        "group_norm_adagn": (lambda b, t: group_norm_adagn(t[0], 2, t[1], t[2], t[3], t[4], activation="silu",
+                                                           backend=b),
+                             [torch.randn(B, C, H, W), torch.randn(C), torch.randn(C), torch.randn(B, C),
+                              torch.randn(B, C)], True),
+        "layer_norm_modulate": (lambda b, t: layer_norm_modulate(t[0], t[1], t[2], t[3], t[4], backend=b),
+                                [torch.randn(B, 5, C), torch.randn(C), torch.randn(C), torch.randn(B, C),
+                                 torch.randn(B, C)], True),
+        "sampler_step": (lambda b, t: sampler_step(t[0], t[1], t[2], 1, noise=t[3], backend=b)[0],
+                         [torch.randn(B, C, H, W), torch.randn(B, C, H, W), _coefs(), torch.randn(B, C, H, W)], True),
+    }
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "reference"])
+@pytest.mark.parametrize("op", sorted(_grad_cases()))
+def test_no_backend_returns_a_wrong_backward(op, backend):
+    """Each op on each backend that runs here, with every input requiring grad: either the backend
+    refuses with a reason, or its gradients are the reference's."""
+    fn, tensors, has_triton = _grad_cases()[op]
+    if backend == "triton" and not has_triton:
+        pytest.skip(f"{op} has no triton kernel")
+    ref_in = [t.clone().requires_grad_() for t in tensors]
+    out_ref = fn("reference", ref_in)
+    g = torch.randn_like(out_ref)
+    ref_grads = torch.autograd.grad(out_ref, ref_in, g)
+    got_in = [t.clone().requires_grad_() for t in tensors]
+    try:
+        out = fn(backend, got_in)
+    except BackendUnavailableError as exc:
+        assert "require grad" in str(exc)
+        return
+    got_grads = torch.autograd.grad(out, got_in, g)
+    for i, (a, b) in enumerate(zip(got_grads, ref_grads, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"input {i}: {m}")
+
+
+# ---- torch.ops.fastdiff after `import fastdiff` ----------------------------------------------------
+
+
+def _schema_names() -> list[str]:
+    """Every op csrc/torch_bindings.cpp defines (m.def("name(...")."""
+    import re
+    from pathlib import Path
+
+    text = (Path(fastdiff.__file__).resolve().parent.parent / "csrc" / "torch_bindings.cpp").read_text()
+    return re.findall(r'm\.def\(\s*"([a-z_0-9]+)\(', text)
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@needs_native
+def test_every_native_op_exists_right_after_import():
+    """torch.ops.fastdiff.cfg_combine was missing after `import fastdiff` until some op loaded _C."""
+    names = _schema_names()
+    assert {"cfg_combine", "sampler_step", "group_norm_adagn", "layer_norm_modulate", "conv3x3"} <= set(names)
+    proc = _fresh_python(
+        "import torch, fastdiff\n"
+        f"missing = [n for n in {names!r} if not hasattr(torch.ops.fastdiff, n)]\n"
+        "print('missing', missing)\n"
+        "print(torch.ops.fastdiff.cfg_combine(torch.arange(4.).reshape(2, 2), 2.0).tolist())\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "missing []" in proc.stdout and "[[4.0, 5.0]]" in proc.stdout, proc.stdout
+
+
+def test_import_stays_silent_and_working_when_native_cannot_load():
+    """With _C unimportable, `import fastdiff` neither fails nor warns; the first op warns once and
+    runs on the reference."""
+    proc = _fresh_python(
+        "import sys, warnings\n"
+        "sys.modules['fastdiff._C'] = None  # import fails as for a missing or broken .so\n"
+        "with warnings.catch_warnings(record=True) as at_import:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, fastdiff\n"
+        "print('import warnings', [str(w.message) for w in at_import if 'fastdiff' in str(w.message)])\n"
+        "with warnings.catch_warnings(record=True) as at_use:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = fastdiff.ops.cfg_combine(torch.arange(4.).reshape(2, 2), 2.0)\n"
+        "print('use warnings', len([w for w in at_use if 'native extension unavailable' in str(w.message)]))\n"
+        "print(out.tolist())\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "import warnings []" in proc.stdout and "use warnings 1" in proc.stdout, proc.stdout
+    assert "[[4.0, 5.0]]" in proc.stdout
