@@ -12,7 +12,7 @@ namespace fastdiff {
 //   x0   = a_x * x + a_m * m                (the prediction m turned into x0: eps, v or x0)
 //   eps  = e_x * x + e_m * m                (... and into eps)
 //   x0   = clamp(x0, -clip, clip) * x0_scale   (clipping, or dynamic thresholding: clip = s, scale = 1/s)
-//   prev = c_x0 * x0 + c_eps * eps + c_x * x + sigma * z
+//   prev = c_x0 * x0 + c_eps * eps + c_x * x + sigma * z   (the last term only when the step adds noise)
 // DDIM (Song et al. 2021, eq. 12): c_x0 = sqrt(ab_prev), c_eps = sqrt(1 - ab_prev - sigma^2), c_x = 0.
 // DDPM (Ho et al. 2020, eq. 7):    c_x0 = sqrt(ab_prev) beta / (1 - ab), c_x = sqrt(alpha)(1 - ab_prev)/(1 - ab),
 //                                  c_eps = 0; sigma fixed, or learned: exp((f log_large + (1-f) log_small) / 2)
@@ -56,19 +56,35 @@ FASTDIFF_INLINE T step_exp(const T& v) {
   return exp(v);
 }
 
+// Whether this step adds its noise term sigma * z: only when z is drawn (a noise tensor or Philox)
+// and, with a learned variance, the table's noise factor is not 0 (DDPM's last step). A term the
+// math does not use is never evaluated, so NaN/Inf in the variance channels (which DDIM drops) or
+// an exp() that overflows at a noise factor of 0 cannot turn the sample into NaN (Inf * 0). Uniform
+// over a launch: callers decide it once, on the scalar coefficients, and branch on it.
+template <typename T>
+FASTDIFF_INLINE bool step_adds_noise(bool has_noise, bool learned, const StepCoefs<T>& k) {
+  return has_noise && (!learned || k.noise != T(0));
+}
+
 // One element of the step. x: x_t; m: the (guided) model prediction; var: the learned-variance
-// channel (read only when `learned`); z: the standard-normal noise (0 for none).
+// channel (read only when `learned` and `adds_noise`); z: the standard-normal noise (read only when
+// `adds_noise`, see step_adds_noise).
 template <typename T>
 FASTDIFF_INLINE T sampler_step_value(const T& x, const T& m, const T& var, const T& z, const StepCoefs<T>& k,
-                                     const T& clip_lo, const T& clip_hi, const T& x0_scale, bool learned, T& x0) {
+                                     const T& clip_lo, const T& clip_hi, const T& x0_scale, bool learned,
+                                     bool adds_noise, T& x0) {
   x0 = step_clamp(k.a_x * x + k.a_m * m, clip_lo, clip_hi) * x0_scale;
   const T eps = k.e_x * x + k.e_m * m;
+  const T prev = k.c_x0 * x0 + k.c_eps * eps + k.c_x * x;
+  if (!adds_noise) {
+    return prev;
+  }
   T sigma = k.sigma;
   if (learned) {
     const T f = (var + T(1)) * T(0.5);
     sigma = step_exp(T(0.5) * (f * k.log_large + (T(1) - f) * k.log_small)) * k.noise;
   }
-  return k.c_x0 * x0 + k.c_eps * eps + k.c_x * x + sigma * z;
+  return prev + sigma * z;
 }
 
 }  // namespace fastdiff

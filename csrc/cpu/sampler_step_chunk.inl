@@ -51,6 +51,7 @@ template <typename scalar_t, typename opmath_t>
 void scalar_run(const SamplerStepArgs& a, const Row<scalar_t>& r, int64_t image, int64_t i, int64_t end,
                 const StepCoefs<opmath_t>& k, opmath_t lo, opmath_t hi, opmath_t scale) {
   const opmath_t s = static_cast<opmath_t>(a.cfg_scale);
+  const bool adds_noise = step_adds_noise(r.z != nullptr || a.philox, a.learned, k);
   float block[4] = {0, 0, 0, 0};
   int64_t have_block = -1;
   for (; i < end; ++i) {
@@ -58,20 +59,24 @@ void scalar_run(const SamplerStepArgs& a, const Row<scalar_t>& r, int64_t image,
     if (r.mc != nullptr) {
       m = cfg_combine_value<opmath_t>(m, static_cast<opmath_t>(r.mc[i]), s);
     }
-    const opmath_t var = r.var != nullptr ? static_cast<opmath_t>(r.var[i]) : opmath_t(0);
-    opmath_t z = opmath_t(0);
-    if (r.z != nullptr) {
-      z = static_cast<opmath_t>(r.z[i]);
-    } else if (a.philox) {
-      if ((i >> 2) != have_block) {
-        have_block = i >> 2;
-        philox_block(a.seed, a.step, image, i, block);
+    opmath_t var = opmath_t(0), z = opmath_t(0);  // read only for a step that adds noise
+    if (adds_noise) {
+      if (r.var != nullptr) {
+        var = static_cast<opmath_t>(r.var[i]);
       }
-      z = static_cast<opmath_t>(block[i & 3]);
+      if (r.z != nullptr) {
+        z = static_cast<opmath_t>(r.z[i]);
+      } else {  // Philox
+        if ((i >> 2) != have_block) {
+          have_block = i >> 2;
+          philox_block(a.seed, a.step, image, i, block);
+        }
+        z = static_cast<opmath_t>(block[i & 3]);
+      }
     }
     opmath_t x0;
     const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, z, k, lo, hi, scale,
-                                                      a.learned, x0);
+                                                      a.learned, adds_noise, x0);
     r.out[i] = static_cast<scalar_t>(out);
     if (r.x0 != nullptr) {
       r.x0[i] = static_cast<scalar_t>(x0);
@@ -106,6 +111,7 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {  // float and double: at::vec over the row
     if (!a.philox) {
       using V = at::vec::Vectorized<opmath_t>;
+      const bool adds_noise = step_adds_noise(r.z != nullptr, a.learned, k);
       const StepCoefs<V> kv{V(k.a_x), V(k.a_m), V(k.e_x), V(k.e_m),       V(k.c_x0), V(k.c_eps),
                             V(k.c_x), V(k.sigma), V(k.log_small), V(k.log_large), V(k.noise)};
       const V lov(lo), hiv(hi), scalev(scale), sv(static_cast<opmath_t>(a.cfg_scale)), zero(opmath_t(0));
@@ -114,10 +120,11 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
         if (r.mc != nullptr) {
           mv = cfg_combine_value(mv, V::loadu(r.mc + i), sv);
         }
-        const V var = r.var != nullptr ? V::loadu(r.var + i) : zero;
-        const V z = r.z != nullptr ? V::loadu(r.z + i) : zero;
+        const V var = adds_noise && r.var != nullptr ? V::loadu(r.var + i) : zero;
+        const V z = adds_noise ? V::loadu(r.z + i) : zero;
         V x0;
-        sampler_step_value(V::loadu(r.x + i), mv, var, z, kv, lov, hiv, scalev, a.learned, x0).store(r.out + i);
+        sampler_step_value(V::loadu(r.x + i), mv, var, z, kv, lov, hiv, scalev, a.learned, adds_noise, x0)
+            .store(r.out + i);
         if (r.x0 != nullptr) {
           x0.store(r.x0 + i);
         }

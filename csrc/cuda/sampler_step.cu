@@ -5,6 +5,7 @@
 #include "../common/philox.h"
 #include "../common/sampler_step.h"
 #include "../ops.h"
+#include "sampler_step_args.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,20 +22,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSM = 8;
 
-struct StepKernelArgs {
-  int64_t batch;      // B
-  int64_t n;          // elements per image
-  int64_t mn;         // model-output elements per row (n, or 2n with learned variance)
-  int64_t quads;      // ceil(n / 4): each thread step handles 4 consecutive elements of one image
-  int64_t steps;      // rows of the coefficient table
-  bool guided;        // model output rows are [uncond; cond]
-  bool learned;       // sigma from the variance channels
-  bool philox;        // z from Philox4x32-10
-  bool vec4;          // float32 with n % 4 == 0 and 16-byte aligned rows: float4 loads and stores
-  float cfg_scale;
-  double clip;
-};
-
 template <typename scalar_t, typename opmath_t>
 __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // (B, n) x_{t-1}
                                     scalar_t* __restrict__ x0_out,           // (B, n) x0, or nullptr
@@ -47,13 +34,18 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
                                     const int64_t* __restrict__ seed,        // () Philox key, or nullptr
                                     StepKernelArgs a) {
   const int64_t s = *step;
-  if (s < 0 || s >= a.steps) {
-    // An out-of-range step index can only be seen here (checking it on the host would cost a sync):
-    // stop the kernel rather than read outside the table. CUDA_KERNEL_ASSERT would name the cause
-    // but costs ~30 registers in every thread of this memory-bound kernel.
-    __trap();
+  // An out-of-range step index can only be seen here (checking it on the host would cost a sync).
+  // Read no coefficient and compute with NaN ones instead: every output is NaN, as in the Triton
+  // kernel. Never __trap(): a trap is a sticky error that kills the CUDA context, every later CUDA
+  // call of the process included (CUDA_KERNEL_ASSERT likewise, and costs ~30 registers).
+  StepCoefs<opmath_t> k;
+  if (s >= 0 && s < a.steps) {
+    k = load_step_coefs<opmath_t>(coefs + s * kNumStepCoefs);
+  } else {
+    const opmath_t nan = static_cast<opmath_t>(NAN);
+    k = StepCoefs<opmath_t>{nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan};
   }
-  const StepCoefs<opmath_t> k = load_step_coefs<opmath_t>(coefs + s * kNumStepCoefs);
+  const bool adds_noise = step_adds_noise(noise != nullptr || a.philox, a.learned, k);
   const opmath_t cfg = static_cast<opmath_t>(a.cfg_scale);
   const uint64_t key = a.philox ? static_cast<uint64_t>(*seed) : 0;
   const int64_t total = a.batch * a.quads;
@@ -72,7 +64,7 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
       scale = opmath_t(1) / threshold[b];
     }
     float z4[4] = {0.f, 0.f, 0.f, 0.f};
-    if (a.philox) {
+    if (a.philox && adds_noise) {
       philox_block(key, s, b, i0, z4);
     }
     opmath_t xv[4], mv[4], cv[4], vv[4], nv[4];
@@ -87,11 +79,11 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
           const float4 c4 = *reinterpret_cast<const float4*>(mc + i0);
           cv[0] = c4.x, cv[1] = c4.y, cv[2] = c4.z, cv[3] = c4.w;
         }
-        if (var != nullptr) {
+        if (var != nullptr && adds_noise) {
           const float4 v4 = *reinterpret_cast<const float4*>(var + i0);
           vv[0] = v4.x, vv[1] = v4.y, vv[2] = v4.z, vv[3] = v4.w;
         }
-        if (noise != nullptr) {
+        if (noise != nullptr && adds_noise) {
           const float4 n4 = *reinterpret_cast<const float4*>(noise + b * a.n + i0);
           nv[0] = n4.x, nv[1] = n4.y, nv[2] = n4.z, nv[3] = n4.w;
         }
@@ -104,8 +96,8 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
         xv[j] = static_cast<opmath_t>(xr[i0 + j]);
         mv[j] = static_cast<opmath_t>(mu[i0 + j]);
         if (mc != nullptr) cv[j] = static_cast<opmath_t>(mc[i0 + j]);
-        if (var != nullptr) vv[j] = static_cast<opmath_t>(var[i0 + j]);
-        if (noise != nullptr) nv[j] = static_cast<opmath_t>(noise[b * a.n + i0 + j]);
+        if (var != nullptr && adds_noise) vv[j] = static_cast<opmath_t>(var[i0 + j]);
+        if (noise != nullptr && adds_noise) nv[j] = static_cast<opmath_t>(noise[b * a.n + i0 + j]);
       }
     }
     opmath_t ov[4], x0v[4];
@@ -114,8 +106,9 @@ __global__ void sampler_step_kernel(scalar_t* __restrict__ out,              // 
       if (j < count) {
         const opmath_t mj = mc != nullptr ? cfg_combine_value<opmath_t>(mv[j], cv[j], cfg) : mv[j];
         const opmath_t z = noise != nullptr ? nv[j] : static_cast<opmath_t>(z4[j]);
-        ov[j] = sampler_step_value<opmath_t>(xv[j], mj, var != nullptr ? vv[j] : opmath_t(0), z, k, lo, hi, scale,
-                                             a.learned, x0v[j]);
+        const opmath_t v = var != nullptr && adds_noise ? vv[j] : opmath_t(0);
+        ov[j] = sampler_step_value<opmath_t>(xv[j], mj, v, adds_noise ? z : opmath_t(0), k, lo, hi, scale, a.learned,
+                                             adds_noise, x0v[j]);
       }
     }
     scalar_t* orow = out + b * a.n + i0;
@@ -163,21 +156,13 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const 
   const at::Tensor step_index = step.reshape({}).contiguous();
   const at::Tensor seed = philox_seed.has_value() ? philox_seed->reshape({}).contiguous() : at::Tensor();
 
-  StepKernelArgs a{};
-  a.batch = plan.batch;
-  a.n = plan.n;
-  a.mn = plan.mn;
-  a.quads = (plan.n + 3) / 4;
-  a.steps = coefs.size(0);
-  a.guided = plan.guided;
-  a.learned = learned_range;
-  a.philox = philox_seed.has_value();
-  a.cfg_scale = static_cast<float>(cfg_scale);
-  a.clip = clip;
-  a.vec4 = x.scalar_type() == at::kFloat && plan.n % 4 == 0 && plan.mn % 4 == 0 &&
-           aligned16(plan.x.const_data_ptr()) && aligned16(plan.model_output.const_data_ptr()) &&
-           aligned16(plan.out.const_data_ptr()) && (!plan.x0.defined() || aligned16(plan.x0.const_data_ptr())) &&
-           (!plan.noise.defined() || aligned16(plan.noise.const_data_ptr()));
+  const bool vec4 = x.scalar_type() == at::kFloat && plan.n % 4 == 0 && plan.mn % 4 == 0 &&
+                    aligned16(plan.x.const_data_ptr()) && aligned16(plan.model_output.const_data_ptr()) &&
+                    aligned16(plan.out.const_data_ptr()) &&
+                    (!plan.x0.defined() || aligned16(plan.x0.const_data_ptr())) &&
+                    (!plan.noise.defined() || aligned16(plan.noise.const_data_ptr()));
+  const StepKernelArgs a = pack_step_kernel_args(plan.batch, plan.n, plan.mn, coefs.size(0), plan.guided,
+                                                 learned_range, philox_seed.has_value(), vec4, cfg_scale, clip);
 
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));

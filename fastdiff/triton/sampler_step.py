@@ -21,7 +21,8 @@ x's suggested memory format (``x.suggest_memory_format()``), like the native op.
 
 Out-of-range step index (only visible on the device, where checking it would cost a sync): the
 kernel reads no coefficient and writes NaN everywhere, a loud result without an out-of-bounds
-read; the CPU kernel raises and the CUDA kernel traps instead.
+read, as the CUDA kernel does (which never traps: a trap would kill the CUDA context); the CPU
+kernel raises.
 
 Bytes moved (the design :func:`design_bytes` states and the interpreter tests check): x, the used
 model-output channels, the noise tensor when given, once; x_prev (and x0) written once; per
@@ -123,6 +124,8 @@ def _to_output(v, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
 #   eps  = e_x x + e_m m
 #   sigma = sigma, or exp((f log_large + (1 - f) log_small) / 2) noise, f = (v + 1) / 2 (learned)
 #   prev = c_x0 x0 + c_eps eps + c_x x + sigma z
+# The noise term only when the step adds noise: z is drawn (NOISE_MODE) and, learned, the noise factor
+# is not 0; otherwise neither z nor the variance channels enter (NaN there cannot reach the sample).
 # The clamp propagates NaN (v < lo ? lo : v > hi ? hi : v), as the native kernels do.
 @triton.jit
 def _sampler_step_kernel(
@@ -202,7 +205,7 @@ def _sampler_step_kernel(
         t = tl.load(THRESHOLD + image64 * stride_t).to(tl.float32)
         lo = -t
         hi = t
-        scale = 1.0 / t
+        scale = tl.div_rn(1.0, t)  # correctly rounded, as the CPU kernel's 1 / t (not div.full's 2 ulp)
     else:
         lo = -clip
         hi = clip
@@ -233,9 +236,12 @@ def _sampler_step_kernel(
             noise_scale = tl.load(row + 10, mask=valid, other=float("nan")).to(tl.float32)
             f = (v + 1.0) * 0.5
             sigma = tl.exp(0.5 * (f * log_large + (1.0 - f) * log_small)) * noise_scale
+            # A noise factor of 0 (DDPM's last step) drops the term, whatever exp() gave: Inf * 0 must
+            # not turn the sample into NaN (csrc/common/sampler_step.h step_adds_noise).
+            prev = tl.where(noise_scale != 0.0, prev + sigma * z, prev)
         else:
             sigma = tl.load(row + 7, mask=valid, other=float("nan")).to(tl.float32)
-        prev = prev + sigma * z
+            prev = prev + sigma * z
 
     tl.store(OUT + image64 * stride_ob + o_off, _to_output(prev, OUT.dtype.element_ty, RNE_BF16), mask=inside)
     if WRITE_X0:
