@@ -85,13 +85,36 @@ def test_shared_memory_fits(report):
             assert r.shared_bytes <= aot.SHARED_LIMITS[86], _label(r)
 
 
+def test_every_pipelined_build_is_pipelined(report):
+    """Issue 13 item 5: D = 40 rows (80 B apart in fp16) hid their 16-byte alignment from the
+    compiler, so the d-contig builds lost vectorized loads and cp.async pipelining (24 KB of shared
+    memory against 48 KB n-contig). Every build with num_stages >= 2, every D (40, 80, 160) and
+    layout, must keep its K/V loads in flight: cp.async in the PTX, and shared memory for num_stages
+    copies of the K and V tiles. (num_stages = 1 configurations do not pipeline by design.)"""
+    configs = {str(c): c for d in aot.HEAD_DIMS for dt in triton_attention.DTYPES
+               for c in triton_attention.configs_for(d, dt)}
+    sizes = {str(d)[6:]: torch.empty((), dtype=d).element_size() for d in triton_attention.DTYPES}
+    checked = set()
+    for r in report:
+        config = configs[r.config]
+        if config.num_stages < 2:
+            continue
+        tiles = 2 * r.block_d * config.block_n * sizes[r.dtype]  # one K and one V tile
+        assert r.async_copies, f"{_label(r)}: no cp.async in the PTX"
+        assert r.shared_bytes >= config.num_stages * tiles, (_label(r), r.shared_bytes, config.num_stages * tiles)
+        checked.add((r.head_dim, r.layout))
+    assert checked == {(d, layout) for d in aot.HEAD_DIMS for layout in ("d-contig", "n-contig")}
+
+
 def test_specialization_follows_the_jit():
     """The builds see what the JIT would: unit strides become constants, multiples of 16 get the
     divisibility hint, the rest stay plain i32 (D = 40 rows are 80 B apart: no hint)."""
     kernel = triton_attention.KERNEL  # compiled or interpreted, it knows its argument names
     q, k, v, out = aot._example_tensors("d-contig", torch.float16, 40)
     args = triton_attention.kernel_args(q, k, v, out, 0.1)
-    constants = triton_attention.kernel_constants(40, torch.float16, triton_attention.configs_for(40, torch.float16)[0])
+    constants = triton_attention.kernel_constants(40, torch.float16, triton_attention.configs_for(40, torch.float16)[0],
+                                                  align=triton_attention.stride_align(q, k, v, out))
+    assert constants["STRIDE_ALIGN"] == 8  # what the hints restore: rows 40 elements apart are 8-aligned
     signature, constexprs, attrs = aot._specialize(kernel, args, constants, "fp16")
     names = kernel.arg_names
     assert signature["Q"] == "*fp16" and attrs[(names.index("Q"),)] == [["tt.divisibility", 16]]
@@ -176,6 +199,7 @@ def test_sampler_step_builds_compile_without_spills(sampler_step_report):
     assert built == expected
     for r in sampler_step_report:
         label = f"{r.arch} {r.dtype} {r.layout}"
+        assert not r.inexact_ptx, (label, r.inexact_ptx)  # 1 / threshold correctly rounded (tl.div_rn)
         assert r.spills == 0, (label, r.spills, r.registers)
         assert r.stack_bytes <= (32 if "philox" in r.layout else 0), (label, r.stack_bytes)
         assert r.registers == r.cubin_registers and 0 < r.registers <= 128, label  # 4 warps: >= 4 blocks per SM
@@ -208,7 +232,22 @@ def test_layer_norm_modulate_builds_compile_without_spills(lnm_report):
     assert len(lnm_report) == len(aot.layer_norm_modulate_builds()) == 2 * 3 * 2
     for r in lnm_report:
         label = f"{r.arch} {r.dtype} {r.config}"
+        assert not r.inexact_ptx, (label, r.inexact_ptx)  # mean, variance, rstd: div.rn and sqrt.rn
         assert r.spills == 0 and r.stack_bytes == 0, (label, r.spills, r.stack_bytes)
         assert r.registers == r.cubin_registers, label
         assert r.registers * 32 * triton_lnm._num_warps(r.block_d) <= 65536, (label, r.registers)
         assert not r.mma, label
+
+
+def test_inexact_ptx_pattern_finds_the_fast_forms():
+    """The forms `/` and tl.sqrt compile to in float32 (as Triton 3.8 emits them), and the
+    correctly rounded ones tl.div_rn/tl.sqrt_rn give, which must not match."""
+    ptx = """
+        div.full.f32 %r5, %r3, %r4;
+        sqrt.approx.ftz.f32 %f2, %f1;
+        rsqrt.approx.f32 %f3, %f2;
+        div.rn.f32 %f4, %f3, %f2;
+        sqrt.rn.f32 %f5, %f4;
+        div.rn.f64 %fd1, %fd2, %fd3;
+    """
+    assert sorted(set(aot._INEXACT_PTX.findall(ptx))) == ["div.full.f32", "rsqrt.approx.f32", "sqrt.approx.ftz.f32"]

@@ -80,6 +80,9 @@ _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", tor
 # A SASS instruction line: "/*0a30*/   @!P0 HMMA.16816.F32 R4, R16, R20, R4 ;" -> "HMMA".
 _OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 _CUOBJDUMP_REGS = re.compile(r"REG:(\d+)")
+# PTX division and square root that are not correctly rounded: what `/` and tl.sqrt compile to in
+# float32 (div.full.f32 is within 2 ulp, sqrt.approx ~1 ulp); tl.div_rn/tl.sqrt_rn give div.rn/sqrt.rn.
+_INEXACT_PTX = re.compile(r"\b((?:div\.(?:full|approx)|sqrt\.approx|rsqrt\.approx)(?:\.ftz)?\.f32)\b")
 
 
 @dataclass
@@ -101,6 +104,8 @@ class TritonBuild:
     shared_bytes: int = 0
     cubin_registers: int = 0  # cuobjdump's count on Triton's own cubin: must equal ``registers``
     mma: list[str] = field(default_factory=list)  # tensor-core instructions in the SASS
+    inexact_ptx: list[str] = field(default_factory=list)  # approximate division/sqrt forms in the PTX
+    async_copies: bool = False  # cp.async in the PTX: global->shared copies in flight (pipelined loads)
     compile_seconds: float = 0.0
 
     @property
@@ -207,6 +212,9 @@ def _measure(kernel, args: list, constants: dict, arch: int, options: dict, row:
     if m := _CUOBJDUMP_REGS.search(usage):
         build.cubin_registers = int(m[1])
     build.mma = sorted({op for op in _OPCODE.findall(sass) if "MMA" in op})
+    ptx_text = compiled.asm["ptx"]
+    build.inexact_ptx = sorted(set(_INEXACT_PTX.findall(ptx_text)))
+    build.async_copies = "cp.async" in ptx_text
     return build
 
 
@@ -214,7 +222,8 @@ def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: 
     """Compile one attention build for ``sm_<arch>`` and measure it (no GPU needed)."""
     q, k, v, out = _example_tensors(layout, dtype, head_dim)
     args = _attention.kernel_args(q, k, v, out, 1.0 / head_dim**0.5)
-    constants = _attention.kernel_constants(head_dim, dtype, config)
+    constants = _attention.kernel_constants(head_dim, dtype, config, align=_attention.stride_align(q, k, v, out),
+                                            int64_offsets=_attention.needs_int64_offsets(q, k, v, out))
     row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, block_d=constants["BLOCK_D"],
                config=str(config), layout=layout, op="attention")
     return _measure(_attention.KERNEL, args, constants, arch,
@@ -341,7 +350,7 @@ register_family(KernelFamily(
     builds=attention_builds,
     compile=compile_build,
     sources=lambda: (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build,
-                     _example_tensors),
+                     _example_tensors, _attention.stride_align, _attention.needs_int64_offsets),
     columns="  D  BLOCK_D",
     cells=lambda r: f"{r.head_dim:3d}  {r.block_d:7d}",
     tensor_cores=True,

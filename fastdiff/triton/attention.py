@@ -35,6 +35,8 @@ __all__ = [
     "design_bytes",
     "kernel_constants",
     "kernel_args",
+    "stride_align",
+    "needs_int64_offsets",
     "KERNEL",
 ]
 
@@ -70,6 +72,8 @@ def _attention_fwd_kernel(
     BLOCK_N: tl.constexpr,  # key rows per loop iteration
     DOT_PRECISION: tl.constexpr,  # fp32 inputs: "tf32x3" (tensor cores, ~fp32 error); fp16/bf16 ignore it
     UPCAST_DOT: tl.constexpr,  # interpreter only: dot operands in fp32 (bf16 dots are wrong there, #11584)
+    STRIDE_ALIGN: tl.constexpr,  # power of two (<= 16) dividing every offset: stride_align(q, k, v, o)
+    INT64_OFFSETS: tl.constexpr,  # 64-bit index products: a (batch, head) spans >= 2**31 elements
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -80,12 +84,32 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < Nq
     d_valid = offs_d < HEAD_DIM
+    if INT64_OFFSETS:  # one (batch, head) spans 2**31 elements or more (host check): 64-bit products
+        head = head.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
 
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    # Every offset below is a multiple of STRIDE_ALIGN elements (along the unit-stride axis: each run
+    # of it starts at one), as the host verified from the strides (stride_align). Without the hint a
+    # row stride of 40 elements (D = 40) hides that rows are 16-byte aligned, and loads are neither
+    # vectorized nor pipelined (cp.async needs aligned vectors).
+    q_base = tl.multiple_of(batch * stride_qb + head * stride_qh, STRIDE_ALIGN)
+    k_base = tl.multiple_of(batch * stride_kb + head * stride_kh, STRIDE_ALIGN)
+    v_base = tl.multiple_of(batch * stride_vb + head * stride_vh, STRIDE_ALIGN)
+    o_base = tl.multiple_of(batch * stride_ob + head * stride_oh, STRIDE_ALIGN)
+    q_m = tl.multiple_of(offs_m * stride_qn, STRIDE_ALIGN)
+    q_d = tl.multiple_of(offs_d * stride_qd, STRIDE_ALIGN)
+    k_n = tl.multiple_of(offs_n * stride_kn, STRIDE_ALIGN)
+    k_d = tl.multiple_of(offs_d * stride_kd, STRIDE_ALIGN)
+    v_n = tl.multiple_of(offs_n * stride_vn, STRIDE_ALIGN)
+    v_d = tl.multiple_of(offs_d * stride_vd, STRIDE_ALIGN)
+
+    q_ptrs = Q + q_base + q_m[:, None] + q_d[None, :]
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
     # k is read transposed, (BLOCK_D, BLOCK_N), so that q @ k is a plain dot.
-    k_ptrs = K + batch * stride_kb + head * stride_kh + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    v_ptrs = V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_ptrs = K + k_base + k_d[:, None] + k_n[None, :]
+    v_ptrs = V + v_base + v_n[:, None] + v_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -95,7 +119,13 @@ def _attention_fwd_kernel(
 
     for start_n in range(0, Nk, BLOCK_N):
         n_valid = (start_n + offs_n) < Nk
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
+        if INT64_OFFSETS:  # (start_n + offs_n) is int64 here: no 32-bit start_n * stride product
+            k_next = K + k_base + k_d[:, None] + (start_n + offs_n)[None, :] * stride_kn
+            v_next = V + v_base + (start_n + offs_n)[:, None] * stride_vn + v_d[None, :]
+        else:  # start_n is a multiple of BLOCK_N (>= 16): these offsets need no hint
+            k_next = k_ptrs + start_n * stride_kn
+            v_next = v_ptrs + start_n * stride_vn
+        k = tl.load(k_next, mask=d_valid[:, None] & n_valid[None, :], other=0.0)
         if UPCAST_DOT:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
@@ -107,7 +137,7 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
 
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        v = tl.load(v_next, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         # p is rounded to v's dtype for the tensor cores, as FlashAttention does; sums stay fp32.
         p = p.to(V.dtype.element_ty)
         if UPCAST_DOT:
@@ -117,7 +147,9 @@ def _attention_fwd_kernel(
         m_i = m_new
 
     o = acc / l_i[:, None]
-    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_m = tl.multiple_of(offs_m * stride_on, STRIDE_ALIGN)
+    o_d = tl.multiple_of(offs_d * stride_od, STRIDE_ALIGN)
+    o_ptrs = O + o_base + o_m[:, None] + o_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
@@ -170,8 +202,44 @@ def configs_for(head_dim: int, dtype: torch.dtype) -> tuple[AttentionConfig, ...
     return _CONFIGS[(dtype == torch.float32, max(64, block_d(head_dim)))]
 
 
-def kernel_constants(head_dim: int, dtype: torch.dtype, config: AttentionConfig, interpret: bool = False) -> dict:
-    """The constexpr arguments of one kernel build (shared by the launcher and the AOT report)."""
+_INT32_LIMIT = 2**31 - 1
+_MAX_ALIGN = 16  # elements; tiles are at least 16 wide along every axis (BLOCK_M, BLOCK_N, BLOCK_D)
+
+
+def stride_align(*tensors: torch.Tensor) -> int:
+    """The largest power of two (<= 16) that divides every offset the kernel forms in these (B, H, N, D)
+    tensors, in elements: the batch and head strides, and the N and D strides other than 1 (a unit
+    stride walks contiguous runs of a tile, each starting at a multiple of 16 elements; its head
+    offset still counts). What the kernel's ``tl.multiple_of`` hints claim: a wrong value would let
+    the compiler issue misaligned vector loads, so it comes from the strides only, never guessed."""
+    align = _MAX_ALIGN
+    for t in tensors:
+        sb, sh, sn, sd = t.stride()
+        B, H, N, D = t.shape
+        # A size-1 dim's stride never multiplies a nonzero index: it cannot misalign anything.
+        for stride, size, unit_ok in ((sb, B, False), (sh, H, False), (sn, N, True), (sd, D, True)):
+            if size == 1 or stride == 0 or (unit_ok and stride == 1):
+                continue
+            align = math.gcd(align, stride)
+    return align
+
+
+def needs_int64_offsets(*tensors: torch.Tensor, block: int = 256) -> bool:
+    """Whether an offset within one batch (head * stride_h + n * stride_n + d * stride_d, with n and d
+    up to their dims rounded up to a tile of ``block``) can pass 2**31 - 1: then the kernel forms its
+    index products in 64 bits (INT64_OFFSETS). The batch offset is always 64-bit."""
+    for t in tensors:
+        _, H, N, D = t.shape
+        _, sh, sn, sd = t.stride()
+        if (H - 1) * sh + (N + block) * sn + (D + block) * sd > _INT32_LIMIT:
+            return True
+    return False
+
+
+def kernel_constants(head_dim: int, dtype: torch.dtype, config: AttentionConfig, interpret: bool = False, *,
+                     align: int = 1, int64_offsets: bool = False) -> dict:
+    """The constexpr arguments of one kernel build (shared by the launcher and the AOT report);
+    ``align`` and ``int64_offsets`` from :func:`stride_align` and :func:`needs_int64_offsets`."""
     return {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d(head_dim),
@@ -180,6 +248,8 @@ def kernel_constants(head_dim: int, dtype: torch.dtype, config: AttentionConfig,
         # The interpreter computes fp32 dots in fp32 whatever the precision says; "ieee" keeps it honest.
         "DOT_PRECISION": "ieee" if interpret else "tf32x3",
         "UPCAST_DOT": interpret and dtype == torch.bfloat16,
+        "STRIDE_ALIGN": align,
+        "INT64_OFFSETS": int64_offsets,
     }
 
 
@@ -224,7 +294,8 @@ def _launch(q, k, v, out, scale: float, config: AttentionConfig) -> None:
     grid = (triton.cdiv(Nq, config.block_m), H, B)
     kernel[grid](
         *kernel_args(q, k, v, out, scale),
-        **kernel_constants(D, q.dtype, config, _compat.interpreting()),
+        **kernel_constants(D, q.dtype, config, _compat.interpreting(), align=stride_align(q, k, v, out),
+                           int64_offsets=needs_int64_offsets(q, k, v, out)),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

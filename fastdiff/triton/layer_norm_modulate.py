@@ -98,10 +98,12 @@ def _layer_norm_modulate_kernel(
     first = pid_n * ROWS
     for n in range(first, tl.minimum(first + ROWS, N)):
         x = tl.load(X + b * stride_xb + n * stride_xn + offs * stride_xd, mask=d_valid, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 0) / D
+        # Correctly rounded divisions and square root (div.rn/sqrt.rn), as the CPU kernel and the
+        # interpreter compute them: plain / and tl.sqrt compile to div.full.f32 and sqrt.approx.
+        mean = tl.div_rn(tl.sum(x, 0), D * 1.0)
         centered = tl.where(d_valid, x - mean, 0.0)
-        var = tl.sum(centered * centered, 0) / D
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.div_rn(tl.sum(centered * centered, 0), D * 1.0)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
         y = centered * rstd * gain + offset
         if ROUND_BF16:
             y = _round_to_bf16(y)

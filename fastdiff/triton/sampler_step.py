@@ -5,8 +5,9 @@ one image: it reads x_t and the model output once (both rows [uncond; cond] with
 variance channels with a learned variance), computes the step in float32 from the step's row of
 the coefficient table, and writes x_{t-1} (and x0) once, in x's dtype. The per-element formula is
 csrc/common/sampler_step.h's, line for line; the noise is a given tensor, or Philox4x32-10 drawn in
-the kernel with counter (element // 4, image, step, 0) and the 64-bit seed as key, exactly the
-numbers of the CPU and CUDA kernels (csrc/common/philox.h) and of fastdiff.reference.philox. The
+the kernel with counter (element // 4, image, step, 0) and the 64-bit seed as key: the Philox words
+of the CPU and CUDA kernels (csrc/common/philox.h) and of fastdiff.reference.philox exactly, and
+their normals to a few float32 ulp (Box-Muller's log/cos/sin are libdevice's here, glibc's there). The
 step index and the seed are device tensors read by the kernel: no host sync, graph-capturable.
 
 Layouts. Each operand is addressed as (image, channel, flattened spatial) with its own three
@@ -238,10 +239,10 @@ def _sampler_step_kernel(
             sigma = tl.exp(0.5 * (f * log_large + (1.0 - f) * log_small)) * noise_scale
             # A noise factor of 0 (DDPM's last step) drops the term, whatever exp() gave: Inf * 0 must
             # not turn the sample into NaN (csrc/common/sampler_step.h step_adds_noise).
-            prev = tl.where(noise_scale != 0.0, prev + sigma * z, prev)
+            sigma = tl.where(noise_scale != 0.0, sigma, 0.0)
         else:
             sigma = tl.load(row + 7, mask=valid, other=float("nan")).to(tl.float32)
-            prev = prev + sigma * z
+        prev = prev + sigma * z
 
     tl.store(OUT + image64 * stride_ob + o_off, _to_output(prev, OUT.dtype.element_ty, RNE_BF16), mask=inside)
     if WRITE_X0:

@@ -261,3 +261,63 @@ def test_math_helpers():
     assert [triton_attention.block_d(d) for d in (1, 16, 17, 40, 64, 80, 160, 256)] == [
         16, 16, 32, 64, 64, 128, 256, 256]
     assert math.isclose(triton_attention._LOG2E, 1 / math.log(2))
+
+
+# ---- offsets past 2**31 and the alignment the host passes ----------------------------------------
+
+
+def test_index_products_past_int32_read_the_right_elements(interpreted, tmp_path):
+    """Issue 13 item 5: head * stride_h, n * stride_n and start_n * stride_n were int32 products,
+    so a (batch, head) spanning 2**31 elements or more wrapped. Views made by as_strided over a
+    sparse memory-mapped file (32 GiB of address space, a few pages touched): head 2 of q starts past
+    2**31 elements, its rows 16.. past 2**31 - 1 too, and k's second key block at exactly 2**31. The
+    views sit 2**32 elements into the file, so a wrapped offset reads zeros there, not out of bounds."""
+    nbytes = 2**35
+    storage = torch.UntypedStorage.from_file(str(tmp_path / "sparse"), shared=True, nbytes=nbytes)
+    flat = torch.tensor([], dtype=torch.float16).set_(storage, 0, (nbytes // 2,), (1,))
+    H, N, D = 3, 32, 16
+    q = flat.as_strided((1, H, N, D), (0, 2**30 + 2**10, 2**27, 1), storage_offset=2**32)
+    k = flat.as_strided((1, H, N, D), (0, 2**12, 2**27, 1), storage_offset=2**32 + 64)
+    v = flat.as_strided((1, H, N, D), (0, 2**12, 2**27, 1), storage_offset=2**32 + 128)
+    g = torch.Generator().manual_seed(0)
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    assert triton_attention.needs_int64_offsets(q, k, v)
+    config = triton_attention.AttentionConfig(16, 16, 1, 1)
+    out = flash_attention(q, k, v, config=config)
+    qc, kc, vc = (t.clone() for t in (q, k, v))  # the same values in a small contiguous tensor
+    assert not triton_attention.needs_int64_offsets(qc, kc, vc)
+    exact = reference_attention(qc.double(), kc.double(), vc.double())
+    eager = reference_attention(qc, kc, vc)
+    assert_within_eager_bound(out, eager, exact, "int64 offsets")
+    torch.testing.assert_close(out, flash_attention(qc, kc, vc, config=config), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: torch.empty(2, 8, 77, 40), 8),  # rows 40 elements apart: 8-aligned (16 B in fp16)
+        (lambda: torch.empty(2, 8, 64, 64), 16),
+        (lambda: torch.empty(2, 3 * 8 * 40, 77).view(2, 3, 8, 40, 77)[:, 0].transpose(-1, -2), 1),  # N-contig, 77
+        (lambda: torch.empty(2, 3 * 8 * 40, 96).view(2, 3, 8, 40, 96)[:, 0].transpose(-1, -2), 16),
+        (lambda: torch.empty(2, 77, 8, 40).transpose(1, 2), 8),  # (B, N, H, D) seen as (B, H, N, D)
+        (lambda: torch.empty(2, 8, 77, 41), 1),
+        (lambda: torch.empty(1, 1, 5, 40).expand(2, 8, 5, 40), 8),  # broadcast: stride 0 counts as any
+        (lambda: torch.empty(2, 8, 77, 80)[..., :40], 16),  # a slice of wider rows
+        # ... at an odd element offset: the strides still align; the pointer's own alignment is the
+        # JIT's to specialize (data_ptr % 16), so the hint stays true
+        (lambda: torch.empty(2, 8, 77, 80)[..., 1:41], 16),
+    ],
+)
+def test_stride_align_divides_every_offset(make, expected):
+    """The alignment the kernel's tl.multiple_of hints claim must hold for every element offset the
+    kernel forms (batch/head bases, row starts; unit-stride runs start at multiples of 16)."""
+    t = make()
+    align = triton_attention.stride_align(t)
+    assert align == expected
+    # every index along a strided axis; along a unit-stride axis the starts of 16-element runs
+    axes = [range(0, size, 16) if stride == 1 and i >= 2 else range(size)
+            for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True))]
+    for index in itertools.product(*axes):
+        offset = sum(i * s for i, s in zip(index, t.stride(), strict=True))
+        assert offset % align == 0, index
