@@ -2,6 +2,10 @@
 // Box-Muller transform, shared by the CPU and CUDA kernels: a counter-based generator, so any
 // element's noise is a pure function of (key, counter) and a kernel needs no state, a fixed seed
 // reproduces on every device, and a CUDA graph replay with a new counter draws fresh noise.
+// "Reproduces" means: the Philox words are bit-identical everywhere (integer arithmetic); the
+// normals are Box-Muller in float32, whose logf/cosf/sinf are the platform's (glibc on the CPU,
+// libdevice on the GPU, 1-2 ulp apart), so CPU and GPU normals agree to a few float32 ulp, not
+// bitwise. Nothing here is contracted into FMAs (no a * b + c), so -fmad does not change them.
 // fastdiff/reference/philox.py is the independent Python version the tests compare against.
 #pragma once
 
