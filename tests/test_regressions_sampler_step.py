@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -208,6 +210,32 @@ def test_cuda_launcher_packs_cfg_scale_as_a_double(tmp_path):
     cfg, clip, quads, steps = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
     assert float.fromhex(cfg) == 1.0 + 2.0**-40 and float.fromhex(clip) == 1.5
     assert (int(quads), int(steps)) == (3, 50)
+
+
+def _cuobjdump() -> str | None:
+    cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    candidates = [shutil.which("cuobjdump"), cuda_home / "bin" / "cuobjdump"]
+    spec = importlib.util.find_spec("triton")
+    if spec is not None and spec.origin is not None:  # Triton bundles one
+        candidates.append(Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return next((str(c) for c in candidates if c is not None and Path(c).is_file()), None)
+
+
+def test_cuda_sampler_step_kernels_never_trap():
+    """Issue 13 item 5: the CUDA kernel __trap()ed on an out-of-range device step index, a sticky
+    error that kills the process's CUDA context. The compiled kernels (every dtype, sm_80 and
+    sm_90) must hold no trap instruction: the SASS of the built extension, read without a GPU."""
+    if not _native.status().get("cuda_compiled"):
+        pytest.skip(f"CUDA part not compiled: {_native.status().get('cuda_skipped_reason') or 'no nvcc'}")
+    if (tool := _cuobjdump()) is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled one) to read the SASS")
+    library = importlib.util.find_spec("fastdiff._C").origin
+    sass = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
+    functions = sass.split("Function : ")[1:]
+    kernels = [f for f in functions if "sampler_step_kernel" in f.split("\n", 1)[0]]
+    assert len(kernels) == 8, f"expected 4 dtypes x 2 archs of sampler_step_kernel, found {len(kernels)}"
+    trapping = [f.split("\n", 1)[0] for f in kernels if "TRAP" in f]
+    assert not trapping, trapping
 
 
 # ---- GPU tier ------------------------------------------------------------------------------------
