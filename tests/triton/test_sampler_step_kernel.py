@@ -226,7 +226,7 @@ def test_philox_normals_match_the_cpu_kernel(triton_device):
 
 def test_out_of_range_step_reads_nothing_and_writes_nan(triton_device):
     """A device step index past the table (the host never sees it): no coefficient is read, every
-    output element is NaN. The CPU kernel raises, the CUDA kernel traps instead."""
+    output element is NaN, as in the CUDA kernel (which never traps). The CPU kernel raises."""
     sampler = _sampler("ddim-eps", device=triton_device)
     x, out, _ = _inputs(sampler, (2, 3, 5, 4), False, torch.float32, triton_device)
     for bad in (STEPS, -1, 2**40):
