@@ -49,11 +49,26 @@ struct AdagnCoefficients {
 // (1/sqrt(eps) for a constant group), and x * a - mean * a would cancel two large, separately
 // rounded products. An absent part takes its neutral value (w = 1, bias = s = t = p = 0), which
 // leaves the result bit-identical to skipping it.
+//
+// An infinite 1 + s (once per channel, never per element) would put Inf - Inf or 0 * Inf into b,
+// where the reference computes h = n * w + bias first and gives h * (1 + s) = +-Inf: so there the
+// bias moves into the center instead, ((x + p) - (mean - bias / (rstd * w))) * [rstd * w * (1 + s)] + t,
+// which is NaN only where h = 0, as the reference's 0 * Inf is (w = 0: y = bias * (1 + s) + t).
 template <typename T>
 FASTDIFF_INLINE AdagnCoefficients<T> adagn_coefficients(T mean, T rstd, T weight, T bias, T scale, T shift,
                                                         T pre_shift) {
   const T one_plus_scale = T(1) + scale;
-  return {pre_shift, mean, rstd * weight * one_plus_scale, bias * one_plus_scale + shift};
+  if (one_plus_scale - one_plus_scale == T(0)) {  // finite (v - v is NaN for +-Inf and NaN)
+    return {pre_shift, mean, rstd * weight * one_plus_scale, bias * one_plus_scale + shift};
+  }
+  const T gain = rstd * weight;
+  if (bias == T(0)) {
+    return {pre_shift, mean, gain * one_plus_scale, shift};
+  }
+  if (gain == T(0)) {
+    return {pre_shift, mean, T(0), bias * one_plus_scale + shift};
+  }
+  return {pre_shift, mean - bias / gain, gain * one_plus_scale, shift};
 }
 
 // The optional per-channel parts as the kernels see them; nullptr = absent (neutral value).

@@ -29,10 +29,16 @@ struct ModulateCoefficients {
 // centered before any multiply: a near-constant row has rstd ~ 1/sqrt(eps), and x * a - mean * a
 // would cancel two large, separately rounded products. An absent part takes its neutral value
 // (w = 1, bias = s = t = 0), which leaves the result bit-identical to skipping it.
+//
+// An infinite 1 + s with no bias would give 0 * Inf = NaN in the offset, where the reference gives
+// (x - mean) * rstd * w * (1 + s) = +-Inf: a zero bias is left out of the offset instead (once per
+// feature, never per element). With a bias and an infinite 1 + s the fold's two infinities can still
+// cancel where the reference's h = n * w + bias does not: only the row's rstd could fold the bias into
+// the center, and it changes per row.
 template <typename T>
 FASTDIFF_INLINE ModulateCoefficients<T> modulate_coefficients(T weight, T bias, T scale, T shift) {
   const T one_plus_scale = T(1) + scale;
-  return {weight * one_plus_scale, bias * one_plus_scale + shift};
+  return {weight * one_plus_scale, (bias == T(0) ? T(0) : bias * one_plus_scale) + shift};
 }
 
 // The optional parts as the kernels see them; nullptr = absent (neutral value).

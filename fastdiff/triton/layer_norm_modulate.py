@@ -89,7 +89,9 @@ def _layer_norm_modulate_kernel(
             tl.float32
         )
         gain = gain * one_plus_scale
-        offset = offset * one_plus_scale
+        # A zero bias stays out of the offset: 0 * (1 + s) is NaN for an infinite scale, where the
+        # reference gives +-Inf (csrc/common/layer_norm_modulate.h does the same).
+        offset = tl.where(offset == 0.0, 0.0, offset * one_plus_scale)
     if HAS_SHIFT:
         offset = offset + tl.load(Shift + b * stride_tb + offs * stride_td, mask=d_valid, other=0.0).to(tl.float32)
 
