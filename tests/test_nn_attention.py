@@ -228,6 +228,33 @@ def test_cache_notices_a_new_or_changed_context_and_new_weights():
         assert counter.calls == 5
 
 
+def test_cache_notices_writes_that_do_not_move_version_counters():
+    """Writes through ``.data``, numpy views and storage copies (an EMA swap: ``p.data.copy_(ema)``)
+    leave version counters where they were; the cached K/V must still follow them."""
+    layer = _randomize(CrossAttention(32, 48, heads=2, dim_head=16))
+    x, context = torch.randn(2, 9, 32), torch.randn(2, 7, 48)
+
+    def fresh_out():
+        return CrossAttention.forward(layer, x, context.clone())
+
+    writes = {
+        "context.data.mul_": lambda: context.data.mul_(2),
+        "a numpy view of the context": lambda: context.numpy().__setitem__((0, 3, 5), 9.0),
+        "a storage copy into the context": lambda: context.untyped_storage().copy_(
+            torch.randn(2, 7, 48).untyped_storage()
+        ),
+        "to_k.weight.data.copy_ (EMA swap)": lambda: layer.to_k.weight.data.copy_(torch.randn(32, 48) / 7),
+        "to_v.weight through numpy": lambda: layer.to_v.weight.detach().numpy().__imul__(-1.0),
+        "load_state_dict": lambda: layer.load_state_dict(_randomize(CrossAttention(32, 48, heads=2, dim_head=16))
+                                                         .state_dict()),
+    }
+    with torch.no_grad(), cache_context(layer):
+        for what, write in writes.items():
+            layer(x, context)  # cached
+            write()
+            torch.testing.assert_close(layer(x, context), fresh_out(), rtol=0, atol=0, msg=what)
+
+
 def test_cache_covers_every_layer_of_a_model_and_nests():
     model = torch.nn.ModuleList([_randomize(CrossAttention(32, 48, heads=2, dim_head=16)) for _ in range(3)])
     counter = _Counter(*(m.to_v for m in model))

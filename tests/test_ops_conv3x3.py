@@ -668,8 +668,10 @@ def test_module_runs_conv2d_where_the_named_backend_cannot(monkeypatch, backend)
 @needs_native
 def test_cpu_remembered_filters_follow_weight_changes():
     """The cpu kernel keeps each weight's transformed filters; every way a weight can change must
-    transform it again: in-place updates, `.data` swaps (a channels_last conversion), and fresh
-    weights allocated where freed ones lived."""
+    transform it again: in-place updates, `.data` writes and swaps (a channels_last conversion),
+    numpy views, storage copies, ``load_state_dict``, ``set_``, and fresh weights allocated where
+    freed ones lived. Writes through `.data`, numpy and the storage do not move the version counter:
+    the EMA swap of diffusers' EMAModel (``p.data.copy_(ema)``) is one of them."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 32, 8, 8, generator=g)
 
@@ -679,7 +681,10 @@ def test_cpu_remembered_filters_follow_weight_changes():
         eager = F.conv2d(x, weight, padding=1)
         assert_within_eager_bound(out, eager, exact, what)
 
-    w = torch.randn(32, 32, 3, 3, generator=g) / 17
+    def fresh():
+        return torch.randn(32, 32, 3, 3, generator=g) / 17
+
+    w = fresh()
     check(w, "first call")
     check(w, "second call (remembered)")
     w.mul_(-2.0)  # in place: the version counter moves
@@ -687,17 +692,114 @@ def test_cpu_remembered_filters_follow_weight_changes():
     with torch.no_grad():
         w[3, 5] = 1.0
     check(w, "after an indexed write")
-    w.data = torch.randn(32, 32, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    w.data.mul_(2.0)  # no version bump
+    check(w, "after w.data.mul_")
+    w.data.copy_(fresh())  # the EMA swap
+    check(w, "after w.data.copy_")
+    w.numpy()[7, 1, 2, 0] += 3.0
+    check(w, "after a write through a numpy view")
+    w.untyped_storage().copy_(fresh().untyped_storage())
+    check(w, "after a storage copy")
+    w.detach()[0].fill_(0.25)
+    check(w, "after a write through a detached view")
+    w.data = fresh().contiguous(memory_format=torch.channels_last)
     check(w, "after a .data swap")
+    w.data.copy_(fresh())  # channels_last bytes, same sizes and strides: compared as one span
+    check(w, "after w.data.copy_ into the channels_last weight")
+    w.set_(fresh())
+    check(w, "after set_")
     for i in range(3):  # fresh weights, likely at a freed one's address
         del w
-        w = torch.randn(32, 32, 3, 3, generator=g)
+        w = fresh()
         check(w, f"fresh weight {i}")
-    with torch.inference_mode():  # inference tensors have no version counter: never remembered
-        wi = torch.randn(32, 32, 3, 3, generator=g)
+    with torch.inference_mode():  # inference tensors have no version counter: the bytes still tell
+        wi = fresh()
         check(wi, "inference tensor")
         wi.mul_(3.0)
         check(wi, "inference tensor after mul_")
+    # A weight that is not one dense span (a strided view) is transformed on every call.
+    wide = torch.randn(32, 64, 3, 3, generator=g)[:, ::2] / 17
+    check(wide, "strided weight")
+    wide.mul_(-1.0)
+    check(wide, "strided weight after mul_")
+
+
+@needs_native
+def test_cpu_remembered_filters_follow_load_state_dict_and_ema_swaps_in_modules():
+    """A Conv3x3 module's weight rewritten by ``load_state_dict`` (copy_ under no_grad) or an EMA
+    swap through ``.data`` runs the new filters on its next call."""
+    torch.manual_seed(3)
+    conv = Conv3x3(32, 32, backend="cpu")
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        other = Conv3x3(32, 32)
+        conv.load_state_dict(other.state_dict())
+        torch.testing.assert_close(conv(x), F.conv2d(x, other.weight, other.bias, padding=1), rtol=1e-4, atol=1e-5)
+        ema = Conv3x3(32, 32)
+        for p, q in zip(conv.parameters(), ema.parameters()):
+            p.data.copy_(q.data)
+        torch.testing.assert_close(conv(x), F.conv2d(x, ema.weight, ema.bias, padding=1), rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_cpu_remembered_filters_are_reused_freed_with_their_weights_and_bounded():
+    """What the cache is for (a second call of an unchanged weight reuses its filters, also through
+    `.detach()` and `.data` views), that they go when the weight is freed (no later call needed),
+    and ``clear_weight_cache``."""
+    OP_MODULE.clear_weight_cache()
+    x = torch.randn(2, 16, 6, 6)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    with torch.no_grad():
+        conv3x3(x, conv.weight)
+        conv3x3(x, conv.weight)
+        conv3x3(x, conv.weight.detach())
+        conv3x3(x, conv.weight.data)
+    info = OP_MODULE.weight_cache_info()
+    assert (info["entries"], info["hits"], info["misses"]) == (1, 3, 1), info
+    # The transformed filters (16 x C_in x 16 padded C_out) and the copy of the weight's bytes.
+    assert info["bytes"] == 4 * (16 * 16 * 16 + 16 * 16 * 9), info
+    assert info["budget"] > 0
+    del conv
+    assert OP_MODULE.weight_cache_info()["entries"] == 0
+    w = torch.randn(16, 16, 3, 3)
+    conv3x3(x, w)
+    assert OP_MODULE.weight_cache_info()["entries"] == 1
+    OP_MODULE.clear_weight_cache()
+    info = OP_MODULE.weight_cache_info()
+    assert (info["entries"], info["bytes"], info["hits"], info["misses"]) == (0, 0, 0, 0), info
+
+
+@needs_native
+def test_cpu_remembered_filters_budget():
+    """FASTDIFF_CONV3X3_CACHE_MB bounds the cache: weights past it are transformed on every call
+    (correctly) and the entries already there stay; 0 turns it off; a bad value is named."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        from fastdiff.ops import conv3x3
+        from fastdiff.ops.conv3x3 import weight_cache_info
+        x = torch.randn(1, 256, 4, 4)
+        ws = [torch.randn(256, 256, 3, 3) / 48 for _ in range(3)]  # 6.6 MiB each with its copy
+        for _ in range(2):
+            for w in ws:
+                out = conv3x3(x, w)
+                assert (out - F.conv2d(x, w, padding=1)).abs().max() < 1e-4
+        info = weight_cache_info()
+        print(info["entries"], info["bytes"] <= info["budget"], info["hits"], info["misses"])
+        """
+    )
+    env = dict(os.environ, FASTDIFF_CONV3X3_CACHE_MB="14")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["2", "True", "2", "4"]
+    env["FASTDIFF_CONV3X3_CACHE_MB"] = "0"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0", "True", "0", "0"]
+    env["FASTDIFF_CONV3X3_CACHE_MB"] = "lots"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "FASTDIFF_CONV3X3_CACHE_MB must be a whole number of MiB" in run.stderr
 
 
 # ---- conv1x1_module: small channels_last 1x1 convolutions as F.linear -----------------------------

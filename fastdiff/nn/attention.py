@@ -121,33 +121,54 @@ class SpatialSelfAttention(nn.Module):
         return x + out.view(B, *x.shape[2:], C).movedim(-1, 1)
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same values bit for bit (NaNs and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    as_int = _SAME_SIZE_INT.get(a.element_size()) if a.dtype.is_floating_point else None
+    if as_int is None:
+        return torch.equal(a, b)
+    return torch.equal(a.view(as_int), b.view(as_int))
+
+
 class _ContextCache:
     """K and V of the contexts seen inside one cache_context block, keyed by tensor identity.
 
-    An entry holds the context itself (so its id cannot be reused by another tensor) and the
-    version counters of the context and of the projection weights: an in-place change to either
-    makes the entry stale, and it is recomputed.
+    An entry holds the context itself (so its id cannot be reused by another tensor) and copies of
+    the context and of the projection weights as they were when K and V were computed; a hit needs
+    all of them unchanged, bit for bit. Version counters are not enough: writes through ``.data``,
+    numpy views or storage copies (an EMA weight swap, ``p.data.copy_(ema)``) do not move them. The
+    comparison reads the context and the two weights twice; the projection it saves multiplies every
+    context row by both weights.
     """
 
     MAX_ENTRIES = 8  # CFG batches one context; a few more cover separate cond/uncond calls
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple[torch.Tensor, tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+        self.entries: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
-    def _versions(context: torch.Tensor, layer: CrossAttention) -> tuple[int, ...]:
-        return (context._version, layer.to_k.weight._version, layer.to_v.weight._version)
+    def _sources(context: torch.Tensor, layer: CrossAttention) -> tuple[torch.Tensor, ...]:
+        parts = [context, layer.to_k.weight, layer.to_v.weight, layer.to_k.bias, layer.to_v.bias]
+        return tuple(t.detach() for t in parts if t is not None)
 
     def get(self, context: torch.Tensor, layer: CrossAttention) -> tuple[torch.Tensor, torch.Tensor] | None:
         entry = self.entries.get(id(context))
-        if entry is None or entry[0] is not context or entry[1] != self._versions(context, layer):
+        if entry is None or entry[0] is not context:
+            return None
+        sources = self._sources(context, layer)
+        if len(sources) != len(entry[1]) or not all(map(_same_bits, sources, entry[1])):
             return None
         return entry[2], entry[3]
 
     def put(self, context: torch.Tensor, layer: CrossAttention, k: torch.Tensor, v: torch.Tensor) -> None:
         if id(context) not in self.entries and len(self.entries) >= self.MAX_ENTRIES:
             self.entries.pop(next(iter(self.entries)))
-        self.entries[id(context)] = (context, self._versions(context, layer), k, v)
+        copies = tuple(t.clone() for t in self._sources(context, layer))
+        self.entries[id(context)] = (context, copies, k, v)
 
 
 class CrossAttention(nn.Module):
@@ -230,7 +251,8 @@ class CrossAttention(nn.Module):
 @contextlib.contextmanager
 def cache_context(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block, every :class:`CrossAttention` in ``module`` projects each context tensor
-    to K and V once and reuses them while the same tensor (unchanged in place) comes back.
+    to K and V once and reuses them while the same tensor comes back with the same values, and the
+    projection weights are unchanged (however either was written: checked bit for bit per call).
 
     Wrap one sampling run: the context (text embeddings, ``[uncond; cond]`` stacked once by
     fastdiff.sample) is the same tensor at every step, so K/V cost one projection per run instead

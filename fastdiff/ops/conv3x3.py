@@ -7,7 +7,9 @@ the residual add).
 cpu: torch.ops.fastdiff.conv3x3 from fastdiff._C (csrc/cpu/conv3x3*.cpp), float32: Winograd
 F(2x2, 3x3), whose GEMMs do 2.25x fewer flops than a direct convolution, with the bias and the
 residual added as the output tiles are written, and the transformed filters remembered per weight
-tensor (and its version). It pays off from 32 channels, on maps of 8x8 pixels or fewer, and on
+tensor: a call reuses them only while the weight's bytes equal a copy taken when they were made, so
+no way of writing a weight (in place, ``.data``, numpy views, ``load_state_dict``) leaves them stale.
+See :func:`weight_cache_info`. It pays off from 32 channels, on maps of 8x8 pixels or fewer, and on
 small problems, where oneDNN's fixed cost per call dominates (``fastdiff.nn.Conv3x3`` applies that
 rule); with fewer channels on larger maps oneDNN's direct convolution is faster. Its error is
 that of a float32 convolution (the transforms only add, subtract and halve).
@@ -16,6 +18,8 @@ The native op has a Meta kernel (torch.compile sees through it) and an autograd 
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -33,7 +37,7 @@ from ..backends import (
 )
 from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
 
-__all__ = ["conv3x3"]
+__all__ = ["conv3x3", "weight_cache_info", "clear_weight_cache"]
 
 OP = "conv3x3"
 NATIVE_DTYPES = (torch.float32,)
@@ -107,12 +111,59 @@ def conv3x3(
         # channels (which it computes, so they are kept off this path).
         out = run_native_cpu(OP, x, weight, bias, residual)
         if out is not NOT_RUN:
+            _forget_when_freed(weight)
             return out
     _validate(x, weight, bias, residual)
     chosen = select_backend(OP, backend, {"x": x, "weight": weight})
     if chosen == "reference":
         return _reference_conv3x3(x, weight, bias, residual)
+    if not torch.compiler.is_compiling():
+        _forget_when_freed(weight)
     return torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
+
+
+# ---- the cpu kernel's remembered filters -------------------------------------------------------
+# The kernel drops the entry of a freed weight on its next call; for the weights that pass through
+# here, a finalizer drops it as soon as Python frees the tensor, so the memory goes with the model.
+_WATCHED: dict[int, list] = {}  # id(weight) -> [finalizer, the data address last seen]
+
+
+def _forget(key: int) -> None:
+    record = _WATCHED.pop(key, None)
+    cache = getattr(torch.ops.fastdiff, "conv3x3_weight_cache", None)
+    if record is not None and cache is not None:
+        cache(record[1])
+
+
+def _forget_when_freed(weight: torch.Tensor) -> None:
+    record = _WATCHED.get(id(weight))
+    if record is None:
+        finalizer = weakref.finalize(weight, _forget, id(weight))
+        finalizer.atexit = False
+        _WATCHED[id(weight)] = [finalizer, weight.data_ptr()]
+    else:
+        record[1] = weight.data_ptr()  # a `.data` swap moves it
+
+
+def weight_cache_info() -> dict[str, int]:
+    """The cpu kernel's remembered filters: ``entries`` (weights), ``bytes`` (their transformed
+    filters and byte copies), ``budget`` (the most they may take: ``FASTDIFF_CONV3X3_CACHE_MB``,
+    default 1024 MiB, read once per process; 0 turns remembering off; past it new weights are
+    transformed on every call), and ``hits``/``misses`` since the last :func:`clear_weight_cache`.
+    Raises RuntimeError when fastdiff._C is not built."""
+    entries, size, budget, hits, misses = _cache_op()()
+    return {"entries": entries, "bytes": size, "budget": budget, "hits": hits, "misses": misses}
+
+
+def clear_weight_cache() -> None:
+    """Drop every remembered filter (the next call of each weight transforms it again)."""
+    _cache_op()(0, True)
+
+
+def _cache_op():
+    if _native.load() is None or not hasattr(torch.ops.fastdiff, "conv3x3_weight_cache"):
+        raise RuntimeError(f"conv3x3: the cpu kernel is not available ({_native.status().get('reason', 'not built')})")
+    return torch.ops.fastdiff.conv3x3_weight_cache
 
 
 # ---- autograd for the native op ----------------------------------------------------------------
