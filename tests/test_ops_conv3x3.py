@@ -737,7 +737,7 @@ def test_cpu_remembered_filters_follow_load_state_dict_and_ema_swaps_in_modules(
         conv.load_state_dict(other.state_dict())
         torch.testing.assert_close(conv(x), F.conv2d(x, other.weight, other.bias, padding=1), rtol=1e-4, atol=1e-5)
         ema = Conv3x3(32, 32)
-        for p, q in zip(conv.parameters(), ema.parameters()):
+        for p, q in zip(conv.parameters(), ema.parameters(), strict=True):
             p.data.copy_(q.data)
         torch.testing.assert_close(conv(x), F.conv2d(x, ema.weight, ema.bias, padding=1), rtol=1e-4, atol=1e-5)
 
