@@ -268,3 +268,42 @@ def test_sampling_keeps_no_autograd_graph():
 
     x = fastdiff.sample(model, (2, 2, 4, 4), steps=3, generator=0)
     assert not x.requires_grad and x.grad_fn is None
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(sampler="ddim"), dict(sampler="ddpm"), dict(sampler="ddim", cfg=3.0), dict(sampler="ddim", classifier=True)],
+    ids=["ddim", "ddpm", "cfg", "classifier"],
+)
+def test_samples_never_require_grad_even_from_noise_that_does(backend, kw):
+    """Regression: noise with requires_grad gave samples with requires_grad=True whose backward left
+    out the model's part (reference) or had none (native steps). sample() is not differentiable:
+    its result requires no grad, the noise gets no .grad, and classifier guidance still sees grad
+    mode on (it differentiates a classifier) while its result enters the step as a constant."""
+    kw = dict(kw)
+    seen_grad_mode = []
+
+    def classifier_grad(x, t, **_):
+        seen_grad_mode.append(torch.is_grad_enabled())
+        xx = x.detach().requires_grad_()
+        (g,) = torch.autograd.grad((xx**2).sum(), xx)
+        return -0.01 * g.requires_grad_()  # a result that itself requires grad must not leak
+
+    if kw.pop("classifier", False):
+        kw["classifier_grad"] = classifier_grad
+    if "cfg" in kw:
+        kw.update(cond={"s": torch.ones(2)}, uncond={"s": torch.zeros(2)})
+
+    def model(x, t, s=None):
+        return 0.3 * x if s is None else 0.3 * x * s.view(-1, 1, 1, 1)
+
+    noise = torch.randn(2, 3, 5, 7, requires_grad=True)
+    x = fastdiff.sample(model, noise=noise, steps=4, generator=0, backend=backend, **kw)
+    assert not x.requires_grad and x.grad_fn is None
+    assert noise.grad is None
+    with torch.no_grad():
+        expected = fastdiff.sample(model, noise=noise.detach(), steps=4, generator=0, backend=backend, **kw)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    if "classifier_grad" in kw:
+        assert seen_grad_mode and all(seen_grad_mode)

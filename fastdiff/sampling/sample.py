@@ -123,7 +123,10 @@ def sample(
 
     Model contract: ``model(x, t, **kwargs)`` with ``t`` an int64 tensor of shape (batch,) on x's
     device, returning a tensor, a tuple (first item used) or an object with ``.sample``. The model
-    runs under ``torch.no_grad()``: sampling keeps no autograd graph across the steps.
+    runs under ``torch.no_grad()``: sampling keeps no autograd graph across the steps, and the
+    result never requires grad, even from a ``noise`` that does (the fused steps have no backward,
+    and a graph without the model's part would give wrong gradients). ``classifier_grad`` is
+    called with grad enabled (also under an outer ``no_grad``); its result enters the step as a constant.
 
     Args:
         shape: (B, C, ...) of the samples; or give ``noise``, the initial x_T (then shape is optional).
@@ -250,7 +253,8 @@ def sample(
 
     step_draws = sum(sampler_obj.draws_noise(i) for i in range(len(sampler_obj.timesteps)))
     streams = NoiseStreams(base_seed(generator), batch, shape[1:], device, dtype, step_draws)
-    x = noise.to(device=device, dtype=dtype) if noise is not None else streams.initial()
+    # Detached: sampling is not differentiable (see the docstring), so no step may record a graph.
+    x = noise.detach().to(device=device, dtype=dtype) if noise is not None else streams.initial()
 
     # t for the model, one row per step: contiguous (model batch,) int64 views, built once.
     model_batch = 2 * batch if guided else batch
@@ -284,20 +288,24 @@ def sample(
         step_noise = streams.step() if sampler_obj.draws_noise(i) else None
         if classifier_grad is None:
             # One fused pass: guidance combine, x0/eps, clipping, noise (fastdiff.ops.sampler_step).
-            x = sampler_obj.fused_step(i, x, out, cfg_scale=float(cfg) if guided else None, noise=step_noise,
-                                       backend=backend)
+            with torch.no_grad():
+                x = sampler_obj.fused_step(i, x, out, cfg_scale=float(cfg) if guided else None, noise=step_noise,
+                                           backend=backend)
         else:
             if guided:
                 eps_channels = shape[1]
-                combined = cfg_combine(out[:, :eps_channels], float(cfg), backend=backend)
+                with torch.no_grad():
+                    combined = cfg_combine(out[:, :eps_channels], float(cfg), backend=backend)
                 if out_channels != eps_channels:
                     combined = torch.cat([combined, out[batch:, eps_channels:]], dim=1)
                 out = combined
-            grad = classifier_grad(x, t_cond[i], **cond)
+            with torch.enable_grad():  # it differentiates a classifier, even when sample() runs under no_grad
+                grad = classifier_grad(x, t_cond[i], **cond)
             if not isinstance(grad, torch.Tensor) or grad.shape != x.shape:
                 got = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
                 raise ValueError(f"classifier_grad must return a tensor of x's shape {tuple(x.shape)}, got {got}")
-            x, _ = sampler_obj.step(i, x, out, noise=step_noise, classifier_grad=grad.to(dtype))
+            with torch.no_grad():
+                x, _ = sampler_obj.step(i, x, out, noise=step_noise, classifier_grad=grad.detach().to(dtype))
         if callback is not None:
             callback(i, sampler_obj.timesteps[i], x)
     return x
