@@ -83,6 +83,9 @@ def _validate(x: object, weight: object, bias: object, residual: object) -> None
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"conv3x3: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
     c_out = weight.shape[0]
+    if c_out == 0:  # as for C_in, H and W: F.conv2d refuses it, so every backend does
+        raise ValueError(f"conv3x3: weight must have at least one output channel (C_out >= 1), got shape "
+                         f"{tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"conv3x3: bias must have shape (C_out,) = ({c_out},), got {tuple(bias.shape)}")
     want = (x.shape[0], c_out, x.shape[2], x.shape[3])
@@ -104,9 +107,17 @@ def conv3x3(
     residual (N, C_out, H, W) or None; one dtype and device for all. The cpu backend returns a
     channels_last tensor (NCHW input is converted first, a copy); the reference backend returns
     what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
-    FASTDIFF_BACKEND overrides it.
+    FASTDIFF_BACKEND overrides it. Empty batches return empty outputs; no channels (C_in or C_out
+    of 0) and empty maps are refused on every backend.
+
+    Non-finite inputs on the cpu backend: an Inf in x or weight gives NaN where the reference gives
+    +-Inf (over the same outputs, the 3x3 neighbourhood of an Inf pixel in every output channel),
+    because the Winograd transforms add and subtract input values and Inf - Inf is NaN. NaN inputs
+    and finite inputs give what the reference gives. Use ``backend="reference"`` where an Inf must
+    stay an Inf.
     """
-    if backend == "auto" and isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 0:
+    if (backend == "auto" and isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 0
+            and isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[0] > 0):
         # The native kernel's own checks match the Python ones below except for empty maps and
         # channels (which it computes, so they are kept off this path).
         out = run_native_cpu(OP, x, weight, bias, residual)
