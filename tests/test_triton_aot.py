@@ -47,7 +47,7 @@ def test_every_configuration_was_built_for_every_arch(report):
                 for config in triton_attention.configs_for(d, dtype):
                     key = (aot._compat.sm_arch(arch), str(dtype)[6:], d, str(config), "d-contig")
                     assert key in built, key
-    assert {r.layout for r in report} == {"d-contig", "n-contig"}
+    assert {r.layout for r in report} == {"d-contig", "n-contig", "d-contig-int64"}
 
 
 def test_no_build_spills(report):
@@ -89,8 +89,9 @@ def test_every_pipelined_build_is_pipelined(report):
     """Issue 13 item 5: D = 40 rows (80 B apart in fp16) hid their 16-byte alignment from the
     compiler, so the d-contig builds lost vectorized loads and cp.async pipelining (24 KB of shared
     memory against 48 KB n-contig). Every build with num_stages >= 2, every D (40, 80, 160) and
-    layout, must keep its K/V loads in flight: cp.async in the PTX, and shared memory for num_stages
-    copies of the K and V tiles. (num_stages = 1 configurations do not pipeline by design.)"""
+    layout (the 64-bit-offset variant included), must keep its K/V loads in flight: cp.async in the
+    PTX, and shared memory for num_stages copies of the K and V tiles. (num_stages = 1 configurations
+    do not pipeline by design.)"""
     configs = {str(c): c for d in aot.HEAD_DIMS for dt in triton_attention.DTYPES
                for c in triton_attention.configs_for(d, dt)}
     sizes = {str(d)[6:]: torch.empty((), dtype=d).element_size() for d in triton_attention.DTYPES}
@@ -103,7 +104,7 @@ def test_every_pipelined_build_is_pipelined(report):
         assert r.async_copies, f"{_label(r)}: no cp.async in the PTX"
         assert r.shared_bytes >= config.num_stages * tiles, (_label(r), r.shared_bytes, config.num_stages * tiles)
         checked.add((r.head_dim, r.layout))
-    assert checked == {(d, layout) for d in aot.HEAD_DIMS for layout in ("d-contig", "n-contig")}
+    assert checked == {(d, layout) for d in aot.HEAD_DIMS for layout in ("d-contig", "n-contig", "d-contig-int64")}
 
 
 def test_specialization_follows_the_jit():

@@ -12,7 +12,8 @@ its builds, how to compile one, and what source decides the code (the cache key)
 - attention: every autotune configuration x dtype x head dim (40, 80, 160: one per BLOCK_D bucket,
   each masked) x arch, with the argument specialization the JIT would give contiguous (B, H, N, D)
   inputs ("d-contig": stride along D is 1), and for fp16 also the qkv-view layout of
-  SpatialSelfAttention ("n-contig": stride along N is 1).
+  SpatialSelfAttention ("n-contig": stride along N is 1) and the 64-bit-offset variant the launcher
+  picks when a (batch, head) spans 2**31 elements or more ("d-contig-int64").
 - group_norm_adagn: every kernel of each plan in fastdiff.triton.group_norm_adagn.AOT_PLANS (fused;
   statistics and apply) x dtype x arch, with every optional part and SiLU, in NCHW or channels_last.
 
@@ -95,7 +96,7 @@ class TritonBuild:
     head_dim: int  # attention's D; 0 for other ops
     block_d: int  # attention's BLOCK_D; 0 for other ops
     config: str  # "M128-N64-w4-s3", "fused-C16-S1024-w16"
-    layout: str  # "d-contig" | "n-contig" (attention), "nchw" | "channels_last" (group_norm_adagn)
+    layout: str  # "d-contig" | "n-contig" | "d-contig-int64" (attention), "nchw" | "channels_last" (group_norm_adagn)
     op: str = "attention"  # the KernelFamily it belongs to
     registers: int = 0
     spill_store_bytes: int = 0
@@ -120,7 +121,7 @@ class TritonBuild:
 def _example_tensors(layout: str, dtype: torch.dtype, head_dim: int):
     """Meta tensors with the strides the kernel sees in practice (the JIT specializes on them)."""
     B, H, N = 2, 8, 4096
-    if layout == "d-contig":
+    if layout in ("d-contig", "d-contig-int64"):
         q, k, v = (torch.empty(B, H, N, head_dim, dtype=dtype, device="meta") for _ in range(3))
     else:  # views of a (B, 3C, N) 1x1-conv output, as SpatialSelfAttention reads them
         qkv = torch.empty(B, 3 * H * head_dim, N, dtype=dtype, device="meta")
@@ -161,7 +162,7 @@ def attention_builds() -> list[tuple[int, torch.dtype, int, _attention.Attention
         for dtype in _attention.DTYPES:
             for head_dim in HEAD_DIMS:
                 for config in _attention.configs_for(head_dim, dtype):
-                    layouts = ("d-contig", "n-contig") if dtype == torch.float16 else ("d-contig",)
+                    layouts = ("d-contig", "n-contig", "d-contig-int64") if dtype == torch.float16 else ("d-contig",)
                     builds += [(arch, dtype, head_dim, config, layout) for layout in layouts]
     return builds
 
@@ -223,7 +224,8 @@ def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: 
     q, k, v, out = _example_tensors(layout, dtype, head_dim)
     args = _attention.kernel_args(q, k, v, out, 1.0 / head_dim**0.5)
     constants = _attention.kernel_constants(head_dim, dtype, config, align=_attention.stride_align(q, k, v, out),
-                                            int64_offsets=_attention.needs_int64_offsets(q, k, v, out))
+                                            int64_offsets=layout.endswith("-int64")
+                                            or _attention.needs_int64_offsets(q, k, v, out))
     row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, block_d=constants["BLOCK_D"],
                config=str(config), layout=layout, op="attention")
     return _measure(_attention.KERNEL, args, constants, arch,

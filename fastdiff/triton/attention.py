@@ -120,8 +120,8 @@ def _attention_fwd_kernel(
     for start_n in range(0, Nk, BLOCK_N):
         n_valid = (start_n + offs_n) < Nk
         if INT64_OFFSETS:  # (start_n + offs_n) is int64 here: no 32-bit start_n * stride product
-            k_next = K + k_base + k_d[:, None] + (start_n + offs_n)[None, :] * stride_kn
-            v_next = V + v_base + (start_n + offs_n)[:, None] * stride_vn + v_d[None, :]
+            k_next = K + k_base + k_d[:, None] + tl.multiple_of((start_n + offs_n) * stride_kn, STRIDE_ALIGN)[None, :]
+            v_next = V + v_base + tl.multiple_of((start_n + offs_n) * stride_vn, STRIDE_ALIGN)[:, None] + v_d[None, :]
         else:  # start_n is a multiple of BLOCK_N (>= 16): these offsets need no hint
             k_next = k_ptrs + start_n * stride_kn
             v_next = v_ptrs + start_n * stride_vn
