@@ -225,7 +225,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 at::Tensor conv3x3_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& residual);
 // The cpu kernel's remembered filters: drops the entries of freed weights, then those of the weight
-// whose TensorImpl is at address `forget` (0: none), or all of them when `clear`. Returns
+// whose data starts at address `forget` (0: none) when no other tensor holds its storage (called as
+// that weight is freed), or all of them when `clear`. Returns
 // [entries, bytes, budget bytes, hits, misses] (the counters count since the last clear).
 std::vector<int64_t> conv3x3_weight_cache(int64_t forget, bool clear);
 

@@ -30,9 +30,9 @@ TORCH_LIBRARY(fastdiff, m) {
   // conv2d(x, weight, bias, stride 1, padding 1) + residual: x (N, C_in, H, W), weight (C_out, C_in, 3, 3),
   // bias (C_out,), residual (N, C_out, H, W); float32. Returns channels_last (N, C_out, H, W). CPU only.
   m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
-  // The conv3x3 cpu kernel's remembered filters (see ops.h): forget one weight by its TensorImpl
-  // address, or clear all; -> [entries, bytes, budget bytes, hits, misses]. Takes no tensor: one
-  // implementation for every dispatch key.
+  // The conv3x3 cpu kernel's remembered filters (see ops.h): forget a weight by its data address, or
+  // clear all; -> [entries, bytes, budget bytes, hits, misses]. Takes no tensor: one implementation
+  // for every dispatch key.
   m.def("conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]", &fastdiff::conv3x3_weight_cache);
 }
 

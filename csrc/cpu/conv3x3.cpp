@@ -106,21 +106,22 @@ bool use_fused_path(int64_t c_in, int64_t c_out) {
 }
 
 
-// U for a weight, remembered per weight tensor: a model's filters change only when it trains, and
+// U for a weight, remembered per weight: a model's filters change only when it trains, and
 // transforming one costs a large share of a call on small maps (at 4x4 pixels, more than the GEMMs).
-// An entry is keyed by the tensor (held weakly: a freed weight can never match, and its TensorImpl
-// address cannot be reused while the entry lives), its data pointer, sizes and strides, and it keeps
-// a copy of the weight's bytes as they were transformed. A hit needs those bytes unchanged: the
-// version counter alone misses writes through `.data`, numpy views and storage copies, which is how
-// EMA weights are swapped in (`p.data.copy_(ema)`), and inference tensors have none. Comparing the
-// bytes reads the weight twice; transforming it reads it, permutes it and writes 16/9 of it.
-// Entries of freed weights are dropped on every call (and by fastdiff.ops.conv3x3 as soon as Python
+// An entry is keyed by the weight's storage (held weakly: a freed storage can never match, and its
+// address cannot be reused while the entry lives), data pointer, sizes and strides, so `.detach()`,
+// `.data` and other views of the same memory share it; and it keeps a copy of the weight's bytes as
+// they were transformed. A hit needs those bytes unchanged: the version counter alone misses writes
+// through `.data`, numpy views and storage copies, which is how EMA weights are swapped in
+// (`p.data.copy_(ema)`), and inference tensors have none. Comparing the bytes reads the weight twice;
+// transforming it reads it, permutes it and writes 16/9 of it.
+// Entries of freed storages are dropped on every call (and by fastdiff.ops.conv3x3 as soon as Python
 // frees a weight it has seen); past the byte budget new weights are transformed on every call rather
 // than evicting others, so a model larger than the budget keeps a stable part of its filters cached
 // instead of missing on every call in turn.
 struct CachedWeight {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
-  const void* impl;  // the weight's TensorImpl, for forgetting it by address
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* impl;  // the storage's StorageImpl, compared by address
   const void* data;
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;
@@ -146,7 +147,7 @@ struct WeightCache {
     entries.erase(keep, entries.end());
   }
   void drop_freed() {
-    drop_if([](const CachedWeight& e) { return e.weight.expired(); });
+    drop_if([](const CachedWeight& e) { return e.storage.expired(); });
   }
 };
 
@@ -199,7 +200,7 @@ at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn wei
     return transform_weight(weight, weight_fn);
   }
   WeightCache& cache = weight_cache();
-  const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+  const c10::StorageImpl* impl = weight.storage().unsafeGetStorageImpl();
   at::Tensor raw;
   at::Tensor u;
   {
@@ -229,10 +230,13 @@ at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn wei
   const int64_t bytes = static_cast<int64_t>(copy.nbytes() + u.nbytes());
   std::lock_guard<std::mutex> lock(cache.mutex);
   ++cache.misses;
-  cache.drop_if([&](const CachedWeight& e) { return e.impl == impl; });
+  cache.drop_if([&](const CachedWeight& e) {
+    return e.impl == impl && e.data == weight.const_data_ptr() && weight.sizes().equals(e.sizes) &&
+           weight.strides().equals(e.strides);
+  });
   if (cache.bytes + bytes <= budget) {
     cache.entries.push_front(CachedWeight{
-        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(weight.getIntrusivePtr()), impl,
+        c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()), impl,
         weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
     cache.bytes += bytes;
   }
@@ -250,8 +254,10 @@ std::vector<int64_t> conv3x3_weight_cache(int64_t forget, bool clear) {
     cache.hits = 0;
     cache.misses = 0;
   } else if (forget != 0) {
-    const void* impl = reinterpret_cast<const void*>(static_cast<intptr_t>(forget));
-    cache.drop_if([&](const CachedWeight& e) { return e.impl == impl; });
+    // Called as a tensor is freed, which still holds its storage: the entry goes only when no other
+    // tensor does (a `.detach()` view going away leaves its parameter's entry).
+    const void* data = reinterpret_cast<const void*>(static_cast<intptr_t>(forget));
+    cache.drop_if([&](const CachedWeight& e) { return e.data == data && e.storage.use_count() <= 1; });
   }
   return {static_cast<int64_t>(cache.entries.size()), cache.bytes, cache_budget_bytes(), cache.hits, cache.misses};
 }
