@@ -208,3 +208,164 @@ def test_import_stays_silent_and_working_when_native_cannot_load():
     assert proc.returncode == 0, proc.stderr
     assert "import warnings []" in proc.stdout and "use warnings 1" in proc.stdout, proc.stdout
     assert "[[4.0, 5.0]]" in proc.stdout
+
+
+# ---- infinite scale in the norms -------------------------------------------------------------------
+
+INF = float("inf")
+
+
+def _norm_case(op: str, with_weight: bool, with_bias: bool, value: float):
+    """x, parts with scale = value in two places (one per sample), and the op's call."""
+    torch.manual_seed(1)
+    B, F_ = 2, 6
+    scale, shift = torch.randn(B, F_), torch.randn(B, F_)
+    scale[0, 1] = value
+    scale[1, 4] = value
+    weight = torch.randn(F_) if with_weight else None
+    bias = torch.randn(F_) if with_bias else None
+    if op == "group_norm_adagn":
+        x = torch.randn(B, F_, 3, 5)
+        return lambda b, act: group_norm_adagn(x, 3, weight, bias, scale, shift, activation=act, backend=b)
+    x = torch.randn(B, 4, F_)
+    return lambda b, act: layer_norm_modulate(x, weight, bias, scale, shift, backend=b)
+
+
+def _assert_matches_where_reference_is_not_nan(got: torch.Tensor, want: torch.Tensor) -> None:
+    keep = ~torch.isnan(want)
+    assert torch.isinf(want).any()  # the case reaches the infinite branch
+    infinite = torch.isinf(want)
+    bad = keep & ~(torch.isclose(got, want, rtol=1e-4, atol=1e-4) | (infinite & (got == want)))
+    assert not bad.any(), f"{int(bad.sum())} of {int(keep.sum())} differ: got {got[bad][:6]}, want {want[bad][:6]}"
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "reference"])
+@pytest.mark.parametrize("value", [INF, -INF])
+@pytest.mark.parametrize("with_weight", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_adagn_infinite_scale_gives_the_references_infinities(backend, value, with_weight, with_bias,
+                                                                       activation):
+    """scale = +-Inf gave NaN (0 * Inf in the folded offset bias * (1 + s) + t) where the reference's
+    (n * w + bias) * (1 + s) is +-Inf; every backend now matches it wherever it is not NaN."""
+    call = _norm_case("group_norm_adagn", with_weight, with_bias, value)
+    _assert_matches_where_reference_is_not_nan(call(backend, activation), call("reference", activation))
+
+
+@pytest.mark.parametrize("backend", [b for b in _backends() if b != "reference"])
+@pytest.mark.parametrize("value", [INF, -INF])
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_layer_norm_modulate_infinite_scale_gives_the_references_infinities(backend, value, with_weight):
+    """DiT's adaLN (no LayerNorm bias): scale = +-Inf gave NaN from 0 * Inf in the offset. With a
+    LayerNorm bias the fold can still cancel two infinities (documented in
+    csrc/common/layer_norm_modulate.h), so that case is not claimed."""
+    call = _norm_case("layer_norm_modulate", with_weight, False, value)
+    _assert_matches_where_reference_is_not_nan(call(backend, None), call("reference", None))
+
+
+# ---- empty inputs and integer parts: every backend agrees -----------------------------------------
+
+
+def _outcome(fn):
+    try:
+        out = fn()
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    return "ok", (tuple(out.shape), out.dtype)
+
+
+def _agree(fn_of_backend, backends):
+    outcomes = {b: _outcome(lambda b=b: fn_of_backend(b)) for b in backends}
+    assert len(set(outcomes.values())) == 1, outcomes
+    return next(iter(outcomes.values()))
+
+
+def _runnable(op_triton: bool = True) -> list[str]:
+    names = ["auto", "reference"]
+    if NATIVE:
+        names.append("cpu")
+    if op_triton and HAS_TRITON and INTERPRETED:
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 0, 3, 3), (2, 4, 0, 3), (2, 4, 0, 0), (3, 4, 0)])
+@pytest.mark.parametrize("with_parts", [False, True])
+def test_group_norm_adagn_empty_input_is_empty_on_every_backend(shape, with_parts):
+    """C = 0 or no pixels: the kernels returned an empty tensor, the reference raised from F.group_norm."""
+    x = torch.randn(shape)
+    B, C = shape[:2]
+    parts = (torch.randn(C), torch.randn(C), torch.randn(B, C), torch.randn(B, C)) if with_parts else ()
+    kind, detail = _agree(lambda b: group_norm_adagn(x, 2 if C else 1, *parts, activation="silu", backend=b),
+                          _runnable())
+    assert (kind, detail) == ("ok", (shape, torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (2, 3, 0)])
+def test_layer_norm_modulate_empty_input_agrees_on_every_backend(shape):
+    x = torch.randn(shape)
+    B, _, D = shape
+    kind, detail = _agree(lambda b: layer_norm_modulate(x, torch.randn(D), torch.randn(D), torch.randn(B, D),
+                                                        torch.randn(B, D), backend=b), _runnable())
+    if D == 0:
+        assert kind == "ValueError" and "D >= 1 features" in detail
+    else:
+        assert (kind, detail) == ("ok", (shape, torch.float32))
+
+
+@pytest.mark.parametrize(("x_shape", "w_shape", "expect"), [
+    ((0, 4, 5, 5), (3, 4, 3, 3), "ok"),
+    ((2, 0, 5, 5), (3, 0, 3, 3), "C_in >= 1"),
+    ((2, 4, 0, 5), (3, 4, 3, 3), "H and W >= 1"),
+    ((2, 4, 5, 5), (0, 4, 3, 3), "C_out >= 1"),
+])
+def test_conv3x3_empty_input_agrees_on_every_backend(x_shape, w_shape, expect):
+    """C_out = 0 returned an empty map on cpu (also through auto's fast path) and raised in F.conv2d."""
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    kind, detail = _agree(lambda b: conv3x3(x, w, backend=b), _runnable(op_triton=False))
+    if expect == "ok":
+        assert kind == "ok" and detail[0] == (0, 3, 5, 5)
+    else:
+        assert kind == "ValueError" and expect in detail
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (4, 3, 0), (3, 2)])
+def test_cfg_combine_empty_input_agrees_on_every_backend(shape):
+    x = torch.randn(shape)
+    kind, detail = _agree(lambda b: cfg_combine(x, 2.0, backend=b), _runnable(op_triton=False))
+    if shape[0] in (0, 3):
+        assert kind == "ValueError" and "even number (>= 2) of rows" in detail
+    else:
+        assert (kind, detail) == ("ok", ((shape[0] // 2, *shape[1:]), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("op", ["group_norm_adagn", "layer_norm_modulate"])
+def test_integer_and_bool_norm_parts_are_refused_by_every_backend(op, dtype):
+    """group_norm_adagn's reference took integer and bool parts and its kernels refused them by
+    dtype; both ops now refuse them on every backend, naming the part."""
+    names = ("weight", "bias", "scale", "shift", "pre_shift") if op == "group_norm_adagn" else (
+        "weight", "bias", "scale", "shift")
+    for name in names:
+        if op == "group_norm_adagn":
+            x = torch.randn(2, 4, 3, 3)
+            part = torch.randint(0, 2, (4,) if name in ("weight", "bias") else (2, 4)).to(dtype)
+            call = lambda b, name=name, part=part, x=x: group_norm_adagn(x, 2, backend=b, **{name: part})  # noqa: E731
+        else:
+            x = torch.randn(2, 3, 4)
+            part = torch.randint(0, 2, (4,) if name in ("weight", "bias") else (2, 4)).to(dtype)
+            call = lambda b, name=name, part=part, x=x: layer_norm_modulate(x, backend=b, **{name: part})  # noqa: E731
+        kind, detail = _agree(call, _runnable())
+        assert kind == "TypeError" and f"{op}: {name} must be a floating tensor, got {dtype}" in detail
+
+
+@needs_native
+def test_conv3x3_inf_input_gives_nan_on_cpu_only_where_the_reference_is_infinite():
+    """Documented in conv3x3's docstring: Winograd's transforms turn an Inf into NaN, over exactly the
+    outputs where the reference is +-Inf; everything else matches."""
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3)
+    x[0, 0, 3, 4] = INF
+    ref, got = conv3x3(x, w, backend="reference"), conv3x3(x, w, backend="cpu")
+    assert (torch.isfinite(got) == torch.isfinite(ref)).all()
+    torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=1e-4, atol=1e-4)
+    assert "Inf - Inf is NaN" in conv3x3.__doc__

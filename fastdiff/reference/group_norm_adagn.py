@@ -18,6 +18,8 @@ def _check_per_channel(name: str, t: torch.Tensor | None, shape: tuple[int, ...]
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"group_norm_adagn: {name} must be a tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():  # as layer_norm_modulate's parts; the kernels read floats only
+        raise TypeError(f"group_norm_adagn: {name} must be a floating tensor, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"group_norm_adagn: {name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -84,6 +86,8 @@ def group_norm_adagn(
     B, C = x.shape[0], x.shape[1]
 
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.numel() == 0:  # no channels or no pixels: an empty result, as the kernels give (F.group_norm raises)
+        return torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
     expand = (B, C) + (1,) * (x.dim() - 2)
 

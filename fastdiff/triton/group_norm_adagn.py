@@ -105,8 +105,17 @@ def _adagn_epilogue(
         b = tl.load(BIAS + channels, mask=c_valid, other=0.0).to(tl.float32)
     if HAS_SCALE:
         one_plus_scale = 1.0 + tl.load(SCALE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
-        a = a * one_plus_scale
-        b = b * one_plus_scale
+        if HAS_BIAS:
+            # An infinite 1 + s (per channel): the bias moves into the center, so that no Inf - Inf or
+            # 0 * Inf reaches b (adagn_coefficients of csrc/common/group_norm_adagn.h, which explains it).
+            infinite = ~(tl.abs(one_plus_scale) < float("inf"))
+            moved = infinite & (b != 0.0) & (a != 0.0)
+            center = tl.where(moved, tl.div_rn(b, tl.where(moved, a, 1.0)), 0.0)
+            a = tl.where(infinite & (b != 0.0) & (a == 0.0), 0.0, a * one_plus_scale)
+            b = tl.where(moved | (infinite & (b == 0.0)), 0.0, b * one_plus_scale)
+            centered = centered + center[:, None]
+        else:
+            a = a * one_plus_scale  # b = 0 stays 0: 0 * (1 + s) would be NaN for an infinite scale
     if HAS_SHIFT:
         b = b + tl.load(SHIFT + sample_channels, mask=c_valid, other=0.0).to(tl.float32)
     y = centered * a[:, None] + b[:, None]
