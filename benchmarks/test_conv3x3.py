@@ -10,6 +10,9 @@ per call dominates). Baseline:
 torch.compile of that composition (Inductor calls the same oneDNN convolution and fuses the add) and
 fastdiff's reference. GFLOP/s counts a direct convolution's
 flops (2 * N * H * W * C_in * C_out * 9) for every provider, so they compare on one scale.
+"fastdiff, no filter cache" clears the kernel's remembered filters before every call, so each call
+transforms its weight again: the difference to "fastdiff" is what remembering them saves, net of the
+byte comparison that checks every hit.
 CPU only: on GPUs the op has no kernel (cuDNN is the path).
 """
 
@@ -30,7 +33,7 @@ SHAPES = {
     "small problem": (2, 16, 16, 16),
 }
 BASELINE = "eager F.conv2d + add"
-PROVIDERS = [BASELINE, "torch.compile(eager)", "fastdiff-reference", "fastdiff"]
+PROVIDERS = [BASELINE, "torch.compile(eager)", "fastdiff-reference", "fastdiff", "fastdiff, no filter cache"]
 
 
 def _eager(x, w, b, r):
@@ -61,8 +64,14 @@ def test_conv3x3_cpu(benchmark, provider, level):
         run = lambda: compiled(x, w, b, r)  # noqa: E731
     elif provider == "fastdiff-reference":
         run = lambda: reference_conv3x3(x, w, b, r)  # noqa: E731
-    else:
+    elif provider == "fastdiff":
         run = lambda: fastdiff.ops.conv3x3(x, w, b, r)  # noqa: E731
+    else:
+        from fastdiff.ops.conv3x3 import clear_weight_cache
+
+        def run():
+            clear_weight_cache()
+            return fastdiff.ops.conv3x3(x, w, b, r)
     out = run()  # warm-up (and compilation for torch.compile, not timed)
     expected = reference_conv3x3(x.double(), w.double(), b.double(), r.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
