@@ -31,8 +31,14 @@ def _backends(op_triton: bool = True) -> list:
     """The backends that run CPU tensors here: reference, cpu (native), triton (interpreter)."""
     out = ["reference", pytest.param("cpu", marks=needs_native)]
     if op_triton:
-        out.append(pytest.param("triton", marks=pytest.mark.skipif(
-            not (HAS_TRITON and INTERPRETED), reason="Triton's CPU interpreter is not on (TRITON_INTERPRET=1)")))
+        out.append(
+            pytest.param(
+                "triton",
+                marks=pytest.mark.skipif(
+                    not (HAS_TRITON and INTERPRETED), reason="Triton's CPU interpreter is not on (TRITON_INTERPRET=1)"
+                ),
+            )
+        )
     return out
 
 
@@ -67,8 +73,9 @@ def test_sampler_step_half_threshold_is_read_as_float32(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("extra", [{}, {"philox_seed": 3}, {"threshold": "ones"}, {"cfg_scale": 2.0},
-                                   {"noise": "randn"}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"philox_seed": 3}, {"threshold": "ones"}, {"cfg_scale": 2.0}, {"noise": "randn"}]
+)
 def test_sampler_step_empty_batch_returns_empty(backend, extra):
     """B = 0 raised a TypeError on the reference (0 rows read as 2B rows, combined with cfg_scale
     None) and an IndexError with philox_seed; every backend returns empty tensors."""
@@ -101,16 +108,25 @@ def test_sampler_step_gradcheck_through_auto_float64():
 def test_sampler_step_explicit_kernel_refuses_inputs_that_require_grad(backend, which):
     """The cpu and triton kernels returned an output with requires_grad=True and a wrong backward
     (PyTorch only warned); they now refuse, naming the reason."""
-    tensors = {"x": torch.randn(2, 3, 4, 4), "model_output": torch.randn(2, 3, 4, 4),
-               "noise": torch.randn(2, 3, 4, 4), "coefs": _coefs()}
+    tensors = {
+        "x": torch.randn(2, 3, 4, 4),
+        "model_output": torch.randn(2, 3, 4, 4),
+        "noise": torch.randn(2, 3, 4, 4),
+        "coefs": _coefs(),
+    }
     tensors[which].requires_grad_()
-    with pytest.raises(BackendUnavailableError, match=rf"inputs require grad \({which}\): the {backend} kernel is "
-                                                       r"forward-only \(no backward\)"):
-        sampler_step(tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"],
-                     backend=backend)
+    with pytest.raises(
+        BackendUnavailableError,
+        match=rf"inputs require grad \({which}\): the {backend} kernel is "
+        r"forward-only \(no backward\)",
+    ):
+        sampler_step(
+            tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"], backend=backend
+        )
     with torch.no_grad():  # without grad mode the kernel runs
-        out, _ = sampler_step(tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"],
-                              backend=backend)
+        out, _ = sampler_step(
+            tensors["x"], tensors["model_output"], tensors["coefs"], 1, noise=tensors["noise"], backend=backend
+        )
     assert not out.requires_grad
 
 
@@ -121,17 +137,26 @@ def _grad_cases():
     B, C, H, W = 2, 4, 3, 5
     return {
         "cfg_combine": (lambda b, t: cfg_combine(t[0], 2.5, backend=b), [torch.randn(2 * B, C, H)], False),
-        "conv3x3": (lambda b, t: conv3x3(t[0], t[1], t[2], backend=b),
-                    [torch.randn(B, C, H, W), torch.randn(C, C, 3, 3), torch.randn(C)], False),
-        "group_norm_adagn": (lambda b, t: group_norm_adagn(t[0], 2, t[1], t[2], t[3], t[4], activation="silu",
-                                                           backend=b),
-                             [torch.randn(B, C, H, W), torch.randn(C), torch.randn(C), torch.randn(B, C),
-                              torch.randn(B, C)], True),
-        "layer_norm_modulate": (lambda b, t: layer_norm_modulate(t[0], t[1], t[2], t[3], t[4], backend=b),
-                                [torch.randn(B, 5, C), torch.randn(C), torch.randn(C), torch.randn(B, C),
-                                 torch.randn(B, C)], True),
-        "sampler_step": (lambda b, t: sampler_step(t[0], t[1], t[2], 1, noise=t[3], backend=b)[0],
-                         [torch.randn(B, C, H, W), torch.randn(B, C, H, W), _coefs(), torch.randn(B, C, H, W)], True),
+        "conv3x3": (
+            lambda b, t: conv3x3(t[0], t[1], t[2], backend=b),
+            [torch.randn(B, C, H, W), torch.randn(C, C, 3, 3), torch.randn(C)],
+            False,
+        ),
+        "group_norm_adagn": (
+            lambda b, t: group_norm_adagn(t[0], 2, t[1], t[2], t[3], t[4], activation="silu", backend=b),
+            [torch.randn(B, C, H, W), torch.randn(C), torch.randn(C), torch.randn(B, C), torch.randn(B, C)],
+            True,
+        ),
+        "layer_norm_modulate": (
+            lambda b, t: layer_norm_modulate(t[0], t[1], t[2], t[3], t[4], backend=b),
+            [torch.randn(B, 5, C), torch.randn(C), torch.randn(C), torch.randn(B, C), torch.randn(B, C)],
+            True,
+        ),
+        "sampler_step": (
+            lambda b, t: sampler_step(t[0], t[1], t[2], 1, noise=t[3], backend=b)[0],
+            [torch.randn(B, C, H, W), torch.randn(B, C, H, W), _coefs(), torch.randn(B, C, H, W)],
+            True,
+        ),
     }
 
 
@@ -244,8 +269,9 @@ def _assert_matches_where_reference_is_not_nan(got: torch.Tensor, want: torch.Te
 @pytest.mark.parametrize("with_weight", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("activation", [None, "silu"])
-def test_group_norm_adagn_infinite_scale_gives_the_references_infinities(backend, value, with_weight, with_bias,
-                                                                       activation):
+def test_group_norm_adagn_infinite_scale_gives_the_references_infinities(
+    backend, value, with_weight, with_bias, activation
+):
     """scale = +-Inf gave NaN (0 * Inf in the folded offset bias * (1 + s) + t) where the reference's
     (n * w + bias) * (1 + s) is +-Inf; every backend now matches it wherever it is not NaN."""
     call = _norm_case("group_norm_adagn", with_weight, with_bias, value)
@@ -296,8 +322,9 @@ def test_group_norm_adagn_empty_input_is_empty_on_every_backend(shape, with_part
     x = torch.randn(shape)
     B, C = shape[:2]
     parts = (torch.randn(C), torch.randn(C), torch.randn(B, C), torch.randn(B, C)) if with_parts else ()
-    kind, detail = _agree(lambda b: group_norm_adagn(x, 2 if C else 1, *parts, activation="silu", backend=b),
-                          _runnable())
+    kind, detail = _agree(
+        lambda b: group_norm_adagn(x, 2 if C else 1, *parts, activation="silu", backend=b), _runnable()
+    )
     assert (kind, detail) == ("ok", (shape, torch.float32))
 
 
@@ -305,20 +332,27 @@ def test_group_norm_adagn_empty_input_is_empty_on_every_backend(shape, with_part
 def test_layer_norm_modulate_empty_input_agrees_on_every_backend(shape):
     x = torch.randn(shape)
     B, _, D = shape
-    kind, detail = _agree(lambda b: layer_norm_modulate(x, torch.randn(D), torch.randn(D), torch.randn(B, D),
-                                                        torch.randn(B, D), backend=b), _runnable())
+    kind, detail = _agree(
+        lambda b: layer_norm_modulate(
+            x, torch.randn(D), torch.randn(D), torch.randn(B, D), torch.randn(B, D), backend=b
+        ),
+        _runnable(),
+    )
     if D == 0:
         assert kind == "ValueError" and "D >= 1 features" in detail
     else:
         assert (kind, detail) == ("ok", (shape, torch.float32))
 
 
-@pytest.mark.parametrize(("x_shape", "w_shape", "expect"), [
-    ((0, 4, 5, 5), (3, 4, 3, 3), "ok"),
-    ((2, 0, 5, 5), (3, 0, 3, 3), "C_in >= 1"),
-    ((2, 4, 0, 5), (3, 4, 3, 3), "H and W >= 1"),
-    ((2, 4, 5, 5), (0, 4, 3, 3), "C_out >= 1"),
-])
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "expect"),
+    [
+        ((0, 4, 5, 5), (3, 4, 3, 3), "ok"),
+        ((2, 0, 5, 5), (3, 0, 3, 3), "C_in >= 1"),
+        ((2, 4, 0, 5), (3, 4, 3, 3), "H and W >= 1"),
+        ((2, 4, 5, 5), (0, 4, 3, 3), "C_out >= 1"),
+    ],
+)
 def test_conv3x3_empty_input_agrees_on_every_backend(x_shape, w_shape, expect):
     """C_out = 0 returned an empty map on cpu (also through auto's fast path) and raised in F.conv2d."""
     x, w = torch.randn(x_shape), torch.randn(w_shape)
@@ -344,8 +378,11 @@ def test_cfg_combine_empty_input_agrees_on_every_backend(shape):
 def test_integer_and_bool_norm_parts_are_refused_by_every_backend(op, dtype):
     """group_norm_adagn's reference took integer and bool parts and its kernels refused them by
     dtype; both ops now refuse them on every backend, naming the part."""
-    names = ("weight", "bias", "scale", "shift", "pre_shift") if op == "group_norm_adagn" else (
-        "weight", "bias", "scale", "shift")
+    names = (
+        ("weight", "bias", "scale", "shift", "pre_shift")
+        if op == "group_norm_adagn"
+        else ("weight", "bias", "scale", "shift")
+    )
     for name in names:
         if op == "group_norm_adagn":
             x = torch.randn(2, 4, 3, 3)
