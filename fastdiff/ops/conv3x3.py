@@ -147,6 +147,8 @@ def _forget(key: int) -> None:
 
 
 def _forget_when_freed(weight: torch.Tensor) -> None:
+    if type(weight) is not torch.Tensor and type(weight) is not torch.nn.Parameter:
+        return  # a tensor subclass (FakeTensor, a tracing wrapper) has no data the kernel remembered
     record = _WATCHED.get(id(weight))
     if record is None:
         finalizer = weakref.finalize(weight, _forget, id(weight))
