@@ -307,3 +307,24 @@ def test_samples_never_require_grad_even_from_noise_that_does(backend, kw):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
     if "classifier_grad" in kw:
         assert seen_grad_mode and all(seen_grad_mode)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ddim_with_eta_ignores_learned_variance_channels(backend):
+    """Regression: DDIM with variance="learned_range" and eta > 0 took its sigma from the variance
+    channels' formula (which DDIM's table leaves empty: sigma 1) instead of eta's, 0.58 off at one
+    step. DDIM drops those channels: sampling must equal the same model without them."""
+    from fastdiff.backends import BackendUnavailableError
+
+    def with_variance(x, t):
+        return torch.cat([0.3 * x, 5 * torch.ones_like(x)], dim=1)
+
+    def without(x, t):
+        return 0.3 * x
+
+    kw = dict(shape=(2, 3, 5, 7), steps=6, eta=0.7, generator=0, backend=backend)
+    try:
+        got = fastdiff.sample(with_variance, variance="learned_range", **kw)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"{backend} backend unavailable: {exc}")
+    torch.testing.assert_close(got, fastdiff.sample(without, **kw), rtol=0, atol=0)

@@ -132,7 +132,7 @@ class Sampler:
             ratio, max_value = self.dynamic_threshold
             threshold = torch.quantile(x0.reshape(x.shape[0], -1).abs().float(), ratio, dim=1)
             threshold = threshold.clamp(min=1, max=max_value)
-        learned = self.variance == "learned_range"
+        learned = self.learned_sigma
         # The first step of a run (or any change in what the checks depend on) goes through the
         # public op: full validation and backend choice. Later steps with the same inputs call the
         # chosen kernel's torch op directly (native or Triton: one schema), which still runs its own
@@ -154,6 +154,12 @@ class Sampler:
 
     def _final_alpha(self) -> torch.Tensor:
         return torch.tensor(1.0, dtype=torch.float32)
+
+    @property
+    def learned_sigma(self) -> bool:
+        """Whether the step's sigma comes from the model's variance channels. DDIM drops those
+        channels (its sigma is eta's), so only DDPM with ``variance="learned_range"`` reads them."""
+        return False
 
     def _table(self, values: torch.Tensor) -> torch.Tensor:
         return values.to(dtype=self.table_dtype, device=self.device)
@@ -243,6 +249,10 @@ class DDPMSampler(Sampler):
 
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
         return torch.cat([ts[1:], ts.new_full((1,), -1)])
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.variance == "learned_range"
 
     def draws_noise(self, i: int) -> bool:
         return self.timesteps[i] > 0
