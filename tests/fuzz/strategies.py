@@ -65,6 +65,8 @@ class Values:
             flat = t.view(-1)
             for index, kind in self.specials:
                 flat[index % flat.numel()] = special_value(kind, dtype)
+        if not dtype.is_floating_point:  # int and bool parts: small whole numbers
+            t = t.clamp(-100, 100).round()
         return lay_out(t.to(dtype), self.layout)
 
 
@@ -81,21 +83,25 @@ def special_value(kind: str, dtype: torch.dtype) -> float:
     }[kind]
 
 
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan") if t.is_floating_point() else 0)
+
+
 def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
     """``t``'s values in the given memory layout (a layout that does not apply to t's rank keeps it
-    contiguous). Padding around strided and offset views is NaN, so a kernel that reads outside its
-    view shows it; "expanded" broadcasts t's first index along dim 0 (stride 0, so it changes values:
-    the case uses the returned tensor everywhere)."""
+    contiguous). Padding around strided and offset views is NaN (0 for int and bool tensors), so a
+    kernel that reads outside its view shows it; "expanded" broadcasts t's first index along dim 0
+    (stride 0, so it changes values: the case uses the returned tensor everywhere)."""
     if layout == "channels_last" and t.dim() in (4, 5):
         return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
     if layout == "transposed" and t.dim() >= 2:
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     if layout == "strided" and t.dim() >= 1:
-        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+        return torch.stack([t, _poison(t)], dim=-1)[..., 0]
     if layout == "rowpadded" and t.dim() >= 2:  # a chunk of a wider tensor: rows longer than the view
-        return torch.cat([t, torch.full_like(t, float("nan"))[..., :3]], dim=-1)[..., : t.shape[-1]]
+        return torch.cat([t, _poison(t)[..., :3]], dim=-1)[..., : t.shape[-1]]
     if layout == "offset":
-        pad = torch.full((3,), float("nan"), dtype=t.dtype)
+        pad = _poison(t.new_empty(3))
         return torch.cat([pad, t.reshape(-1)])[3:].view(t.shape)
     if layout == "expanded" and t.dim() >= 1 and t.shape[0] > 1:
         return t[:1].expand(t.shape)

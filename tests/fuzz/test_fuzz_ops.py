@@ -97,7 +97,7 @@ def cfg_cases(draw) -> Case:
     return Case("cfg_combine", spec)
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(100))
 @given(case=cfg_cases())
 def test_cfg_combine(case):
     s = case.spec
@@ -114,19 +114,23 @@ def test_cfg_combine(case):
 # ---- group_norm_adagn -------------------------------------------------------------------------------
 
 GN_PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
+# Part dtypes beyond the documented ones (x's dtype or float32), for the edge tests.
+PART_DTYPES = (torch.int64, torch.int32, torch.bool, torch.float64, torch.float16, torch.bfloat16)
 
 
 @st.composite
-def group_norm_cases(draw, *, special_x=True, special_parts=False, small=False) -> Case:
-    B = draw(st.sampled_from((1, 2, 3)))
+def group_norm_cases(draw, *, special_x=True, special_parts=False, small=False, edge=False) -> Case:
+    """``edge``: empty dims (B, C or a spatial size 0) and parts of any dtype (int, bool, another float)."""
+    B = draw(st.sampled_from((0, 1, 2) if edge else (1, 2, 3)))
     G = draw(st.sampled_from((1, 2, 3, 4)))
-    C = G * draw(st.sampled_from((1, 2, 3, 5)))
-    spatial = tuple(draw(st.lists(st.sampled_from((1, 2, 3, 5, 7)) if small else sizes, max_size=2 if small else 3)))
+    C = G * draw(st.sampled_from((0, 1, 2) if edge else (1, 2, 3, 5)))
+    dims = st.sampled_from((0, 1, 3)) if edge else st.sampled_from((1, 2, 3, 5, 7)) if small else sizes
+    spatial = tuple(draw(st.lists(dims, max_size=2 if small or edge else 3)))
     dtype = draw(dtypes)
     parts = {}
     for name in GN_PARTS:
         if draw(st.booleans()):
-            part_dtype = draw(st.sampled_from((dtype, torch.float32)))
+            part_dtype = draw(st.sampled_from((dtype, torch.float32) + (PART_DTYPES if edge else ())))
             parts[name] = (draw(values(specials=special_parts, constant=False)), part_dtype)
     spec = dict(
         shape=(B, C, *spatial),
@@ -158,21 +162,28 @@ def _group_norm(case: Case, backends) -> None:
     )
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(100))
 @given(case=group_norm_cases())
 def test_group_norm_adagn(case):
     """Special values, constant groups and layouts in x; finite parts in x's dtype or float32."""
     _group_norm(case, NON_TRITON["group_norm_adagn"])
 
 
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(60))
 @given(case=group_norm_cases(special_x=False, special_parts=True))
 def test_group_norm_adagn_special_parts(case):
     """Special values (Inf, NaN, huge) in weight, bias, scale, shift, pre_shift."""
     _group_norm(case, NON_TRITON["group_norm_adagn"])
 
 
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(50))
+@given(case=group_norm_cases(special_x=False, edge=True))
+def test_group_norm_adagn_empty_and_part_dtypes(case):
+    """Empty inputs and int/bool/other-float parts: every backend rejects them alike or matches."""
+    _group_norm(case, NON_TRITON["group_norm_adagn"])
+
+
+@settings(max_examples=examples(20))
 @given(case=group_norm_cases(small=True))
 def test_group_norm_adagn_triton(case):
     _group_norm(case, ("reference", "triton"))
@@ -184,17 +195,18 @@ LN_PARTS = ("weight", "bias", "scale", "shift")
 
 
 @st.composite
-def layer_norm_cases(draw, *, special_x=True, special_parts=False, small=False) -> Case:
-    B = draw(st.sampled_from((1, 2, 3)))
-    N = draw(st.sampled_from((1, 2, 3, 5, 7)) if small else sizes)
-    D = draw(st.sampled_from((1, 2, 3, 7, 8, 13, 16, 40)) if not small else st.sampled_from((1, 3, 8, 13)))
+def layer_norm_cases(draw, *, special_x=True, special_parts=False, small=False, edge=False) -> Case:
+    """``edge``: empty dims (B, N or D 0) and parts of any dtype (int, bool, another float)."""
+    B = draw(st.sampled_from((0, 1, 2) if edge else (1, 2, 3)))
+    N = draw(st.sampled_from((0, 1, 3)) if edge else st.sampled_from((1, 2, 3, 5, 7)) if small else sizes)
+    D = draw(st.sampled_from((0, 1, 3) if edge else (1, 3, 8, 13) if small else (1, 2, 3, 7, 8, 13, 16, 40)))
     dtype = draw(dtypes)
     parts = {}
     for name in LN_PARTS:
         if draw(st.booleans()):
             parts[name] = (
                 draw(values(specials=special_parts, constant=False)),
-                draw(st.sampled_from((dtype, torch.float32))),
+                draw(st.sampled_from((dtype, torch.float32) + (PART_DTYPES if edge else ()))),
             )
     spec = dict(
         shape=(B, N, D),
@@ -224,19 +236,26 @@ def _layer_norm(case: Case, backends) -> None:
     )
 
 
-@settings(max_examples=examples(50))
+@settings(max_examples=examples(100))
 @given(case=layer_norm_cases())
 def test_layer_norm_modulate(case):
     _layer_norm(case, NON_TRITON["layer_norm_modulate"])
 
 
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(60))
 @given(case=layer_norm_cases(special_x=False, special_parts=True))
 def test_layer_norm_modulate_special_parts(case):
     _layer_norm(case, NON_TRITON["layer_norm_modulate"])
 
 
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(50))
+@given(case=layer_norm_cases(special_x=False, edge=True))
+def test_layer_norm_modulate_empty_and_part_dtypes(case):
+    """Empty inputs and int/bool/other-float parts: every backend rejects them alike or matches."""
+    _layer_norm(case, NON_TRITON["layer_norm_modulate"])
+
+
+@settings(max_examples=examples(20))
 @given(case=layer_norm_cases(small=True))
 def test_layer_norm_modulate_triton(case):
     _layer_norm(case, ("reference", "triton"))
@@ -288,13 +307,13 @@ def _attention(case: Case, backends) -> None:
     _check(case, lambda b: ops.attention(q, k, v, s["scale"], backend=b), reference, backends, {"q": q, "k": k, "v": v})
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(80))
 @given(case=attention_cases())
 def test_attention(case):
     _attention(case, NON_TRITON["attention"])
 
 
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(20))
 @given(case=attention_cases(small=True))
 def test_attention_triton(case):
     _attention(case, ("reference", "triton"))
@@ -304,11 +323,12 @@ def test_attention_triton(case):
 
 
 @st.composite
-def conv_cases(draw) -> Case:
-    N = draw(st.sampled_from((1, 2, 3)))
-    C_in = draw(st.sampled_from((1, 2, 3, 4, 8, 16, 17, 32)))
-    C_out = draw(st.sampled_from((1, 2, 3, 5, 8, 16, 33)))
-    H, W = draw(sizes), draw(sizes)
+def conv_cases(draw, edge=False) -> Case:
+    """``edge``: empty dims (N, C_in, C_out, H or W 0)."""
+    N = draw(st.sampled_from((0, 1, 2) if edge else (1, 2, 3)))
+    C_in = draw(st.sampled_from((0, 1, 3) if edge else (1, 2, 3, 4, 8, 16, 17, 32)))
+    C_out = draw(st.sampled_from((0, 1, 3) if edge else (1, 2, 3, 5, 8, 16, 33)))
+    H, W = (draw(st.sampled_from((0, 1, 4))), draw(st.sampled_from((0, 1, 4)))) if edge else (draw(sizes), draw(sizes))
     dtype = draw(
         st.sampled_from((torch.float32, torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64))
     )
@@ -332,7 +352,7 @@ def _conv_masks(x: torch.Tensor, weight: torch.Tensor):
     reaches, within 2 pixels of it."""
     bad_w = (~weight.isfinite()).flatten(1).any(1).view(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[2], x.shape[3])
     bad_x = (~x.isfinite()).any(1, keepdim=True).to(torch.float32)
-    near = (F.max_pool2d(bad_x, 5, stride=1, padding=2) > 0).expand_as(bad_w)
+    near = (F.max_pool2d(bad_x, 5, stride=1, padding=2) > 0).expand_as(bad_w) if bad_x.numel() else bad_w
 
     def masks(backend: str):
         return (near if backend in ("cpu", "auto") else None), bad_w
@@ -340,9 +360,20 @@ def _conv_masks(x: torch.Tensor, weight: torch.Tensor):
     return masks
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(80))
 @given(case=conv_cases())
 def test_conv3x3(case):
+    _conv3x3(case)
+
+
+@settings(max_examples=examples(30))
+@given(case=conv_cases(edge=True))
+def test_conv3x3_empty(case):
+    """Empty inputs: every backend rejects them alike, or all return the same empty result."""
+    _conv3x3(case)
+
+
+def _conv3x3(case: Case) -> None:
     s = case.spec
     N, C_in, H, W = s["x_shape"]
     x = s["x"].build(s["x_shape"], s["dtype"])
@@ -372,19 +403,21 @@ SCHEDULE = fastdiff.Schedule("linear")
 
 
 @st.composite
-def sampler_step_cases(draw, *, small=False, dtypes_=FLOAT_DTYPES) -> Case:
+def sampler_step_cases(draw, *, small=False, dtypes_=FLOAT_DTYPES, edge=False) -> Case:
+    """``edge``: empty batches, and thresholds of any sign and float dtype."""
     kind = draw(st.sampled_from(("ddim", "ddpm")))
     variance = draw(
         st.sampled_from((None, "learned_range") if kind == "ddim" else ("fixed_small", "fixed_large", "learned_range"))
     )
     steps = draw(st.integers(1, 12))
-    B = draw(st.sampled_from((1, 2, 3)))
+    B = draw(st.sampled_from((0, 1, 2) if edge else (1, 2, 3)))
     C = draw(st.sampled_from((1, 2, 3, 4)))
     spatial = tuple(draw(st.lists(st.sampled_from((1, 2, 3, 5, 7)) if small else sizes, max_size=2)))
     dtype = draw(st.sampled_from(dtypes_))
     guided = draw(st.booleans())
     noise = draw(st.sampled_from(("none", "tensor", "philox")))
-    clip_kind = draw(st.sampled_from(("none", "none", "clip", "threshold")))
+    clip_kind = draw(st.sampled_from(("threshold",) if edge else ("none", "none", "clip", "threshold")))
+    threshold_dtypes = FLOAT_DTYPES if edge else (dtype, torch.float32)
     spec = dict(
         sampler=kind,
         prediction=draw(st.sampled_from(("eps", "v", "x0"))),
@@ -402,7 +435,11 @@ def sampler_step_cases(draw, *, small=False, dtypes_=FLOAT_DTYPES) -> Case:
         noise=draw(values()) if noise == "tensor" else None,
         philox_seed=draw(st.integers(0, 2**63 - 1)) if noise == "philox" else None,
         clip=draw(st.sampled_from((1.0, 0.5, 3.0))) if clip_kind == "clip" else None,
-        threshold=(draw(values(specials=False, constant=False)), draw(st.sampled_from((dtype, torch.float32))))
+        threshold=(
+            draw(values(specials=edge, constant=False)),
+            draw(st.sampled_from(threshold_dtypes)),
+            draw(st.sampled_from((1.0, -1.0, 0.0) if edge else (1.0,))),
+        )
         if clip_kind == "threshold"
         else None,
         return_x0=draw(st.booleans()),
@@ -427,8 +464,9 @@ def _sampler_step(case: Case, backends) -> None:
     noise = s["noise"].build(s["shape"], s["dtype"]) if s["noise"] is not None else None
     threshold = None
     if s["threshold"] is not None:
-        spec, tdtype = s["threshold"]
-        threshold = spec.build((B,), tdtype).abs() + 0.5  # a positive threshold per image
+        spec, tdtype, sign = s["threshold"]
+        # a positive threshold per image; in the edge test also negative ones and zeros (sign 0)
+        threshold = ((spec.build((B,), tdtype).abs() + 0.5) * sign).to(tdtype)
     step = torch.tensor(s["step"]) if s["step_tensor"] else s["step"]
     kwargs = dict(
         cfg_scale=s["cfg_scale"],
@@ -462,13 +500,20 @@ def _sampler_step(case: Case, backends) -> None:
     )
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(150))
 @given(case=sampler_step_cases())
 def test_sampler_step(case):
     _sampler_step(case, NON_TRITON["sampler_step"])
 
 
-@settings(max_examples=examples(12))
+@settings(max_examples=examples(60))
+@given(case=sampler_step_cases(edge=True))
+def test_sampler_step_empty_and_thresholds(case):
+    """Empty batches and thresholds of any sign and float dtype: rejected alike, or matching."""
+    _sampler_step(case, NON_TRITON["sampler_step"])
+
+
+@settings(max_examples=examples(20))
 @given(case=sampler_step_cases(small=True, dtypes_=(torch.float32, torch.float16, torch.bfloat16, torch.float64)))
 def test_sampler_step_triton(case):
     _sampler_step(case, ("reference", "triton"))
