@@ -328,3 +328,14 @@ def test_ddim_with_eta_ignores_learned_variance_channels(backend):
     except BackendUnavailableError as exc:
         pytest.skip(f"{backend} backend unavailable: {exc}")
     torch.testing.assert_close(got, fastdiff.sample(without, **kw), rtol=0, atol=0)
+
+
+def test_sample_refuses_eps_on_a_zero_terminal_snr_schedule():
+    """Regression: rescale_zero_terminal_snr with an eps prediction returned all NaN (x0 divides by
+    sqrt(alphas_cumprod) = 0 at the first step); v and x0 predictions sample it."""
+    s = fastdiff.Schedule(rescale_zero_terminal_snr=True)
+    kw = dict(shape=(1, 1, 2, 2), steps=5, schedule=s, timestep_spacing="trailing", generator=0)
+    with pytest.raises(ValueError, match=r"prediction='eps' cannot sample timestep 999.*'v' or 'x0'"):
+        fastdiff.sample(lambda x, t: 0.3 * x, **kw)
+    for prediction in ("v", "x0"):
+        assert torch.isfinite(fastdiff.sample(lambda x, t: 0.3 * x, prediction=prediction, **kw)).all()

@@ -68,6 +68,7 @@ class Sampler:
         self.device = torch.device(device)
         self.table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         ts = schedule.timesteps(steps, timestep_spacing, steps_offset)
+        schedule.check_prediction(prediction, ts)  # eps at zero SNR would make every sample NaN
         self.timesteps: list[int] = ts.tolist()
         self.timesteps_device = ts.to(self.device)
         prev = self._previous_timesteps(ts)
