@@ -52,19 +52,6 @@ def _backend_param(backend: str):
 
 
 CPU_BACKENDS = [_backend_param(b) for b in BACKENDS if b != "cuda"]
-# The reference op still evaluates sigma = exp(...) * noise when noise is given at a zero noise
-# factor (Inf * 0 = NaN); sample() never gives it noise there. Strict: passing means it was fixed.
-ZERO_FACTOR_BACKENDS = [
-    pytest.param(
-        b,
-        marks=pytest.mark.xfail(
-            strict=True, reason="fastdiff.reference.sampler_step evaluates exp(...) * 0 at a zero noise factor"
-        ),
-    )
-    if b == "reference"
-    else b
-    for b in CPU_BACKENDS
-]
 
 
 def _with_variance(fill):
@@ -153,13 +140,13 @@ def test_op_without_noise_reads_no_variance_channel(backend, dtype):
         assert_within_eager_bound(x0, eager_x0, exact_x0, f"{backend} {dtype} step {i} x0")
 
 
-@pytest.mark.parametrize("backend", ZERO_FACTOR_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", OP_DTYPES, ids=str)
 @pytest.mark.parametrize("draw", ["tensor", "philox"])
 def test_op_at_a_zero_noise_factor_ignores_the_variance(backend, dtype, draw):
     """Noise given at DDPM's last step (noise factor 0) with a finite variance output of 1e4: the
     learned sigma overflows to Inf (in float64 too), and the fused step drops the term instead of
-    giving Inf * 0 = NaN. The reference evaluates it; the math is the step without noise."""
+    giving Inf * 0 = NaN, as the reference does; the math is the step without noise."""
     _skip_unless(backend, dtype)
     sampler = DDPMSampler(SCHEDULE, 10, variance="learned_range", dtype=dtype)
     last = len(sampler.timesteps) - 1

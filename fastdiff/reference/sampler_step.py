@@ -85,6 +85,8 @@ def sampler_step(
         if learned_range:
             f = (var_part + 1) / 2
             sigma = torch.exp(0.5 * (f * k["log_large"] + (1 - f) * k["log_small"])) * k["noise"]
+            # A zero noise factor (DDPM's last step) adds no noise, even where exp(...) overflows.
+            sigma = torch.where(k["noise"] != 0, sigma, torch.zeros_like(sigma))
         else:
             sigma = k["sigma"]
         prev = prev + sigma * z
