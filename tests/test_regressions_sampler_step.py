@@ -145,8 +145,8 @@ def test_op_without_noise_reads_no_variance_channel(backend, dtype):
 @pytest.mark.parametrize("draw", ["tensor", "philox"])
 def test_op_at_a_zero_noise_factor_ignores_the_variance(backend, dtype, draw):
     """Noise given at DDPM's last step (noise factor 0) with a finite variance output of 1e4: the
-    learned sigma overflows to Inf (in float64 too), and the fused step drops the term instead of
-    giving Inf * 0 = NaN, as the reference does; the math is the step without noise."""
+    learned sigma overflows to Inf (in float64 too), and every backend, the reference included,
+    drops the term instead of giving Inf * 0 = NaN: the math is the step without noise."""
     _skip_unless(backend, dtype)
     sampler = DDPMSampler(SCHEDULE, 10, variance="learned_range", dtype=dtype)
     last = len(sampler.timesteps) - 1
