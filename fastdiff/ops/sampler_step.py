@@ -245,9 +245,12 @@ def sampler_step(
     An empty batch (B = 0) returns empty tensors on every backend.
     Differentiable on the reference backend only: the cpu, cuda and triton kernels are forward-only
     and refuse inputs that require grad (under grad mode), so auto picks the reference there.
-    A step index out of range raises on the CPU; on CUDA it stops the kernel with a device trap
-    (the launch fails), since checking a device tensor on the host would cost a sync; the Triton
-    kernel reads nothing out of range and returns NaN everywhere instead (it cannot trap portably).
+    A step index out of range raises on the CPU; on CUDA and Triton (checking a device tensor on
+    the host would cost a sync) the kernel reads no coefficient and writes NaN everywhere, never a
+    device trap, which would poison the process's CUDA context. The noise term is evaluated only
+    when the step draws noise (``noise`` or ``philox_seed``) and, with ``learned_range``, at a
+    nonzero noise factor; otherwise the variance channels are not read, so NaN or Inf there cannot
+    reach the result.
     """
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
     if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
