@@ -430,7 +430,9 @@ def sampler_step_cases(draw, *, small=False, dtypes_=FLOAT_DTYPES, edge=False) -
         dtype=dtype,
         x=draw(values()),
         model_output=draw(values()),
-        var_tanh=draw(st.booleans()),
+        # the variance channels (learned_range): in [-1, 1] as a model gives them, raw, or all NaN or
+        # Inf (DDIM drops them, and no step without noise may read them)
+        variance_channels=draw(st.sampled_from(("tanh", "raw", "nan", "inf", "huge"))),
         cfg_scale=draw(st.sampled_from((1.0, 4.0, 0.0, -1.5))) if guided else None,
         noise=draw(values()) if noise == "tensor" else None,
         philox_seed=draw(st.integers(0, 2**63 - 1)) if noise == "philox" else None,
@@ -459,8 +461,14 @@ def _sampler_step(case: Case, backends) -> None:
     rows = 2 * B if s["cfg_scale"] is not None else B
     channels = 2 * C if s["variance"] == "learned_range" else C
     m = s["model_output"].build((rows, channels, *s["shape"][2:]), s["dtype"])
-    if s["var_tanh"] and channels == 2 * C:  # the usual range of the variance channels, [-1, 1]
-        m = torch.cat([m[:, :C], torch.tanh(m[:, C:].float()).to(m.dtype)], dim=1)
+    if channels == 2 * C and s["variance_channels"] != "raw":
+        var = {
+            "tanh": lambda v: torch.tanh(v.float()),  # the usual range of the variance channels, [-1, 1]
+            "nan": lambda v: torch.full_like(v, float("nan")),
+            "inf": lambda v: torch.full_like(v, float("inf")),
+            "huge": lambda v: torch.full_like(v, 20.0),  # finite, far outside [-1, 1]
+        }[s["variance_channels"]](m[:, C:])
+        m = torch.cat([m[:, :C], var.to(m.dtype)], dim=1)
     noise = s["noise"].build(s["shape"], s["dtype"]) if s["noise"] is not None else None
     threshold = None
     if s["threshold"] is not None:
