@@ -24,7 +24,7 @@ def _ema_swap(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter in place through ``.data`` with slightly moved values (an EMA)."""
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
-        p.data.copy_(p.data + 0.05 * p.data.std().nan_to_num() * torch.randn(p.shape, generator=g))
+        p.data.copy_(p.data + 0.05 * p.data.std(correction=0) * torch.randn(p.shape, generator=g))
 
 
 @needs_native
