@@ -406,3 +406,15 @@ def test_conv3x3_inf_input_gives_nan_on_cpu_only_where_the_reference_is_infinite
     assert (torch.isfinite(got) == torch.isfinite(ref)).all()
     torch.testing.assert_close(got[torch.isfinite(ref)], ref[torch.isfinite(ref)], rtol=1e-4, atol=1e-4)
     assert "Inf - Inf is NaN" in conv3x3.__doc__
+
+
+@pytest.mark.parametrize("backend", ["auto", *_backends()])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 4, 1, 1)])
+def test_group_norm_adagn_one_value_per_group_is_zero_on_every_backend(backend, shape):
+    """Found by the fuzz tier: with one value per group (B = 1, C = num_groups, no pixels) the
+    reference raised F.group_norm's batch-norm size check ("Expected more than 1 value per channel
+    when training", naming no argument) while the kernels returned the norm, which is 0 there."""
+    x = torch.randn(shape)
+    bias, shift = torch.randn(shape[1]), torch.randn(1, shape[1])
+    out = group_norm_adagn(x, shape[1], None, bias, shift=shift, backend=backend)
+    torch.testing.assert_close(out, (bias + shift[0]).view(shape), rtol=0, atol=0)

@@ -94,7 +94,9 @@ def group_norm_adagn(
     h = x.to(compute)
     if pre_shift is not None:
         h = h + pre_shift.to(compute).view(expand)
-    h = F.group_norm(h, num_groups, None, None, eps)
+    # torch.group_norm, not F.group_norm: the same kernel without F's batch-norm size check, which
+    # refuses one value per group (B = 1, C = num_groups, no pixels) although its norm is defined (0).
+    h = torch.group_norm(h, num_groups, None, None, eps)
     if weight is not None:
         h = h * weight.to(compute).view((1, C) + (1,) * (x.dim() - 2))
     if bias is not None:
