@@ -90,6 +90,23 @@ def _dynamic_threshold_arg(value: Any) -> tuple[float, float] | None:
     return ratio, max_value
 
 
+def _device_arg(device: Any) -> torch.device:
+    """``device`` as a torch.device that holds data here, or a ValueError naming it."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from exc
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data to sample; use 'cpu' or a GPU")
+    try:
+        torch.empty(0, device=device)  # the device exists and has a runtime here
+    except (RuntimeError, AssertionError, AttributeError) as exc:
+        raise ValueError(f"device {str(device)!r} is not available here ({str(exc).splitlines()[0]})") from exc
+    return device
+
+
 def sample(
     model: Callable[..., Any],
     shape: tuple[int, ...] | None = None,
@@ -201,6 +218,8 @@ def sample(
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
     backend = backends.resolve_backend(backend)
 
+    if shape is not None and not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"shape must be a tuple (B, C, ...) of positive ints, got {type(shape).__name__} {shape!r}")
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a tensor, got {type(noise).__name__}")
@@ -224,7 +243,7 @@ def sample(
         else:
             param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _device_arg(device)
 
     if isinstance(schedule, str):
         schedule = Schedule(schedule, 1000 if num_train_timesteps is None else num_train_timesteps)
