@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DTYPES, FLOOR, assert_within_eager_bound
+from fuzz.bounds import winograd_conv3x3_bound
 from torch import nn
 
 from fastdiff import _native
@@ -119,6 +120,47 @@ def test_cpu_matches_reference(shape, layout):
             assert torch.isfinite(out).all(), what
             assert out.is_contiguous(memory_format=torch.channels_last), what
             _check_against_reference(out, x, weight, bias, residual, what)
+
+
+# The cpu kernel's documented accuracy (ops.conv3x3's docstring): bounded relative to each filter's
+# largest tap, not tap by tap; the bound and its derivation are fuzz.bounds.winograd_conv3x3_bound.
+
+
+@needs_native
+def test_cpu_error_for_a_filter_with_a_huge_tap_is_within_the_documented_bound():
+    """The fuzz tier's reproducer: a corner tap of 2.8e37 that multiplies only zero padding drowns
+    the other taps' share in Winograd's filter transform (0 for 0.7916); the documented bound
+    allows it, and the float32 reference, whose error is tap by tap, does not need it."""
+    x = torch.full((1, 1, 1, 1), 1.5409961)
+    weight = torch.full((1, 1, 3, 3), 0.5137)
+    weight[0, 0, 0, 0] = 2.8e37
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    out = conv3x3(x, weight, backend="cpu").double()
+    bound, _ = winograd_conv3x3_bound(x, weight)  # (its intermediates might overflow; they do not)
+    assert exact.item() == pytest.approx(0.7916, abs=1e-4)
+    assert out.isfinite().all()
+    assert (out - exact).abs().item() <= bound.item(), f"cpu gave {out.item()}, bound {bound.item():.3g}"
+    eager = conv3x3(x, weight, backend="reference").double()
+    assert (eager - exact).abs().item() <= 2.0**-23 * exact.abs().item()
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_documented_cpu_bound_is_tight_enough_to_catch_a_wrong_result(shape):
+    """On ordinary inputs (He-scaled filters, taps of one magnitude) the kernel stays far inside the
+    documented bound, the bound is a few thousandths of the output at most, and a result computed
+    with every filter's centre tap off by 1% breaks it."""
+    x, weight, _, _ = _case(shape, torch.float32, with_bias=False, with_residual=False)
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    bound, may_overflow = winograd_conv3x3_bound(x, weight)
+    assert not may_overflow.any()
+    err = (conv3x3(x, weight, backend="cpu").double() - exact).abs()
+    assert (err <= bound / 20).all(), f"error / bound up to {(err / bound).max().item():.3g}"
+    assert bound.max() <= 3e-3 * exact.abs().max(), f"bound / max|y| = {(bound.max() / exact.abs().max()).item():.3g}"
+    off = weight.clone()
+    off[:, :, 1, 1] *= 1.01
+    wrong = (conv3x3(x, off, backend="cpu").double() - exact).abs()
+    assert (wrong > bound).any(), f"1% off stays inside: up to {(wrong / bound).max().item():.3g} of the bound"
 
 
 @needs_native

@@ -11,8 +11,9 @@ tensor: a call reuses them only while the weight's bytes equal a copy taken when
 no way of writing a weight (in place, ``.data``, numpy views, ``load_state_dict``) leaves them stale.
 See :func:`weight_cache_info`. It pays off from 32 channels, on maps of 8x8 pixels or fewer, and on
 small problems, where oneDNN's fixed cost per call dominates (``fastdiff.nn.Conv3x3`` applies that
-rule); with fewer channels on larger maps oneDNN's direct convolution is faster. Its error is
-that of a float32 convolution (the transforms only add, subtract and halve).
+rule); with fewer channels on larger maps oneDNN's direct convolution is faster. Its error is a
+float32 convolution's in size, but relative to each filter's largest tap rather than tap by tap (the
+transforms mix a filter's 9 taps): see :func:`conv3x3`.
 cuda, triton: none; on GPUs cuDNN's convolutions (the reference path) are the ones to use.
 The native op has a Meta kernel (torch.compile sees through it) and an autograd formula.
 """
@@ -115,6 +116,26 @@ def conv3x3(
     because the Winograd transforms add and subtract input values and Inf - Inf is NaN. NaN inputs
     and finite inputs give what the reference gives. Use ``backend="reference"`` where an Inf must
     stay an Inf.
+
+    Accuracy of the cpu backend: Winograd's filter transform mixes a filter's 9 taps (sums such as
+    ``(g0 + g1 + g2) / 2``) and its input and output transforms mix each output's 3x3 window of x, so
+    its error is bounded relative to the largest tap of each filter and the largest input of each
+    window, not tap by tap as a direct convolution's. For out[n, co, y, x], to first order in 2^-24:
+
+        |error| <= (C_in + 10) * 2^-18 * sum over ci of max|weight[co, ci]| * max|x[n, ci, window]|
+
+    (the window: the 3x3 pixels around (y, x), zero padding included), plus one rounding each for the
+    bias and the residual. That is 64 * (C_in + 10) float32 roundings (2^-24): 64 from the transforms'
+    coefficients (three ones per row of A^T, row sums of |G| of 1, 1.5, 1.5, 1 and of |B^T| of 2, so
+    (2 * (1 + 1.5 + 1.5))^2), C_in + 10 from the additions along the way, the GEMMs' C_in among them.
+    A direct float32 convolution's worst case, 81 * C_in roundings of the tap-by-tap sum of
+    ``|weight| * |x|``, is the same size, and the two agree for filters whose taps are of one
+    magnitude. A tap more than about 2^24 / (C_in + 10) times a filter's others drowns their share of
+    the output, even where it multiplies only zero padding: x of shape (1, 1, 1, 1) holding 1.541,
+    and a weight of 0.5137 whose corner tap is 2.8e37, give 0 where the reference gives 0.7916 (the
+    bound is 1.8e33). Where ``64 * sum over ci of max|weight[co, ci]| * max|x[n, ci, window]|``
+    exceeds float32's largest value, the intermediates may overflow: +-Inf or NaN even where the
+    exact result is finite. Use ``backend="reference"`` for filters whose taps span that much.
     """
     if (backend == "auto" and isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 0
             and isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[0] > 0):
