@@ -172,6 +172,28 @@ def test_sdpa_output_merges_heads_without_a_copy():
     torch.testing.assert_close(out, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_sdpa_gives_zero_for_a_row_with_no_score_left_as_documented(backend):
+    """ops.attention's docstring: on CPU tensors PyTorch's SDPA treats NaN scores as masked out and
+    returns 0 for a query row whose scores are all NaN or -Inf, where the reference gives NaN; a NaN
+    among numbers gives NaN, as the reference does. Reproducer from the fuzz tier: one key holding
+    a NaN. If this starts failing because PyTorch gives NaN, update that docstring and the README."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    assert backend == "sdpa" or select_backend("attention", "auto", {"q": q, "k": k, "v": v}) == "sdpa"
+    k[..., 0] = float("nan")
+    assert reference_attention(q, k, v).isnan().all()
+    assert torch.equal(attention(q, k, v, backend=backend), torch.zeros_like(q))
+    # every score -Inf: the same
+    q1, k1, v1 = torch.ones(1, 1, 2, 1), torch.full((1, 1, 3, 1), float("-inf")), torch.randn(1, 1, 3, 1)
+    assert reference_attention(q1, k1, v1).isnan().all()
+    assert torch.equal(attention(q1, k1, v1, backend=backend), torch.zeros_like(q1))
+    # one key of three holding a NaN: a NaN among numbers in every row, so NaN, as the reference
+    k3, v3 = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 3, 8)
+    k3[0, 0, 1, 0] = float("nan")
+    assert attention(q, k3, v3, backend=backend).isnan().all()
+
+
 def test_dispatch_cache_keys_on_the_head_dim_limit_and_grad(fake_gpu):
     """Decisions are remembered per device and dtype; the triton backend also refuses head dims past
     TRITON_MAX_HEAD_DIM and inputs that need grad, so both are part of the key (else one input's pick

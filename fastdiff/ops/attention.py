@@ -162,6 +162,13 @@ def attention(
     round the probabilities to the input dtype before the second product, as FlashAttention does.
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton" | "xformers" | "sdpa";
     FASTDIFF_BACKEND overrides it. Auto tries cuda, triton, cpu, xformers, sdpa, reference.
+
+    A query row with no score left, on the sdpa backend with CPU tensors (auto's pick there):
+    PyTorch's CPU kernel treats a NaN score as masked out (-Inf), and returns 0 for a row whose
+    scores are all NaN or -Inf (a NaN anywhere in that row of q, or in every key; scores that overflow
+    to -Inf), where the reference gives NaN; a row with a NaN among numbers gives NaN, as the
+    reference does. Telling such rows apart would take the scores or a host sync, so it is left as
+    PyTorch has it: use ``backend="reference"`` where they must show as NaN.
     """
     check_inputs(q, k, v)
     _check_scale(scale)
