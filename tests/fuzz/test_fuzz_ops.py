@@ -5,6 +5,7 @@ interpreter on small shapes, in tests of its own with fewer examples."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import fastdiff
 from fastdiff import ops
+from fastdiff.backends import select_backend
 from fastdiff.reference import attention as ref_attention
 from fastdiff.reference import conv3x3 as ref_conv3x3
 from fastdiff.reference import group_norm_adagn as ref_group_norm_adagn
@@ -23,6 +25,7 @@ from fastdiff.reference.guidance import cfg_combine as ref_cfg_combine
 from fastdiff.reference.sampler_step import sampler_step as ref_sampler_step
 from fastdiff.sampling import DDIMSampler, DDPMSampler
 
+from .bounds import winograd_conv3x3_bound
 from .strategies import (
     FLOAT_DTYPES,
     Values,
@@ -56,8 +59,9 @@ def _check(case: Case, call, reference, backends, inputs, masks=None, outputs=la
     """Run the backends, require consistent acceptance, and hold each result to the float64 reference.
 
     ``reference(mode)``: "exact" (float64 inputs), "eager" (the input dtype, no upcast: sets the
-    tolerance) or "documented" (the reference backend's float32 math). ``masks(backend)`` gives
-    (nan_ok, free) masks of documented exceptions; ``slack`` adds a documented error to eager's."""
+    tolerance) or "documented" (the reference backend's float32 math). ``masks(backend)`` gives the
+    documented exceptions of that backend as keyword arguments of check_output (nan_ok, zero_ok, free,
+    allowance, overflow_ok); ``slack`` adds a documented error to eager's."""
     what = repr(case)
     outcomes = run_backends(SUPPORT[case.op], inputs, call, backends, what)
     if not consistent(outcomes, what):
@@ -69,9 +73,9 @@ def _check(case: Case, call, reference, backends, inputs, masks=None, outputs=la
             for e, x, d in zip(eager, exact, outputs(slack()), strict=True)
         )
     for o in outcomes:
-        nan_ok, free = masks(o.backend) if masks is not None else (None, None)
+        exceptions = masks(o.backend) if masks is not None else {}
         for i, (out, ex, ea, doc) in enumerate(zip(outputs(o.out), exact, eager, documented, strict=True)):
-            check_output(out, ea, ex, f"{what} output {i}", o.backend, documented=doc, nan_ok=nan_ok, free=free)
+            check_output(out, ea, ex, f"{what} output {i}", o.backend, documented=doc, **exceptions)
 
 
 def _call_reference(fn, mode, *args, **kwargs):
@@ -245,7 +249,7 @@ def _layer_norm_masks(x: torch.Tensor, parts: dict[str, torch.Tensor]):
     infinite = parts["scale"].isinf().unsqueeze(1).expand(x.shape)
 
     def masks(backend: str):
-        return (infinite if backend in ("cpu", "cuda", "auto") else None), None
+        return {"nan_ok": infinite} if backend in ("cpu", "cuda", "auto") else {}
 
     return masks
 
@@ -318,7 +322,39 @@ def _attention(case: Case, backends) -> None:
     def reference(mode):
         return _call_reference(ref_attention, mode, q, k, v, scale=s["scale"])
 
-    _check(case, lambda b: ops.attention(q, k, v, s["scale"], backend=b), reference, backends, {"q": q, "k": k, "v": v})
+    _check(
+        case,
+        lambda b: ops.attention(q, k, v, s["scale"], backend=b),
+        reference,
+        backends,
+        {"q": q, "k": k, "v": v},
+        masks=_attention_masks(q, k, s["scale"]),
+    )
+
+
+def _attention_masks(q: torch.Tensor, k: torch.Tensor, scale: float | None):
+    """The documented exception (ops.attention's docstring): on CPU tensors, PyTorch's SDPA (the sdpa
+    backend, and auto where it picks it) treats NaN scores as masked out (-Inf), and returns 0 for a
+    query row with no score left (every score NaN or -Inf) where the reference gives NaN. Exactly
+    those rows may be 0 there: by the float64 reference's scores, or by the reference's float32 math
+    (where a score that is finite in float64 overflows to -Inf, and the documented math is NaN too)."""
+    if q.device.type != "cpu":
+        return None
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+    def no_score_left(compute: torch.dtype) -> torch.Tensor:
+        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * s  # as the reference
+        return (scores.isnan() | (scores == float("-inf"))).all(-1, keepdim=True)
+
+    rows = no_score_left(torch.float64) | no_score_left(torch.promote_types(q.dtype, torch.float32))
+    zero_ok = rows.expand(q.shape)
+
+    def masks(backend: str):
+        if backend == "auto":
+            backend = select_backend("attention", "auto", {"q": q, "k": k, "v": k})
+        return {"zero_ok": zero_ok} if backend == "sdpa" else {}
+
+    return masks
 
 
 @settings(max_examples=examples(80))
@@ -362,14 +398,27 @@ def _conv_masks(x: torch.Tensor, weight: torch.Tensor):
     """Documented exceptions. An output channel whose filter has a non-finite tap is free on every
     backend: whether the zero padding is multiplied by it (0 * Inf = NaN) is the convolution
     implementation's choice (F.conv2d in float64 does, oneDNN in float32 does not). On the cpu
-    backend (Winograd F(2x2, 3x3)) a non-finite input may turn into NaN over the output tiles it
-    reaches, within 2 pixels of it, where the reference gives +-Inf (README's op table)."""
+    backend (Winograd F(2x2, 3x3)), and on auto where it picks cpu:
+
+    * a non-finite input may turn into NaN over the output tiles it reaches, within 2 pixels of it,
+      where the reference gives +-Inf (README's op table);
+    * the error is bounded relative to each filter's largest tap times the largest input of each
+      output's window, not tap by tap (the op's docstring; bounds.winograd_conv3x3_bound derives
+      it): that bound is added to the dtype rule's, and where its intermediates may overflow float32
+      a non-finite output is accepted."""
     bad_w = (~weight.isfinite()).flatten(1).any(1).view(1, -1, 1, 1).expand(x.shape[0], -1, x.shape[2], x.shape[3])
     bad_x = (~x.isfinite()).any(1, keepdim=True).to(torch.float32)
     near = (F.max_pool2d(bad_x, 5, stride=1, padding=2) > 0).expand_as(bad_w) if bad_x.numel() else bad_w
+    winograd: dict[str, torch.Tensor] = {}
 
     def masks(backend: str):
-        return (near if backend in ("cpu", "auto") else None), bad_w
+        if backend == "auto":
+            backend = select_backend("conv3x3", "auto", {"x": x, "weight": weight})
+        if backend != "cpu":
+            return {"free": bad_w}
+        if not winograd:
+            winograd["allowance"], winograd["overflow_ok"] = winograd_conv3x3_bound(x, weight)
+        return {"nan_ok": near, "free": bad_w, **winograd}
 
     return masks
 
