@@ -16,7 +16,9 @@
 //    Every walk goes forwards through memory: rows walked backwards defeated the prefetchers (the
 //    epilogue ran 1.4x slower on one thread).
 // Moments of a run come from blocks small enough to stay in L1: the block's mean, then the sum of
-// squared deviations from it (a second pass over L1, not memory), merged with welford_combine.
+// squared deviations from it (a second pass over L1, not memory), merged with welford_combine. The
+// block's mean is shifted, k + sum(x - k) / n with k its first value (per channel on channels_last),
+// so that a constant group gets its value as the mean and M2 = 0 exactly, and normalizes to exactly 0.
 #ifndef FASTDIFF_CPU_ISA
 #error "define FASTDIFF_CPU_ISA before including group_norm_adagn_impl.inl"
 #endif
@@ -198,7 +200,8 @@ void nchw_by_segment(const Problem<scalar_t>& pb) {
 
 // Per-channel moments of pixels [p0, p1) of sample b (x is (B, S, C)) into mean[C], m2[C]; returns
 // the count. Blocks of pixels small enough for L1 are walked one tile of channels at a time with the
-// sums in registers: the tile's mean over the block's pixels, then its centered squares (a second
+// sums in registers: the tile's shifted mean over the block's pixels (k + sum(x - k) / n, k each
+// channel's value in the block's first pixel: exact for a constant channel), then its centered squares (a second
 // pass over L1), then merged into the running per-channel moments lane-wise (welford_combine on
 // vectors, the count shared by every lane).
 template <typename scalar_t>
@@ -233,13 +236,14 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
     const FVec inv_n(opmath_t(1) / nb);
     int64_t c = 0;
     for (; c + IO::kStep <= C; c += IO::kStep) {
-      FVec lo, hi, s0(0), s1(0);
+      FVec lo, hi, k0, k1, s0(0), s1(0);
+      IO::load(rows + c, k0, k1);  // each channel's shift: its value in the block's first pixel
       for (int64_t r = 0; r < n; ++r) {
         IO::load(rows + r * C + c, lo, hi);
-        s0 = s0 + lo;
-        s1 = s1 + hi;
+        s0 = s0 + (lo - k0);
+        s1 = s1 + (hi - k1);
       }
-      const FVec m0 = s0 * inv_n, m1 = s1 * inv_n;
+      const FVec m0 = k0 + s0 * inv_n, m1 = k1 + s1 * inv_n;
       FVec q0v(0), q1v(0);
       for (int64_t r = 0; r < n; ++r) {
         IO::load(rows + r * C + c, lo, hi);
@@ -259,13 +263,14 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
     }
     if (c < C) {  // the last C - c < kStep channels as one partial tile; its empty lanes stay zero
       const int64_t rest = C - c;
-      FVec lo, hi, s0(0), s1(0);
+      FVec lo, hi, k0, k1, s0(0), s1(0);
+      IO::load_n(rows + c, rest, k0, k1);
       for (int64_t r = 0; r < n; ++r) {
         IO::load_n(rows + r * C + c, rest, lo, hi);
-        s0 = s0 + lo;
-        s1 = s1 + hi;
+        s0 = s0 + (lo - k0);
+        s1 = s1 + (hi - k1);
       }
-      const FVec m0 = s0 * inv_n, m1 = s1 * inv_n;
+      const FVec m0 = k0 + s0 * inv_n, m1 = k1 + s1 * inv_n;
       FVec q0v(0), q1v(0);
       for (int64_t r = 0; r < n; ++r) {
         IO::load_n(rows + r * C + c, rest, lo, hi);

@@ -62,6 +62,10 @@ void for_each_task(int64_t n, int64_t elements_per_task, bool last_first, const 
 
 // Moments of x[0, n), n >= 1: per block of `block` elements (small enough for L1) its mean, then its
 // centered sum of squares (a second pass over L1, not memory); blocks merged with welford_combine.
+// The mean is a shifted one: k + sum(x - k) / len with k the block's first value, so a constant
+// block has the sum 0, the mean k exactly and M2 = 0 exactly (sum(x) / len is not exact in
+// floating point, and 1 / sqrt(eps) would amplify x - mean); it also keeps the sum small for data
+// far from zero.
 template <typename scalar_t>
 WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t n, int64_t block) {
   using IO = Io<scalar_t>;
@@ -71,20 +75,25 @@ WelfordStats<at::opmath_type<scalar_t>> span_moments(const scalar_t* x, int64_t 
   for (int64_t start = 0; start < n; start += block) {
     const scalar_t* p = x + start;
     const int64_t len = std::min(block, n - start);
+    const opmath_t k = static_cast<opmath_t>(p[0]);
+    const FVec k_v(k);
     FVec lo, hi, s0(0), s1(0);
     int64_t i = 0;
     for (; i + IO::kStep <= len; i += IO::kStep) {
       IO::load(p + i, lo, hi);
-      s0 = s0 + lo;
-      s1 = s1 + hi;
+      s0 = s0 + (lo - k_v);
+      s1 = s1 + (hi - k_v);
     }
     const int64_t rest = len - i;  // < kStep: one partial step, zeros past the end
     if (rest > 0) {
       IO::load_n(p + i, rest, lo, hi);
+      lo = lo - k_v;
+      hi = hi - k_v;
+      IO::zero_past(rest, lo, hi);  // the lanes past the end would add -k
       s0 = s0 + lo;
       s1 = s1 + hi;
     }
-    const opmath_t mean = IO::sum_lanes(s0 + s1) / static_cast<opmath_t>(len);
+    const opmath_t mean = k + IO::sum_lanes(s0 + s1) / static_cast<opmath_t>(len);
     const FVec mean_v(mean);
     FVec q0(0), q1(0);
     for (i = 0; i + IO::kStep <= len; i += IO::kStep) {

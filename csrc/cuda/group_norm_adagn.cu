@@ -90,19 +90,25 @@ struct GroupWalker {
   }
 };
 
-// Moments of one vector's values x + pre_shift: its mean, then its centered squares (registers).
+// Moments of one vector's values u = x + pre_shift: its mean, then its centered squares (registers).
+// The mean is shifted, u[0] + sum(u - u[0]) / V: a constant vector's mean is its value exactly (so a
+// constant group's is too, welford_combine merging equal means exactly) and M2 is 0 exactly, where
+// sum(u) / V is not exact and 1 / sqrt(eps) would amplify the difference.
 template <typename acc_t, typename scalar_t, typename param_t, int V>
 __device__ WelfordStats<acc_t> pack_moments(const Pack<scalar_t, V>& pack, const AdagnParams<param_t>& params,
                                             int64_t b, int64_t channel, bool channels_last) {
   acc_t u[V];
-  acc_t sum = 0;
 #pragma unroll
   for (int l = 0; l < V; ++l) {
     const int64_t c = channels_last ? channel + l : channel;
     u[l] = static_cast<acc_t>(pack.v[l]) + params.template pre_shift_at<acc_t>(b, c);
-    sum += u[l];
   }
-  const acc_t mean = sum / acc_t(V);
+  acc_t sum = 0;
+#pragma unroll
+  for (int l = 1; l < V; ++l) {
+    sum += u[l] - u[0];
+  }
+  const acc_t mean = u[0] + sum / acc_t(V);
   acc_t m2 = 0;
 #pragma unroll
   for (int l = 0; l < V; ++l) {

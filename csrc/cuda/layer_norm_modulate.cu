@@ -5,7 +5,7 @@
 // (float64 for float64):
 //  * rows of up to 32 * vecs_per_lane<V>() vectors (D <= 1536 in 16-byte vectors, every DiT width;
 //    D <= 384 in scalars) take the warp kernel: one warp per row, the row held in registers, so x is read from memory once. The
-//    row's sum gives the mean, then the squared deviations from it give M2 (two passes over
+//    row's shifted sum gives the mean (x0 + sum(x - x0) / D, exact for a constant row), then the squared deviations from it give M2 (two passes over
 //    registers, each a warp shuffle reduction), then the epilogue writes the row.
 //  * longer rows take the block kernel: one block per row, each thread merging the moments of its
 //    vectors (welford_combine), a block reduction, then a second read of the row (from L2) to apply.
@@ -114,19 +114,28 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock)
   const acc_t inv_count = acc_t(1) / count;
 
   P cache[kVecsPerLane];
-  acc_t sum = 0;
 #pragma unroll
   for (int i = 0; i < kVecsPerLane; ++i) {
     const int k = lane + i * kWarp;
     if (k < vectors) {
       cache[i] = *reinterpret_cast<const P*>(in + static_cast<int64_t>(k) * V);
+    }
+  }
+  // The shifted mean, x0 + sum(x - x0) / D with x0 the row's first value (lane 0's first vector): a
+  // constant row's mean is its value exactly and M2 is 0 exactly (sum(x) / D is not exact, and
+  // 1 / sqrt(eps) would amplify x - mean).
+  const acc_t shift = __shfl_sync(0xffffffffu, lane == 0 ? static_cast<acc_t>(cache[0].v[0]) : acc_t(0), 0);
+  acc_t sum = 0;
+#pragma unroll
+  for (int i = 0; i < kVecsPerLane; ++i) {
+    if (lane + i * kWarp < vectors) {
 #pragma unroll
       for (int l = 0; l < V; ++l) {
-        sum += static_cast<acc_t>(cache[i].v[l]);
+        sum += static_cast<acc_t>(cache[i].v[l]) - shift;
       }
     }
   }
-  const acc_t mean = warp_sum(sum) * inv_count;
+  const acc_t mean = shift + warp_sum(sum) * inv_count;
   acc_t m2 = 0;
 #pragma unroll
   for (int i = 0; i < kVecsPerLane; ++i) {
@@ -172,12 +181,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   WelfordStats<acc_t> stats{0, 0, 0};
   for (int64_t k = threadIdx.x; k < vectors; k += kBlockThreads) {
     const P pack = *reinterpret_cast<const P*>(in + k * V);
+    const acc_t first = static_cast<acc_t>(pack.v[0]);
     acc_t sum = 0;
 #pragma unroll
-    for (int l = 0; l < V; ++l) {
-      sum += static_cast<acc_t>(pack.v[l]);
+    for (int l = 1; l < V; ++l) {
+      sum += static_cast<acc_t>(pack.v[l]) - first;
     }
-    const acc_t mean = sum / acc_t(V);
+    const acc_t mean = first + sum / acc_t(V);  // shifted: exact for a constant vector
     acc_t m2 = 0;
 #pragma unroll
     for (int l = 0; l < V; ++l) {

@@ -5,7 +5,8 @@ statistics of ``u = x + p`` per (sample, group) in float32, GroupNorm's biased v
 affine and AdaGN parts folded per channel into ``a = rstd * w * (1 + s)`` and
 ``b = bias * (1 + s) + t``, and the input centered before the multiply:
 ``y = act((u - mean) * a + b)`` (never ``u * a - mean * a``, which cancels two large products when
-rstd is large). Moments are centered ones merged with Chan's formula, never E[u^2] - E[u]^2.
+rstd is large). Moments are centered ones merged with Chan's formula, never E[u^2] - E[u]^2, and
+means are shifted by one value of the group, so a constant group normalizes to exactly 0.
 
 x is seen as (B, C, S) with S the flattened spatial dims, through its strides: NCHW
 (stride_s = 1), channels_last and channels_last_3d (stride_c = 1), and any view whose spatial dims
@@ -125,7 +126,10 @@ def _adagn_epilogue(
 
 
 # Fused path, per (sample b, group g): u = x + p over the C/G x S tile in registers;
-# mean = sum(u) / n; M2 = sum((u - mean)^2) over the valid lanes (the exact two-pass moments).
+# mean = u0 + sum(u - u0) / n with u0 the group's first value (taken from the registers: x is still
+# read once); M2 = sum((u - mean)^2) over the valid lanes (the exact two-pass moments). The shift makes
+# a constant group's mean its value exactly and M2 = 0 exactly, so it normalizes to exactly 0
+# (sum(u) / n is not exact, and 1 / sqrt(eps) would amplify u - mean).
 @triton.jit
 def _group_norm_adagn_fused_kernel(
     X,  # (B, C, S) input, any strides (NCHW: stride_xs = 1; channels_last: stride_xc = 1)
@@ -160,7 +164,8 @@ def _group_norm_adagn_fused_kernel(
     if HAS_PRE:
         u = u + tl.load(PRE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)[:, None]
     count = tl.zeros([], tl.float32) + CPG * S  # (CPG and S may be constexpr 1)
-    mean = tl.div_rn(tl.sum(tl.where(mask, u, 0.0)), count)
+    first = tl.sum(tl.where((offs_c == 0)[:, None] & (offs_s == 0)[None, :], u, 0.0))
+    mean = first + tl.div_rn(tl.sum(tl.where(mask, u - first, 0.0)), count)
     centered = tl.where(mask, u - mean, 0.0)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(tl.sum(centered * centered), count), 0.0) + eps))
 
@@ -170,9 +175,11 @@ def _group_norm_adagn_fused_kernel(
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
 
-# Split path, statistics. Tile t of a group has n_t valid values with mean m_t and centered M2_t
-# (two passes on its registers); the program folds its tiles in one by one with Chan, Golub &
-# LeVeque's merge: n = n_a + n_b, d = m_b - m_a, m = m_a + d * n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n.
+# Split path, statistics. Tile t of a group has n_t valid values with mean m_t (shifted by the tile's
+# first value, as the fused path's: exact for a constant tile) and centered M2_t (two passes on its
+# registers); the program folds its tiles in one by one with Chan, Golub & LeVeque's merge:
+# n = n_a + n_b, d = m_b - m_a, m = m_a + d * n_b / n, M2 = M2_a + M2_b + d^2 n_a n_b / n (equal means
+# merge exactly; the first tile's d^2 * 0 term is left out, NaN where d^2 overflows).
 @triton.jit
 def _group_norm_adagn_stats_kernel(
     X,  # (B, C, S) input, any strides
@@ -212,14 +219,15 @@ def _group_norm_adagn_stats_kernel(
         if HAS_PRE:
             u = u + tl.load(PRE + sample * C + channels, mask=c_valid, other=0.0).to(tl.float32)[:, None]
         n_t = tl.zeros([], tl.float32) + tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(S - s0, BLOCK_S)
-        mean_t = tl.div_rn(tl.sum(tl.where(mask, u, 0.0)), n_t)
+        first = tl.sum(tl.where((offs_c == 0)[:, None] & (offs_s == 0)[None, :], u, 0.0))
+        mean_t = first + tl.div_rn(tl.sum(tl.where(mask, u - first, 0.0)), n_t)
         centered = tl.where(mask, u - mean_t, 0.0)
         m2_t = tl.sum(centered * centered)
         n = count + n_t
         share = tl.div_rn(n_t, n)
         delta = mean_t - mean
         mean = mean + delta * share
-        m2 = m2 + m2_t + delta * delta * (count * share)
+        m2 = m2 + m2_t + tl.where(count > 0.0, delta * delta * (count * share), 0.0)
         count = n
 
     out = PARTIALS + (bg * splits + split) * 3
@@ -229,8 +237,9 @@ def _group_norm_adagn_stats_kernel(
 
 
 # Split path, apply. Chan's merge over the group's k partials at once:
-#   n = sum n_i,  m = sum n_i m_i / n,  M2 = sum M2_i + sum n_i (m_i - m)^2
-# (deviations of the partial means from the group mean, so nothing cancels).
+#   n = sum n_i,  m = m_0 + sum n_i (m_i - m_0) / n,  M2 = sum M2_i + sum n_i (m_i - m)^2
+# (deviations of the partial means from the group mean, so nothing cancels; the mean shifted by the
+# first partial's, so that equal partial means, a constant group's, give that mean exactly).
 @triton.jit
 def _group_norm_adagn_apply_kernel(
     X,  # (B, C, S) input, any strides
@@ -266,7 +275,8 @@ def _group_norm_adagn_apply_kernel(
     counts = tl.load(partials, mask=k_valid, other=0.0)
     means = tl.load(partials + 1, mask=k_valid, other=0.0)
     count = tl.sum(counts)
-    mean = tl.div_rn(tl.sum(counts * means), count)
+    first = tl.sum(tl.where(offs_k == 0, means, 0.0))
+    mean = first + tl.div_rn(tl.sum(tl.where(k_valid, counts * (means - first), 0.0)), count)
     deviation = tl.where(k_valid, means - mean, 0.0)
     m2 = tl.sum(tl.load(partials + 2, mask=k_valid, other=0.0)) + tl.sum(counts * deviation * deviation)
     rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(m2, count), 0.0) + eps))

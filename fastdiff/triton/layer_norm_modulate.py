@@ -3,8 +3,9 @@
 One program owns ``ROWS`` consecutive tokens of one sample. It loads the sample's parts once and
 folds them into a gain and an offset per feature (as csrc/common/layer_norm_modulate.h does), then
 walks its rows: each row of D features is held in one register tile of the next power of two (the
-extra lanes masked, never padded in memory), its mean taken, then the squared deviations from that
-mean (two passes over registers, never E[x^2] - E[x]^2), in float32, and the row is written.
+extra lanes masked, never padded in memory), its mean taken (shifted by the row's first value, so a
+constant row normalizes to exactly 0), then the squared deviations from that mean (two passes over
+registers, never E[x^2] - E[x]^2), in float32, and the row is written.
 
 Bytes moved (the design :func:`design_bytes` states and the interpreter tests check): x read once and
 y written once; each part read once per program, i.e. ``ceil(N / ROWS)`` times per sample. Masked
@@ -102,7 +103,11 @@ def _layer_norm_modulate_kernel(
         x = tl.load(X + b * stride_xb + n * stride_xn + offs * stride_xd, mask=d_valid, other=0.0).to(tl.float32)
         # Correctly rounded divisions and square root (div.rn/sqrt.rn), as the CPU kernel and the
         # interpreter compute them: plain / and tl.sqrt compile to div.full.f32 and sqrt.approx.
-        mean = tl.div_rn(tl.sum(x, 0), D * 1.0)
+        # The shifted mean x0 + sum(x - x0) / D, x0 the row's first value (taken from the registers,
+        # so x is still read once): a constant row's mean is its value exactly and its variance 0
+        # exactly, where sum(x) / D is not exact and 1 / sqrt(eps) would amplify x - mean.
+        first = tl.sum(tl.where(offs == 0, x, 0.0), 0)
+        mean = first + tl.div_rn(tl.sum(tl.where(d_valid, x - first, 0.0), 0), D * 1.0)
         centered = tl.where(d_valid, x - mean, 0.0)
         var = tl.div_rn(tl.sum(centered * centered, 0), D * 1.0)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
