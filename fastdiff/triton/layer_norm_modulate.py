@@ -106,8 +106,8 @@ def _layer_norm_modulate_kernel(
         # The shifted mean x0 + sum(x - x0) / D, x0 the row's first value (taken from the registers,
         # so x is still read once): a constant row's mean is its value exactly and its variance 0
         # exactly, where sum(x) / D is not exact and 1 / sqrt(eps) would amplify x - mean.
-        first = tl.sum(tl.where(offs == 0, x, 0.0), 0)
-        mean = first + tl.div_rn(tl.sum(tl.where(d_valid, x - first, 0.0), 0), D * 1.0)
+        x0 = tl.sum(tl.where(offs == 0, x, 0.0), 0)
+        mean = x0 + tl.div_rn(tl.sum(tl.where(d_valid, x - x0, 0.0), 0), D * 1.0)
         centered = tl.where(d_valid, x - mean, 0.0)
         var = tl.div_rn(tl.sum(centered * centered, 0), D * 1.0)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
