@@ -57,14 +57,17 @@ FASTDIFF_INLINE WelfordStats<T, N> welford_combine(const WelfordStats<T, N>& a, 
 // arithmetic; the clamp only removes a rounding-level negative. The count must be positive.
 // A constant set has M2 = 0 exactly (shifted moments), so its rstd is 1 / sqrt(eps): Inf for
 // eps = 0, and its centered values 0 * Inf = NaN, as the reference's 0 / 0. An M2 that overflows
-// (values near the type's range) gives var = Inf, rstd = 0 and a finite output, as eager's does.
+// the type (values that differ by more than about 2^63 / sqrt(n) in float32) has no variance to
+// normalise by: rstd is NaN there, so the row or group comes out NaN, visibly, rather than the
+// offset alone that var = Inf, rstd = 0 would give (silently wrong; eager PyTorch gives 0 or NaN).
 template <typename T>
 FASTDIFF_INLINE T population_rstd(const WelfordStats<T>& s, T eps) {
   T var = s.m2 / s.count;
   if (var < T(0)) {
     var = T(0);
   }
-  return T(1) / sqrt_of(var + eps);
+  const T overflow = var - var;  // 0 for a finite variance, NaN for +Inf (and NaN)
+  return overflow == T(0) ? T(1) / sqrt_of(var + eps) : overflow;
 }
 
 }  // namespace fastdiff

@@ -81,8 +81,8 @@ _INT32_MAX = 2**31 - 1
 # which tripled the interpreted tests' time. Per channel: a = rstd * w * (1 + s), b = bias * (1 + s) + t
 # (an absent part leaves the result bit-identical to its neutral value); per element:
 # y = act((u - mean) * a + b), silu(y) = y / (1 + exp(-y)) (exp(-y) = inf gives -0, not NaN).
-# rstd = 1 / sqrt(max(M2 / n, 0) + eps) with correctly rounded division and square root, as
-# group_norm_rstd computes it.
+# rstd = 1 / sqrt(max(M2 / n, 0) + eps) with correctly rounded division and square root, and NaN
+# where M2 overflowed float32, as group_norm_rstd computes it.
 
 
 # The epilogue both kernels share, per tile of BLOCK_C channels of one group: the fold of
@@ -167,7 +167,8 @@ def _group_norm_adagn_fused_kernel(
     first = tl.sum(tl.where((offs_c == 0)[:, None] & (offs_s == 0)[None, :], u, 0.0))
     mean = first + tl.div_rn(tl.sum(tl.where(mask, u - first, 0.0)), count)
     centered = tl.where(mask, u - mean, 0.0)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(tl.sum(centered * centered), count), 0.0) + eps))
+    var = tl.maximum(tl.div_rn(tl.sum(centered * centered), count), 0.0)
+    rstd = tl.where(var - var == 0.0, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), var - var)  # NaN if M2 overflowed
 
     y = _adagn_epilogue(centered, rstd, channels, sample_channels, c_valid, W, BIAS, SCALE, SHIFT, HAS_WEIGHT,
                         HAS_BIAS, HAS_SCALE, HAS_SHIFT, SILU, BLOCK_C)
@@ -279,7 +280,8 @@ def _group_norm_adagn_apply_kernel(
     mean = first + tl.div_rn(tl.sum(tl.where(k_valid, counts * (means - first), 0.0)), count)
     deviation = tl.where(k_valid, means - mean, 0.0)
     m2 = tl.sum(tl.load(partials + 2, mask=k_valid, other=0.0)) + tl.sum(counts * deviation * deviation)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.maximum(tl.div_rn(m2, count), 0.0) + eps))
+    var = tl.maximum(tl.div_rn(m2, count), 0.0)
+    rstd = tl.where(var - var == 0.0, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), var - var)  # NaN if M2 overflowed
 
     x_base = X + sample.to(tl.int64) * stride_xb
     y_base = Y + sample.to(tl.int64) * stride_yb

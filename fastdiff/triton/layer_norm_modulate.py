@@ -110,7 +110,8 @@ def _layer_norm_modulate_kernel(
         mean = x0 + tl.div_rn(tl.sum(tl.where(d_valid, x - x0, 0.0), 0), D * 1.0)
         centered = tl.where(d_valid, x - mean, 0.0)
         var = tl.div_rn(tl.sum(centered * centered, 0), D * 1.0)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        # A sum of squares that overflowed has no variance to normalise by: NaN, not the offset alone.
+        rstd = tl.where(var - var == 0.0, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), var - var)
         y = centered * rstd * gain + offset
         if ROUND_BF16:
             y = _round_to_bf16(y)

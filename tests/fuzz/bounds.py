@@ -60,3 +60,18 @@ def winograd_conv3x3_bound(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch
     bound = WINOGRAD_GAIN * (_gamma(n) * scale + c_in * 2.0**-150)
     may_overflow = WINOGRAD_GAIN * (1 + _gamma(n)) * scale >= torch.finfo(torch.float32).max
     return torch.where(bound.isfinite(), bound, 0.0), may_overflow & bound.isfinite()
+
+
+def norm_statistics_overflow(u: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """Which normalisation sets may overflow the norm kernels' statistics: ``u`` (sets, n) holds each
+    row or group (x, plus pre_shift where given); True where the kernels' math type ``compute`` may
+    not hold them. The kernels (csrc/common/welford.h, the Triton norms) take shifted moments: sums of
+    x - k and (x - k)^2 with k a value of the set, merged with Welford's cross term delta^2 n_a n_b / n;
+    every term is at most (max - min)^2, so no intermediate exceeds n (max - min)^2, and none overflows
+    below a quarter of the type's largest value (a margin for rounding). Where one may, the documented
+    result (README, welford.h) is NaN for the whole set, as no variance is left to normalise by."""
+    limit = torch.finfo(compute).max / 4
+    u = u.to(torch.float64)
+    spread = u.amax(dim=-1) - u.amin(dim=-1)
+    n = u.shape[-1]
+    return (n * spread * spread >= limit) | (u.abs().amax(dim=-1) >= limit)

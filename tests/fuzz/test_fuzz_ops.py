@@ -25,7 +25,7 @@ from fastdiff.reference.guidance import cfg_combine as ref_cfg_combine
 from fastdiff.reference.sampler_step import sampler_step as ref_sampler_step
 from fastdiff.sampling import DDIMSampler, DDPMSampler
 
-from .bounds import winograd_conv3x3_bound
+from .bounds import norm_statistics_overflow, winograd_conv3x3_bound
 from .strategies import (
     FLOAT_DTYPES,
     Values,
@@ -163,7 +163,33 @@ def _group_norm(case: Case, backends) -> None:
         reference,
         backends,
         {"x": x, **parts},
+        masks=_group_norm_masks(x, s["G"], parts),
     )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_norm_masks(x: torch.Tensor, groups: int, parts: dict[str, torch.Tensor]):
+    """The documented exception (README): where a group's statistics overflow the kernels' math type
+    (fuzz.bounds.norm_statistics_overflow), the kernels give NaN for the group."""
+    if not x.numel() or not x.dtype.is_floating_point:
+        return None
+    B, C = x.shape[:2]
+    u = x.to(torch.float64)
+    pre = parts.get("pre_shift")
+    if pre is not None and pre.is_floating_point():
+        u = u + pre.to(torch.float64).view(B, C, *([1] * (x.dim() - 2)))
+    per_group = norm_statistics_overflow(u.reshape(B, groups, -1), _compute_dtype(x.dtype))
+    if not per_group.any():
+        return None
+    overflow = per_group.repeat_interleave(C // groups, dim=1).view(B, C, *([1] * (x.dim() - 2))).expand(x.shape)
+
+    def masks(backend: str):
+        return {"overflow_ok": overflow} if backend != "reference" else {}
+
+    return masks
 
 
 @settings(max_examples=examples(100))
@@ -242,14 +268,27 @@ def _layer_norm(case: Case, backends) -> None:
 
 
 def _layer_norm_masks(x: torch.Tensor, parts: dict[str, torch.Tensor]):
-    """The documented exception (README's op table): the native kernels, given an infinite ``scale``
-    and a LayerNorm ``bias``, give NaN where the reference gives +-Inf."""
-    if "scale" not in parts or "bias" not in parts or not x.numel():
+    """The documented exceptions (README's op table): the native kernels, given an infinite ``scale``
+    and a LayerNorm ``bias``, give NaN where the reference gives +-Inf; and where a row's statistics
+    overflow the kernels' math type (fuzz.bounds.norm_statistics_overflow), every kernel gives NaN
+    for the row."""
+    if not x.numel() or not x.dtype.is_floating_point:
         return None
-    infinite = parts["scale"].isinf().unsqueeze(1).expand(x.shape)
+    infinite = None
+    if "scale" in parts and "bias" in parts and parts["scale"].is_floating_point():
+        infinite = parts["scale"].isinf().unsqueeze(1).expand(x.shape)
+    per_row = norm_statistics_overflow(x, _compute_dtype(x.dtype))
+    overflow = per_row.unsqueeze(-1).expand(x.shape) if per_row.any() else None
+    if infinite is None and overflow is None:
+        return None
 
     def masks(backend: str):
-        return {"nan_ok": infinite} if backend in ("cpu", "cuda", "auto") else {}
+        out = {}
+        if infinite is not None and backend in ("cpu", "cuda", "auto"):
+            out["nan_ok"] = infinite
+        if overflow is not None and backend != "reference":
+            out["overflow_ok"] = overflow
+        return out
 
     return masks
 
