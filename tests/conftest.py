@@ -103,3 +103,26 @@ def interpreted(triton_device):
 def full_triton_grid() -> bool:
     """FASTDIFF_FULL_TRITON=1 widens the Triton tier's grids (slow in the interpreter: minutes)."""
     return os.environ.get("FASTDIFF_FULL_TRITON", "") == "1"
+
+
+def cpu_tensor_skip_reason(backend: str, dtype: torch.dtype = torch.float32) -> str | None:
+    """None when ``backend`` runs CPU tensors of ``dtype`` here, else the reason it does not (for a
+    skip): the reference always runs; cpu needs fastdiff._C; triton needs Triton's interpreter and
+    has no float64; cuda (and the rest) run CUDA tensors only."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        from fastdiff import _native
+
+        status = _native.status()
+        return None if status["built"] else f"fastdiff._C not built: {status['reason']}"
+    if backend == "triton":
+        try:
+            from fastdiff.triton import interpreting
+        except ImportError as e:
+            return f"Triton not importable: {e}"
+        if not interpreting():
+            return "Triton runs compiled here: CPU tensors need TRITON_INTERPRET=1"
+        return "the Triton kernels run float32/float16/bfloat16 only" if dtype == torch.float64 else None
+    return f"the {backend} backend runs CUDA tensors only (the GPU tier covers it)"
+

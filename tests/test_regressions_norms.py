@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_within_eager_bound
+from conftest import assert_within_eager_bound, cpu_tensor_skip_reason
 
 from fastdiff import _native, ops
 from fastdiff.backends import BACKENDS
@@ -35,27 +35,8 @@ FAR = {torch.float32: 1e30, torch.bfloat16: 1e30, torch.float16: 6e4, torch.floa
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _runs_here(backend: str, dtype: torch.dtype) -> str | None:
-    """None when ``backend`` runs CPU tensors of ``dtype`` here, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        return None if _native.status()["built"] else f"fastdiff._C not built: {_native.status()['reason']}"
-    if backend == "triton":
-        try:
-            from fastdiff.triton import interpreting
-        except ImportError as e:
-            return f"Triton not importable: {e}"
-        if not interpreting():
-            return "Triton runs compiled here: CPU tensors need TRITON_INTERPRET=1"
-        if dtype == torch.float64:
-            return "the Triton kernels run float32/float16/bfloat16 only"
-        return None
-    return "runs CUDA tensors only (test_cuda_constant_groups_and_rows_are_exact, GPU tier)"
-
-
 GRID = [
-    pytest.param(b, d, marks=pytest.mark.skip(reason=why)) if (why := _runs_here(b, d)) else (b, d)
+    pytest.param(b, d, marks=pytest.mark.skip(reason=why)) if (why := cpu_tensor_skip_reason(b, d)) else (b, d)
     for b in BACKENDS
     for d in DTYPES
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_within_eager_bound
+from conftest import assert_within_eager_bound, cpu_tensor_skip_reason
 
 import fastdiff
 from fastdiff import _native
@@ -31,23 +31,8 @@ SCHEDULE = fastdiff.Schedule("linear")
 SHAPE = (2, 3, 5, 7)
 
 
-def _runs_here(backend: str) -> str | None:
-    """None when ``backend`` can run float32 CPU tensors here, else why not."""
-    if backend == "reference":
-        return None
-    if backend == "cpu":
-        return None if _native.status()["built"] else f"fastdiff._C not built: {_native.status()['reason']}"
-    if backend == "triton":
-        try:
-            from fastdiff.triton import interpreting
-        except ImportError as e:
-            return f"Triton not importable: {e}"
-        return None if interpreting() else "Triton runs compiled here: CPU tensors need TRITON_INTERPRET=1"
-    return "runs CUDA tensors only (tests/test_regressions_sampler_step.py GPU tier)"
-
-
 def _backend_param(backend: str):
-    why = _runs_here(backend)
+    why = cpu_tensor_skip_reason(backend)
     return pytest.param(backend, marks=pytest.mark.skip(reason=why)) if why else backend
 
 
@@ -102,10 +87,8 @@ def _op_inputs(dtype, learned_value):
 
 
 def _skip_unless(backend, dtype):
-    if (why := _runs_here(backend)) is not None:
+    if (why := cpu_tensor_skip_reason(backend, dtype)) is not None:
         pytest.skip(why)
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("the Triton kernel computes in float32: no float64")
 
 
 OP_DTYPES = [torch.float32, torch.float64, torch.float16]  # float32/float64 take the CPU vector loop, float16 not
