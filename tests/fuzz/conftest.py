@@ -12,32 +12,38 @@ from __future__ import annotations
 import os
 import tempfile
 
-from hypothesis import HealthCheck, settings
-from hypothesis.configuration import set_hypothesis_home_dir
+try:
+    from hypothesis import HealthCheck, settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+except ImportError:  # the test modules skip with the reason (a machine set up without the test extra)
+    settings = None
 
-# Hypothesis' files (its example database in the long profile, the patches it writes for failing
-# examples) go outside the checkout.
-set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "fastdiff-hypothesis"))
+if settings is not None:
+    # Hypothesis' files (its example database in the long profile, the patches it writes for failing
+    # examples) go outside the checkout.
+    set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "fastdiff-hypothesis"))
 
-# Each test scales its max_examples from these by a per-test factor (see examples()).
-settings.register_profile(
-    "ci",
-    max_examples=20,
-    deadline=None,
-    derandomize=True,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    database=None,
-)
-settings.register_profile(
-    "long",
-    max_examples=600,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-PROFILE = "long" if os.environ.get("FASTDIFF_FUZZ", "") == "long" else "ci"
-settings.load_profile(PROFILE)
+    # Each test scales its max_examples from these by a per-test factor (see examples()).
+    settings.register_profile(
+        "ci",
+        max_examples=20,
+        deadline=None,
+        derandomize=True,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+    settings.register_profile(
+        "long",
+        max_examples=600,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    PROFILE = "long" if os.environ.get("FASTDIFF_FUZZ", "") == "long" else "ci"
+    settings.load_profile(PROFILE)
+else:
+    PROFILE = "none (hypothesis is not installed)"
 
 
 def pytest_report_header(config):

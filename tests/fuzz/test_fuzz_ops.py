@@ -9,8 +9,11 @@ import math
 import sys
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+pytest.importorskip("hypothesis", reason="the fuzz tier needs hypothesis (pip install -e '.[test]')")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

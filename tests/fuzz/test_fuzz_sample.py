@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pytest
 import torch
+
+pytest.importorskip("hypothesis", reason="the fuzz tier needs hypothesis (pip install -e '.[test]')")
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
