@@ -236,22 +236,47 @@ int64_t channels_last_moments(const Problem<scalar_t>& pb, int64_t b, int64_t p0
     const FVec inv_n(opmath_t(1) / nb);
     int64_t c = 0;
     for (; c + IO::kStep <= C; c += IO::kStep) {
-      FVec lo, hi, k0, k1, s0(0), s1(0);
+      // Two rows per iteration into two sets of sums: the adds of one row do not wait for the
+      // other's, which pays for the shift's subtraction (one chain per pair of vectors was the limit).
+      FVec lo, hi, lo2, hi2, k0, k1, s0(0), s1(0), t0(0), t1(0);
       IO::load(rows + c, k0, k1);  // each channel's shift: its value in the block's first pixel
-      for (int64_t r = 0; r < n; ++r) {
+      int64_t r = 0;
+      for (; r + 2 <= n; r += 2) {
+        IO::load(rows + r * C + c, lo, hi);
+        IO::load(rows + (r + 1) * C + c, lo2, hi2);
+        s0 = s0 + (lo - k0);
+        s1 = s1 + (hi - k1);
+        t0 = t0 + (lo2 - k0);
+        t1 = t1 + (hi2 - k1);
+      }
+      if (r < n) {
         IO::load(rows + r * C + c, lo, hi);
         s0 = s0 + (lo - k0);
         s1 = s1 + (hi - k1);
       }
-      const FVec m0 = k0 + s0 * inv_n, m1 = k1 + s1 * inv_n;
-      FVec q0v(0), q1v(0);
-      for (int64_t r = 0; r < n; ++r) {
+      const FVec m0 = k0 + (s0 + t0) * inv_n, m1 = k1 + (s1 + t1) * inv_n;
+      FVec q0v(0), q1v(0), u0v(0), u1v(0);
+      for (r = 0; r + 2 <= n; r += 2) {
+        IO::load(rows + r * C + c, lo, hi);
+        IO::load(rows + (r + 1) * C + c, lo2, hi2);
+        lo = lo - m0;
+        hi = hi - m1;
+        lo2 = lo2 - m0;
+        hi2 = hi2 - m1;
+        q0v = at::vec::fmadd(lo, lo, q0v);
+        q1v = at::vec::fmadd(hi, hi, q1v);
+        u0v = at::vec::fmadd(lo2, lo2, u0v);
+        u1v = at::vec::fmadd(hi2, hi2, u1v);
+      }
+      if (r < n) {
         IO::load(rows + r * C + c, lo, hi);
         lo = lo - m0;
         hi = hi - m1;
         q0v = at::vec::fmadd(lo, lo, q0v);
         q1v = at::vec::fmadd(hi, hi, q1v);
       }
+      q0v = q0v + u0v;
+      q1v = q1v + u1v;
       const Stats merged0 =
           welford_combine(Stats{count, FVec::loadu(mean + c), FVec::loadu(m2 + c)}, Stats{nb, m0, q0v});
       const Stats merged1 =
