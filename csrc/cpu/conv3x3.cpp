@@ -121,13 +121,18 @@ bool use_fused_path(int64_t c_in, int64_t c_out) {
 // instead of missing on every call in turn.
 struct CachedWeight {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  const void* impl;  // the storage's StorageImpl, compared by address
   const void* data;
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;
   at::Tensor raw;  // the weight's bytes when it was transformed (its dense span)
   at::Tensor u;
   int64_t bytes;
+
+  // Whether this entry is the one for `weight` (whose bytes may still have changed since).
+  bool is_for(const at::Tensor& weight) const {
+    return storage._unsafe_get_target() == weight.storage().unsafeGetStorageImpl() &&
+           data == weight.const_data_ptr() && weight.sizes().equals(sizes) && weight.strides().equals(strides);
+  }
 };
 
 struct WeightCache {
@@ -137,14 +142,15 @@ struct WeightCache {
   int64_t hits = 0;
   int64_t misses = 0;
 
-  // Caller holds the mutex.
+  // Caller holds the mutex. No allocation: it runs on every call (drop_freed).
   template <typename Pred>
   void drop_if(Pred pred) {
-    auto keep = std::stable_partition(entries.begin(), entries.end(), [&](const CachedWeight& e) { return !pred(e); });
-    for (auto it = keep; it != entries.end(); ++it) {
-      bytes -= it->bytes;
+    for (const CachedWeight& e : entries) {
+      if (pred(e)) {
+        bytes -= e.bytes;
+      }
     }
-    entries.erase(keep, entries.end());
+    entries.erase(std::remove_if(entries.begin(), entries.end(), pred), entries.end());
   }
   void drop_freed() {
     drop_if([](const CachedWeight& e) { return e.storage.expired(); });
@@ -200,15 +206,13 @@ at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn wei
     return transform_weight(weight, weight_fn);
   }
   WeightCache& cache = weight_cache();
-  const c10::StorageImpl* impl = weight.storage().unsafeGetStorageImpl();
   at::Tensor raw;
   at::Tensor u;
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
     cache.drop_freed();
     for (auto it = cache.entries.begin(); it != cache.entries.end(); ++it) {
-      if (it->impl == impl && it->data == weight.const_data_ptr() && weight.sizes().equals(it->sizes) &&
-          weight.strides().equals(it->strides)) {
+      if (it->is_for(weight)) {
         raw = it->raw;
         u = it->u;
         std::rotate(cache.entries.begin(), it, std::next(it));
@@ -230,14 +234,10 @@ at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn wei
   const int64_t bytes = static_cast<int64_t>(copy.nbytes() + u.nbytes());
   std::lock_guard<std::mutex> lock(cache.mutex);
   ++cache.misses;
-  cache.drop_if([&](const CachedWeight& e) {
-    return e.impl == impl && e.data == weight.const_data_ptr() && weight.sizes().equals(e.sizes) &&
-           weight.strides().equals(e.strides);
-  });
+  cache.drop_if([&](const CachedWeight& e) { return e.is_for(weight); });
   if (cache.bytes + bytes <= budget) {
     cache.entries.push_front(CachedWeight{
-        c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()), impl,
-        weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
+        c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()), weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
     cache.bytes += bytes;
   }
   return u;
