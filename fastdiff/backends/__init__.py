@@ -274,6 +274,12 @@ def call_native(overload: Any, *args: Any) -> Any:
         return overload(*args)
 
 
+def needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a call on ``inputs`` must record a graph: grad mode is on and some input requires
+    grad. Forward-only kernels refuse such inputs (their output's backward would be wrong)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
+
+
 NOT_RUN = object()  # what run_native_cpu returns when the caller must take its checked path
 
 

@@ -20,7 +20,15 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..backends import OpSupport, always_available, not_implemented, register_op, select_backend, triton_reasons
+from ..backends import (
+    OpSupport,
+    always_available,
+    needs_grad,
+    not_implemented,
+    register_op,
+    select_backend,
+    triton_reasons,
+)
 from ..reference.attention import attention as _reference_attention
 from ..reference.attention import check_inputs
 
@@ -38,9 +46,6 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
-def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
-
 
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
@@ -52,7 +57,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     q = inputs.get("q")
     if q is not None and q.shape[-1] > TRITON_MAX_HEAD_DIM:
         reasons.append(f"head dim D={q.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the largest the kernel tiles")
-    if _needs_grad(inputs):
+    if needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
     return reasons
 
@@ -86,7 +91,7 @@ def _xformers_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
 def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
     """What the reasons depend on beyond devices and dtypes: the triton kernel's largest head dim,
     and whether grad is needed (the triton kernel is forward-only)."""
-    return (inputs["q"].shape[-1] > TRITON_MAX_HEAD_DIM, _needs_grad(inputs))
+    return (inputs["q"].shape[-1] > TRITON_MAX_HEAD_DIM, needs_grad(inputs))
 
 
 SUPPORT = register_op(

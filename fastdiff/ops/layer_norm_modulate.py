@@ -22,6 +22,7 @@ from ..backends import (
     OpSupport,
     always_available,
     native_support,
+    needs_grad,
     part_dtype_reasons,
     register_op,
     run_native_cpu,
@@ -42,9 +43,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_FEATURES = 8192
 
 
-def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
-
 
 def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
@@ -59,7 +57,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
         reasons.append(f"D={x.shape[-1]} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds "
                        "in registers")
     reasons += part_dtype_reasons(inputs, PARTS)
-    if _needs_grad(inputs):
+    if needs_grad(inputs):
         reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
     return reasons
 
@@ -67,7 +65,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
 def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
     """What the reasons depend on beyond devices and dtypes: the triton kernel's longest row, and
     whether grad is needed (the triton kernel is forward-only)."""
-    return (inputs["x"].shape[-1] > TRITON_MAX_FEATURES, _needs_grad(inputs))
+    return (inputs["x"].shape[-1] > TRITON_MAX_FEATURES, needs_grad(inputs))
 
 
 SUPPORT = register_op(

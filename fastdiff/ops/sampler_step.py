@@ -24,6 +24,7 @@ from ..backends import (
     OpSupport,
     always_available,
     native_support,
+    needs_grad,
     register_op,
     select_backend,
     triton_reasons,
@@ -44,14 +45,11 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHECKED = ("x", "model_output")
 
 
-def _needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
-
 
 def _grad_reasons(inputs: Mapping[str, torch.Tensor], backend: str) -> list[str]:
     """The kernels have no backward: with grad, their output would carry a graph whose backward is
     wrong (PyTorch only warns), so they refuse, and auto takes the differentiable reference."""
-    if not _needs_grad(inputs):
+    if not needs_grad(inputs):
         return []
     names = ", ".join(name for name, t in inputs.items() if t.requires_grad)
     return [f"inputs require grad ({names}): the {backend} kernel is forward-only (no backward); "
@@ -81,7 +79,7 @@ def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
 
 def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
     """What the reasons depend on beyond devices and dtypes: whether grad is needed."""
-    return (_needs_grad(inputs),)
+    return (needs_grad(inputs),)
 
 
 SUPPORT = register_op(
