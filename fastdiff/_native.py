@@ -85,12 +85,9 @@ def _try_load() -> tuple[ModuleType | None, str, dict[str, Any], bool]:
     return module, "", info, False
 
 
-def load() -> ModuleType | None:
-    """Import ``fastdiff._C`` if it fits the running torch; the module, or None. Cached.
-
-    The first failure warns once with the reason and what to do; later calls return the cached
-    result silently.
-    """
+def _load(keep_failure: bool) -> ModuleType | None:
+    """Import ``_C`` once; with ``keep_failure`` a failure is cached and warned about, else it is
+    left for a later call to find (and report) again."""
     global _module, _reason, _build_info, _loaded
     if _loaded:
         return _module
@@ -98,6 +95,8 @@ def load() -> ModuleType | None:
         if _loaded:
             return _module
         module, reason, info, warn = _try_load()
+        if module is None and not keep_failure:
+            return None
         _module, _reason, _build_info, _loaded = module, reason, info, True
         callbacks = list(_callbacks)
     if warn:
@@ -105,12 +104,21 @@ def load() -> ModuleType | None:
             f"fastdiff: native extension unavailable ({reason}); falling back to the backends that "
             f"need no native code (reference). To fix it, {_REBUILD}.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if module is not None:
         for callback in callbacks:
             callback(module)
     return module
+
+
+def load() -> ModuleType | None:
+    """Import ``fastdiff._C`` if it fits the running torch; the module, or None. Cached.
+
+    The first failure warns once with the reason and what to do; later calls return the cached
+    result silently.
+    """
+    return _load(keep_failure=True)
 
 
 def preload() -> None:
@@ -119,20 +127,8 @@ def preload() -> None:
     that happens to ask for the library; importing the .so costs a few milliseconds. Silent: when
     ``_C`` is missing or stale nothing is cached, and the first :func:`load` warns with the reason
     as before. Never raises."""
-    global _module, _reason, _build_info, _loaded
-    if _loaded:
-        return
     try:
-        with _lock:
-            if _loaded:
-                return
-            module, reason, info, _ = _try_load()
-            if module is None:
-                return
-            _module, _reason, _build_info, _loaded = module, reason, info, True
-            callbacks = list(_callbacks)
-        for callback in callbacks:
-            callback(module)
+        _load(keep_failure=False)
     except Exception as exc:  # an import-time helper: `import fastdiff` must not fail because of it
         warnings.warn(
             f"fastdiff: preparing the native extension at import failed ({exc!r})", RuntimeWarning, stacklevel=2
