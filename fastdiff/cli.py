@@ -15,7 +15,6 @@ import torch
 _MODELS = ("digits", "glyphs")
 _MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 
 def _grid(images: torch.Tensor, labels: torch.Tensor, per_row: int, cell: int = 32) -> np.ndarray:
@@ -261,6 +260,8 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import AUTO, BACKENDS
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["info"]:  # its own parser (fastdiff.info) takes the options
         from . import info
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", choices=_BACKENDS, default="auto",
+    s.add_argument("--backend", choices=(AUTO, *BACKENDS), default=AUTO,
                    help="the sampler step's backend; the model's layers run on auto (reference: all reference)")
     s.add_argument("--memory-format", choices=tuple(_MEMORY_FORMATS), default="channels_last",
                    help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
