@@ -18,19 +18,12 @@ import sys
 import time
 
 import torch
+from _bench import machine_line
 
 import fastdiff
 from fastdiff.ops.conv3x3 import clear_weight_cache
 
 SHAPES = [(32, 16, 16, 16), (32, 32, 32, 16), (16, 128, 128, 16), (2, 128, 128, 8), (2, 256, 256, 4), (2, 256, 256, 8)]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def _medians(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -58,8 +51,7 @@ def _medians(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[float, 
 
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    print(f"{_cpu_model()}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(machine_line())
     print("(N, C_in -> C_out, HxW)       remembered    transformed every call    saved")
     for n, c_in, c_out, size in SHAPES:
         g = torch.Generator().manual_seed(0)

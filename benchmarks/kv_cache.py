@@ -17,18 +17,11 @@ import sys
 import time
 
 import torch
+from _bench import machine_line
 
 from fastdiff.nn import CrossAttention, cache_context
 
 LAYERS = [(320, 768, 8, 40), (640, 768, 8, 80), (1280, 768, 8, 160), (1280, 1024, 20, 64)]
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def _medians(layer: CrossAttention, context: torch.Tensor) -> tuple[float, float]:
@@ -51,8 +44,7 @@ def _medians(layer: CrossAttention, context: torch.Tensor) -> tuple[float, float
 
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
-    print(f"{_cpu_model()}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(machine_line())
     print("(query, context, heads, head dim), context (2, 77, .)   cached     projected   saved")
     for query_dim, context_dim, heads, dim_head in LAYERS:
         torch.manual_seed(0)
