@@ -22,7 +22,7 @@ import torch
 
 from .philox import philox_normal
 
-__all__ = ["STEP_COEFS", "sampler_step"]
+__all__ = ["STEP_COEFS", "sampler_step", "sampler_loop_step"]
 
 # Column order of the coefficient table; csrc/common/sampler_step.h's StepCoef enum matches it.
 STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise")
@@ -91,3 +91,44 @@ def sampler_step(
             sigma = k["sigma"]
         prev = prev + sigma * z
     return prev.to(x.dtype), x0.to(x.dtype)
+
+
+def sampler_loop_step(
+    x_in: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    cfg_scale: torch.Tensor | None = None,
+    learned_range: bool = False,
+    clip: float | None = None,
+    threshold: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    philox_seed: torch.Tensor | None = None,
+    t_in: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+) -> None:
+    """The sampling loop's step, in place: what ``fastdiff.ops.sampler_loop_step`` computes.
+
+    ``x_in`` is the model's input buffer: (B, C, ...) without guidance, or (2B, C, ...) holding
+    x_t twice ([uncond; cond] halves) when ``cfg_scale`` (a one-element tensor) is given. With s
+    the value of the one-element int64 counter ``step``: x_prev = ``sampler_step(x_in[:B],
+    model_output, coefs, s, ...)`` is written into x_in[:B] and, with guidance, into x_in[B:];
+    then ``step`` becomes s + 1 and, when s + 1 < len(timesteps), every entry of ``t_in`` (the
+    model's timestep input) becomes timesteps[s + 1]. Noise as ``sampler_step``: ``noise``, the
+    Philox normals of (``philox_seed``, s) or none. This oracle reads the counter on the host.
+    """
+    guided = cfg_scale is not None
+    batch = x_in.shape[0] // 2 if guided else x_in.shape[0]
+    s = int(step.reshape(()))
+    x_prev, _ = sampler_step(
+        x_in[:batch], model_output, coefs, s, cfg_scale=float(cfg_scale.reshape(())) if guided else None,
+        learned_range=learned_range, clip=clip, threshold=threshold, noise=noise,
+        philox_seed=None if philox_seed is None else int(philox_seed.reshape(())),
+    )
+    x_in[:batch] = x_prev
+    if guided:
+        x_in[batch:] = x_prev
+    step.add_(1)
+    if t_in is not None and s + 1 < timesteps.shape[0]:
+        t_in.fill_(timesteps[s + 1])
