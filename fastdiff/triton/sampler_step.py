@@ -25,6 +25,13 @@ kernel reads no coefficient and writes NaN everywhere, a loud result without an 
 read, as the CUDA kernel does (which never traps: a trap would kill the CUDA context); the CPU
 kernel raises.
 
+The loop step (:func:`sampler_loop_step`, the in-place step the capturable sampling loop runs) is
+the same kernel with two switches: CFG_TENSOR reads cfg_scale from a device tensor (rounded to
+float32 as a float argument is, so x_prev is sampler_step's to the bit), and WRITE_OUT2 stores x_prev
+a second time; x_prev goes into x = x_in[:B] itself (each program stores only what it loaded, and
+x_in[B:], the second copy, is read by none). A one-program kernel launched after it advances the
+step counter and the model's timestep input on the device.
+
 Bytes moved (the design :func:`design_bytes` states and the interpreter tests check): x, the used
 model-output channels, the noise tensor when given, once; x_prev (and x0) written once; per
 program, the coefficient row (11 values), the step index, the seed and the image's threshold.
@@ -46,6 +53,7 @@ __all__ = [
     "StepConfig",
     "CONFIG",
     "sampler_step",
+    "sampler_loop_step",
     "design_bytes",
     "kernel_args",
     "kernel_constants",
@@ -130,8 +138,9 @@ def _to_output(v, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
 # The clamp propagates NaN (v < lo ? lo : v > hi ? hi : v), as the native kernels do.
 @triton.jit
 def _sampler_step_kernel(
-    OUT,  # (B, C, *sp) x_{t-1}, x's dtype
+    OUT,  # (B, C, *sp) x_{t-1}, x's dtype (the loop step: x_in[:B], X's own memory)
     X0,  # (B, C, *sp) x0, or a dummy (WRITE_X0 False)
+    OUT2,  # (B, C, *sp) a second copy of x_{t-1} with OUT's strides (WRITE_OUT2: x_in[B:]), or a dummy
     X,  # (B, C, *sp) x_t
     M,  # (B or 2B, C or 2C, *sp) model output; rows [uncond; cond] when GUIDED
     NOISE,  # (B, C, *sp) standard normals (NOISE_MODE 1), or a dummy
@@ -150,7 +159,7 @@ def _sampler_step_kernel(
     batch,  # B, images (the conditional rows start at row B)
     image0,  # first image of this launch (batches above the grid limit launch in chunks)
     steps,  # rows of COEFS
-    cfg_scale,  # guidance scale (GUIDED)
+    cfg_scale,  # guidance scale (GUIDED): a float, or (CFG_TENSOR) a one-element float32/float64 tensor
     clip,  # clamp x0 to [-clip, clip]; inf for none
     BLOCK_Q: tl.constexpr,  # quads (4 elements) per program
     FLAT: tl.constexpr,  # every operand's element j at its image base + j (else channel/spatial strides)
@@ -159,6 +168,8 @@ def _sampler_step_kernel(
     NOISE_MODE: tl.constexpr,  # 0 none, 1 the NOISE tensor, 2 Philox4x32-10
     HAS_THRESHOLD: tl.constexpr,  # dynamic thresholding with THRESHOLD (else clip)
     WRITE_X0: tl.constexpr,  # also store x0
+    WRITE_OUT2: tl.constexpr,  # also store x_{t-1} to OUT2 (the loop step's second half of x_in)
+    CFG_TENSOR: tl.constexpr,  # cfg_scale is a device tensor, read here (no host sync)
     ACCURATE_MATH: tl.constexpr,  # libdevice log/sin/cos for Box-Muller (compiled); tl.* in the interpreter
     RNE_BF16: tl.constexpr,  # interpreter with bfloat16 outputs: round by hand (see _to_output)
 ):
@@ -200,7 +211,11 @@ def _sampler_step_kernel(
     if GUIDED:
         m_row = M + (image64 + batch) * stride_mb  # the conditional row (also holds the variance)
         cond = tl.load(m_row + m_off, mask=inside, other=0.0).to(tl.float32)
-        m = m + cfg_scale * (cond - m)  # csrc/common/cfg_combine.h
+        if CFG_TENSOR:
+            cfg = tl.load(cfg_scale).to(tl.float32)  # rounded to nearest, as a float argument is
+        else:
+            cfg = cfg_scale
+        m = m + cfg * (cond - m)  # csrc/common/cfg_combine.h
 
     if HAS_THRESHOLD:
         t = tl.load(THRESHOLD + image64 * stride_t).to(tl.float32)
@@ -244,12 +259,46 @@ def _sampler_step_kernel(
             sigma = tl.load(row + 7, mask=valid, other=float("nan")).to(tl.float32)
         prev = prev + sigma * z
 
-    tl.store(OUT + image64 * stride_ob + o_off, _to_output(prev, OUT.dtype.element_ty, RNE_BF16), mask=inside)
+    # In place (the loop step: OUT is X): every element this program stores it loaded above, and no
+    # other program reads it; OUT2 (x_in[B:]) is read by none.
+    prev = _to_output(prev, OUT.dtype.element_ty, RNE_BF16)
+    tl.store(OUT + image64 * stride_ob + o_off, prev, mask=inside)
+    if WRITE_OUT2:
+        tl.store(OUT2 + image64 * stride_ob + o_off, prev, mask=inside)
     if WRITE_X0:
         tl.store(X0 + image64 * stride_ob + o_off, _to_output(x0, X0.dtype.element_ty, RNE_BF16), mask=inside)
 
 
 KERNEL = _sampler_step_kernel
+
+
+@triton.jit
+def _advance_kernel(
+    STEP,  # () int64 loop counter s: becomes s + 1
+    T_IN,  # (T,) int64 the model's timestep input, or a dummy (HAS_T False)
+    TIMESTEPS,  # (n_timesteps,) int64 the schedule's timesteps, or a dummy
+    stride_t,  # T_IN stride
+    stride_ts,  # TIMESTEPS stride
+    t_numel,  # T, entries of T_IN
+    n_timesteps,  # entries of TIMESTEPS
+    HAS_T: tl.constexpr,  # fill T_IN with TIMESTEPS[s + 1] when s + 1 < n_timesteps
+    BLOCK: tl.constexpr,  # entries of T_IN per iteration
+):
+    """The loop step's advance, one program launched after the step (which read s): the counter
+    becomes s + 1 and, while s + 1 indexes ``TIMESTEPS``, every entry of ``T_IN`` timesteps[s + 1];
+    past the end (the last step) or before the start, T_IN is left alone and nothing is read."""
+    nxt = tl.load(STEP) + 1
+    tl.store(STEP, nxt)
+    if HAS_T:
+        ok = (nxt >= 0) & (nxt < n_timesteps)
+        t = tl.load(TIMESTEPS + tl.where(ok, nxt, 0) * stride_ts, mask=ok, other=0)
+        for start in range(0, t_numel, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            tl.store(T_IN + i * stride_t, tl.zeros([BLOCK], dtype=tl.int64) + t, mask=(i < t_numel) & ok)
+
+
+ADVANCE_KERNEL = _advance_kernel
+ADVANCE_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -296,66 +345,75 @@ def _in_place_or_copy(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, in
     return t, strides
 
 
-def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range) -> None:
-    """The launcher's own checks (the torch op may be called without the public op's validation)."""
+def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_step") -> None:
+    """The launcher's own checks (the torch op may be called without the public op's validation);
+    ``op`` names the entry in the messages."""
     if x.dtype not in DTYPES:
-        raise TypeError(f"sampler_step (triton): x dtype {x.dtype} not supported (float32, float16, bfloat16; "
+        raise TypeError(f"{op} (triton): x dtype {x.dtype} not supported (float32, float16, bfloat16; "
                         "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)")
     if x.dim() < 2 or model_output.dim() != x.dim() or model_output.shape[2:] != x.shape[2:]:
-        raise ValueError(f"sampler_step (triton): x (B, C, *spatial) and model_output (B or 2B, C or 2C, *spatial) "
+        raise ValueError(f"{op} (triton): x (B, C, *spatial) and model_output (B or 2B, C or 2C, *spatial) "
                          f"must agree, got {tuple(x.shape)} and {tuple(model_output.shape)}")
     B, C = x.shape[:2]
     if model_output.shape[0] not in (B, 2 * B) or model_output.shape[1] not in (C, 2 * C):
-        raise ValueError(f"sampler_step (triton): model_output must have B ({B}) or 2B rows and C ({C}) or 2C "
+        raise ValueError(f"{op} (triton): model_output must have B ({B}) or 2B rows and C ({C}) or 2C "
                          f"channels, got {tuple(model_output.shape)}")
     if learned_range and model_output.shape[1] != 2 * C:
-        raise ValueError(f"sampler_step (triton): learned_range needs 2C ({2 * C}) model_output channels")
+        raise ValueError(f"{op} (triton): learned_range needs 2C ({2 * C}) model_output channels")
     if model_output.dtype != x.dtype or (noise is not None and (noise.dtype != x.dtype or noise.shape != x.shape)):
-        raise TypeError("sampler_step (triton): model_output and noise must have x's dtype (and noise x's shape)")
+        raise TypeError(f"{op} (triton): model_output and noise must have x's dtype (and noise x's shape)")
     if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"sampler_step (triton): coefs must be a float32/float64 (steps, {NUM_COEFS}) table, got "
+        raise ValueError(f"{op} (triton): coefs must be a float32/float64 (steps, {NUM_COEFS}) table, got "
                          f"{tuple(coefs.shape)} {coefs.dtype}")
     if step.dtype != torch.int64 or step.numel() != 1:
-        raise TypeError("sampler_step (triton): step must be a one-element int64 tensor")
+        raise TypeError(f"{op} (triton): step must be a one-element int64 tensor")
     if threshold is not None and (threshold.shape != (B,) or threshold.dtype not in (torch.float32, torch.float64)):
-        raise ValueError(f"sampler_step (triton): threshold must be a float32/float64 tensor of shape ({B},)")
+        raise ValueError(f"{op} (triton): threshold must be a float32/float64 tensor of shape ({B},)")
     if philox_seed is not None and (philox_seed.dtype != torch.int64 or philox_seed.numel() != 1):
-        raise TypeError("sampler_step (triton): philox_seed must be a one-element int64 tensor")
+        raise TypeError(f"{op} (triton): philox_seed must be a one-element int64 tensor")
     if noise is not None and philox_seed is not None:
-        raise ValueError("sampler_step (triton): give noise or philox_seed, not both")
+        raise ValueError(f"{op} (triton): give noise or philox_seed, not both")
     tensors = [t for t in (model_output, coefs, step, threshold, noise, philox_seed) if t is not None]
     if any(t.device != x.device for t in tensors):
-        raise ValueError(f"sampler_step (triton): every tensor must be on x's device {x.device}")
+        raise ValueError(f"{op} (triton): every tensor must be on x's device {x.device}")
     if x.device.type != "cuda" and not _compat.interpreting():
-        raise ValueError(f"sampler_step (triton): tensors are on {x.device}; Triton runs CUDA tensors "
+        raise ValueError(f"{op} (triton): tensors are on {x.device}; Triton runs CUDA tensors "
                          "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
 
 
 def kernel_constants(dtype: torch.dtype, *, flat: bool, guided: bool, learned: bool, noise_mode: int,
-                     threshold: bool, write_x0: bool, config: StepConfig = CONFIG, interpret: bool = False) -> dict:
-    """The constexpr arguments of one kernel build (shared by the launcher and the AOT builds)."""
+                     threshold: bool, write_x0: bool, write_out2: bool = False, cfg_tensor: bool = False,
+                     config: StepConfig = CONFIG, interpret: bool = False) -> dict:
+    """The constexpr arguments of one kernel build (shared by the launcher and the AOT builds);
+    ``write_out2`` and ``cfg_tensor`` are the loop step's (a second x_prev store, a device cfg_scale)."""
     return {
         "BLOCK_Q": config.block_q, "FLAT": flat, "GUIDED": guided, "LEARNED": learned, "NOISE_MODE": noise_mode,
-        "HAS_THRESHOLD": threshold, "WRITE_X0": write_x0, "ACCURATE_MATH": not interpret and libdevice is not None,
-        "RNE_BF16": interpret and dtype == torch.bfloat16,
+        "HAS_THRESHOLD": threshold, "WRITE_X0": write_x0, "WRITE_OUT2": write_out2, "CFG_TENSOR": cfg_tensor,
+        "ACCURATE_MATH": not interpret and libdevice is not None, "RNE_BF16": interpret and dtype == torch.bfloat16,
     }
 
 
-def kernel_args(out, x0, x, model_output, noise, coefs, step, seed, threshold, *, cfg_scale: float, clip: float,
-                image0: int = 0) -> list:
+def kernel_args(out, x0, x, model_output, noise, coefs, step, seed, threshold, *, cfg_scale: float | torch.Tensor,
+                clip: float, image0: int = 0, out2: torch.Tensor | None = None) -> list:
     """The kernel's runtime arguments, in order (the launcher's and the AOT builds', alike). Absent
-    optional tensors are replaced by x (never read: their constexpr switch is off)."""
+    optional tensors are replaced by x (never read: their constexpr switch is off). ``cfg_scale`` is
+    a float, or the loop step's one-element device tensor (CFG_TENSOR); ``out2`` (WRITE_OUT2) must
+    have out's strides."""
     B, C = x.shape[:2]
     spatial = x[0, 0].numel() if x.numel() else 1
     ob, oc, os_ = _image_strides(out)
     xb, xc, xs = _image_strides(x)
     mb, mc, ms = _image_strides(model_output)
     nb, nc, ns = _image_strides(noise) if noise is not None else (0, 0, 0)
+    if out2 is not None and _image_strides(out2) != (ob, oc, os_):
+        raise ValueError("sampler_step (triton): the second output must have the first's strides")
     return [
-        out, x0 if x0 is not None else out, x, model_output, noise if noise is not None else x, coefs, step,
-        seed if seed is not None else step, threshold if threshold is not None else coefs,
+        out, x0 if x0 is not None else out, out2 if out2 is not None else out, x, model_output,
+        noise if noise is not None else x, coefs, step, seed if seed is not None else step,
+        threshold if threshold is not None else coefs,
         ob, oc, os_, xb, xc, xs, mb, mc, ms, nb, nc, ns, threshold.stride(0) if threshold is not None else 0,
-        C * spatial, spatial, C, B, image0, coefs.shape[0], float(cfg_scale), float(clip),
+        C * spatial, spatial, C, B, image0, coefs.shape[0],
+        cfg_scale if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale), float(clip),
     ]
 
 
@@ -390,14 +448,20 @@ def sampler_step(
     TRITON_INTERPRET=1); the arithmetic is float32 whatever the dtype.
     """
     _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range)
-    B, C = x.shape[:2]
-    guided = model_output.shape[0] == 2 * B and B > 0
+    B = x.shape[0]
     out = _new_output(x)
     x0 = _new_output(x) if return_x0 else None
-    empty_x0 = x.new_empty((0,))
-    if x.numel() == 0:
-        return out, x0 if x0 is not None else empty_x0
-    x, _ = _in_place_or_copy(x)
+    if x.numel():
+        x, _ = _in_place_or_copy(x)
+        _launch(out, x0, None, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
+                philox_seed, guided=model_output.shape[0] == 2 * B and B > 0)
+    return out, x0 if x0 is not None else x.new_empty((0,))
+
+
+def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
+            philox_seed, *, guided: bool) -> None:
+    """Launch the step kernel over x's (non-empty) batch, in chunks of the grid's image limit."""
+    B, C = x.shape[:2]
     model_output, _ = _in_place_or_copy(model_output)
     if noise is not None:
         noise, _ = _in_place_or_copy(noise)
@@ -407,8 +471,8 @@ def sampler_step(
     flat = _flat(operands, spatial, C, channel_major=learned_range or philox_seed is not None)
     noise_mode = NOISE_PHILOX if philox_seed is not None else NOISE_TENSOR if noise is not None else NOISE_NONE
     constants = kernel_constants(x.dtype, flat=flat, guided=guided, learned=bool(learned_range), noise_mode=noise_mode,
-                                 threshold=threshold is not None, write_x0=x0 is not None,
-                                 interpret=_compat.interpreting())
+                                 threshold=threshold is not None, write_x0=x0 is not None, write_out2=out2 is not None,
+                                 cfg_tensor=isinstance(cfg_scale, torch.Tensor), interpret=_compat.interpreting())
     kernel = _compat.launchable(_sampler_step_kernel)
     quads = triton.cdiv(n, 4)
     with _on_device(x):
@@ -416,10 +480,81 @@ def sampler_step(
             grid = (triton.cdiv(quads, CONFIG.block_q), min(MAX_GRID_Y, B - image0))
             kernel[grid](
                 *kernel_args(out, x0, x, model_output, noise, coefs, step, philox_seed, threshold,
-                             cfg_scale=cfg_scale, clip=clip, image0=image0),
+                             cfg_scale=cfg_scale, clip=clip, image0=image0, out2=out2),
                 **constants, num_warps=CONFIG.num_warps,
             )
-    return out, x0 if x0 is not None else empty_x0
+
+
+def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps) -> None:
+    """The loop step's checks beyond the step's (which :func:`_check` makes on x = x_in[:B])."""
+    op = "sampler_loop_step (triton)"
+    if not isinstance(x_in, torch.Tensor) or x_in.dim() < 2:
+        raise ValueError(f"{op}: x_in must be a (B or 2B, C, *spatial) tensor")
+    if not x_in.is_contiguous():
+        raise ValueError(f"{op}: x_in must be contiguous (the step is written into it in place), got strides "
+                         f"{tuple(x_in.stride())} for shape {tuple(x_in.shape)}")
+    if x_in.dtype not in DTYPES:
+        raise TypeError(f"{op}: x_in dtype {x_in.dtype} not supported (float32, float16, bfloat16; "
+                        "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)")
+    if cfg_scale is not None:
+        if not (isinstance(cfg_scale, torch.Tensor) and cfg_scale.numel() == 1
+                and cfg_scale.dtype in (torch.float32, torch.float64) and cfg_scale.device == x_in.device):
+            raise TypeError(f"{op}: cfg_scale must be None or a one-element float32/float64 tensor on x_in's device")
+        if x_in.shape[0] % 2:
+            raise ValueError(f"{op}: with cfg_scale, x_in holds x_t twice (2B rows), got {x_in.shape[0]} rows")
+    if not isinstance(model_output, torch.Tensor) or model_output.dim() < 1 or model_output.shape[0] != x_in.shape[0]:
+        got = tuple(model_output.shape) if isinstance(model_output, torch.Tensor) else type(model_output).__name__
+        raise ValueError(f"{op}: model_output must have x_in's {x_in.shape[0]} rows, got {got}")
+    if t_in is not None:
+        if timesteps is None:
+            raise ValueError(f"{op}: t_in needs timesteps (t_in becomes timesteps[step + 1])")
+        for name, t in (("t_in", t_in), ("timesteps", timesteps)):
+            if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.int64
+                    and t.device == x_in.device):
+                raise TypeError(f"{op}: {name} must be a 1-D int64 tensor on x_in's device")
+
+
+def sampler_loop_step(
+    x_in: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: torch.Tensor,
+    cfg_scale: torch.Tensor | None,
+    learned_range: bool,
+    clip: float,
+    threshold: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    philox_seed: torch.Tensor | None,
+    t_in: torch.Tensor | None,
+    timesteps: torch.Tensor | None,
+) -> None:
+    """The sampling loop's step in place (fastdiff.reference.sampler_step.sampler_loop_step), CUDA-graph
+    capturable: nothing is read on the host.
+
+    x_in: the model's input, (B, C, *spatial), or (2B, C, *spatial) with x_t in both halves when
+    ``cfg_scale`` (a one-element float32/float64 device tensor) is given; contiguous. With s the value
+    of the int64 counter ``step``, x_prev is :func:`sampler_step`'s for x = x_in[:B] at row s (the same
+    numbers), stored into x_in[:B] and, guided, into x_in[B:] by the same kernel. Then a one-program
+    kernel sets ``step`` to s + 1 and, when s + 1 < len(timesteps), every entry of ``t_in`` to
+    timesteps[s + 1] (t_in left alone after the last step). An s out of range writes NaN and still
+    advances; an empty batch only advances. ``clip`` is a float (inf for none).
+    """
+    _check_loop(x_in, model_output, cfg_scale, t_in, timesteps)
+    guided = cfg_scale is not None
+    B = x_in.shape[0] // 2 if guided else x_in.shape[0]
+    x = x_in[:B]
+    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_loop_step")
+    if x.numel():
+        _launch(x, None, x_in[B:] if guided else None, x, model_output, coefs, step,
+                cfg_scale if guided else 1.0, learned_range, clip, threshold, noise, philox_seed, guided=guided)
+    advance = _compat.launchable(_advance_kernel)
+    with _on_device(x_in):
+        advance[(1,)](
+            step, t_in if t_in is not None else step, timesteps if timesteps is not None else step,
+            t_in.stride(0) if t_in is not None else 0, timesteps.stride(0) if timesteps is not None else 0,
+            t_in.numel() if t_in is not None else 0, timesteps.numel() if timesteps is not None else 0,
+            HAS_T=t_in is not None, BLOCK=ADVANCE_BLOCK, num_warps=1,
+        )
 
 
 def _new_output(x: torch.Tensor) -> torch.Tensor:
