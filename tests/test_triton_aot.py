@@ -187,17 +187,19 @@ def sampler_step_report() -> list[aot.TritonBuild]:
 
 
 def test_sampler_step_builds_compile_without_spills(sampler_step_report):
-    """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 4 variants x 3 dtypes x
-    sm_80/sm_90) compiled, with no spills, the cubin's own register count, and no shared memory
-    beyond what a layout conversion needs. The Philox builds keep a 32-byte stack frame and no
-    spills: libdevice's sinf/cosf hold a small array for the Payne-Hanek reduction of huge arguments
-    (as the native CUDA kernel's do); the others have no stack at all."""
+    """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 5 variants, the loop step's
+    in-place two-output one among them, x 3 dtypes x sm_80/sm_90) compiled, with no spills, the
+    cubin's own register count, and no shared memory beyond what a layout conversion needs. The
+    Philox builds keep a 32-byte stack frame and no spills: libdevice's sinf/cosf hold a small array
+    for the Payne-Hanek reduction of huge arguments (as the native CUDA kernel's do); the others have
+    no stack at all."""
     from fastdiff.triton import sampler_step as triton_sampler_step
 
     built = {(r.arch, r.dtype, r.layout) for r in sampler_step_report}
     expected = {(aot._compat.sm_arch(a), str(d).removeprefix("torch."), v)
                 for a, d, v in triton_sampler_step.aot_builds()}
     assert built == expected
+    assert {r.layout for r in sampler_step_report if r.layout.startswith("loop-")}, "no sampler_loop_step build"
     for r in sampler_step_report:
         label = f"{r.arch} {r.dtype} {r.layout}"
         assert not r.inexact_ptx, (label, r.inexact_ptx)  # 1 / threshold correctly rounded (tl.div_rn)

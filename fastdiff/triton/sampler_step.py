@@ -617,7 +617,9 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
 
 # The variants that matter, each for each dtype: the plain DDIM step (flat, no noise), DDPM with a
 # noise tensor and CFG, Philox noise with a learned variance and x0 (the most registers), and the
-# channels_last/strided "split" addressing with Philox and a threshold.
+# channels_last/strided "split" addressing with Philox and a threshold; and the loop step's build
+# (sampler_loop_step: CFG with the scale read from a device tensor, Philox and a learned variance,
+# x_prev stored into both halves of the model's input).
 _AOT_VARIANTS = {
     "flat-plain": dict(flat=True, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
                        write_x0=False),
@@ -627,6 +629,8 @@ _AOT_VARIANTS = {
                                        threshold=False, write_x0=True),
     "split-philox-threshold": dict(flat=False, guided=True, learned=False, noise_mode=NOISE_PHILOX,
                                    threshold=True, write_x0=True),
+    "loop-cfg-philox-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX, threshold=False,
+                                    write_x0=False, write_out2=True, cfg_tensor=True),
 }
 
 
@@ -637,11 +641,17 @@ def aot_builds() -> list[tuple[int, torch.dtype, str]]:
 
 def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfig]:
     """(runtime args, constexprs, config) of one AOT build, on meta tensors with the strides the
-    JIT sees in practice: (8, 4, 64, 64) latents, NCHW for the flat builds, channels_last for split."""
+    JIT sees in practice: (8, 4, 64, 64) latents, NCHW for the flat builds, channels_last for split;
+    the loop step's x (= x_prev, in place) and second x_prev are the halves of a (16, 4, 64, 64)
+    model input, its cfg_scale a float32 tensor."""
     constants = kernel_constants(dtype, **_AOT_VARIANTS[variant])
     B, C, H, W = 8, 4, 64, 64
     fmt = torch.contiguous_format if constants["FLAT"] else torch.channels_last
     x = torch.empty(B, C, H, W, dtype=dtype, device="meta", memory_format=fmt)
+    out2 = None
+    if constants["WRITE_OUT2"]:
+        x_in = torch.empty(2 * B, C, H, W, dtype=dtype, device="meta")
+        x, out2 = x_in[:B], x_in[B:]
     m = torch.empty(2 * B if constants["GUIDED"] else B, 2 * C if constants["LEARNED"] else C, H, W, dtype=dtype,
                     device="meta", memory_format=fmt)
     noise = torch.empty_like(x) if constants["NOISE_MODE"] == NOISE_TENSOR else None
@@ -649,10 +659,11 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     threshold = torch.empty(B, device="meta") if constants["HAS_THRESHOLD"] else None
     coefs = torch.empty(50, NUM_COEFS, device="meta")
     step = torch.empty((), dtype=torch.int64, device="meta")
-    out = torch.empty_like(x)
+    out = x if constants["WRITE_OUT2"] else torch.empty_like(x)  # the loop step writes x in place
     x0 = torch.empty_like(x) if constants["WRITE_X0"] else None
-    args = kernel_args(out, x0, x, m, noise, coefs, step, seed, threshold, cfg_scale=4.0,
-                       clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"))
+    cfg = torch.empty((), device="meta") if constants["CFG_TENSOR"] else 4.0
+    args = kernel_args(out, x0, x, m, noise, coefs, step, seed, threshold, cfg_scale=cfg,
+                       clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"), out2=out2)
     return args, constants, CONFIG
 
 
