@@ -56,8 +56,8 @@ def _grad_reasons(inputs: Mapping[str, torch.Tensor], backend: str) -> list[str]
             "the reference backend is differentiable"]
 
 
-def _native_reasons(device_type: str):
-    checked = native_support(OP, device_type, NATIVE_DTYPES)
+def _native_reasons(device_type: str, op: str = OP):
+    checked = native_support(op, device_type, NATIVE_DTYPES)
 
     def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
         if inputs is None:
@@ -94,8 +94,6 @@ SUPPORT = register_op(
         cache_key=_cache_key,
     )
 )
-
-
 # ---- the Triton kernel as a torch op --------------------------------------------------------------
 # The native op's schema under another name; custom_op rather than triton_op for the reason
 # fastdiff/ops/attention.py gives (triton_op imports torch._inductor at registration).
@@ -140,7 +138,8 @@ def _tracing_or_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed):
+def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
+              threshold_values=True):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"sampler_step: x must be a floating tensor (B, C, *spatial), got {what}")
@@ -194,7 +193,7 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
             raise ValueError(f"sampler_step: threshold must be a floating tensor of shape ({B},) on x's device")
         # A value check reads the tensor on the host: skipped while a trace or a CUDA graph capture runs
         # (fastdiff.sample's thresholds are clamped to >= 1 where they are made).
-        if not _tracing_or_capturing(threshold):
+        if threshold_values and not _tracing_or_capturing(threshold):
             bad = ~(torch.isfinite(threshold) & (threshold > 0))
             if bool(bad.any()):
                 value = threshold[bad][0].item()
@@ -208,8 +207,15 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
         if not (isinstance(noise, torch.Tensor) and noise.shape == x.shape and noise.dtype == x.dtype
                 and noise.device == x.device):
             raise ValueError(f"sampler_step: noise must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device})")
-    if philox_seed is not None and not (_is_int(philox_seed) and 0 <= philox_seed < 2**63):
-        raise ValueError(f"sampler_step: philox_seed must be an int in [0, 2**63), got {philox_seed!r}")
+    if philox_seed is not None and not (
+        (_is_int(philox_seed) and 0 <= philox_seed < 2**63)
+        or (isinstance(philox_seed, torch.Tensor) and philox_seed.dtype == torch.int64 and philox_seed.numel() == 1
+            and philox_seed.device == x.device)
+    ):
+        raise ValueError(
+            "sampler_step: philox_seed must be an int in [0, 2**63) or a one-element int64 tensor on x's device, "
+            f"got {philox_seed!r}"
+        )
 
 
 def sampler_step(
@@ -223,7 +229,7 @@ def sampler_step(
     clip: float | None = None,
     threshold: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
-    philox_seed: int | None = None,
+    philox_seed: int | torch.Tensor | None = None,
     return_x0: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -236,7 +242,9 @@ def sampler_step(
     int64 tensor on x's device (no host round trip). Noise: ``noise`` (like x), or drawn in the
     kernel from Philox4x32-10 keyed by ``philox_seed`` with counter (element, image, step) — the
     same numbers on every backend and batch size (fastdiff.reference.philox) — or none.
-    ``clip`` clamps x0 to [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding: finite
+    ``philox_seed`` is an int or a one-element int64 tensor on x's device (the form a CUDA graph
+    capture needs: an int is copied to the device on every call). ``clip`` clamps x0 to
+    [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding: finite
     positive values (checked, except under torch.compile or CUDA graph capture), any floating dtype
     (float16/bfloat16 are read as float32 on every backend).
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
@@ -261,17 +269,23 @@ def sampler_step(
     chosen = select_backend(OP, backend, inputs)
     if chosen == "reference":
         step_index = step if _is_int(step) else step.reshape(())
-        if philox_seed is not None and not _is_int(step):
-            step_index = int(step_index)  # the reference draws Philox on the host
+        seed = philox_seed
+        if philox_seed is not None:  # the reference draws Philox on the host
+            step_index = int(step_index)
+            seed = int(philox_seed.reshape(())) if isinstance(philox_seed, torch.Tensor) else philox_seed
         x_prev, x0 = _reference_sampler_step(
             x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
-            threshold=threshold, noise=noise, philox_seed=philox_seed,
+            threshold=threshold, noise=noise, philox_seed=seed,
         )
         return x_prev, (x0 if return_x0 else None)
     step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
-    seed_t = None if philox_seed is None else torch.tensor(philox_seed, dtype=torch.int64, device=x.device)
+    # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph capture
+    # refuses; the sampling loop passes its seed (and step) as device tensors made once.
+    seed_t = philox_seed if philox_seed is None or isinstance(philox_seed, torch.Tensor) else torch.tensor(
+        philox_seed, dtype=torch.int64, device=x.device)
     x_prev, x0 = kernel_op(chosen)(
         x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
         math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
     )
     return x_prev, (x0 if return_x0 else None)
+
