@@ -238,7 +238,7 @@ def test_sampling_loop_makes_no_host_sync(sampler, kw):
     _, count = count_ops(fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond,
                          uncond=uncond, generator=0, **kw)
     assert count.syncs == 0, str(count)
-    assert count.ops["fastdiff.sampler_step"] == 10, str(count)  # one fused op per step, guidance included
+    assert count.ops["fastdiff.sampler_loop_step"] == 10, str(count)  # one fused op per step, guidance included
     # ... while check_finite pays exactly one sync per step, by design.
     _, checked = count_ops(fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond,
                            uncond=uncond, generator=0, check_finite=True, **kw)

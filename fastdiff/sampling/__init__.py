@@ -1,8 +1,13 @@
-"""Schedules, samplers with device-resident coefficient tables, and ``sample()``."""
+"""Schedules, samplers with device-resident coefficient tables, ``sample()``, its plan and CUDA graphs."""
 
+from . import graphs
+from .capture import CaptureCheckError, CaptureReport, capture_check
+from .config import SamplingConfig
 from .noise import NoiseStreams
+from .plan import SamplingPlan
 from .sample import sample
 from .samplers import SAMPLERS, VARIANCES, DDIMSampler, DDPMSampler, Sampler, make_sampler
 
-__all__ = ["sample", "Sampler", "DDIMSampler", "DDPMSampler", "make_sampler", "NoiseStreams", "SAMPLERS",
-           "VARIANCES"]
+__all__ = ["sample", "SamplingConfig", "SamplingPlan", "graphs", "capture_check", "CaptureCheckError",
+           "CaptureReport", "Sampler", "DDIMSampler", "DDPMSampler",
+           "make_sampler", "NoiseStreams", "SAMPLERS", "VARIANCES"]
