@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("hypothesis", reason="the fuzz tier needs hypothesis (pip install -e '.[test]')")
-from hypothesis import given, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 
 import fastdiff
@@ -554,7 +554,8 @@ def sampler_step_cases(draw, *, small=False, dtypes_=FLOAT_DTYPES, edge=False) -
     return Case("sampler_step", spec)
 
 
-def _sampler_step(case: Case, backends) -> None:
+def _step_inputs(case: Case):
+    """The tensors and keyword arguments of a drawn sampler_step case."""
     s = case.spec
     cls = DDIMSampler if s["sampler"] == "ddim" else DDPMSampler
     kw = dict(prediction=s["prediction"], variance=s["variance"], dtype=s["dtype"])
@@ -580,7 +581,6 @@ def _sampler_step(case: Case, backends) -> None:
         spec, tdtype, sign = s["threshold"]
         # a positive threshold per image; in the edge test also negative ones and zeros (sign 0)
         threshold = ((spec.build((B,), tdtype).abs() + 0.5) * sign).to(tdtype)
-    step = torch.tensor(s["step"]) if s["step_tensor"] else s["step"]
     kwargs = dict(
         cfg_scale=s["cfg_scale"],
         learned_range=s["variance"] == "learned_range",
@@ -589,6 +589,13 @@ def _sampler_step(case: Case, backends) -> None:
         noise=noise,
         philox_seed=s["philox_seed"],
     )
+    return x, m, coefs, kwargs
+
+
+def _sampler_step(case: Case, backends) -> None:
+    s = case.spec
+    x, m, coefs, kwargs = _step_inputs(case)
+    step = torch.tensor(s["step"]) if s["step_tensor"] else s["step"]
 
     def reference(mode, **override):
         return _call_reference(ref_sampler_step, mode, x, m, coefs, s["step"], **{**kwargs, **override})
@@ -632,7 +639,50 @@ def test_sampler_step_triton(case):
     _sampler_step(case, ("reference", "triton"))
 
 
+@settings(max_examples=examples(60))
+@given(case=sampler_step_cases())
+def test_sampler_loop_step(case):
+    """The loop's step is sampler_step written in place: on every backend, both halves of x_in hold that
+    backend's sampler_step result bit for bit (same kernel, same element order), the counter advances
+    and the model's timestep input takes the next timestep; an input one refuses, the other refuses."""
+    s = case.spec
+    x, m, coefs, kwargs = _step_inputs(case)
+    x = x.contiguous()  # the loop's x_in is contiguous: compare in the same element order
+    threshold = kwargs["threshold"]
+    # The loop step does not read threshold values on the host (a sync per step); fastdiff.sample
+    # clamps them to >= 1. sampler_step's refusal of other values is fuzzed above.
+    assume(threshold is None or bool((torch.isfinite(threshold) & (threshold > 0)).all()))
+    B, guided = x.shape[0], kwargs["cfg_scale"] is not None
+    timesteps = torch.arange(s["steps"], dtype=torch.int64) * 7 + 3
+    loop_kwargs = dict(
+        kwargs,
+        cfg_scale=torch.tensor(kwargs["cfg_scale"], dtype=torch.float64) if guided else None,
+        philox_seed=torch.tensor(s["philox_seed"]) if s["philox_seed"] is not None else None,
+    )
+    for backend in NON_TRITON["sampler_loop_step"]:
+        try:
+            expected, _ = ops.sampler_step(x, m, coefs, s["step"], **kwargs, backend=backend)
+        except Exception as exc:  # noqa: BLE001 - whatever sampler_step refuses, the loop step refuses
+            with pytest.raises(Exception):  # noqa: B017
+                ops.sampler_loop_step(torch.cat([x, x]) if guided else x.clone(), m, coefs,
+                                      torch.tensor(s["step"]), **loop_kwargs, backend=backend)
+            note(f"{backend}: both refuse ({exc})")
+            continue
+        x_in = torch.cat([x, x]) if guided else x.clone()
+        counter = torch.tensor(s["step"])
+        t_in = torch.full((x_in.shape[0],), -1, dtype=torch.int64)
+        ops.sampler_loop_step(x_in, m, coefs, counter, **loop_kwargs, t_in=t_in, timesteps=timesteps, backend=backend)
+        what = f"{case!r} on {backend}"
+        torch.testing.assert_close(x_in[:B], expected, rtol=0, atol=0, equal_nan=True, msg=what)
+        if guided:
+            torch.testing.assert_close(x_in[B:], expected, rtol=0, atol=0, equal_nan=True, msg=what)
+        assert int(counter) == s["step"] + 1, what
+        last = s["step"] + 1 == s["steps"]
+        assert t_in.tolist() == [-1 if last else int(timesteps[s["step"] + 1])] * x_in.shape[0], what
+
+
 def test_fuzz_covers_every_public_op():
     """A new public op needs a fuzz test here."""
-    covered = {"cfg_combine", "group_norm_adagn", "layer_norm_modulate", "attention", "conv3x3", "sampler_step"}
+    covered = {"cfg_combine", "group_norm_adagn", "layer_norm_modulate", "attention", "conv3x3", "sampler_step",
+               "sampler_loop_step"}
     assert set(ops.__all__) == covered
