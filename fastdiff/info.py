@@ -19,7 +19,7 @@ from . import _native
 from .backends import AVAILABLE, ENV_VAR, registered_ops, support_table
 from .kernel_report import format_kernels, native_kernels
 
-__all__ = ["main", "collect"]
+__all__ = ["main", "collect", "cpu_line"]
 
 
 def _dist_version(name: str) -> str | None:
@@ -28,6 +28,18 @@ def _dist_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def cpu_line() -> str:
+    """The CPU model, ATen's CPU capability (the ISA its kernels run) and the thread count: printed
+    with every number, since kernels rank differently on other CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine() or "unknown CPU"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
 
 
 def collect() -> dict:
@@ -40,6 +52,7 @@ def collect() -> dict:
     return {
         "fastdiff": _dist_version("fastdiff"),
         "python": platform.python_version(),
+        "cpu": cpu_line(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_devices": devices,
@@ -85,6 +98,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"fastdiff {report['fastdiff'] or '(not installed as a distribution)'}",
         f"python   {report['python']}",
+        f"CPU      {report['cpu']}",
         f"torch    {report['torch']} (CUDA {report['torch_cuda'] or 'none: CPU-only build'})",
         f"GPUs     {'; '.join(devices)}",
         f"triton   {report['triton'] or 'not installed'}",
