@@ -10,6 +10,10 @@ autotuning and cuBLAS workspaces happen there, outside the capture), rewinds, an
   (``FASTDIFF_CUDA_GRAPH_MODE=loop``): one replay instead of N, at N times the capture time and
   graph size.
 
+After capturing, the first steps are replayed and run eagerly from the same state, and the graph
+is used only if the two agree (a safety net for what a capture cannot report: a value read at
+capture time and baked into the graph).
+
 Graphs are cached per ``SamplingConfig.signature()`` (model, shapes, dtypes, steps, sampler
 settings, guidance on/off, kwargs shapes) in an LRU of ``FASTDIFF_CUDA_GRAPH_CACHE`` entries
 (default 8), all allocating from one memory pool per device. A call with a cached signature writes
@@ -22,6 +26,7 @@ models alive; ``clear()`` frees every graph.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import OrderedDict
@@ -69,6 +74,35 @@ def _weights(model: Any) -> tuple:
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
 
 
+class CudaRuntime:
+    """The CUDA calls of capture and replay, in one place (tests on the CPU swap in a recorder)."""
+
+    def warm_up(self, device: torch.device, fn) -> None:
+        """Run ``fn`` on a side stream (lazy init, autotuning, workspaces) and wait for it."""
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def pool(self, device: torch.device) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn, pool: Any) -> Any:
+        """A graph of what ``fn`` launches (not run by the capture)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            fn()
+        return graph
+
+    def after_failure(self, device: torch.device) -> None:
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(device)
+
+
+_runtime = CudaRuntime()
+
+
 class _Entry:
     def __init__(self, plan: SamplingPlan, mode: str, pool: Any) -> None:
         self.plan, self.mode, self.pool = plan, mode, pool
@@ -78,27 +112,50 @@ class _Entry:
 
     def capture(self, config: SamplingConfig) -> None:
         plan, device = self.plan, config.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            plan.step(0)  # warm-up: lazy init, autotuning, workspaces; binds the step's kernel
-        torch.cuda.current_stream(device).wait_stream(side)
+        _runtime.warm_up(device, lambda: plan.step(0))  # also binds the step's kernel before capture
         plan.load(config)  # rewind what the warm-up advanced
-        graph = torch.cuda.CUDAGraph()
+
+        def body() -> None:
+            for i in range(plan.num_steps if self.mode == "loop" else 1):
+                plan.step(i)
+
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                for i in range(plan.num_steps if self.mode == "loop" else 1):
-                    plan.step(i)
+            graph = _runtime.capture(body, self.pool)
         except Exception as exc:  # the CUDA error says what broke the capture; say where to look
-            torch.cuda.synchronize(device)
+            _runtime.after_failure(device)
             raise CaptureError(
                 f"capturing the sampling loop in a CUDA graph failed: {type(exc).__name__}: {exc}. "
                 "fastdiff.sampling.capture_check(model, ...) on the CPU names the op and step that break it "
                 "(a host sync such as .item(), a copy from the host, a branch on a tensor value)"
             ) from exc
-        plan.load(config)  # the capture recorded the step without running it; make x_T current again
         self.graph = graph
         self.weights = _weights(self.model)
+        self.verify(config)
+        plan.load(config)  # the capture recorded the step without running it; make x_T current again
+
+    def verify(self, config: SamplingConfig) -> None:
+        """Replay the first steps and run them eagerly from the same state: the loop's state (x, the
+        counter, t) must agree, or the graph is not used. It catches what capture cannot report (a
+        value read at capture time and baked in) at the cost of a few steps, once per signature."""
+        plan = self.plan
+        n = plan.num_steps if self.mode == "loop" else min(2, plan.num_steps)
+        plan.load(config)
+        for _ in range(1 if self.mode == "loop" else n):
+            self.graph.replay()
+        replayed = (plan.x_in.clone(), plan.counter.clone(), plan.t_in.clone())
+        plan.load(config)
+        for i in range(n):
+            plan.step(i)
+        eager = (plan.x_in, plan.counter, plan.t_in)
+        tol = 1e-5 if config.dtype == torch.float64 else 1e-3 if config.dtype == torch.float32 else 2e-2
+        same = (torch.equal(replayed[1], eager[1]) and torch.equal(replayed[2], eager[2])
+                and torch.allclose(replayed[0], eager[0], rtol=tol, atol=tol, equal_nan=True))
+        if not same:
+            diff = (replayed[0].double() - eager[0].double()).abs().max().item()
+            raise CaptureError(
+                f"the captured graph's first {n} step(s) differ from the eager loop's (max |x difference| {diff:.3g}, "
+                f"step counter {int(replayed[1])} vs {int(eager[1])}): something in a step was fixed at capture "
+                "time; fastdiff.sampling.capture_check(model, ...) on the CPU names what")
 
     def replay(self) -> None:
         plan, c = self.plan, self.plan.config
@@ -128,9 +185,9 @@ def use_graph(config: SamplingConfig) -> bool:
     cannot, naming every reason; ``"auto"`` on CUDA warns once per reason and runs eagerly."""
     if config.cuda_graph is False:
         return False
-    if config.device.type != "cuda" and config.cuda_graph == "auto":
-        return False  # nothing to capture off CUDA: auto means eager, no warning
     reasons = config.capture_reasons()
+    if config.cuda_graph == "auto" and any(r.endswith("not on a CUDA device") for r in reasons):
+        return False  # nothing to capture off CUDA: auto means eager, no warning
     failed = _failed.get(config.signature())
     if failed is not None:
         reasons.append(f"an earlier capture of this loop failed ({failed})")
@@ -157,7 +214,9 @@ def run(config: SamplingConfig) -> torch.Tensor:
         reasons = plan.capturable()
         if reasons:
             return _eager_instead(config, plan, "; ".join(reasons))
-        pool = _pools.setdefault(config.device, torch.cuda.graph_pool_handle())
+        if config.device not in _pools:
+            _pools[config.device] = _runtime.pool(config.device)
+        pool = _pools[config.device]
         entry = _Entry(plan, _mode(), pool)
         try:
             entry.capture(config)
