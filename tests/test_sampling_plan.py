@@ -7,6 +7,8 @@ deliberately bad models, with a message naming the kind, the op and the step.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -299,3 +301,46 @@ def test_cuda_graph_auto_on_cpu_is_eager_without_a_warning(recwarn):
 def test_cuda_graph_bad_value(value):
     with pytest.raises(ValueError, match=r"cuda_graph must be 'auto', True or False"):
         fastdiff.sample(Toy(), SHAPE, steps=3, generator=0, cuda_graph=value)
+
+
+# ---- eager plans are reused across calls like the last one ---------------------------------------------
+
+def test_eager_plan_is_reused_with_new_values_and_results_stay_put():
+    sample_module = importlib.import_module("fastdiff.sampling.sample")
+
+    sample_module._plans.clear()
+    model = Toy()
+    a = fastdiff.sample(model, SHAPE, steps=5, generator=1, **GUIDED)
+    a_copy = a.clone()
+    assert len(sample_module._plans) == 1
+    plan = next(iter(sample_module._plans.values()))
+    assert plan.config is None  # a kept plan holds no model, kwargs or noise between calls
+    b = fastdiff.sample(model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)},
+                        uncond={"y": torch.zeros(3)})
+    assert next(iter(sample_module._plans.values())) is plan and len(sample_module._plans) == 1
+    assert torch.equal(a, a_copy)  # the reused plan did not write into the first call's result
+    sample_module._plans.clear()
+    fresh = fastdiff.sample(model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)},
+                            uncond={"y": torch.zeros(3)})
+    assert torch.equal(b, fresh)
+
+
+def test_eager_plans_are_dropped_with_their_model():
+    import gc
+
+    sample_module = importlib.import_module("fastdiff.sampling.sample")
+
+    sample_module._plans.clear()
+    model = Toy()
+    fastdiff.sample(model, SHAPE, steps=3, generator=0)
+    assert len(sample_module._plans) == 1
+    del model
+    gc.collect()
+    assert len(sample_module._plans) == 0
+
+
+def test_classifier_guidance_does_not_reuse_a_plain_plan():
+    model = Toy()
+    plain = fastdiff.sample(model, SHAPE, steps=3, generator=0)
+    guided = fastdiff.sample(model, SHAPE, steps=3, generator=0, classifier_grad=lambda x, t: torch.ones_like(x))
+    assert not torch.equal(plain, guided)

@@ -176,7 +176,7 @@ class SamplingConfig:
             id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.guided, self.eta,
             _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset,
             self.prediction, self.variance, self.clip_x0, self.threshold, self.set_alpha_to_one, self.backend,
-            kw_sig,
+            self.classifier_grad is not None, kw_sig,
         )
 
     def capture_reasons(self) -> list[str]:

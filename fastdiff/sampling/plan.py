@@ -124,6 +124,7 @@ class SamplingPlan:
 
         ``config`` must have this plan's signature (the graph cache reuses a plan across calls)."""
         c, B = config, self.batch
+        self.config = config
         if c.noise is not None:
             x_T = c.noise.detach()
         else:
@@ -185,6 +186,11 @@ class SamplingPlan:
             if c.callback is not None:
                 c.callback(i, self.sampler.timesteps[i], self.x.clone())
         return self.result()
+
+    def release(self) -> None:
+        """Drop the reference to the last call's config (its model, kwargs and noise) until the next
+        ``load``: a plan kept for reuse must not keep a model alive."""
+        self.config = None
 
     def result(self, copy: bool = False) -> torch.Tensor:
         """x after the last step: a copy when ``copy`` or with guidance (x is half of x_in), else x_in."""

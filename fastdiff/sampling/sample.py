@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,6 +15,42 @@ from .config import SamplingConfig
 from .plan import SamplingPlan
 
 __all__ = ["sample"]
+
+# Eager plans kept for reuse, by signature: a call like the last one (another seed, cfg, x_T or label)
+# only loads its values instead of rebuilding the sampler's tables and buffers (~0.3 ms a call on a
+# CPU). A plan holds no reference to its model between calls, and is dropped when the model is.
+_PLAN_CACHE_SIZE = 4
+_plans: OrderedDict[tuple, SamplingPlan] = OrderedDict()
+_watched: set[int] = set()
+
+
+def _forget_model(model_id: int) -> None:
+    _watched.discard(model_id)
+    for key in [k for k in _plans if k[0] == model_id]:
+        del _plans[key]
+
+
+def _run_eager(config: SamplingConfig) -> torch.Tensor:
+    key = config.signature()
+    plan = _plans.pop(key, None)  # owned by this call while it runs (another thread builds its own)
+    if plan is None:
+        plan = SamplingPlan(config)
+    else:
+        plan.load(config)
+    plan.run()
+    result = plan.result(copy=True)
+    model_id = id(config.model)
+    if model_id not in _watched:
+        try:
+            weakref.finalize(config.model, _forget_model, model_id)
+        except TypeError:  # not weak-referenceable (a bound method is a new object every time): no reuse
+            return result
+        _watched.add(model_id)
+    plan.release()
+    _plans[key] = plan
+    while len(_plans) > _PLAN_CACHE_SIZE:
+        _plans.popitem(last=False)
+    return result
 
 
 def sample(
@@ -117,4 +155,4 @@ def sample(
     )
     if graphs.use_graph(config):
         return graphs.run(config)
-    return SamplingPlan(config).run()
+    return _run_eager(config)
