@@ -42,8 +42,9 @@ struct Row {
   const scalar_t* mc;   // conditional row, or nullptr
   const scalar_t* var;  // learned-variance channels, or nullptr
   const scalar_t* z;    // noise, or nullptr
-  scalar_t* out;
-  scalar_t* x0;  // or nullptr
+  scalar_t* out;   // may be x itself: every element is read before it is written
+  scalar_t* out2;  // a second copy of out, or nullptr
+  scalar_t* x0;    // or nullptr
 };
 
 // Elements [i, end) of one image, one at a time (any dtype; Philox noise; vector tails).
@@ -78,6 +79,9 @@ void scalar_run(const SamplerStepArgs& a, const Row<scalar_t>& r, int64_t image,
     const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, z, k, lo, hi, scale,
                                                       a.learned, adds_noise, x0);
     r.out[i] = static_cast<scalar_t>(out);
+    if (r.out2 != nullptr) {
+      r.out2[i] = static_cast<scalar_t>(out);
+    }
     if (r.x0 != nullptr) {
       r.x0[i] = static_cast<scalar_t>(x0);
     }
@@ -95,6 +99,7 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
                   nullptr,
                   a.noise != nullptr ? static_cast<const scalar_t*>(a.noise) + image * a.n : nullptr,
                   static_cast<scalar_t*>(a.out) + image * a.n,
+                  a.out2 != nullptr ? static_cast<scalar_t*>(a.out2) + image * a.n : nullptr,
                   a.x0_out != nullptr ? static_cast<scalar_t*>(a.x0_out) + image * a.n : nullptr};
   if (a.learned) {
     r.var = (r.mc != nullptr ? r.mc : r.mu) + a.n;  // variance channels from the conditional half
@@ -123,8 +128,12 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
         const V var = adds_noise && r.var != nullptr ? V::loadu(r.var + i) : zero;
         const V z = adds_noise ? V::loadu(r.z + i) : zero;
         V x0;
-        sampler_step_value(V::loadu(r.x + i), mv, var, z, kv, lov, hiv, scalev, a.learned, adds_noise, x0)
-            .store(r.out + i);
+        const V prev =
+            sampler_step_value(V::loadu(r.x + i), mv, var, z, kv, lov, hiv, scalev, a.learned, adds_noise, x0);
+        prev.store(r.out + i);
+        if (r.out2 != nullptr) {
+          prev.store(r.out2 + i);
+        }
         if (r.x0 != nullptr) {
           x0.store(r.x0 + i);
         }

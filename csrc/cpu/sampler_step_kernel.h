@@ -9,13 +9,15 @@
 
 namespace fastdiff::cpu {
 
-// Everything one step needs, resolved by the launcher. x, out, x0_out and noise are B rows of N
-// elements in one shared memory order; the model output is B (or 2B, [uncond; cond]) rows of MN
+// Everything one step needs, resolved by the launcher. x, out, out2, x0_out and noise are B rows of
+// N elements in one shared memory order; the model output is B (or 2B, [uncond; cond]) rows of MN
 // elements (N, or 2N with the learned-variance channels after the first N). coef and threshold
-// are in the op-math type (double for float64 input, float otherwise).
+// are in the op-math type (double for float64 input, float otherwise). out may be x itself
+// (sampler_loop_step works in place): each element of x is read before its output is written.
 struct SamplerStepArgs {
   c10::ScalarType dtype;
   void* out;             // (B, N) x_{t-1}
+  void* out2;            // (B, N) a second copy of x_{t-1} (sampler_loop_step's x_in[B:]), or nullptr
   void* x0_out;          // (B, N) predicted x0, or nullptr
   const void* x;         // (B, N) x_t
   const void* m;         // (B or 2B, MN) model output
