@@ -17,6 +17,15 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, float cfg_scale, bool learned_range, "
       "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)");
+  // The sampling loop's step, in place (CUDA-graph capturable: every value is read on the device).
+  // x_in (B, C, *spatial), or (2B, ...) holding x_t in both halves when cfg_scale (one-element
+  // float tensor) is given; contiguous. With s = step (one-element int64): x_prev = sampler_step(
+  // x_in[:B], ..., s) into x_in[:B] (and x_in[B:]); then step = s + 1 and, given t_in, every entry
+  // of t_in = timesteps[s + 1] while s + 1 < len(timesteps).
+  m.def(
+      "sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, Tensor(b!) step, Tensor? cfg_scale, "
+      "bool learned_range, float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, "
+      "Tensor? timesteps) -> ()");
   // act((GroupNorm(x + pre_shift) * weight + bias) * (1 + scale) + shift), act = SiLU if silu.
   // x (B, C, *spatial), NCHW or channels_last; weight/bias (C,); scale/shift/pre_shift (B, C).
   m.def(
@@ -39,6 +48,7 @@ TORCH_LIBRARY(fastdiff, m) {
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cpu);
   m.impl("sampler_step", &fastdiff::sampler_step_cpu);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_cpu);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cpu);
   m.impl("conv3x3", &fastdiff::conv3x3_cpu);
@@ -47,6 +57,7 @@ TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
 TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_meta);
   m.impl("sampler_step", &fastdiff::sampler_step_meta);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_meta);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_meta);
   m.impl("conv3x3", &fastdiff::conv3x3_meta);
@@ -56,6 +67,7 @@ TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
 TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
   m.impl("cfg_combine", &fastdiff::cfg_combine_cuda);
   m.impl("sampler_step", &fastdiff::sampler_step_cuda);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_cuda);
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cuda);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cuda);
 }

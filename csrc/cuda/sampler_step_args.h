@@ -20,6 +20,10 @@ struct StepKernelArgs {
   double cfg_scale;  // double, as the CPU kernel and cfg_combine.cu keep it: the float64 path is exact;
                      // the float32 kernels round it to float once, as the CPU kernel does
   double clip;       // clamp x0 to [-clip, clip] (inf: no clipping)
+  // sampler_loop_step reads cfg_scale on the device (the kernel's cfg_dev pointer, set instead of
+  // the field above): whether that one-element tensor is float64 (else float32). Read as its own
+  // type and cast once to the op-math type, as cfg_scale is: the same value gives the same bits.
+  bool cfg_dev_double;
 };
 
 inline StepKernelArgs pack_step_kernel_args(int64_t batch, int64_t n, int64_t mn, int64_t steps, bool guided,
