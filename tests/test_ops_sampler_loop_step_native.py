@@ -413,3 +413,27 @@ class TestCuda:
         torch.cuda.synchronize()
         assert torch.equal(static["x_in"], eager["x_in"])
         assert int(static["step"]) == STEPS and torch.equal(static["t_in"], eager["t_in"])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "auto"])
+@pytest.mark.parametrize("name", ["model_output", "noise"])
+def test_inputs_sharing_memory_with_x_in_are_refused(backend, name):
+    """The step writes x_in in place: an input in x_in's memory would be read half-updated."""
+    import fastdiff
+
+    x_in = torch.randn(4, 2, 3, 3)
+    coefs = fastdiff.sampling.make_sampler("ddim", fastdiff.Schedule(), 5, eta=0.5).coefs
+    model_output = x_in if name == "model_output" else torch.randn(4, 2, 3, 3)
+    noise = x_in[2:] if name == "noise" else None
+    cfg = torch.tensor(2.0, dtype=torch.float64)
+    step = torch.tensor(0)
+    before = x_in.clone()
+    match = f"sampler_loop_step: {name} shares memory with x_in"
+    if backend == "native":
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fastdiff.sampler_loop_step(x_in, model_output, coefs, step, cfg, False, float("inf"), None, noise,
+                                                 None, None, None)
+    else:
+        with pytest.raises(ValueError, match=match):
+            fastdiff.ops.sampler_loop_step(x_in, model_output, coefs, step, cfg_scale=cfg, noise=noise, backend=backend)
+    assert torch.equal(x_in, before) and int(step) == 0

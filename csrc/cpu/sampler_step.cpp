@@ -12,6 +12,7 @@
 #include "launch.h"
 #include "sampler_step_kernel.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -189,6 +190,18 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
 
 }  // namespace
 
+namespace {
+
+void check_no_overlap_with_x_in(const at::Tensor& x_in, const at::Tensor& t, const char* name) {
+  const at::MemOverlapStatus status = at::get_overlap_status(x_in, t);
+  const bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+                       (status == at::MemOverlapStatus::TooHard && x_in.storage().is_alias_of(t.storage()));
+  TORCH_CHECK(!overlap, "sampler_loop_step: ", name, " shares memory with x_in, which the step writes in place "
+              "while reading ", name, "; pass a copy (", name, ".clone())");
+}
+
+}  // namespace
+
 SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor& model_output,
                                        const at::Tensor& coefs, const at::Tensor& step,
                                        const std::optional<at::Tensor>& cfg_scale, bool learned_range, double clip,
@@ -213,6 +226,11 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
   }
   const at::Tensor x = x_in.narrow(0, 0, B);
   check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed, kLoopSizeNames);
+  // The step writes x_in while it reads these: an input in x_in's memory would be read half-updated.
+  check_no_overlap_with_x_in(x_in, model_output, "model_output");
+  if (noise.has_value()) {
+    check_no_overlap_with_x_in(x_in, *noise, "noise");
+  }
 
   // x_in is contiguous, so every operand is put in the contiguous (NCHW) order, the order of the
   // learned-variance channels and of the Philox counters: a flat index is one element in each.

@@ -64,7 +64,7 @@ def loop_kernel_op(backend: str):
     return torch.ops.fastdiff.sampler_loop_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_loop_step
 
 
-def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed):
+def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise):
     if not isinstance(x_in, torch.Tensor) or not x_in.is_floating_point() or x_in.dim() < 2:
         raise TypeError("sampler_loop_step: x_in must be a floating tensor (B or 2B, C, *spatial)")
     if not x_in.is_contiguous():
@@ -86,6 +86,11 @@ def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philo
     if philox_seed is not None and not (isinstance(philox_seed, torch.Tensor) and philox_seed.dtype == torch.int64
                                         and philox_seed.numel() == 1 and philox_seed.device == x_in.device):
         raise TypeError("sampler_loop_step: philox_seed must be None or a one-element int64 tensor on x_in's device")
+    for name, t in (("model_output", model_output), ("noise", noise)):
+        if t is not None and t.device == x_in.device and t.untyped_storage().data_ptr() == (
+                x_in.untyped_storage().data_ptr()):
+            raise ValueError(f"sampler_loop_step: {name} shares memory with x_in, which the step writes in place "
+                             f"while reading {name}; pass a copy ({name}.clone())")
     if (t_in is None) != (timesteps is None):
         raise ValueError("sampler_loop_step: give t_in and timesteps together, or neither")
     for name, t in (("t_in", t_in), ("timesteps", timesteps)):
@@ -125,7 +130,7 @@ def sampler_loop_step(
     can capture one step and replay it for every step. Out-of-range s: the CPU raises; CUDA and
     Triton write NaN.
     """
-    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed)
+    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise)
     batch = x_in.shape[0] // 2 if cfg_scale is not None else x_in.shape[0]
     _validate(x_in[:batch], model_output, coefs, step, 1.0 if cfg_scale is not None else None, learned_range, clip,
               threshold, noise, None, threshold_values=False)
