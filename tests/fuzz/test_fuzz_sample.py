@@ -184,6 +184,11 @@ def test_sample_arguments(call):
         raise failure("sample", "reference_nan")(f"{what}: backend='reference' gives NaN/Inf from finite inputs")
     cpu = _run(call, "cpu")
     tol = DTYPE_TOL[dtype]
+    if kw.get("sampler") == "ddpm" or kw.get("eta", 0) > 0:
+        # Step noise is Philox drawn in the kernel, whose Box-Muller runs in float32 on every backend but
+        # the reference (float64): float64 samples differ by float32-rounded normals, amplified through
+        # the steps, so they are held to float32's tolerance (documented in ops.sampler_step).
+        tol = max(tol, DTYPE_TOL[torch.float32])
     both = ref.isfinite()
     if not torch.equal(both, cpu.isfinite()):
         raise failure("sample", "cpu_nonfinite")(
