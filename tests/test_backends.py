@@ -149,11 +149,12 @@ def test_support_table_is_available_or_reasons():
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
-        if op not in ("attention", "sampler_step", "group_norm_adagn", "layer_norm_modulate"):  # Triton kernels
+        if op not in ("attention", "sampler_step", "sampler_loop_step", "group_norm_adagn",
+                      "layer_norm_modulate"):  # Triton kernels
             assert any("not implemented for this op yet" in r for r in row["triton"]), op
     assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
     assert table["attention"]["sdpa"] == AVAILABLE
-    for op in ("cfg_combine", "conv3x3", "group_norm_adagn", "sampler_step"):
+    for op in ("cfg_combine", "conv3x3", "group_norm_adagn", "sampler_step", "sampler_loop_step"):
         if status["built"]:
             assert table[op]["cpu"] == AVAILABLE
         else:
