@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 _MODELS = ("digits", "glyphs")
+_CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
 _MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -156,6 +157,9 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         s.error("argument --eta: eta applies to --sampler ddim only; DDPM's noise is set by its variance")
     if not 0 <= args.seed < 2**63:
         s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
+    if args.cuda_graph == "on" and not args.device.startswith("cuda"):
+        s.error(f"argument --cuda-graph: 'on' needs a CUDA --device (the loop runs on {args.device!r}); "
+                "use auto or off")
     why = _check_device(args.device)
     if why:
         s.error(why)
@@ -206,12 +210,16 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         demo.set_backend(backend, memory_format)
         compiled = args.compile and backend != "reference"
         models[backend] = torch.compile(copy.deepcopy(demo.model)) if compiled else demo.model
+    # The reference backend cannot be captured (it reads the step on the host): it runs eagerly.
+    graphs = {backend: (_CUDA_GRAPH[args.cuda_graph] if backend != "reference" else False) for backend in backends}
     compile_seconds = None
     with torch.no_grad():
         for backend in backends:  # warm up first, so neither timing pays one-time costs (loading _C, compiling)
             demo.set_backend(backend, memory_format)
             start = time.perf_counter()
-            fastdiff.sample(models[backend], shape, backend=backend, **(kwargs | {"steps": 2}))
+            # A CUDA graph is captured per loop signature: on CUDA the warm-up runs the timed loop itself.
+            warm = {} if graphs[backend] is not False and args.device.startswith("cuda") else {"steps": 2}
+            fastdiff.sample(models[backend], shape, backend=backend, cuda_graph=graphs[backend], **(kwargs | warm))
             if models[backend] is not demo.model:
                 compile_seconds = time.perf_counter() - start
         # The timed runs take turns, one per backend in each round, and each backend's time is its
@@ -222,7 +230,7 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
             for backend in backends:
                 demo.set_backend(backend, memory_format)
                 start = time.perf_counter()
-                x = fastdiff.sample(models[backend], shape, backend=backend,
+                x = fastdiff.sample(models[backend], shape, backend=backend, cuda_graph=graphs[backend],
                                     progress=args.progress and r == 0, **kwargs)
                 if x.is_cuda:
                     torch.cuda.synchronize()
@@ -292,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--rounds", type=int, default=3,
                    help="timed rounds; each samples the images once per backend, the backends taking turns, "
                         "and the reported ms/image is each backend's median (the grid is the first round's)")
+    s.add_argument("--cuda-graph", choices=tuple(_CUDA_GRAPH), default="auto",
+                   help="on a CUDA device, replay the sampling loop from a CUDA graph: auto (when it can be "
+                        "captured), on (raise when it cannot), off")
     s.add_argument("--progress", action="store_true", help="a progress bar for the first timed round")
     s.add_argument("--out", default="samples.png")
 

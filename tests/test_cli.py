@@ -152,6 +152,9 @@ def _bad_args_cases(tmp_path):
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),
         (["--rounds", "0", "--out", ok], r"--rounds must be >= 1"),
+        (["--cuda-graph", "on", "--out", ok], r"argument --cuda-graph: 'on' needs a CUDA --device \(the loop runs "
+                                              r"on 'cpu'\)"),
+        (["--cuda-graph", "always", "--out", ok], r"argument --cuda-graph: invalid choice: 'always'"),
     ]
     if not torch.cuda.is_available():
         cases += [
