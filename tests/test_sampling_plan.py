@@ -344,3 +344,19 @@ def test_classifier_guidance_does_not_reuse_a_plain_plan():
     plain = fastdiff.sample(model, SHAPE, steps=3, generator=0)
     guided = fastdiff.sample(model, SHAPE, steps=3, generator=0, classifier_grad=lambda x, t: torch.ones_like(x))
     assert not torch.equal(plain, guided)
+
+
+def test_triton_loop_step_samples_like_the_reference_and_is_capturable():
+    """The Triton kernel (the interpreter on CPU tensors here) drives the same loop: one custom op a step."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from conftest import cpu_tensor_skip_reason
+
+    reason = cpu_tensor_skip_reason("triton")
+    if reason:
+        pytest.skip(reason)
+    kw = dict(steps=4, generator=3, eta=0.5, **GUIDED)
+    ref = fastdiff.sample(Toy(), SHAPE, backend="reference", **kw)
+    got = fastdiff.sample(Toy(), SHAPE, backend="triton", **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    report = capture_check(Toy(), SHAPE, backend="triton", **kw)
+    assert report.loop_ops == {"fastdiff.sampler_loop_step_triton": 1}, str(report)
