@@ -38,11 +38,6 @@ def timed(fn):
 def machine_line() -> str:
     """The CPU model, ATen's CPU capability (the ISA its kernels run) and the thread count: printed
     with every number, since kernels rank differently on other CPUs."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
+    from fastdiff.info import cpu_line
 
+    return cpu_line()
