@@ -4,9 +4,10 @@ Made for a GPU lent for a few minutes: run it from the repository root and it
 
 1. prints the machine (GPU, CUDA, torch, Triton, what fastdiff._C was built with);
 2. runs the CPU parts that need no GPU: ``capture_check`` on fastdiff's UNet and DiT;
-3. on a GPU: runs the GPU tests (``pytest -m gpu tests`` — CUDA-graph replay equal to eager bit
-   for bit, in-place weight updates, flat memory, the kernels — and ``tests/triton`` on the
-   device), then the sampling-loop benchmark (CUDA graph on vs off, one-step vs unrolled graphs,
+3. on a GPU: runs the GPU tests — first the CUDA-graph and loop-step ones (replay equal to eager
+   bit for bit, in-place weight updates, flat memory), then the rest of ``pytest -m gpu tests``
+   (every test that needs a GPU or runs a CUDA or Triton kernel on one) and ``tests/triton`` on the
+   device — then the sampling-loop benchmark (CUDA graph on vs off, one-step vs unrolled graphs,
    and diffusers' loop when diffusers is installed), then ``pytest benchmarks --benchmark-only``
    in the time left;
 4. writes ``report.md`` and ``report.json`` into ``--out`` (default ``$OUT`` if set, else
@@ -214,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
         else:
             os.chdir(repo)
-            phases = [("gpu-tests", ["-m", "gpu", "tests"], 0.35), ("triton-tests", ["tests/triton"], 0.25)]
+            # The CUDA-graph and loop-step tests first (this check's reason to exist), then the rest of the
+            # GPU tier (every test marked gpu, by hand or by tests/conftest.py), then the Triton tier.
+            first = ["tests/test_cuda_graphs.py", "tests/test_ops_sampler_loop_step_native.py",
+                     "tests/triton/test_sampler_loop_step_triton.py"]
+            phases = [
+                ("graph-tests", ["-m", "gpu", *first], 0.15),
+                ("gpu-tests", ["-m", "gpu", "tests", "--ignore=tests/triton", *(f"--ignore={f}" for f in first)], 0.3),
+                ("triton-tests", ["tests/triton", f"--ignore={first[2]}"], 0.2),
+            ]
             for name, pytest_args, share in phases:
                 left = deadline - time.monotonic()
                 phase = _pytest(pytest_args, min(left, args.budget * share), out, name)

@@ -1,5 +1,5 @@
-"""Shared test helpers: the dtype-following tolerance rule of shared/STYLE.md, and where the Triton
-tier (tests/triton/) runs: the GPU, or Triton's CPU interpreter."""
+"""Shared test helpers: the dtype-following tolerance rule, where the Triton tier (tests/triton/)
+runs (the GPU, or Triton's CPU interpreter), and the ``gpu`` marker on every GPU test."""
 
 from __future__ import annotations
 
@@ -15,6 +15,28 @@ import torch
 # fastdiff.backends.ExplicitOnly), so the rest of the suite dispatches as it would without it.
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+def _runs_on_a_gpu(item: pytest.Item) -> bool:
+    """Whether a test needs a GPU or runs a CUDA/Triton kernel when one is present: a skipif naming
+    CUDA or a GPU, a 'cuda' or 'triton' parameter (the backend tests pick the GPU for those), or
+    'cuda' in its name."""
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", "")).lower()
+        if "cuda" in reason or "gpu" in reason:
+            return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(isinstance(v, str) and v in ("cuda", "triton") for v in params.values()):
+        return True
+    return "cuda" in item.name.lower()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every GPU test ``gpu`` (besides those marked by hand), so that one selection,
+    ``pytest -m gpu tests`` (what ``python -m fastdiff.gpucheck`` runs), is the whole GPU tier."""
+    for item in items:
+        if _runs_on_a_gpu(item) and not item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.gpu)
+
 
 # Absolute floors per dtype, added to the 2x-eager bound (flash-attention's rule).
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
