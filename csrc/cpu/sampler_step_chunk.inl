@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <type_traits>
 
 // Vector overloads of the helpers the shared formula calls; declared before the formula so that
 // its unqualified calls find them. minimum/maximum propagate NaN, as the scalar clamp does.
@@ -30,6 +31,7 @@ inline at::vec::Vectorized<U> step_exp(const at::vec::Vectorized<U>& v) {
 #include "../common/cfg_combine.h"
 #include "../common/philox.h"
 #include "../common/sampler_step.h"
+#include "philox_vec.h"
 #include "sampler_step_kernel.h"
 
 namespace fastdiff::cpu::FASTDIFF_CPU_ISA {
@@ -47,46 +49,79 @@ struct Row {
   scalar_t* x0;    // or nullptr
 };
 
-// Elements [i, end) of one image, one at a time (any dtype; Philox noise; vector tails).
-template <typename scalar_t, typename opmath_t>
-void scalar_run(const SamplerStepArgs& a, const Row<scalar_t>& r, int64_t image, int64_t i, int64_t end,
-                const StepCoefs<opmath_t>& k, opmath_t lo, opmath_t hi, opmath_t scale) {
-  const opmath_t s = static_cast<opmath_t>(a.cfg_scale);
-  const bool adds_noise = step_adds_noise(r.z != nullptr || a.philox, a.learned, k);
-  float block[4] = {0, 0, 0, 0};
-  int64_t have_block = -1;
-  for (; i < end; ++i) {
-    opmath_t m = static_cast<opmath_t>(r.mu[i]);
-    if (r.mc != nullptr) {
-      m = cfg_combine_value<opmath_t>(m, static_cast<opmath_t>(r.mc[i]), s);
-    }
-    opmath_t var = opmath_t(0), z = opmath_t(0);  // read only for a step that adds noise
-    if (adds_noise) {
-      if (r.var != nullptr) {
-        var = static_cast<opmath_t>(r.var[i]);
-      }
-      if (r.z != nullptr) {
-        z = static_cast<opmath_t>(r.z[i]);
-      } else {  // Philox
-        if ((i >> 2) != have_block) {
-          have_block = i >> 2;
-          philox_block(a.seed, a.step, image, i, block);
+// One image's step: its rows, this step's coefficients and clip range.
+template <typename scalar_t>
+struct RowStep {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using V = at::vec::Vectorized<opmath_t>;
+  // float and double run at::vec over the row; float16 and bfloat16 one element at a time.
+  static constexpr bool kVector = std::is_same_v<scalar_t, opmath_t>;
+
+  Row<scalar_t> r;
+  StepCoefs<opmath_t> k;
+  opmath_t lo, hi, scale, s;
+  bool learned, adds_noise;
+
+  // Elements [i, end) of the image; z[j - i] is element j's noise (read only when adds_noise): the
+  // noise tensor's row, or Philox normals (float). Vectors while a whole one fits, then one by one.
+  // Everything is copied to locals first: as far as the compiler knows, a store through r.out may
+  // alias *this, which would reload the members on every iteration.
+  template <typename Z>
+  void run(int64_t i, int64_t end, const Z* z) const {
+    const Row<scalar_t> r = this->r;
+    const StepCoefs<opmath_t> k = this->k;
+    const opmath_t lo = this->lo, hi = this->hi, scale = this->scale, s = this->s;
+    const bool learned = this->learned, adds_noise = this->adds_noise;
+    if constexpr (kVector && std::is_same_v<Z, scalar_t>) {
+      const StepCoefs<V> kv{V(k.a_x), V(k.a_m), V(k.e_x), V(k.e_m),       V(k.c_x0), V(k.c_eps),
+                            V(k.c_x), V(k.sigma), V(k.log_small), V(k.log_large), V(k.noise)};
+      const V lov(lo), hiv(hi), scalev(scale), sv(s), zero(opmath_t(0));
+      const Z* zi = z;
+      for (; i + V::size() <= end; i += V::size(), zi += adds_noise ? V::size() : 0) {
+        V mv = V::loadu(r.mu + i);
+        if (r.mc != nullptr) {
+          mv = cfg_combine_value(mv, V::loadu(r.mc + i), sv);
         }
-        z = static_cast<opmath_t>(block[i & 3]);
+        const V var = adds_noise && r.var != nullptr ? V::loadu(r.var + i) : zero;
+        const V zv = adds_noise ? V::loadu(zi) : zero;
+        V x0;
+        const V prev =
+            sampler_step_value(V::loadu(r.x + i), mv, var, zv, kv, lov, hiv, scalev, learned, adds_noise, x0);
+        prev.store(r.out + i);
+        if (r.out2 != nullptr) {
+          prev.store(r.out2 + i);
+        }
+        if (r.x0 != nullptr) {
+          x0.store(r.x0 + i);
+        }
       }
+      z = zi;
     }
-    opmath_t x0;
-    const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, z, k, lo, hi, scale,
-                                                      a.learned, adds_noise, x0);
-    r.out[i] = static_cast<scalar_t>(out);
-    if (r.out2 != nullptr) {
-      r.out2[i] = static_cast<scalar_t>(out);
-    }
-    if (r.x0 != nullptr) {
-      r.x0[i] = static_cast<scalar_t>(x0);
+    for (; i < end; ++i, z += adds_noise ? 1 : 0) {
+      opmath_t m = static_cast<opmath_t>(r.mu[i]);
+      if (r.mc != nullptr) {
+        m = cfg_combine_value<opmath_t>(m, static_cast<opmath_t>(r.mc[i]), s);
+      }
+      opmath_t var = opmath_t(0), zs = opmath_t(0);  // read only for a step that adds noise
+      if (adds_noise) {
+        if (r.var != nullptr) {
+          var = static_cast<opmath_t>(r.var[i]);
+        }
+        zs = static_cast<opmath_t>(*z);
+      }
+      opmath_t x0;
+      const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, zs, k, lo, hi, scale,
+                                                        learned, adds_noise, x0);
+      r.out[i] = static_cast<scalar_t>(out);
+      if (r.out2 != nullptr) {
+        r.out2[i] = static_cast<scalar_t>(out);
+      }
+      if (r.x0 != nullptr) {
+        r.x0[i] = static_cast<scalar_t>(x0);
+      }
     }
   }
-}
+};
 
 template <typename scalar_t>
 void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
@@ -112,35 +147,23 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
     hi = t;
     scale = opmath_t(1) / t;
   }
-
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {  // float and double: at::vec over the row
-    if (!a.philox) {
-      using V = at::vec::Vectorized<opmath_t>;
-      const bool adds_noise = step_adds_noise(r.z != nullptr, a.learned, k);
-      const StepCoefs<V> kv{V(k.a_x), V(k.a_m), V(k.e_x), V(k.e_m),       V(k.c_x0), V(k.c_eps),
-                            V(k.c_x), V(k.sigma), V(k.log_small), V(k.log_large), V(k.noise)};
-      const V lov(lo), hiv(hi), scalev(scale), sv(static_cast<opmath_t>(a.cfg_scale)), zero(opmath_t(0));
-      for (; i + V::size() <= end; i += V::size()) {
-        V mv = V::loadu(r.mu + i);
-        if (r.mc != nullptr) {
-          mv = cfg_combine_value(mv, V::loadu(r.mc + i), sv);
-        }
-        const V var = adds_noise && r.var != nullptr ? V::loadu(r.var + i) : zero;
-        const V z = adds_noise ? V::loadu(r.z + i) : zero;
-        V x0;
-        const V prev =
-            sampler_step_value(V::loadu(r.x + i), mv, var, z, kv, lov, hiv, scalev, a.learned, adds_noise, x0);
-        prev.store(r.out + i);
-        if (r.out2 != nullptr) {
-          prev.store(r.out2 + i);
-        }
-        if (r.x0 != nullptr) {
-          x0.store(r.x0 + i);
-        }
-      }
-    }
+  const bool adds_noise = step_adds_noise(r.z != nullptr || a.philox, a.learned, k);
+  const RowStep<scalar_t> row{r, k, lo, hi, scale, static_cast<opmath_t>(a.cfg_scale), a.learned, adds_noise};
+  if (!(a.philox && adds_noise)) {
+    row.run(i, end, r.z != nullptr ? r.z + i : nullptr);
+    return;
   }
-  scalar_run<scalar_t, opmath_t>(a, r, image, i, end, k, lo, hi, scale);
+  // Philox: the normals of each group of kPhiloxGroupElements elements (aligned in the image) the
+  // range touches, then the step over the range's part of that group.
+  const PhiloxNormals philox(a.seed, a.step, image);
+  alignas(64) float z[kPhiloxGroupElements];
+  while (i < end) {
+    const int64_t first = i - i % kPhiloxGroupElements;
+    const int64_t stop = std::min(end, first + kPhiloxGroupElements);
+    philox.group(first, i - first, stop - first, z);
+    row.run(i, stop, z + (i - first));
+    i = stop;
+  }
 }
 
 template <typename scalar_t>
