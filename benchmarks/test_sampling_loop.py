@@ -29,7 +29,7 @@ from the same x_T and run the same model; the DDIM group first asserts that they
   copy) and as the marginal cost of a step, (T(50 steps) - T(1 step)) / 49. Target: fastdiff's
   µs/step <= 1/5 of diffusers'.
 - ``test_ddpm_loop``: DDPM 50 steps, no cfg, (8, 4, 64, 64), the affine model: fastdiff (step noise
-  from the op's in-kernel Philox4x32-10, scalar code on the CPU) vs diffusers' DDPMScheduler loop
+  from the op's in-kernel Philox4x32-10, vectorized on the CPU (csrc/cpu/philox_vec.h)) vs diffusers' DDPMScheduler loop
   (``torch.randn`` per step); fastdiff's DDIM eta=0 loop, which draws no noise, runs alongside, so
   that (DDPM - DDIM) / 50 is the Philox path's cost per step.
 
