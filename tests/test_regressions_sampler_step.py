@@ -145,6 +145,22 @@ def test_op_at_a_zero_noise_factor_ignores_the_variance(backend, dtype, draw):
     assert_within_eager_bound(got, eager, exact, f"{backend} {dtype} {draw}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_op_at_a_zero_noise_factor_ignores_a_nonfinite_noise_tensor(backend, value):
+    """DDIM with learned_range (noise factor 0 at every step) and a noise tensor of NaN or Inf: no
+    backend evaluates the noise term, so none gives 0 * z = NaN (found by the long fuzz tier: the
+    reference and the Triton kernel did, the CPU kernel did not)."""
+    _skip_unless(backend, torch.float32)
+    sampler = DDIMSampler(SCHEDULE, 10, variance="learned_range")
+    assert bool((sampler.coefs[:, -1] == 0).all())
+    x, out, _ = _op_inputs(torch.float32, 0.5)
+    noise = torch.full_like(x, value)
+    got, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, 3, learned_range=True, noise=noise, backend=backend)
+    without, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, 3, learned_range=True, backend=backend)
+    assert torch.equal(got, without)
+
+
 # ---- the CUDA launcher's argument packing, on the host --------------------------------------------
 
 PACKING_CHECK = r"""

@@ -85,11 +85,11 @@ def sampler_step(
         if learned_range:
             f = (var_part + 1) / 2
             sigma = torch.exp(0.5 * (f * k["log_large"] + (1 - f) * k["log_small"])) * k["noise"]
-            # A zero noise factor (DDPM's last step) adds no noise, even where exp(...) overflows.
-            sigma = torch.where(k["noise"] != 0, sigma, torch.zeros_like(sigma))
+            # A zero noise factor (DDPM's last step, DDIM) adds no noise term at all, as in the kernels:
+            # not even 0 * z, which is NaN where z or exp(...) is infinite.
+            prev = prev + torch.where(k["noise"] != 0, sigma * z, torch.zeros_like(z))
         else:
-            sigma = k["sigma"]
-        prev = prev + sigma * z
+            prev = prev + k["sigma"] * z
     return prev.to(x.dtype), x0.to(x.dtype)
 
 

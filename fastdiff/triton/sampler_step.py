@@ -252,12 +252,12 @@ def _sampler_step_kernel(
             noise_scale = tl.load(row + 10, mask=valid, other=float("nan")).to(tl.float32)
             f = (v + 1.0) * 0.5
             sigma = tl.exp(0.5 * (f * log_large + (1.0 - f) * log_small)) * noise_scale
-            # A noise factor of 0 (DDPM's last step) drops the term, whatever exp() gave: Inf * 0 must
-            # not turn the sample into NaN (csrc/common/sampler_step.h step_adds_noise).
-            sigma = tl.where(noise_scale != 0.0, sigma, 0.0)
+            # A noise factor of 0 (DDPM's last step, DDIM) drops the whole term, whatever exp() or z is:
+            # Inf * 0 must not turn the sample into NaN (csrc/common/sampler_step.h step_adds_noise).
+            prev = prev + tl.where(noise_scale != 0.0, sigma * z, 0.0)
         else:
             sigma = tl.load(row + 7, mask=valid, other=float("nan")).to(tl.float32)
-        prev = prev + sigma * z
+            prev = prev + sigma * z
 
     # In place (the loop step: OUT is X): every element this program stores it loaded above, and no
     # other program reads it; OUT2 (x_in[B:]) is read by none.
