@@ -586,6 +586,8 @@ def _spy_on_the_op(monkeypatch):
     ],
 )
 def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):
+    """The static rule (FASTDIFF_TUNE=0); the measured choice is tested below."""
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
     calls = _spy_on_the_op(monkeypatch)
     conv, reference = _pair(c_in, c_out)
     x = _tensor((3, c_in, *hw), torch.float32)
@@ -598,7 +600,8 @@ def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):
         assert torch.equal(out, reference(x))  # nn.Conv2d itself ran
 
 
-def test_module_residual_argument():
+def test_module_residual_argument(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")  # the static rule: the small conv below runs nn.Conv2d's path
     conv, reference = _pair(32, 32)
     x, residual = _tensor((2, 32, 8, 8), torch.float32), _tensor((2, 32, 8, 8), torch.float32)
     with torch.no_grad():
@@ -679,6 +682,7 @@ def test_conv3x3_module_leaves_other_convolutions_to_conv2d(monkeypatch, conv):
 
 
 def test_conv3x3_module_takes_padding_same(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
     calls = _spy_on_the_op(monkeypatch)
     conv = nn.Conv2d(32, 32, 3, padding="same")
     x = _tensor((2, 32, 8, 8), torch.float32)
@@ -924,3 +928,72 @@ def _spy_on_linear(monkeypatch):
 
     monkeypatch.setattr(F, "linear", spy)
     return calls
+
+
+# ---- the measured choice (FASTDIFF_TUNE=1, the default) --------------------------------------------
+
+@pytest.fixture
+def fake_timings(monkeypatch):
+    """Replace the tuner's clock: the test says how long each candidate takes."""
+    import fastdiff.nn.conv as conv_module
+
+    conv_module.clear_tuning()
+    timed = {"fastdiff": 1.0, "onednn": 1.0, "calls": 0}
+
+    def fake(fns, repeats):
+        timed["calls"] += 1
+        return {name: timed[name] for name in fns}
+
+    monkeypatch.setattr(conv_module, "_median_seconds", fake)
+    monkeypatch.setenv("FASTDIFF_TUNE", "1")
+    yield timed
+    conv_module.clear_tuning()
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("c_in", "static", "fastdiff_s", "onednn_s", "takes"),
+    [
+        (64, True, 1.0, 2.0, True),     # the kernel wins: taken
+        (64, True, 2.0, 1.0, False),    # oneDNN wins by more than the margin: the static pick is replaced
+        (64, True, 1.05, 1.0, True),    # within the margin: the static pick (the kernel) stays
+        (3, False, 1.0, 2.0, True),     # the static rule said oneDNN; the kernel wins by more than the margin
+        (3, False, 1.0, 1.05, False),   # within the margin: oneDNN stays
+    ],
+)
+def test_measured_choice_follows_the_timings(monkeypatch, fake_timings, c_in, static, fastdiff_s, onednn_s, takes):
+    from fastdiff.nn.conv import _auto_takes, tuning_decisions
+
+    fake_timings.update(fastdiff=fastdiff_s, onednn=onednn_s)
+    calls = _spy_on_the_op(monkeypatch)
+    conv, reference = _pair(c_in, 64)
+    x = _tensor((2, c_in, 16, 16), torch.float32)
+    assert _auto_takes(x, c_in, 64) == static
+    with torch.no_grad():
+        out = conv(x)
+        exact = F.conv2d(x.double(), reference.weight.double(), reference.bias.double(), padding=1)
+        assert_within_eager_bound(out, reference(x), exact, f"tuned {c_in}->64")
+        calls.clear()
+        again = conv(x)  # remembered: no second measurement
+    assert fake_timings["calls"] == 1
+    assert bool(calls) == takes and torch.equal(again, out)
+    (decision,) = tuning_decisions()
+    assert decision["fastdiff"] == takes and decision["static"] == static and decision["shape"] == (2, c_in, 16, 16)
+
+
+@needs_native
+def test_no_measurement_while_autograd_records_or_with_tuning_off(monkeypatch, fake_timings):
+    conv, _ = _pair(64, 64)
+    x = _tensor((2, 64, 8, 8), torch.float32)
+    conv(x)  # grad mode on, the weight requires grad: the static rule, nothing timed
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
+    with torch.no_grad():
+        conv(x)
+    assert fake_timings["calls"] == 0
+
+
+def test_bad_tune_value_is_named(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_TUNE", "yes")
+    conv, _ = _pair(64, 64)
+    with torch.no_grad(), pytest.raises(ValueError, match="FASTDIFF_TUNE must be 1 .* or 0"):
+        conv(_tensor((2, 64, 8, 8), torch.float32))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import statistics
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,11 +14,18 @@ from ..backends import AUTO, BACKENDS, resolve_backend
 from ..ops.conv3x3 import SUPPORT as _CONV3X3_SUPPORT
 from ..ops.conv3x3 import conv3x3
 
-__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module"]
+__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "clear_tuning", "TUNE_ENV"]
 
-# Where the cpu kernel (Winograd F(2x2, 3x3)) beats oneDNN's direct convolution, measured on this
-# project's 2-core AVX-512 machine, channels_last, each shape timed 7 times alternating with oneDNN
-# in one process:
+TUNE_ENV = "FASTDIFF_TUNE"
+# The measured choice (see _measured_takes): alternating runs of each candidate, and the margin by
+# which the one the static rule did not pick must win to be taken instead.
+TUNE_REPEATS = 5
+TUNE_MARGIN = 0.10
+
+# The static rule, used when tuning is off (FASTDIFF_TUNE=0) and as the default a measurement must
+# beat: where the cpu kernel (Winograd F(2x2, 3x3)) beat oneDNN's direct convolution on one 2-core
+# AVX-512 machine (on another CPU, or in its AVX2 build, it can lose: hence the measurement),
+# channels_last, each shape timed 7 times alternating with oneDNN in one process:
 # * 32 or more channels on each side, at every map size: 1.09-1.80x at 32 channels on 8x8 to 32x32
 #   maps, 1.42-1.46x at 64 and 128 channels (batch 8-32).
 # * Maps of 8x8 pixels or fewer, at any channel count, where oneDNN's fixed cost per call dominates
@@ -84,16 +95,94 @@ def _auto_takes(x: torch.Tensor, c_in: int, c_out: int) -> bool:
     return c_in >= SMALL_PROBLEM_MIN_IN_CHANNELS and x.shape[0] * pixels * c_in * c_out <= SMALL_PROBLEM_PRODUCTS
 
 
+def _tuning() -> bool:
+    value = os.environ.get(TUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{TUNE_ENV} must be 1 (measure which convolution is faster, the default) or 0 (static "
+                         f"rules), got {value!r}")
+    return value == "1"
+
+
+_decisions: dict[tuple, dict] = {}
+
+
+def _signature(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
+    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else (
+        "nchw" if x.is_contiguous() else "strided")
+    return (tuple(x.shape), layout, conv.out_channels, conv.bias is not None, residual is not None,
+            torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+
+
+def _median_seconds(fns: dict, repeats: int) -> dict:
+    """Median wall time of each callable, run in alternating order (a slow spell hits them alike)."""
+    times: dict = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
+                    static: bool) -> bool:
+    """Whether fastdiff's kernel runs this convolution: measured once per signature (shape, layout,
+    channels, bias, residual, threads, CPU capability) against the module's own convolution (oneDNN),
+    and remembered; the static rule's pick stays unless the other is faster by TUNE_MARGIN. Not
+    measured (the static rule decides) when autograd records; never called while torch.compile traces."""
+    key = _signature(conv, x, residual)
+    hit = _decisions.get(key)
+    if hit is not None:
+        return hit["fastdiff"]
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        return static
+    if _CONV3X3_SUPPORT.why_not("cpu", {"x": x, "weight": conv.weight}):
+        return static  # the kernel cannot run here (not built): the op would take the reference anyway
+    with torch.no_grad():
+        def fused():
+            return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen)
+
+        def onednn():
+            out = nn.Conv2d.forward(conv, x)
+            return out if residual is None else out + residual
+
+        fused(), onednn()  # first calls: the filter transform, oneDNN's primitive
+        t = _median_seconds({"fastdiff": fused, "onednn": onednn}, TUNE_REPEATS)
+    if static:
+        takes = not t["onednn"] * (1 + TUNE_MARGIN) < t["fastdiff"]
+    else:
+        takes = t["fastdiff"] * (1 + TUNE_MARGIN) < t["onednn"]
+    _decisions[key] = {"fastdiff": takes, "static": static, "fastdiff_us": t["fastdiff"] * 1e6,
+                       "onednn_us": t["onednn"] * 1e6}
+    return takes
+
+
+def tuning_decisions() -> list[dict]:
+    """The measured conv3x3 choices of this process: one dict per signature (shape, layout, channels
+    out, bias, residual, threads, CPU capability) with the choice, the static rule's and both times."""
+    keys = ("shape", "layout", "out_channels", "bias", "residual", "threads", "cpu_capability")
+    return [dict(zip(keys, key, strict=True)) | value for key, value in _decisions.items()]
+
+
+def clear_tuning() -> None:
+    """Forget the measured choices (the next call of each signature measures again)."""
+    _decisions.clear()
+
+
 def conv3x3_module(
     conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, backend: str = AUTO
 ) -> torch.Tensor:
     """``conv(x) + residual`` (residual optional) for any ``nn.Conv2d``, through
     :func:`fastdiff.ops.conv3x3` when ``conv`` is a plain 3x3 "same" convolution and
 
-    * ``backend="auto"``: the input is float32 on the CPU with at least 32 channels in and out, a
-      map of at most 64 pixels, a map of at most 1024 pixels with at least 16 input channels, or a
-      small problem (N * H * W * C_in * C_out up to 2^19, with at least 8 input channels): where
-      the kernel measured faster than oneDNN;
+    * ``backend="auto"``: the input is float32 on the CPU and the kernel is faster than the
+      module's own convolution (oneDNN) for it: measured on the first call of each signature on
+      this machine and remembered (:func:`tuning_decisions`), the static rule's pick kept unless
+      the other wins by 10%. With ``FASTDIFF_TUNE=0``, the static rule alone: at least 32 channels
+      in and out, a map of at most 64 pixels, a map of at most 1024 pixels with at least 16 input
+      channels, or a small problem (N * H * W * C_in * C_out up to 2^19, with at least 8 input
+      channels), where the kernel was faster on one AVX-512 machine;
     * another backend name: that backend of the op can run the input. The name is meant for every
       fastdiff op of a block (``fastdiff.patch(model, backend=...)``), and convolutions have only a
       float32 CPU kernel, so a convolution it cannot run (a GPU, another dtype) runs ``conv``;
@@ -110,8 +199,12 @@ def conv3x3_module(
             and x.dtype == torch.float32
             and conv.weight.dtype == torch.float32
             and x.dim() == 4
-            and _auto_takes(x, conv.in_channels, conv.out_channels)
         )
+        if use_op:
+            static = _auto_takes(x, conv.in_channels, conv.out_channels)
+            # Under torch.compile the static rule decides (a measurement cannot be traced).
+            measure = _tuning() and not torch.compiler.is_compiling()
+            use_op = _measured_takes(conv, x, residual, chosen, static) if measure else static
     else:
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:

@@ -10,8 +10,10 @@ residual added as the output tiles are written, and the transformed filters reme
 tensor: a call reuses them only while the weight's bytes equal a copy taken when they were made, so
 no way of writing a weight (in place, ``.data``, numpy views, ``load_state_dict``) leaves them stale.
 See :func:`weight_cache_info`. It pays off from 32 channels, on maps of 8x8 pixels or fewer, and on
-small problems, where oneDNN's fixed cost per call dominates (``fastdiff.nn.Conv3x3`` applies that
-rule); with fewer channels on larger maps oneDNN's direct convolution is faster. Its error is a
+small problems, where oneDNN's fixed cost per call dominates; with fewer channels on larger maps
+oneDNN's direct convolution was faster there, and on other CPUs (or the AVX2 build) the balance
+moves, so ``fastdiff.nn.Conv3x3`` measures both per shape (``fastdiff.nn.conv``; that rule with
+``FASTDIFF_TUNE=0``). Its error is a
 float32 convolution's in size, but relative to each filter's largest tap rather than tap by tap (the
 transforms mix a filter's 9 taps): see :func:`conv3x3`.
 cuda, triton: none; on GPUs cuDNN's convolutions (the reference path) are the ones to use.
