@@ -60,7 +60,14 @@ def collect() -> dict:
         "native": _native.status(),
         "backends": support_table(),
         "priority": {op: list(support.priority) for op, support in sorted(registered_ops().items())},
+        "tuning": _tuning_summary(),
     }
+
+
+def _tuning_summary() -> dict:
+    from . import tuning
+
+    return tuning.summary()
 
 
 def _native_lines(status: dict) -> list[str]:
@@ -93,6 +100,11 @@ def _table_lines(table: dict[str, dict[str, str | list[str]]]) -> list[str]:
     return lines
 
 
+def _tuning_line(summary: dict) -> str:
+    counts = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["decisions"].items())) or "none yet"
+    return f"tuning   measured choices cached for this machine: {counts} ({summary['path']})"
+
+
 def format_report(report: dict) -> str:
     devices = report["cuda_devices"] or ["none visible"]
     lines = [
@@ -104,6 +116,7 @@ def format_report(report: dict) -> str:
         f"triton   {report['triton'] or 'not installed'}",
         "native extension:",
         *_native_lines(report["native"]),
+        _tuning_line(report["tuning"]),
         f"ops x backends (auto tries them in the order listed; {ENV_VAR} overrides):",
         *_table_lines(report["backends"]),
     ]

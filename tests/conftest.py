@@ -52,6 +52,13 @@ def _deterministic_math():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_tuning_cache(tmp_path_factory):
+    """The tuner's cache file in a folder of this test session, never the user's ~/.cache."""
+    os.environ["FASTDIFF_CACHE_DIR"] = str(tmp_path_factory.mktemp("fastdiff-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     """FASTDIFF_BACKEND from the caller's shell must not steer the tests."""

@@ -933,10 +933,11 @@ def _spy_on_linear(monkeypatch):
 # ---- the measured choice (FASTDIFF_TUNE=1, the default) --------------------------------------------
 
 @pytest.fixture
-def fake_timings(monkeypatch):
-    """Replace the tuner's clock: the test says how long each candidate takes."""
+def fake_timings(monkeypatch, tmp_path):
+    """Replace the tuner's clock: the test says how long each candidate takes (and has its own cache file)."""
     import fastdiff.nn.conv as conv_module
 
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
     conv_module.clear_tuning()
     timed = {"fastdiff": 1.0, "onednn": 1.0, "calls": 0}
 
@@ -997,3 +998,44 @@ def test_bad_tune_value_is_named(monkeypatch):
     conv, _ = _pair(64, 64)
     with torch.no_grad(), pytest.raises(ValueError, match="FASTDIFF_TUNE must be 1 .* or 0"):
         conv(_tensor((2, 64, 8, 8), torch.float32))
+
+
+@needs_native
+def test_measured_choice_is_kept_in_the_cache_file_for_later_processes(monkeypatch, fake_timings, tmp_path):
+    import json
+
+    from fastdiff import tuning
+    from fastdiff.nn.conv import clear_tuning, tuning_decisions
+
+    fake_timings.update(fastdiff=2.0, onednn=1.0)  # oneDNN wins: the static pick (the kernel) is replaced
+    conv, _ = _pair(64, 64)
+    x = _tensor((2, 64, 8, 8), torch.float32)
+    with torch.no_grad():
+        conv(x)
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    assert list(data) == [tuning.machine_key()] and len(data[tuning.machine_key()]["conv3x3"]) == 1
+    clear_tuning()  # as a new process would start
+    calls = _spy_on_the_op(monkeypatch)
+    with torch.no_grad():
+        conv(x)
+    assert fake_timings["calls"] == 1 and calls == []  # read from the file, not measured again
+    assert tuning_decisions()[0]["fastdiff"] is False
+    assert tuning.summary()["decisions"] == {"conv3x3": 1}
+
+
+@needs_native
+def test_a_corrupt_or_unwritable_cache_file_is_reported_and_tuning_goes_on(monkeypatch, fake_timings, tmp_path):
+    from fastdiff import tuning
+
+    monkeypatch.setattr(tuning, "_warned", set())
+    (tmp_path / "tuning.json").write_text("{not json")
+    conv, _ = _pair(64, 64)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="ignoring the tuning cache .*tuning.json"):
+        conv(_tensor((2, 64, 8, 8), torch.float32))
+    assert fake_timings["calls"] == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(blocker / "sub"))  # a folder under a file: cannot be made
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="cannot write the tuning cache"):
+        conv(_tensor((2, 64, 4, 4), torch.float32))
+    assert fake_timings["calls"] == 2

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import tuning
 from ..backends import AUTO, BACKENDS, resolve_backend
 from ..ops.conv3x3 import SUPPORT as _CONV3X3_SUPPORT
 from ..ops.conv3x3 import conv3x3
@@ -135,6 +136,10 @@ def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | N
     hit = _decisions.get(key)
     if hit is not None:
         return hit["fastdiff"]
+    cached = tuning.load("conv3x3").get(repr(key))  # measured by an earlier process on this machine
+    if isinstance(cached, dict) and isinstance(cached.get("fastdiff"), bool):
+        _decisions[key] = cached
+        return cached["fastdiff"]
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return static
     if _CONV3X3_SUPPORT.why_not("cpu", {"x": x, "weight": conv.weight}):
@@ -155,6 +160,7 @@ def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | N
         takes = t["fastdiff"] * (1 + TUNE_MARGIN) < t["onednn"]
     _decisions[key] = {"fastdiff": takes, "static": static, "fastdiff_us": t["fastdiff"] * 1e6,
                        "onednn_us": t["onednn"] * 1e6}
+    tuning.store("conv3x3", repr(key), _decisions[key])
     return takes
 
 
@@ -166,7 +172,8 @@ def tuning_decisions() -> list[dict]:
 
 
 def clear_tuning() -> None:
-    """Forget the measured choices (the next call of each signature measures again)."""
+    """Forget this process's measured choices; the next call of each signature reads the cache file
+    (``fastdiff.tuning``), or measures again."""
     _decisions.clear()
 
 
