@@ -124,7 +124,8 @@ def _materialize(call: Call) -> tuple[Any, dict[str, Any]]:
         kw["noise"] = {
             "like-shape": lambda: torch.randn(like, generator=torch.Generator().manual_seed(3)),
             "int-tensor": lambda: torch.ones(like, dtype=torch.int64),
-            "wrong-shape": lambda: torch.randn(B + 1, 3, 2, 2),
+            # seeded, as every tensor here: the runs compared must see the same noise
+            "wrong-shape": lambda: torch.randn(B + 1, 3, 2, 2, generator=torch.Generator().manual_seed(4)),
             "nan-tensor": lambda: torch.full(like, float("nan")),
         }[noise]()
     for name, labels in (("cond", "labels"), ("uncond", "null-labels")):
