@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import sys
@@ -30,16 +31,20 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def cpu_line() -> str:
-    """The CPU model, ATen's CPU capability (the ISA its kernels run) and the thread count: printed
-    with every number, since kernels rank differently on other CPUs."""
+@functools.cache
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        model = platform.processor() or platform.machine() or "unknown CPU"
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_line() -> str:
+    """The CPU model, ATen's CPU capability (the ISA its kernels run) and the thread count: printed
+    with every number, since kernels rank differently on other CPUs (the tuner keys its cache by it)."""
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
+    return f"{_cpu_model()}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
 
 
 def collect() -> dict:

@@ -20,7 +20,7 @@ from ..backends import OpSupport, always_available, register_op, select_backend
 from ..reference.sampler_step import sampler_loop_step as _reference_sampler_loop_step
 from .sampler_step import _cache_key, _native_reasons, _triton_reasons, _validate
 
-__all__ = ["sampler_loop_step", "loop_kernel_op", "OP", "SUPPORT"]
+__all__ = ["sampler_loop_step", "loop_kernel_op", "shares_memory", "OP", "SUPPORT"]
 
 OP = "sampler_loop_step"
 
@@ -64,6 +64,11 @@ def loop_kernel_op(backend: str):
     return torch.ops.fastdiff.sampler_loop_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_loop_step
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view one storage (what the in-place step must not read from x_in)."""
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise):
     if not isinstance(x_in, torch.Tensor) or not x_in.is_floating_point() or x_in.dim() < 2:
         raise TypeError("sampler_loop_step: x_in must be a floating tensor (B or 2B, C, *spatial)")
@@ -87,8 +92,7 @@ def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philo
                                         and philox_seed.numel() == 1 and philox_seed.device == x_in.device):
         raise TypeError("sampler_loop_step: philox_seed must be None or a one-element int64 tensor on x_in's device")
     for name, t in (("model_output", model_output), ("noise", noise)):
-        if t is not None and t.device == x_in.device and t.untyped_storage().data_ptr() == (
-                x_in.untyped_storage().data_ptr()):
+        if t is not None and shares_memory(t, x_in):
             raise ValueError(f"sampler_loop_step: {name} shares memory with x_in, which the step writes in place "
                              f"while reading {name}; pass a copy ({name}.clone())")
     if (t_in is None) != (timesteps is None):

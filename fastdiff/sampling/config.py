@@ -169,7 +169,15 @@ class SamplingConfig:
     def signature(self) -> tuple:
         """Everything the loop's structure depends on: two configs with equal signatures run the same
         ops on the same shapes (what a captured CUDA graph is reused for); the values they differ in
-        (noise, seed, cfg, kwargs values) are written into the plan's buffers before each run."""
+        (noise, seed, cfg, kwargs values) are written into the plan's buffers before each run. Computed
+        once per config (it hashes the schedule): the graph and plan caches both ask for it."""
+        cached = self.__dict__.get("_signature")
+        if cached is None:
+            cached = self._compute_signature()
+            object.__setattr__(self, "_signature", cached)
+        return cached
+
+    def _compute_signature(self) -> tuple:
         model_kwargs = self.cond if not self.guided else {k: (self.uncond[k], self.cond[k]) for k in self.cond}
         kw_sig = _kwargs_signature({k: (v[0] if isinstance(v, tuple) else v) for k, v in model_kwargs.items()})
         return (

@@ -33,7 +33,7 @@ import torch
 
 from .. import backends, ops
 from ..ops.sampler_loop_step import OP as LOOP_OP
-from ..ops.sampler_loop_step import loop_kernel_op
+from ..ops.sampler_loop_step import loop_kernel_op, shares_memory
 from ..reference.philox import philox_normal
 from ..reference.sampler_step import sampler_loop_step as _reference_loop_step
 from .config import SamplingConfig
@@ -63,10 +63,6 @@ def model_output(out: Any) -> torch.Tensor:
         "model must return a tensor, a tuple whose first item is a tensor, or an object with a .sample "
         f"tensor; got {type(out).__name__}"
     )
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class SamplingPlan:
@@ -146,7 +142,6 @@ class SamplingPlan:
             self.seed.fill_(step_noise_key(c.seed))
         if self.cfg is not None:
             self.cfg.fill_(c.cfg)
-        self._host_step = 0
 
     # ---- the loop --------------------------------------------------------------------------------
     def call_model(self, i: int) -> torch.Tensor:
@@ -160,7 +155,7 @@ class SamplingPlan:
                     f"model output at step {i} has shape {tuple(out.shape)}, expected {self.expected}{what}")
             if out.dtype != c.dtype:
                 out = out.to(c.dtype)
-            if _shares_memory(out, self.x_in):  # the step writes x_in in place while reading the output
+            if shares_memory(out, self.x_in):  # the step writes x_in in place while reading the output
                 out = out.clone()
         return out
 
