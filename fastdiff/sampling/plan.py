@@ -168,8 +168,8 @@ class SamplingPlan:
                 f"model output has NaN or Inf at step {i} (timestep {self.sampler.timesteps[i]})")
         self.strategy(i, out)
 
-    def run(self) -> torch.Tensor:
-        """All steps from the loaded x_T; returns x_0 (a tensor the plan no longer writes)."""
+    def run(self, copy: bool = False) -> torch.Tensor:
+        """All steps from the loaded x_T; returns x_0 as ``result(copy)`` does."""
         c = self.config
         iterator = range(self.num_steps)
         if c.progress:
@@ -180,7 +180,7 @@ class SamplingPlan:
             self.step(i)
             if c.callback is not None:
                 c.callback(i, self.sampler.timesteps[i], self.x.clone())
-        return self.result()
+        return self.result(copy)
 
     def release(self) -> None:
         """Drop the reference to the last call's config (its model, kwargs and noise) until the next

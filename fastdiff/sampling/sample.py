@@ -37,8 +37,7 @@ def _run_eager(config: SamplingConfig) -> torch.Tensor:
         plan = SamplingPlan(config)
     else:
         plan.load(config)
-    plan.run()
-    result = plan.result(copy=True)
+    result = plan.run(copy=True)  # a copy: the kept plan's buffers are the next call's
     model_id = id(config.model)
     if model_id not in _watched:
         try:
