@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,11 +13,12 @@ from ..ops.conv3x3 import conv3x3
 
 __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "clear_tuning", "TUNE_ENV"]
 
-TUNE_ENV = "FASTDIFF_TUNE"
+TUNE_ENV = tuning.TUNE_ENV
 # The measured choice (see _measured_takes): alternating runs of each candidate, and the margin by
-# which the one the static rule did not pick must win to be taken instead.
+# which the one the static rule did not pick must win to be taken instead (the tuner's, which the
+# model's memory-format choice shares).
 TUNE_REPEATS = 5
-TUNE_MARGIN = 0.10
+TUNE_MARGIN = tuning.TUNE_MARGIN
 
 # The static rule, used when tuning is off (FASTDIFF_TUNE=0) and as the default a measurement must
 # beat: where the cpu kernel (Winograd F(2x2, 3x3)) beat oneDNN's direct convolution on one 2-core
@@ -96,12 +93,7 @@ def _auto_takes(x: torch.Tensor, c_in: int, c_out: int) -> bool:
     return c_in >= SMALL_PROBLEM_MIN_IN_CHANNELS and x.shape[0] * pixels * c_in * c_out <= SMALL_PROBLEM_PRODUCTS
 
 
-def _tuning() -> bool:
-    value = os.environ.get(TUNE_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{TUNE_ENV} must be 1 (measure which convolution is faster, the default) or 0 (static "
-                         f"rules), got {value!r}")
-    return value == "1"
+_tuning = tuning.enabled  # FASTDIFF_TUNE: 1 (measure, the default) or 0 (the static rule)
 
 
 _decisions: dict[tuple, dict] = {}
@@ -114,16 +106,7 @@ def _signature(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) 
             torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
 
 
-def _median_seconds(fns: dict, repeats: int) -> dict:
-    """Median wall time of each callable, run in alternating order (a slow spell hits them alike)."""
-    times: dict = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+_median_seconds = tuning.median_seconds  # alternating runs, medians (tests replace it here)
 
 
 def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
@@ -138,7 +121,7 @@ def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | N
         return hit["fastdiff"]
     cached = tuning.load("conv3x3").get(repr(key))  # measured by an earlier process on this machine
     if isinstance(cached, dict) and isinstance(cached.get("fastdiff"), bool):
-        _decisions[key] = cached
+        _decisions[key] = cached | {"source": "cache"}
         return cached["fastdiff"]
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
         return static
@@ -158,23 +141,25 @@ def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | N
         takes = not t["onednn"] * (1 + TUNE_MARGIN) < t["fastdiff"]
     else:
         takes = t["fastdiff"] * (1 + TUNE_MARGIN) < t["onednn"]
-    _decisions[key] = {"fastdiff": takes, "static": static, "fastdiff_us": t["fastdiff"] * 1e6,
-                       "onednn_us": t["onednn"] * 1e6}
-    tuning.store("conv3x3", repr(key), _decisions[key])
+    decision = {"fastdiff": takes, "static": static, "fastdiff_us": t["fastdiff"] * 1e6, "onednn_us": t["onednn"] * 1e6}
+    tuning.store("conv3x3", repr(key), decision)
+    _decisions[key] = decision | {"source": "measured"}
     return takes
 
 
 def tuning_decisions() -> list[dict]:
     """The measured conv3x3 choices of this process: one dict per signature (shape, layout, channels
-    out, bias, residual, threads, CPU capability) with the choice, the static rule's and both times."""
+    out, bias, residual, threads, CPU capability) with the choice, the static rule's, both times, the
+    signature as the cache file keys it, and ``source``: "measured" (here) or "cache" (the file)."""
     keys = ("shape", "layout", "out_channels", "bias", "residual", "threads", "cpu_capability")
-    return [dict(zip(keys, key, strict=True)) | value for key, value in _decisions.items()]
+    return [dict(zip(keys, key, strict=True)) | value | {"signature": repr(key)} for key, value in _decisions.items()]
 
 
 def clear_tuning() -> None:
-    """Forget this process's measured choices; the next call of each signature reads the cache file
-    (``fastdiff.tuning``), or measures again."""
+    """Forget this process's measured choices (the convolutions' and the models' memory formats); the
+    next call of each signature reads the cache file (``fastdiff.tuning``), or measures again."""
     _decisions.clear()
+    tuning.clear_memory_formats()
 
 
 def conv3x3_module(
