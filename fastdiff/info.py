@@ -1,4 +1,6 @@
-"""``fastdiff info``: versions, what was built, and every op x backend (available, or why not).
+"""``fastdiff info``: versions, what was built, every op x backend, the tuner's cached decisions.
+
+Each op x backend is available, or says why not; the decisions are this machine's (fastdiff.tuning).
 
 Runnable as ``python -m fastdiff.info``; ``fastdiff info`` calls :func:`main`.
 """
@@ -105,9 +107,17 @@ def _table_lines(table: dict[str, dict[str, str | list[str]]]) -> list[str]:
     return lines
 
 
-def _tuning_line(summary: dict) -> str:
+def _tuning_lines(summary: dict) -> list[str]:
+    """The cached measured choices of this machine: a count per op, then one line per decision (op,
+    signature, choice, the static rule's where the measurement overturned it, the medians)."""
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["decisions"].items())) or "none yet"
-    return f"tuning   measured choices cached for this machine: {counts} ({summary['path']})"
+    lines = [f"tuning   measured choices cached for this machine: {counts} ({summary['path']}; "
+             "fastdiff tune fills it)"]
+    from .tuning import format_choice
+
+    choices = summary.get("choices", [])
+    width = max((len(c["description"]) for c in choices), default=0)
+    return lines + [f"  {format_choice(c, width)}" for c in choices]
 
 
 def format_report(report: dict) -> str:
@@ -121,7 +131,7 @@ def format_report(report: dict) -> str:
         f"triton   {report['triton'] or 'not installed'}",
         "native extension:",
         *_native_lines(report["native"]),
-        _tuning_line(report["tuning"]),
+        *_tuning_lines(report["tuning"]),
         f"ops x backends (auto tries them in the order listed; {ENV_VAR} overrides):",
         *_table_lines(report["backends"]),
     ]
