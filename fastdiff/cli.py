@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: ``fastdiff sample`` and ``fastdiff info``."""
+"""The ``fastdiff`` command line: ``fastdiff sample``, ``fastdiff tune`` and ``fastdiff info``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ import time
 import numpy as np
 import torch
 
+from . import tuning
+
 _MODELS = ("digits", "glyphs")
+_TUNABLE_MODELS = ("digits",)  # the models with measured choices (fastdiff tune)
 _CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
 _MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+_MEMORY_FORMAT_NAMES = {"channels_last": "channels_last", "contiguous": "NCHW"}
+_SOURCES = {"measured": "measured now", "cache": "from the cache", "static": "the static rule"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -78,6 +83,14 @@ class _Demo:
             self.model.set_backend("reference" if backend == "reference" else "auto")
             fmt = torch.contiguous_format if backend == "reference" else memory_format
             self.model.to(memory_format=fmt)
+
+    def model_inputs(self, batch: int, dtype: torch.dtype, device: str) -> tuple[tuple, dict]:
+        """The arguments of one model call at model batch ``batch`` (guidance's [uncond; cond] included),
+        shaped as the sampler passes them: images, timesteps, class labels (the null class among them)."""
+        x = torch.randn((batch, *self.image_shape), generator=torch.Generator().manual_seed(0))
+        t = torch.full((batch,), self.schedule.num_train_timesteps // 2, dtype=torch.int64, device=device)
+        y = torch.arange(batch, device=device) % 11  # the ten digits and the null class
+        return (x.to(device=device, dtype=dtype), t), {"y": y}
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> str:
         if self.name == "glyphs":
@@ -157,6 +170,10 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         s.error("argument --eta: eta applies to --sampler ddim only; DDPM's noise is set by its variance")
     if not 0 <= args.seed < 2**63:
         s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
+    try:  # read by --memory-format auto and the convolutions' auto
+        tuning.enabled()
+    except ValueError as exc:
+        s.error(str(exc))
     if args.cuda_graph == "on" and not args.device.startswith("cuda"):
         s.error(f"argument --cuda-graph: 'on' needs a CUDA --device (the loop runs on {args.device!r}); "
                 "use auto or off")
@@ -185,6 +202,152 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
     return demo
 
 
+def _times_text(decision: dict) -> str:
+    """A memory-format decision's medians, e.g. "channels_last 95.1 ms, NCHW 120.3 ms per forward"."""
+    times = [f"{_MEMORY_FORMAT_NAMES[name]} {decision[f'{name}_us'] / 1e3:.1f} ms"
+             for name in _MEMORY_FORMATS if isinstance(decision.get(f"{name}_us"), (int, float))]
+    return f"{', '.join(times)} per forward" if times else "no times recorded"
+
+
+def _choose_memory_format(args: argparse.Namespace, demo: _Demo, batch: int) -> str:
+    """``--memory-format``: the name given, or for auto the measured (or cached) choice at the model
+    batch ``batch`` (fastdiff.tuning.choose_memory_format), printed with how it was made."""
+    if args.memory_format != "auto":
+        return args.memory_format
+    if args.compile:
+        print("memory format: channels_last (the static rule: with --compile, measuring would compile the model "
+              "twice)")
+        return tuning.STATIC_MEMORY_FORMAT
+    dtype = _DTYPES[args.dtype]
+    signature = tuning.memory_format_signature(args.model, batch, dtype, args.device)
+    demo.set_backend("auto", torch.channels_last)
+    inputs, kwargs = demo.model_inputs(batch, dtype, args.device)
+
+    def progress(_: str) -> None:
+        print(f"memory format: timing the model's forward at batch {batch} in channels_last and NCHW "
+              "(once on this machine; then cached)...", flush=True)
+
+    decision = tuning.choose_memory_format(demo.model, signature, inputs, kwargs, progress=progress)
+    choice = decision["choice"]
+    if decision["source"] == "static":
+        how = f"{tuning.TUNE_ENV}=0: the static rule"
+    else:
+        verb = "measured" if decision["source"] == "measured" else f"cached in {tuning.cache_path()}"
+        how = (f"{verb}: {_times_text(decision)}, medians of {decision.get('repeats', '?')} alternating rounds; "
+               f"NCHW must win by {tuning.TUNE_MARGIN:.0%}")
+    print(f"memory format: {_MEMORY_FORMAT_NAMES[choice]} at batch {batch} ({how})")
+    return choice
+
+
+def _tune_batches(t: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[int, str]]:
+    """The model batches ``fastdiff tune`` prepares, with what each is for: those ``fastdiff sample``
+    runs with the same --per-class (and --cfg; without it, both the unguided and the guided batch),
+    or --batch-size's. Bad values exit with status 2 and ``fastdiff tune: error: ...``."""
+    if args.batch_size is not None:
+        if args.per_class is not None or args.cfg is not None:
+            t.error("argument --batch-size: gives the model batches directly; leave out --per-class and --cfg "
+                    "(which derive them as fastdiff sample does)")
+        bad = [b for b in args.batch_size if b < 1]
+        if bad:
+            t.error(f"argument --batch-size: each batch must be an int >= 1, got {bad[0]}")
+        return [(b, "--batch-size") for b in dict.fromkeys(args.batch_size)]
+    per_class = 8 if args.per_class is None else args.per_class
+    if per_class < 1:
+        t.error(f"argument --per-class: must be an int >= 1 (images per digit, as in fastdiff sample), got "
+                f"{per_class}")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        t.error(f"argument --cfg: the guidance scale must be a finite number, got {args.cfg}")
+    n = 10 * per_class
+    unguided = (n, f"fastdiff sample --per-class {per_class}")
+    guided = (2 * n, f"fastdiff sample --per-class {per_class} --cfg S (guidance doubles the batch)")
+    if args.cfg is None:
+        return [unguided, guided]
+    return [guided] if args.cfg != 1 else [unguided]
+
+
+def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``fastdiff tune``: make every measured choice ``fastdiff sample --model MODEL`` makes (each
+    convolution's implementation, the model's memory format) at its batches now, and keep them in the
+    cache file, so the sampling runs start tuned; a second run finds them there and measures nothing."""
+    from fastdiff.info import cpu_line
+    from fastdiff.nn.conv import clear_tuning, tuning_decisions
+
+    if args.model not in _TUNABLE_MODELS:
+        why = ("has nothing to tune (the exact denoiser of a Gaussian mixture: no convolutions, no memory format)"
+               if args.model in _MODELS else "is not a shipped model")
+        t.error(f"argument --model: {args.model!r} {why}; accepted: {', '.join(_TUNABLE_MODELS)}")
+    batches = _tune_batches(t, args)
+    try:
+        on = tuning.enabled()
+    except ValueError as exc:
+        t.error(str(exc))
+    if not on:
+        t.error(f"{tuning.TUNE_ENV}=0 turns measuring off (the static rules decide, and the cache file is not "
+                f"used); unset it or set {tuning.TUNE_ENV}=1 to tune")
+    print(f"machine: {cpu_line()}")
+    print(f"cache:   {tuning.cache_path()} (entries of this machine: CPU, ISA, threads, torch and fastdiff "
+          "versions)")
+    if args.again and tuning.forget():
+        print("--again: this machine's cached choices are forgotten; measuring them afresh")
+    clear_tuning()  # this process's choices: everything below comes from the file or is measured now
+    demo = _Demo(args.model, None)
+    demo.model.to(device="cpu", dtype=torch.float32)
+    demo.set_backend("auto", torch.channels_last)
+    formats = []
+    with torch.no_grad():
+        for batch, purpose in batches:
+            print(f"batch {batch} ({purpose}):", flush=True)
+            inputs, kwargs = demo.model_inputs(batch, torch.float32, "cpu")
+            for name, fmt in _MEMORY_FORMATS.items():
+                before = len(tuning_decisions())
+                start = time.perf_counter()
+                demo.model.to(memory_format=fmt)
+                demo.model(*inputs, **kwargs)  # each convolution's first call: measured, or read from the cache
+                new = tuning_decisions()[before:]
+                measured = sum(d["source"] == "measured" for d in new)
+                shapes = (f"{len(new)} new convolution shapes, {measured} measured now, {len(new) - measured} from "
+                          "the cache" if new else "no new convolution shapes (as above)")
+                print(f"  a forward in {_MEMORY_FORMAT_NAMES[name]}: {shapes} ({time.perf_counter() - start:.1f} s)",
+                      flush=True)
+            demo.model.to(memory_format=torch.channels_last)
+            signature = tuning.memory_format_signature(args.model, batch, torch.float32, "cpu")
+            start = time.perf_counter()
+
+            def progress(_: str) -> None:
+                print(f"  memory format: timing forwards in channels_last and NCHW (up to "
+                      f"{tuning.MEMORY_FORMAT_MAX_REPEATS} alternating rounds)...", flush=True)
+
+            decision = tuning.choose_memory_format(demo.model, signature, inputs, kwargs, progress=progress)
+            formats.append((signature, decision))
+            print(f"  memory format: {_MEMORY_FORMAT_NAMES[decision['choice']]} ({_SOURCES[decision['source']]}, "
+                  f"{time.perf_counter() - start:.1f} s)", flush=True)
+    conv = tuning_decisions()
+    rows = [(tuning.describe("conv3x3", d["signature"], d), d["source"]) for d in conv]
+    rows += [(tuning.describe(tuning.MEMORY_FORMAT_KIND, sig, d), d["source"]) for sig, d in formats]
+    print(f"decisions ({len(rows)}; a candidate replaces the default only when faster by {tuning.TUNE_MARGIN:.0%}):")
+    print(_decision_lines(rows))
+    if not conv:
+        from fastdiff import _native
+
+        status = _native.status()
+        why = "fastdiff._C is not loaded" if not status["built"] else "no convolution could run fastdiff's kernel"
+        print(f"  (no conv3x3 choices: {why}; the module's own convolution runs them)")
+    measured = sum(source == "measured" for _, source in rows)
+    if measured:
+        print(f"measured {measured} choices now, {len(rows) - measured} were cached; written to "
+              f"{tuning.cache_path()}")
+    else:
+        print(f"all {len(rows)} choices were in the cache {tuning.cache_path()}: nothing measured again "
+              "(fastdiff tune --again measures afresh)")
+    return 0
+
+
+def _decision_lines(rows: list[tuple[dict, str]]) -> str:
+    """One line per decision (fastdiff.tuning.format_choice) and where it came from."""
+    width = max((len(d["description"]) for d, _ in rows), default=0)
+    return "\n".join(f"  {tuning.format_choice(d, width)}; {_SOURCES[source]}" for d, source in rows)
+
+
 def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     import fastdiff
     from fastdiff._png import write_png
@@ -204,7 +367,11 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     cfg_text = f"cfg={args.cfg}" if args.cfg is not None else "no guidance"
     print(f"model {args.model}: {n} images, {args.sampler} {args.steps} steps, {cfg_text} -> {args.out}")
     backends = [args.backend, "reference"] if args.backend != "reference" else ["reference"]
-    memory_format = _MEMORY_FORMATS[args.memory_format]
+    format_name = args.memory_format
+    if hasattr(demo.model, "set_backend") and args.backend != "reference":
+        batch = 2 * n if args.cfg is not None and args.cfg != 1 else n  # guidance: the model sees [uncond; cond]
+        format_name = _choose_memory_format(args, demo, batch)
+    memory_format = _MEMORY_FORMATS.get(format_name, torch.channels_last)
     models = {}  # what each backend samples: the demo's model, or (--compile) a compiled copy
     for backend in backends:
         demo.set_backend(backend, memory_format)
@@ -253,18 +420,18 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     for backend, seconds in timings.items():
         how = []
         if hasattr(demo.model, "set_backend"):  # the U-Net: set_backend also set its layout
-            how.append("NCHW" if backend == "reference" or args.memory_format == "contiguous" else "channels_last")
+            how.append("NCHW" if backend == "reference" else _MEMORY_FORMAT_NAMES[format_name])
         if models[backend] is not demo.model:
             how.append("torch.compile")
         detail = f" ({', '.join(how)})" if how else ""
         print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{detail}")
-    from fastdiff.nn.conv import TUNE_ENV, tuning_decisions
+    from fastdiff.nn.conv import tuning_decisions
 
     decisions = tuning_decisions()
     if decisions:
         fused = sum(d["fastdiff"] for d in decisions)
         print(f"  conv3x3, measured on this machine: fastdiff's kernel for {fused} of {len(decisions)} convolution "
-              f"shapes, oneDNN for {len(decisions) - fused} ({TUNE_ENV}=0 uses the static rule)")
+              f"shapes, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)")
     if compile_seconds is not None:
         print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:
@@ -300,8 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=(AUTO, *BACKENDS), default=AUTO,
                    help="the sampler step's backend; the model's layers run on auto (reference: all reference)")
-    s.add_argument("--memory-format", choices=tuple(_MEMORY_FORMATS), default="channels_last",
-                   help="layout of the U-Net's activations on the fused backends (the reference run is NCHW)")
+    s.add_argument("--memory-format", choices=("auto", *_MEMORY_FORMATS), default="auto",
+                   help="layout of the U-Net's activations on the fused backends (the reference run is NCHW): "
+                        "auto times a forward in each at the run's batch once per machine (cached; channels_last "
+                        f"unless NCHW wins by {tuning.TUNE_MARGIN:.0%}; {tuning.TUNE_ENV}=0: channels_last)")
     s.add_argument("--compile", action="store_true",
                    help="run the fused backend's model under torch.compile (compiled in the untimed warm-up)")
     s.add_argument("--rounds", type=int, default=3,
@@ -313,9 +482,27 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--progress", action="store_true", help="a progress bar for the first timed round")
     s.add_argument("--out", default="samples.png")
 
-    sub.add_parser("info", help="versions, what was built, every op x backend (--kernels, --json)")
+    t = sub.add_parser("tune", help="measure every choice fastdiff sample makes (convolutions, memory format) "
+                                    "now and cache it for this machine",
+                       description="Fill the tuning cache ahead of time for a shipped model at the batches fastdiff "
+                                   "sample uses: each 3x3 convolution's implementation (fastdiff's kernel or "
+                                   "oneDNN) and the model's memory format. A second run reuses the cache.")
+    t.add_argument("--model", default="digits", help=f"the shipped model to tune: {', '.join(_TUNABLE_MODELS)}")
+    t.add_argument("--per-class", type=int, default=None,
+                   help="images per digit, as fastdiff sample's (default 8): the model batch is 10 * this")
+    t.add_argument("--cfg", type=float, default=None,
+                   help="the guidance scale sample will use (not 1: the batch doubles); default: tune both the "
+                        "unguided and the guided batch")
+    t.add_argument("--batch-size", type=int, nargs="+", default=None, metavar="N",
+                   help="model batches to tune instead (as the model sees them; guidance doubles sample's)")
+    t.add_argument("--again", action="store_true", help="forget this machine's cached choices and measure afresh")
+
+    sub.add_parser("info", help="versions, what was built, every op x backend, the cached tuning decisions "
+                                "(--kernels, --json)")
 
     args = parser.parse_args(argv)
+    if args.command == "tune":
+        return _tune_command(t, args)
     demo = _check_args(s, args)
     try:
         return _sample_command(args, demo)

@@ -155,6 +155,8 @@ def _bad_args_cases(tmp_path):
         (["--cuda-graph", "on", "--out", ok], r"argument --cuda-graph: 'on' needs a CUDA --device \(the loop runs "
                                               r"on 'cpu'\)"),
         (["--cuda-graph", "always", "--out", ok], r"argument --cuda-graph: invalid choice: 'always'"),
+        (["--memory-format", "nhwc", "--out", ok], r"argument --memory-format: invalid choice: 'nhwc' \(choose from "
+                                                   r"'auto', 'channels_last', 'contiguous'\)"),
     ]
     if not torch.cuda.is_available():
         cases += [
@@ -216,4 +218,4 @@ def test_sample_command_bad_argument_from_the_shell_exits_2_without_traceback(tm
 
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "fastdiff", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "sample" in proc.stdout and "info" in proc.stdout
+    assert proc.returncode == 0 and all(command in proc.stdout for command in ("sample", "tune", "info"))

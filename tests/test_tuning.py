@@ -1,0 +1,243 @@
+"""The tuner from the command line: `fastdiff tune` fills the cache file ahead of time and a second
+run reuses it; `fastdiff sample --memory-format auto` measures the model's memory format once per
+machine and batch; FASTDIFF_TUNE=0 keeps the static rules; bad options are named."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import fastdiff.nn.conv as conv_module
+from fastdiff import tuning
+from fastdiff.cli import main
+from fastdiff.info import cpu_line
+
+pytest.importorskip("safetensors", reason="safetensors is not installed (a dependency of fastdiff)")
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """A cache file of this test's own, tuning on, and no choices of earlier tests in the process."""
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FASTDIFF_TUNE", "1")
+    conv_module.clear_tuning()
+    yield tmp_path / "tuning.json"
+    conv_module.clear_tuning()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The tuner's clock replaced: each candidate "takes" the seconds the test sets (1.0 unless set),
+    and every measurement (a convolution's or a memory format's) is counted."""
+    timed = {"calls": 0}
+
+    def fake(fns, repeats, min_seconds=0.0, max_repeats=None):
+        timed["calls"] += 1
+        return {name: [timed.get(name, 1.0)] * repeats for name in fns}
+
+    monkeypatch.setattr(tuning, "alternating_seconds", fake)
+    return timed
+
+
+def _count_measurements(monkeypatch):
+    """Count the real measurements (the clock stays real)."""
+    calls = []
+    real = tuning.alternating_seconds
+
+    def spy(fns, *args, **kwargs):
+        calls.append(tuple(fns))
+        return real(fns, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "alternating_seconds", spy)
+    return calls
+
+
+def _entries(path, kind):
+    return json.loads(path.read_text())[tuning.machine_key()].get(kind, {})
+
+
+# ---- fastdiff tune -------------------------------------------------------------------------------
+
+def test_tune_measures_for_real_then_a_second_run_reuses_the_cache(cache, capsys, monkeypatch):
+    monkeypatch.setattr(tuning, "MEMORY_FORMAT_SECONDS", 0.0)  # the minimum rounds only: a fast test
+    calls = _count_measurements(monkeypatch)
+    assert main(["tune", "--model", "digits", "--batch-size", "4"]) == 0
+    first = capsys.readouterr().out
+    assert f"machine: {cpu_line()}" in first and str(cache) in first
+    assert "batch 4 (--batch-size)" in first and "measured now" in first
+    formats = _entries(cache, "memory_format")
+    assert list(formats) == ["digits batch 4 float32 cpu"]
+    decision = formats["digits batch 4 float32 cpu"]
+    assert decision["choice"] in ("channels_last", "contiguous") and decision["static"] == "channels_last"
+    assert decision["repeats"] == tuning.MEMORY_FORMAT_REPEATS
+    assert decision["channels_last_us"] > 0 and decision["contiguous_us"] > 0
+    assert ("channels_last", "contiguous") in calls
+    lines = [line for line in first.splitlines() if "-> " in line]
+    assert any(line.lstrip().startswith("memory_format digits batch 4 float32 cpu") for line in lines)
+    convs = _entries(cache, "conv3x3")
+    assert len([line for line in lines if line.lstrip().startswith("conv3x3")]) == len(convs)
+    if convs:  # the native kernel is built: every 3x3 convolution of the U-Net was measured
+        assert ("fastdiff", "onednn") in calls
+    assert len(lines) == len(convs) + 1
+
+    calls.clear()
+    assert main(["tune", "--model", "digits", "--batch-size", "4"]) == 0
+    second = capsys.readouterr().out
+    assert calls == []  # nothing measured again
+    assert f"all {len(lines)} choices were in the cache {cache}: nothing measured again" in second
+    assert set(re.findall(r"(\d+) measured now", second)) <= {"0"}
+    again = [line for line in second.splitlines() if "-> " in line]
+    assert [line.rsplit(";", 1)[0] for line in again] == [line.rsplit(";", 1)[0] for line in lines]
+    assert all(line.endswith("from the cache") for line in again)
+
+
+def test_tune_again_forgets_and_measures_afresh(cache, capsys, clock):
+    assert main(["tune", "--batch-size", "2"]) == 0
+    measured = clock["calls"]
+    assert measured >= 1
+    capsys.readouterr()
+    assert main(["tune", "--batch-size", "2", "--again"]) == 0
+    out = capsys.readouterr().out
+    assert "--again: this machine's cached choices are forgotten" in out and "measured now" in out
+    assert clock["calls"] == 2 * measured
+
+
+@pytest.mark.parametrize(
+    ("options", "batches"),
+    [
+        (["--per-class", "1"], [(10, "fastdiff sample --per-class 1"), (20, "--cfg S (guidance doubles the batch)")]),
+        (["--per-class", "1", "--cfg", "4"], [(20, "--cfg S (guidance doubles the batch)")]),
+        (["--per-class", "1", "--cfg", "1"], [(10, "fastdiff sample --per-class 1)")]),  # cfg 1: no second half
+        (["--batch-size", "3", "5", "3"], [(3, "--batch-size"), (5, "--batch-size")]),
+    ],
+)
+def test_tune_prepares_the_batches_sample_runs(cache, capsys, clock, options, batches):
+    assert main(["tune", *options]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("batch ")]
+    assert len(headers) == len(batches), headers
+    for header, (batch, purpose) in zip(headers, batches, strict=True):
+        assert header.startswith(f"batch {batch} (") and purpose in header, header
+    assert sorted(_entries(cache, "memory_format")) == sorted(f"digits batch {b} float32 cpu" for b, _ in batches)
+
+
+def test_tune_default_is_samples_default_batch_with_and_without_guidance(monkeypatch, cache, capsys):
+    """Without options: --per-class 8 as sample's default, so batches 80 and 160 (guided). Only the
+    batches are checked here: the model's forward is replaced."""
+    seen = []
+
+    def choose(model, signature, args, kwargs=None, progress=None):
+        seen.append(signature)
+        return {"choice": "channels_last", "static": "channels_last", "source": "measured"}
+
+    monkeypatch.setattr(tuning, "choose_memory_format", choose)
+    monkeypatch.setattr("fastdiff.models.unet.UNet.forward", lambda self, x, t, y=None: x)
+    assert main(["tune"]) == 0
+    assert seen == ["digits batch 80 float32 cpu", "digits batch 160 float32 cpu"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--model", "sdxl"], r"argument --model: 'sdxl' is not a shipped model; accepted: digits"),
+        (["--model", "glyphs"], r"argument --model: 'glyphs' has nothing to tune .*; accepted: digits"),
+        (["--per-class", "0"], r"argument --per-class: must be an int >= 1 .*, got 0"),
+        (["--per-class", "-3"], r"argument --per-class: must be an int >= 1 .*, got -3"),
+        (["--batch-size", "8", "0"], r"argument --batch-size: each batch must be an int >= 1, got 0"),
+        (["--batch-size", "4", "--cfg", "4"], r"argument --batch-size: gives the model batches directly; leave out "
+                                              r"--per-class and --cfg"),
+        (["--cfg", "nan"], r"argument --cfg: the guidance scale must be a finite number, got nan"),
+        (["--batch-size", "two"], r"argument --batch-size: invalid int value: 'two'"),
+    ],
+)
+def test_tune_bad_options_are_named(cache, capsys, clock, options, match):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", *options])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fastdiff tune: error: ") and re.search(match, line), line
+    assert clock["calls"] == 0 and not cache.exists()
+
+
+def test_tune_with_tuning_off_or_a_bad_tune_value_is_refused(cache, capsys, clock, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--batch-size", "2"])
+    assert exc.value.code == 2
+    assert "FASTDIFF_TUNE=0 turns measuring off" in capsys.readouterr().err
+    monkeypatch.setenv("FASTDIFF_TUNE", "yes")
+    with pytest.raises(SystemExit):
+        main(["tune", "--batch-size", "2"])
+    assert re.search(r"FASTDIFF_TUNE must be 1 .* or 0 .*, got 'yes'", capsys.readouterr().err)
+    assert clock["calls"] == 0 and not cache.exists()
+
+
+# ---- fastdiff sample --memory-format -------------------------------------------------------------
+
+_SAMPLE = ["sample", "--steps", "2", "--cfg", "4", "--per-class", "1", "--rounds", "1"]
+
+
+def test_sample_memory_format_auto_picks_persists_and_reuses(cache, capsys, clock, tmp_path):
+    clock.update(channels_last=1.0, contiguous=0.8)  # NCHW faster by more than the margin
+    assert main([*_SAMPLE, "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"memory format: NCHW at batch 20 \(measured: channels_last 1000\.0 ms, NCHW 800\.0 ms per "
+                     r"forward, medians of 7 alternating rounds; NCHW must win by 10%\)", out), out
+    assert "backend auto" in out and re.search(r"backend auto .*\(NCHW\)", out)
+    assert _entries(cache, "memory_format")["digits batch 20 float32 cpu"]["choice"] == "contiguous"
+    calls = clock["calls"]
+    conv_module.clear_tuning()  # as a new process would start
+    assert main([*_SAMPLE, "--out", str(tmp_path / "b.png")]) == 0
+    out = capsys.readouterr().out
+    assert clock["calls"] == calls  # read from the cache file, not measured again
+    assert f"memory format: NCHW at batch 20 (cached in {cache}" in out
+
+
+@pytest.mark.parametrize(("contiguous", "choice"), [(0.8, "contiguous"), (0.95, "channels_last"),
+                                                    (1.2, "channels_last")])
+def test_memory_format_choice_keeps_channels_last_unless_nchw_wins_by_the_margin(cache, clock, contiguous, choice):
+    clock.update(channels_last=1.0, contiguous=contiguous)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 3, 8, 8)
+    decision = tuning.choose_memory_format(model, "tiny batch 2", (x,))
+    assert decision["choice"] == choice and decision["source"] == "measured"
+    assert decision["contiguous_us"] == pytest.approx(contiguous * 1e6)
+    assert model[0].weight.is_contiguous()  # the model itself is not converted
+    assert tuning.choose_memory_format(model, "tiny batch 2", (x,))["source"] == "cache"
+    assert clock["calls"] == 1
+
+
+def test_sample_memory_format_auto_with_tuning_off_is_channels_last_unmeasured(cache, capsys, clock, monkeypatch,
+                                                                               tmp_path):
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
+    assert main([*_SAMPLE, "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "memory format: channels_last at batch 20 (FASTDIFF_TUNE=0: the static rule)" in out
+    assert re.search(r"backend auto .*\(channels_last\)", out)
+    assert clock["calls"] == 0 and not cache.exists()
+
+
+@pytest.mark.parametrize(("name", "shown"), [("contiguous", "NCHW"), ("channels_last", "channels_last")])
+def test_sample_explicit_memory_format_is_not_measured(cache, capsys, clock, tmp_path, name, shown):
+    clock.update(channels_last=1.0, contiguous=0.5)
+    assert main([*_SAMPLE, "--memory-format", name, "--out", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "memory format:" not in out and re.search(rf"backend auto .*\({shown}\)", out)
+    assert "memory_format" not in (json.loads(cache.read_text())[tuning.machine_key()] if cache.exists() else {})
+
+
+def test_sample_bad_tune_value_is_refused_before_sampling(cache, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTDIFF_TUNE", "on")
+    with pytest.raises(SystemExit) as exc:
+        main([*_SAMPLE, "--out", str(tmp_path / "a.png")])
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(r"fastdiff sample: error: FASTDIFF_TUNE must be 1 .* or 0 .*, got 'on'", line), line
+    with pytest.raises(SystemExit):
+        main([*_SAMPLE, "--memory-format", "nhwc", "--out", str(tmp_path / "a.png")])
+    assert "argument --memory-format: invalid choice: 'nhwc'" in capsys.readouterr().err
