@@ -335,7 +335,8 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     measured = sum(source == "measured" for _, source in rows)
     if measured:
         print(f"measured {measured} choices now, {len(rows) - measured} were cached; written to "
-              f"{tuning.cache_path()}")
+              f"{tuning.cache_path()} (timings taken while other work loads the machine can mislead: "
+              "fastdiff tune --again re-measures)")
     else:
         print(f"all {len(rows)} choices were in the cache {tuning.cache_path()}: nothing measured again "
               "(fastdiff tune --again measures afresh)")
