@@ -4,9 +4,46 @@
 // torch.ops.fastdiff.<name>, which is what torch.compile and CUDA graphs see through.
 #include <Python.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "ops.h"
+
+namespace {
+
+// The Autograd kernel of the differentiable ops. Their backward formulas are PyTorch code
+// (fastdiff/ops/<op>.py registers each on a companion op fastdiff::<op>_autograd with the same
+// schema); a Python autograd kernel on the op itself would run Python on every call, grad or not,
+// which costs more than a small kernel. Here a call that needs no graph (grad mode off, or no
+// input requiring grad) goes straight to the backend kernel with the autograd keys excluded, as
+// PyTorch's own kernels do, and only a call that needs a graph goes to the companion.
+void autograd_or_companion(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t num_args = schema.arguments().size();
+  bool needs_graph = false;
+  if (at::GradMode::is_enabled()) {
+    for (size_t i = stack->size() - num_args; i < stack->size() && !needs_graph; ++i) {
+      const c10::IValue& value = (*stack)[i];
+      needs_graph = value.isTensor() && value.toTensor().requires_grad();
+    }
+  }
+  if (!needs_graph) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    return;
+  }
+  const std::string companion = schema.name() + "_autograd";
+  auto handle = c10::Dispatcher::singleton().findSchema({companion, schema.overload_name()});
+  TORCH_CHECK(handle.has_value(), schema.name(), ": an input requires grad, but the backward formula (",
+              companion, ") is not registered; import fastdiff.ops, which registers it");
+  handle->callBoxed(stack);
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fastdiff, m) {
   // model_out (2B, *rest) = [uncond; cond] on dim 0 -> uncond + scale * (cond - uncond), (B, *rest).
@@ -61,6 +98,14 @@ TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
   m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta);
   m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_meta);
   m.impl("conv3x3", &fastdiff::conv3x3_meta);
+}
+
+// The ops with a backward formula (see autograd_or_companion); the others are forward-only and keep
+// PyTorch's default (their Python wrappers refuse inputs that need a graph).
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) {
+  for (const char* name : {"cfg_combine", "group_norm_adagn", "layer_norm_modulate", "conv3x3"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autograd_or_companion>());
+  }
 }
 
 #ifdef FASTDIFF_WITH_CUDA

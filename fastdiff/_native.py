@@ -184,15 +184,35 @@ def status() -> dict[str, Any]:
     }
 
 
+_companions: list[torch.library.Library] = []  # kept alive: dropping a Library removes its ops
+
+
 def register_autograd_on_load(op: str, backward: Callable, setup_context: Callable) -> None:
     """Register the autograd formula of the native op ``fastdiff::<op>`` once ``_C`` is loaded (and
-    only once, however often the ops module is reloaded or ``_C`` re-announced)."""
+    only once, however often the ops module is reloaded or ``_C`` re-announced).
+
+    The formula goes on a companion op ``fastdiff::<op>_autograd`` with the native op's schema,
+    which runs the native op: the native op's own Autograd kernel (C++, csrc/torch_bindings.cpp)
+    sends a call there only when it must record a graph, so calls without grad never enter Python.
+    """
     registered: list[bool] = []
 
     def register(_c: ModuleType) -> None:
         if registered or not hasattr(torch.ops.fastdiff, op):
             return
-        torch.library.register_autograd(f"fastdiff::{op}", backward, setup_context=setup_context)
+        companion = f"{op}_autograd"
+        if not hasattr(torch.ops.fastdiff, companion):
+            native = getattr(torch.ops.fastdiff, op).default
+            schema = str(native._schema).removeprefix("fastdiff::")
+            library = torch.library.Library("fastdiff", "FRAGMENT")
+            library.define(companion + schema[len(op):])
+
+            def forward(*args: Any) -> Any:
+                return native(*args)  # the autograd keys are already excluded here
+
+            library.impl(companion, forward, "CompositeExplicitAutograd")
+            _companions.append(library)
+            torch.library.register_autograd(f"fastdiff::{companion}", backward, setup_context=setup_context)
         registered.append(True)
 
     on_load(register)
