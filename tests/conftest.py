@@ -81,6 +81,34 @@ def fake_gpu(monkeypatch):
     fastdiff.backends.forget_decisions()
 
 
+@pytest.fixture
+def ran_backends(monkeypatch):
+    """Record which backend runs each call of the ops: ``ran_backends(*ops)`` wraps every kernel of
+    those ops' declarations and returns the list that fills with (op, backend) per call."""
+    import dataclasses
+
+    import fastdiff.backends
+
+    def record(*ops: str) -> list[tuple[str, str]]:
+        calls: list[tuple[str, str]] = []
+        for op in ops:
+            support = fastdiff.backends.registered_ops()[op]
+            for backend, kernel in list(support.kernels.items()):
+                if kernel.run is None:
+                    continue
+
+                def run(*args, _run=kernel.run, _op=op, _backend=backend):
+                    calls.append((_op, _backend))
+                    return _run(*args)
+
+                monkeypatch.setitem(support.kernels, backend, dataclasses.replace(kernel, run=run))
+        fastdiff.backends.forget_decisions()
+        return calls
+
+    yield record
+    fastdiff.backends.forget_decisions()
+
+
 def assert_within_eager_bound(out: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, what: str = "") -> None:
     """err(out) <= 2 * err(eager in out's dtype) + floor(dtype), element-wise against ``exact``
     (the reference in float64). On failure, report the worst element and the share that fails."""

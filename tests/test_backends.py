@@ -11,10 +11,11 @@ from fastdiff.backends import (
     AUTO,
     AVAILABLE,
     BACKENDS,
-    DEVICES_AND_DTYPES,
     PRIORITY,
     BackendUnavailableError,
     ExplicitOnly,
+    Kernel,
+    Limit,
     OpSupport,
     _compiled_for,
     always_available,
@@ -104,7 +105,7 @@ def test_every_op_is_registered_for_every_backend():
 
 
 def test_op_support_must_cover_every_backend():
-    with pytest.raises(ValueError, match=r"no reasons function for backends \['triton'\]"):
+    with pytest.raises(ValueError, match=r"no kernel for backends \['triton'\]"):
         OpSupport("half_done", {"reference": always_available, "cpu": always_available, "cuda": always_available})
 
 
@@ -215,7 +216,7 @@ def test_ops_keep_the_reference_validation():
         attention("q", torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
 
 
-def _counting_op(name: str, cpu_refuses: list[str], cache_key=DEVICES_AND_DTYPES):
+def _counting_op(name: str, cpu_refuses: list[str]):
     """A throwaway op whose cpu reasons function counts its calls and refuses while told to."""
     from fastdiff.backends import register_op, unregister_op
 
@@ -228,41 +229,92 @@ def _counting_op(name: str, cpu_refuses: list[str], cache_key=DEVICES_AND_DTYPES
     def never(inputs):
         return ["not here"]
 
-    register_op(OpSupport(name, {"reference": always_available, "cpu": cpu, "cuda": never, "triton": never},
-                          cache_key=cache_key))
+    register_op(OpSupport(name, {"reference": always_available, "cpu": cpu, "cuda": never, "triton": never}))
     return calls, lambda: unregister_op(name)
 
 
-def test_ops_with_a_cache_key_remember_decisions_per_device_and_dtype(monkeypatch):
+def _declared_op(name: str, limit_calls: list[int], refuses: list[str]):
+    """A throwaway declared op: a float32 CPU "library" kernel with a counted limit, the reference,
+    and no GPU kernels."""
+    from fastdiff.backends import register_op, unregister_op
+
+    def broken(inputs):
+        limit_calls.append(1)
+        return refuses[0] if refuses else None
+
+    support = register_op(OpSupport(name, {
+        "reference": Kernel("reference", lambda x: ("reference", x)),
+        "cpu": Kernel("library", lambda x: ("cpu", x), dtypes=(torch.float32,), devices=("cpu",),
+                      limits=(Limit("told to", broken),)),
+        "cuda": Kernel("missing"),
+        "triton": Kernel("missing"),
+    }, inputs=lambda x: {"x": x}, prepare=lambda x, backend, checked=True: (x,)))
+    return support, lambda: unregister_op(name)
+
+
+def test_declared_ops_resolve_once_per_signature(monkeypatch):
+    """A declared op is resolved once per call signature (devices, dtypes, which inputs, backend,
+    FASTDIFF_BACKEND, the loaded _C) and the binding reused; explicit refusals are never kept."""
+    import fastdiff.backends as backends
+
+    resolved = []
+    real_select = backends._select
+    monkeypatch.setattr(backends, "_select", lambda *a: resolved.append(a[1]) or real_select(*a))
     refuses: list[str] = []
-    calls, unregister = _counting_op("_cached_op", refuses)
+    support, unregister = _declared_op("_declared_op", [], refuses)
     try:
         x = torch.randn(3, 4)
-        assert select_backend("_cached_op", AUTO, {"x": x}) == "cpu"
-        assert select_backend("_cached_op", AUTO, {"x": torch.randn(7)}) == "cpu"  # same device and dtype
-        assert calls["cpu"] == 1
-        # Another dtype, another explicit backend or FASTDIFF_BACKEND: decided afresh.
-        assert select_backend("_cached_op", AUTO, {"x": x.double()}) == "cpu"
-        assert select_backend("_cached_op", "cpu", {"x": x}) == "cpu"
+        assert select_backend("_declared_op", AUTO, {"x": x}) == "cpu"
+        assert select_backend("_declared_op", AUTO, {"x": torch.randn(7)}) == "cpu"  # same device and dtype
+        assert support(AUTO, x) == ("cpu", x)
+        assert len(resolved) == 1
+        assert select_backend("_declared_op", AUTO, {"x": x.double()}) == "reference"
+        assert select_backend("_declared_op", "cpu", {"x": x}) == "cpu"
         monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
-        assert select_backend("_cached_op", AUTO, {"x": x}) == "reference"
+        assert select_backend("_declared_op", AUTO, {"x": x}) == "reference"
+        assert support(AUTO, x)[0] == "reference"
         monkeypatch.delenv("FASTDIFF_BACKEND")
-        assert calls["cpu"] == 3
-        # Reloading the native extension's state forgets every decision.
-        refuses.append("simulated: cpu kernel gone")
-        monkeypatch.setattr(_native, "generation", _native.generation + 1)
-        assert select_backend("_cached_op", AUTO, {"x": x}) == "reference"
-        # Refusals of an explicit backend are never remembered: each call raises with its reasons.
+        assert len(resolved) == 4
+        monkeypatch.setattr(_native, "generation", _native.generation + 1)  # a reloaded _C: decided afresh
+        assert select_backend("_declared_op", AUTO, {"x": x}) == "cpu"
+        assert len(resolved) == 5
+        refuses.append("simulated: told to refuse")
         for _ in range(2):
-            with pytest.raises(BackendUnavailableError, match="simulated: cpu kernel gone"):
-                select_backend("_cached_op", "cpu", {"x": x})
-        assert calls["cpu"] == 6
+            with pytest.raises(BackendUnavailableError, match="simulated: told to refuse"):
+                select_backend("_declared_op", "cpu", {"x": x})
+        assert len(resolved) == 7
     finally:
         unregister()
 
 
-def test_ops_without_a_cache_key_decide_every_call():
-    calls, unregister = _counting_op("_uncached_op", [], cache_key=None)
+def test_limits_are_read_where_they_take_part():
+    """A backend's limits join the signature only where that backend passed every other rule: the
+    cpu kernel's limit is read on every float32 CPU call (and its outcome picks the binding), never
+    again for float64 inputs, which the kernel refuses by dtype whatever the limit says."""
+    limit_calls: list[int] = []
+    refuses: list[str] = []
+    support, unregister = _declared_op("_limited_op", limit_calls, refuses)
+    try:
+        x = torch.randn(3, 4)
+        assert support(AUTO, x)[0] == "cpu"
+        refuses.append("simulated: past the limit")
+        assert support(AUTO, x)[0] == "reference"  # same devices and dtypes, other limit outcome
+        refuses.clear()
+        assert support(AUTO, x)[0] == "cpu"
+        assert len(limit_calls) >= 3
+        wide = x.double()
+        assert support(AUTO, wide)[0] == "reference"
+        before = len(limit_calls)
+        for _ in range(3):
+            assert support(AUTO, wide)[0] == "reference"
+        assert len(limit_calls) == before
+        assert "told to" in support.describe()["cpu"]["limits"]
+    finally:
+        unregister()
+
+
+def test_ops_declared_with_reasons_functions_decide_every_call():
+    calls, unregister = _counting_op("_uncached_op", [])
     try:
         for _ in range(3):
             assert select_backend("_uncached_op", AUTO, {"x": torch.randn(2)}) == "cpu"
@@ -271,7 +323,15 @@ def test_ops_without_a_cache_key_decide_every_call():
         unregister()
 
 
-# ---- the float32 CPU fast path of group_norm_adagn, conv3x3 and layer_norm_modulate ----------------
+def test_every_registered_op_is_fully_declared():
+    """Every op's backends are Kernel declarations (what info, the errors and the tests read)."""
+    for op, support in registered_ops().items():
+        assert all(isinstance(k, Kernel) for k in support.kernels.values()), op
+        assert support.inputs is not None, op
+        assert set(support.describe()) == set(support.backends), op
+
+
+# ---- the float32 CPU path of group_norm_adagn, conv3x3 and layer_norm_modulate --------------------
 
 
 def _fast_path_inputs(op: str) -> dict[str, torch.Tensor]:
@@ -292,16 +352,20 @@ def _call(op: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return fastdiff.ops.conv3x3(inputs["x"], inputs["weight"])
 
 
+_BAD = {  # op -> (a call its Python checks refuse once the signature is bound, the error's words)
+    "group_norm_adagn": (lambda i: _call("group_norm_adagn", {**i, "weight": torch.randn(5)}), "weight"),
+    "layer_norm_modulate": (lambda i: _call("layer_norm_modulate", {**i, "scale": torch.randn(2, 7)}), "scale"),
+    "conv3x3": (lambda i: _call("conv3x3", {**i, "weight": torch.randn(3, 5, 3, 3)}), "weight"),
+}
+
+
 @pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
 @pytest.mark.parametrize("op", ["group_norm_adagn", "conv3x3", "layer_norm_modulate"])
-def test_native_cpu_fast_path_is_autos_decision(op, monkeypatch):
-    """The ops call their cpu kernel straight away for float32 CPU inputs when auto_runs_native_cpu
-    says auto would pick it; that claim must match the dispatcher, and FASTDIFF_BACKEND must turn the
-    shortcut off (here: to the reference, which the op must then run)."""
-    from fastdiff.backends import auto_runs_native_cpu, forget_decisions
-
+def test_bound_native_cpu_calls_keep_the_ops_errors_and_follow_the_override(op, monkeypatch):
+    """Once a float32 CPU signature is bound to the cpu kernel, calls skip the Python checks (the
+    kernel checks the same rules): a bad argument still gets the op's own error, and FASTDIFF_BACKEND
+    still steers the call (here to the reference, which must then run)."""
     inputs = _fast_path_inputs(op)
-    assert auto_runs_native_cpu(op)
     assert select_backend(op, AUTO, inputs) == "cpu"
     module = __import__(f"fastdiff.ops.{op}", fromlist=["_"])
     reference_calls = []
@@ -312,26 +376,35 @@ def test_native_cpu_fast_path_is_autos_decision(op, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, f"_reference_{op}", spy)
-    _call(op, inputs)
+    expected = _call(op, inputs)
     assert reference_calls == []  # the native kernel ran
+    bad, words = _BAD[op]
+    with pytest.raises(ValueError, match=f"{op}: {words}"):
+        bad(inputs)
     monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
-    forget_decisions()
-    try:
-        assert not auto_runs_native_cpu(op)
-        _call(op, inputs)
-        assert reference_calls == [op]
-    finally:
-        monkeypatch.delenv("FASTDIFF_BACKEND")
-        forget_decisions()
+    torch.testing.assert_close(_call(op, inputs), expected, rtol=1e-4, atol=1e-4)
+    assert reference_calls == [op]
 
 
 @pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
-def test_call_native_skips_only_the_autograd_kernel_without_grad():
-    """call_native under no_grad: the same values as the dispatched op, no graph, and dispatch modes
-    (FakeTensor, profilers, flop counters) still see the call; with grad on it keeps the graph."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def test_bind_runs_the_chosen_kernel_like_the_op():
+    g = torch.Generator().manual_seed(0)
+    x, w, s = torch.randn(2, 8, 3, 3, generator=g), torch.randn(8, generator=g), torch.randn(2, 8, generator=g)
+    support = registered_ops()["group_norm_adagn"]
+    bound = support.bind(AUTO, x, 2, w, None, s, None, None, 1e-5, "silu")
+    assert bound.backend == select_backend("group_norm_adagn", AUTO, {"x": x, "weight": w, "scale": s}) == "cpu"
+    torch.testing.assert_close(bound(x, 2, w, None, s, None, None, 1e-5, "silu"),
+                               group_norm_adagn(x, 2, w, scale=s, activation="silu"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="group_norm_adagn: activation"):
+        support.bind(AUTO, x, 2, w, None, s, None, None, 1e-5, "relu")
 
-    from fastdiff.backends import call_native
+
+@pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
+def test_native_autograd_kernel_records_a_graph_only_when_one_is_needed():
+    """The native ops' Autograd kernel (C++): without grad the call reaches the backend kernel with
+    no graph (dispatch modes such as FakeTensor, profilers and flop counters still see it); with an
+    input requiring grad it records the graph through the op's Python backward formula."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     op = torch.ops.fastdiff.conv3x3.default
     g = torch.Generator().manual_seed(0)
@@ -349,11 +422,13 @@ def test_call_native_skips_only_the_autograd_kernel_without_grad():
 
     with torch.no_grad():
         with Seen() as seen:
-            out = call_native(op, x, w, None, None)
-        expected = op(x, w, None, None)
+            out = op(x, w, None, None)
     assert op in seen.ops
     assert not out.requires_grad and out.grad_fn is None
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    with_grad = call_native(op, x, w, None, None)
+    with_grad = op(x, w, None, None)
     assert with_grad.requires_grad and with_grad.grad_fn is not None
-    torch.testing.assert_close(with_grad.detach(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(with_grad.detach(), out, rtol=0, atol=0)
+    with_grad.sum().backward()
+    gx, gw = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), (x, w))
+    torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-4)

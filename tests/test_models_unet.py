@@ -4,7 +4,6 @@ checks, the demo's size and shipped weights, and fastdiff.sample on it."""
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
@@ -116,21 +115,17 @@ def test_set_backend_reaches_every_module_and_checks():
         model.set_backend("cuda")
 
 
-def test_reference_backend_runs_no_kernel(monkeypatch):
+def test_reference_backend_runs_no_kernel(ran_backends):
     """backend='reference' is the oracle: every norm and attention (the attention's own norm too)
     dispatches to the reference."""
-    chosen = []
-    for name in ("fastdiff.ops.group_norm_adagn", "fastdiff.ops.attention"):
-        module = importlib.import_module(name)  # the modules, not the functions fastdiff.ops re-exports
-        original = module.select_backend
-        monkeypatch.setattr(module, "select_backend",
-                            lambda *a, _f=original, **k: chosen.append(_f(*a, **k)) or chosen[-1])
+    calls = ran_backends("group_norm_adagn", "attention")
     model = _randomized(UNet(**SMALL)).set_backend("reference")
     x, t, y = _inputs(model)
     with torch.no_grad():
         model(x, t, y=y)
     n_norms = sum(isinstance(m, AdaGroupNorm) for m in model.modules())
     n_attention = sum(isinstance(m, SpatialSelfAttention) for m in model.modules())
+    chosen = [backend for _, backend in calls]
     assert chosen == ["reference"] * len(chosen) and len(chosen) == n_norms + 2 * n_attention
 
 

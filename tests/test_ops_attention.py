@@ -117,7 +117,7 @@ def test_refusals_carry_their_reasons(monkeypatch):
     assert any(r.startswith("q is on cpu, the triton backend needs CUDA tensors") for r in reasons), reasons
     assert "q dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in reasons
     assert "head dim D=300 > 256, the largest the kernel tiles" in reasons
-    assert "inputs require grad: the triton kernel is forward-only (no backward)" in reasons
+    assert "inputs require grad (q, k, v): the triton kernel is forward-only (no backward)" in reasons
     with pytest.raises(BackendUnavailableError, match=r"backend='xformers' cannot run") as info:
         attention(q, q, q, backend="xformers")
     assert any("xformers is not installed" in r or "needs CUDA tensors" in r for r in info.value.reasons)

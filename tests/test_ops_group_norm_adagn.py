@@ -578,13 +578,18 @@ def test_cuda_opcheck():
                 torch.library.opcheck(torch.ops.fastdiff.group_norm_adagn, args)
 
 
-def test_dispatch_cache_keys_on_the_triton_size_limit():
-    """Decisions are remembered per device and dtype; the triton backend also refuses samples past
-    32-bit indexing, so that limit is part of the key (else a small input's pick would be reused)."""
-    from fastdiff.ops.group_norm_adagn import SUPPORT
+def test_remembered_choice_follows_the_triton_size_limit(fake_gpu):
+    """Choices are remembered per call signature; where the triton kernels take part (CUDA tensors,
+    no native CUDA op) their 32-bit limit is part of it, else a small input's pick would be reused
+    for a sample too large for them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    small = torch.empty(2, 8, 64, 64, device="meta")
-    huge = torch.empty(1, 8, 2**14, 2**14 + 1, device="meta")
-    assert SUPPORT.cache_key is not None
-    assert SUPPORT.cache_key({"x": small}) != SUPPORT.cache_key({"x": huge})
-    assert any("32 bits" in r for r in SUPPORT.why_not("triton", {"x": huge}))
+    status = dict(_native.status(), cuda_compiled=False, cuda_skipped_reason="simulated: built without nvcc")
+    fake_gpu.setattr(_native, "status", lambda: status)
+    with FakeTensorMode():
+        small = torch.empty(2, 8, 64, 64, device="cuda")
+        huge = torch.empty(1, 8, 2**14, 2**14 + 1, device="cuda")
+        assert select_backend("group_norm_adagn", "auto", {"x": small}) == "triton"
+        assert select_backend("group_norm_adagn", "auto", {"x": huge}) == "reference"
+        assert select_backend("group_norm_adagn", "auto", {"x": small}) == "triton"
+        assert any("32 bits" in r for r in SUPPORT.why_not("triton", {"x": huge}))

@@ -414,7 +414,7 @@ def test_triton_refuses_what_its_kernel_cannot_run():
     long_rows = torch.empty(1, 1, 8193)
     assert any("D=8193 features > 8192" in r for r in SUPPORT.why_not("triton", {"x": long_rows}))
     grad = torch.randn(2, 5, 8, requires_grad=True)
-    assert "inputs require grad: the triton kernel is forward-only (no backward)" in SUPPORT.why_not(
+    assert "inputs require grad (x): the triton kernel is forward-only (no backward)" in SUPPORT.why_not(
         "triton", {"x": grad}
     )
 

@@ -1,11 +1,20 @@
-"""Which backend runs an op, and when one cannot, the reasons why.
+"""Each op's declaration: its backends, what each can run, and which one runs a call.
 
-Every op registers an :class:`OpSupport`: per backend, a function that returns the list of reasons
-it cannot run the given inputs (an empty list means it can). Called with ``inputs=None`` it returns
-the static reasons only (not compiled, no device, no kernel yet), which is what ``fastdiff info``
-prints. ``backend="auto"`` tries the op's priority in order and takes the first backend with no
-reasons; an explicit backend that cannot run raises :class:`BackendUnavailableError` with all of
-them. ``FASTDIFF_BACKEND`` overrides the argument everywhere.
+An op declares itself once, in its own module (``fastdiff/ops/<op>.py``), as an :class:`OpSupport`
+holding a :class:`Kernel` per backend: the callable that runs it and what it accepts (devices,
+dtypes, the dtype rule of optional parts, limits beyond those, whether it records a graph, a module
+it needs). Everything else is derived from that declaration: the reasons a backend refuses an input
+(the errors of an explicit ``backend=``, ``fastdiff info``'s table, the tests' skip messages), the
+Triton modules' own argument checks (they read the limits from the declaration), and the choice.
+``backend="auto"`` takes the first backend of the op's priority with no reasons; an explicit backend
+that cannot run raises :class:`BackendUnavailableError` with all of them. ``FASTDIFF_BACKEND``
+overrides the argument everywhere.
+
+Calling the declaration (``SUPPORT(backend, *args)``, what each public op does) resolves the backend
+once per call signature (each tensor's device and dtype, whether it is given, and whatever the
+declared limits and grad rules read) and keeps the resolved :class:`Binding`; ``SUPPORT.bind(backend,
+*args)`` returns that binding for a caller whose inputs keep their signature (the sampling loop's
+buffers), which then runs the kernel with no dispatch at all.
 
 Every op has the :data:`BACKENDS` (fastdiff's own kernels and the reference). An op may declare
 extra backends that only make sense for it, e.g. attention's "sdpa" (PyTorch's
@@ -19,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,9 +41,11 @@ __all__ = [
     "BACKENDS",
     "PRIORITY",
     "ENV_VAR",
-    "DEVICES_AND_DTYPES",
     "BackendUnavailableError",
+    "Binding",
     "ExplicitOnly",
+    "Kernel",
+    "Limit",
     "OpSupport",
     "register_op",
     "unregister_op",
@@ -43,13 +54,8 @@ __all__ = [
     "resolve_backend",
     "select_backend",
     "forget_decisions",
-    "auto_runs_native_cpu",
-    "call_native",
-    "run_native_cpu",
-    "NOT_RUN",
     "support_table",
     "native_reasons",
-    "native_support",
     "part_dtype_reasons",
     "not_implemented",
     "triton_reasons",
@@ -64,16 +70,6 @@ AVAILABLE = "available"
 
 # reasons(inputs) -> list of reasons the backend cannot run them; inputs=None: static reasons only.
 ReasonsFn = Callable[[Mapping[str, torch.Tensor] | None], list[str]]
-# cache_key(inputs) -> what the reasons look at beyond devices and dtypes (see OpSupport.cache_key).
-CacheKeyFn = Callable[[Mapping[str, torch.Tensor]], tuple]
-
-
-def _nothing_beyond_devices_and_dtypes(inputs: Mapping[str, torch.Tensor]) -> tuple:
-    return ()
-
-
-# The cache_key of an op whose reasons look only at the inputs' devices and dtypes.
-DEVICES_AND_DTYPES: CacheKeyFn = _nothing_beyond_devices_and_dtypes
 
 
 class ExplicitOnly(str):
@@ -94,40 +90,229 @@ class BackendUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class OpSupport:
-    """What each backend can run for one op.
+class Limit:
+    """A rule beyond devices and dtypes that a backend's inputs must meet.
 
-    ``reasons`` has an entry for every one of :data:`BACKENDS` and for each extra backend of this
-    op. ``priority`` is auto's order; empty means :data:`PRIORITY` with the extra backends (in
-    ``reasons``' order) inserted just before the reference.
+    ``rule`` says it in words (``fastdiff info``, the docs); ``broken(inputs)`` returns the reason
+    these inputs break it, or None. Its result is part of a call's signature, so it must read only
+    the inputs (shapes, strides), and it runs on every call: keep it to a few comparisons.
+    """
+
+    rule: str
+    broken: Callable[[Mapping[str, torch.Tensor]], str | None]
+
+
+# What a Kernel's ``kind`` may be: the plain-PyTorch reference, a fastdiff._C op (the backend name
+# "cpu"/"cuda" is its device), a Triton kernel, a library's function (sdpa, xformers), or none yet.
+KINDS = ("reference", "native", "triton", "library", "missing")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend of one op: what runs it and what it accepts.
+
+    ``run`` takes the op's kernel arguments (see :class:`OpSupport`) and returns its result.
+    ``dtypes``: the dtypes it runs (empty: every dtype the op's validation accepts). ``checked``: the
+    inputs whose device and dtype it checks (None: all). ``parts``: inputs that may be in x's dtype or
+    float32. ``limits``: further rules. ``grad``: whether its output records a graph (False: it is
+    forward-only and refuses inputs that need one; auto then takes a backend that records).
+    ``devices``: for a library kernel, the device types it runs. ``requires``: a module a library
+    kernel needs, and ``install`` how to get it. ``native_op``: the fastdiff._C op (default the op's
+    name). ``checks_args``: the kernel checks the op's arguments itself with the same rules as the
+    op's validation, so a resolved call skips the Python checks (they run only to word an error).
+    ``layouts``: what it reads in place, in words.
+    """
+
+    kind: str
+    run: Callable[..., Any] | None = None
+    dtypes: tuple[torch.dtype, ...] = ()
+    checked: tuple[str, ...] | None = None
+    parts: tuple[str, ...] = ()
+    limits: tuple[Limit, ...] = ()
+    grad: bool = True
+    devices: tuple[str, ...] = ()
+    requires: str = ""
+    install: str = ""
+    native_op: str = ""
+    checks_args: bool = False
+    layouts: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Kernel: kind must be one of {KINDS}, got {self.kind!r}")
+        if (self.run is None) != (self.kind == "missing"):
+            raise ValueError(f"Kernel({self.kind!r}): a run function is required, except for kind 'missing'")
+
+    def broken_limits(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        """The reasons these inputs break this kernel's limits (what its launcher refuses)."""
+        return _limit_reasons(self, inputs)
+
+    def describe(self) -> dict[str, Any]:
+        """What it accepts, in words: for ``fastdiff info --json`` and the docs."""
+        return {
+            "kind": self.kind,
+            "dtypes": [_dtype_names((d,)) for d in self.dtypes] or "any the op accepts",
+            "parts": list(self.parts),
+            "limits": [limit.rule for limit in self.limits],
+            "grad": self.grad,
+            **({"devices": list(self.devices)} if self.devices else {}),
+            **({"layouts": self.layouts} if self.layouts else {}),
+        }
+
+
+def _kernel_reasons(op: str, backend: str, kernel: Kernel, inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """Why ``kernel`` (``op``'s ``backend``) cannot run ``inputs`` (None: the static reasons only)."""
+    reasons = _base_reasons(op, backend, kernel, inputs)
+    if inputs is not None:
+        reasons += _limit_reasons(kernel, inputs)
+    return reasons
+
+
+def _base_reasons(op: str, backend: str, kernel: Kernel, inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    """The reasons that read the inputs' devices, dtypes and grad only (not the limits)."""
+    if kernel.kind == "reference":
+        return []
+    if kernel.kind == "missing":
+        return _missing_reasons(op, backend)
+    checked = inputs if inputs is None or kernel.checked is None else {
+        k: t for k, t in inputs.items() if k in kernel.checked}
+    if kernel.kind == "native":
+        reasons = native_reasons(kernel.native_op or op, backend, kernel.dtypes, checked)
+    elif kernel.kind == "triton":
+        reasons = triton_reasons(checked, kernel.dtypes)
+    else:
+        reasons = _library_reasons(backend, kernel, checked)
+    if inputs is None:
+        return reasons
+    if kernel.parts:
+        reasons += part_dtype_reasons(inputs, kernel.parts)
+    if not kernel.grad and needs_grad(inputs):
+        names = ", ".join(name for name, t in inputs.items() if t.requires_grad)
+        reasons.append(f"inputs require grad ({names}): the {backend} kernel is forward-only (no backward)")
+    return reasons
+
+
+def _limit_reasons(kernel: Kernel, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+    return [why for limit in kernel.limits if (why := limit.broken(inputs)) is not None]
+
+
+_found: dict[str, bool] = {}
+
+
+def _importable(module: str) -> bool:
+    if module not in _found:  # find_spec costs ~0.2 ms; asked on every miss
+        _found[module] = importlib.util.find_spec(module) is not None
+    return _found[module]
+
+
+def _library_reasons(backend: str, kernel: Kernel, inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
+    reasons = []
+    if kernel.requires and not _importable(kernel.requires):
+        reasons.append(f"{kernel.requires} is not installed ({kernel.install or 'pip install ' + kernel.requires})")
+    if inputs is None:
+        if kernel.devices == ("cuda",) and not torch.cuda.is_available():
+            reasons.append("no CUDA device (torch.cuda.is_available() is False)")
+        return reasons
+    for name, t in inputs.items():
+        if kernel.devices and t.device.type not in kernel.devices:
+            reasons.append(f"{name} is on {t.device}, the {backend} backend needs {_device_names(kernel.devices)} "
+                           "tensors")
+        if kernel.dtypes and t.dtype not in kernel.dtypes:
+            reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(kernel.dtypes)})")
+    return reasons
+
+
+def _device_names(devices: Sequence[str]) -> str:
+    return " or ".join("CUDA" if d == "cuda" else d.upper() for d in devices)
+
+
+def _missing_reasons(op: str, backend: str) -> list[str]:
+    reasons = [f"not implemented for this op yet (no {backend} kernel for {op})"]
+    if backend == "triton" and not _importable("triton"):
+        reasons.append("triton is not installed")
+    return reasons
+
+
+class Binding:
+    """A resolved call of one op: the backend chosen for one call signature and its kernel.
+
+    Calling it runs the kernel on the op's public arguments (as the op's function takes them,
+    positionally, ``backend`` left out): converted to the kernel's arguments, after the op's Python
+    checks unless the kernel checks the arguments itself (then the Python checks run only when the
+    kernel raises, to word the error). It neither re-resolves nor re-checks the signature: keep it
+    for inputs whose devices, dtypes, given parts and limits stay those it was bound with.
+    """
+
+    __slots__ = ("op", "backend", "kernel", "_run", "_prepare", "_validate")
+
+    def __init__(self, support: OpSupport, backend: str) -> None:
+        self.op = support.op
+        self.backend = backend
+        self.kernel = support.kernels[backend]
+        self._run = getattr(self.kernel, "run", None)  # a reasons function (a test's op) runs nothing
+        self._prepare = support.prepare
+        self._validate = support.validate
+
+    def __call__(self, *args: Any) -> Any:
+        if self._run is None:
+            raise TypeError(f"{self.op}: its {self.backend} backend is declared by a reasons function only")
+        if not self.kernel.checks_args:
+            return self._run(*self._prepare(*args, self.backend))
+        try:
+            return self._run(*self._prepare(*args, self.backend, checked=False))
+        except (RuntimeError, TypeError, ValueError):
+            self._validate(*args)  # raises the op's own error where its rules are broken
+            raise
+
+    def __repr__(self) -> str:
+        return f"Binding({self.op!r}, backend={self.backend!r})"
+
+
+def _no_prepare(*args: Any, **kwargs: Any) -> tuple:
+    raise TypeError("this op declares no prepare function: it cannot be called through its declaration")
+
+
+@dataclass(frozen=True, eq=False)
+class OpSupport:
+    """One op's declaration: per backend a :class:`Kernel` (or, for a throwaway test op, a plain
+    reasons function), auto's ``priority``, and how a call is checked and converted.
+
+    ``priority`` empty means :data:`PRIORITY` with the extra backends (in ``kernels``' order)
+    inserted just before the reference. ``inputs(*args)`` names the tensors among the op's public
+    arguments (the ones the kernels' rules read); ``validate(*args)`` raises the op's clear error
+    for bad arguments; ``prepare(*args, backend, checked=True)`` returns the kernel arguments of
+    ``backend`` (validating first when ``checked``; unchecked, it must still refuse what it cannot
+    convert faithfully, by validating).
     """
 
     op: str
-    reasons: Mapping[str, ReasonsFn]
+    kernels: Mapping[str, Kernel | ReasonsFn]
     priority: tuple[str, ...] = ()
-    # Given, a successful decision is remembered per input signature (each input's device and dtype,
-    # which inputs are given, and the global state select_backend keys on: FASTDIFF_BACKEND,
-    # TRITON_INTERPRET, the loaded fastdiff._C) plus ``cache_key(inputs)``, which must hold whatever
-    # else the reasons functions look at (a size limit, grad mode, say): :data:`DEVICES_AND_DTYPES`
-    # when nothing else. This takes dispatch off the hot path of modules called at every step.
-    # None: decided afresh on every call.
-    cache_key: CacheKeyFn | None = None
+    inputs: Callable[..., dict[str, torch.Tensor]] | None = None
+    validate: Callable[..., None] = field(default=lambda *args: None)
+    prepare: Callable[..., tuple] = field(default=_no_prepare)
+    _bindings: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        missing = [b for b in BACKENDS if b not in self.reasons]
+        missing = [b for b in BACKENDS if b not in self.kernels]
         if missing:
-            raise ValueError(f"OpSupport({self.op!r}): no reasons function for backends {missing}")
-        extras = tuple(b for b in self.reasons if b not in BACKENDS)
+            raise ValueError(f"OpSupport({self.op!r}): no kernel for backends {missing}")
+        extras = tuple(b for b in self.kernels if b not in BACKENDS)
         for name in extras:
             if not isinstance(name, str) or not name.isidentifier() or name == AUTO:
                 raise ValueError(f"OpSupport({self.op!r}): backend names must be identifiers other than "
                                  f"{AUTO!r}, got {name!r}")
         priority = tuple(self.priority) or (*PRIORITY[:-1], *extras, PRIORITY[-1])
-        if sorted(priority) != sorted(self.reasons):
+        if sorted(priority) != sorted(self.kernels):
             raise ValueError(
-                f"OpSupport({self.op!r}): priority {priority} must order exactly the backends {tuple(self.reasons)}"
+                f"OpSupport({self.op!r}): priority {priority} must order exactly the backends {tuple(self.kernels)}"
             )
         object.__setattr__(self, "priority", priority)
+        declared = [k for k in self.kernels.values() if isinstance(k, Kernel)]
+        # A call's signature holds what the rules read: only a fully declared op has one.
+        object.__setattr__(self, "_limits", tuple(lim for k in declared for lim in k.limits)
+                           if len(declared) == len(self.kernels) else None)
+        object.__setattr__(self, "_grad_matters", any(not k.grad for k in declared))
 
     @property
     def backends(self) -> tuple[str, ...]:
@@ -135,16 +320,123 @@ class OpSupport:
         return self.priority
 
     def why_not(self, backend: str, inputs: Mapping[str, torch.Tensor] | None = None) -> list[str]:
-        return list(self.reasons[backend](inputs))
+        """Why ``backend`` cannot run ``inputs`` (a name -> tensor mapping; None: the static reasons)."""
+        kernel = self.kernels[backend]
+        if isinstance(kernel, Kernel):
+            return _kernel_reasons(self.op, backend, kernel, inputs)
+        return list(kernel(inputs))
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Per backend, what it accepts (declared kernels only)."""
+        return {b: self.kernels[b].describe() for b in self.priority if isinstance(self.kernels[b], Kernel)}
+
+    def signature(self, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple | None:
+        """What the choice for these inputs depends on, the limits aside (see :meth:`binding`); None
+        when the op cannot say (a throwaway op's reasons functions): then it is decided every call."""
+        if self._limits is None:  # type: ignore[attr-defined]
+            return None
+        # TRITON_INTERPRET and the limits: see binding().
+        key = (backend if isinstance(backend, str) else None, os.environ.get(ENV_VAR), _native.generation,
+               tuple(inputs), *[(t.dtype, t.device) for t in inputs.values()])
+        if self._grad_matters:  # type: ignore[attr-defined]
+            key += (needs_grad(inputs),)
+        return key
+
+    def _limit_flags(self, inputs: Mapping[str, torch.Tensor]) -> tuple:
+        """The rest of a signature, read only where it took part: TRITON_INTERPRET and the limits."""
+        return (os.environ.get("TRITON_INTERPRET"),
+                *[limit.broken(inputs) is None for limit in self._limits])  # type: ignore[attr-defined]
+
+    def _lookup(self, key: tuple, inputs: Mapping[str, torch.Tensor]) -> Binding | None:
+        found = self._bindings.get(key)
+        if type(found) is dict:  # the limits took part in this choice: one binding per outcome
+            found = found.get(self._limit_flags(inputs))
+        return found
+
+    def binding(self, backend: str, inputs: Mapping[str, torch.Tensor]) -> Binding:
+        """The resolved binding for inputs of this signature, remembered per signature.
+
+        The limits and TRITON_INTERPRET are read only where they took part in the choice: a backend
+        before the chosen one (or the chosen one) that has limits or is a Triton kernel passed every
+        other rule (or only kept auto away, see ExplicitOnly). Elsewhere (CPU tensors without the
+        interpreter, where the Triton kernels never run) a call's signature is devices and dtypes.
+        """
+        key = None if torch.compiler.is_compiling() else self.signature(backend, inputs)
+        found = self._lookup(key, inputs) if key is not None else None
+        if found is not None:
+            return found
+        found = Binding(self, _select(self, backend, inputs))
+        if key is None:
+            return found
+        if len(self._bindings) >= _BINDINGS_MAX:
+            self._bindings.clear()
+        if self._limits_took_part(backend, found.backend, inputs):
+            per_outcome = self._bindings.get(key)
+            if type(per_outcome) is not dict:
+                per_outcome = self._bindings[key] = {}
+            per_outcome[self._limit_flags(inputs)] = found
+        else:
+            self._bindings[key] = found
+        return found
+
+    def _limits_took_part(self, backend: str, chosen: str, inputs: Mapping[str, torch.Tensor]) -> bool:
+        considered = self.priority[: self.priority.index(chosen) + 1] if resolve_backend(backend, self.op) == AUTO \
+            else (chosen,)
+        for name in considered:
+            kernel = self.kernels[name]
+            if (kernel.limits or kernel.kind == "triton") and all(
+                    isinstance(r, ExplicitOnly) for r in _base_reasons(self.op, name, kernel, inputs)):
+                return True
+        return False
+
+    def __call__(self, backend: str, *args: Any) -> Any:
+        """Run the op on its public arguments (what the op's function does)."""
+        if self.inputs is None:
+            raise TypeError(f"{self.op}: its declaration names no inputs, so it cannot be called through it")
+        if torch.compiler.is_compiling():  # traced once: decided in the trace, nothing remembered
+            self.validate(*args)
+            name = _select(self, backend, self.inputs(*args))
+            return self.kernels[name].run(*self.prepare(*args, name))
+        try:
+            inputs = self.inputs(*args)
+            key = self.signature(backend, inputs)
+            binding = self._bindings.get(key)
+        except (AttributeError, IndexError, TypeError, ValueError):
+            self.validate(*args)  # a malformed argument: the op's own error
+            raise
+        if type(binding) is dict:
+            binding = binding.get(self._limit_flags(inputs))
+        if binding is None:
+            self.validate(*args)  # before the choice: an explicit backend's refusal follows bad input's error
+            binding = self.binding(backend, inputs)
+        if getattr(binding.kernel, "checks_args", False):
+            try:
+                return binding.kernel.run(*self.prepare(*args, binding.backend, checked=False))
+            except (RuntimeError, TypeError, ValueError):
+                self.validate(*args)  # raises the op's own error where its rules are broken
+                raise
+        return binding.kernel.run(*self.prepare(*args, binding.backend))
+
+    def bind(self, backend: str, *args: Any) -> Binding:
+        """Check these arguments and resolve their backend once; the :class:`Binding` runs the kernel
+        on later arguments of the same signature with no dispatch (see Binding)."""
+        if self.inputs is None:
+            raise TypeError(f"{self.op}: its declaration names no inputs, so it cannot be bound")
+        self.validate(*args)
+        return self.binding(backend, self.inputs(*args))
+
+    def forget(self) -> None:
+        self._bindings.clear()
 
 
+_BINDINGS_MAX = 1024
 _REGISTRY: dict[str, OpSupport] = {}
 # resolve_backend's (every name, names this op accepts) per op (None: any op), until an op registers.
 _ACCEPTED: dict[str | None, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
 def register_op(support: OpSupport) -> OpSupport:
-    """Add (or replace, on module reload) an op's support declaration."""
+    """Add (or replace, on module reload) an op's declaration."""
     _REGISTRY[support.op] = support
     _ACCEPTED.clear()
     forget_decisions()
@@ -152,15 +444,15 @@ def register_op(support: OpSupport) -> OpSupport:
 
 
 def unregister_op(op: str) -> None:
-    """Remove an op's support declaration (a throwaway op of a test or an experiment); unknown names
-    are ignored."""
+    """Remove an op's declaration (a throwaway op of a test or an experiment); unknown names are
+    ignored."""
     _REGISTRY.pop(op, None)
     _ACCEPTED.clear()
     forget_decisions()
 
 
 def registered_ops() -> dict[str, OpSupport]:
-    """Every op's support declaration, after importing fastdiff.ops so all ops have registered."""
+    """Every op's declaration, after importing fastdiff.ops so all ops have registered."""
     importlib.import_module("fastdiff.ops")
     return dict(_REGISTRY)
 
@@ -204,104 +496,27 @@ def resolve_backend(backend: str, op: str | None = None) -> str:
     return backend
 
 
-_DECISIONS: dict[tuple, str] = {}
-_DECISIONS_MAX = 4096
-
-
-def _decision_key(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> tuple:
-    signature = tuple((name, t.device, t.dtype) for name, t in inputs.items())
-    return (support.op, backend, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), _native.generation,
-            signature, support.cache_key(inputs))
-
-
 def select_backend(op: str, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
     """The backend that will run ``op`` on ``inputs``: resolved, then checked.
 
     ``inputs`` maps argument names to the tensors the backends must accept (names appear in the
     reasons). With "auto", the first backend of the op's priority with no reasons wins; an explicit
-    backend with reasons raises :class:`BackendUnavailableError` listing all of them. For an op
-    with a ``cache_key`` a successful decision is remembered per input signature (see OpSupport).
+    backend with reasons raises :class:`BackendUnavailableError` listing all of them. Remembered
+    per call signature for a declared op (see OpSupport.signature).
     """
-    support = _REGISTRY[op]
-    if support.cache_key is None or torch.compiler.is_compiling():  # traced once; no need to remember
-        return _select(support, backend, inputs)
-    key = _decision_key(support, backend, inputs)
-    chosen = _DECISIONS.get(key)
-    if chosen is None:
-        chosen = _select(support, backend, inputs)
-        if len(_DECISIONS) >= _DECISIONS_MAX:
-            _DECISIONS.clear()
-        _DECISIONS[key] = chosen
-    return chosen
+    return _REGISTRY[op].binding(backend, inputs).backend
 
 
 def forget_decisions() -> None:
-    """Drop every remembered dispatch decision (after changing what a reasons function sees)."""
-    _DECISIONS.clear()
-    _NATIVE_CPU_AUTO.clear()
-
-
-_NATIVE_CPU_AUTO: dict[str, tuple[int, bool]] = {}
-
-
-def auto_runs_native_cpu(op: str) -> bool:
-    """Whether ``backend="auto"`` sends ``op``'s float32 CPU inputs to its native cpu kernel whatever
-    else they are: fastdiff._C has the op and FASTDIFF_BACKEND is unset. For an op whose cpu reasons
-    look at nothing but devices and dtypes (and whose GPU backends refuse CPU tensors, as auto's
-    priority has them first), this is auto's decision, so the op can call its kernel straight away
-    on that path (the per-call dispatch costs more than a small kernel). Remembered per load of _C."""
-    if os.environ.get(ENV_VAR):
-        return False
-    known = _NATIVE_CPU_AUTO.get(op)
-    if known is None or known[0] != _native.generation:
-        known = (_native.generation, not native_reasons(op, "cpu", (torch.float32,), None))
-        _NATIVE_CPU_AUTO[op] = known
-    return known[1]
-
-
-# Excludes the autograd dispatch keys for a block, as inference mode does, without making inference
-# tensors (torch's own redispatch from a Python autograd kernel uses it).
-_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-
-
-def call_native(overload: Any, *args: Any) -> Any:
-    """``overload(*args)`` for a native op whose autograd formula is registered from Python. With
-    grad mode off, the call skips that Python autograd kernel (about 8 us per call, which would only
-    pass the call on): the result is the same tensor without a graph, as under ``torch.no_grad()``."""
-    if torch.is_grad_enabled() or _BELOW_AUTOGRAD is None:
-        return overload(*args)
-    with _BELOW_AUTOGRAD():
-        return overload(*args)
+    """Drop every resolved binding (after changing what a reasons function sees)."""
+    for support in _REGISTRY.values():
+        support.forget()
 
 
 def needs_grad(inputs: Mapping[str, torch.Tensor]) -> bool:
     """Whether a call on ``inputs`` must record a graph: grad mode is on and some input requires
     grad. Forward-only kernels refuse such inputs (their output's backward would be wrong)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs.values())
-
-
-NOT_RUN = object()  # what run_native_cpu returns when the caller must take its checked path
-
-
-def run_native_cpu(op: str, *args: Any) -> Any:
-    """An op's float32 CPU fast path under ``backend="auto"``: ``torch.ops.fastdiff.<op>(*args)``
-    through :func:`call_native` when
-    every tensor among ``args`` is a float32 CPU tensor, :func:`auto_runs_native_cpu` holds (so the
-    native kernel is auto's decision) and no torch.compile trace is running (Dynamo sees the full
-    dispatch); else, or when the kernel's own checks reject the arguments, :data:`NOT_RUN`, and the
-    caller runs its checked path (which raises the Python error). Written as a plain loop: it runs
-    before every small kernel, where each microsecond shows."""
-    if torch.compiler.is_compiling():
-        return NOT_RUN
-    for a in args:
-        if isinstance(a, torch.Tensor) and not (a.dtype is torch.float32 and a.is_cpu):
-            return NOT_RUN
-    if not auto_runs_native_cpu(op):
-        return NOT_RUN
-    try:  # the op exists: auto_runs_native_cpu found it in the loaded _C
-        return call_native(getattr(torch.ops.fastdiff, op).default, *args)
-    except (RuntimeError, TypeError, ValueError):
-        return NOT_RUN
 
 
 def _select(support: OpSupport, backend: str, inputs: Mapping[str, torch.Tensor]) -> str:
@@ -406,20 +621,6 @@ def part_dtype_reasons(inputs: Mapping[str, torch.Tensor], parts: Sequence[str])
         for name in parts
         if name in inputs and inputs[name].dtype not in (x.dtype, torch.float32)
     ]
-
-
-def native_support(op: str, device_type: str, dtypes: Sequence[torch.dtype], parts: Sequence[str] = ()) -> ReasonsFn:
-    """The reasons function of an op's native (fastdiff._C) backend on ``device_type``. With
-    ``parts`` (the names of optional inputs beside ``x``): the parts share x's device (validated
-    before dispatch), so only x goes through the device/dtype checks, and the parts follow
-    :func:`part_dtype_reasons`."""
-
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        if inputs is None or not parts:
-            return native_reasons(op, device_type, dtypes, inputs)
-        return native_reasons(op, device_type, dtypes, {"x": inputs["x"]}) + part_dtype_reasons(inputs, parts)
-
-    return reasons
 
 
 _triton_found: list[str] = []

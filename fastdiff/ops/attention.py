@@ -12,7 +12,6 @@ cpu, cuda: no native attention kernel yet; their backends say so.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 from collections.abc import Mapping
@@ -20,92 +19,87 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..backends import (
-    OpSupport,
-    always_available,
-    needs_grad,
-    not_implemented,
-    register_op,
-    select_backend,
-    triton_reasons,
-)
+from ..backends import Kernel, Limit, OpSupport, register_op
 from ..reference.attention import attention as _reference_attention
 from ..reference.attention import check_inputs
 
 __all__ = ["attention", "TRITON_DTYPES", "TRITON_MAX_HEAD_DIM"]
 
 OP = "attention"
-# What the Triton kernel accepts (fastdiff.triton.attention checks the same; kept here so that
-# asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_HEAD_DIM = 256
-XFORMERS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# CUDA's largest grid extent along y and z, where the kernel puts heads and samples.
+GRID_MAX = 65535
 
 
-def _dtype_names(dtypes) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+def _head_dim_too_large(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    D = inputs["q"].shape[-1]
+    return None if D <= TRITON_MAX_HEAD_DIM else f"head dim D={D} > {TRITON_MAX_HEAD_DIM}, the largest the kernel tiles"
 
 
-
-def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
-    the inputs' devices and dtypes; CPU tensors only in the interpreter, when asked for by name), a
-    head dim past what the kernel tiles, or grad (the kernel is forward-only)."""
-    reasons = triton_reasons(inputs, TRITON_DTYPES)
-    if inputs is None:
-        return reasons
-    q = inputs.get("q")
-    if q is not None and q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        reasons.append(f"head dim D={q.shape[-1]} > {TRITON_MAX_HEAD_DIM}, the largest the kernel tiles")
-    if needs_grad(inputs):
-        reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
-    return reasons
+def _grid_too_large(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    B, H = inputs["q"].shape[:2]
+    return None if B <= GRID_MAX and H <= GRID_MAX else f"B ({B}) and H ({H}) must be <= {GRID_MAX} (CUDA grid limit)"
 
 
-def _sdpa_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """PyTorch's SDPA runs every device and floating dtype this op accepts."""
-    return []
+def _inputs(q, k, v, scale) -> dict[str, torch.Tensor]:
+    return {"q": q, "k": k, "v": v}
 
 
-_xformers_found: list[str] = []
+def _validate(q, k, v, scale) -> None:
+    check_inputs(q, k, v)
+    _check_scale(scale)
 
 
-def _xformers_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    if not _xformers_found:
-        _xformers_found.append("" if importlib.util.find_spec("xformers") is not None
-                               else "xformers is not installed (pip install xformers)")
-    reasons = [r for r in _xformers_found if r]
-    if not torch.cuda.is_available():
-        reasons.append("no CUDA device (torch.cuda.is_available() is False)")
-    if inputs is None:
-        return reasons
-    reasons = [r for r in reasons if not r.startswith("no CUDA device")]
-    for name, t in inputs.items():
-        if t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device}, the xformers backend needs CUDA tensors")
-        if t.dtype not in XFORMERS_DTYPES:
-            reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(XFORMERS_DTYPES)})")
-    return reasons
+def _prepare(q, k, v, scale, backend, checked=True) -> tuple:
+    if checked:
+        _validate(q, k, v, scale)
+    return q, k, v, 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
 
 
-def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
-    """What the reasons depend on beyond devices and dtypes: the triton kernel's largest head dim,
-    and whether grad is needed (the triton kernel is forward-only)."""
-    return (inputs["q"].shape[-1] > TRITON_MAX_HEAD_DIM, needs_grad(inputs))
+def _reference(q, k, v, scale: float) -> torch.Tensor:
+    return _reference_attention(q, k, v, scale=scale, upcast=True)
+
+
+def _triton_op(q, k, v, scale: float) -> torch.Tensor:
+    return torch.ops.fastdiff.attention_triton(q, k, v, scale)
+
+
+# The Triton kernel's rules; fastdiff.triton.attention checks its arguments against these.
+TRITON = Kernel("triton", _triton_op, dtypes=TRITON_DTYPES,
+                limits=(Limit(f"head dim D <= {TRITON_MAX_HEAD_DIM}", _head_dim_too_large),
+                        Limit(f"B and H <= {GRID_MAX}", _grid_too_large)),
+                grad=False, layouts="any strides")
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # PyTorch's CPU flash kernel writes (B, Nq, H, D) memory; kept as it is (see attention()).
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    import xformers.ops as xops
+
+    # xformers takes (B, N, H, D); the transposes are views, not copies.
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)  # (B, Nq, H, D) memory, as xformers wrote it
 
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": not_implemented("cpu", OP),
-            "cuda": not_implemented("cuda", OP),
-            "triton": _triton_reasons,
-            "xformers": _xformers_reasons,
-            "sdpa": _sdpa_reasons,
+            "reference": Kernel("reference", _reference),
+            "cpu": Kernel("missing"),
+            "cuda": Kernel("missing"),
+            "triton": TRITON,
+            "xformers": Kernel("library", _xformers, dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                               devices=("cuda",), requires="xformers", install="pip install xformers"),
+            "sdpa": Kernel("library", _sdpa, layouts="any strides"),
         },
-        cache_key=_cache_key,
+        inputs=_inputs,
+        validate=_validate,
+        prepare=_prepare,
     )
 )
 
@@ -125,19 +119,6 @@ def _attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 @_attention_triton.register_fake
 def _attention_triton_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous (B, H, Nq, D), like the kernel's output
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # PyTorch's CPU flash kernel writes (B, Nq, H, D) memory; kept as it is (see attention()).
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    import xformers.ops as xops
-
-    # xformers takes (B, N, H, D); the transposes are views, not copies.
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2)  # (B, Nq, H, D) memory, as xformers wrote it
 
 
 def _check_scale(scale: object) -> None:
@@ -175,15 +156,4 @@ def attention(
     reference does. Telling such rows apart would take the scores or a host sync, so it is left as
     PyTorch has it: use ``backend="reference"`` where they must show as NaN.
     """
-    check_inputs(q, k, v)
-    _check_scale(scale)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[3])
-    chosen = select_backend(OP, backend, {"q": q, "k": k, "v": v})
-    if chosen == "triton":
-        return torch.ops.fastdiff.attention_triton(q, k, v, float(scale))
-    if chosen == "sdpa":
-        return _sdpa(q, k, v, float(scale))
-    if chosen == "xformers":
-        return _xformers(q, k, v, float(scale))
-    return _reference_attention(q, k, v, scale=scale, upcast=True)
+    return SUPPORT(backend, q, k, v, scale)

@@ -14,33 +14,37 @@ import numbers
 import torch
 
 from .. import _native
-from ..backends import (
-    DEVICES_AND_DTYPES,
-    OpSupport,
-    always_available,
-    native_support,
-    not_implemented,
-    register_op,
-    select_backend,
-)
+from ..backends import Kernel, OpSupport, register_op
 from ..reference.guidance import cfg_combine as _reference_cfg_combine
 
 __all__ = ["cfg_combine"]
 
 OP = "cfg_combine"
-NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "layouts": "any strides"}
+
+
+def _prepare(model_out, scale, backend, checked=True) -> tuple:
+    _validate(model_out, scale)  # a few comparisons: always, so the kernel never sees a bool or a NaN scale
+    return model_out, float(scale)
+
+
+def _native_op(model_out: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.ops.fastdiff.cfg_combine(model_out, scale)
 
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
-            "cuda": native_support(OP, "cuda", NATIVE_DTYPES),
-            "triton": not_implemented("triton", OP),
+            "reference": Kernel("reference", lambda model_out, scale: _reference_cfg_combine(model_out, scale,
+                                                                                             upcast=True)),
+            "cpu": Kernel("native", _native_op, **_NATIVE),
+            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "triton": Kernel("missing"),
         },
-        cache_key=DEVICES_AND_DTYPES,
+        inputs=lambda model_out, scale: {"model_out": model_out},
+        validate=lambda model_out, scale: _validate(model_out, scale),
+        prepare=_prepare,
     )
 )
 
@@ -73,11 +77,7 @@ def cfg_combine(model_out: torch.Tensor, scale: float, *, backend: str = "auto")
     (2022): 1 is plain conditional sampling. Math in float32 (float64 for float64 input).
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
     """
-    _validate(model_out, scale)
-    chosen = select_backend(OP, backend, {"model_out": model_out})
-    if chosen == "reference":
-        return _reference_cfg_combine(model_out, float(scale), upcast=True)
-    return torch.ops.fastdiff.cfg_combine(model_out, float(scale))
+    return SUPPORT(backend, model_out, scale)
 
 
 # ---- autograd for the native op ----------------------------------------------------------------

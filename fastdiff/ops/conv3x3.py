@@ -27,34 +27,49 @@ import weakref
 import torch
 
 from .. import _native
-from ..backends import (
-    DEVICES_AND_DTYPES,
-    NOT_RUN,
-    OpSupport,
-    always_available,
-    native_support,
-    not_implemented,
-    register_op,
-    run_native_cpu,
-    select_backend,
-)
+from ..backends import Kernel, OpSupport, register_op
 from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
 
 __all__ = ["conv3x3", "weight_cache_info", "clear_weight_cache"]
 
 OP = "conv3x3"
-NATIVE_DTYPES = (torch.float32,)
+
+
+def _inputs(x, weight, bias, residual) -> dict[str, torch.Tensor]:
+    return {"x": x, "weight": weight}
+
+
+def _prepare(x, weight, bias, residual, backend, checked=True) -> tuple:
+    # Unchecked, the kernel's own checks match _validate's except for empty maps and channels,
+    # which it would compute: those are checked here.
+    if checked or x.dim() != 4 or min(x.shape[1:]) == 0 or weight.dim() != 4 or weight.shape[0] == 0:
+        _validate(x, weight, bias, residual)
+    if backend == "cpu" and not torch.compiler.is_compiling():
+        _forget_when_freed(weight)
+    return x, weight, bias, residual
+
+
+def _reference(x, weight, bias, residual) -> torch.Tensor:
+    return _reference_conv3x3(x, weight, bias, residual)
+
+
+def _native_op(x, weight, bias, residual) -> torch.Tensor:
+    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
+
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": native_support(OP, "cpu", NATIVE_DTYPES),
-            "cuda": not_implemented("cuda", OP),
-            "triton": not_implemented("triton", OP),
+            "reference": Kernel("reference", _reference),
+            "cpu": Kernel("native", _native_op, dtypes=(torch.float32,), checks_args=True,
+                          layouts="NCHW or channels_last in; channels_last out"),
+            "cuda": Kernel("missing"),
+            "triton": Kernel("missing"),
         },
-        cache_key=DEVICES_AND_DTYPES,
+        inputs=_inputs,
+        validate=lambda x, weight, bias, residual: _validate(x, weight, bias, residual),
+        prepare=_prepare,
     )
 )
 
@@ -139,21 +154,7 @@ def conv3x3(
     exceeds float32's largest value, the intermediates may overflow: +-Inf or NaN even where the
     exact result is finite. Use ``backend="reference"`` for filters whose taps span that much.
     """
-    if (backend == "auto" and isinstance(x, torch.Tensor) and x.dim() == 4 and min(x.shape[1:]) > 0
-            and isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[0] > 0):
-        # The native kernel's own checks match the Python ones below except for empty maps and
-        # channels (which it computes, so they are kept off this path).
-        out = run_native_cpu(OP, x, weight, bias, residual)
-        if out is not NOT_RUN:
-            _forget_when_freed(weight)
-            return out
-    _validate(x, weight, bias, residual)
-    chosen = select_backend(OP, backend, {"x": x, "weight": weight})
-    if chosen == "reference":
-        return _reference_conv3x3(x, weight, bias, residual)
-    if not torch.compiler.is_compiling():
-        _forget_when_freed(weight)
-    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
+    return SUPPORT(backend, x, weight, bias, residual)
 
 
 # ---- the cpu kernel's remembered filters -------------------------------------------------------

@@ -20,44 +20,15 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from .. import _native
-from ..backends import (
-    NOT_RUN,
-    OpSupport,
-    always_available,
-    native_support,
-    part_dtype_reasons,
-    register_op,
-    run_native_cpu,
-    select_backend,
-    triton_reasons,
-)
+from ..backends import Kernel, Limit, OpSupport, register_op
 from ..reference.group_norm_adagn import check_group_norm_adagn_args
 from ..reference.group_norm_adagn import group_norm_adagn as _reference_group_norm_adagn
 
 __all__ = ["group_norm_adagn"]
 
 OP = "group_norm_adagn"
-NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# What the Triton kernels accept (fastdiff.triton.group_norm_adagn checks the same; kept here so that
-# asking the triton backend why it refuses never imports Triton).
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
 _INT32_MAX = 2**31 - 1
-
-
-def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernels cannot run: no triton, no GPU, x's dtype (float64), the parts' dtype
-    rule, or a sample too large for 32-bit indexing. CPU tensors run in Triton's interpreter under
-    TRITON_INTERPRET=1, when asked for by name (an ExplicitOnly reason keeps auto away)."""
-    reasons = triton_reasons(inputs, TRITON_DTYPES, ("x",))
-    if inputs is None:
-        return reasons
-    reasons += part_dtype_reasons(inputs, PARTS)
-    extent = _sample_extent(inputs["x"])
-    if extent > _INT32_MAX:
-        reasons.append(f"one sample of x spans {extent} elements; the triton kernels index within a sample in "
-                       f"32 bits (at most {_INT32_MAX})")
-    return reasons
 
 
 def _sample_extent(x: torch.Tensor) -> int:
@@ -67,21 +38,71 @@ def _sample_extent(x: torch.Tensor) -> int:
     return 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape[1:], x.stride()[1:], strict=True))
 
 
-def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
-    """What the reasons depend on beyond devices and dtypes: whether a sample fits 32-bit indexing."""
-    return (_sample_extent(inputs["x"]) > _INT32_MAX,)
+def _sample_too_wide(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    extent = _sample_extent(inputs["x"])
+    if extent <= _INT32_MAX:
+        return None
+    return (f"one sample of x spans {extent} elements; the triton kernels index within a sample in 32 bits "
+            f"(at most {_INT32_MAX})")
 
+
+def _too_many_groups(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    B, C = inputs["x"].shape[:2]
+    if B * C <= _INT32_MAX:
+        return None
+    return f"B * C = {B * C} exceeds 2^31 - 1 (the triton kernels number the (sample, group) programs in 32 bits)"
+
+
+def _inputs(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation) -> dict[str, torch.Tensor]:
+    inputs = {"x": x}
+    for name, t in zip(PARTS, (weight, bias, scale, shift, pre_shift), strict=True):
+        if t is not None:
+            inputs[name] = t
+    return inputs
+
+
+def _prepare(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation, backend, checked=True) -> tuple:
+    """The kernels' arguments: eps a float, the activation a bool (the reference's adapter maps it back)."""
+    if checked or type(num_groups) is not int or type(eps) not in (float, int) or activation not in (None, "silu"):
+        check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
+    return x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
+
+
+def _reference(x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu) -> torch.Tensor:
+    return _reference_group_norm_adagn(x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps,
+                                       activation="silu" if silu else None, upcast=True)
+
+
+def _native_op(*args) -> torch.Tensor:
+    return torch.ops.fastdiff.group_norm_adagn(*args)
+
+
+def _triton_op(*args) -> torch.Tensor:
+    return torch.ops.fastdiff.group_norm_adagn_triton(*args)
+
+
+_NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
+           "parts": PARTS, "checks_args": True, "layouts": "NCHW and channels_last in place; others copied once"}
+# The Triton kernels' rules; fastdiff.triton.group_norm_adagn checks its arguments against these.
+TRITON = Kernel(
+    "triton", _triton_op, dtypes=(torch.float32, torch.float16, torch.bfloat16), checked=("x",), parts=PARTS,
+    limits=(Limit("one sample of x spans at most 2^31 - 1 elements", _sample_too_wide),
+            Limit("B * C at most 2^31 - 1", _too_many_groups)),
+    layouts="NCHW, channels_last and any view whose spatial dims merge, in place; others copied once",
+)
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": native_support(OP, "cpu", NATIVE_DTYPES, PARTS),
-            "cuda": native_support(OP, "cuda", NATIVE_DTYPES, PARTS),
-            "triton": _triton_reasons,
+            "reference": Kernel("reference", _reference),
+            "cpu": Kernel("native", _native_op, **_NATIVE),
+            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "triton": TRITON,
         },
-        cache_key=_cache_key,
+        inputs=_inputs,
+        validate=check_group_norm_adagn_args,
+        prepare=_prepare,
     )
 )
 
@@ -140,31 +161,7 @@ def group_norm_adagn(
     Differentiable on every backend; the native and Triton backends' backward is a plain PyTorch formula
     (sampling needs no gradients, so it is written for correctness, not speed).
     """
-    if (
-        backend == "auto"
-        and type(num_groups) is int
-        and type(eps) in (float, int)
-        and activation in (None, "silu")
-        and isinstance(x, torch.Tensor)
-    ):  # the native kernel's own checks match the Python ones below
-        out = run_native_cpu(OP, x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu")
-        if out is not NOT_RUN:
-            return out
-    check_group_norm_adagn_args(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
-    parts = dict(zip(PARTS, (weight, bias, scale, shift, pre_shift), strict=True))
-    inputs = {"x": x, **{name: t for name, t in parts.items() if t is not None}}
-    chosen = select_backend(OP, backend, inputs)
-    if chosen == "reference":
-        return _reference_group_norm_adagn(
-            x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps, activation=activation, upcast=True
-        )
-    if chosen == "triton":
-        return torch.ops.fastdiff.group_norm_adagn_triton(
-            x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
-        )
-    return torch.ops.fastdiff.group_norm_adagn(
-        x, num_groups, weight, bias, scale, shift, pre_shift, float(eps), activation == "silu"
-    )
+    return SUPPORT(backend, x, num_groups, weight, bias, scale, shift, pre_shift, eps, activation)
 
 
 # ---- autograd for the native op ----------------------------------------------------------------

@@ -17,67 +17,81 @@ from collections.abc import Mapping
 import torch
 
 from .. import _native
-from ..backends import (
-    NOT_RUN,
-    OpSupport,
-    always_available,
-    native_support,
-    needs_grad,
-    part_dtype_reasons,
-    register_op,
-    run_native_cpu,
-    select_backend,
-    triton_reasons,
-)
+from ..backends import Kernel, Limit, OpSupport, register_op
 from ..reference.layer_norm_modulate import check_layer_norm_modulate_args
 from ..reference.layer_norm_modulate import layer_norm_modulate as _reference_layer_norm_modulate
 
 __all__ = ["layer_norm_modulate", "TRITON_DTYPES", "TRITON_MAX_FEATURES"]
 
 OP = "layer_norm_modulate"
-NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 PARTS = ("weight", "bias", "scale", "shift")
-# What the Triton kernel accepts (fastdiff.triton.layer_norm_modulate checks the same; kept here so
-# that asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The longest row one register tile of the Triton kernel holds (8 warps, 32 values of x, gain and
+# offset per thread); fastdiff.triton.aot's report checks that build for spills on sm_80 and sm_90.
 TRITON_MAX_FEATURES = 8192
+# CUDA's largest grid extent along y, where the kernel puts samples.
+GRID_MAX = 65535
 
 
-
-def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: the reasons every Triton backend shares (no triton, no GPU,
-    x's device and dtype; CPU tensors only in the interpreter, when asked for by name), D past the
-    longest row the kernel holds, the parts' dtype rule, or grad (the kernel is forward-only)."""
-    if inputs is None:
-        return triton_reasons(None, TRITON_DTYPES)
-    x = inputs["x"]
-    # The parts share x's device (validated before dispatch), as for the native backends.
-    reasons = triton_reasons({"x": x}, TRITON_DTYPES)
-    if x.shape[-1] > TRITON_MAX_FEATURES:
-        reasons.append(f"D={x.shape[-1]} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds "
-                       "in registers")
-    reasons += part_dtype_reasons(inputs, PARTS)
-    if needs_grad(inputs):
-        reasons.append("inputs require grad: the triton kernel is forward-only (no backward)")
-    return reasons
+def _rows_too_long(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    D = inputs["x"].shape[-1]
+    if D <= TRITON_MAX_FEATURES:
+        return None
+    return f"D={D} features > {TRITON_MAX_FEATURES}, the longest row the kernel holds in registers"
 
 
-def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
-    """What the reasons depend on beyond devices and dtypes: the triton kernel's longest row, and
-    whether grad is needed (the triton kernel is forward-only)."""
-    return (inputs["x"].shape[-1] > TRITON_MAX_FEATURES, needs_grad(inputs))
+def _too_many_samples(inputs: Mapping[str, torch.Tensor]) -> str | None:
+    B = inputs["x"].shape[0]
+    return None if B <= GRID_MAX else f"B ({B}) must be <= {GRID_MAX} (CUDA grid limit)"
 
+
+def _inputs(x, weight, bias, scale, shift, eps) -> dict[str, torch.Tensor]:
+    inputs = {"x": x}
+    for name, t in zip(PARTS, (weight, bias, scale, shift), strict=True):
+        if t is not None:
+            inputs[name] = t
+    return inputs
+
+
+def _prepare(x, weight, bias, scale, shift, eps, backend, checked=True) -> tuple:
+    # Unchecked, the kernel's own checks match the Python ones except for D = 0 (checked here).
+    if checked or type(eps) not in (float, int) or x.dim() != 3 or not x.shape[2]:
+        check_layer_norm_modulate_args(x, weight, bias, scale, shift, eps)
+    return x, weight, bias, scale, shift, float(eps)
+
+
+def _reference(x, weight, bias, scale, shift, eps: float) -> torch.Tensor:
+    return _reference_layer_norm_modulate(x, weight, bias, scale, shift, eps=eps, upcast=True)
+
+
+def _native_op(*args) -> torch.Tensor:
+    return torch.ops.fastdiff.layer_norm_modulate(*args)
+
+
+def _triton_op(*args) -> torch.Tensor:
+    return torch.ops.fastdiff.layer_norm_modulate_triton(*args)
+
+
+_NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
+           "parts": PARTS, "checks_args": True, "layouts": "any strides"}
+# The Triton kernel's rules; fastdiff.triton.layer_norm_modulate checks its arguments against these.
+TRITON = Kernel("triton", _triton_op, dtypes=TRITON_DTYPES, checked=("x",), parts=PARTS,
+                limits=(Limit(f"D <= {TRITON_MAX_FEATURES} features", _rows_too_long),
+                        Limit(f"B <= {GRID_MAX}", _too_many_samples)),
+                grad=False, layouts="any strides")
 
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": native_support(OP, "cpu", NATIVE_DTYPES, PARTS),
-            "cuda": native_support(OP, "cuda", NATIVE_DTYPES, PARTS),
-            "triton": _triton_reasons,
+            "reference": Kernel("reference", _reference),
+            "cpu": Kernel("native", _native_op, **_NATIVE),
+            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "triton": TRITON,
         },
-        cache_key=_cache_key,
+        inputs=_inputs,
+        validate=check_layer_norm_modulate_args,
+        prepare=_prepare,
     )
 )
 
@@ -129,21 +143,7 @@ def layer_norm_modulate(
     Differentiable on the reference, cpu and cuda backends (the native backward is a plain PyTorch
     formula: sampling needs no gradients, so it is written for correctness, not speed).
     """
-    if backend == "auto" and type(eps) in (float, int) and isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[2]:
-        # The native kernel's own checks match the Python ones below except for D = 0 (kept off
-        # this path).
-        out = run_native_cpu(OP, x, weight, bias, scale, shift, float(eps))
-        if out is not NOT_RUN:
-            return out
-    check_layer_norm_modulate_args(x, weight, bias, scale, shift, eps)
-    parts = dict(zip(PARTS, (weight, bias, scale, shift), strict=True))
-    inputs = {"x": x, **{name: t for name, t in parts.items() if t is not None}}
-    chosen = select_backend(OP, backend, inputs)
-    if chosen == "reference":
-        return _reference_layer_norm_modulate(x, weight, bias, scale, shift, eps=eps, upcast=True)
-    if chosen == "triton":
-        return torch.ops.fastdiff.layer_norm_modulate_triton(x, weight, bias, scale, shift, float(eps))
-    return torch.ops.fastdiff.layer_norm_modulate(x, weight, bias, scale, shift, float(eps))
+    return SUPPORT(backend, x, weight, bias, scale, shift, eps)
 
 
 # ---- autograd for the native op ----------------------------------------------------------------

@@ -16,26 +16,68 @@ import math
 
 import torch
 
-from ..backends import OpSupport, always_available, register_op, select_backend
+from ..backends import Kernel, OpSupport, register_op
 from ..reference.sampler_step import sampler_loop_step as _reference_sampler_loop_step
-from .sampler_step import _cache_key, _native_reasons, _triton_reasons, _validate
+from .sampler_step import _validate, native_kernel, triton_kernel
 
 __all__ = ["sampler_loop_step", "loop_kernel_op", "shares_memory", "OP", "SUPPORT"]
 
 OP = "sampler_loop_step"
 
-# The sampling loop's in-place step: the same kernels, so the same rules; its own entry because a
-# fastdiff._C built before it existed has sampler_step but not sampler_loop_step.
+
+def _inputs(x_in, model_output, coefs, step, *rest) -> dict[str, torch.Tensor]:
+    return {"x": x_in, "model_output": model_output, "coefs": coefs}
+
+
+def _check(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
+           timesteps) -> None:
+    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise)
+    batch = x_in.shape[0] // 2 if cfg_scale is not None else x_in.shape[0]
+    _validate(x_in[:batch], model_output, coefs, step, 1.0 if cfg_scale is not None else None, learned_range, clip,
+              threshold, noise, None, threshold_values=False)
+
+
+def _prepare(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
+             timesteps, backend, checked=True) -> tuple:
+    """The kernels' arguments: learned_range a bool, clip a float (inf for none)."""
+    _check(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
+           timesteps)
+    if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
+        threshold = threshold.float()
+    return (x_in, model_output, coefs, step, cfg_scale, bool(learned_range), math.inf if clip is None else float(clip),
+            threshold, noise, philox_seed, t_in, timesteps)
+
+
+def _reference(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
+               timesteps) -> None:
+    _reference_sampler_loop_step(
+        x_in, model_output, coefs, step, cfg_scale=cfg_scale, learned_range=learned_range,
+        clip=None if math.isinf(clip) else clip, threshold=threshold, noise=noise, philox_seed=philox_seed, t_in=t_in,
+        timesteps=timesteps)
+
+
+def _native_op(*args) -> None:
+    torch.ops.fastdiff.sampler_loop_step(*args)
+
+
+def _triton_op(*args) -> None:
+    torch.ops.fastdiff.sampler_loop_step_triton(*args)
+
+
+# The sampling loop's in-place step: the same kernels, so the same rules (sampler_step's); its own
+# declaration because a fastdiff._C built before it existed has sampler_step but not sampler_loop_step.
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": _native_reasons("cpu", OP),
-            "cuda": _native_reasons("cuda", OP),
-            "triton": _triton_reasons,
+            "reference": Kernel("reference", _reference),
+            "cpu": native_kernel(_native_op, OP),
+            "cuda": native_kernel(_native_op, OP),
+            "triton": triton_kernel(_triton_op),
         },
-        cache_key=_cache_key,
+        inputs=_inputs,
+        validate=_check,
+        prepare=_prepare,
     )
 )
 
@@ -134,18 +176,5 @@ def sampler_loop_step(
     can capture one step and replay it for every step. Out-of-range s: the CPU raises; CUDA and
     Triton write NaN.
     """
-    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise)
-    batch = x_in.shape[0] // 2 if cfg_scale is not None else x_in.shape[0]
-    _validate(x_in[:batch], model_output, coefs, step, 1.0 if cfg_scale is not None else None, learned_range, clip,
-              threshold, noise, None, threshold_values=False)
-    if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
-        threshold = threshold.float()
-    inputs = {"x": x_in, "model_output": model_output, "coefs": coefs}
-    chosen = select_backend(OP, backend, inputs)
-    if chosen == "reference":
-        _reference_sampler_loop_step(
-            x_in, model_output, coefs, step, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
-            threshold=threshold, noise=noise, philox_seed=philox_seed, t_in=t_in, timesteps=timesteps)
-        return
-    loop_kernel_op(chosen)(x_in, model_output, coefs, step, cfg_scale, bool(learned_range),
-                           math.inf if clip is None else float(clip), threshold, noise, philox_seed, t_in, timesteps)
+    SUPPORT(backend, x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
+            t_in, timesteps)

@@ -16,19 +16,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
 
 import torch
 
-from ..backends import (
-    OpSupport,
-    always_available,
-    native_support,
-    needs_grad,
-    register_op,
-    select_backend,
-    triton_reasons,
-)
+from ..backends import Kernel, OpSupport, register_op
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
@@ -36,62 +27,91 @@ __all__ = ["sampler_step", "STEP_COEFS", "TRITON_DTYPES", "kernel_op"]
 
 OP = "sampler_step"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# What the Triton kernel accepts (fastdiff.triton.sampler_step checks the same; kept here so that
-# asking the triton backend why it refuses never imports Triton).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# The tensors whose device and dtype the kernels' reasons check; the others (coefs, threshold, noise)
-# share x's device and have dtypes the validation already fixed, but take part in the grad rule.
-_CHECKED = ("x", "model_output")
+# The tensors whose device and dtype the kernels check; the others (coefs, threshold, noise) share
+# x's device and have dtypes the validation already fixed, but take part in the grad rule.
+CHECKED = ("x", "model_output")
 
 
-
-def _grad_reasons(inputs: Mapping[str, torch.Tensor], backend: str) -> list[str]:
-    """The kernels have no backward: with grad, their output would carry a graph whose backward is
-    wrong (PyTorch only warns), so they refuse, and auto takes the differentiable reference."""
-    if not needs_grad(inputs):
-        return []
-    names = ", ".join(name for name, t in inputs.items() if t.requires_grad)
-    return [f"inputs require grad ({names}): the {backend} kernel is forward-only (no backward); "
-            "the reference backend is differentiable"]
-
-
-def _native_reasons(device_type: str, op: str = OP):
-    checked = native_support(op, device_type, NATIVE_DTYPES)
-
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        if inputs is None:
-            return checked(None)
-        return checked({k: t for k, t in inputs.items() if k in _CHECKED}) + _grad_reasons(inputs, device_type)
-
-    return reasons
+def _inputs(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
+            return_x0) -> dict[str, torch.Tensor]:
+    inputs = {"x": x, "model_output": model_output, "coefs": coefs}
+    if threshold is not None:
+        inputs["threshold"] = threshold
+    if noise is not None:
+        inputs["noise"] = noise
+    return inputs
 
 
-def _triton_reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-    """Why the Triton kernel cannot run: no triton, no GPU, the inputs' devices and dtypes (it
-    computes in float32, so float64 stays on the cpu, cuda and reference backends), or grad."""
-    if inputs is None:
-        return triton_reasons(None, TRITON_DTYPES)
-    return triton_reasons({k: t for k, t in inputs.items() if k in _CHECKED}, TRITON_DTYPES) + _grad_reasons(
-        inputs, "triton"
+def _check(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
+           return_x0) -> None:
+    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
+
+
+def _prepare(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+             backend, checked=True) -> tuple:
+    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
+    if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
+        threshold = threshold.float()  # exact for float16/bfloat16; every backend reads float32 or float64
+    return x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0
+
+
+def _reference(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
+               return_x0):
+    step_index = step if _is_int(step) else step.reshape(())
+    seed = philox_seed
+    if philox_seed is not None:  # the reference draws Philox on the host
+        step_index = int(step_index)
+        seed = int(philox_seed.reshape(())) if isinstance(philox_seed, torch.Tensor) else philox_seed
+    x_prev, x0 = _reference_sampler_step(
+        x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
+        threshold=threshold, noise=noise, philox_seed=seed,
     )
+    return x_prev, (x0 if return_x0 else None)
 
 
-def _cache_key(inputs: Mapping[str, torch.Tensor]) -> tuple:
-    """What the reasons depend on beyond devices and dtypes: whether grad is needed."""
-    return (needs_grad(inputs),)
+def _kernel(op):
+    def run(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0):
+        step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
+        # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph
+        # capture refuses; the sampling loop passes its seed (and step) as device tensors made once.
+        seed_t = philox_seed if philox_seed is None or isinstance(philox_seed, torch.Tensor) else torch.tensor(
+            philox_seed, dtype=torch.int64, device=x.device)
+        x_prev, x0 = op()(
+            x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
+            math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
+        )
+        return x_prev, (x0 if return_x0 else None)
+
+    return run
 
 
+def native_kernel(run, op: str = OP) -> Kernel:
+    """A native backend of the step ops (sampler_step and sampler_loop_step share their rules)."""
+    return Kernel("native", run, dtypes=NATIVE_DTYPES, checked=CHECKED, grad=False, native_op=op,
+                  layouts="any strides; outputs in x's suggested memory format")
+
+
+def triton_kernel(run) -> Kernel:
+    """The Triton backend of the step ops; fastdiff.triton.sampler_step checks against its dtypes."""
+    return Kernel("triton", run, dtypes=TRITON_DTYPES, checked=CHECKED, grad=False,
+                  layouts="any strides; outputs in x's suggested memory format")
+
+
+_native_run = _kernel(lambda: torch.ops.fastdiff.sampler_step)
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": always_available,
-            "cpu": _native_reasons("cpu"),
-            "cuda": _native_reasons("cuda"),
-            "triton": _triton_reasons,
+            "reference": Kernel("reference", _reference),
+            "cpu": native_kernel(_native_run),
+            "cuda": native_kernel(_native_run),
+            "triton": triton_kernel(_kernel(lambda: torch.ops.fastdiff.sampler_step_triton)),
         },
-        cache_key=_cache_key,
+        inputs=_inputs,
+        validate=_check,
+        prepare=_prepare,
     )
 )
 # ---- the Triton kernel as a torch op --------------------------------------------------------------
@@ -258,34 +278,5 @@ def sampler_step(
     nonzero noise factor; otherwise the variance channels are not read, so NaN or Inf there cannot
     reach the result.
     """
-    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
-    if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
-        threshold = threshold.float()  # exact for float16/bfloat16; every backend reads float32 or float64
-    inputs = {"x": x, "model_output": model_output, "coefs": coefs}
-    if threshold is not None:
-        inputs["threshold"] = threshold
-    if noise is not None:
-        inputs["noise"] = noise
-    chosen = select_backend(OP, backend, inputs)
-    if chosen == "reference":
-        step_index = step if _is_int(step) else step.reshape(())
-        seed = philox_seed
-        if philox_seed is not None:  # the reference draws Philox on the host
-            step_index = int(step_index)
-            seed = int(philox_seed.reshape(())) if isinstance(philox_seed, torch.Tensor) else philox_seed
-        x_prev, x0 = _reference_sampler_step(
-            x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
-            threshold=threshold, noise=noise, philox_seed=seed,
-        )
-        return x_prev, (x0 if return_x0 else None)
-    step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
-    # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph capture
-    # refuses; the sampling loop passes its seed (and step) as device tensors made once.
-    seed_t = philox_seed if philox_seed is None or isinstance(philox_seed, torch.Tensor) else torch.tensor(
-        philox_seed, dtype=torch.int64, device=x.device)
-    x_prev, x0 = kernel_op(chosen)(
-        x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
-        math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
-    )
-    return x_prev, (x0 if return_x0 else None)
-
+    return SUPPORT(backend, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
+                   philox_seed, return_x0)

@@ -33,9 +33,9 @@ import torch
 
 from .. import backends, ops
 from ..ops.sampler_loop_step import OP as LOOP_OP
-from ..ops.sampler_loop_step import loop_kernel_op, shares_memory
+from ..ops.sampler_loop_step import SUPPORT as LOOP_SUPPORT
+from ..ops.sampler_loop_step import shares_memory
 from ..reference.philox import philox_normal
-from ..reference.sampler_step import sampler_loop_step as _reference_loop_step
 from .config import SamplingConfig
 from .noise import NoiseStreams, _splitmix64
 from .samplers import Sampler, make_sampler
@@ -215,7 +215,7 @@ class _Fused(_Strategy):
 
     def __init__(self, plan: SamplingPlan) -> None:
         super().__init__(plan)
-        self._kernel: Callable[..., Any] | None = None
+        self._run: Callable[..., Any] | None = None
 
     def threshold(self, out: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -223,24 +223,15 @@ class _Fused(_Strategy):
     def __call__(self, i: int, out: torch.Tensor) -> None:
         p, c = self.plan, self.plan.config
         learned = p.sampler.learned_sigma
-        clip = math.inf if c.clip_x0 is None else c.clip_x0
         threshold = self.threshold(out)
-        args = (p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps)
-        if self._kernel is not None:
-            self._kernel(*args)
-            return
-        # First step: the public op (every check, the backend choice); then its kernel, bound once.
-        ops.sampler_loop_step(p.x_in, out, p.coefs, p.counter, cfg_scale=p.cfg, learned_range=learned,
-                              clip=c.clip_x0, threshold=threshold, philox_seed=p.seed, t_in=p.t_in,
-                              timesteps=p.timesteps, backend=c.backend)
-        chosen = backends.select_backend(LOOP_OP, c.backend, {"x": p.x_in, "model_output": out, "coefs": p.coefs})
-        self._kernel = _reference_kernel if chosen == "reference" else loop_kernel_op(chosen)
-
-
-def _reference_kernel(x_in, out, coefs, counter, cfg, learned, clip, threshold, noise, seed, t_in, timesteps):
-    _reference_loop_step(x_in, out, coefs, counter, cfg_scale=cfg, learned_range=learned,
-                         clip=None if math.isinf(clip) else clip, threshold=threshold, noise=noise,
-                         philox_seed=seed, t_in=t_in, timesteps=timesteps)
+        if self._run is None:
+            # First step: every check and the backend choice, once; the plan's buffers keep their
+            # signature, so later steps run the bound kernel with no dispatch.
+            binding = LOOP_SUPPORT.bind(c.backend, p.x_in, out, p.coefs, p.counter, p.cfg, learned, c.clip_x0,
+                                        threshold, None, p.seed, p.t_in, p.timesteps)
+            self._run = binding.kernel.run
+        clip = math.inf if c.clip_x0 is None else c.clip_x0
+        self._run(p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps)
 
 
 class _Thresholded(_Fused):

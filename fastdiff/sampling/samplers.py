@@ -8,14 +8,9 @@ Python int or as a 0-d int64 device tensor (the form a captured CUDA graph needs
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 
 from .. import ops
-from ..backends import ENV_VAR, select_backend
-from ..ops.sampler_step import kernel_op as _sampler_step_op
 from ..reference import sampling as ref
 from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
@@ -80,8 +75,6 @@ class Sampler:
         # made once, so a step dispatches nothing but the fused op itself.
         self.coefs = self._table(self.coefficient_table(ac[ts].double(), alpha_prev.double()))
         self.step_indices = torch.arange(len(self.timesteps), device=self.device).unbind(0)
-        self._checked_key: tuple | None = None  # what fused_step last validated (see there)
-        self._kernel_op = None  # the torch op fused_step's fast path calls (see there)
 
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -134,23 +127,10 @@ class Sampler:
             threshold = torch.quantile(x0.reshape(x.shape[0], -1).abs().float(), ratio, dim=1)
             threshold = threshold.clamp(min=1, max=max_value)
         learned = self.learned_sigma
-        # The first step of a run (or any change in what the checks depend on) goes through the
-        # public op: full validation and backend choice. Later steps with the same inputs call the
-        # chosen kernel's torch op directly (native or Triton: one schema), which still runs its own
-        # checks: ~20 us of Python dispatch saved per step, a fifth of a (8, 4, 64, 64) step on the CPU.
-        key = (backend, os.environ.get(ENV_VAR), x.device, x.dtype, x.shape, model_output.shape,
-               model_output.dtype, cfg_scale is None, noise is None, threshold is None)
-        if key == self._checked_key and self._kernel_op is not None:
-            return self._kernel_op(
-                x, model_output, self.coefs, self.step_indices[i], 1.0 if cfg_scale is None else cfg_scale,
-                learned, math.inf if self.clip_x0 is None else self.clip_x0, threshold, noise, None, False)[0]
         x_prev, _ = ops.sampler_step(
             x, model_output, self.coefs, self.step_indices[i], cfg_scale=cfg_scale, learned_range=learned,
             clip=self.clip_x0, threshold=threshold, noise=noise, backend=backend,
         )
-        chosen = select_backend("sampler_step", backend, {"x": x, "model_output": model_output})
-        self._checked_key = key
-        self._kernel_op = _sampler_step_op(chosen) if chosen != "reference" else None
         return x_prev
 
     def _final_alpha(self) -> torch.Tensor:

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.attention import TRITON as _DECLARED
+from ..ops.attention import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM
 from . import _compat
 
 __all__ = [
@@ -40,8 +42,8 @@ __all__ = [
     "KERNEL",
 ]
 
-MAX_HEAD_DIM = 256
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the kernel accepts is declared once, with the op (fastdiff/ops/attention.py).
+DTYPES = _DECLARED.dtypes
 _LOG2E = 1.4426950408889634
 
 
@@ -271,12 +273,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"flash_attention: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: head dim D={D} not supported (1 <= D <= {MAX_HEAD_DIM})")
+    if D < 1:
+        raise ValueError(f"flash_attention: head dim D={D} not supported (D >= 1)")
     if Nq < 1 or k.shape[2] < 1:
         raise ValueError(f"flash_attention: Nq ({Nq}) and Nk ({k.shape[2]}) must be >= 1")
-    if H > 65535 or B > 65535:
-        raise ValueError(f"flash_attention: B ({B}) and H ({H}) must be <= 65535 (CUDA grid limit)")
+    for why in _DECLARED.broken_limits({"q": q, "k": k, "v": v}):
+        raise ValueError(f"flash_attention: {why}")
     if q.device.type != "cuda" and not _compat.interpreting():
         raise ValueError(f"flash_attention: tensors are on {q.device}; Triton runs CUDA tensors "
                          "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")

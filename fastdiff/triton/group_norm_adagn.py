@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
+from ..ops.group_norm_adagn import TRITON as _DECLARED
 from . import _compat
 
 __all__ = [
@@ -59,7 +60,8 @@ __all__ = [
     "AOT_PLANS",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the kernels accept is declared once, with the op (fastdiff/ops/group_norm_adagn.py).
+DTYPES = _DECLARED.dtypes
 PARTS = ("weight", "bias", "scale", "shift", "pre_shift")
 # Largest padded group tile the fused path holds in registers: 16 warps x 32 lanes x 32 values
 # (the AOT report checks these builds for spills).
@@ -69,7 +71,6 @@ SPLIT_TILE_ELEMENTS = 4096
 # Programs per group on the split path, at most: each apply program reads all of its group's
 # partials (12 B each), so splits**2 * 12 B per group stays small next to the group itself.
 MAX_SPLITS = 32
-_INT32_MAX = 2**31 - 1
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -429,11 +430,6 @@ def _views(x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, tor
     return x3, out, out.view(B, C, S)
 
 
-def sample_extent(x: torch.Tensor) -> int:
-    """Elements spanned by one sample of x: the kernels index within a sample in 32 bits."""
-    return 1 + sum((n - 1) * abs(s) for n, s in zip(x.shape[1:], x.stride()[1:], strict=True))
-
-
 def _check(x: torch.Tensor, num_groups: int, parts: dict) -> None:
     if x.dim() < 2:
         raise ValueError(f"group_norm_adagn (triton): x must have shape (B, C, *spatial), got {tuple(x.shape)}")
@@ -456,11 +452,8 @@ def _check(x: torch.Tensor, num_groups: int, parts: dict) -> None:
     if x.device.type != "cuda" and not _compat.interpreting():
         raise ValueError(f"group_norm_adagn (triton): x is on {x.device}; Triton runs CUDA tensors "
                          "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
-    if x.numel() and sample_extent(x) > _INT32_MAX:
-        raise ValueError(f"group_norm_adagn (triton): one sample of x spans {sample_extent(x)} elements; the "
-                         f"kernels index within a sample in 32 bits (at most {_INT32_MAX})")
-    if x.shape[0] * num_groups > _INT32_MAX:
-        raise ValueError(f"group_norm_adagn (triton): B * num_groups = {x.shape[0] * num_groups} exceeds 2^31 - 1")
+    for why in _DECLARED.broken_limits({"x": x}):
+        raise ValueError(f"group_norm_adagn (triton): {why}")
 
 
 def kernel_constants(parts: dict, silu: bool, p: Plan, splits: int | None = None) -> dict[str, dict]:

@@ -24,15 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.layer_norm_modulate import TRITON as _DECLARED
+from ..ops.layer_norm_modulate import TRITON_MAX_FEATURES as MAX_FEATURES
 from . import _compat
 
 __all__ = ["DTYPES", "MAX_FEATURES", "layer_norm_modulate", "rows_per_program", "design_bytes", "KERNEL"]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The largest row one register tile holds: 8192 features over 8 warps, 32 values of x, gain and offset
-# per thread. Compiled for sm_80/sm_90 with every part present that takes 211/254 registers and no
-# spills; 16384 spilled (176/896 bytes with 8 warps, still 88/144 with 16).
-MAX_FEATURES = 8192
+# What the kernel accepts is declared once, with the op (fastdiff/ops/layer_norm_modulate.py).
+DTYPES = _DECLARED.dtypes
 _MAX_ROWS = 16
 
 
@@ -143,10 +142,10 @@ def _check(x: torch.Tensor, parts: dict[str, torch.Tensor | None]) -> None:
     if x.dtype not in DTYPES:
         raise TypeError(f"layer_norm_modulate (triton): x dtype {x.dtype} not supported (float32, float16, bfloat16)")
     B, N, D = x.shape
-    if not 1 <= D <= MAX_FEATURES:
-        raise ValueError(f"layer_norm_modulate (triton): D={D} features not supported (1 <= D <= {MAX_FEATURES})")
-    if B > 65535:
-        raise ValueError(f"layer_norm_modulate (triton): B ({B}) must be <= 65535 (CUDA grid limit)")
+    if D < 1:
+        raise ValueError(f"layer_norm_modulate (triton): D={D} features not supported (D >= 1)")
+    for why in _DECLARED.broken_limits({"x": x}):
+        raise ValueError(f"layer_norm_modulate (triton): {why}")
     for name, t in parts.items():
         if t is None:
             continue

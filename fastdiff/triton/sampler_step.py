@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.sampler_step import TRITON_DTYPES
 from . import _compat
 
 __all__ = [
@@ -63,7 +64,8 @@ __all__ = [
     "memory_format",
 ]
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the kernel accepts is declared once, with the op (fastdiff/ops/sampler_step.py).
+DTYPES = TRITON_DTYPES
 NUM_COEFS = 11  # fastdiff.reference.sampler_step.STEP_COEFS, csrc/common/sampler_step.h's StepCoef
 MAX_GRID_Y = 65535  # CUDA's grid limit on axis 1 (images): larger batches launch in chunks
 

@@ -265,16 +265,18 @@ def test_float64_is_refused_with_the_reason(triton_device):
 
 
 def test_the_sampler_fast_path_runs_triton(triton_device):
-    """fused_step validates on its first call, then calls the chosen backend's torch op directly:
-    with backend="triton" that is the Triton op, and every step agrees with the reference."""
+    """fused_step resolves its backend on the first call and runs the bound kernel after: with
+    backend="triton" that is the Triton op, and every step agrees with the reference."""
+    from fastdiff.backends import select_backend
+
     sampler = DDIMSampler(fastdiff.Schedule("linear"), STEPS, eta=0.5, device=triton_device)
     x, out, noise = _inputs(sampler, (2, 3, 5, 4), True, torch.float32, triton_device)
     for i in (2, 3):
         got = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="triton")
         ref = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="reference")
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        got = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="triton")  # fast path
-        assert sampler._kernel_op is torch.ops.fastdiff.sampler_step_triton
+        got = sampler.fused_step(i, x, out, cfg_scale=3.0, noise=noise, backend="triton")  # bound
+        assert select_backend("sampler_step", "triton", {"x": x, "model_output": out}) == "triton"
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
