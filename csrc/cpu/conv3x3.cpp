@@ -85,10 +85,9 @@ constexpr int64_t kMaxBlockTiles = 256;
 constexpr int64_t kGrainValues = 32768;
 // Multiply-adds of the GEMMs a task of the fused path does at least.
 constexpr int64_t kGrainMacs = 1 << 16;
-// The fused path (conv3x3_fused_tiles) with at most this many channels on one side. Against the
-// BLAS path, alternating in one process at batch 2-160: 1.07-1.44x with 16 or fewer (16 -> 16 at
-// 16x16 to 64x64, 32 -> 16, 16 -> 32, 16 -> 1, 8 -> 16), level at 48 -> 16 (1.00x), but
-// 0.90-1.01x at 32 -> 32, 0.98-1.18x at 64 channels, and 0.74x at 128 -> 128, where MKL's GEMMs win.
+// The fused path (conv3x3_fused_tiles) with at most this many channels on one side: its own GEMMs
+// on tiles kept in L1 win where a side is narrow, MKL's blocked GEMMs where both are wide
+// (docs/tuning.md has the measurements this was read from).
 constexpr int64_t kFusedMaxChannels = 16;
 
 // Which path: FASTDIFF_CONV3X3_FUSED=1 or 0 (read once per process) forces the fused or the

@@ -20,23 +20,11 @@ TUNE_ENV = tuning.TUNE_ENV
 TUNE_REPEATS = 5
 TUNE_MARGIN = tuning.TUNE_MARGIN
 
-# The static rule, used when tuning is off (FASTDIFF_TUNE=0) and as the default a measurement must
-# beat: where the cpu kernel (Winograd F(2x2, 3x3)) beat oneDNN's direct convolution on one 2-core
-# AVX-512 machine (on another CPU, or in its AVX2 build, it can lose: hence the measurement),
-# channels_last, each shape timed 7 times alternating with oneDNN in one process:
-# * 32 or more channels on each side, at every map size: 1.09-1.80x at 32 channels on 8x8 to 32x32
-#   maps, 1.42-1.46x at 64 and 128 channels (batch 8-32).
-# * Maps of 8x8 pixels or fewer, at any channel count, where oneDNN's fixed cost per call dominates
-#   (2.4-2.8x at 32 channels on 4x4).
-# * Maps of up to 32x32 pixels with at least 16 input channels, where the kernel's fused path (its
-#   own GEMMs on groups of tiles kept in L1) serves 16-channel sides: 1.46x at 16 -> 16 on 16x16
-#   (batch 32), 1.11-1.22x at 48 -> 16 and 32 -> 16 (batch 32-160), 1.04-1.19x on 32x32 maps; but
-#   0.95x at 16 -> 16 on 64x64 (batch 16), so larger maps stay with oneDNN below 32 channels.
-# * Small problems as a whole (N * H * W * C_in * C_out up to 2^19, i.e. under 5M multiply-adds)
-#   with at least 8 input channels: the kernel skips oneDNN's fixed cost per call (2.4-3.6x at batch
-#   2-8 on 16x16 maps).
-# Not with under 8 input channels (an image input conv): there Winograd's GEMMs have K = C_in and it
-# lost (0.74x at C_in 3 and 0.95x at C_in 8 on 32x32, 0.98x at C_in 1 on 16x16).
+# The static rule, used when tuning is off (FASTDIFF_TUNE=0), under torch.compile and autograd, and
+# as the default a measurement must beat: the kernel from 32 channels up, on small maps, on mid-size
+# maps with enough input channels, and on small problems as a whole; never with so few input
+# channels that Winograd's GEMMs degenerate. Its thresholds were read off measurements on one
+# machine (docs/tuning.md has them), which is why auto measures each shape instead.
 MIN_CHANNELS = 32
 SMALL_MAP_PIXELS = 64
 MID_MAP_PIXELS = 1024
@@ -44,8 +32,7 @@ MID_MAP_MIN_IN_CHANNELS = 16
 SMALL_PROBLEM_PRODUCTS = 1 << 19
 SMALL_PROBLEM_MIN_IN_CHANNELS = 8
 # A 1x1 convolution of a channels_last map is a matrix product over pixels; as F.linear it skips
-# oneDNN's ~70 us fixed cost per call, which wins up to about this many multiply-adds (2.0-2.8x at
-# the demo U-Net's 4x4-8x8 skips, 1.5x at 16x16) and loses beyond (0.74x at (16, 128->64, 32x32)).
+# oneDNN's fixed cost per call, which wins on small maps and loses on large ones (docs/tuning.md).
 POINTWISE_MAX_MACS = 1 << 24
 
 
