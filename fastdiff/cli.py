@@ -384,6 +384,10 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     with torch.no_grad():
         for backend in backends:  # warm up first, so neither timing pays one-time costs (loading _C, compiling)
             demo.set_backend(backend, memory_format)
+            if models[backend] is not demo.model:
+                # Eager steps first: they measure the convolutions' choices, which the compiled
+                # model then reads (a trace cannot time anything).
+                fastdiff.sample(demo.model, shape, backend=backend, cuda_graph=False, **(kwargs | {"steps": 2}))
             start = time.perf_counter()
             # A CUDA graph is captured per loop signature: on CUDA the warm-up runs the timed loop itself.
             warm = {} if graphs[backend] is not False and args.device.startswith("cuda") else {"steps": 2}

@@ -81,3 +81,38 @@ def test_native_loader_carries_torch_compilers_constant_mark():
     names = {name for name in vars(marked) if name.startswith("_dynamo")}
     assert names == {"_dynamo_marked_constant"}
     assert _native._load_outside_tracing._dynamo_marked_constant is True
+
+
+def test_compiled_convolutions_keep_the_choices_eager_calls_measured(monkeypatch, tmp_path):
+    """Under torch.compile nothing is timed, so a convolution takes the choice an eager call of the
+    same signature measured (in this process or the cache file), and the static rule only where none
+    was measured: a compiled model runs the implementations its eager self chose."""
+    from fastdiff.nn import conv as conv_module
+
+    monkeypatch.setattr(conv_module, "_decisions", {})
+    monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))  # no choice cached by an earlier test
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def ops_in_compiled_graph() -> set[str]:
+        seen: set[str] = set()
+
+        def backend(gm, example_inputs):
+            seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(lambda t: conv_module.conv3x3_module(conv, t), backend=backend, fullgraph=True)(x)
+        return seen
+
+    static = conv_module._auto_takes(x, 16, 16)
+    assert any("fastdiff.conv3x3" in op for op in ops_in_compiled_graph()) == static  # nothing measured yet
+    with torch.no_grad():
+        conv_module.conv3x3_module(conv, x)  # eager: measured and remembered
+    (key,) = conv_module._decisions
+    for choice in (not static, static):  # whatever was measured, the compiled graph follows it
+        conv_module._decisions[key] = dict(conv_module._decisions[key], fastdiff=choice)
+        assert any("fastdiff.conv3x3" in op for op in ops_in_compiled_graph()) == choice
+    assert conv_module._known_choice._dynamo_marked_constant is True

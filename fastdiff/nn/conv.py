@@ -86,10 +86,14 @@ _tuning = tuning.enabled  # FASTDIFF_TUNE: 1 (measure, the default) or 0 (the st
 _decisions: dict[tuple, dict] = {}
 
 
+def _layout(x: torch.Tensor) -> str:
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "nchw" if x.is_contiguous() else "strided"
+
+
 def _signature(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
-    layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) else (
-        "nchw" if x.is_contiguous() else "strided")
-    return (tuple(x.shape), layout, conv.out_channels, conv.bias is not None, residual is not None,
+    return (tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None, residual is not None,
             torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
 
 
@@ -132,6 +136,23 @@ def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | N
     tuning.store("conv3x3", repr(key), decision)
     _decisions[key] = decision | {"source": "measured"}
     return takes
+
+
+def _known_choice(shape: tuple, layout: str, out_channels: int, bias: bool, residual: bool) -> bool | None:
+    """The choice already measured for this signature (in this process or, by an earlier one, in the
+    cache file), or None. Called outside the trace while torch.compile traces (marked constant, as
+    torch.compiler.assume_constant_result marks): a compiled model keeps the choices eager calls measured."""
+    key = (shape, layout, out_channels, bias, residual, torch.get_num_threads(),
+           torch.backends.cpu.get_cpu_capability())
+    hit = _decisions.get(key)
+    if hit is None:
+        hit = tuning.load("conv3x3").get(repr(key)) if _tuning() else None
+    return hit["fastdiff"] if isinstance(hit, dict) and isinstance(hit.get("fastdiff"), bool) else None
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo here (see
+# fastdiff/_native.py; tests/test_compile.py checks the mark's name).
+_known_choice._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def tuning_decisions() -> list[dict]:
@@ -181,9 +202,12 @@ def conv3x3_module(
         )
         if use_op:
             static = _auto_takes(x, conv.in_channels, conv.out_channels)
-            # Under torch.compile the static rule decides (a measurement cannot be traced).
-            measure = _tuning() and not torch.compiler.is_compiling()
-            use_op = _measured_takes(conv, x, residual, chosen, static) if measure else static
+            if not torch.compiler.is_compiling():
+                use_op = _measured_takes(conv, x, residual, chosen, static) if _tuning() else static
+            else:  # a measurement cannot be traced: the choice eager calls measured, else the static rule
+                known = _known_choice(tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None,
+                                      residual is not None)
+                use_op = static if known is None else known
     else:
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:
