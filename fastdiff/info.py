@@ -67,6 +67,8 @@ def collect() -> dict:
         "native": _native.status(),
         "backends": support_table(),
         "priority": {op: list(support.priority) for op, support in sorted(registered_ops().items())},
+        # What each backend accepts, from the op's declaration (the rules behind "backends").
+        "declared": {op: support.describe() for op, support in sorted(registered_ops().items())},
         "tuning": _tuning_summary(),
     }
 

@@ -96,3 +96,15 @@ def test_no_cached_decisions_says_so(monkeypatch, tmp_path, capsys):
     assert info.main([]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tuning "))
     assert "none yet" in line and "fastdiff tune fills it" in line
+
+
+def test_json_report_states_each_backends_declared_rules(capsys):
+    """--json carries each op's declaration (dtypes, parts, limits, grad per backend): the rules the
+    table's verdicts come from, read from the one place they are written."""
+    assert info.main(["--json"]) == 0
+    declared = json.loads(capsys.readouterr().out)["declared"]
+    for op, support in registered_ops().items():
+        assert declared[op] == json.loads(json.dumps(support.describe())), op
+    assert "D <= 8192 features" in declared["layer_norm_modulate"]["triton"]["limits"]
+    assert declared["attention"]["triton"]["grad"] is False
+    assert declared["conv3x3"]["cpu"]["dtypes"] == ["float32"]
