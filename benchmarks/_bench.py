@@ -7,16 +7,35 @@ import os
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+STEPS_ENV = "FASTDIFF_BENCH_STEPS"
+ROUNDS_ENV = "FASTDIFF_BENCH_ROUNDS"
+
+# Set by conftest.py's pytest_configure from the --full option, before any benchmark module is
+# imported: the end-to-end groups then run at full length (their module docstrings give both settings).
+FULL = False
 
 
-def end_to_end_steps() -> int:
-    """Sampler steps of the end-to-end benchmarks: FASTDIFF_BENCH_STEPS, default 50."""
-    return int(os.environ.get("FASTDIFF_BENCH_STEPS", "50"))
+def set_full(full: bool) -> None:
+    global FULL
+    FULL = bool(full)
 
 
-def end_to_end_rounds(default: int) -> int:
-    """Timed rounds of an end-to-end benchmark: FASTDIFF_BENCH_ROUNDS, else the module's default."""
-    return int(os.environ.get("FASTDIFF_BENCH_ROUNDS", str(default)))
+def end_to_end_steps(default: int, full: int = 50) -> int:
+    """Sampler steps of an end-to-end benchmark: FASTDIFF_BENCH_STEPS if set, else ``full`` with
+    ``--full``, else the module's shortened ``default``."""
+    return int(os.environ.get(STEPS_ENV, full if FULL else default))
+
+
+def end_to_end_rounds(default: int, full: int | None = None) -> int:
+    """Timed rounds of an end-to-end benchmark: FASTDIFF_BENCH_ROUNDS if set, else ``full`` with
+    ``--full`` (``default`` when not given), else the module's ``default``."""
+    return int(os.environ.get(ROUNDS_ENV, full if FULL and full is not None else default))
+
+
+def run_kind() -> str:
+    """How long the end-to-end groups of this run are, for the summary and the CSV."""
+    overrides = [f"{name}={os.environ[name]}" for name in (STEPS_ENV, ROUNDS_ENV) if name in os.environ]
+    return ", ".join(["full" if FULL else "default", *overrides])
 
 
 def synchronize() -> None:
@@ -41,3 +60,16 @@ def machine_line() -> str:
     from fastdiff.info import cpu_line
 
     return cpu_line()
+
+
+def machine() -> dict[str, str]:
+    """The machine as columns: CPU model, ISA (ATen's CPU capability), threads, GPU (if used), torch
+    and fastdiff versions."""
+    import fastdiff
+
+    line = machine_line()
+    isa = torch.backends.cpu.get_cpu_capability()
+    model = line.split(", ATen CPU capability", 1)[0]
+    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else ""
+    return {"cpu": model, "isa": isa, "threads": str(torch.get_num_threads()), "gpu": gpu,
+            "torch": torch.__version__, "fastdiff": getattr(fastdiff, "__version__", "?")}

@@ -10,6 +10,9 @@ q, k and v are views of one (B, 3C, N) conv output, as SpatialSelfAttention pass
 cross-attention, k and v of a (B, 2C, 77) projection). Derived metric: TFLOP/s = 4*B*H*Nq*Nk*D / time.
 
 CPU group (runs anywhere, fp32, N=1024, D=40): auto dispatch's pick (SDPA) vs the reference.
+
+Run length: pytest-benchmark's own calibration and rounds (about a second per provider), the same
+by default and with ``--full``; its --benchmark-* options change them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ flops (2 * N * H * W * C_in * C_out * 9) for every provider, so they compare on 
 transforms its weight again: the difference to "fastdiff" is what remembering them saves, net of the
 byte comparison that checks every hit.
 CPU only: on GPUs the op has no kernel (cuDNN is the path).
+
+Run length: pytest-benchmark's own calibration and rounds (about a second per provider), the same
+by default and with ``--full``; its --benchmark-* options change them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ whose groups of 40960 values take the Triton statistics + apply pair (x read twi
 (2, 320, 32, 32), whose groups of 10240 fit one fused program (x read once). Providers: the eager
 baseline, torch.compile of it, fastdiff's Triton kernels (backend="triton") and its native CUDA
 kernel (backend="cuda", when fastdiff._C was compiled with CUDA). Same GB/s scale as above.
+
+Run length: pytest-benchmark's own calibration and rounds (about a second per provider), the same
+by default and with ``--full``; its --benchmark-* options change them.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ write the output once), so the providers compare on one scale.
 
 CPU group: fp32. GPU group (skips without a GPU, with the reason): bf16, the cuda and triton
 backends against eager and torch.compile.
+
+Run length: pytest-benchmark's own calibration and rounds (about a second per provider), the same
+by default and with ``--full``; its --benchmark-* options change them.
 """
 
 from __future__ import annotations

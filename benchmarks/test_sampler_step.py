@@ -12,6 +12,9 @@ SD's latent size (8, 4, 64, 64) and a large one (8, 4, 256, 256), DDIM eta = 1 w
 read): the Triton kernel (backend="triton") vs the native CUDA kernel and torch.compile of the
 reference (the baseline); GB/s over the design minimum (x, 2B rows of model output, the noise,
 x_prev, each once).
+
+Run length: pytest-benchmark's own calibration and rounds (about a second per provider), the same
+by default and with ``--full``; its --benchmark-* options change them.
 """
 
 from __future__ import annotations

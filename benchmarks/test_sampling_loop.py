@@ -37,8 +37,10 @@ Timing: the providers of a group take turns within each round (order reversed ev
 so a slow spell of this shared machine falls on all of them alike; the pytest-benchmark entry is a
 whole round, and the per-provider medians and minima, the ratios and the machine line are printed
 (run with ``-s``) and kept in extra_info. Ratios are reported, not asserted: they depend on the CPU.
-FASTDIFF_BENCH_ROUNDS overrides the rounds. CPU only (a GPU run replays a CUDA graph instead, a
-different benchmark).
+Run length, the same by default and with ``--full`` (the whole module takes seconds): 50 steps
+(the loop's cost per step is the point, so FASTDIFF_BENCH_STEPS does not apply); 30 rounds for the
+cheap models, 50 for the host overhead, 15 for DDPM; FASTDIFF_BENCH_ROUNDS overrides the rounds.
+CPU only (a GPU run replays a CUDA graph instead, a different benchmark).
 """
 
 from __future__ import annotations
