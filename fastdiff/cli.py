@@ -430,13 +430,18 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
             how.append("torch.compile")
         detail = f" ({', '.join(how)})" if how else ""
         print(f"  backend {backend:<10} {seconds * 1e3:8.3f} ms/image{detail}")
-    from fastdiff.nn.conv import tuning_decisions
+    from fastdiff.nn.conv import pointwise_decisions, tuning_decisions
 
     decisions = tuning_decisions()
     if decisions:
         fused = sum(d["fastdiff"] for d in decisions)
         print(f"  conv3x3, measured on this machine: fastdiff's kernel for {fused} of {len(decisions)} convolution "
               f"shapes, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)")
+    pointwise = pointwise_decisions()
+    if pointwise:
+        linear = sum(d["choice"] == "linear" for d in pointwise)
+        print(f"  conv1x1, measured on this machine: F.linear for {linear} of {len(pointwise)} shapes, oneDNN for "
+              f"{len(pointwise) - linear}")
     if compile_seconds is not None:
         print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:

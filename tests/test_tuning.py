@@ -241,3 +241,76 @@ def test_sample_bad_tune_value_is_refused_before_sampling(cache, capsys, monkeyp
     with pytest.raises(SystemExit):
         main([*_SAMPLE, "--memory-format", "nhwc", "--out", str(tmp_path / "a.png")])
     assert "argument --memory-format: invalid choice: 'nhwc'" in capsys.readouterr().err
+
+
+# ---- 1x1 convolutions: F.linear over pixels or the module's own convolution ------------------------
+
+
+def _pointwise_case():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 1)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    return conv, x
+
+
+def test_conv1x1_choice_is_measured_remembered_and_cached(cache, clock):
+    """The static rule picks F.linear on this small map; oneDNN "taking" half the time overturns it,
+    the choice is remembered in the process and the file, and a later process reads it unmeasured."""
+    conv, x = _pointwise_case()
+    clock.update(linear=1.0, onednn=0.5)
+    with torch.no_grad():
+        out = conv_module.conv1x1_module(conv, x)
+        torch.testing.assert_close(out, conv(x), rtol=0, atol=0)  # oneDNN ran: the module's own result
+    (decision,) = conv_module.pointwise_decisions()
+    assert (decision["choice"], decision["static"], decision["source"]) == ("onednn", "linear", "measured")
+    assert decision["shape"] == (2, 16, 8, 8) and decision["out_channels"] == 32
+    assert len(_entries(cache, "conv1x1")) == 1
+    measured = clock["calls"]
+    conv_module.clear_tuning()  # as a new process: the file answers
+    with torch.no_grad():
+        conv_module.conv1x1_module(conv, x)
+    assert clock["calls"] == measured
+    assert conv_module.pointwise_decisions()[0]["source"] == "cache"
+
+
+def test_conv1x1_keeps_the_static_pick_within_the_margin(cache, clock):
+    conv, x = _pointwise_case()
+    clock.update(linear=1.0, onednn=0.95)  # oneDNN 5% faster: noise, not a reason to switch
+    with torch.no_grad():
+        out = conv_module.conv1x1_module(conv, x)
+    assert conv_module.pointwise_decisions()[0]["choice"] == "linear"
+    torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv1x1_static_rule_without_tuning(cache, clock, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
+    conv, x = _pointwise_case()
+    with torch.no_grad():
+        torch.testing.assert_close(conv_module.conv1x1_module(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+    assert clock["calls"] == 0 and conv_module.pointwise_decisions() == [] and not cache.exists()
+
+
+def test_compiled_conv1x1_follows_the_measured_choice(cache, clock):
+    """torch.compile reads the choice an eager call measured: the traced graph holds F.linear or the
+    convolution accordingly."""
+    conv, x = _pointwise_case()
+
+    def traced_ops() -> set[str]:
+        seen: set[str] = set()
+
+        def backend(gm, example_inputs):
+            seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(lambda t: conv_module.conv1x1_module(conv, t), backend=backend, fullgraph=True)(x)
+        return seen
+
+    assert any("linear" in op for op in traced_ops())  # nothing measured: the static rule (linear)
+    clock.update(linear=1.0, onednn=0.5)
+    with torch.no_grad():
+        conv_module.conv1x1_module(conv, x)
+    ops = traced_ops()
+    assert not any("linear" in op for op in ops) and any("conv2d" in op for op in ops), ops

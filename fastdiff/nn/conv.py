@@ -11,7 +11,8 @@ from ..backends import AUTO, BACKENDS, resolve_backend
 from ..ops.conv3x3 import SUPPORT as _CONV3X3_SUPPORT
 from ..ops.conv3x3 import conv3x3
 
-__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "clear_tuning", "TUNE_ENV"]
+__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "pointwise_decisions", "clear_tuning",
+           "TUNE_ENV"]
 
 TUNE_ENV = tuning.TUNE_ENV
 # The measured choice (see _measured_takes): alternating runs of each candidate, and the margin by
@@ -38,8 +39,12 @@ POINTWISE_MAX_MACS = 1 << 24
 
 def conv1x1_module(conv: nn.Conv2d, x: torch.Tensor, backend: str = AUTO) -> torch.Tensor:
     """``conv(x)`` for any ``nn.Conv2d``; a plain 1x1 convolution (stride 1, no padding or groups)
-    of a small channels_last CPU map runs as ``F.linear`` over its pixels instead (same math, a
-    channels_last-strided result), unless ``backend`` is "reference" (the module's own forward)."""
+    of a channels_last CPU map may run as ``F.linear`` over its pixels instead (same math, a
+    channels_last-strided result), unless ``backend`` is "reference" (the module's own forward).
+    Which of the two runs is measured on the first call of each signature (shape, dtype, channels
+    out, bias, threads, CPU capability) and remembered, like the 3x3 convolutions' choice; the static
+    rule (F.linear up to POINTWISE_MAX_MACS multiply-adds) decides with FASTDIFF_TUNE=0, while autograd
+    records, and under torch.compile where no eager call measured the signature."""
     if (
         backend != "reference"
         and type(conv) is nn.Conv2d
@@ -50,11 +55,66 @@ def conv1x1_module(conv: nn.Conv2d, x: torch.Tensor, backend: str = AUTO) -> tor
         and x.device.type == "cpu"
         and x.dim() == 4
         and x.is_contiguous(memory_format=torch.channels_last)
-        and x.numel() * conv.out_channels <= POINTWISE_MAX_MACS
     ):
-        weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
-        return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+        static = x.numel() * conv.out_channels <= POINTWISE_MAX_MACS
+        if torch.compiler.is_compiling():
+            known = _known_pointwise(tuple(x.shape), str(x.dtype), conv.out_channels, conv.bias is not None)
+            linear = static if known is None else known
+        else:
+            linear = _measured_linear(conv, x, static) if _tuning() else static
+        if linear:
+            return _as_linear(conv, x)
     return conv(x)
+
+
+def _as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
+    return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
+
+
+_pointwise: dict[tuple, dict] = {}
+
+
+def _pointwise_key(shape: tuple, dtype: str, out_channels: int, bias: bool) -> tuple:
+    return (shape, dtype, out_channels, bias, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+
+
+def _measured_linear(conv: nn.Conv2d, x: torch.Tensor, static: bool) -> bool:
+    """Whether this 1x1 convolution runs as F.linear: measured once per signature against the
+    module's own convolution, the static rule's pick kept unless the other wins by TUNE_MARGIN."""
+    key = _pointwise_key(tuple(x.shape), str(x.dtype), conv.out_channels, conv.bias is not None)
+    hit = _pointwise.get(key)
+    if hit is None:
+        cached = tuning.load("conv1x1").get(repr(key))  # measured by an earlier process on this machine
+        if isinstance(cached, dict) and cached.get("choice") in ("linear", "onednn"):
+            hit = _pointwise[key] = cached | {"source": "cache"}
+    if hit is not None:
+        return hit["choice"] == "linear"
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        return static
+    with torch.no_grad():
+        candidates = {"linear": lambda: _as_linear(conv, x), "onednn": lambda: conv(x)}
+        for run in candidates.values():
+            run()  # first calls: oneDNN's primitive
+        t = _median_seconds(candidates, TUNE_REPEATS)
+    default, other = ("linear", "onednn") if static else ("onednn", "linear")
+    choice = other if t[other] * (1 + TUNE_MARGIN) < t[default] else default
+    decision = {"choice": choice, "static": default, "linear_us": t["linear"] * 1e6, "onednn_us": t["onednn"] * 1e6}
+    tuning.store("conv1x1", repr(key), decision)
+    _pointwise[key] = decision | {"source": "measured"}
+    return choice == "linear"
+
+
+def _known_pointwise(shape: tuple, dtype: str, out_channels: int, bias: bool) -> bool | None:
+    """The 1x1 choice an eager call measured for this signature, or None (see _known_choice)."""
+    key = _pointwise_key(shape, dtype, out_channels, bias)
+    hit = _pointwise.get(key)
+    if hit is None:
+        hit = tuning.load("conv1x1").get(repr(key)) if _tuning() else None
+    return hit["choice"] == "linear" if isinstance(hit, dict) and hit.get("choice") in ("linear", "onednn") else None
+
+
+_known_pointwise._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _same_3x3(conv: nn.Conv2d) -> bool:
@@ -163,10 +223,19 @@ def tuning_decisions() -> list[dict]:
     return [dict(zip(keys, key, strict=True)) | value | {"signature": repr(key)} for key, value in _decisions.items()]
 
 
+def pointwise_decisions() -> list[dict]:
+    """The measured 1x1 choices of this process: one dict per signature (shape, dtype, channels out,
+    bias, threads, CPU capability) with the choice ("linear" or "onednn"), the static rule's, both
+    times, and ``source``: "measured" (here) or "cache" (the file)."""
+    keys = ("shape", "dtype", "out_channels", "bias", "threads", "cpu_capability")
+    return [dict(zip(keys, key, strict=True)) | value | {"signature": repr(key)} for key, value in _pointwise.items()]
+
+
 def clear_tuning() -> None:
     """Forget this process's measured choices (the convolutions' and the models' memory formats); the
     next call of each signature reads the cache file (``fastdiff.tuning``), or measures again."""
     _decisions.clear()
+    _pointwise.clear()
     tuning.clear_memory_formats()
 
 
