@@ -432,3 +432,24 @@ def test_native_autograd_kernel_records_a_graph_only_when_one_is_needed():
     gx, gw = torch.autograd.grad(torch.nn.functional.conv2d(x, w, padding=1).sum(), (x, w))
     torch.testing.assert_close(x.grad, gx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
+def test_a_part_on_another_device_gets_the_ops_error_after_the_signature_is_bound():
+    """A call's signature keys on the first input's device only (the op's validation puts every
+    input there): a part on another device, once a valid call bound the signature, still raises the
+    op's own error naming it."""
+    import fastdiff
+
+    x, w, s = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(2, 8)
+    fastdiff.ops.group_norm_adagn(x, 2, w, scale=s)
+    with pytest.raises(ValueError, match="group_norm_adagn: scale is on meta but x is on cpu"):
+        fastdiff.ops.group_norm_adagn(x, 2, w, scale=s.to("meta"))
+    tokens = torch.randn(2, 5, 8)
+    fastdiff.ops.layer_norm_modulate(tokens, scale=s)
+    with pytest.raises(ValueError, match="layer_norm_modulate: scale is on meta but x is on cpu"):
+        fastdiff.ops.layer_norm_modulate(tokens, scale=s.to("meta"))
+    weight = torch.randn(3, 8, 3, 3)
+    fastdiff.ops.conv3x3(x, weight)
+    with pytest.raises(ValueError, match="conv3x3: bias is on meta but x is on cpu"):
+        fastdiff.ops.conv3x3(x, weight, torch.randn(3, device="meta"))

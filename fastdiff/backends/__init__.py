@@ -279,7 +279,8 @@ class OpSupport:
 
     ``priority`` empty means :data:`PRIORITY` with the extra backends (in ``kernels``' order)
     inserted just before the reference. ``inputs(*args)`` names the tensors among the op's public
-    arguments (the ones the kernels' rules read); ``validate(*args)`` raises the op's clear error
+    arguments (the ones the kernels' rules read; the op's validation must put them all on the first
+    one's device, which the call signature keys on); ``validate(*args)`` raises the op's clear error
     for bad arguments; ``prepare(*args, backend, checked=True)`` returns the kernel arguments of
     ``backend`` (validating first when ``checked``; unchecked, it must still refuse what it cannot
     convert faithfully, by validating).
@@ -336,8 +337,9 @@ class OpSupport:
         if self._limits is None:  # type: ignore[attr-defined]
             return None
         # TRITON_INTERPRET and the limits: see binding().
+        # One device: every op's validation puts all its tensors on the first one's device.
         key = (backend if isinstance(backend, str) else None, os.environ.get(ENV_VAR), _native.generation,
-               tuple(inputs), *[(t.dtype, t.device) for t in inputs.values()])
+               next(iter(inputs.values())).device, tuple(inputs), *[t.dtype for t in inputs.values()])
         if self._grad_matters:  # type: ignore[attr-defined]
             key += (needs_grad(inputs),)
         return key
