@@ -1,5 +1,8 @@
 """Shared test helpers: the dtype-following tolerance rule, where the Triton tier (tests/triton/)
-runs (the GPU, or Triton's CPU interpreter), and the ``gpu`` marker on every GPU test."""
+runs (the GPU, or Triton's CPU interpreter), the fake GPU, and the markers (pyproject.toml): ``gpu``
+on every GPU test (``gpu(only=True)``: skipped, with the reason, where there is no CUDA device),
+``native`` on every test that needs fastdiff._C (``native(cuda=True)``: its CUDA part and a device),
+``triton`` on every test of the Triton tier."""
 
 from __future__ import annotations
 
@@ -18,12 +21,14 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 def _runs_on_a_gpu(item: pytest.Item) -> bool:
     """Whether a test needs a GPU or runs a CUDA/Triton kernel when one is present: a skipif naming
-    CUDA or a GPU, a 'cuda' or 'triton' parameter (the backend tests pick the GPU for those), or
-    'cuda' in its name."""
+    CUDA or a GPU, native(cuda=True), a 'cuda' or 'triton' parameter (the backend tests pick the GPU
+    for those), or 'cuda' in its name."""
     for mark in item.iter_markers("skipif"):
         reason = str(mark.kwargs.get("reason", "")).lower()
         if "cuda" in reason or "gpu" in reason:
             return True
+    if any(mark.kwargs.get("cuda") for mark in item.iter_markers("native")):
+        return True
     params = getattr(getattr(item, "callspec", None), "params", {})
     if any(isinstance(v, str) and v in ("cuda", "triton") for v in params.values()):
         return True
@@ -32,10 +37,31 @@ def _runs_on_a_gpu(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every GPU test ``gpu`` (besides those marked by hand), so that one selection,
-    ``pytest -m gpu tests`` (what ``python -m fastdiff.gpucheck`` runs), is the whole GPU tier."""
+    ``pytest -m gpu tests`` (what ``python -m fastdiff.gpucheck`` runs), is the whole GPU tier; and
+    every test on the Triton tier's device ``triton`` (``-m "not triton"`` leaves the interpreter out)."""
     for item in items:
         if _runs_on_a_gpu(item) and not item.get_closest_marker("gpu"):
             item.add_marker(pytest.mark.gpu)
+        if "triton_device" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("triton"):
+            item.add_marker(pytest.mark.triton)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, with the reason, what this machine cannot run: ``native`` without fastdiff._C (or, with
+    cuda=True, without its CUDA part or a device), ``gpu(only=True)`` without a CUDA device."""
+    for mark in item.iter_markers("native"):
+        from fastdiff import _native
+
+        status = _native.status()
+        if not status["built"]:
+            pytest.skip(f"fastdiff._C not built: {status['reason']}")
+        if mark.kwargs.get("cuda"):
+            if not status["cuda_compiled"]:
+                pytest.skip(f"the CUDA part of fastdiff._C is not built: {status['cuda_skipped_reason']}")
+            if not torch.cuda.is_available():
+                pytest.skip("needs a CUDA device; none here")
+    if any(mark.kwargs.get("only") for mark in item.iter_markers("gpu")) and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none here")
 
 
 # Absolute floors per dtype, added to the 2x-eager bound (flash-attention's rule).
@@ -125,10 +151,6 @@ def assert_within_eager_bound(out: torch.Tensor, eager: torch.Tensor, exact: tor
             f"{what}: {share:.2%} of {err.numel()} elements exceed the bound {bound.item():.3g}; worst at flat "
             f"index {worst}: got {out.flatten()[worst].item():.6g}, expected {exact.flatten()[worst].item():.6g}"
         )
-
-
-def runslow() -> bool:
-    return os.environ.get("FASTDIFF_RUN_SLOW", "") == "1"
 
 
 @pytest.fixture

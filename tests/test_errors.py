@@ -17,7 +17,6 @@ from fastdiff.ops import cfg_combine, conv3x3, group_norm_adagn, layer_norm_modu
 from fastdiff.reference.sampler_step import STEP_COEFS
 
 NATIVE = _native.status()["built"]
-needs_native = pytest.mark.skipif(not NATIVE, reason="fastdiff._C is not built")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 try:
     import triton  # noqa: F401
@@ -29,7 +28,7 @@ except ImportError:
 
 def _backends(op_triton: bool = True) -> list:
     """The backends that run CPU tensors here: reference, cpu (native), triton (interpreter)."""
-    out = ["reference", pytest.param("cpu", marks=needs_native)]
+    out = ["reference", pytest.param("cpu", marks=pytest.mark.native)]
     if op_triton:
         out.append(
             pytest.param(
@@ -199,7 +198,7 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300)
 
 
-@needs_native
+@pytest.mark.native
 def test_every_native_op_exists_right_after_import():
     """torch.ops.fastdiff.cfg_combine was missing after `import fastdiff` until some op loaded _C."""
     names = _schema_names()
@@ -396,7 +395,7 @@ def test_integer_and_bool_norm_parts_are_refused_by_every_backend(op, dtype):
         assert kind == "TypeError" and f"{op}: {name} must be a floating tensor, got {dtype}" in detail
 
 
-@needs_native
+@pytest.mark.native
 def test_conv3x3_inf_input_gives_nan_on_cpu_only_where_the_reference_is_infinite():
     """Documented in conv3x3's docstring: Winograd's transforms turn an Inf into NaN, over exactly the
     outputs where the reference is +-Inf; everything else matches."""

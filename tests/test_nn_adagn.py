@@ -11,10 +11,6 @@ from fastdiff import _native
 from fastdiff.nn import AdaGroupNorm
 from fastdiff.reference import group_norm_adagn as reference_group_norm_adagn
 
-needs_native = pytest.mark.skipif(
-    not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
-)
-
 
 def test_repr_names_every_setting():
     assert repr(AdaGroupNorm(320, 32)) == (
@@ -72,7 +68,7 @@ def test_conditioning_is_optional_per_call():
     torch.testing.assert_close(norm(x, shift=shift), norm(x) + shift.view(2, 8, 1, 1), rtol=1e-5, atol=1e-5)
 
 
-@needs_native
+@pytest.mark.native
 def test_gradients_reach_parameters_and_conditioning():
     norm = AdaGroupNorm(8, 4, backend="cpu").double()
     x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)

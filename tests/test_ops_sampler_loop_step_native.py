@@ -16,13 +16,10 @@ import torch
 from conftest import assert_within_eager_bound
 
 import fastdiff
-from fastdiff import _native
 from fastdiff.reference.sampler_step import sampler_loop_step as reference_loop_step
 from fastdiff.sampling import DDIMSampler, DDPMSampler
 
-pytestmark = pytest.mark.skipif(
-    not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
-)
+pytestmark = pytest.mark.native
 
 SCHEDULE = fastdiff.Schedule("linear")
 STEPS = 10
@@ -338,13 +335,7 @@ def test_refusals_name_the_argument(overrides, match):
 
 # ---- CUDA ----------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _native.status().get("cuda_compiled")), reason="needs a CUDA GPU"
-)
-
-
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.native(cuda=True)
 class TestCuda:
     """The CUDA op against the CPU op (same formula, same Philox counters; exp and FMA may round
     differently, so within the dtype's tolerance), and its device-side counter."""

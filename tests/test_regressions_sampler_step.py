@@ -226,14 +226,7 @@ def test_cuda_sampler_step_kernels_never_trap():
 
 # ---- GPU tier ------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and _native.status().get("cuda_compiled")),
-    reason="needs a CUDA device and the CUDA part of fastdiff._C",
-)
-
-
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.native(cuda=True)
 def test_cuda_out_of_range_step_writes_nan_and_the_context_survives():
     """An out-of-range device step index used to __trap(): a sticky error that kills every later
     CUDA call of the process. Now every output is NaN and CUDA keeps working."""
@@ -252,8 +245,7 @@ def test_cuda_out_of_range_step_writes_nan_and_the_context_survives():
     torch.testing.assert_close(ok.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.native(cuda=True)
 def test_cuda_float64_guidance_matches_cpu_exactly_enough():
     """float64 with guidance on CUDA against the CPU kernel: cfg_scale reaches the kernel as a double."""
     sampler = DDIMSampler(SCHEDULE, 10, dtype=torch.float64, device="cuda")
@@ -266,8 +258,7 @@ def test_cuda_float64_guidance_matches_cpu_exactly_enough():
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.gpu
-@needs_cuda
+@pytest.mark.native(cuda=True)
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_cuda_ignores_unused_variance_channels(value):
     model = _with_variance(lambda x, t: torch.full_like(x, value))

@@ -13,11 +13,6 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff import _native
-
-needs_native = pytest.mark.skipif(
-    not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
-)
 
 
 def _ema_swap(model: torch.nn.Module, seed: int) -> None:
@@ -27,7 +22,7 @@ def _ema_swap(model: torch.nn.Module, seed: int) -> None:
         p.data.copy_(p.data + 0.05 * p.data.std(correction=0) * torch.randn(p.shape, generator=g))
 
 
-@needs_native
+@pytest.mark.native
 def test_digits_unet_samples_after_an_ema_swap_match_the_reference():
     from fastdiff.models import digits_unet
     from fastdiff.models.digits import digits_sampling
@@ -45,7 +40,7 @@ def test_digits_unet_samples_after_an_ema_swap_match_the_reference():
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
 
 
-@needs_native
+@pytest.mark.native
 def test_patched_diffusers_unet_after_an_ema_swap_matches_the_unpatched_model():
     pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e '.[test]')")
     from diffusers import UNet2DModel
