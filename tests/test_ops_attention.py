@@ -1,85 +1,26 @@
-"""fastdiff.ops.attention on every backend against the reference, dispatch, and refusals with reasons.
-
-The grid is parametrized from the op's declared backends: one that refuses an input here skips
-with its reasons (a skip is not a pass). The triton backend runs CPU tensors in Triton's
-interpreter when TRITON_INTERPRET=1 (which tests/conftest.py sets on machines without a GPU); its
-fuller grid lives in tests/triton/.
+"""fastdiff.ops.attention: what is its own beyond tests/test_ops_harness.py's grid (every declared backend
+against the reference over tests/op_cases.py's case, the triton one on the Triton tier's smaller grid;
+float64, bad inputs): the scale, auto's picks, refusals with reasons, gradients, the support table, SDPA's
+head layout and its documented zero rows, and the dispatch cache's key.
 """
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from conftest import DTYPES, assert_within_eager_bound
+from op_cases import BY_OP
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fastdiff.backends import AVAILABLE, BackendUnavailableError, ExplicitOnly, select_backend, support_table
+from fastdiff.backends import AVAILABLE, BackendUnavailableError, select_backend, support_table
 from fastdiff.ops import attention
 from fastdiff.reference.attention import attention as reference_attention
 
-SUPPORT = sys.modules["fastdiff.ops.attention"].SUPPORT  # the package attribute is the function
-
-# (B, H, Nq, Nk, D)
-SHAPES = [
-    (1, 2, 37, 77, 40),  # cross-attention over 77 tokens, SD 1.5's head dim
-    (2, 1, 1, 13, 64),  # one query
-    (1, 1, 67, 1, 160),  # one key
-    (1, 2, 131, 127, 80),  # primes
-    (3, 2, 63, 63, 96),  # self-attention over 7x9 positions, odd batch
-]
-LAYOUTS = ["contiguous", "conv-views", "transposed"]
+CASE = BY_OP["attention"]
+SUPPORT = CASE.support
 
 
 def _inputs(shape, dtype, layout, device="cpu"):
-    B, H, Nq, Nk, D = shape
-
-    def randn(*size):
-        return torch.randn(*size).to(device=device, dtype=dtype)
-
-    if layout == "contiguous":
-        return randn(B, H, Nq, D), randn(B, H, Nk, D), randn(B, H, Nk, D)
-    if layout == "conv-views":  # (B, C, N) conv outputs: stride 1 along N
-        q = randn(B, H * D, Nq).view(B, H, D, Nq).transpose(-1, -2)
-        k, v = randn(B, 2 * H * D, Nk).view(B, 2, H, D, Nk).transpose(-1, -2).unbind(1)
-        return q, k, v
-    q = randn(B, Nq, H, D).transpose(1, 2)  # (B, N, H, D) projections, as CrossAttention makes them
-    return q, randn(B, Nk, H, D).transpose(1, 2), randn(B, Nk, H, D).transpose(1, 2)
-
-
-def _skip_unless_runs(backend: str, q, k, v) -> None:
-    """A backend that refuses these inputs skips with its reasons. ExplicitOnly reasons do not
-    count: this test names its backend, and named backends run them (Triton's interpreter)."""
-    reasons = [r for r in SUPPORT.why_not(backend, {"q": q, "k": k, "v": v}) if not isinstance(r, ExplicitOnly)]
-    if reasons:
-        pytest.skip(f"{backend} cannot run this input here: {'; '.join(reasons)}")
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("backend", SUPPORT.backends)
-def test_matches_reference(backend, shape, dtype, layout):
-    device = "cuda" if backend in ("cuda", "triton", "xformers") and torch.cuda.is_available() else "cpu"
-    q, k, v = _inputs(shape, dtype, layout, device)
-    _skip_unless_runs(backend, q, k, v)
-    out = attention(q, k, v, backend=backend)
-    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
-    # dense: contiguous, or heads interleaved per token as SDPA/xformers write it (a free head merge)
-    assert out.is_contiguous() or out.transpose(1, 2).is_contiguous(), out.stride()
-    q, k, v = (t.cpu() for t in (q, k, v))
-    exact = reference_attention(q.double(), k.double(), v.double())
-    eager = reference_attention(q, k, v, upcast=False)  # plain PyTorch in the same dtype
-    assert_within_eager_bound(out.cpu(), eager, exact, f"{backend} {shape} {dtype} {layout}")
-
-
-@pytest.mark.parametrize("backend", ["sdpa", "reference"])
-def test_float64_stays_float64(backend):
-    q, k, v = _inputs((1, 2, 9, 11, 16), torch.float64, "contiguous")
-    out = attention(q, k, v, 0.37, backend=backend)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, reference_attention(q, k, v, 0.37), rtol=1e-12, atol=1e-12)
+    return CASE.make_qkv(shape, dtype, layout, device)
 
 
 @pytest.mark.parametrize("scale", [None, 0.0, 0.3, -2.0, 7])
@@ -136,28 +77,6 @@ def test_support_table_lists_the_extra_backends():
     row = support_table()["attention"]
     assert list(row) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
     assert row["sdpa"] == AVAILABLE and row["reference"] == AVAILABLE
-
-
-@pytest.mark.parametrize(
-    ("args", "kwargs", "error", "match"),
-    [
-        ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 5), torch.randn(1, 1, 3, 5)), {}, ValueError,
-         r"k must have shape \(1, 1, Nk, 4\), got \(1, 1, 3, 5\)"),
-        ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4)), {}, ValueError,
-         r"v must have the shape of k \(1, 1, 3, 4\), got \(1, 1, 2, 4\)"),
-        ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4).half(), torch.randn(1, 1, 3, 4)), {}, TypeError,
-         r"q, k and v must share a dtype"),
-        ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)), {}, ValueError,
-         r"Nq \(2\), Nk \(0\) and D \(4\) must be >= 1"),
-        ((torch.randn(1, 1, 2, 4),) * 3, {"scale": "0.5"}, TypeError, r"scale must be a real number or None, got str"),
-        ((torch.randn(1, 1, 2, 4),) * 3, {"scale": float("nan")}, ValueError, r"scale must be finite, got nan"),
-        ((torch.randn(1, 1, 2, 4),) * 3, {"backend": "flash"}, ValueError,
-         r"attention: backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton', 'xformers', 'sdpa'\)"),
-    ],
-)
-def test_bad_inputs_name_the_argument(args, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        attention(*args, **kwargs)
 
 
 def test_sdpa_output_merges_heads_without_a_copy():

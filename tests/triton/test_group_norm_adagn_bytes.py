@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from test_ops_group_norm_adagn import _make_parts, _make_x
+from op_cases import BY_OP
 
 triton_gn = pytest.importorskip("fastdiff.triton.group_norm_adagn", reason="Triton is not installed")
 from fastdiff.triton import _compat  # noqa: E402
@@ -37,9 +37,9 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize(("shape", "G", "options"), CASES, ids=[f"{s}-G{g}{'-forced' * bool(o)}" for s, g, o in CASES])
 def test_bytes_within_the_design(shape, G, options, dtype, layout, interpreted):
-    x = _make_x(shape, dtype, layout)
+    x = BY_OP["group_norm_adagn"].make_x(shape, dtype, layout)
     B, C = shape[:2]
-    parts = _make_parts("all", B, C, dtype)
+    parts = BY_OP["group_norm_adagn"].make_parts("all", B, C, dtype)
     parts["scale"] = parts["scale"].float()  # one part in float32: each part is read in its own dtype
     cpg, spatial = C // G, math.prod(shape[2:])
     p = triton_gn.plan(B, G, cpg, spatial, layout == "channels_last", x.device, **options)

@@ -2,7 +2,7 @@
 Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py before Triton is
 imported).
 
-The cases are the native op's grid (tests/test_ops_group_norm_adagn.py: its shapes, layouts and
+The cases are the op's grid (tests/op_cases.py's group_norm_adagn case: its shapes, layouts and
 part builders): C = 3·G with H·W = 7·9, G = C at 1×1 with an odd batch, G = 1 at batch 1, a prime
 length, 5-D and channels_last inputs, strided views. Each runs both kernel paths: the fused one
 and the statistics + apply pair, forced on these small shapes with small tiles and several
@@ -21,13 +21,19 @@ import sys
 import pytest
 import torch
 from conftest import DTYPES, full_triton_grid
-from test_ops_group_norm_adagn import PARTS, _check_against_reference, _grid, _make_parts, _make_x, _opcheck_samples
+from op_cases import BY_OP
 from torch._prims_common import suggest_memory_format
 
 triton_gn = pytest.importorskip("fastdiff.triton.group_norm_adagn", reason="Triton is not installed")
 import triton  # noqa: E402
 
-PART_NAMES = ("weight", "bias", "scale", "shift", "pre_shift")
+CASE = BY_OP["group_norm_adagn"]
+PARTS, PART_NAMES = CASE.PARTS, CASE.PART_NAMES
+_x, _make_parts = CASE.make_x, CASE.make_parts
+
+
+def _check(out, x, G, parts, activation, what):
+    CASE.check(out, CASE.call(x, G, parts, activation), what)
 
 
 def _path_options(path: str, shape, G) -> dict:
@@ -63,22 +69,21 @@ def _matrix():
     """(shape, G, layout, dtype, path): the whole grid in every dtype on the fused path; the split
     path (four times the programs) in float32 here, in 16 bits by test_part_kinds_in_16_bit and the
     byte counts, and on the whole grid with FASTDIFF_FULL_TRITON=1."""
-    for case in _grid():
-        shape, G, layout = case.values
+    for sid, (shape, G), layout in CASE.grid("cpu"):
         for dtype, path in itertools.product(DTYPES, ("fused", "split")):
             if path == "split" and dtype != torch.float32 and not full_triton_grid():
                 continue
-            yield pytest.param(shape, G, layout, dtype, path, id=f"{case.id}-{str(dtype)[6:]}-{path}")
+            yield pytest.param(shape, G, layout, dtype, path, id=f"{sid}-{layout}-{str(dtype)[6:]}-{path}")
 
 
 @pytest.mark.parametrize(("shape", "G", "layout", "dtype", "path"), list(_matrix()))
 def test_matches_reference(shape, G, layout, dtype, path, triton_device):
-    x = _make_x(shape, dtype, layout, triton_device)
+    x = _x(shape, dtype, layout, triton_device)
     B, C = shape[:2]
     for kind, activation in _case_parts():
         parts = _make_parts(kind, B, C, dtype, triton_device)
         out = _run(x, G, parts, activation, path, shape)
-        _check_against_reference(out, x, G, parts, activation, f"{path} {dtype} {shape} G={G} {layout} {kind} "
+        _check(out, x, G, parts, activation, f"{path} {dtype} {shape} G={G} {layout} {kind} "
                                                                f"act={activation}")
 
 
@@ -91,13 +96,13 @@ def _every_combination():
 def test_every_combination_of_parts(layout, path, triton_device):
     """All 32 subsets of the optional parts, with and without SiLU (float32, two groups)."""
     shape, G = (2, 6, 3, 5), 1
-    x = _make_x(shape, torch.float32, layout, triton_device)
+    x = _x(shape, torch.float32, layout, triton_device)
     every = _make_parts("all", 2, 6, torch.float32, triton_device)
     for present in _every_combination():
         parts = {n: every[n] if n in present else None for n in PART_NAMES}
         for activation in (None, "silu"):
             out = _run(x, G, parts, activation, path, shape)
-            _check_against_reference(out, x, G, parts, activation, f"{path} {layout} parts={present} {activation}")
+            _check(out, x, G, parts, activation, f"{path} {layout} parts={present} {activation}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -105,12 +110,12 @@ def test_every_combination_of_parts(layout, path, triton_device):
 def test_part_kinds_in_16_bit(dtype, path, triton_device):
     """Each kind of parts with and without SiLU in 16 bits, and float32 parts with a 16-bit x."""
     shape, G = (3, 4, 5, 7), 2
-    x = _make_x(shape, dtype, "channels_last" if path == "split" else "nchw", triton_device)
+    x = _x(shape, dtype, "channels_last" if path == "split" else "nchw", triton_device)
     cases = [(kind, dtype, act) for kind in PARTS for act in (None, "silu")] + [("all", torch.float32, "silu")]
     for kind, part_dtype, activation in cases:
         parts = _make_parts(kind, 3, 4, part_dtype, triton_device)
         out = _run(x, G, parts, activation, path, shape)
-        _check_against_reference(out, x, G, parts, activation, f"{path} {dtype} {kind} parts {part_dtype} "
+        _check(out, x, G, parts, activation, f"{path} {dtype} {kind} parts {part_dtype} "
                                                                f"{activation}")
 
 
@@ -124,7 +129,7 @@ def test_large_mean_small_spread(path, triton_device):
     x = (1000.0 + 1e-2 * torch.randn(shape)).to(triton_device)
     parts = _make_parts("all", 2, 8, torch.float32, triton_device)
     out = _run(x, G, parts, "silu", path, shape)
-    _check_against_reference(out, x, G, parts, "silu", f"{path} large mean")
+    _check(out, x, G, parts, "silu", f"{path} large mean")
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
@@ -147,17 +152,17 @@ def test_output_format_and_allocation(triton_device):
     strided view whose spatial dims merge is read in place, one that does not is copied once."""
     for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last),
                         ("strided", torch.contiguous_format)):
-        x = _make_x((2, 12, 5, 7), torch.float32, layout, triton_device)
+        x = _x((2, 12, 5, 7), torch.float32, layout, triton_device)
         out = triton_gn.group_norm_adagn(x, 4, silu=True)
         assert out.is_contiguous(memory_format=fmt), layout
-        _check_against_reference(out, x, 4, {n: None for n in PART_NAMES}, "silu", layout)
-    x = _make_x((2, 12, 3, 4, 5), torch.float32, "channels_last", triton_device)
+        _check(out, x, 4, {n: None for n in PART_NAMES}, "silu", layout)
+    x = _x((2, 12, 3, 4, 5), torch.float32, "channels_last", triton_device)
     assert triton_gn.group_norm_adagn(x, 3).is_contiguous(memory_format=torch.channels_last_3d)
     base = torch.randn(2, 12, 5, 9, device=triton_device)
     x = base[:, :, :, 1:8]  # rows of 7 in rows of 9: the spatial dims do not merge
     with pytest.raises(RuntimeError):
         x.view(2, 12, -1)
-    _check_against_reference(triton_gn.group_norm_adagn(x, 4), x, 4, {n: None for n in PART_NAMES}, None,
+    _check(triton_gn.group_norm_adagn(x, 4), x, 4, {n: None for n in PART_NAMES}, None,
                              "unmergeable view")
 
 
@@ -213,29 +218,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         triton_gn.group_norm_adagn(torch.randn(1, 4, 3), 2)
 
 
-# ---- the torch op and the public op on the triton backend ------------------------------------------
-
-
-@pytest.mark.parametrize(("dtype", "layout"), [(torch.float32, "nchw"), (torch.float16, "channels_last"),
-                                               (torch.bfloat16, "nchw")], ids=str)
-def test_opcheck(dtype, layout, triton_device):
-    """Schema, fake impl (FakeTensor, AOTAutograd with dynamic shapes), autograd registration and the
-    kernel agree, on the native op's opcheck samples."""
-    import fastdiff.ops  # noqa: F401  registers fastdiff::group_norm_adagn_triton
-
-    for args in _opcheck_samples(dtype, layout):
-        args = tuple(a.to(triton_device) if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(torch.ops.fastdiff.group_norm_adagn_triton.default, args)
-
-
-def test_public_op_on_the_triton_backend(triton_device):
-    from fastdiff.ops import group_norm_adagn
-
-    x = _make_x((3, 12, 7, 9), torch.float16, "channels_last", triton_device)
-    parts = _make_parts("all", 3, 12, torch.float16, triton_device)
-    out = group_norm_adagn(x, 4, **parts, activation="silu", backend="triton")
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    _check_against_reference(out, x, 4, parts, "silu", "ops.group_norm_adagn triton")
+# ---- the public op on the triton backend (its grid and opcheck: tests/test_ops_harness.py) ------------
 
 
 def test_gradients_match_the_reference(triton_device):
@@ -243,7 +226,7 @@ def test_gradients_match_the_reference(triton_device):
     from fastdiff.ops import group_norm_adagn
     from fastdiff.reference import group_norm_adagn as reference_group_norm_adagn
 
-    x = _make_x((2, 12, 5, 7), torch.float32, "channels_last", triton_device).requires_grad_()
+    x = _x((2, 12, 5, 7), torch.float32, "channels_last", triton_device).requires_grad_()
     parts = {k: v.requires_grad_() for k, v in _make_parts("all", 2, 12, torch.float32, triton_device).items()}
     grad = torch.randn_like(x)
     leaves = [x, *parts.values()]

@@ -1,7 +1,8 @@
 """The Triton layer_norm_modulate kernel against the float64 oracle: on the GPU if there is one, else
 in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py). Small shapes:
 the interpreter runs every program in numpy. Also: the bytes it moves, counted in the interpreter,
-against its design (fastdiff.triton.layer_norm_modulate.design_bytes).
+against its design (fastdiff.triton.layer_norm_modulate.design_bytes). Its grid through the op (the Triton
+tier's shapes, tests/op_cases.py) and opcheck are tests/test_ops_harness.py's.
 """
 
 from __future__ import annotations
@@ -11,80 +12,35 @@ import sys
 
 import pytest
 import torch
-from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
-
-from fastdiff.reference import layer_norm_modulate as reference_layer_norm_modulate
+from op_cases import BY_OP
 
 triton_lnm = pytest.importorskip("fastdiff.triton.layer_norm_modulate", reason="Triton is not installed")
 from fastdiff.triton import _compat  # noqa: E402
 
 TOLERANCE = 1.1
-
-# (B, N, D): D = 1 and 3 in a masked tile, 77 (tile 128), DiT-XL's 1152 (tile 2048); N prime and
-# past a program's 16 rows; batch 1 and odd.
-SHAPES = [(2, 7, 1), (1, 13, 3), (3, 17, 77), (1, 5, 1152)]
-if full_triton_grid():
-    SHAPES += [(5, 67, 40), (2, 300, 384), (1, 3, 5003)]
-LAYOUTS = ("contiguous", "strided-rows", "transposed")
-PARTS = ("none", "affine", "modulate", "all")
+CASE = BY_OP["layer_norm_modulate"]
+_make_parts = CASE.make_parts
 
 
-def _make_x(shape, dtype, layout, device):
-    B, N, D = shape
-    if layout == "strided-rows":
-        x = (torch.randn(B, 2 * N, D) * 3 + 1).to(device=device, dtype=dtype)[:, ::2]
-    elif layout == "transposed":
-        x = (torch.randn(B, D, N) * 3 + 1).to(device=device, dtype=dtype).transpose(1, 2)
-    else:
-        x = (torch.randn(shape) * 3 + 1).to(device=device, dtype=dtype)
-    assert x.shape == shape
-    return x
-
-
-def _make_parts(kind, B, D, dtype, device):
-    """scale and shift are chunks of one (B, 6D) projection, as in DiT (strided views)."""
-    chunks = torch.randn(B, 6 * D).to(device=device, dtype=dtype).chunk(6, dim=1)
-    affine, modulate = kind in ("affine", "all"), kind in ("modulate", "all")
-    return {
-        "weight": torch.randn(D).to(device=device, dtype=dtype) if affine else None,
-        "bias": torch.randn(D).to(device=device, dtype=dtype) if affine else None,
-        "scale": chunks[1] if modulate else None,
-        "shift": chunks[0] if modulate else None,
-    }
+def _x(shape, dtype, layout, device):
+    return CASE.make_x(shape, dtype, layout, device)
 
 
 def _check(out, x, parts, what, eps=1e-6):
-    cpu = {k: None if v is None else v.cpu() for k, v in parts.items()}
-    x = x.cpu()
-    exact = reference_layer_norm_modulate(x.double(), **{k: None if v is None else v.double() for k, v in cpu.items()},
-                                          eps=eps)
-    eager = reference_layer_norm_modulate(x, **cpu, eps=eps, upcast=False)
-    assert out.dtype == x.dtype and out.is_contiguous(), what
-    assert_within_eager_bound(out.cpu(), eager, exact, what)
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape, dtype, layout, triton_device):
-    x = _make_x(shape, dtype, layout, triton_device)
-    for kind in PARTS:
-        parts = _make_parts(kind, shape[0], shape[2], dtype, triton_device)
-        out = triton_lnm.layer_norm_modulate(x, **parts)
-        _check(out, x, parts, f"triton {dtype} {shape} {layout} parts={kind}")
+    CASE.check(out, CASE.call(x, parts, eps), what)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_every_row_count_per_program(rows, triton_device):
     """Programs own `rows` tokens; N = 13 leaves a ragged last program for 3 and 16."""
-    x = _make_x((2, 13, 40), torch.float32, "contiguous", triton_device)
+    x = _x((2, 13, 40), torch.float32, "contiguous", triton_device)
     parts = _make_parts("all", 2, 40, torch.float32, triton_device)
     _check(triton_lnm.layer_norm_modulate(x, **parts, rows=rows), x, parts, f"rows={rows}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_float32_parts_with_16_bit_x(dtype, triton_device):
-    x = _make_x((2, 9, 96), dtype, "contiguous", triton_device)
+    x = _x((2, 9, 96), dtype, "contiguous", triton_device)
     parts = _make_parts("all", 2, 96, torch.float32, triton_device)
     _check(triton_lnm.layer_norm_modulate(x, **parts), x, parts, f"{dtype} x, float32 parts")
 
@@ -96,7 +52,7 @@ def test_large_mean_rows_keep_their_variance(triton_device):
 
 
 def test_eps_is_used(triton_device):
-    x = _make_x((2, 5, 16), torch.float32, "contiguous", triton_device) * 1e-3
+    x = _x((2, 5, 16), torch.float32, "contiguous", triton_device) * 1e-3
     for eps in (0.0, 1e-5, 0.5):
         out = triton_lnm.layer_norm_modulate(x, eps=eps)
         _check(out, x, {}, f"eps={eps}", eps=eps)
@@ -104,7 +60,7 @@ def test_eps_is_used(triton_device):
 
 def test_no_nan_from_recycled_memory(triton_device):
     shape = (2, 40, 64)
-    x = _make_x(shape, torch.float16, "contiguous", triton_device)
+    x = _x(shape, torch.float16, "contiguous", triton_device)
     parts = _make_parts("modulate", 2, 64, torch.float16, triton_device)
     for _ in range(2):
         poison = torch.full(shape, math.nan, dtype=torch.float16, device=triton_device)
@@ -133,27 +89,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         triton_lnm.layer_norm_modulate(torch.randn(1, 2, 8))
 
 
-# ---- the torch op and the public op on the triton backend ------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_opcheck(dtype, triton_device):
-    """Schema, fake impl (FakeTensor and AOTAutograd with dynamic shapes) and the kernel agree."""
-    import fastdiff.ops  # noqa: F401  registers fastdiff::layer_norm_modulate_triton
-
-    x = _make_x((2, 5, 24), dtype, "strided-rows", triton_device)
-    parts = _make_parts("all", 2, 24, dtype, triton_device)
-    args = (x, parts["weight"], parts["bias"], parts["scale"], parts["shift"], 1e-6)
-    torch.library.opcheck(torch.ops.fastdiff.layer_norm_modulate_triton.default, args)
-    torch.library.opcheck(torch.ops.fastdiff.layer_norm_modulate_triton.default, (x, None, None, None, None, 1e-5))
-
-
-def test_public_op_on_the_triton_backend(triton_device):
-    from fastdiff.ops import layer_norm_modulate
-
-    x = _make_x((3, 17, 77), torch.bfloat16, "strided-rows", triton_device)
-    parts = _make_parts("modulate", 3, 77, torch.bfloat16, triton_device)
-    _check(layer_norm_modulate(x, **parts, backend="triton"), x, parts, "ops.layer_norm_modulate triton")
+# ---- the public op on the triton backend (its grid and opcheck: tests/test_ops_harness.py) ------------
 
 
 def test_auto_never_picks_the_interpreter(triton_device):
@@ -177,7 +113,7 @@ def test_compiles_without_graph_break(triton_device):
     def f(x, s, t):
         return layer_norm_modulate(x, scale=s, shift=t, backend="triton") * 2
 
-    x = _make_x((2, 5, 24), torch.float32, "contiguous", triton_device)
+    x = _x((2, 5, 24), torch.float32, "contiguous", triton_device)
     s, t = torch.randn(2, 24, device=triton_device), torch.randn(2, 24, device=triton_device)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, s, t), f(x, s, t))
@@ -198,13 +134,6 @@ def test_triton_module_is_imported_lazily():
 
 
 # ---- bytes moved, counted in the interpreter ---------------------------------------------------------
-
-
-@pytest.fixture
-def interpreted(triton_device):
-    if triton_device.type != "cpu":
-        pytest.skip("counts bytes in Triton's interpreter; kernels run compiled on this machine's GPU")
-    return triton_device
 
 
 def _traffic(x, parts, rows):
@@ -239,7 +168,7 @@ BYTE_CASES = [
 @pytest.mark.parametrize("case", BYTE_CASES, ids=str)
 def test_bytes_within_the_design(case, dtype, interpreted):
     B, N, D, rows, kind = case
-    x = _make_x((B, N, D), dtype, "strided-rows", interpreted)
+    x = _x((B, N, D), dtype, "strided-rows", interpreted)
     parts = _make_parts(kind, B, D, dtype, interpreted)
     measured, design = _traffic(x, parts, rows)
     for name in measured:
@@ -251,7 +180,7 @@ def test_bytes_within_the_design(case, dtype, interpreted):
 def test_dit_block_moves_little_more_than_every_tensor_once(interpreted):
     """DiT's case, scale and shift only, 16 tokens per program (D = 384 keeps the interpreter quick):
     within 1.1x of the minimum, every tensor touched once."""
-    x = _make_x((2, 64, 384), torch.float32, "contiguous", interpreted)
+    x = _x((2, 64, 384), torch.float32, "contiguous", interpreted)
     parts = _make_parts("modulate", 2, 384, torch.float32, interpreted)
     measured, design = _traffic(x, parts, 16)
     assert measured["total"] == design["total"]

@@ -19,7 +19,9 @@ import math
 import pytest
 import torch
 from conftest import DTYPES, assert_within_eager_bound
-from test_ops_sampler_step import STEPS, _inputs, _sampler
+from op_cases import STEPS
+from op_cases import make_sampler as _sampler
+from op_cases import step_inputs as _inputs
 
 from fastdiff.reference.sampler_step import sampler_loop_step as reference_loop_step
 from fastdiff.sampling import DDPMSampler

@@ -1,7 +1,7 @@
 """The Triton sampler_step kernel against the step-by-step oracle: on the GPU if there is one, else in
 Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by tests/conftest.py).
 
-The grid is the native backends' (tests/test_ops_sampler_step.py: its samplers, case builders and
+The grid is the native backends' (tests/op_cases.py's sampler_step case: its samplers, case builders and
 oracle are imported, not rewritten): DDIM/DDPM x eps/v/x0 x fixed/learned variances x clipping x
 CFG x fp32/fp16/bf16, each held to the dtype-following bound against the float64 oracle, with the
 outputs poisoned (NaN) before the kernel writes them. Then layouts (channels_last, mixed formats,
@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
-from test_ops_sampler_step import CONFIGS, SHAPES, STEPS, _inputs, _oracle, _sampler
+from op_cases import SAMPLER_CONFIGS as CONFIGS
+from op_cases import SAMPLER_SHAPES as SHAPES
+from op_cases import STEPS
+from op_cases import make_sampler as _sampler
+from op_cases import step_inputs as _inputs
+from op_cases import step_oracle as _oracle
 
 import fastdiff
 from fastdiff import _native
