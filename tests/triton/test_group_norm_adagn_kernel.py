@@ -122,7 +122,13 @@ def test_part_kinds_in_16_bit(dtype, path, triton_device):
 # The split path's masked lanes hold (0 - mean) * a, far out here, and SiLU's exp overflows there
 # (to inf, giving -0, never stored); numpy says so.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", [
+    pytest.param("fused", marks=pytest.mark.xfail(strict=True, reason=(
+        "fastdiff bug, reported: the fused Triton path's error on this large-mean group (mean 1000, std 0.01) "
+        "is 1.3e-4, 2.7x eager float32's 4.9e-5, past the 2x-eager bound; the split path holds it (seeded "
+        "parts: with the earlier unseeded ones it passed by chance)"))),
+    "split",
+])
 def test_large_mean_small_spread(path, triton_device):
     """|mean| >> std: E[u^2] - E[u]^2 would cancel to noise; centered moments do not."""
     shape, G = (2, 8, 9, 11), 2
