@@ -192,8 +192,9 @@ def register_autograd_on_load(op: str, backward: Callable, setup_context: Callab
     only once, however often the ops module is reloaded or ``_C`` re-announced).
 
     The formula goes on a companion op ``fastdiff::<op>_autograd`` with the native op's schema,
-    which runs the native op: the native op's own Autograd kernel (C++, csrc/torch_bindings.cpp)
-    sends a call there only when it must record a graph, so calls without grad never enter Python.
+    which runs the native op: the native op's own Autograd kernel (C++, csrc/torch_bindings.cpp; each
+    differentiable op registers it in its csrc/cpu/<op>.cpp) sends a call there only when it must
+    record a graph, so calls without grad never enter Python.
     """
     registered: list[bool] = []
 

@@ -177,3 +177,82 @@ def test_on_load_callbacks_run_once_loaded(fresh_native):
     module = _native.load()
     assert seen == ([module] if module is not None else [])
     _native._callbacks.remove(seen.append)
+
+
+# ---- what fastdiff._C registers ----------------------------------------------------------------------
+# Each op registers itself in its own files (csrc/cpu/<op>.cpp: schema, CPU kernel, Autograd kernel;
+# csrc/meta/<op>.cpp; csrc/cuda/<op>.cu). These pin the result: the schemas, and the dispatch keys
+# every op has a kernel for. A change here is a deliberate change of an op's interface.
+
+# op -> (schema, dispatch keys it has a kernel for; "CUDA" only where the build has the CUDA part)
+NATIVE_OPS = {
+    "cfg_combine": ("fastdiff::cfg_combine(Tensor model_out, float scale) -> Tensor",
+                    ("CPU", "Meta", "Autograd", "CUDA")),
+    "sampler_step": ("fastdiff::sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, "
+                     "float cfg_scale, bool learned_range, float clip, Tensor? threshold, Tensor? noise, "
+                     "Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)",
+                     ("CPU", "Meta", "CUDA")),
+    "sampler_loop_step": ("fastdiff::sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, "
+                          "Tensor(b!) step, Tensor? cfg_scale, bool learned_range, float clip, Tensor? threshold, "
+                          "Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, Tensor? timesteps) -> ()",
+                          ("CPU", "Meta", "CUDA")),
+    "group_norm_adagn": ("fastdiff::group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
+                         "Tensor? scale, Tensor? shift, Tensor? pre_shift, float eps, bool silu) -> Tensor",
+                         ("CPU", "Meta", "Autograd", "CUDA")),
+    "layer_norm_modulate": ("fastdiff::layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
+                            "Tensor? shift, float eps) -> Tensor",
+                            ("CPU", "Meta", "Autograd", "CUDA")),
+    "conv3x3": ("fastdiff::conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor",
+                ("CPU", "Meta", "Autograd")),
+    # No tensor argument: one catch-all kernel, which the dispatcher files under CompositeImplicitAutograd.
+    "conv3x3_weight_cache": ("fastdiff::conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]",
+                             ("CompositeImplicitAutograd",)),
+}
+DISPATCH_KEYS = ("CPU", "Meta", "Autograd", "CUDA", "CompositeImplicitAutograd")
+
+
+def _defined_in_sources() -> dict[str, str]:
+    """op -> the source file whose m.def defines it, over every C++ and CUDA source."""
+    import re
+
+    csrc = REPO / "csrc"
+    found: dict[str, str] = {}
+    for source in sorted([*csrc.rglob("*.cpp"), *csrc.rglob("*.cu")]):
+        for name in re.findall(r'm\.def\(\s*"([a-z_0-9]+)\(', source.read_text()):
+            assert name not in found, f"{name} is defined twice: {found[name]} and {source.relative_to(REPO)}"
+            found[name] = str(source.relative_to(REPO))
+    return found
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("op", sorted(NATIVE_OPS))
+def test_native_op_schema_and_dispatch_keys(op):
+    _native.load()
+    schema, keys = NATIVE_OPS[op]
+    assert str(getattr(torch.ops.fastdiff, op).default._schema) == schema
+    expected = set(keys) if _native.status()["cuda_compiled"] else set(keys) - {"CUDA"}
+    has = {key for key in DISPATCH_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", key)}
+    assert has == expected, torch._C._dispatch_dump(f"fastdiff::{op}")
+
+
+@pytest.mark.native
+def test_every_native_op_registers_in_its_own_files():
+    """Each op the sources define has its schema in its own csrc/cpu/<op>.cpp (the step ops share
+    sampler_step.cpp, conv3x3's cache lives with conv3x3) and is registered for CPU and Meta there and
+    in csrc/meta/, and for CUDA (where built) in its csrc/cuda/<op>.cu (an op that takes no tensor: one
+    catch-all kernel). A new op needs no line above."""
+    _native.load()
+    defined = _defined_in_sources()
+    assert set(NATIVE_OPS) <= set(defined)
+    home = {"sampler_loop_step": "sampler_step", "conv3x3_weight_cache": "conv3x3"}
+    for op, source in defined.items():
+        assert source == f"csrc/cpu/{home.get(op, op)}.cpp", (op, source)
+        dump = torch._C._dispatch_dump(f"fastdiff::{op}")
+        kernels = {line.split(":")[0]: line for line in dump.splitlines() if "registered at" in line}
+        if "CompositeImplicitAutograd[alias]" in kernels:
+            assert f"csrc/cpu/{home.get(op, op)}.cpp" in kernels["CompositeImplicitAutograd[alias]"], dump
+            continue
+        assert f"csrc/cpu/{home.get(op, op)}.cpp" in kernels.get("CPU", ""), dump
+        assert "csrc/meta/" in kernels.get("Meta", ""), dump
+        if "CUDA" in kernels:
+            assert f"csrc/cuda/{home.get(op, op)}.cu" in kernels["CUDA"], dump

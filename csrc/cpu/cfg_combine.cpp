@@ -1,6 +1,8 @@
 // CPU implementation of cfg_combine: checks and allocation here, the loop in cfg_combine_chunk.inl
-// (vectorized with at::vec), split across threads with at::parallel_for.
-#include "../ops.h"
+// (vectorized with at::vec), split across threads with at::parallel_for. The op's schema and its CPU
+// and Autograd registrations are at the end.
+#include "../cfg_combine.h"
+#include "../dispatch.h"
 #include "cfg_combine_kernel.h"
 #include "launch.h"
 
@@ -49,3 +51,12 @@ at::Tensor cfg_combine_cpu(const at::Tensor& model_out, double scale) {
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // model_out (2B, *rest) = [uncond; cond] on dim 0 -> uncond + scale * (cond - uncond), (B, *rest).
+  m.def("cfg_combine(Tensor model_out, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("cfg_combine", &fastdiff::cfg_combine_cpu); }
+
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) { fastdiff::register_autograd(m, "cfg_combine"); }

@@ -17,7 +17,10 @@
 // sgemm_batch_ for a block's 16 at once, else the Fortran sgemm_ 16 times (also with
 // FASTDIFF_CONV3X3_NO_BATCH=1). When sgemm_ is absent (or FASTDIFF_CONV3X3_NO_BLAS=1), the stages
 // run unblocked over all tiles with at::bmm.
-#include "../ops.h"
+//
+// The op's schemas (conv3x3 and its weight cache's) and its CPU and Autograd registrations are at the end.
+#include "../conv3x3.h"
+#include "../dispatch.h"
 #include "conv3x3_kernel.h"
 #include "launch.h"
 
@@ -373,3 +376,17 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // conv2d(x, weight, bias, stride 1, padding 1) + residual: x (N, C_in, H, W), weight (C_out, C_in, 3, 3),
+  // bias (C_out,), residual (N, C_out, H, W); float32. Returns channels_last (N, C_out, H, W). CPU only.
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
+  // The cpu kernel's remembered filters (see csrc/conv3x3.h): forget a weight by its data address, or
+  // clear all; -> [entries, bytes, budget bytes, hits, misses]. Takes no tensor: one implementation
+  // for every dispatch key.
+  m.def("conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]", &fastdiff::conv3x3_weight_cache);
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("conv3x3", &fastdiff::conv3x3_cpu); }
+
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) { fastdiff::register_autograd(m, "conv3x3"); }

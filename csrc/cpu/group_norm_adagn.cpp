@@ -1,8 +1,9 @@
 // CPU implementation of group_norm_adagn: checks, layout, allocation and the per-channel parts in the
 // math type here; the loops in group_norm_adagn_impl.inl (at::vec, at::parallel_for), compiled once
 // portable (below) and once each for AVX2 and AVX-512 (group_norm_adagn_avx2.cpp, _avx512.cpp),
-// picked at run time.
-#include "../ops.h"
+// picked at run time. The op's schema and its CPU and Autograd registrations are at the end.
+#include "../dispatch.h"
+#include "../group_norm_adagn.h"
 #include "group_norm_adagn_kernel.h"
 #include "launch.h"
 
@@ -57,3 +58,15 @@ at::Tensor group_norm_adagn_cpu(const at::Tensor& x, int64_t num_groups, const s
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // act((GroupNorm(x + pre_shift) * weight + bias) * (1 + scale) + shift), act = SiLU if silu.
+  // x (B, C, *spatial), NCHW or channels_last; weight/bias (C,); scale/shift/pre_shift (B, C).
+  m.def(
+      "group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "Tensor? pre_shift, float eps, bool silu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cpu); }
+
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) { fastdiff::register_autograd(m, "group_norm_adagn"); }

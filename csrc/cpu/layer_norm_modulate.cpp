@@ -1,8 +1,9 @@
 // CPU implementation of layer_norm_modulate: checks, allocation and the parts in the math type here;
 // the loops in layer_norm_modulate_impl.inl (at::vec, at::parallel_for), compiled once portable
 // (below) and once each for AVX2 and AVX-512 (layer_norm_modulate_avx2.cpp, _avx512.cpp), picked at
-// run time.
-#include "../ops.h"
+// run time. The op's schema and its CPU and Autograd registrations are at the end.
+#include "../dispatch.h"
+#include "../layer_norm_modulate.h"
 #include "layer_norm_modulate_kernel.h"
 #include "launch.h"
 
@@ -70,3 +71,15 @@ at::Tensor layer_norm_modulate_cpu(const at::Tensor& x, const std::optional<at::
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // (LayerNorm(x) * weight + bias) * (1 + scale) + shift over the last dim (DiT's adaLN modulate).
+  // x (B, N, D), any strides; weight/bias (D,); scale/shift (B, D). Returns contiguous (B, N, D).
+  m.def(
+      "layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, float eps) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) { m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cpu); }
+
+TORCH_LIBRARY_IMPL(fastdiff, Autograd, m) { fastdiff::register_autograd(m, "layer_norm_modulate"); }

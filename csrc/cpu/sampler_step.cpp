@@ -1,6 +1,7 @@
 // CPU implementations of sampler_step and sampler_loop_step (and the latter's Meta kernel), and
 // the input planning they share with the CUDA launcher: checks here, the loop in
-// sampler_step_chunk.inl (vectorized, one build per CPU capability).
+// sampler_step_chunk.inl (vectorized, one build per CPU capability). Both ops' schemas and CPU
+// registrations are at the end (they share the kernel and the plan); both are forward-only.
 //
 // The loop body comes first: it declares the vector overloads of the shared formula's helpers,
 // which must precede the formula's header (common/sampler_step.h, which it includes).
@@ -8,13 +9,14 @@
 #include "sampler_step_chunk.inl"
 #undef FASTDIFF_CPU_ISA
 
-#include "../ops.h"
+#include "../sampler_step.h"
 #include "launch.h"
 #include "sampler_step_kernel.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -376,3 +378,26 @@ void sampler_loop_step_meta(const at::Tensor& x_in, const at::Tensor& model_outp
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
+  // One fused DDIM/DDPM step: x (B, C, *spatial), model_output (B or 2B rows [uncond; cond]; C or 2C
+  // channels), coefs (steps, 11) per-step coefficients, step () int64 index into them. Noise from
+  // `noise`, or in-kernel Philox keyed by philox_seed; neither: no noise term. -> (x_prev, x0).
+  m.def(
+      "sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, float cfg_scale, bool learned_range, "
+      "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)");
+  // The sampling loop's step, in place (CUDA-graph capturable: every value is read on the device).
+  // x_in (B, C, *spatial), or (2B, ...) holding x_t in both halves when cfg_scale (one-element
+  // float tensor) is given; contiguous. With s = step (one-element int64): x_prev = sampler_step(
+  // x_in[:B], ..., s) into x_in[:B] (and x_in[B:]); then step = s + 1 and, given t_in, every entry
+  // of t_in = timesteps[s + 1] while s + 1 < len(timesteps).
+  m.def(
+      "sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, Tensor(b!) step, Tensor? cfg_scale, "
+      "bool learned_range, float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, "
+      "Tensor? timesteps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("sampler_step", &fastdiff::sampler_step_cpu);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_cpu);
+}

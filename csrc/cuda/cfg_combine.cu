@@ -1,6 +1,6 @@
 // CUDA implementation of cfg_combine: a grid-stride elementwise kernel and its launcher.
 #include "../common/cfg_combine.h"
-#include "../ops.h"
+#include "../cfg_combine.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
@@ -71,3 +72,5 @@ at::Tensor cfg_combine_cuda(const at::Tensor& model_out, double scale) {
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("cfg_combine", &fastdiff::cfg_combine_cuda); }

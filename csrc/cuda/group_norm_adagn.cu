@@ -12,7 +12,7 @@
 // The arithmetic (Welford merge, coefficients, epilogue) is csrc/common/group_norm_adagn.h, shared with
 // the CPU kernels.
 #include "../common/group_norm_adagn.h"
-#include "../ops.h"
+#include "../group_norm_adagn.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -390,3 +391,5 @@ at::Tensor group_norm_adagn_cuda(const at::Tensor& x, int64_t num_groups, const 
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_cuda); }

@@ -12,7 +12,7 @@
 // The arithmetic (folding the parts, the rstd, the epilogue) is csrc/common/layer_norm_modulate.h,
 // shared with the CPU kernel.
 #include "../common/layer_norm_modulate.h"
-#include "../ops.h"
+#include "../layer_norm_modulate.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -312,3 +313,5 @@ at::Tensor layer_norm_modulate_cuda(const at::Tensor& x, const std::optional<at:
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) { m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_cuda); }

@@ -6,7 +6,7 @@
 #include "../common/cfg_combine.h"
 #include "../common/philox.h"
 #include "../common/sampler_step.h"
-#include "../ops.h"
+#include "../sampler_step.h"
 #include "sampler_step_args.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -268,3 +269,8 @@ void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_outp
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, CUDA, m) {
+  m.impl("sampler_step", &fastdiff::sampler_step_cuda);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_cuda);
+}

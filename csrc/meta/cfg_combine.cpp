@@ -1,9 +1,10 @@
 // Meta (shape-only) implementation of cfg_combine. FakeTensor tracing (torch.compile, opcheck)
 // uses it, so it works on symbolic sizes and never touches data.
-#include "../ops.h"
+#include "../cfg_combine.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/core/SymBool.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -21,3 +22,5 @@ at::Tensor cfg_combine_meta(const at::Tensor& model_out, double scale) {
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("cfg_combine", &fastdiff::cfg_combine_meta); }

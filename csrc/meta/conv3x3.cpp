@@ -1,7 +1,8 @@
 // Meta (shape-only) implementation of conv3x3, for FakeTensor tracing (torch.compile, opcheck).
-#include "../ops.h"
+#include "../conv3x3.h"
 
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -13,3 +14,5 @@ at::Tensor conv3x3_meta(const at::Tensor& x, const at::Tensor& weight, const std
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("conv3x3", &fastdiff::conv3x3_meta); }

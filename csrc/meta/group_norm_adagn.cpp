@@ -1,8 +1,9 @@
 // Meta (shape-only) implementation of group_norm_adagn, for FakeTensor tracing (torch.compile,
 // opcheck): the same checks as the kernels, on symbolic sizes, and the same output layout.
-#include "../ops.h"
+#include "../group_norm_adagn.h"
 
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -15,3 +16,5 @@ at::Tensor group_norm_adagn_meta(const at::Tensor& x, int64_t num_groups, const 
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("group_norm_adagn", &fastdiff::group_norm_adagn_meta); }

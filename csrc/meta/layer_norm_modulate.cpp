@@ -1,8 +1,9 @@
 // Meta (shape-only) implementation of layer_norm_modulate, for FakeTensor tracing (torch.compile,
 // opcheck): the same checks as the kernels, on symbolic sizes, and the same contiguous output.
-#include "../ops.h"
+#include "../layer_norm_modulate.h"
 
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -14,3 +15,5 @@ at::Tensor layer_norm_modulate_meta(const at::Tensor& x, const std::optional<at:
 }
 
 }  // namespace fastdiff
+
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) { m.impl("layer_norm_modulate", &fastdiff::layer_norm_modulate_meta); }

@@ -1,9 +1,10 @@
 // Meta (shape-only) implementation of sampler_step, for FakeTensor tracing (torch.compile,
 // opcheck): outputs like x (same sizes, dtype and memory format); x0 is empty unless asked for.
-#include "../ops.h"
+#include "../sampler_step.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/library.h>
 
 namespace fastdiff {
 
@@ -20,3 +21,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const 
 }
 
 }  // namespace fastdiff
+
+// sampler_loop_step's Meta kernel is in csrc/cpu/sampler_step.cpp, beside the checks it shares.
+TORCH_LIBRARY_IMPL(fastdiff, Meta, m) {
+  m.impl("sampler_step", &fastdiff::sampler_step_meta);
+  m.impl("sampler_loop_step", &fastdiff::sampler_loop_step_meta);
+}
