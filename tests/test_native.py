@@ -202,7 +202,7 @@ NATIVE_OPS = {
     "layer_norm_modulate": ("fastdiff::layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
                             "Tensor? shift, float eps) -> Tensor",
                             ("CPU", "Meta", "Autograd", "CUDA")),
-    "conv3x3": ("fastdiff::conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor",
+    "conv3x3": ("fastdiff::conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int path=0) -> Tensor",
                 ("CPU", "Meta", "Autograd")),
     # No tensor argument: one catch-all kernel, which the dispatcher files under CompositeImplicitAutograd.
     "conv3x3_weight_cache": ("fastdiff::conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]",

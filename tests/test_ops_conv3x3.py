@@ -301,6 +301,109 @@ def test_other_cpu_paths_match_reference(env):
     assert excess <= 0, f"exceeds the 2 * eager + floor bound by {excess:.3g}"
 
 
+# ---- the cpu kernel's Winograd path, chosen per call (path=) -------------------------------------
+
+# One input channel (K = 1 GEMMs), 16 -> 16 (the static rule's fused side), 32 -> 48 (its BLAS side),
+# odd H and W (half tiles), 13 -> 7 (partial vectors), a single pixel, and enough tiles for several
+# fused groups and L2 blocks.
+PATH_SHAPES = [(2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (1, 1, 1, 1, 1),
+               (4, 24, 40, 17, 15)]
+
+
+@needs_native
+@pytest.mark.parametrize("path", ["fused", "blas"])
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+def test_cpu_path_matches_reference(shape, path):
+    """Either path on any shape, whatever the static rule would pick: the tuner times both."""
+    for layout, with_bias, with_residual in (("nchw", False, False), ("channels_last", True, True),
+                                             ("nchw", True, False), ("channels_last", False, True)):
+        x, weight, bias, residual = _case(shape, torch.float32, layout, with_bias, with_residual)
+        what = f"path={path} {shape} {layout} bias={with_bias} residual={with_residual}"
+        out = conv3x3(x, weight, bias, residual, backend="cpu", path=path)
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all(), what
+        _check_against_reference(out, x, weight, bias, residual, what)
+        # the native op takes the path's number (csrc/conv3x3.h, Conv3x3Path)
+        direct = torch.ops.fastdiff.conv3x3(x, weight, bias, residual, OP_MODULE.PATHS[path])
+        torch.testing.assert_close(direct, out, rtol=0, atol=0, msg=what)
+
+
+_PATH_TAKEN_CODE = textwrap.dedent(
+    """
+    import torch
+    from fastdiff import _native
+    assert _native.load() is not None, _native.status()["reason"]
+    # Without BLAS (FASTDIFF_CONV3X3_NO_BLAS=1) the BLAS path runs its GEMMs as one aten::bmm, which
+    # the profiler sees; the fused path runs its own.
+    def takes_blas(c_in, c_out, path):
+        x = torch.randn(2, c_in, 9, 7)
+        w = torch.randn(c_out, c_in, 3, 3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.ops.fastdiff.conv3x3(x, w, None, None, path)
+        return any(e.key == "aten::bmm" for e in prof.key_averages())
+    print("taken", [takes_blas(c_in, c_out, path) for c_in, c_out in ((16, 16), (32, 48)) for path in (0, 1, 2)])
+    """
+)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("env", "taken"),
+    [
+        # path 0 is the static rule: the fused path with 16 channels, BLAS with 32 -> 48
+        ({}, [False, False, True, True, False, True]),
+        # FASTDIFF_CONV3X3_FUSED decides path 0 only; an explicit path wins over it
+        ({"FASTDIFF_CONV3X3_FUSED": "1"}, [False, False, True, False, False, True]),
+        ({"FASTDIFF_CONV3X3_FUSED": "0"}, [True, False, True, True, False, True]),
+    ],
+    ids=["static", "env-fused", "env-blas"],
+)
+def test_cpu_path_argument_picks_the_path_it_names(env, taken):
+    """(16 -> 16, 32 -> 48) x (path 0, 1, 2): True where the BLAS path ran."""
+    env = {k: v for k, v in os.environ.items() if k != "FASTDIFF_CONV3X3_FUSED"} | env
+    env["FASTDIFF_CONV3X3_NO_BLAS"] = "1"
+    result = subprocess.run([sys.executable, "-c", _PATH_TAKEN_CODE], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"taken {taken}" in result.stdout, result.stdout
+
+
+@needs_native
+def test_cpu_path_with_no_input_channels_is_bias_plus_residual():
+    """C_in = 0 never takes the fused path (its GEMM starts from the first channel), even when asked."""
+    x, weight, bias, residual = _case((2, 0, 3, 5, 5))
+    for code in (0, 1, 2):
+        out = torch.ops.fastdiff.conv3x3(x, weight, bias, residual, code)
+        torch.testing.assert_close(out, bias.view(1, 3, 1, 1) + residual, rtol=0, atol=0)
+
+
+def test_reference_ignores_path():
+    x, weight, bias, residual = _case((2, 5, 6, 7, 9))
+    want = reference_conv3x3(x, weight, bias, residual)
+    for path in ("auto", "fused", "blas"):
+        assert torch.equal(conv3x3(x, weight, bias, residual, backend="reference", path=path), want)
+
+
+@pytest.mark.parametrize("path", ["winograd", "FUSED", "", 1, None])
+@pytest.mark.parametrize("backend", ("auto", "reference", "cpu"))
+def test_bad_path_is_refused_naming_the_choices(path, backend):
+    x, weight, _, _ = _case((2, 4, 3, 5, 6))
+    if backend == "cpu" and SUPPORT.why_not("cpu", {"x": x, "weight": weight}):
+        pytest.skip(f"cpu cannot run here: {SUPPORT.why_not('cpu', {'x': x, 'weight': weight})}")
+    conv3x3(x, weight, backend=backend, path="fused")  # the signature is bound: later calls skip the checks
+    with pytest.raises(ValueError, match=r"conv3x3: path must be one of 'auto', 'fused', 'blas', got "):
+        conv3x3(x, weight, backend=backend, path=path)
+
+
+@needs_native
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("code", [-1, 3, 1 << 40])
+def test_native_op_refuses_a_bad_path_number(device, code):
+    """The C++ checks, CPU and Meta kernels alike, for callers of torch.ops directly."""
+    with pytest.raises(RuntimeError, match=rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) "
+                                           rf"or 2 \(the BLAS path\), got {code}"):
+        torch.ops.fastdiff.conv3x3(_x().to(device), _w().to(device), None, None, code)
+
+
 # ---- the reference backend, every dtype ----------------------------------------------------------
 
 
@@ -505,6 +608,9 @@ def test_opcheck(layout):
         (x, weight, bias, residual),
         tuple(None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)),
         (x.detach().clone().requires_grad_(), weight, None, residual),
+        (x, weight, bias, residual, 1),  # the fused path
+        (x, weight, None, residual, 2),  # the BLAS path
+        (x, weight.detach().clone().requires_grad_(), bias, None, 2),
     ]
     for args in samples:
         torch.library.opcheck(op, args)
@@ -519,9 +625,10 @@ def test_meta_shape_dtype_and_format():
 
 
 @needs_native
-def test_compiles_with_fullgraph_and_matches_eager():
+@pytest.mark.parametrize("path", ["auto", "blas"])
+def test_compiles_with_fullgraph_and_matches_eager(path):
     def step(x, weight, bias, residual):
-        return conv3x3(x, weight, bias, residual, backend="cpu")
+        return conv3x3(x, weight, bias, residual, backend="cpu", path=path)
 
     x, weight, bias, residual = _case((2, 32, 32, 8, 8))
     compiled = torch.compile(step, fullgraph=True)

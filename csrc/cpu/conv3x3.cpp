@@ -93,16 +93,20 @@ constexpr int64_t kGrainMacs = 1 << 16;
 // (docs/tuning.md has the measurements this was read from).
 constexpr int64_t kFusedMaxChannels = 16;
 
-// Which path: FASTDIFF_CONV3X3_FUSED=1 or 0 (read once per process) forces the fused or the
-// blocked BLAS path, for tests and measurements. C_in = 0 never takes the fused path (its GEMM
-// starts from the first input channel).
-bool use_fused_path(int64_t c_in, int64_t c_out) {
+// Which path: the caller's choice (the op's `path` argument: a tuner times both per shape), else
+// the static rule: FASTDIFF_CONV3X3_FUSED=1 or 0 (read once per process) forces the fused or the
+// blocked BLAS path, for tests and measurements; else the channel count decides. C_in = 0 never
+// takes the fused path, whatever is asked (its GEMM starts from the first input channel).
+bool use_fused_path(int64_t c_in, int64_t c_out, Conv3x3Path path) {
   static const int forced = [] {
     const char* value = std::getenv("FASTDIFF_CONV3X3_FUSED");
     return value == nullptr ? -1 : (std::strcmp(value, "1") == 0 ? 1 : (std::strcmp(value, "0") == 0 ? 0 : -1));
   }();
   if (c_in < 1) {
     return false;
+  }
+  if (path != Conv3x3Path::kStatic) {
+    return path == Conv3x3Path::kFused;
   }
   return forced >= 0 ? forced == 1 : std::min(c_in, c_out) <= kFusedMaxChannels;
 }
@@ -265,8 +269,8 @@ std::vector<int64_t> conv3x3_weight_cache(int64_t forget, bool clear) {
 }
 
 at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                       const std::optional<at::Tensor>& residual) {
-  check_conv3x3(x, weight, bias, residual);
+                       const std::optional<at::Tensor>& residual, int64_t path) {
+  check_conv3x3(x, weight, bias, residual, path);
   TORCH_CHECK(x.device().is_cpu(), "conv3x3 (cpu): x must be a CPU tensor, got device ", x.device());
   constexpr auto kNhwc = at::MemoryFormat::ChannelsLast;
   cpu::Conv3x3Geometry g{};
@@ -303,7 +307,7 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
   const int64_t c_in = std::max<int64_t>(g.c_in, 1);  // C_in = 0 still runs: V is empty, M is all zero
   const int64_t ldu = u.size(2);
 
-  if (use_fused_path(g.c_in, g.c_out)) {
+  if (use_fused_path(g.c_in, g.c_out, static_cast<Conv3x3Path>(path))) {
     at::parallel_for(0, g.tiles, std::max<int64_t>(1, kGrainMacs / (16 * c_in * ldu)), [&](int64_t begin, int64_t end) {
       fused_fn(x_ptr, u_ptr, ldu, b_ptr, res_ptr, out_ptr, g, begin, end);
     });
@@ -380,7 +384,8 @@ at::Tensor conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight, const std:
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   // conv2d(x, weight, bias, stride 1, padding 1) + residual: x (N, C_in, H, W), weight (C_out, C_in, 3, 3),
   // bias (C_out,), residual (N, C_out, H, W); float32. Returns channels_last (N, C_out, H, W). CPU only.
-  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual) -> Tensor");
+  // path: the Winograd path, 0 the static rule, 1 fused, 2 BLAS (see Conv3x3Path in csrc/conv3x3.h).
+  m.def("conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int path=0) -> Tensor");
   // The cpu kernel's remembered filters (see csrc/conv3x3.h): forget a weight by its data address, or
   // clear all; -> [entries, bytes, budget bytes, hits, misses]. Takes no tensor: one implementation
   // for every dispatch key.

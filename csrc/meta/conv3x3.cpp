@@ -7,8 +7,8 @@
 namespace fastdiff {
 
 at::Tensor conv3x3_meta(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                        const std::optional<at::Tensor>& residual) {
-  check_conv3x3(x, weight, bias, residual);
+                        const std::optional<at::Tensor>& residual, int64_t path) {
+  check_conv3x3(x, weight, bias, residual, path);
   return at::empty_symint({x.sym_size(0), weight.sym_size(0), x.sym_size(2), x.sym_size(3)},
                           x.options().memory_format(at::MemoryFormat::ChannelsLast));
 }

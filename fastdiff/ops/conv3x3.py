@@ -33,28 +33,34 @@ from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
 __all__ = ["conv3x3", "weight_cache_info", "clear_weight_cache"]
 
 OP = "conv3x3"
+# The cpu kernel's Winograd paths, as its `path` argument numbers them (csrc/conv3x3.h, Conv3x3Path):
+# "auto" its static rule (FASTDIFF_CONV3X3_FUSED if set, else the channel count), "fused" its own GEMMs
+# on tiles kept in L1, "blas" its blocked path on torch's BLAS.
+PATHS = {"auto": 0, "fused": 1, "blas": 2}
 
 
-def _inputs(x, weight, bias, residual) -> dict[str, torch.Tensor]:
+def _inputs(x, weight, bias, residual, path) -> dict[str, torch.Tensor]:
     return {"x": x, "weight": weight}
 
 
-def _prepare(x, weight, bias, residual, backend, checked=True) -> tuple:
+def _prepare(x, weight, bias, residual, path, backend, checked=True) -> tuple:
     # Unchecked, the kernel's own checks match _validate's except for empty maps and channels,
-    # which it would compute: those are checked here.
-    if checked or x.dim() != 4 or min(x.shape[1:]) == 0 or weight.dim() != 4 or weight.shape[0] == 0:
-        _validate(x, weight, bias, residual)
+    # which it would compute, and the path's name, which it never sees: those are checked here.
+    code = PATHS.get(path) if type(path) is str else None
+    if (checked or code is None or x.dim() != 4 or min(x.shape[1:]) == 0 or weight.dim() != 4
+            or weight.shape[0] == 0):
+        _validate(x, weight, bias, residual, path)
     if backend == "cpu" and not torch.compiler.is_compiling():
         _forget_when_freed(weight)
-    return x, weight, bias, residual
+    return x, weight, bias, residual, code
 
 
-def _reference(x, weight, bias, residual) -> torch.Tensor:
-    return _reference_conv3x3(x, weight, bias, residual)
+def _reference(x, weight, bias, residual, path) -> torch.Tensor:
+    return _reference_conv3x3(x, weight, bias, residual)  # one convolution: the path is the cpu kernel's
 
 
-def _native_op(x, weight, bias, residual) -> torch.Tensor:
-    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
+def _native_op(x, weight, bias, residual, path) -> torch.Tensor:
+    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual, path)
 
 
 SUPPORT = register_op(
@@ -68,13 +74,13 @@ SUPPORT = register_op(
             "triton": Kernel("missing"),
         },
         inputs=_inputs,
-        validate=lambda x, weight, bias, residual: _validate(x, weight, bias, residual),
+        validate=lambda x, weight, bias, residual, path: _validate(x, weight, bias, residual, path),
         prepare=_prepare,
     )
 )
 
 
-def _validate(x: object, weight: object, bias: object, residual: object) -> None:
+def _validate(x: object, weight: object, bias: object, residual: object, path: object = "auto") -> None:
     for name, t, optional in (
         ("x", x, False),
         ("weight", weight, False),
@@ -109,6 +115,8 @@ def _validate(x: object, weight: object, bias: object, residual: object) -> None
     want = (x.shape[0], c_out, x.shape[2], x.shape[3])
     if residual is not None and tuple(residual.shape) != want:
         raise ValueError(f"conv3x3: residual must have shape (N, C_out, H, W) = {want}, got {tuple(residual.shape)}")
+    if type(path) is not str or path not in PATHS:
+        raise ValueError(f"conv3x3: path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
 
 
 def conv3x3(
@@ -118,6 +126,7 @@ def conv3x3(
     residual: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    path: str = "auto",
 ) -> torch.Tensor:
     """``conv2d(x, weight, bias, stride=1, padding=1) + residual``.
 
@@ -127,6 +136,13 @@ def conv3x3(
     what ``F.conv2d`` does. ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton";
     FASTDIFF_BACKEND overrides it. Empty batches return empty outputs; no channels (C_in or C_out
     of 0) and empty maps are refused on every backend.
+
+    ``path``: which Winograd path the cpu kernel takes: "auto" (its static rule:
+    FASTDIFF_CONV3X3_FUSED=1/0 if set, else the fused path when a side has few channels), "fused"
+    (its own GEMMs on groups of tiles kept in L1) or "blas" (blocked GEMMs on the BLAS torch links).
+    Both compute the same convolution, to the accuracy below; the choice is speed only, which is
+    what lets a tuner time them per shape. Every other backend ignores it (the reference is one
+    convolution).
 
     Non-finite inputs on the cpu backend: an Inf in x or weight gives NaN where the reference gives
     +-Inf (over the same outputs, the 3x3 neighbourhood of an Inf pixel in every output channel),
@@ -154,7 +170,7 @@ def conv3x3(
     exceeds float32's largest value, the intermediates may overflow: +-Inf or NaN even where the
     exact result is finite. Use ``backend="reference"`` for filters whose taps span that much.
     """
-    return SUPPORT(backend, x, weight, bias, residual)
+    return SUPPORT(backend, x, weight, bias, residual, path)
 
 
 # ---- the cpu kernel's remembered filters -------------------------------------------------------
@@ -208,7 +224,7 @@ def _cache_op():
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual = inputs
+    x, weight, bias, residual, _path = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
@@ -220,7 +236,8 @@ def _backward(ctx, grad: torch.Tensor):
     grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask
     )
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, grad if ctx.has_residual else None
+    # path: an int, no gradient
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, grad if ctx.has_residual else None, None
 
 
 _native.register_autograd_on_load(OP, _backward, _setup_context)
