@@ -453,3 +453,32 @@ def test_a_part_on_another_device_gets_the_ops_error_after_the_signature_is_boun
     fastdiff.ops.conv3x3(x, weight)
     with pytest.raises(ValueError, match="conv3x3: bias is on meta but x is on cpu"):
         fastdiff.ops.conv3x3(x, weight, torch.randn(3, device="meta"))
+
+
+def test_a_malformed_input_gets_the_ops_error_where_the_limits_take_part():
+    """Where the limits take part in a signature's choice they run before the op's checks, on every
+    call; a malformed input that breaks a limit function (too few dims to unpack) must still get
+    the op's own error, not the limit's."""
+    from fastdiff.backends import register_op, unregister_op
+
+    def validate(x):
+        if x.dim() != 2:
+            raise ValueError(f"_shaped_op: x must be 2-D, got {x.dim()}-D")
+
+    def too_wide(inputs):
+        rows, cols = inputs["x"].shape  # raises on any other rank
+        return "too wide" if cols > 100 else None
+
+    support = register_op(OpSupport("_shaped_op", {
+        "reference": Kernel("reference", lambda x: "reference"),
+        "cpu": Kernel("library", lambda x: "cpu", devices=("cpu",), limits=(Limit("cols <= 100", too_wide),)),
+        "cuda": Kernel("missing"),
+        "triton": Kernel("missing"),
+    }, inputs=lambda x: {"x": x}, validate=validate, prepare=lambda x, backend, checked=True: (validate(x), x)[1:]))
+    try:
+        assert support(AUTO, torch.randn(2, 3)) == "cpu"
+        assert support(AUTO, torch.randn(2, 300)) == "reference"
+        with pytest.raises(ValueError, match="_shaped_op: x must be 2-D, got 1-D"):
+            support(AUTO, torch.randn(5))
+    finally:
+        unregister_op("_shaped_op")

@@ -403,11 +403,11 @@ class OpSupport:
             inputs = self.inputs(*args)
             key = self.signature(backend, inputs)
             binding = self._bindings.get(key)
+            if type(binding) is dict:  # the limits read shapes: a malformed input fails in them too
+                binding = binding.get(self._limit_flags(inputs))
         except (AttributeError, IndexError, TypeError, ValueError):
             self.validate(*args)  # a malformed argument: the op's own error
             raise
-        if type(binding) is dict:
-            binding = binding.get(self._limit_flags(inputs))
         if binding is None:
             self.validate(*args)  # before the choice: an explicit backend's refusal follows bad input's error
             binding = self.binding(backend, inputs)
@@ -440,7 +440,7 @@ _ACCEPTED: dict[str | None, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 def register_op(support: OpSupport) -> OpSupport:
     """Add (or replace, on module reload) an op's declaration."""
     _REGISTRY[support.op] = support
-    _ACCEPTED.clear()
+    _refresh_accepted()
     forget_decisions()
     return support
 
@@ -449,8 +449,19 @@ def unregister_op(op: str) -> None:
     """Remove an op's declaration (a throwaway op of a test or an experiment); unknown names are
     ignored."""
     _REGISTRY.pop(op, None)
-    _ACCEPTED.clear()
+    _refresh_accepted()
     forget_decisions()
+
+
+def _refresh_accepted() -> None:
+    """resolve_backend's names, computed whenever the registry changes and never while ops run: a
+    table that grew as ops were first called made torch.compile guard on its size and recompile."""
+    everywhere = (AUTO, *known_backends())
+    accepted = {op: (everywhere, (AUTO, *BACKENDS, *(b for b in support.backends if b not in BACKENDS)))
+                for op, support in _REGISTRY.items()}
+    _ACCEPTED.clear()
+    _ACCEPTED.update(accepted)
+    _ACCEPTED[None] = (everywhere, everywhere)
 
 
 def registered_ops() -> dict[str, OpSupport]:
@@ -477,14 +488,7 @@ def resolve_backend(backend: str, op: str | None = None) -> str:
     """
     names = _ACCEPTED.get(op)
     if names is None:
-        everywhere = (AUTO, *known_backends())
-        if op is not None:
-            accepted = (AUTO, *BACKENDS, *(b for b in _REGISTRY[op].backends if b not in BACKENDS))
-        else:
-            accepted = everywhere
-        names = (everywhere, accepted)
-        if not torch.compiler.is_compiling():  # a traced call only reads
-            _ACCEPTED[op] = names
+        raise KeyError(f"no op named {op!r} is registered")
     everywhere, accepted = names
     override = os.environ.get(ENV_VAR, "").strip()
     if override:
@@ -681,3 +685,6 @@ def not_implemented(backend: str, op: str) -> ReasonsFn:
 def always_available(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
     """The reference backend: plain PyTorch runs every input the op's validation accepts."""
     return []
+
+
+_refresh_accepted()  # the names before any op registers: the BACKENDS
