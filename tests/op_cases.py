@@ -769,14 +769,6 @@ class SamplerStep(OpCase):
     def applies(self, spec, layout):
         return layout != "channels_last" or len(spec[1]) == 4
 
-    def known_bug(self, backend, spec, layout):
-        # (at 1x1 channels_last is NCHW: nothing to misread)
-        if backend == "cpu" and layout == "channels_last" and spec[0] == "ddim-x0-learned" and spec[1][2:] != (1, 1):
-            return ("fastdiff bug: the CPU sampler_step kernel reads a channels_last model_output of 2C channels "
-                    "wrongly when learned_range is False (DDIM on a learned-variance model): x_prev off by ~0.13; "
-                    "NCHW, the reference and Triton are right")
-        return None
-
     def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
         config, shape = spec
         sampler = make_sampler(config, dtype, device)

@@ -124,13 +124,15 @@ SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_o
 
   SamplerStepPlan plan;
   plan.format = x.suggest_memory_format();
-  // One memory order for every operand, so a flat index means the same element in each. Learned
-  // variance channels and Philox counters are laid out per channel-major (NCHW) image, so those
-  // compute in the contiguous order; otherwise x's own order, when every operand already has it.
+  // One memory order for every operand, so a flat index means the same element in each. A model
+  // output with 2C channels (learned variance, read or not), and Philox counters, are laid out per
+  // channel-major (NCHW) image: the first C channels of an image are its first C * spatial values
+  // only in that order, so those compute in the contiguous order; otherwise x's own order, when
+  // every operand already has it.
   at::MemoryFormat order = plan.format;
   const bool dense = x.is_contiguous(order) && model_output.is_contiguous(order) &&
                      (!noise.has_value() || noise->is_contiguous(order));
-  if (learned_range || philox_seed.has_value() || !dense) {
+  if (learned_range || model_output.size(1) != x.size(1) || philox_seed.has_value() || !dense) {
     order = at::MemoryFormat::Contiguous;
   }
   plan.x = x.contiguous(order);
