@@ -270,7 +270,7 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     convolution's implementation, the model's memory format) at its batches now, and keep them in the
     cache file, so the sampling runs start tuned; a second run finds them there and measures nothing."""
     from fastdiff.info import cpu_line
-    from fastdiff.nn.conv import clear_tuning, tuning_decisions
+    from fastdiff.nn.conv import clear_tuning, pointwise_decisions, tuning_decisions
 
     if args.model not in _TUNABLE_MODELS:
         why = ("has nothing to tune (the exact denoiser of a Gaussian mixture: no convolutions, no memory format)"
@@ -323,6 +323,7 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                   f"{time.perf_counter() - start:.1f} s)", flush=True)
     conv = tuning_decisions()
     rows = [(tuning.describe("conv3x3", d["signature"], d), d["source"]) for d in conv]
+    rows += [(tuning.describe("conv1x1", d["signature"], d), d["source"]) for d in pointwise_decisions()]
     rows += [(tuning.describe(tuning.MEMORY_FORMAT_KIND, sig, d), d["source"]) for sig, d in formats]
     print(f"decisions ({len(rows)}; a candidate replaces the default only when faster by {tuning.TUNE_MARGIN:.0%}):")
     print(_decision_lines(rows))
@@ -435,8 +436,10 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     decisions = tuning_decisions()
     if decisions:
         fused = sum(d["fastdiff"] for d in decisions)
+        paths = [d.get("path") for d in decisions if d["fastdiff"] and d.get("path") in ("fused", "blas")]
+        by_path = f" (fused path {paths.count('fused')}, BLAS path {paths.count('blas')})" if paths else ""
         print(f"  conv3x3, measured on this machine: fastdiff's kernel for {fused} of {len(decisions)} convolution "
-              f"shapes, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)")
+              f"shapes{by_path}, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)")
     pointwise = pointwise_decisions()
     if pointwise:
         linear = sum(d["choice"] == "linear" for d in pointwise)

@@ -175,10 +175,13 @@ def describe(kind: str, signature: str, decision: Mapping[str, Any]) -> dict[str
         choice, static, text = name(decision.get("fastdiff")), name(decision.get("static")), _conv3x3_text(signature)
     else:
         choice, static, text = decision.get("choice"), decision.get("static"), signature
-    times = {key[: -len("_us")]: value for key, value in decision.items()
+    times = {key[: -len("_us")]: value for key, value in sorted(decision.items())  # one order, measured or read
              if key.endswith("_us") and isinstance(value, (int, float))}
+    # conv3x3: which of the kernel's Winograd paths it takes (absent from decisions made before the
+    # paths were measured).
+    path = decision.get("path") if kind == "conv3x3" and decision.get("fastdiff") else None
     return {"op": kind, "signature": signature, "description": text, "choice": choice, "static": static,
-            "times_us": times}
+            "times_us": times, **({"path": path} if path else {})}
 
 
 def _natural(text: str) -> list:
@@ -205,7 +208,8 @@ def format_choice(choice: Mapping[str, Any], width: int = 0) -> str:
     static = choice["static"]
     overturned = f" (static rule: {static})" if static is not None and static != choice["choice"] else ""
     times = ", ".join(f"{name} {_duration(us)}" for name, us in choice["times_us"].items())
-    return (f"{choice['op']:<13} {choice['description']:<{width}}  -> {choice['choice']}{overturned}"
+    path = f" ({choice['path']} path)" if choice.get("path") else ""
+    return (f"{choice['op']:<13} {choice['description']:<{width}}  -> {choice['choice']}{path}{overturned}"
             + (f"; medians {times}" if times else ""))
 
 

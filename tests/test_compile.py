@@ -99,7 +99,11 @@ def test_compiled_convolutions_keep_the_choices_eager_calls_measured(monkeypatch
         seen: set[str] = set()
 
         def backend(gm, example_inputs):
-            seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+            for node in gm.graph.nodes:
+                if node.op == "call_function":
+                    seen.add(str(node.target))
+                    if "fastdiff.conv3x3" in str(node.target):
+                        seen.add(f"{node.target} path={node.args[4] if len(node.args) > 4 else 0}")
             return gm.forward
 
         torch._dynamo.reset()
@@ -115,4 +119,7 @@ def test_compiled_convolutions_keep_the_choices_eager_calls_measured(monkeypatch
     for choice in (not static, static):  # whatever was measured, the compiled graph follows it
         conv_module._decisions[key] = dict(conv_module._decisions[key], fastdiff=choice)
         assert any("fastdiff.conv3x3" in op for op in ops_in_compiled_graph()) == choice
+    for path, code in (("blas", 2), ("fused", 1)):  # and the measured Winograd path
+        conv_module._decisions[key] = dict(conv_module._decisions[key], fastdiff=True, path=path)
+        assert f"fastdiff.conv3x3 path={code}" in ops_in_compiled_graph()
     assert conv_module._known_choice._dynamo_marked_constant is True

@@ -965,7 +965,11 @@ def _pointwise(c_in, c_out):
 
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
 def test_conv1x1_module_matches_conv2d_on_channels_last_maps(dtype, monkeypatch):
+    """The static rule (FASTDIFF_TUNE=0; tests/test_tuning.py covers the measured choice) runs a small
+    map as F.linear over its pixels, within the dtype's rule of the convolution."""
     from fastdiff.nn import conv1x1_module
+
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
 
     linear_calls = _spy_on_linear(monkeypatch)
     conv = _pointwise(48, 16).to(dtype)
@@ -1011,7 +1015,8 @@ def test_conv1x1_module_leaves_other_cases_to_the_module(case, monkeypatch):
         x = x.contiguous()
     elif case == "reference backend":
         backend = "reference"
-    elif case == "too large":
+    elif case == "too large":  # the static rule's limit (measuring could pick either)
+        monkeypatch.setenv("FASTDIFF_TUNE", "0")
         side = int((POINTWISE_MAX_MACS // (8 * 4)) ** 0.5) + 2
         x = _tensor((1, 8, side, side), torch.float32, "channels_last")
     elif case == "subclass":
@@ -1046,7 +1051,7 @@ def fake_timings(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
     conv_module.clear_tuning()
-    timed = {"fastdiff": 1.0, "onednn": 1.0, "calls": 0}
+    timed = {"fused": 1.0, "blas": 1.0, "onednn": 1.0, "calls": 0}
 
     def fake(fns, repeats):
         timed["calls"] += 1
@@ -1072,7 +1077,7 @@ def fake_timings(monkeypatch, tmp_path):
 def test_measured_choice_follows_the_timings(monkeypatch, fake_timings, c_in, static, fastdiff_s, onednn_s, takes):
     from fastdiff.nn.conv import _auto_takes, tuning_decisions
 
-    fake_timings.update(fastdiff=fastdiff_s, onednn=onednn_s)
+    fake_timings.update(fused=fastdiff_s + 0.5, blas=fastdiff_s, onednn=onednn_s)  # the BLAS path the faster
     calls = _spy_on_the_op(monkeypatch)
     conv, reference = _pair(c_in, 64)
     x = _tensor((2, c_in, 16, 16), torch.float32)
@@ -1087,6 +1092,24 @@ def test_measured_choice_follows_the_timings(monkeypatch, fake_timings, c_in, st
     assert bool(calls) == takes and torch.equal(again, out)
     (decision,) = tuning_decisions()
     assert decision["fastdiff"] == takes and decision["static"] == static and decision["shape"] == (2, c_in, 16, 16)
+    assert decision["path"] == "blas" and set(decision) >= {"fused_us", "blas_us", "onednn_us"}
+
+
+@needs_native
+def test_measured_path_is_the_one_the_op_runs(monkeypatch, fake_timings):
+    """The tuner times both Winograd paths; the faster one is what the convolution then asks for."""
+    import fastdiff.nn.conv as conv_module
+
+    paths = []
+    monkeypatch.setattr(conv_module, "conv3x3", lambda *a, **k: paths.append(k.get("path")) or conv3x3(*a, **k))
+    fake_timings.update(fused=0.5, blas=0.8, onednn=2.0)
+    conv, _ = _pair(64, 64)
+    x = _tensor((2, 64, 8, 8), torch.float32)
+    with torch.no_grad():
+        conv(x)
+        paths.clear()
+        conv(x)
+    assert paths == ["fused"] and conv_module.tuning_decisions()[0]["path"] == "fused"
 
 
 @needs_native
@@ -1114,7 +1137,7 @@ def test_measured_choice_is_kept_in_the_cache_file_for_later_processes(monkeypat
     from fastdiff import tuning
     from fastdiff.nn.conv import clear_tuning, tuning_decisions
 
-    fake_timings.update(fastdiff=2.0, onednn=1.0)  # oneDNN wins: the static pick (the kernel) is replaced
+    fake_timings.update(fused=2.0, blas=2.5, onednn=1.0)  # oneDNN wins: the static pick (the kernel) is replaced
     conv, _ = _pair(64, 64)
     x = _tensor((2, 64, 8, 8), torch.float32)
     with torch.no_grad():

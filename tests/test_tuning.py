@@ -80,9 +80,11 @@ def test_tune_measures_for_real_then_a_second_run_reuses_the_cache(cache, capsys
     assert any(line.lstrip().startswith("memory_format digits batch 4 float32 cpu") for line in lines)
     convs = _entries(cache, "conv3x3")
     assert len([line for line in lines if line.lstrip().startswith("conv3x3")]) == len(convs)
-    if convs:  # the native kernel is built: every 3x3 convolution of the U-Net was measured
-        assert ("fastdiff", "onednn") in calls
-    assert len(lines) == len(convs) + 1
+    if convs:  # the native kernel is built: every 3x3 convolution of the U-Net was measured, both paths
+        assert ("fused", "blas", "onednn") in calls
+    pointwise = _entries(cache, "conv1x1")  # the U-Net's 1x1 skip convolutions
+    assert len([line for line in lines if line.lstrip().startswith("conv1x1")]) == len(pointwise)
+    assert len(lines) == len(convs) + len(pointwise) + 1
 
     calls.clear()
     assert main(["tune", "--model", "digits", "--batch-size", "4"]) == 0

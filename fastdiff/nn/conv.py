@@ -15,7 +15,7 @@ __all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "p
            "TUNE_ENV"]
 
 TUNE_ENV = tuning.TUNE_ENV
-# The measured choice (see _measured_takes): alternating runs of each candidate, and the margin by
+# The measured choice (see _measured_choice): alternating runs of each candidate, and the margin by
 # which the one the static rule did not pick must win to be taken instead (the tuner's, which the
 # model's memory-format choice shares).
 TUNE_REPEATS = 5
@@ -160,45 +160,59 @@ def _signature(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) 
 _median_seconds = tuning.median_seconds  # alternating runs, medians (tests replace it here)
 
 
-def _measured_takes(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
-                    static: bool) -> bool:
-    """Whether fastdiff's kernel runs this convolution: measured once per signature (shape, layout,
-    channels, bias, residual, threads, CPU capability) against the module's own convolution (oneDNN),
-    and remembered; the static rule's pick stays unless the other is faster by TUNE_MARGIN. Not
-    measured (the static rule decides) when autograd records; never called while torch.compile traces."""
+def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
+                     static: bool) -> tuple[bool, str]:
+    """Whether fastdiff's kernel runs this convolution, and which of its Winograd paths: measured once
+    per signature (shape, layout, channels, bias, residual, threads, CPU capability), the kernel's
+    fused path and its BLAS path against the module's own convolution (oneDNN), and remembered. The
+    faster path is the kernel's; the static rule's pick (the kernel or oneDNN) stays unless the other
+    is faster by TUNE_MARGIN. Not measured (the static rule decides, and the kernel its own path) when
+    autograd records; never called while torch.compile traces."""
     key = _signature(conv, x, residual)
     hit = _decisions.get(key)
+    if hit is None:
+        cached = tuning.load("conv3x3").get(repr(key))  # measured by an earlier process on this machine
+        if isinstance(cached, dict) and isinstance(cached.get("fastdiff"), bool):
+            hit = _decisions[key] = cached | {"source": "cache"}
     if hit is not None:
-        return hit["fastdiff"]
-    cached = tuning.load("conv3x3").get(repr(key))  # measured by an earlier process on this machine
-    if isinstance(cached, dict) and isinstance(cached.get("fastdiff"), bool):
-        _decisions[key] = cached | {"source": "cache"}
-        return cached["fastdiff"]
+        return hit["fastdiff"], _path_of(hit)
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
-        return static
+        return static, "auto"
     if _CONV3X3_SUPPORT.why_not("cpu", {"x": x, "weight": conv.weight}):
-        return static  # the kernel cannot run here (not built): the op would take the reference anyway
+        return static, "auto"  # the kernel cannot run here (not built): the op would take the reference anyway
+
+    def winograd(path: str):
+        return lambda: conv3x3(x, conv.weight, conv.bias, residual, backend=chosen, path=path)
+
+    def onednn():
+        out = nn.Conv2d.forward(conv, x)
+        return out if residual is None else out + residual
+
     with torch.no_grad():
-        def fused():
-            return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen)
-
-        def onednn():
-            out = nn.Conv2d.forward(conv, x)
-            return out if residual is None else out + residual
-
-        fused(), onednn()  # first calls: the filter transform, oneDNN's primitive
-        t = _median_seconds({"fastdiff": fused, "onednn": onednn}, TUNE_REPEATS)
+        candidates = {"fused": winograd("fused"), "blas": winograd("blas"), "onednn": onednn}
+        for run in candidates.values():
+            run()  # first calls: the filter transform, oneDNN's primitive
+        t = _median_seconds(candidates, TUNE_REPEATS)
+    path = "fused" if t["fused"] <= t["blas"] else "blas"
     if static:
-        takes = not t["onednn"] * (1 + TUNE_MARGIN) < t["fastdiff"]
+        takes = not t["onednn"] * (1 + TUNE_MARGIN) < t[path]
     else:
-        takes = t["fastdiff"] * (1 + TUNE_MARGIN) < t["onednn"]
-    decision = {"fastdiff": takes, "static": static, "fastdiff_us": t["fastdiff"] * 1e6, "onednn_us": t["onednn"] * 1e6}
+        takes = t[path] * (1 + TUNE_MARGIN) < t["onednn"]
+    decision = {"fastdiff": takes, "path": path, "static": static,
+                **{f"{name}_us": seconds * 1e6 for name, seconds in t.items()}}
     tuning.store("conv3x3", repr(key), decision)
     _decisions[key] = decision | {"source": "measured"}
-    return takes
+    return takes, path
 
 
-def _known_choice(shape: tuple, layout: str, out_channels: int, bias: bool, residual: bool) -> bool | None:
+def _path_of(decision: dict) -> str:
+    """The Winograd path a decision names ("auto", the kernel's own rule, for one made before paths
+    were measured)."""
+    path = decision.get("path")
+    return path if path in ("fused", "blas") else "auto"
+
+
+def _known_choice(shape: tuple, layout: str, out_channels: int, bias: bool, residual: bool) -> tuple[bool, str] | None:
     """The choice already measured for this signature (in this process or, by an earlier one, in the
     cache file), or None. Called outside the trace while torch.compile traces (marked constant, as
     torch.compiler.assume_constant_result marks): a compiled model keeps the choices eager calls measured."""
@@ -207,7 +221,9 @@ def _known_choice(shape: tuple, layout: str, out_channels: int, bias: bool, resi
     hit = _decisions.get(key)
     if hit is None:
         hit = tuning.load("conv3x3").get(repr(key)) if _tuning() else None
-    return hit["fastdiff"] if isinstance(hit, dict) and isinstance(hit.get("fastdiff"), bool) else None
+    if isinstance(hit, dict) and isinstance(hit.get("fastdiff"), bool):
+        return hit["fastdiff"], _path_of(hit)
+    return None
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo here (see
@@ -260,6 +276,7 @@ def conv3x3_module(
     Otherwise ``conv`` itself runs, and so does a subclass of ``nn.Conv2d``, whose forward may differ.
     """
     chosen = resolve_backend(backend, "conv3x3") if _same_3x3(conv) else "reference"  # FASTDIFF_BACKEND applies
+    path = "auto"  # the kernel's own rule, unless a measurement picked its path
     if chosen == "reference":
         use_op = False
     elif chosen == AUTO:
@@ -272,15 +289,20 @@ def conv3x3_module(
         if use_op:
             static = _auto_takes(x, conv.in_channels, conv.out_channels)
             if not torch.compiler.is_compiling():
-                use_op = _measured_takes(conv, x, residual, chosen, static) if _tuning() else static
+                use_op, path = _measured_choice(conv, x, residual, chosen, static) if _tuning() else (static, path)
             else:  # a measurement cannot be traced: the choice eager calls measured, else the static rule
                 known = _known_choice(tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None,
                                       residual is not None)
-                use_op = static if known is None else known
+                if known is not None:
+                    # The path as a literal (Dynamo cannot guard a string that came out of the lookup).
+                    use_op = known[0]
+                    path = "fused" if known[1] == "fused" else "blas" if known[1] == "blas" else "auto"
+                else:
+                    use_op = static
     else:
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:
-        return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen)
+        return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen, path=path)
     out = nn.Conv2d.forward(conv, x) if isinstance(conv, Conv3x3) else conv(x)
     return out if residual is None else out + residual
 
