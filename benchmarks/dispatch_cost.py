@@ -45,8 +45,8 @@ def _cases() -> dict[str, tuple]:
         ),
         "conv3x3": (
             lambda: fastdiff.ops.conv3x3(x, cw, cb),
-            (x, cw, cb, None),
-            lambda: ops.conv3x3.default(x, cw, cb, None),
+            (x, cw, cb, None, "auto"),
+            lambda: ops.conv3x3.default(x, cw, cb, None, 0),
         ),
     }
 
