@@ -423,6 +423,9 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         return 2
 
     print(demo.score(result, labels))
+    from fastdiff.info import cpu_line
+
+    print(f"  machine: {cpu_line()}, torch {torch.__version__}")  # kernels rank differently on other CPUs
     for backend, seconds in timings.items():
         how = []
         if hasattr(demo.model, "set_backend"):  # the U-Net: set_backend also set its layout

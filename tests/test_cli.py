@@ -66,6 +66,9 @@ def test_sample_command_digits_is_the_default(tmp_path, capsys):
     assert text.startswith("model digits: 10 images, ddim 3 steps, cfg=4.0")
     assert "backend auto" in text and "backend reference" in text and "ms/image" in text
     assert "speed-up of auto over the reference: " in text
+    from fastdiff.info import cpu_line
+
+    assert f"  machine: {cpu_line()}, torch {torch.__version__}" in text  # every number with its CPU and ISA
     w, h = _read_png_size(out)
     assert h == 10 * 34 + 2 and w == 2 * 34 + 4
 
