@@ -127,12 +127,17 @@ def store(kind: str, signature: str, decision: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read(path)
         data.setdefault(machine_key(), {}).setdefault(kind, {})[signature] = decision
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        _write(path, data)
     except OSError as exc:
         _warn_once(f"fastdiff: cannot write the tuning cache {path} ({exc}); choices last for this process only")
+
+
+def _write(path: Path, data: dict) -> None:
+    """Replace the file atomically (a temp file, then a rename): a reader never sees half of it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def forget() -> bool:
@@ -144,10 +149,7 @@ def forget() -> bool:
         return False
     del data[machine_key()]
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        _write(path, data)
     except OSError as exc:
         _warn_once(f"fastdiff: cannot write the tuning cache {path} ({exc}); choices last for this process only")
     return True
