@@ -57,8 +57,8 @@ __all__ = [
     "support_table",
     "native_reasons",
     "part_dtype_reasons",
-    "not_implemented",
     "triton_reasons",
+    "torch_op",
 ]
 
 AUTO = "auto"
@@ -268,6 +268,17 @@ class Binding:
         return f"Binding({self.op!r}, backend={self.backend!r})"
 
 
+def torch_op(name: str) -> Callable[..., Any]:
+    """A Kernel's run function that calls ``torch.ops.fastdiff.<name>`` with the kernel arguments
+    (looked up per call: a native op exists only once fastdiff._C has loaded)."""
+
+    def run(*args: Any) -> Any:
+        return getattr(torch.ops.fastdiff, name)(*args)
+
+    run.__name__ = run.__qualname__ = f"torch.ops.fastdiff.{name}"
+    return run
+
+
 def _no_prepare(*args: Any, **kwargs: Any) -> tuple:
     raise TypeError("this op declares no prepare function: it cannot be called through its declaration")
 
@@ -399,25 +410,17 @@ class OpSupport:
             self.validate(*args)
             name = _select(self, backend, self.inputs(*args))
             return self.kernels[name].run(*self.prepare(*args, name))
-        try:
+        try:  # the signature and the limits read shapes: a malformed input fails in them too
             inputs = self.inputs(*args)
             key = self.signature(backend, inputs)
-            binding = self._bindings.get(key)
-            if type(binding) is dict:  # the limits read shapes: a malformed input fails in them too
-                binding = binding.get(self._limit_flags(inputs))
+            binding = self._lookup(key, inputs) if key is not None else None
         except (AttributeError, IndexError, TypeError, ValueError):
             self.validate(*args)  # a malformed argument: the op's own error
             raise
         if binding is None:
             self.validate(*args)  # before the choice: an explicit backend's refusal follows bad input's error
             binding = self.binding(backend, inputs)
-        if getattr(binding.kernel, "checks_args", False):
-            try:
-                return binding.kernel.run(*self.prepare(*args, binding.backend, checked=False))
-            except (RuntimeError, TypeError, ValueError):
-                self.validate(*args)  # raises the op's own error where its rules are broken
-                raise
-        return binding.kernel.run(*self.prepare(*args, binding.backend))
+        return binding(*args)
 
     def bind(self, backend: str, *args: Any) -> Binding:
         """Check these arguments and resolve their backend once; the :class:`Binding` runs the kernel
@@ -433,7 +436,7 @@ class OpSupport:
 
 _BINDINGS_MAX = 1024
 _REGISTRY: dict[str, OpSupport] = {}
-# resolve_backend's (every name, names this op accepts) per op (None: any op), until an op registers.
+# resolve_backend's (every name, names this op accepts) per op (None: any op); see _refresh_accepted.
 _ACCEPTED: dict[str | None, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
 
@@ -629,20 +632,12 @@ def part_dtype_reasons(inputs: Mapping[str, torch.Tensor], parts: Sequence[str])
     ]
 
 
-_triton_found: list[str] = []
-
-
-def triton_reasons(
-    inputs: Mapping[str, torch.Tensor] | None, dtypes: Sequence[torch.dtype], dtype_checked: Sequence[str] | None = None
-) -> list[str]:
+def triton_reasons(inputs: Mapping[str, torch.Tensor] | None, dtypes: Sequence[torch.dtype]) -> list[str]:
     """The reasons every Triton backend shares: Triton missing, TRITON_INTERPRET flipped after the
-    import, no GPU, and per input its device and (for the names in ``dtype_checked``, default all)
-    its dtype against ``dtypes``. CPU tensors run in Triton's interpreter under TRITON_INTERPRET=1,
-    only when asked for by name: auto never picks the interpreter (an :class:`ExplicitOnly`
-    reason, last), it is a test tool. Never imports Triton."""
-    if not _triton_found:  # find_spec costs ~0.2 ms; auto asks on every call
-        _triton_found.append("" if importlib.util.find_spec("triton") is not None else "triton is not installed")
-    reasons = [r for r in _triton_found if r]
+    import, no GPU, and per input its device and its dtype against ``dtypes``. CPU tensors run in
+    Triton's interpreter under TRITON_INTERPRET=1, only when asked for by name: auto never picks the
+    interpreter (an :class:`ExplicitOnly` reason, last), it is a test tool. Never imports Triton."""
+    reasons = [] if _importable("triton") else ["triton is not installed"]
     interpreted = interpreting()
     if interpreted and (why := interpreter_mismatch()) is not None:
         reasons.append(why)
@@ -658,27 +653,11 @@ def triton_reasons(
         elif t.device.type != "cuda":
             reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
                            "under TRITON_INTERPRET=1)")
-        if (dtype_checked is None or name in dtype_checked) and t.dtype not in dtypes:
+        if t.dtype not in dtypes:
             reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(dtypes)})")
     if on_cpu:
         reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
                                     "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
-    return reasons
-
-
-def not_implemented(backend: str, op: str) -> ReasonsFn:
-    """Reasons function of a backend that has no kernel for ``op`` yet."""
-
-    found: list[str] = []
-
-    def reasons(inputs: Mapping[str, torch.Tensor] | None) -> list[str]:
-        # Computed once: auto-dispatch asks on every call, and find_spec costs ~0.2 ms.
-        if not found:
-            found.append(f"not implemented for this op yet (no {backend} kernel for {op})")
-            if backend == "triton" and importlib.util.find_spec("triton") is None:
-                found.append("triton is not installed")
-        return list(found)
-
     return reasons
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..backends import Kernel, Limit, OpSupport, register_op
+from ..backends import Kernel, Limit, OpSupport, register_op, torch_op
 from ..reference.attention import attention as _reference_attention
 from ..reference.attention import check_inputs
 
@@ -61,12 +61,8 @@ def _reference(q, k, v, scale: float) -> torch.Tensor:
     return _reference_attention(q, k, v, scale=scale, upcast=True)
 
 
-def _triton_op(q, k, v, scale: float) -> torch.Tensor:
-    return torch.ops.fastdiff.attention_triton(q, k, v, scale)
-
-
 # The Triton kernel's rules; fastdiff.triton.attention checks its arguments against these.
-TRITON = Kernel("triton", _triton_op, dtypes=TRITON_DTYPES,
+TRITON = Kernel("triton", torch_op("attention_triton"), dtypes=TRITON_DTYPES,
                 limits=(Limit(f"head dim D <= {TRITON_MAX_HEAD_DIM}", _head_dim_too_large),
                         Limit(f"B and H <= {GRID_MAX}", _grid_too_large)),
                 grad=False, layouts="any strides")

@@ -14,7 +14,7 @@ import numbers
 import torch
 
 from .. import _native
-from ..backends import Kernel, OpSupport, register_op
+from ..backends import Kernel, OpSupport, register_op, torch_op
 from ..reference.guidance import cfg_combine as _reference_cfg_combine
 
 __all__ = ["cfg_combine"]
@@ -28,18 +28,14 @@ def _prepare(model_out, scale, backend, checked=True) -> tuple:
     return model_out, float(scale)
 
 
-def _native_op(model_out: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.ops.fastdiff.cfg_combine(model_out, scale)
-
-
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
             "reference": Kernel("reference", lambda model_out, scale: _reference_cfg_combine(model_out, scale,
                                                                                              upcast=True)),
-            "cpu": Kernel("native", _native_op, **_NATIVE),
-            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "cpu": Kernel("native", torch_op(OP), **_NATIVE),
+            "cuda": Kernel("native", torch_op(OP), **_NATIVE),
             "triton": Kernel("missing"),
         },
         inputs=lambda model_out, scale: {"model_out": model_out},

@@ -27,7 +27,7 @@ import weakref
 import torch
 
 from .. import _native
-from ..backends import Kernel, OpSupport, register_op
+from ..backends import Kernel, OpSupport, register_op, torch_op
 from ..reference.conv3x3 import conv3x3 as _reference_conv3x3
 
 __all__ = ["conv3x3", "weight_cache_info", "clear_weight_cache"]
@@ -59,16 +59,12 @@ def _reference(x, weight, bias, residual, path) -> torch.Tensor:
     return _reference_conv3x3(x, weight, bias, residual)  # one convolution: the path is the cpu kernel's
 
 
-def _native_op(x, weight, bias, residual, path) -> torch.Tensor:
-    return torch.ops.fastdiff.conv3x3(x, weight, bias, residual, path)
-
-
 SUPPORT = register_op(
     OpSupport(
         OP,
         {
             "reference": Kernel("reference", _reference),
-            "cpu": Kernel("native", _native_op, dtypes=(torch.float32,), checks_args=True,
+            "cpu": Kernel("native", torch_op(OP), dtypes=(torch.float32,), checks_args=True,
                           layouts="NCHW or channels_last in; channels_last out"),
             "cuda": Kernel("missing"),
             "triton": Kernel("missing"),

@@ -20,7 +20,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from .. import _native
-from ..backends import Kernel, Limit, OpSupport, register_op
+from ..backends import Kernel, Limit, OpSupport, register_op, torch_op
 from ..reference.group_norm_adagn import check_group_norm_adagn_args
 from ..reference.group_norm_adagn import group_norm_adagn as _reference_group_norm_adagn
 
@@ -73,19 +73,12 @@ def _reference(x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu) 
                                        activation="silu" if silu else None, upcast=True)
 
 
-def _native_op(*args) -> torch.Tensor:
-    return torch.ops.fastdiff.group_norm_adagn(*args)
-
-
-def _triton_op(*args) -> torch.Tensor:
-    return torch.ops.fastdiff.group_norm_adagn_triton(*args)
-
-
 _NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
            "parts": PARTS, "checks_args": True, "layouts": "NCHW and channels_last in place; others copied once"}
 # The Triton kernels' rules; fastdiff.triton.group_norm_adagn checks its arguments against these.
 TRITON = Kernel(
-    "triton", _triton_op, dtypes=(torch.float32, torch.float16, torch.bfloat16), checked=("x",), parts=PARTS,
+    "triton", torch_op("group_norm_adagn_triton"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    checked=("x",), parts=PARTS,
     limits=(Limit("one sample of x spans at most 2^31 - 1 elements", _sample_too_wide),
             Limit("B * C at most 2^31 - 1", _too_many_groups)),
     layouts="NCHW, channels_last and any view whose spatial dims merge, in place; others copied once",
@@ -96,8 +89,8 @@ SUPPORT = register_op(
         OP,
         {
             "reference": Kernel("reference", _reference),
-            "cpu": Kernel("native", _native_op, **_NATIVE),
-            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "cpu": Kernel("native", torch_op(OP), **_NATIVE),
+            "cuda": Kernel("native", torch_op(OP), **_NATIVE),
             "triton": TRITON,
         },
         inputs=_inputs,

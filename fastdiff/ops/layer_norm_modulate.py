@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from .. import _native
-from ..backends import Kernel, Limit, OpSupport, register_op
+from ..backends import Kernel, Limit, OpSupport, register_op, torch_op
 from ..reference.layer_norm_modulate import check_layer_norm_modulate_args
 from ..reference.layer_norm_modulate import layer_norm_modulate as _reference_layer_norm_modulate
 
@@ -64,18 +64,10 @@ def _reference(x, weight, bias, scale, shift, eps: float) -> torch.Tensor:
     return _reference_layer_norm_modulate(x, weight, bias, scale, shift, eps=eps, upcast=True)
 
 
-def _native_op(*args) -> torch.Tensor:
-    return torch.ops.fastdiff.layer_norm_modulate(*args)
-
-
-def _triton_op(*args) -> torch.Tensor:
-    return torch.ops.fastdiff.layer_norm_modulate_triton(*args)
-
-
 _NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
            "parts": PARTS, "checks_args": True, "layouts": "any strides"}
 # The Triton kernel's rules; fastdiff.triton.layer_norm_modulate checks its arguments against these.
-TRITON = Kernel("triton", _triton_op, dtypes=TRITON_DTYPES, checked=("x",), parts=PARTS,
+TRITON = Kernel("triton", torch_op("layer_norm_modulate_triton"), dtypes=TRITON_DTYPES, checked=("x",), parts=PARTS,
                 limits=(Limit(f"D <= {TRITON_MAX_FEATURES} features", _rows_too_long),
                         Limit(f"B <= {GRID_MAX}", _too_many_samples)),
                 grad=False, layouts="any strides")
@@ -85,8 +77,8 @@ SUPPORT = register_op(
         OP,
         {
             "reference": Kernel("reference", _reference),
-            "cpu": Kernel("native", _native_op, **_NATIVE),
-            "cuda": Kernel("native", _native_op, **_NATIVE),
+            "cpu": Kernel("native", torch_op(OP), **_NATIVE),
+            "cuda": Kernel("native", torch_op(OP), **_NATIVE),
             "triton": TRITON,
         },
         inputs=_inputs,

@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from ..backends import Kernel, OpSupport, register_op
+from ..backends import Kernel, OpSupport, register_op, torch_op
 from ..reference.sampler_step import sampler_loop_step as _reference_sampler_loop_step
 from .sampler_step import _validate, native_kernel, triton_kernel
 
-__all__ = ["sampler_loop_step", "loop_kernel_op", "shares_memory", "OP", "SUPPORT"]
+__all__ = ["sampler_loop_step", "shares_memory", "OP", "SUPPORT"]
 
 OP = "sampler_loop_step"
 
@@ -56,14 +56,6 @@ def _reference(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, 
         timesteps=timesteps)
 
 
-def _native_op(*args) -> None:
-    torch.ops.fastdiff.sampler_loop_step(*args)
-
-
-def _triton_op(*args) -> None:
-    torch.ops.fastdiff.sampler_loop_step_triton(*args)
-
-
 # The sampling loop's in-place step: the same kernels, so the same rules (sampler_step's); its own
 # declaration because a fastdiff._C built before it existed has sampler_step but not sampler_loop_step.
 SUPPORT = register_op(
@@ -71,9 +63,9 @@ SUPPORT = register_op(
         OP,
         {
             "reference": Kernel("reference", _reference),
-            "cpu": native_kernel(_native_op, OP),
-            "cuda": native_kernel(_native_op, OP),
-            "triton": triton_kernel(_triton_op),
+            "cpu": native_kernel(torch_op(OP), OP),
+            "cuda": native_kernel(torch_op(OP), OP),
+            "triton": triton_kernel(torch_op("sampler_loop_step_triton")),
         },
         inputs=_inputs,
         validate=_check,
@@ -99,11 +91,6 @@ def _sampler_loop_step_triton(
 def _sampler_loop_step_triton_fake(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
                                    philox_seed, t_in, timesteps):
     return None
-
-
-def loop_kernel_op(backend: str):
-    """The torch op that runs ``backend``'s sampler_loop_step ("cpu", "cuda" or "triton"; one schema)."""
-    return torch.ops.fastdiff.sampler_loop_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_loop_step
 
 
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

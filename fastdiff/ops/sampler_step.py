@@ -23,7 +23,7 @@ from ..backends import Kernel, OpSupport, register_op
 from ..reference.sampler_step import STEP_COEFS
 from ..reference.sampler_step import sampler_step as _reference_sampler_step
 
-__all__ = ["sampler_step", "STEP_COEFS", "TRITON_DTYPES", "kernel_op"]
+__all__ = ["sampler_step", "STEP_COEFS", "TRITON_DTYPES"]
 
 OP = "sampler_step"
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -71,14 +71,17 @@ def _reference(x, model_output, coefs, step, cfg_scale, learned_range, clip, thr
     return x_prev, (x0 if return_x0 else None)
 
 
-def _kernel(op):
+def _kernel(op: str):
+    """The run function of a step kernel: torch.ops.fastdiff.<op> with its scalars and the step index
+    and seed as device tensors."""
+
     def run(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0):
         step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
         # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph
         # capture refuses; the sampling loop passes its seed (and step) as device tensors made once.
         seed_t = philox_seed if philox_seed is None or isinstance(philox_seed, torch.Tensor) else torch.tensor(
             philox_seed, dtype=torch.int64, device=x.device)
-        x_prev, x0 = op()(
+        x_prev, x0 = getattr(torch.ops.fastdiff, op)(
             x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
             math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
         )
@@ -99,7 +102,7 @@ def triton_kernel(run) -> Kernel:
                   layouts="any strides; outputs in x's suggested memory format")
 
 
-_native_run = _kernel(lambda: torch.ops.fastdiff.sampler_step)
+_native_run = _kernel(OP)
 SUPPORT = register_op(
     OpSupport(
         OP,
@@ -107,7 +110,7 @@ SUPPORT = register_op(
             "reference": Kernel("reference", _reference),
             "cpu": native_kernel(_native_run),
             "cuda": native_kernel(_native_run),
-            "triton": triton_kernel(_kernel(lambda: torch.ops.fastdiff.sampler_step_triton)),
+            "triton": triton_kernel(_kernel("sampler_step_triton")),
         },
         inputs=_inputs,
         validate=_check,
@@ -141,11 +144,6 @@ def _sampler_step_triton_fake(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     x0 = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if return_x0 else x.new_empty((0,))
     return out, x0
-
-
-def kernel_op(backend: str):
-    """The torch op that runs ``backend`` ("cpu", "cuda" or "triton"), all with the native schema."""
-    return torch.ops.fastdiff.sampler_step_triton if backend == "triton" else torch.ops.fastdiff.sampler_step
 
 
 def _is_int(v: object) -> bool:
