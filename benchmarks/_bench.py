@@ -66,10 +66,10 @@ def machine() -> dict[str, str]:
     """The machine as columns: CPU model, ISA (ATen's CPU capability), threads, GPU (if used), torch
     and fastdiff versions."""
     import fastdiff
+    from fastdiff.info import cpu_model
 
-    line = machine_line()
     isa = torch.backends.cpu.get_cpu_capability()
-    model = line.split(", ATen CPU capability", 1)[0]
+    model = cpu_model()
     gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else ""
     return {"cpu": model, "isa": isa, "threads": str(torch.get_num_threads()), "gpu": gpu,
             "torch": torch.__version__, "fastdiff": getattr(fastdiff, "__version__", "?")}

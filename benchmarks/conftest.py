@@ -76,6 +76,7 @@ def _tuner_lines() -> list[str]:
     """The conv3x3 tuner's choices of this run (fastdiff.nn.conv.tuning_decisions): counts per choice,
     then one line per signature."""
     try:
+        from fastdiff import tuning
         from fastdiff.nn.conv import tuning_decisions
 
         decisions = tuning_decisions()
@@ -84,24 +85,17 @@ def _tuner_lines() -> list[str]:
     if not decisions:
         return ["conv3x3 tuner: no choices made in this run (no model convolution reached it, or FASTDIFF_TUNE=0)"]
 
-    def name(takes) -> str:
-        return "?" if takes is None else ("fastdiff" if takes else "onednn")
-
-    counts = Counter(name(d.get("fastdiff")) for d in decisions)
-    overturned = sum(1 for d in decisions if d.get("static") is not None and d.get("static") != d.get("fastdiff"))
-    sources = Counter(d["source"] for d in decisions if "source" in d)  # measured now, or read from the cache file
+    described = [(tuning.describe("conv3x3", d["signature"], d), d.get("source")) for d in decisions]
+    counts = Counter(c["choice"] for c, _ in described)
+    overturned = sum(1 for c, _ in described if c["static"] is not None and c["static"] != c["choice"])
+    sources = Counter(source for _, source in described if source)  # measured now, or read from the cache file
     lines = [f"conv3x3 tuner: {len(decisions)} signature(s): "
              + ", ".join(f"{n} {choice}" for choice, n in counts.most_common())
              + f"; {overturned} overturning the static rule"
              + "".join(f"; {n} {source}" for source, n in sources.most_common())]
-    for d in sorted(decisions, key=lambda d: (str(d.get("layout")), tuple(d.get("shape") or ()))):
-        extras = "".join((", bias" if d.get("bias") else "", ", + residual" if d.get("residual") else ""))
-        static = d.get("static")
-        rule = f" (static rule: {name(static)})" if static is not None and static != d.get("fastdiff") else ""
-        times = ", ".join(f"{k[:-3]} {v:.0f} us" for k, v in d.items() if k.endswith("_us") and isinstance(v, float))
-        source = f" [{d['source']}]" if "source" in d else ""
-        lines.append(f"  x {tuple(d.get('shape') or ())} {d.get('layout')} -> {d.get('out_channels')} channels{extras}:"
-                     f" {name(d.get('fastdiff'))}{rule}" + (f"; medians {times}" if times else "") + source)
+    width = max(len(c["description"]) for c, _ in described)
+    for choice, source in sorted(described, key=lambda item: item[0]["description"]):
+        lines.append(f"  {tuning.format_choice(choice, width)}" + (f" [{source}]" if source else ""))
     return lines
 
 

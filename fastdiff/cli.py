@@ -17,7 +17,7 @@ from . import tuning
 _MODELS = ("digits", "glyphs")
 _TUNABLE_MODELS = ("digits",)  # the models with measured choices (fastdiff tune)
 _CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
-_MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+_MEMORY_FORMATS = tuning.MEMORY_FORMATS  # name -> torch.memory_format (what --memory-format names)
 _MEMORY_FORMAT_NAMES = {"channels_last": "channels_last", "contiguous": "NCHW"}
 _SOURCES = {"measured": "measured now", "cache": "from the cache", "static": "the static rule"}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -22,7 +22,7 @@ from . import _native
 from .backends import AVAILABLE, ENV_VAR, registered_ops, support_table
 from .kernel_report import format_kernels, native_kernels
 
-__all__ = ["main", "collect", "cpu_line"]
+__all__ = ["main", "collect", "cpu_line", "cpu_model"]
 
 
 def _dist_version(name: str) -> str | None:
@@ -34,7 +34,7 @@ def _dist_version(name: str) -> str | None:
 
 
 @functools.cache
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -46,7 +46,7 @@ def cpu_line() -> str:
     """The CPU model, ATen's CPU capability (the ISA its kernels run) and the thread count: printed
     with every number, since kernels rank differently on other CPUs (the tuner keys its cache by it)."""
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{_cpu_model()}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
+    return f"{cpu_model()}, ATen CPU capability {isa}, {torch.get_num_threads()} thread(s)"
 
 
 def collect() -> dict:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CACHE_DIR_ENV", "TUNE_ENV", "TUNE_MARGIN", "MEMORY_FORMATS", "cache_path", "machine_key", "enabled",
+    "CACHE_DIR_ENV", "TUNE_ENV", "TUNE_MARGIN", "MEMORY_FORMATS", "cache_path", "machine_key", "enabled", "pick",
     "alternating_seconds", "median_seconds", "load", "store", "forget", "describe", "choices", "format_choice",
     "summary", "memory_format_signature", "choose_memory_format", "clear_memory_formats",
 ]
@@ -77,6 +77,13 @@ def alternating_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int, min_
 def median_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median wall time of each callable over ``repeats`` alternating rounds (:func:`alternating_seconds`)."""
     return {name: statistics.median(t) for name, t in alternating_seconds(fns, repeats).items()}
+
+
+def pick(times: Mapping[str, float], default: str) -> str:
+    """The candidate to take: the fastest, when it beats ``default`` by ``TUNE_MARGIN``, else
+    ``default`` (so noise does not flip a choice)."""
+    best = min(times, key=times.__getitem__)
+    return best if times[best] * (1 + TUNE_MARGIN) < times[default] else default
 
 
 def cache_path() -> Path:
@@ -290,9 +297,7 @@ def choose_memory_format(model: torch.nn.Module, signature: str, args: tuple, kw
             fn()  # first calls: the convolutions' own measurements, allocations
         times = alternating_seconds(fns, MEMORY_FORMAT_REPEATS, MEMORY_FORMAT_SECONDS, MEMORY_FORMAT_MAX_REPEATS)
     t = {name: statistics.median(v) for name, v in times.items()}
-    other = next(name for name in MEMORY_FORMATS if name != STATIC_MEMORY_FORMAT)
-    wins = t[other] * (1 + TUNE_MARGIN) < t[STATIC_MEMORY_FORMAT]
-    decision = {"choice": other if wins else STATIC_MEMORY_FORMAT, "static": STATIC_MEMORY_FORMAT,
+    decision = {"choice": pick(t, STATIC_MEMORY_FORMAT), "static": STATIC_MEMORY_FORMAT,
                 **{f"{name}_us": seconds * 1e6 for name, seconds in t.items()},
                 "repeats": min(len(v) for v in times.values())}
     _memory_formats[key] = decision

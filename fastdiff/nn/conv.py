@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,6 +74,17 @@ def _as_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.permute(0, 2, 3, 1), weight, conv.bias).permute(0, 3, 1, 2)
 
 
+def _remembered(table: dict, kind: str, key: tuple, valid: Callable[[dict], bool]) -> dict | None:
+    """This process's decision for ``key``, else the cache file's (remembered here, marked "cache"),
+    else None. The file is read only with tuning on."""
+    hit = table.get(key)
+    if hit is None and _tuning():
+        cached = tuning.load(kind).get(repr(key))  # measured by an earlier process on this machine
+        if isinstance(cached, dict) and valid(cached):
+            hit = table[key] = cached | {"source": "cache"}
+    return hit
+
+
 _pointwise: dict[tuple, dict] = {}
 
 
@@ -79,15 +92,15 @@ def _pointwise_key(shape: tuple, dtype: str, out_channels: int, bias: bool) -> t
     return (shape, dtype, out_channels, bias, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
 
 
+def _valid_pointwise(decision: dict) -> bool:
+    return decision.get("choice") in ("linear", "onednn")
+
+
 def _measured_linear(conv: nn.Conv2d, x: torch.Tensor, static: bool) -> bool:
     """Whether this 1x1 convolution runs as F.linear: measured once per signature against the
     module's own convolution, the static rule's pick kept unless the other wins by TUNE_MARGIN."""
     key = _pointwise_key(tuple(x.shape), str(x.dtype), conv.out_channels, conv.bias is not None)
-    hit = _pointwise.get(key)
-    if hit is None:
-        cached = tuning.load("conv1x1").get(repr(key))  # measured by an earlier process on this machine
-        if isinstance(cached, dict) and cached.get("choice") in ("linear", "onednn"):
-            hit = _pointwise[key] = cached | {"source": "cache"}
+    hit = _remembered(_pointwise, "conv1x1", key, _valid_pointwise)
     if hit is not None:
         return hit["choice"] == "linear"
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
@@ -97,8 +110,8 @@ def _measured_linear(conv: nn.Conv2d, x: torch.Tensor, static: bool) -> bool:
         for run in candidates.values():
             run()  # first calls: oneDNN's primitive
         t = _median_seconds(candidates, TUNE_REPEATS)
-    default, other = ("linear", "onednn") if static else ("onednn", "linear")
-    choice = other if t[other] * (1 + TUNE_MARGIN) < t[default] else default
+    default = "linear" if static else "onednn"
+    choice = tuning.pick(t, default)
     decision = {"choice": choice, "static": default, "linear_us": t["linear"] * 1e6, "onednn_us": t["onednn"] * 1e6}
     tuning.store("conv1x1", repr(key), decision)
     _pointwise[key] = decision | {"source": "measured"}
@@ -107,11 +120,8 @@ def _measured_linear(conv: nn.Conv2d, x: torch.Tensor, static: bool) -> bool:
 
 def _known_pointwise(shape: tuple, dtype: str, out_channels: int, bias: bool) -> bool | None:
     """The 1x1 choice an eager call measured for this signature, or None (see _known_choice)."""
-    key = _pointwise_key(shape, dtype, out_channels, bias)
-    hit = _pointwise.get(key)
-    if hit is None:
-        hit = tuning.load("conv1x1").get(repr(key)) if _tuning() else None
-    return hit["choice"] == "linear" if isinstance(hit, dict) and hit.get("choice") in ("linear", "onednn") else None
+    hit = _remembered(_pointwise, "conv1x1", _pointwise_key(shape, dtype, out_channels, bias), _valid_pointwise)
+    return None if hit is None else hit["choice"] == "linear"
 
 
 _known_pointwise._dynamo_marked_constant = True  # type: ignore[attr-defined]
@@ -152,9 +162,13 @@ def _layout(x: torch.Tensor) -> str:
     return "nchw" if x.is_contiguous() else "strided"
 
 
-def _signature(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None) -> tuple:
-    return (tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None, residual is not None,
-            torch.get_num_threads(), torch.backends.cpu.get_cpu_capability())
+def _conv_key(shape: tuple, layout: str, out_channels: int, bias: bool, residual: bool) -> tuple:
+    return (shape, layout, out_channels, bias, residual, torch.get_num_threads(),
+            torch.backends.cpu.get_cpu_capability())
+
+
+def _valid_conv(decision: dict) -> bool:
+    return isinstance(decision.get("fastdiff"), bool)
 
 
 _median_seconds = tuning.median_seconds  # alternating runs, medians (tests replace it here)
@@ -168,12 +182,8 @@ def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | 
     faster path is the kernel's; the static rule's pick (the kernel or oneDNN) stays unless the other
     is faster by TUNE_MARGIN. Not measured (the static rule decides, and the kernel its own path) when
     autograd records; never called while torch.compile traces."""
-    key = _signature(conv, x, residual)
-    hit = _decisions.get(key)
-    if hit is None:
-        cached = tuning.load("conv3x3").get(repr(key))  # measured by an earlier process on this machine
-        if isinstance(cached, dict) and isinstance(cached.get("fastdiff"), bool):
-            hit = _decisions[key] = cached | {"source": "cache"}
+    key = _conv_key(tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None, residual is not None)
+    hit = _remembered(_decisions, "conv3x3", key, _valid_conv)
     if hit is not None:
         return hit["fastdiff"], _path_of(hit)
     if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
@@ -194,10 +204,7 @@ def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | 
             run()  # first calls: the filter transform, oneDNN's primitive
         t = _median_seconds(candidates, TUNE_REPEATS)
     path = "fused" if t["fused"] <= t["blas"] else "blas"
-    if static:
-        takes = not t["onednn"] * (1 + TUNE_MARGIN) < t[path]
-    else:
-        takes = t[path] * (1 + TUNE_MARGIN) < t["onednn"]
+    takes = tuning.pick({"fastdiff": t[path], "onednn": t["onednn"]}, "fastdiff" if static else "onednn") == "fastdiff"
     decision = {"fastdiff": takes, "path": path, "static": static,
                 **{f"{name}_us": seconds * 1e6 for name, seconds in t.items()}}
     tuning.store("conv3x3", repr(key), decision)
@@ -216,14 +223,8 @@ def _known_choice(shape: tuple, layout: str, out_channels: int, bias: bool, resi
     """The choice already measured for this signature (in this process or, by an earlier one, in the
     cache file), or None. Called outside the trace while torch.compile traces (marked constant, as
     torch.compiler.assume_constant_result marks): a compiled model keeps the choices eager calls measured."""
-    key = (shape, layout, out_channels, bias, residual, torch.get_num_threads(),
-           torch.backends.cpu.get_cpu_capability())
-    hit = _decisions.get(key)
-    if hit is None:
-        hit = tuning.load("conv3x3").get(repr(key)) if _tuning() else None
-    if isinstance(hit, dict) and isinstance(hit.get("fastdiff"), bool):
-        return hit["fastdiff"], _path_of(hit)
-    return None
+    hit = _remembered(_decisions, "conv3x3", _conv_key(shape, layout, out_channels, bias, residual), _valid_conv)
+    return None if hit is None else (hit["fastdiff"], _path_of(hit))
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo here (see
