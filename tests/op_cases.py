@@ -711,9 +711,10 @@ def learned_range(sampler) -> bool:
     return sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
 
 
-def step_inputs(sampler, shape, guided, dtype, device, layout="contiguous", seed=0):
-    """x, model_output (2B rows when guided; 2C channels with learned variances, in [-1, 1]) and noise."""
-    g = generator(seed)
+def step_inputs(sampler, shape, guided, dtype, device, layout="contiguous", seed=0, g=None):
+    """x, model_output (2B rows when guided; 2C channels with learned variances, in [-1, 1]) and noise,
+    drawn from ``g`` (default: a generator seeded with ``seed``)."""
+    g = g or generator(seed)
     B, C = shape[:2]
     rows = 2 * B if guided else B
     channels = 2 * C if sampler.variance == "learned_range" else C

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import assert_within_eager_bound
+from op_cases import learned_range, step_inputs
 
 import fastdiff
 from fastdiff.reference.sampler_step import sampler_loop_step as reference_loop_step
@@ -44,22 +45,13 @@ def _sampler(config, dtype=torch.float32, device="cpu"):
     return cls(SCHEDULE, STEPS, dtype=dtype, device=device, **kw)
 
 
-def _learned(sampler):
-    return sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
-
-
 def _case(sampler, shape, dtype, *, guided, draw="none", step=0, threshold=False, t_len=None, seed=0,
           device="cpu", cfg_dtype=torch.float32):
     """The native op's arguments, as a dict in schema order (clip as a float, inf for none)."""
     g = torch.Generator().manual_seed(seed)
-    B, C = shape[:2]
+    B = shape[0]
     rows = 2 * B if guided else B
-    channels = 2 * C if sampler.variance == "learned_range" else C
-    x = torch.randn(shape, generator=g)
-    out = torch.randn((rows, channels) + shape[2:], generator=g)
-    if sampler.variance == "learned_range":
-        out[:, C:] = torch.tanh(out[:, C:])  # the variance channels lie in [-1, 1]
-    noise = torch.randn(shape, generator=g)
+    x, out, noise = step_inputs(sampler, shape, guided, torch.float32, "cpu", g=g)
     thresholds = 0.5 + torch.rand(B, generator=g) if threshold else None
     x_in = torch.cat([x, x]) if guided else x
     t_len = rows if t_len is None else t_len
@@ -69,7 +61,7 @@ def _case(sampler, shape, dtype, *, guided, draw="none", step=0, threshold=False
         coefs=sampler.coefs,
         step=torch.tensor(step, dtype=torch.int64),
         cfg_scale=torch.tensor([CFG], dtype=cfg_dtype) if guided else None,
-        learned_range=_learned(sampler),
+        learned_range=learned_range(sampler),
         clip=math.inf if sampler.clip_x0 is None or threshold else float(sampler.clip_x0),
         threshold=thresholds,
         noise=noise.to(dtype) if draw == "tensor" else None,
