@@ -233,7 +233,9 @@ def _choose_memory_format(args: argparse.Namespace, demo: _Demo, batch: int) -> 
         how = f"{tuning.TUNE_ENV}=0: the static rule"
     else:
         verb = "measured" if decision["source"] == "measured" else f"cached in {tuning.cache_path()}"
-        how = (f"{verb}: {_times_text(decision)}, medians of {decision.get('repeats', '?')} alternating rounds; "
+        busy = decision.get("busy")
+        busy = f", busy {busy:.0%}" if isinstance(busy, (int, float)) else ""
+        how = (f"{verb}: {_times_text(decision)}, medians of {decision.get('rounds', '?')} alternating rounds{busy}; "
                f"NCHW must win by {tuning.TUNE_MARGIN:.0%}")
     print(f"memory format: {_MEMORY_FORMAT_NAMES[choice]} at batch {batch} ({how})")
     return choice

@@ -27,6 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,21 @@ import torch
 
 __all__ = [
     "CACHE_DIR_ENV", "TUNE_ENV", "TUNE_MARGIN", "MEMORY_FORMATS", "cache_path", "machine_key", "enabled", "pick",
-    "alternating_seconds", "median_seconds", "load", "store", "forget", "describe", "choices", "format_choice",
-    "summary", "memory_format_signature", "choose_memory_format", "clear_memory_formats",
+    "alternating_seconds", "measure", "Measurement", "keep", "run_queue_seconds", "BUSY_LIMIT", "load", "store",
+    "forget", "describe", "choices", "format_choice", "summary", "memory_format_signature",
+    "choose_memory_format", "clear_memory_formats",
 ]
 
 CACHE_DIR_ENV = "FASTDIFF_CACHE_DIR"
 TUNE_ENV = "FASTDIFF_TUNE"
 # How much faster the candidate that is not the default must be to replace it (every measured choice).
 TUNE_MARGIN = 0.10
+# A measurement is trusted (cached) when this process waited for a CPU no more than this fraction of
+# its wall time (other processes held the cores: timings then swing by up to the scheduler's time
+# slice, milliseconds, on kernels of microseconds). On a quiet machine the wait stays near 0.
+BUSY_LIMIT = 0.10
+# How many rounds a measurement may take in all, as a multiple of its minimum, while the machine is busy.
+BUSY_ROUNDS_FACTOR = 4
 _warned: set[str] = set()
 
 
@@ -74,9 +82,79 @@ def alternating_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int, min_
     return times
 
 
-def median_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median wall time of each callable over ``repeats`` alternating rounds (:func:`alternating_seconds`)."""
-    return {name: statistics.median(t) for name, t in alternating_seconds(fns, repeats).items()}
+def run_queue_seconds() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (Linux's
+    ``/proc/self/task/*/schedstat``, second field), or None where the kernel does not report it."""
+    total, seen = 0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile, or no schedstat
+            continue
+    return total * 1e-9 if seen else None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What :func:`measure` found: ``seconds``, each candidate's median; ``rounds``; ``busy``, the
+    time this process's threads waited for a CPU while it measured, as a fraction of the wall time
+    (other processes held the cores), or None where the OS does not say; and ``steady``: whether
+    ``busy`` stayed at or under ``BUSY_LIMIT`` (unknown counts as steady). A choice from an unsteady
+    measurement is used by this process but not written to the cache file."""
+
+    seconds: dict[str, float]
+    rounds: int
+    busy: float | None
+
+    @property
+    def steady(self) -> bool:
+        return self.busy is None or self.busy <= BUSY_LIMIT
+
+    def record(self) -> dict[str, Any]:
+        """The fields a decision keeps: each candidate's median in microseconds, rounds, busy."""
+        return {**{f"{name}_us": s * 1e6 for name, s in self.seconds.items()}, "rounds": self.rounds,
+                **({"busy": round(self.busy, 3)} if self.busy is not None else {})}
+
+
+def measure(fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.0,
+            max_repeats: int | None = None) -> Measurement:
+    """Time the candidates with :func:`alternating_seconds` (``repeats`` rounds, more while under
+    ``min_seconds``) and watch how long this process waited for a CPU meanwhile
+    (:func:`run_queue_seconds`); while that was more than ``BUSY_LIMIT`` of the wall time (the machine
+    is busy: the timings are not the candidates' own), start over with ``repeats`` fresh rounds, up to
+    ``max_repeats`` (default ``BUSY_ROUNDS_FACTOR * repeats``) rounds in all, and keep the calmest."""
+    limit = max(repeats, max_repeats or BUSY_ROUNDS_FACTOR * repeats)
+    best: Measurement | None = None
+    spent = 0
+    while True:
+        waited, start = run_queue_seconds(), time.perf_counter()
+        times = alternating_seconds(fns, repeats, min_seconds, limit - spent)
+        wall, after = time.perf_counter() - start, run_queue_seconds()
+        busy = None if waited is None or after is None else max(0.0, after - waited) / max(wall, 1e-9)
+        rounds = min(len(v) for v in times.values())
+        spent += rounds
+        m = Measurement({name: statistics.median(v) for name, v in times.items()}, rounds, busy)
+        if best is None or (m.busy or 0.0) < (best.busy or 0.0):
+            best = m
+        if best.steady or spent + repeats > limit:
+            return best
+
+
+def keep(kind: str, signature: str, decision: dict[str, Any], measurement: Measurement) -> None:
+    """Write a measured decision to the cache file if its measurement was steady; else warn (once per
+    process) that the machine was busy and leave the file alone, so a later process measures again."""
+    if measurement.steady:
+        store(kind, signature, decision)
+    else:
+        _warn_once(f"fastdiff: the machine was busy while tuning (this process waited for a CPU "
+                   f"{measurement.busy:.0%} of the time); {kind} choices measured now hold for this process only "
+                   "and are not cached (run `fastdiff tune --again` on a quiet machine)")
 
 
 def pick(times: Mapping[str, float], default: str) -> str:
@@ -175,8 +253,8 @@ def _conv3x3_text(signature: str) -> str:
 
 def describe(kind: str, signature: str, decision: Mapping[str, Any]) -> dict[str, Any]:
     """One cached decision as ``fastdiff info`` and ``fastdiff tune`` show it: op, signature (as
-    keyed) and a readable form of it, the choice, the static rule's, and each candidate's median time
-    in microseconds."""
+    keyed) and a readable form of it, the choice, the static rule's, each candidate's time in
+    microseconds (its median), and the measurement's rounds and how busy the machine was, where recorded."""
     if kind == "conv3x3":
         def name(takes: Any) -> str | None:
             return None if takes is None else ("fastdiff" if takes else "onednn")
@@ -189,8 +267,9 @@ def describe(kind: str, signature: str, decision: Mapping[str, Any]) -> dict[str
     # conv3x3: which of the kernel's Winograd paths it takes (absent from decisions made before the
     # paths were measured).
     path = decision.get("path") if kind == "conv3x3" and decision.get("fastdiff") else None
+    extra = {k: decision[k] for k in ("rounds", "busy") if isinstance(decision.get(k), (int, float))}
     return {"op": kind, "signature": signature, "description": text, "choice": choice, "static": static,
-            "times_us": times, **({"path": path} if path else {})}
+            "times_us": times, **({"path": path} if path else {}), **extra}
 
 
 def _natural(text: str) -> list:
@@ -213,13 +292,16 @@ def _duration(us: float) -> str:
 
 def format_choice(choice: Mapping[str, Any], width: int = 0) -> str:
     """One described decision (:func:`describe`) on one line: op, signature, the choice (and the
-    static rule's where the measurement overturned it), each candidate's median time."""
+    static rule's where the measurement overturned it), each candidate's median time, and the
+    measurement's rounds and busy share (how long the process waited for a CPU) where recorded."""
     static = choice["static"]
     overturned = f" (static rule: {static})" if static is not None and static != choice["choice"] else ""
     times = ", ".join(f"{name} {_duration(us)}" for name, us in choice["times_us"].items())
     path = f" ({choice['path']} path)" if choice.get("path") else ""
     return (f"{choice['op']:<13} {choice['description']:<{width}}  -> {choice['choice']}{path}{overturned}"
-            + (f"; medians {times}" if times else ""))
+            + (f"; medians {times}" if times else "")
+            + (f" ({choice['rounds']} rounds" + (f", busy {choice['busy']:.0%})" if "busy" in choice else ")")
+               if "rounds" in choice else ""))
 
 
 def summary() -> dict[str, Any]:
@@ -295,11 +377,8 @@ def choose_memory_format(model: torch.nn.Module, signature: str, args: tuple, kw
     with torch.no_grad():
         for fn in fns.values():
             fn()  # first calls: the convolutions' own measurements, allocations
-        times = alternating_seconds(fns, MEMORY_FORMAT_REPEATS, MEMORY_FORMAT_SECONDS, MEMORY_FORMAT_MAX_REPEATS)
-    t = {name: statistics.median(v) for name, v in times.items()}
-    decision = {"choice": pick(t, STATIC_MEMORY_FORMAT), "static": STATIC_MEMORY_FORMAT,
-                **{f"{name}_us": seconds * 1e6 for name, seconds in t.items()},
-                "repeats": min(len(v) for v in times.values())}
+        m = measure(fns, MEMORY_FORMAT_REPEATS, MEMORY_FORMAT_SECONDS, MEMORY_FORMAT_MAX_REPEATS)
+    decision = {"choice": pick(m.seconds, STATIC_MEMORY_FORMAT), "static": STATIC_MEMORY_FORMAT, **m.record()}
     _memory_formats[key] = decision
-    store(MEMORY_FORMAT_KIND, signature, decision)
+    keep(MEMORY_FORMAT_KIND, signature, decision, m)
     return decision | {"source": "measured"}

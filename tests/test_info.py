@@ -55,10 +55,10 @@ def _cached_decisions(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
     conv_signature = repr(((8, 16, 16, 16), "channels_last", 32, True, False, 2, "AVX2"))
     tuning.store("conv3x3", conv_signature, {"fastdiff": False, "static": True, "fastdiff_us": 510.0,
-                                             "onednn_us": 230.0})
+                                             "onednn_us": 230.0, "rounds": 5, "busy": 0.02})
     tuning.store("memory_format", "digits batch 160 float32 cpu",
                  {"choice": "channels_last", "static": "channels_last", "channels_last_us": 61000.0,
-                  "contiguous_us": 64000.0, "repeats": 9})
+                  "contiguous_us": 64000.0})
     return conv_signature
 
 
@@ -70,9 +70,9 @@ def test_the_cached_tuning_decisions_are_listed(monkeypatch, tmp_path, capsys):
     assert "1 conv3x3, 1 memory_format" in out[head] and str(tmp_path / "tuning.json") in out[head]
     conv, fmt = out[head + 1], out[head + 2]
     assert conv.split()[:2] == ["conv3x3", "x"] and "(8, 16, 16, 16) channels_last -> 32 channels, bias" in conv
-    assert "-> onednn (static rule: fastdiff); medians fastdiff 510 us, onednn 230 us" in conv
+    assert "-> onednn (static rule: fastdiff); medians fastdiff 510 us, onednn 230 us (5 rounds, busy 2%)" in conv
     assert fmt.split()[:2] == ["memory_format", "digits"] and "digits batch 160 float32 cpu" in fmt
-    assert "-> channels_last; medians channels_last 61.0 ms, contiguous 64.0 ms" in fmt
+    assert fmt.endswith("-> channels_last; medians channels_last 61.0 ms, contiguous 64.0 ms")  # no rounds recorded
 
 
 def test_the_cached_tuning_decisions_are_in_the_json(monkeypatch, tmp_path, capsys):
@@ -84,7 +84,7 @@ def test_the_cached_tuning_decisions_are_in_the_json(monkeypatch, tmp_path, caps
     assert tuning["choices"] == [
         {"op": "conv3x3", "signature": conv_signature,
          "description": "x (8, 16, 16, 16) channels_last -> 32 channels, bias", "choice": "onednn",
-         "static": "fastdiff", "times_us": {"fastdiff": 510.0, "onednn": 230.0}},
+         "static": "fastdiff", "times_us": {"fastdiff": 510.0, "onednn": 230.0}, "rounds": 5, "busy": 0.02},
         {"op": "memory_format", "signature": "digits batch 160 float32 cpu",
          "description": "digits batch 160 float32 cpu", "choice": "channels_last", "static": "channels_last",
          "times_us": {"channels_last": 61000.0, "contiguous": 64000.0}},

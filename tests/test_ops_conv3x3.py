@@ -1048,16 +1048,18 @@ def _spy_on_linear(monkeypatch):
 def fake_timings(monkeypatch, tmp_path):
     """Replace the tuner's clock: the test says how long each candidate takes (and has its own cache file)."""
     import fastdiff.nn.conv as conv_module
+    from fastdiff import tuning
 
     monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
     conv_module.clear_tuning()
     timed = {"fused": 1.0, "blas": 1.0, "onednn": 1.0, "calls": 0}
 
-    def fake(fns, repeats):
+    def fake(fns, repeats, min_seconds=0.0, max_repeats=None):
         timed["calls"] += 1
-        return {name: timed[name] for name in fns}
+        return {name: [timed[name]] * repeats for name in fns}
 
-    monkeypatch.setattr(conv_module, "_median_seconds", fake)
+    monkeypatch.setattr(tuning, "alternating_seconds", fake)
+    monkeypatch.setattr(tuning, "run_queue_seconds", lambda: 0.0)  # a quiet machine: decisions are cached
     monkeypatch.setenv("FASTDIFF_TUNE", "1")
     yield timed
     conv_module.clear_tuning()

@@ -40,6 +40,7 @@ def clock(monkeypatch):
         return {name: [timed.get(name, 1.0)] * repeats for name in fns}
 
     monkeypatch.setattr(tuning, "alternating_seconds", fake)
+    monkeypatch.setattr(tuning, "run_queue_seconds", lambda: 0.0)  # a quiet machine (tests may set otherwise)
     return timed
 
 
@@ -64,6 +65,8 @@ def _entries(path, kind):
 
 def test_tune_measures_for_real_then_a_second_run_reuses_the_cache(cache, capsys, monkeypatch):
     monkeypatch.setattr(tuning, "MEMORY_FORMAT_SECONDS", 0.0)  # the minimum rounds only: a fast test
+    # the timings are real; whether the machine counts as busy is not this test's subject (see below)
+    monkeypatch.setattr(tuning, "run_queue_seconds", lambda: None)
     calls = _count_measurements(monkeypatch)
     assert main(["tune", "--model", "digits", "--batch-size", "4"]) == 0
     first = capsys.readouterr().out
@@ -73,7 +76,7 @@ def test_tune_measures_for_real_then_a_second_run_reuses_the_cache(cache, capsys
     assert list(formats) == ["digits batch 4 float32 cpu"]
     decision = formats["digits batch 4 float32 cpu"]
     assert decision["choice"] in ("channels_last", "contiguous") and decision["static"] == "channels_last"
-    assert decision["repeats"] == tuning.MEMORY_FORMAT_REPEATS
+    assert decision["rounds"] == tuning.MEMORY_FORMAT_REPEATS
     assert decision["channels_last_us"] > 0 and decision["contiguous_us"] > 0
     assert ("channels_last", "contiguous") in calls
     lines = [line for line in first.splitlines() if "-> " in line]
@@ -189,7 +192,7 @@ def test_sample_memory_format_auto_picks_persists_and_reuses(cache, capsys, cloc
     assert main([*_SAMPLE, "--out", str(tmp_path / "a.png")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"memory format: NCHW at batch 20 \(measured: channels_last 1000\.0 ms, NCHW 800\.0 ms per "
-                     r"forward, medians of 7 alternating rounds; NCHW must win by 10%\)", out), out
+                     r"forward, medians of 7 alternating rounds, busy 0%; NCHW must win by 10%\)", out), out
     assert "backend auto" in out and re.search(r"backend auto .*\(NCHW\)", out)
     assert _entries(cache, "memory_format")["digits batch 20 float32 cpu"]["choice"] == "contiguous"
     calls = clock["calls"]
@@ -316,3 +319,78 @@ def test_compiled_conv1x1_follows_the_measured_choice(cache, clock):
         conv_module.conv1x1_module(conv, x)
     ops = traced_ops()
     assert not any("linear" in op for op in ops) and any("conv2d" in op for op in ops), ops
+
+
+# ---- measuring on a busy machine -----------------------------------------------------------------
+
+def _waits(monkeypatch, per_batch):
+    """run_queue_seconds replaced: each measured batch of rounds "waits for a CPU" the next number of
+    seconds in ``per_batch`` (the last one repeats), so a test can play a busy spell."""
+    state = {"total": 0.0, "reads": 0}
+
+    def fake():
+        if state["reads"] % 2:  # the read after a batch: add that batch's wait
+            batch = state["reads"] // 2
+            state["total"] += per_batch[min(batch, len(per_batch) - 1)]
+        state["reads"] += 1
+        return state["total"]
+
+    monkeypatch.setattr(tuning, "run_queue_seconds", fake)
+    return state
+
+
+def test_measure_runs_the_candidates_and_reads_the_run_queue():
+    """Real runs: medians of each candidate, and how long this process waited for a CPU meanwhile
+    (None where the OS does not report it, which counts as steady)."""
+    m = tuning.measure({"a": lambda: None, "b": lambda: sum(range(2000))}, repeats=5)
+    assert set(m.seconds) == {"a", "b"} and m.rounds >= 5 and 0 < m.seconds["a"] < m.seconds["b"]
+    assert m.busy is None or m.busy >= 0
+    assert m.steady == (m.busy is None or m.busy <= tuning.BUSY_LIMIT)
+    record = m.record()
+    assert record["a_us"] == pytest.approx(m.seconds["a"] * 1e6) and record["rounds"] == m.rounds
+    waited = tuning.run_queue_seconds()
+    assert waited is None or waited >= 0
+
+
+def test_measure_starts_over_while_the_machine_is_busy(monkeypatch, clock):
+    """A batch of rounds during which the process mostly waited for a CPU is not trusted: the tuner
+    times a fresh batch, and the first calm one decides."""
+    _waits(monkeypatch, [10.0, 0.0])
+    m = tuning.measure({"x": lambda: None, "y": lambda: None}, repeats=5)
+    assert clock["calls"] == 2 and m.rounds == 5 and m.steady and m.busy == 0.0
+
+
+def test_measure_gives_up_busy_after_the_round_limit(monkeypatch, clock):
+    _waits(monkeypatch, [10.0])
+    clock.update(x=1.0, y=2.0)
+    m = tuning.measure({"x": lambda: None, "y": lambda: None}, repeats=5)
+    assert clock["calls"] == tuning.BUSY_ROUNDS_FACTOR and not m.steady and m.busy > tuning.BUSY_LIMIT
+    assert m.seconds == {"x": 1.0, "y": 2.0}  # still the best estimate this process has
+
+
+def test_measure_without_a_run_queue_counter_is_steady(monkeypatch, clock):
+    monkeypatch.setattr(tuning, "run_queue_seconds", lambda: None)
+    m = tuning.measure({"x": lambda: None}, repeats=5)
+    assert clock["calls"] == 1 and m.busy is None and m.steady and "busy" not in m.record()
+
+
+def test_a_choice_measured_on_a_busy_machine_is_used_but_not_cached(cache, clock, monkeypatch):
+    """The process takes the busy measurement's pick (its best estimate), says once that the machine
+    was busy, and leaves the cache file alone, so that a later, quieter process measures again."""
+    monkeypatch.setattr(tuning, "_warned", set())  # this test sees the once-per-process warning
+    _waits(monkeypatch, [10.0])
+    clock.update(linear=1.0, onednn=0.5)
+    conv, x = _pointwise_case()
+    with pytest.warns(RuntimeWarning, match=r"busy while tuning .*waited for a CPU.*conv1x1 .*not cached"):
+        with torch.no_grad():
+            out = conv_module.conv1x1_module(conv, x)
+    torch.testing.assert_close(out, conv(x), rtol=0, atol=0)  # oneDNN, the faster
+    (decision,) = conv_module.pointwise_decisions()
+    assert decision["choice"] == "onednn" and decision["busy"] > tuning.BUSY_LIMIT
+    assert not cache.exists() or not _entries(cache, "conv1x1")
+    conv_module.clear_tuning()  # a new process, on a quiet machine, measures again and caches
+    _waits(monkeypatch, [0.0])
+    calls = clock["calls"]
+    with torch.no_grad():
+        conv_module.conv1x1_module(conv, x)
+    assert clock["calls"] == calls + 1 and len(_entries(cache, "conv1x1")) == 1

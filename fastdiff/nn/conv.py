@@ -109,11 +109,11 @@ def _measured_linear(conv: nn.Conv2d, x: torch.Tensor, static: bool) -> bool:
         candidates = {"linear": lambda: _as_linear(conv, x), "onednn": lambda: conv(x)}
         for run in candidates.values():
             run()  # first calls: oneDNN's primitive
-        t = _median_seconds(candidates, TUNE_REPEATS)
+        m = tuning.measure(candidates, TUNE_REPEATS)
     default = "linear" if static else "onednn"
-    choice = tuning.pick(t, default)
-    decision = {"choice": choice, "static": default, "linear_us": t["linear"] * 1e6, "onednn_us": t["onednn"] * 1e6}
-    tuning.store("conv1x1", repr(key), decision)
+    choice = tuning.pick(m.seconds, default)
+    decision = {"choice": choice, "static": default, **m.record()}
+    tuning.keep("conv1x1", repr(key), decision, m)
     _pointwise[key] = decision | {"source": "measured"}
     return choice == "linear"
 
@@ -171,9 +171,6 @@ def _valid_conv(decision: dict) -> bool:
     return isinstance(decision.get("fastdiff"), bool)
 
 
-_median_seconds = tuning.median_seconds  # alternating runs, medians (tests replace it here)
-
-
 def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
                      static: bool) -> tuple[bool, str]:
     """Whether fastdiff's kernel runs this convolution, and which of its Winograd paths: measured once
@@ -202,12 +199,12 @@ def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | 
         candidates = {"fused": winograd("fused"), "blas": winograd("blas"), "onednn": onednn}
         for run in candidates.values():
             run()  # first calls: the filter transform, oneDNN's primitive
-        t = _median_seconds(candidates, TUNE_REPEATS)
+        m = tuning.measure(candidates, TUNE_REPEATS)
+    t = m.seconds
     path = "fused" if t["fused"] <= t["blas"] else "blas"
     takes = tuning.pick({"fastdiff": t[path], "onednn": t["onednn"]}, "fastdiff" if static else "onednn") == "fastdiff"
-    decision = {"fastdiff": takes, "path": path, "static": static,
-                **{f"{name}_us": seconds * 1e6 for name, seconds in t.items()}}
-    tuning.store("conv3x3", repr(key), decision)
+    decision = {"fastdiff": takes, "path": path, "static": static, **m.record()}
+    tuning.keep("conv3x3", repr(key), decision, m)
     _decisions[key] = decision | {"source": "measured"}
     return takes, path
 
