@@ -401,6 +401,7 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         # median over the rounds: a shared machine's speed drifts by tens of percent from one
         # moment to the next, and alternating lets a slow spell fall on every backend alike.
         rounds = {backend: [] for backend in backends}
+        waited, timed_start = tuning.run_queue_seconds(), time.perf_counter()
         for r in range(args.rounds):
             for backend in backends:
                 demo.set_backend(backend, memory_format)
@@ -416,6 +417,8 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
                 line = ", ".join(f"{backend} {rounds[backend][-1] * 1e3:.1f}" for backend in backends)
                 print(f"round {r + 1}/{args.rounds}: {line} ms/image", flush=True)
         timings = {backend: float(np.median(times)) for backend, times in rounds.items()}
+        after = tuning.run_queue_seconds()
+        busy = None if waited is None or after is None else (after - waited) / (time.perf_counter() - timed_start)
     result = result.float().cpu()
     try:  # checked before sampling; this catches a path that went away meanwhile
         write_png(args.out, _grid(result, labels, args.per_class))
@@ -456,6 +459,12 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         how = f"medians of {args.rounds} alternating rounds" if args.rounds > 1 else "one round"
         ratio = timings["reference"] / timings[args.backend]
         print(f"  speed-up of {args.backend} over the reference: {ratio:.2f}x ({how})")
+    if busy is not None:
+        # Other processes on the cores slow multi-threaded kernels by up to the scheduler's time slice
+        # per call (tens of times over on this project's 2-core machine): say so with the numbers.
+        print(f"  the timed runs waited for a CPU {busy:.0%} of the time"
+              + (" (busy machine: these timings are not the kernels' own; rerun on a quiet machine)"
+                 if busy > tuning.BUSY_LIMIT else ""))
     return 0
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastdiff import tuning
 from fastdiff._png import write_png
 from fastdiff.cli import main
 
@@ -69,8 +70,20 @@ def test_sample_command_digits_is_the_default(tmp_path, capsys):
     from fastdiff.info import cpu_line
 
     assert f"  machine: {cpu_line()}, torch {torch.__version__}" in text  # every number with its CPU and ISA
+    if tuning.run_queue_seconds() is not None:  # and how much other processes held the CPU meanwhile
+        assert re.search(r"the timed runs waited for a CPU \d+% of the time", text), text
     w, h = _read_png_size(out)
     assert h == 10 * 34 + 2 and w == 2 * 34 + 4
+
+
+def test_sample_says_when_the_machine_was_busy(tmp_path, capsys, monkeypatch):
+    """Timings taken while other processes held the cores are flagged beside the speed-up."""
+    waits = iter([0.0, 1e6])  # before and after the timed rounds: waited a million seconds
+    monkeypatch.setattr(tuning, "run_queue_seconds", lambda: next(waits, 1e6))
+    assert main(["sample", "--model", "glyphs", "--steps", "2", "--per-class", "1", "--rounds", "1",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"waited for a CPU \d+% of the time \(busy machine: these timings are not the kernels' own", text)
 
 
 def test_sample_command_compiles_the_fused_model_on_request(tmp_path, capsys):
