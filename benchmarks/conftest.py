@@ -2,9 +2,10 @@
 
 Every benchmark records ``provider`` and ``baseline`` in extra_info (plus a derived metric); at the
 end of the run the summary opens with the machine (CPU model, ISA, threads, torch and fastdiff
-versions), the run's length (default or ``--full``: steps and rounds of each end-to-end group) and
-the conv3x3 tuner's choices made during the run, then prints the ratios against each group's
-baseline, from this same run. ``--csv-dir DIR`` (or FASTDIFF_BENCH_CSV_DIR) also appends the rows to
+versions), the run's length (default or ``--full``: steps and rounds of each end-to-end group),
+the conv3x3 tuner's choices made during the run and the benchmarks that ran on a busy machine
+(each records ``busy``, the share of its time it waited for a CPU), then prints the ratios against
+each group's baseline, from this same run. ``--csv-dir DIR`` (or FASTDIFF_BENCH_CSV_DIR) also appends the rows to
 ``DIR/<machine>.csv``, one file per machine; nothing is written unless asked.
 """
 
@@ -50,6 +51,22 @@ def pytest_configure(config):
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _busy_share(request):
+    """How long each benchmark (warm-up included) waited for a CPU, as a share of its wall time, in
+    its extra_info as ``busy``: with other processes on the cores a multi-threaded CPU kernel runs
+    many times slower, so a number taken then is flagged in the summary instead of trusted."""
+    from fastdiff.tuning import run_queue_seconds
+
+    # set up before this fixture's timing starts, so it is torn down after this fixture records
+    bench = request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames else None
+    waited, start = run_queue_seconds(), time.perf_counter()
+    yield
+    after = run_queue_seconds()
+    if bench is not None and waited is not None and after is not None:
+        bench.extra_info["busy"] = f"{(after - waited) / max(time.perf_counter() - start, 1e-9):.0%}"
 
 
 def _machine_lines() -> list[str]:
@@ -154,6 +171,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.section("fastdiff benchmarks: machine, run, tuner")
     for line in _machine_lines() + _run_lines(groups) + _tuner_lines():
         tr.write_line(line)
+    from fastdiff.tuning import BUSY_LIMIT
+
+    busy = [b for b in benches if float(str(b.extra_info.get("busy", "0%")).rstrip("%")) / 100 > BUSY_LIMIT]
+    if busy:
+        tr.write_line(f"busy machine: {len(busy)} of {len(benches)} benchmark(s) waited for a CPU more than "
+                      f"{BUSY_LIMIT:.0%} of their time (extra_info busy=...): other processes held the cores, "
+                      "so their numbers are not the kernels' own; rerun them on a quiet machine")
     tr.section("fastdiff: medians and ratios against each group's baseline (this run)")
     for group, items in groups.items():
         baseline_name, base = _baseline(items)
