@@ -28,7 +28,7 @@ import torch
 from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
 
 import fastdiff
-from fastdiff.backends import ExplicitOnly
+from fastdiff.backends import ExplicitOnly, select_backend
 
 # ---- the pieces ------------------------------------------------------------------------------------
 
@@ -947,7 +947,261 @@ class Attention(OpCase):
     ]
 
 
-CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), Attention()]
+# ---- conv3x3 -------------------------------------------------------------------------------------------
+
+CONV_BAD_PATHS = ("winograd", "FUSED", "", 1, None)
+
+
+class Conv3x3(OpCase):
+    """(N, C_in, C_out, H, W): every size 1; primes with odd H and W (half tiles on both edges); C_in 17
+    and C_out 33 leave vector tails after one full step; a map smaller than one 4x4 patch; a single
+    column (W = 1); a batch of 64-channel maps large enough for several L2 blocks per thread; C_out 96
+    (not a power of two) on a 5x6 map; an odd batch of 7. The cpu kernel's fused path (16 or fewer
+    channels on one side): C_in 16 with C_out 33 (GEMM column blocks of two vectors, then one), 48 ->
+    16 on odd sizes, 13 -> 7 (partial vectors on both sides), and 256 tiles (groups of 12 with a
+    remainder). For its ``path`` argument: one input channel (K = 1 GEMMs), 16 -> 16 and 32 -> 48 (the
+    static rule's fused and BLAS sides), 13 -> 7 on 5x3, and enough tiles for several fused groups and
+    L2 blocks. Then 33 -> 40 on 7x10, 32 -> 32 on 6x7 and an empty batch.
+
+    Layouts (x and the residual alike unless named): NCHW, channels_last, every other column (dense in
+    neither: a copy in the kernel), (N, H, C, W) storage seen as (N, C, H, W); "mixed": x NCHW with a
+    channels_last residual, "mixed-cl": x channels_last with a strided residual, both with the weight a
+    transposed view and the bias every other element; "expanded": x NCHW, the residual expanded over
+    the batch and the bias from one element (stride 0). Each point runs bias and residual each on and
+    off, on every ``path`` (the Triton interpreter's grid, were there a kernel: path "auto" only).
+    Besides the dtype's bound, an absolute sanity bound (the rounding of a few dozen products of O(1)
+    values): where the backend is the eager op itself (the reference), the bound alone says little."""
+
+    op = "conv3x3"
+    native_op = "conv3x3"
+    layouts = ("nchw", "channels_last", "strided", "permuted", "mixed", "mixed-cl", "expanded")
+    X_LAYOUT = {"mixed": "nchw", "mixed-cl": "channels_last", "expanded": "nchw"}
+    RESIDUAL_LAYOUT = {"mixed": "channels_last", "mixed-cl": "strided", "expanded": "expanded"}
+    PATHS = ("auto", "fused", "blas")
+    ABS_LIMIT = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+    # the path argument's shapes (in the grid below too)
+    PATH_SHAPES = [(2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (1, 1, 1, 1, 1),
+                   (4, 24, 40, 17, 15)]
+    SHAPES = [
+        (1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 40, 24, 2, 3), (1, 64, 64, 15, 1),
+        (16, 64, 64, 16, 16), (2, 128, 96, 5, 6), (7, 32, 32, 9, 11), (3, 16, 33, 8, 8), (5, 48, 16, 17, 9),
+        (2, 13, 7, 9, 11), (4, 16, 16, 16, 16),
+        # the path argument's
+        (2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (4, 24, 40, 17, 15),
+        (3, 33, 40, 7, 10), (4, 32, 32, 6, 7), (0, 8, 5, 4, 4),
+    ]
+    shapes = [(param_id(s), s) for s in SHAPES]
+    float64_shapes = [(param_id(s), s) for s in [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8)]]
+
+    from fastdiff.reference import conv3x3 as reference
+
+    def make_map(self, shape, dtype, layout, device="cpu", g=None):
+        """Random values (nonzero mean) of an (N, C, H, W) ``shape`` in ``layout``."""
+        g = g or generator()
+        n, c, h, w = shape
+        if layout == "strided":  # every other column: dense in neither layout
+            t = randn(g, n, c, h, 2 * w, dtype=dtype, device=device, offset=0.5)[..., ::2]
+        elif layout == "permuted":  # (N, H, C, W) storage seen as (N, C, H, W)
+            t = randn(g, n, h, c, w, dtype=dtype, device=device, offset=0.5).permute(0, 2, 1, 3)
+        elif layout == "expanded":  # one image's values for every image of the batch (stride 0)
+            t = randn(g, 1, c, h, w, dtype=dtype, device=device, offset=0.5).expand(n, c, h, w)
+        else:
+            t = randn(g, n, c, h, w, dtype=dtype, device=device, offset=0.5)
+            if layout == "channels_last":
+                t = t.contiguous(memory_format=torch.channels_last)
+        assert tuple(t.shape) == tuple(shape)
+        if layout in ("strided", "permuted") and min(t.shape) > 1:
+            assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+        return t
+
+    def make(self, spec, dtype, layout="nchw", device="cpu", g=None):
+        """x, weight, bias and residual of a grid point (N, C_in, C_out, H, W) in ``layout``."""
+        g = g or generator()
+        n, c_in, c_out, h, w = spec
+        x = self.make_map((n, c_in, h, w), dtype, self.X_LAYOUT.get(layout, layout), device, g)
+        # He-like scaling keeps outputs O(1) whatever C_in, so the float32 floor means the same everywhere
+        scale = 1 / math.sqrt(9 * max(c_in, 1))
+        weight = randn(g, c_out, c_in, 3, 3, dtype=dtype, device=device, scale=scale)
+        bias = randn(g, c_out, dtype=dtype, device=device)
+        if layout in ("mixed", "mixed-cl"):
+            weight = weight.transpose(2, 3)  # a view
+            bias = randn(g, 2 * c_out, dtype=dtype, device=device)[::2]
+        elif layout == "expanded":
+            bias = randn(g, 1, dtype=dtype, device=device).expand(c_out)
+        residual = self.make_map((n, c_out, h, w), dtype, self.RESIDUAL_LAYOUT.get(layout, layout), device, g)
+        return x, weight, bias, residual
+
+    def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
+        x, weight, bias, residual = self.make(spec, dtype, layout, device, generator(seed))
+        calls = []
+        for b in (None, bias):
+            for r in (None, residual):
+                answers = {}  # the paths of one (x, weight, bias, residual) share the oracle's answer
+                for path in self.PATHS if full else ("auto",):
+                    call = Call((x, weight, b, r), {"path": path}, f"{dtype} {spec} {layout} bias={b is not None} "
+                                f"residual={r is not None} path={path}", layout)
+                    call.answers = answers
+                    calls.append(call)
+        return calls
+
+    def run(self, call, backend):
+        out = super().run(call, backend)
+        call.backend = select_backend(self.op, backend, self.inputs(call))  # which one ran (expect reads it)
+        return out
+
+    def oracle(self, call):
+        known = getattr(call, "answers", {})
+        if not known:
+            known["answer"] = type(self).reference(*as_float64(call.args)), type(self).reference(*on_cpu(call.args))
+        return known["answer"]
+
+    def expect(self, out, call):
+        x, weight = call.args[:2]
+        assert out.shape == (x.shape[0], weight.shape[0], *x.shape[2:]), f"{call.what}: shape {tuple(out.shape)}"
+        assert out.dtype == x.dtype and out.device == x.device, call.what
+        # no out= argument to poison: every element must be written (finite)
+        assert torch.isfinite(out).all(), call.what
+        if getattr(call, "backend", None) == "cpu":  # the kernel's documented layout, whatever x's
+            assert out.is_contiguous(memory_format=torch.channels_last), f"{call.what}: strides {out.stride()}"
+
+    def check(self, out, call, what=""):
+        what = what or call.what
+        self.expect(out, call)
+        exact, eager = self.oracle(call)
+        out = out.detach().cpu()
+        if out.numel() == 0:  # an empty batch: nothing to bound
+            assert out.shape == exact.shape, what
+            return
+        assert_within_eager_bound(out, eager, exact, what)
+        if out.dtype in self.ABS_LIMIT:
+            err = (out.double() - exact).abs().max().item()
+            assert err <= self.ABS_LIMIT[out.dtype], f"{what}: max error {err:.3g} > {self.ABS_LIMIT[out.dtype]}"
+
+    def opcheck_grid(self, kind):
+        return [(torch.float32, layout) for layout in ("nchw", "channels_last")] if kind == "native" else []
+
+    def opcheck_samples(self, kind, dtype, layout, device):
+        x, weight, bias, residual = self.make((2, 5, 6, 7, 9), dtype, layout, device)
+        paths = self.module.PATHS
+
+        def grad(t):
+            return t.detach().clone().requires_grad_()
+
+        return [
+            (x, weight, None, None),
+            (x, weight, bias, None),
+            (x, weight, None, residual),
+            (x, weight, bias, residual),
+            tuple(grad(t) for t in (x, weight, bias, residual)),
+            (grad(x), weight, None, residual),
+            (x, weight, bias, residual, paths["fused"]),
+            (x, weight, None, residual, paths["blas"]),
+            (x, grad(weight), bias, None, paths["blas"]),
+        ]
+
+    def native_args(self):
+        return dict(x=self._x(), weight=self._w(), bias=None, residual=None, path=0)
+
+    def check_meta(self):
+        x = torch.empty(2, 8, 5, 7, device="meta")
+        out = torch.ops.fastdiff.conv3x3(x, torch.empty(12, 8, 3, 3, device="meta"), None, None)
+        assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 12, 5, 7)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _x():
+        return torch.randn(2, 4, 5, 6)
+
+    @staticmethod
+    def _w():
+        return torch.randn(3, 4, 3, 3)
+
+    @staticmethod
+    def _bad(*args, **kwargs):
+        return (Conv3x3._x(), Conv3x3._w(), *args), kwargs
+
+    bad_inputs = [
+        BadInput("x-list", lambda: (([[1.0]], Conv3x3._w()), {}), TypeError,
+                 r"conv3x3: x must be a torch\.Tensor, got list"),
+        BadInput("weight-str", lambda: ((Conv3x3._x(), "w"), {}), TypeError,
+                 r"conv3x3: weight must be a torch\.Tensor, got str"),
+        BadInput("bias-list", lambda: Conv3x3._bad([0.0] * 3), TypeError,
+                 r"conv3x3: bias must be a torch\.Tensor or None, got list"),
+        BadInput("residual-float", lambda: Conv3x3._bad(None, 1.0), TypeError,
+                 r"conv3x3: residual must be a torch\.Tensor or None, got float"),
+        BadInput("x-int", lambda: ((torch.ones(2, 4, 5, 6, dtype=torch.int64), Conv3x3._w()), {}), TypeError,
+                 r"x must be a floating tensor.*int64"),
+        BadInput("weight-dtype", lambda: ((Conv3x3._x(), Conv3x3._w().double()), {}), TypeError,
+                 r"weight dtype torch\.float64 must match x's dtype torch\.float32"),
+        BadInput("bias-dtype", lambda: Conv3x3._bad(torch.randn(3).half()), TypeError,
+                 r"bias dtype torch\.float16 must match x's dtype"),
+        BadInput("residual-dtype", lambda: Conv3x3._bad(None, torch.randn(2, 3, 5, 6).bfloat16()), TypeError,
+                 r"residual dtype torch\.bfloat16 must match x's dtype"),
+        BadInput("weight-device", lambda: ((Conv3x3._x(), Conv3x3._w().to("meta")), {}), ValueError,
+                 r"conv3x3: weight is on meta but x is on cpu"),
+        BadInput("x-3d", lambda: ((torch.randn(4, 5, 6), Conv3x3._w()), {}), ValueError,
+                 r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)"),
+        BadInput("x-5d", lambda: ((torch.randn(1, 2, 4, 5, 6), Conv3x3._w()), {}), ValueError,
+                 r"x must have shape \(N, C_in, H, W\)"),
+        BadInput("weight-5x5", lambda: ((Conv3x3._x(), torch.randn(3, 4, 5, 5)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)"),
+        BadInput("weight-C_in", lambda: ((Conv3x3._x(), torch.randn(3, 5, 3, 3)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5"),
+        BadInput("weight-3d", lambda: ((Conv3x3._x(), torch.randn(3, 4, 3)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)"),
+        BadInput("bias-shape", lambda: Conv3x3._bad(torch.randn(4)), ValueError,
+                 r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)"),
+        BadInput("bias-2d", lambda: Conv3x3._bad(torch.randn(1, 3)), ValueError,
+                 r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)"),
+        BadInput("residual-channels", lambda: Conv3x3._bad(None, torch.randn(2, 4, 5, 6)), ValueError,
+                 r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)"),
+        BadInput("residual-batch", lambda: Conv3x3._bad(None, torch.randn(1, 3, 5, 6)), ValueError,
+                 r"residual must have shape .* got \(1, 3, 5, 6\)"),
+        BadInput("residual-3d", lambda: Conv3x3._bad(None, torch.randn(3, 5, 6)), ValueError,
+                 r"residual must have shape .* got \(3, 5, 6\)"),
+        # F.conv2d (the reference) fails on an empty map and returns (N, 0, H, W) for no input channels,
+        # so the public op refuses both for every backend, naming the size; no output channels too
+        BadInput("x-H0", lambda: ((torch.randn(2, 4, 0, 5), Conv3x3._w()), {}), ValueError,
+                 r"conv3x3: x .*H and W"),
+        BadInput("x-W0", lambda: ((torch.randn(2, 4, 5, 0), Conv3x3._w()), {}), ValueError,
+                 r"conv3x3: x .*H and W"),
+        BadInput("x-C_in0", lambda: ((torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3)), {}), ValueError,
+                 r"conv3x3: x .*C_in"),
+        BadInput("weight-C_out0", lambda: ((Conv3x3._x(), torch.randn(0, 4, 3, 3)), {}), ValueError,
+                 r"conv3x3: weight must have at least one output channel \(C_out >= 1\)"),
+        *(BadInput(f"path-{path!r}", lambda path=path: Conv3x3._bad(path=path), ValueError,
+                   r"conv3x3: path must be one of 'auto', 'fused', 'blas', got ") for path in CONV_BAD_PATHS),
+    ]
+    native_bad_inputs = [
+        NativeBadInput("x-3d", lambda: {"x": torch.randn(4, 5, 6)},
+                       r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension", ("cpu", "meta")),
+        NativeBadInput("x-double", lambda: {"x": Conv3x3._x().double(), "weight": Conv3x3._w().double()},
+                       r"conv3x3: x dtype must be float32, got Double", ("cpu", "meta")),
+        NativeBadInput("weight-5x5", lambda: {"weight": torch.randn(3, 4, 5, 5)},
+                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]", ("cpu", "meta")),
+        NativeBadInput("weight-3d", lambda: {"weight": torch.randn(3, 4, 9)},
+                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]", ("cpu", "meta")),
+        NativeBadInput("weight-C_in", lambda: {"weight": torch.randn(3, 5, 3, 3)},
+                       r"conv3x3: weight has 5 input channels but x has 4", ("cpu", "meta")),
+        NativeBadInput("weight-half", lambda: {"weight": Conv3x3._w().half()},
+                       r"conv3x3: weight dtype must be float32, got Half", ("cpu", "meta")),
+        NativeBadInput("bias-shape", lambda: {"bias": torch.randn(4)},
+                       r"conv3x3: bias must have shape \[3\], got \[4\]", ("cpu", "meta")),
+        NativeBadInput("bias-double", lambda: {"bias": torch.randn(3).double()},
+                       r"conv3x3: bias dtype must be float32, got Double", ("cpu", "meta")),
+        NativeBadInput("residual-3d", lambda: {"residual": torch.randn(2, 3, 5)},
+                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]", ("cpu", "meta")),
+        NativeBadInput("residual-shape", lambda: {"residual": torch.randn(2, 3, 6, 5)},
+                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6", ("cpu", "meta")),
+        NativeBadInput("residual-device", lambda: {"residual": torch.empty(2, 3, 5, 6, device="meta")},
+                       r"conv3x3: residual is on meta but x is on cpu"),
+        *(NativeBadInput(f"path-{code}", lambda code=code: {"path": code},
+                         rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) or 2 \(the BLAS "
+                         rf"path\), got {code}", ("cpu", "meta")) for code in (-1, 3, 1 << 40)),
+    ]
+
+
+CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), Attention(), Conv3x3()]
 BY_OP = {case.op: case for case in CASES}
 
 
