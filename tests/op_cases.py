@@ -880,6 +880,281 @@ class SamplerStep(OpCase):
     ]
 
 
+# ---- sampler_loop_step -----------------------------------------------------------------------------------
+
+LOOP_SHAPES = {**SAMPLER_SHAPES, "B1-5x7": (1, 3, 5, 7), "3d": (3, 2, 3, 5, 7), "empty": (0, 3, 5, 7)}
+DRAWS = ("none", "tensor", "philox")
+PHILOX_SEED = 2**40 + 7
+CFG64 = 3.0 + 1e-7  # not a float32: a float64 cfg tensor must combine as sampler_step's float argument does
+META = ("cpu", "meta")  # checks the Meta kernel makes too (those that need no data nor concrete sizes)
+
+
+def _loop_bad(id: str, overrides: Callable[[], dict], match: str, devices=("cpu",)) -> NativeBadInput:
+    return NativeBadInput(id, overrides, f"sampler_loop_step: {match}", devices)
+
+
+def _loop_shares(name: str) -> Callable[[], dict]:
+    """Overrides that put ``name`` in x_in's memory (the step would read it half-updated)."""
+    def overrides():
+        x_in = torch.randn(4, 3, 5, 4)
+        return {"x_in": x_in, name: x_in if name == "model_output" else x_in[2:]}
+    return overrides
+
+
+class SamplerLoopStep(OpCase):
+    """(sampler config, shape): sampler_step's configs at its shapes, plus batch 1 on 5×7, a 3-D spatial
+    input and an empty batch. x_in is the loop's buffer (contiguous; x twice when guided). Layouts: the
+    model output and noise contiguous, or "views": the model output channels_last (4-D) or every other
+    element of its last dim, the noise every other element. Each point runs unguided and guided (a
+    float32 cfg tensor, 3.5) × no noise, a noise tensor (where the step draws it) and Philox noise ×
+    the first, a middle and the last step; then dynamic thresholding (the model output ×4: x0 past the
+    thresholds) and, guided, a float64 cfg tensor not representable in float32. The outputs are the
+    state the step writes, (x_in, the counter, t_in), each against the oracle's (fastdiff.reference.
+    sampler_step.sampler_loop_step on clones): x_in within the dtype's bound, the counter at s + 1,
+    t_in at timesteps[s + 1] (unchanged after the last step)."""
+
+    op = "sampler_loop_step"
+    native_op = "sampler_loop_step"
+    layouts = ("contiguous", "views")
+    shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
+              for name, shape in LOOP_SHAPES.items()]
+    triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"])) for config in ("ddim-v-eta-clip", "ddpm-learned")]
+    cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
+    float64_shapes = shapes
+
+    def applies(self, spec, layout):
+        shape = spec[1]
+        return layout == "contiguous" or (shape[0] > 0 and math.prod(shape[2:]) > 1)  # else no view to tell apart
+
+    def known_bug(self, backend, spec, layout):
+        if spec[1][0] == 0:
+            return ("fastdiff.ops.sampler_loop_step refuses an empty batch on every backend: its shares_memory() "
+                    "takes two empty tensors (data_ptr 0) for one storage and raises 'model_output shares memory "
+                    "with x_in' (the native op, which asks at::get_overlap_status, runs it); reported")
+        return None
+
+    def make_call(self, config, shape, dtype, device="cpu", *, guided, draw="none", step=0, threshold=False,
+                  cfg64=False, layout="contiguous", seed=0, sampler=None) -> Call:
+        """One call of the public op (its arguments on ``device``); ``call.sampler`` is the sampler."""
+        sampler = sampler or make_sampler(config, dtype, device)
+        g = generator(seed)
+        B, C = shape[:2]
+        x, out, noise = step_inputs(sampler, shape, guided, dtype, device, g=g)
+        thresholds = (0.5 + torch.rand(B, generator=g)).to(device) if threshold else None
+        if threshold:
+            out[:, :C] *= 4  # x0 beyond the thresholds (learned variances stay in [-1, 1])
+        if layout == "views":
+            out = (out.contiguous(memory_format=torch.channels_last) if out.dim() == 4
+                   else torch.cat([out, out], dim=-1)[..., ::2])
+            noise = torch.cat([noise, noise], dim=-1)[..., ::2]
+            assert not out.is_contiguous() and not noise.is_contiguous()
+        cfg = None
+        if guided:
+            cfg = (torch.tensor(CFG64, dtype=torch.float64, device=device) if cfg64  # 0-d is one element too
+                   else torch.tensor([CFG], dtype=torch.float32, device=device))
+        kwargs = dict(
+            cfg_scale=cfg, learned_range=learned_range(sampler), clip=None if threshold else sampler.clip_x0,
+            threshold=thresholds, noise=noise if draw == "tensor" else None,
+            philox_seed=torch.tensor(PHILOX_SEED, device=device) if draw == "philox" else None,
+            t_in=torch.full((2 * B if guided else B,), -1, dtype=torch.int64, device=device),
+            timesteps=sampler.timesteps_device,
+        )
+        x_in = torch.cat([x, x]) if guided else x
+        what = (f"{dtype} {config} {shape} {layout} {'cfg' if guided else 'plain'}{'64' if cfg64 else ''} {draw}"
+                f"{' threshold' if threshold else ''} step {step}")
+        call = Call((x_in, out, sampler.coefs, torch.tensor(step, dtype=torch.int64, device=device)), kwargs, what,
+                    layout)
+        call.sampler = sampler
+        return call
+
+    def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
+        config, shape = spec
+        sampler = make_sampler(config, dtype, device)
+        variants = []
+        for guided in (False, True):
+            variants += [dict(guided=guided, draw=draw, step=i) for draw in DRAWS for i in STEP_INDICES
+                         if draw != "tensor" or sampler.draws_noise(i)]
+            variants.append(dict(guided=guided, draw="tensor" if sampler.draws_noise(3) else "none", step=3,
+                                 threshold=True))
+        variants.append(dict(guided=True, step=5, cfg64=True))
+        if not full:  # the Triton interpreter: every kind once (the middle step)
+            variants = [v for v in variants if v["step"] != STEP_INDICES[0] and v["step"] != STEP_INDICES[-1]]
+        return [self.make_call(config, shape, dtype, device, layout=layout, seed=seed + v["step"], sampler=sampler,
+                               **v) for v in variants]
+
+    @staticmethod
+    def native_kwargs(call: Call) -> dict:
+        """The native op's arguments of a public call, in schema order (clip a float, inf for none)."""
+        x_in, out, coefs, step = call.args
+        kw = call.kwargs
+        return dict(x_in=x_in, model_output=out, coefs=coefs, step=step, cfg_scale=kw["cfg_scale"],
+                    learned_range=kw["learned_range"], clip=math.inf if kw["clip"] is None else float(kw["clip"]),
+                    threshold=kw["threshold"], noise=kw["noise"], philox_seed=kw["philox_seed"], t_in=kw["t_in"],
+                    timesteps=kw["timesteps"])
+
+    @staticmethod
+    def _state(x_in, step, t_in):
+        return x_in.clone(), step.clone(), None if t_in is None else t_in.clone()
+
+    def run(self, call, backend):
+        """The step on clones of the state it writes; returns that state (x_in, step, t_in)."""
+        x_in, out, coefs, step = call.args
+        state = self._state(x_in, step, call.kwargs["t_in"])
+        assert self.fn(state[0], out, coefs, state[1], **dict(call.kwargs, t_in=state[2]), backend=backend) is None
+        return state
+
+    def oracle(self, call):
+        from fastdiff.reference.sampler_step import sampler_loop_step as reference
+
+        def state(convert):
+            x_in, out, coefs, step = convert(call.args)
+            kwargs = convert(call.kwargs)
+            state = self._state(x_in, step, kwargs["t_in"])
+            reference(state[0], out, coefs, state[1], **dict(kwargs, t_in=state[2]))
+            return state
+
+        return state(as_float64), state(on_cpu)
+
+    def check(self, out, call, what=""):
+        what = what or call.what
+        x_in, step_in, t_start = on_cpu((call.args[0], call.args[3], call.kwargs["t_in"]))
+        x, step, t_in = on_cpu(out)
+        (x_exact, step_exact, t_exact), (x_eager, step_eager, t_eager) = self.oracle(call)
+        assert x.shape == x_in.shape and x.dtype == x_in.dtype and out[0].device == call.args[0].device, what
+        if x.numel() == 0:
+            pass
+        elif call.kwargs["philox_seed"] is not None and x.dtype == torch.float64:
+            # The kernels draw their Philox normals in float32 with their own log/sincos: they match
+            # fastdiff.reference.philox to float32 ulps, not float64 ones (sampler_step's own Philox test
+            # holds it to 1e-5 too), so float64 gets that tolerance; the others' floors cover it.
+            torch.testing.assert_close(x, x_exact, rtol=1e-5, atol=1e-5, msg=f"{what} x_in")
+        else:
+            assert_within_eager_bound(x, x_eager, x_exact, f"{what} x_in")
+        s = int(step_in)
+        assert int(step) == s + 1 and torch.equal(step, step_eager), f"{what}: step {step} after {s}"
+        if t_in is not None:
+            timesteps = call.kwargs["timesteps"].cpu()
+            want = timesteps[s + 1] if s + 1 < len(timesteps) else t_start
+            assert torch.equal(t_in, t_eager) and (t_in == want).all(), f"{what}: t_in {t_in}"
+
+    def opcheck_grid(self, kind):
+        variants = ("cfg-learned-philox", "plain-noise", "cfg-threshold", "cfg64-no-t_in")
+        return [(d, v) for d in (*DTYPES, torch.float64) for v in variants] if kind == "native" else []
+
+    def opcheck_samples(self, kind, dtype, variant, device):
+        config = "ddpm-learned" if "learned" in variant else "ddim-v-eta-clip"
+        call = self.make_call(config, (2, 3, 5, 4), dtype, device, guided="cfg" in variant, step=3,
+                              draw="philox" if "philox" in variant else "tensor" if "noise" in variant else "none",
+                              threshold="threshold" in variant, cfg64="cfg64" in variant)
+        args = self.native_kwargs(call)
+        if "no-t_in" in variant:
+            args.update(t_in=None, timesteps=None)
+        return [tuple(args.values())]
+
+    def native_args(self):
+        return self.native_kwargs(self.make_call("ddim-eps", (2, 3, 5, 4), torch.float32, guided=True, step=1))
+
+    def check_meta(self):
+        """In place: nothing to return; the checks that need no data nor concrete sizes (more in the native
+        bad-input table), a strided x_in among them (made on meta: moving one there would make it dense)."""
+        args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in self.native_args().items()}
+        assert torch.ops.fastdiff.sampler_loop_step(*args.values()) is None
+        strided = torch.empty(4, 3, 5, 8, device="meta")[..., ::2]
+        with pytest.raises(RuntimeError, match="sampler_loop_step: x_in must be contiguous"):
+            torch.ops.fastdiff.sampler_loop_step(*dict(args, x_in=strided).values())
+
+    @staticmethod
+    def _bad(**overrides):
+        call = SamplerLoopStep().make_call("ddim-eps", (2, 3, 5, 4), torch.float32, guided=True, step=1)
+        names = ("x_in", "model_output", "coefs", "step")
+        args = dict(zip(names, call.args, strict=True)) | call.kwargs | overrides
+        return tuple(args.pop(k) for k in names), args
+
+    @staticmethod
+    def _shared(name):
+        x_in = torch.randn(4, 3, 5, 4)
+        return SamplerLoopStep._bad(x_in=x_in, **{name: x_in if name == "model_output" else x_in[2:]})
+
+    bad_inputs = [
+        BadInput("model_output-shares-x_in", lambda: SamplerLoopStep._shared("model_output"), ValueError,
+                 "sampler_loop_step: model_output shares memory with x_in"),
+        BadInput("noise-shares-x_in", lambda: SamplerLoopStep._shared("noise"), ValueError,
+                 "sampler_loop_step: noise shares memory with x_in"),
+        BadInput("x_in-strided", lambda: SamplerLoopStep._bad(x_in=torch.randn(4, 3, 5, 8)[..., ::2]), ValueError,
+                 "sampler_loop_step: x_in must be contiguous"),
+        BadInput("x_in-odd-rows", lambda: SamplerLoopStep._bad(x_in=torch.randn(5, 3, 5, 4),
+                                                               model_output=torch.randn(5, 3, 5, 4)),
+                 ValueError, r"sampler_loop_step: with cfg_scale x_in holds x twice \(2B rows\), got 5 rows"),
+        BadInput("cfg_scale-float", lambda: SamplerLoopStep._bad(cfg_scale=3.5), ValueError,
+                 "sampler_loop_step: cfg_scale must be None or a one-element float32/float64 tensor"),
+        BadInput("step-int", lambda: SamplerLoopStep._bad(step=1), TypeError,
+                 "sampler_loop_step: step must be a one-element int64 tensor"),
+        BadInput("philox_seed-int", lambda: SamplerLoopStep._bad(philox_seed=3), TypeError,
+                 "sampler_loop_step: philox_seed must be None or a one-element int64 tensor"),
+        BadInput("t_in-alone", lambda: SamplerLoopStep._bad(timesteps=None), ValueError,
+                 "sampler_loop_step: give t_in and timesteps together"),
+        BadInput("t_in-int32", lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)), ValueError,
+                 "sampler_loop_step: t_in must be a 1-D int64 tensor"),
+        BadInput("model_output-rows", lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)), ValueError,
+                 "sampler_loop_step: model_output must have x_in's 4 rows"),
+    ]
+    native_bad_inputs = [
+        _loop_bad("x_in-strided", lambda: dict(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
+                  r"x_in must be contiguous \(NCHW order\)"),
+        _loop_bad("x_in-channels_last", lambda: dict(x_in=torch.randn(4, 3, 5, 4).contiguous(
+            memory_format=torch.channels_last)), "x_in must be contiguous", META),
+        _loop_bad("x_in-odd-rows", lambda: dict(x_in=torch.randn(5, 3, 5, 4), model_output=torch.randn(5, 3, 5, 4)),
+                  "with cfg_scale, x_in must have 2B rows .* got an odd 5"),
+        _loop_bad("model_output-rows", lambda: dict(model_output=torch.randn(2, 3, 5, 4)),
+                  r"model_output must have x_in's 4 rows \(2B"),
+        _loop_bad("rows-no-cfg", lambda: dict(cfg_scale=None, x_in=torch.randn(2, 3, 5, 4)),
+                  r"model_output must have x_in's 2 rows \(B: no cfg_scale"),
+        _loop_bad("cfg_scale-int", lambda: dict(cfg_scale=torch.tensor([2])),
+                  "cfg_scale must be a one-element float32 or float64 tensor", META),
+        _loop_bad("cfg_scale-half", lambda: dict(cfg_scale=torch.tensor([2.0], dtype=torch.float16)),
+                  "cfg_scale must be a one-element float32", META),
+        _loop_bad("cfg_scale-2", lambda: dict(cfg_scale=torch.tensor([2.0, 3.0])),
+                  "cfg_scale must hold one value, got 2"),
+        _loop_bad("cfg_scale-nan", lambda: dict(cfg_scale=torch.tensor(math.nan)), "cfg_scale must be finite"),
+        _loop_bad("cfg_scale-device", lambda: dict(cfg_scale=torch.tensor(2.0, device="meta")),
+                  "cfg_scale must be on x_in's device"),
+        _loop_bad("t_in-no-timesteps", lambda: dict(timesteps=None), r"t_in needs timesteps", META),
+        _loop_bad("t_in-int32", lambda: dict(t_in=torch.zeros(4, dtype=torch.int32)),
+                  "t_in must be a 1-D int64 tensor", META),
+        _loop_bad("t_in-2d", lambda: dict(t_in=torch.zeros(2, 2, dtype=torch.int64)),
+                  "t_in must be a 1-D int64 tensor, got 2-D", META),
+        _loop_bad("timesteps-float", lambda: dict(timesteps=torch.zeros(10)), "timesteps must be a 1-D int64 tensor",
+                  META),
+        _loop_bad("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor", META),
+        _loop_bad("step-2", lambda: dict(step=torch.tensor([1, 2])), "step must hold one index, got 2"),
+        # out of range: the CPU kernel raises and changes nothing (CUDA and Triton write NaN)
+        _loop_bad("step-10", lambda: dict(step=torch.tensor(10)), r"step index 10 is out of range \[0, 10\)"),
+        _loop_bad("step--1", lambda: dict(step=torch.tensor(-1)), r"step index -1 is out of range \[0, 10\)"),
+        _loop_bad("noise-shape", lambda: dict(noise=torch.randn(4, 3, 5, 4)),
+                  r"noise must have x_in\[:B\]'s shape \[2, 3, 5, 4\]"),
+        _loop_bad("noise-and-philox", lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
+                  "give noise or philox_seed, not both", META),
+        _loop_bad("philox_seed-float", lambda: dict(philox_seed=torch.tensor(1.0)),
+                  "philox_seed must be an int64 tensor", META),
+        _loop_bad("learned_range", lambda: dict(learned_range=True),
+                  r"learned_range needs 2C \(6\) model_output channels"),
+        _loop_bad("model_output-channels", lambda: dict(model_output=torch.randn(4, 5, 5, 4)),
+                  r"model_output must have C \(3\) channels"),
+        _loop_bad("model_output-spatial", lambda: dict(model_output=torch.randn(4, 3, 5, 5)),
+                  "model_output spatial size .* must equal x_in"),
+        _loop_bad("model_output-dtype", lambda: dict(model_output=torch.randn(4, 3, 5, 4, dtype=torch.float64)),
+                  "model_output dtype .* must equal x_in's", META),
+        _loop_bad("x_in-int", lambda: dict(x_in=torch.ones(4, 3, 5, 4, dtype=torch.int32)),
+                  "x_in dtype must be float32, float64", META),
+        _loop_bad("x_in-1d", lambda: dict(x_in=torch.randn(6)), r"x_in must have shape \(B, C, \*spatial\)", META),
+        _loop_bad("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 11\)"),
+        _loop_bad("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)", META),
+        _loop_bad("threshold", lambda: dict(threshold=torch.ones(3)), r"threshold must have shape \(2,\)"),
+        _loop_bad("model_output-shares-x_in", _loop_shares("model_output"), "model_output shares memory with x_in"),
+        _loop_bad("noise-shares-x_in", _loop_shares("noise"), "noise shares memory with x_in"),
+    ]
+
+
 # ---- attention -------------------------------------------------------------------------------------------
 
 
@@ -1201,7 +1476,8 @@ class Conv3x3(OpCase):
     ]
 
 
-CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), Attention(), Conv3x3()]
+CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), SamplerLoopStep(),
+                        Attention(), Conv3x3()]
 BY_OP = {case.op: case for case in CASES}
 
 
