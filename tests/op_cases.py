@@ -28,7 +28,7 @@ import torch
 from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
 
 import fastdiff
-from fastdiff.backends import ExplicitOnly
+from fastdiff.backends import ExplicitOnly, select_backend
 
 # ---- the pieces ------------------------------------------------------------------------------------
 
@@ -880,6 +880,281 @@ class SamplerStep(OpCase):
     ]
 
 
+# ---- sampler_loop_step -----------------------------------------------------------------------------------
+
+LOOP_SHAPES = {**SAMPLER_SHAPES, "B1-5x7": (1, 3, 5, 7), "3d": (3, 2, 3, 5, 7), "empty": (0, 3, 5, 7)}
+DRAWS = ("none", "tensor", "philox")
+PHILOX_SEED = 2**40 + 7
+CFG64 = 3.0 + 1e-7  # not a float32: a float64 cfg tensor must combine as sampler_step's float argument does
+META = ("cpu", "meta")  # checks the Meta kernel makes too (those that need no data nor concrete sizes)
+
+
+def _loop_bad(id: str, overrides: Callable[[], dict], match: str, devices=("cpu",)) -> NativeBadInput:
+    return NativeBadInput(id, overrides, f"sampler_loop_step: {match}", devices)
+
+
+def _loop_shares(name: str) -> Callable[[], dict]:
+    """Overrides that put ``name`` in x_in's memory (the step would read it half-updated)."""
+    def overrides():
+        x_in = torch.randn(4, 3, 5, 4)
+        return {"x_in": x_in, name: x_in if name == "model_output" else x_in[2:]}
+    return overrides
+
+
+class SamplerLoopStep(OpCase):
+    """(sampler config, shape): sampler_step's configs at its shapes, plus batch 1 on 5×7, a 3-D spatial
+    input and an empty batch. x_in is the loop's buffer (contiguous; x twice when guided). Layouts: the
+    model output and noise contiguous, or "views": the model output channels_last (4-D) or every other
+    element of its last dim, the noise every other element. Each point runs unguided and guided (a
+    float32 cfg tensor, 3.5) × no noise, a noise tensor (where the step draws it) and Philox noise ×
+    the first, a middle and the last step; then dynamic thresholding (the model output ×4: x0 past the
+    thresholds) and, guided, a float64 cfg tensor not representable in float32. The outputs are the
+    state the step writes, (x_in, the counter, t_in), each against the oracle's (fastdiff.reference.
+    sampler_step.sampler_loop_step on clones): x_in within the dtype's bound, the counter at s + 1,
+    t_in at timesteps[s + 1] (unchanged after the last step)."""
+
+    op = "sampler_loop_step"
+    native_op = "sampler_loop_step"
+    layouts = ("contiguous", "views")
+    shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
+              for name, shape in LOOP_SHAPES.items()]
+    triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"])) for config in ("ddim-v-eta-clip", "ddpm-learned")]
+    cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
+    float64_shapes = shapes
+
+    def applies(self, spec, layout):
+        shape = spec[1]
+        return layout == "contiguous" or (shape[0] > 0 and math.prod(shape[2:]) > 1)  # else no view to tell apart
+
+    def known_bug(self, backend, spec, layout):
+        if spec[1][0] == 0:
+            return ("fastdiff.ops.sampler_loop_step refuses an empty batch on every backend: its shares_memory() "
+                    "takes two empty tensors (data_ptr 0) for one storage and raises 'model_output shares memory "
+                    "with x_in' (the native op, which asks at::get_overlap_status, runs it); reported")
+        return None
+
+    def make_call(self, config, shape, dtype, device="cpu", *, guided, draw="none", step=0, threshold=False,
+                  cfg64=False, layout="contiguous", seed=0, sampler=None) -> Call:
+        """One call of the public op (its arguments on ``device``); ``call.sampler`` is the sampler."""
+        sampler = sampler or make_sampler(config, dtype, device)
+        g = generator(seed)
+        B, C = shape[:2]
+        x, out, noise = step_inputs(sampler, shape, guided, dtype, device, g=g)
+        thresholds = (0.5 + torch.rand(B, generator=g)).to(device) if threshold else None
+        if threshold:
+            out[:, :C] *= 4  # x0 beyond the thresholds (learned variances stay in [-1, 1])
+        if layout == "views":
+            out = (out.contiguous(memory_format=torch.channels_last) if out.dim() == 4
+                   else torch.cat([out, out], dim=-1)[..., ::2])
+            noise = torch.cat([noise, noise], dim=-1)[..., ::2]
+            assert not out.is_contiguous() and not noise.is_contiguous()
+        cfg = None
+        if guided:
+            cfg = (torch.tensor(CFG64, dtype=torch.float64, device=device) if cfg64  # 0-d is one element too
+                   else torch.tensor([CFG], dtype=torch.float32, device=device))
+        kwargs = dict(
+            cfg_scale=cfg, learned_range=learned_range(sampler), clip=None if threshold else sampler.clip_x0,
+            threshold=thresholds, noise=noise if draw == "tensor" else None,
+            philox_seed=torch.tensor(PHILOX_SEED, device=device) if draw == "philox" else None,
+            t_in=torch.full((2 * B if guided else B,), -1, dtype=torch.int64, device=device),
+            timesteps=sampler.timesteps_device,
+        )
+        x_in = torch.cat([x, x]) if guided else x
+        what = (f"{dtype} {config} {shape} {layout} {'cfg' if guided else 'plain'}{'64' if cfg64 else ''} {draw}"
+                f"{' threshold' if threshold else ''} step {step}")
+        call = Call((x_in, out, sampler.coefs, torch.tensor(step, dtype=torch.int64, device=device)), kwargs, what,
+                    layout)
+        call.sampler = sampler
+        return call
+
+    def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
+        config, shape = spec
+        sampler = make_sampler(config, dtype, device)
+        variants = []
+        for guided in (False, True):
+            variants += [dict(guided=guided, draw=draw, step=i) for draw in DRAWS for i in STEP_INDICES
+                         if draw != "tensor" or sampler.draws_noise(i)]
+            variants.append(dict(guided=guided, draw="tensor" if sampler.draws_noise(3) else "none", step=3,
+                                 threshold=True))
+        variants.append(dict(guided=True, step=5, cfg64=True))
+        if not full:  # the Triton interpreter: every kind once (the middle step)
+            variants = [v for v in variants if v["step"] != STEP_INDICES[0] and v["step"] != STEP_INDICES[-1]]
+        return [self.make_call(config, shape, dtype, device, layout=layout, seed=seed + v["step"], sampler=sampler,
+                               **v) for v in variants]
+
+    @staticmethod
+    def native_kwargs(call: Call) -> dict:
+        """The native op's arguments of a public call, in schema order (clip a float, inf for none)."""
+        x_in, out, coefs, step = call.args
+        kw = call.kwargs
+        return dict(x_in=x_in, model_output=out, coefs=coefs, step=step, cfg_scale=kw["cfg_scale"],
+                    learned_range=kw["learned_range"], clip=math.inf if kw["clip"] is None else float(kw["clip"]),
+                    threshold=kw["threshold"], noise=kw["noise"], philox_seed=kw["philox_seed"], t_in=kw["t_in"],
+                    timesteps=kw["timesteps"])
+
+    @staticmethod
+    def _state(x_in, step, t_in):
+        return x_in.clone(), step.clone(), None if t_in is None else t_in.clone()
+
+    def run(self, call, backend):
+        """The step on clones of the state it writes; returns that state (x_in, step, t_in)."""
+        x_in, out, coefs, step = call.args
+        state = self._state(x_in, step, call.kwargs["t_in"])
+        assert self.fn(state[0], out, coefs, state[1], **dict(call.kwargs, t_in=state[2]), backend=backend) is None
+        return state
+
+    def oracle(self, call):
+        from fastdiff.reference.sampler_step import sampler_loop_step as reference
+
+        def state(convert):
+            x_in, out, coefs, step = convert(call.args)
+            kwargs = convert(call.kwargs)
+            state = self._state(x_in, step, kwargs["t_in"])
+            reference(state[0], out, coefs, state[1], **dict(kwargs, t_in=state[2]))
+            return state
+
+        return state(as_float64), state(on_cpu)
+
+    def check(self, out, call, what=""):
+        what = what or call.what
+        x_in, step_in, t_start = on_cpu((call.args[0], call.args[3], call.kwargs["t_in"]))
+        x, step, t_in = on_cpu(out)
+        (x_exact, step_exact, t_exact), (x_eager, step_eager, t_eager) = self.oracle(call)
+        assert x.shape == x_in.shape and x.dtype == x_in.dtype and out[0].device == call.args[0].device, what
+        if x.numel() == 0:
+            pass
+        elif call.kwargs["philox_seed"] is not None and x.dtype == torch.float64:
+            # The kernels draw their Philox normals in float32 with their own log/sincos: they match
+            # fastdiff.reference.philox to float32 ulps, not float64 ones (sampler_step's own Philox test
+            # holds it to 1e-5 too), so float64 gets that tolerance; the others' floors cover it.
+            torch.testing.assert_close(x, x_exact, rtol=1e-5, atol=1e-5, msg=f"{what} x_in")
+        else:
+            assert_within_eager_bound(x, x_eager, x_exact, f"{what} x_in")
+        s = int(step_in)
+        assert int(step) == s + 1 and torch.equal(step, step_eager), f"{what}: step {step} after {s}"
+        if t_in is not None:
+            timesteps = call.kwargs["timesteps"].cpu()
+            want = timesteps[s + 1] if s + 1 < len(timesteps) else t_start
+            assert torch.equal(t_in, t_eager) and (t_in == want).all(), f"{what}: t_in {t_in}"
+
+    def opcheck_grid(self, kind):
+        variants = ("cfg-learned-philox", "plain-noise", "cfg-threshold", "cfg64-no-t_in")
+        return [(d, v) for d in (*DTYPES, torch.float64) for v in variants] if kind == "native" else []
+
+    def opcheck_samples(self, kind, dtype, variant, device):
+        config = "ddpm-learned" if "learned" in variant else "ddim-v-eta-clip"
+        call = self.make_call(config, (2, 3, 5, 4), dtype, device, guided="cfg" in variant, step=3,
+                              draw="philox" if "philox" in variant else "tensor" if "noise" in variant else "none",
+                              threshold="threshold" in variant, cfg64="cfg64" in variant)
+        args = self.native_kwargs(call)
+        if "no-t_in" in variant:
+            args.update(t_in=None, timesteps=None)
+        return [tuple(args.values())]
+
+    def native_args(self):
+        return self.native_kwargs(self.make_call("ddim-eps", (2, 3, 5, 4), torch.float32, guided=True, step=1))
+
+    def check_meta(self):
+        """In place: nothing to return; the checks that need no data nor concrete sizes (more in the native
+        bad-input table), a strided x_in among them (made on meta: moving one there would make it dense)."""
+        args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in self.native_args().items()}
+        assert torch.ops.fastdiff.sampler_loop_step(*args.values()) is None
+        strided = torch.empty(4, 3, 5, 8, device="meta")[..., ::2]
+        with pytest.raises(RuntimeError, match="sampler_loop_step: x_in must be contiguous"):
+            torch.ops.fastdiff.sampler_loop_step(*dict(args, x_in=strided).values())
+
+    @staticmethod
+    def _bad(**overrides):
+        call = SamplerLoopStep().make_call("ddim-eps", (2, 3, 5, 4), torch.float32, guided=True, step=1)
+        names = ("x_in", "model_output", "coefs", "step")
+        args = dict(zip(names, call.args, strict=True)) | call.kwargs | overrides
+        return tuple(args.pop(k) for k in names), args
+
+    @staticmethod
+    def _shared(name):
+        x_in = torch.randn(4, 3, 5, 4)
+        return SamplerLoopStep._bad(x_in=x_in, **{name: x_in if name == "model_output" else x_in[2:]})
+
+    bad_inputs = [
+        BadInput("model_output-shares-x_in", lambda: SamplerLoopStep._shared("model_output"), ValueError,
+                 "sampler_loop_step: model_output shares memory with x_in"),
+        BadInput("noise-shares-x_in", lambda: SamplerLoopStep._shared("noise"), ValueError,
+                 "sampler_loop_step: noise shares memory with x_in"),
+        BadInput("x_in-strided", lambda: SamplerLoopStep._bad(x_in=torch.randn(4, 3, 5, 8)[..., ::2]), ValueError,
+                 "sampler_loop_step: x_in must be contiguous"),
+        BadInput("x_in-odd-rows", lambda: SamplerLoopStep._bad(x_in=torch.randn(5, 3, 5, 4),
+                                                               model_output=torch.randn(5, 3, 5, 4)),
+                 ValueError, r"sampler_loop_step: with cfg_scale x_in holds x twice \(2B rows\), got 5 rows"),
+        BadInput("cfg_scale-float", lambda: SamplerLoopStep._bad(cfg_scale=3.5), ValueError,
+                 "sampler_loop_step: cfg_scale must be None or a one-element float32/float64 tensor"),
+        BadInput("step-int", lambda: SamplerLoopStep._bad(step=1), TypeError,
+                 "sampler_loop_step: step must be a one-element int64 tensor"),
+        BadInput("philox_seed-int", lambda: SamplerLoopStep._bad(philox_seed=3), TypeError,
+                 "sampler_loop_step: philox_seed must be None or a one-element int64 tensor"),
+        BadInput("t_in-alone", lambda: SamplerLoopStep._bad(timesteps=None), ValueError,
+                 "sampler_loop_step: give t_in and timesteps together"),
+        BadInput("t_in-int32", lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)), ValueError,
+                 "sampler_loop_step: t_in must be a 1-D int64 tensor"),
+        BadInput("model_output-rows", lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)), ValueError,
+                 "sampler_loop_step: model_output must have x_in's 4 rows"),
+    ]
+    native_bad_inputs = [
+        _loop_bad("x_in-strided", lambda: dict(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
+                  r"x_in must be contiguous \(NCHW order\)"),
+        _loop_bad("x_in-channels_last", lambda: dict(x_in=torch.randn(4, 3, 5, 4).contiguous(
+            memory_format=torch.channels_last)), "x_in must be contiguous", META),
+        _loop_bad("x_in-odd-rows", lambda: dict(x_in=torch.randn(5, 3, 5, 4), model_output=torch.randn(5, 3, 5, 4)),
+                  "with cfg_scale, x_in must have 2B rows .* got an odd 5"),
+        _loop_bad("model_output-rows", lambda: dict(model_output=torch.randn(2, 3, 5, 4)),
+                  r"model_output must have x_in's 4 rows \(2B"),
+        _loop_bad("rows-no-cfg", lambda: dict(cfg_scale=None, x_in=torch.randn(2, 3, 5, 4)),
+                  r"model_output must have x_in's 2 rows \(B: no cfg_scale"),
+        _loop_bad("cfg_scale-int", lambda: dict(cfg_scale=torch.tensor([2])),
+                  "cfg_scale must be a one-element float32 or float64 tensor", META),
+        _loop_bad("cfg_scale-half", lambda: dict(cfg_scale=torch.tensor([2.0], dtype=torch.float16)),
+                  "cfg_scale must be a one-element float32", META),
+        _loop_bad("cfg_scale-2", lambda: dict(cfg_scale=torch.tensor([2.0, 3.0])),
+                  "cfg_scale must hold one value, got 2"),
+        _loop_bad("cfg_scale-nan", lambda: dict(cfg_scale=torch.tensor(math.nan)), "cfg_scale must be finite"),
+        _loop_bad("cfg_scale-device", lambda: dict(cfg_scale=torch.tensor(2.0, device="meta")),
+                  "cfg_scale must be on x_in's device"),
+        _loop_bad("t_in-no-timesteps", lambda: dict(timesteps=None), r"t_in needs timesteps", META),
+        _loop_bad("t_in-int32", lambda: dict(t_in=torch.zeros(4, dtype=torch.int32)),
+                  "t_in must be a 1-D int64 tensor", META),
+        _loop_bad("t_in-2d", lambda: dict(t_in=torch.zeros(2, 2, dtype=torch.int64)),
+                  "t_in must be a 1-D int64 tensor, got 2-D", META),
+        _loop_bad("timesteps-float", lambda: dict(timesteps=torch.zeros(10)), "timesteps must be a 1-D int64 tensor",
+                  META),
+        _loop_bad("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor", META),
+        _loop_bad("step-2", lambda: dict(step=torch.tensor([1, 2])), "step must hold one index, got 2"),
+        # out of range: the CPU kernel raises and changes nothing (CUDA and Triton write NaN)
+        _loop_bad("step-10", lambda: dict(step=torch.tensor(10)), r"step index 10 is out of range \[0, 10\)"),
+        _loop_bad("step--1", lambda: dict(step=torch.tensor(-1)), r"step index -1 is out of range \[0, 10\)"),
+        _loop_bad("noise-shape", lambda: dict(noise=torch.randn(4, 3, 5, 4)),
+                  r"noise must have x_in\[:B\]'s shape \[2, 3, 5, 4\]"),
+        _loop_bad("noise-and-philox", lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
+                  "give noise or philox_seed, not both", META),
+        _loop_bad("philox_seed-float", lambda: dict(philox_seed=torch.tensor(1.0)),
+                  "philox_seed must be an int64 tensor", META),
+        _loop_bad("learned_range", lambda: dict(learned_range=True),
+                  r"learned_range needs 2C \(6\) model_output channels"),
+        _loop_bad("model_output-channels", lambda: dict(model_output=torch.randn(4, 5, 5, 4)),
+                  r"model_output must have C \(3\) channels"),
+        _loop_bad("model_output-spatial", lambda: dict(model_output=torch.randn(4, 3, 5, 5)),
+                  "model_output spatial size .* must equal x_in"),
+        _loop_bad("model_output-dtype", lambda: dict(model_output=torch.randn(4, 3, 5, 4, dtype=torch.float64)),
+                  "model_output dtype .* must equal x_in's", META),
+        _loop_bad("x_in-int", lambda: dict(x_in=torch.ones(4, 3, 5, 4, dtype=torch.int32)),
+                  "x_in dtype must be float32, float64", META),
+        _loop_bad("x_in-1d", lambda: dict(x_in=torch.randn(6)), r"x_in must have shape \(B, C, \*spatial\)", META),
+        _loop_bad("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 11\)"),
+        _loop_bad("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)", META),
+        _loop_bad("threshold", lambda: dict(threshold=torch.ones(3)), r"threshold must have shape \(2,\)"),
+        _loop_bad("model_output-shares-x_in", _loop_shares("model_output"), "model_output shares memory with x_in"),
+        _loop_bad("noise-shares-x_in", _loop_shares("noise"), "noise shares memory with x_in"),
+    ]
+
+
 # ---- attention -------------------------------------------------------------------------------------------
 
 
@@ -947,7 +1222,262 @@ class Attention(OpCase):
     ]
 
 
-CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), Attention()]
+# ---- conv3x3 -------------------------------------------------------------------------------------------
+
+CONV_BAD_PATHS = ("winograd", "FUSED", "", 1, None)
+
+
+class Conv3x3(OpCase):
+    """(N, C_in, C_out, H, W): every size 1; primes with odd H and W (half tiles on both edges); C_in 17
+    and C_out 33 leave vector tails after one full step; a map smaller than one 4x4 patch; a single
+    column (W = 1); a batch of 64-channel maps large enough for several L2 blocks per thread; C_out 96
+    (not a power of two) on a 5x6 map; an odd batch of 7. The cpu kernel's fused path (16 or fewer
+    channels on one side): C_in 16 with C_out 33 (GEMM column blocks of two vectors, then one), 48 ->
+    16 on odd sizes, 13 -> 7 (partial vectors on both sides), and 256 tiles (groups of 12 with a
+    remainder). For its ``path`` argument: one input channel (K = 1 GEMMs), 16 -> 16 and 32 -> 48 (the
+    static rule's fused and BLAS sides), 13 -> 7 on 5x3, and enough tiles for several fused groups and
+    L2 blocks. Then 33 -> 40 on 7x10, 32 -> 32 on 6x7 and an empty batch.
+
+    Layouts (x and the residual alike unless named): NCHW, channels_last, every other column (dense in
+    neither: a copy in the kernel), (N, H, C, W) storage seen as (N, C, H, W); "mixed": x NCHW with a
+    channels_last residual, "mixed-cl": x channels_last with a strided residual, both with the weight a
+    transposed view and the bias every other element; "expanded": x NCHW, the residual expanded over
+    the batch and the bias from one element (stride 0). Each point runs bias and residual each on and
+    off, on every ``path`` (the Triton interpreter's grid, were there a kernel: path "auto" only).
+    Besides the dtype's bound, an absolute sanity bound (the rounding of a few dozen products of O(1)
+    values): where the backend is the eager op itself (the reference), the bound alone says little."""
+
+    op = "conv3x3"
+    native_op = "conv3x3"
+    layouts = ("nchw", "channels_last", "strided", "permuted", "mixed", "mixed-cl", "expanded")
+    X_LAYOUT = {"mixed": "nchw", "mixed-cl": "channels_last", "expanded": "nchw"}
+    RESIDUAL_LAYOUT = {"mixed": "channels_last", "mixed-cl": "strided", "expanded": "expanded"}
+    PATHS = ("auto", "fused", "blas")
+    ABS_LIMIT = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
+    # the path argument's shapes (in the grid below too)
+    PATH_SHAPES = [(2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (1, 1, 1, 1, 1),
+                   (4, 24, 40, 17, 15)]
+    SHAPES = [
+        (1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 40, 24, 2, 3), (1, 64, 64, 15, 1),
+        (16, 64, 64, 16, 16), (2, 128, 96, 5, 6), (7, 32, 32, 9, 11), (3, 16, 33, 8, 8), (5, 48, 16, 17, 9),
+        (2, 13, 7, 9, 11), (4, 16, 16, 16, 16),
+        # the path argument's
+        (2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (4, 24, 40, 17, 15),
+        (3, 33, 40, 7, 10), (4, 32, 32, 6, 7), (0, 8, 5, 4, 4),
+    ]
+    shapes = [(param_id(s), s) for s in SHAPES]
+    float64_shapes = [(param_id(s), s) for s in [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8)]]
+
+    from fastdiff.reference import conv3x3 as reference
+
+    def make_map(self, shape, dtype, layout, device="cpu", g=None):
+        """Random values (nonzero mean) of an (N, C, H, W) ``shape`` in ``layout``."""
+        g = g or generator()
+        n, c, h, w = shape
+        if layout == "strided":  # every other column: dense in neither layout
+            t = randn(g, n, c, h, 2 * w, dtype=dtype, device=device, offset=0.5)[..., ::2]
+        elif layout == "permuted":  # (N, H, C, W) storage seen as (N, C, H, W)
+            t = randn(g, n, h, c, w, dtype=dtype, device=device, offset=0.5).permute(0, 2, 1, 3)
+        elif layout == "expanded":  # one image's values for every image of the batch (stride 0)
+            t = randn(g, 1, c, h, w, dtype=dtype, device=device, offset=0.5).expand(n, c, h, w)
+        else:
+            t = randn(g, n, c, h, w, dtype=dtype, device=device, offset=0.5)
+            if layout == "channels_last":
+                t = t.contiguous(memory_format=torch.channels_last)
+        assert tuple(t.shape) == tuple(shape)
+        if layout in ("strided", "permuted") and min(t.shape) > 1:
+            assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
+        return t
+
+    def make(self, spec, dtype, layout="nchw", device="cpu", g=None):
+        """x, weight, bias and residual of a grid point (N, C_in, C_out, H, W) in ``layout``."""
+        g = g or generator()
+        n, c_in, c_out, h, w = spec
+        x = self.make_map((n, c_in, h, w), dtype, self.X_LAYOUT.get(layout, layout), device, g)
+        # He-like scaling keeps outputs O(1) whatever C_in, so the float32 floor means the same everywhere
+        scale = 1 / math.sqrt(9 * max(c_in, 1))
+        weight = randn(g, c_out, c_in, 3, 3, dtype=dtype, device=device, scale=scale)
+        bias = randn(g, c_out, dtype=dtype, device=device)
+        if layout in ("mixed", "mixed-cl"):
+            weight = weight.transpose(2, 3)  # a view
+            bias = randn(g, 2 * c_out, dtype=dtype, device=device)[::2]
+        elif layout == "expanded":
+            bias = randn(g, 1, dtype=dtype, device=device).expand(c_out)
+        residual = self.make_map((n, c_out, h, w), dtype, self.RESIDUAL_LAYOUT.get(layout, layout), device, g)
+        return x, weight, bias, residual
+
+    def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
+        x, weight, bias, residual = self.make(spec, dtype, layout, device, generator(seed))
+        calls = []
+        for b in (None, bias):
+            for r in (None, residual):
+                answers = {}  # the paths of one (x, weight, bias, residual) share the oracle's answer
+                for path in self.PATHS if full else ("auto",):
+                    call = Call((x, weight, b, r), {"path": path}, f"{dtype} {spec} {layout} bias={b is not None} "
+                                f"residual={r is not None} path={path}", layout)
+                    call.answers = answers
+                    calls.append(call)
+        return calls
+
+    def run(self, call, backend):
+        out = super().run(call, backend)
+        call.backend = select_backend(self.op, backend, self.inputs(call))  # which one ran (expect reads it)
+        return out
+
+    def oracle(self, call):
+        known = getattr(call, "answers", {})
+        if not known:
+            known["answer"] = type(self).reference(*as_float64(call.args)), type(self).reference(*on_cpu(call.args))
+        return known["answer"]
+
+    def expect(self, out, call):
+        x, weight = call.args[:2]
+        assert out.shape == (x.shape[0], weight.shape[0], *x.shape[2:]), f"{call.what}: shape {tuple(out.shape)}"
+        assert out.dtype == x.dtype and out.device == x.device, call.what
+        # no out= argument to poison: every element must be written (finite)
+        assert torch.isfinite(out).all(), call.what
+        if getattr(call, "backend", None) == "cpu":  # the kernel's documented layout, whatever x's
+            assert out.is_contiguous(memory_format=torch.channels_last), f"{call.what}: strides {out.stride()}"
+
+    def check(self, out, call, what=""):
+        what = what or call.what
+        self.expect(out, call)
+        exact, eager = self.oracle(call)
+        out = out.detach().cpu()
+        if out.numel() == 0:  # an empty batch: nothing to bound
+            assert out.shape == exact.shape, what
+            return
+        assert_within_eager_bound(out, eager, exact, what)
+        if out.dtype in self.ABS_LIMIT:
+            err = (out.double() - exact).abs().max().item()
+            assert err <= self.ABS_LIMIT[out.dtype], f"{what}: max error {err:.3g} > {self.ABS_LIMIT[out.dtype]}"
+
+    def opcheck_grid(self, kind):
+        return [(torch.float32, layout) for layout in ("nchw", "channels_last")] if kind == "native" else []
+
+    def opcheck_samples(self, kind, dtype, layout, device):
+        x, weight, bias, residual = self.make((2, 5, 6, 7, 9), dtype, layout, device)
+        paths = self.module.PATHS
+
+        def grad(t):
+            return t.detach().clone().requires_grad_()
+
+        return [
+            (x, weight, None, None),
+            (x, weight, bias, None),
+            (x, weight, None, residual),
+            (x, weight, bias, residual),
+            tuple(grad(t) for t in (x, weight, bias, residual)),
+            (grad(x), weight, None, residual),
+            (x, weight, bias, residual, paths["fused"]),
+            (x, weight, None, residual, paths["blas"]),
+            (x, grad(weight), bias, None, paths["blas"]),
+        ]
+
+    def native_args(self):
+        return dict(x=self._x(), weight=self._w(), bias=None, residual=None, path=0)
+
+    def check_meta(self):
+        x = torch.empty(2, 8, 5, 7, device="meta")
+        out = torch.ops.fastdiff.conv3x3(x, torch.empty(12, 8, 3, 3, device="meta"), None, None)
+        assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 12, 5, 7)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def _x():
+        return torch.randn(2, 4, 5, 6)
+
+    @staticmethod
+    def _w():
+        return torch.randn(3, 4, 3, 3)
+
+    @staticmethod
+    def _bad(*args, **kwargs):
+        return (Conv3x3._x(), Conv3x3._w(), *args), kwargs
+
+    bad_inputs = [
+        BadInput("x-list", lambda: (([[1.0]], Conv3x3._w()), {}), TypeError,
+                 r"conv3x3: x must be a torch\.Tensor, got list"),
+        BadInput("weight-str", lambda: ((Conv3x3._x(), "w"), {}), TypeError,
+                 r"conv3x3: weight must be a torch\.Tensor, got str"),
+        BadInput("bias-list", lambda: Conv3x3._bad([0.0] * 3), TypeError,
+                 r"conv3x3: bias must be a torch\.Tensor or None, got list"),
+        BadInput("residual-float", lambda: Conv3x3._bad(None, 1.0), TypeError,
+                 r"conv3x3: residual must be a torch\.Tensor or None, got float"),
+        BadInput("x-int", lambda: ((torch.ones(2, 4, 5, 6, dtype=torch.int64), Conv3x3._w()), {}), TypeError,
+                 r"x must be a floating tensor.*int64"),
+        BadInput("weight-dtype", lambda: ((Conv3x3._x(), Conv3x3._w().double()), {}), TypeError,
+                 r"weight dtype torch\.float64 must match x's dtype torch\.float32"),
+        BadInput("bias-dtype", lambda: Conv3x3._bad(torch.randn(3).half()), TypeError,
+                 r"bias dtype torch\.float16 must match x's dtype"),
+        BadInput("residual-dtype", lambda: Conv3x3._bad(None, torch.randn(2, 3, 5, 6).bfloat16()), TypeError,
+                 r"residual dtype torch\.bfloat16 must match x's dtype"),
+        BadInput("weight-device", lambda: ((Conv3x3._x(), Conv3x3._w().to("meta")), {}), ValueError,
+                 r"conv3x3: weight is on meta but x is on cpu"),
+        BadInput("x-3d", lambda: ((torch.randn(4, 5, 6), Conv3x3._w()), {}), ValueError,
+                 r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)"),
+        BadInput("x-5d", lambda: ((torch.randn(1, 2, 4, 5, 6), Conv3x3._w()), {}), ValueError,
+                 r"x must have shape \(N, C_in, H, W\)"),
+        BadInput("weight-5x5", lambda: ((Conv3x3._x(), torch.randn(3, 4, 5, 5)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)"),
+        BadInput("weight-C_in", lambda: ((Conv3x3._x(), torch.randn(3, 5, 3, 3)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5"),
+        BadInput("weight-3d", lambda: ((Conv3x3._x(), torch.randn(3, 4, 3)), {}), ValueError,
+                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)"),
+        BadInput("bias-shape", lambda: Conv3x3._bad(torch.randn(4)), ValueError,
+                 r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)"),
+        BadInput("bias-2d", lambda: Conv3x3._bad(torch.randn(1, 3)), ValueError,
+                 r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)"),
+        BadInput("residual-channels", lambda: Conv3x3._bad(None, torch.randn(2, 4, 5, 6)), ValueError,
+                 r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)"),
+        BadInput("residual-batch", lambda: Conv3x3._bad(None, torch.randn(1, 3, 5, 6)), ValueError,
+                 r"residual must have shape .* got \(1, 3, 5, 6\)"),
+        BadInput("residual-3d", lambda: Conv3x3._bad(None, torch.randn(3, 5, 6)), ValueError,
+                 r"residual must have shape .* got \(3, 5, 6\)"),
+        # F.conv2d (the reference) fails on an empty map and returns (N, 0, H, W) for no input channels,
+        # so the public op refuses both for every backend, naming the size; no output channels too
+        BadInput("x-H0", lambda: ((torch.randn(2, 4, 0, 5), Conv3x3._w()), {}), ValueError,
+                 r"conv3x3: x .*H and W"),
+        BadInput("x-W0", lambda: ((torch.randn(2, 4, 5, 0), Conv3x3._w()), {}), ValueError,
+                 r"conv3x3: x .*H and W"),
+        BadInput("x-C_in0", lambda: ((torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3)), {}), ValueError,
+                 r"conv3x3: x .*C_in"),
+        BadInput("weight-C_out0", lambda: ((Conv3x3._x(), torch.randn(0, 4, 3, 3)), {}), ValueError,
+                 r"conv3x3: weight must have at least one output channel \(C_out >= 1\)"),
+        *(BadInput(f"path-{path!r}", lambda path=path: Conv3x3._bad(path=path), ValueError,
+                   r"conv3x3: path must be one of 'auto', 'fused', 'blas', got ") for path in CONV_BAD_PATHS),
+    ]
+    native_bad_inputs = [
+        NativeBadInput("x-3d", lambda: {"x": torch.randn(4, 5, 6)},
+                       r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension", ("cpu", "meta")),
+        NativeBadInput("x-double", lambda: {"x": Conv3x3._x().double(), "weight": Conv3x3._w().double()},
+                       r"conv3x3: x dtype must be float32, got Double", ("cpu", "meta")),
+        NativeBadInput("weight-5x5", lambda: {"weight": torch.randn(3, 4, 5, 5)},
+                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]", ("cpu", "meta")),
+        NativeBadInput("weight-3d", lambda: {"weight": torch.randn(3, 4, 9)},
+                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]", ("cpu", "meta")),
+        NativeBadInput("weight-C_in", lambda: {"weight": torch.randn(3, 5, 3, 3)},
+                       r"conv3x3: weight has 5 input channels but x has 4", ("cpu", "meta")),
+        NativeBadInput("weight-half", lambda: {"weight": Conv3x3._w().half()},
+                       r"conv3x3: weight dtype must be float32, got Half", ("cpu", "meta")),
+        NativeBadInput("bias-shape", lambda: {"bias": torch.randn(4)},
+                       r"conv3x3: bias must have shape \[3\], got \[4\]", ("cpu", "meta")),
+        NativeBadInput("bias-double", lambda: {"bias": torch.randn(3).double()},
+                       r"conv3x3: bias dtype must be float32, got Double", ("cpu", "meta")),
+        NativeBadInput("residual-3d", lambda: {"residual": torch.randn(2, 3, 5)},
+                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]", ("cpu", "meta")),
+        NativeBadInput("residual-shape", lambda: {"residual": torch.randn(2, 3, 6, 5)},
+                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6", ("cpu", "meta")),
+        NativeBadInput("residual-device", lambda: {"residual": torch.empty(2, 3, 5, 6, device="meta")},
+                       r"conv3x3: residual is on meta but x is on cpu"),
+        *(NativeBadInput(f"path-{code}", lambda code=code: {"path": code},
+                         rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) or 2 \(the BLAS "
+                         rf"path\), got {code}", ("cpu", "meta")) for code in (-1, 3, 1 << 40)),
+    ]
+
+
+CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), SamplerLoopStep(),
+                        Attention(), Conv3x3()]
 BY_OP = {case.op: case for case in CASES}
 
 

@@ -1,8 +1,12 @@
-"""fastdiff.ops.conv3x3 (and fastdiff.nn.Conv3x3) against the reference, plus its bad inputs."""
+"""fastdiff.ops.conv3x3 (and fastdiff.nn.Conv3x3): what is its own beyond tests/test_ops_harness.py's grid
+(every backend against the reference over tests/op_cases.py's Conv3x3 case: shapes, layouts and views
+of every argument, bias and residual, the ``path`` argument, float64; opcheck, Meta, bad inputs of the
+op and of its native kernel): the Winograd kernel's documented accuracy, recycled memory, work splits,
+the paths chosen once per process, the path argument's dispatch, empty maps in the native op,
+gradients, torch.compile, the remembered filters, the nn modules and the measured choice."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -12,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, FLOOR, assert_within_eager_bound
+from conftest import DTYPES, assert_within_eager_bound
 from fuzz.bounds import winograd_conv3x3_bound
+from op_cases import BY_OP, Call, generator, randn, skip_unless_runs
 from torch import nn
 
 from fastdiff import _native
@@ -23,110 +28,38 @@ from fastdiff.nn.conv import conv3x3_module
 from fastdiff.ops import conv3x3
 from fastdiff.reference import conv3x3 as reference_conv3x3
 
-OP_MODULE = sys.modules["fastdiff.ops.conv3x3"]  # the package attribute is the function
+CASE = BY_OP["conv3x3"]
+OP_MODULE = CASE.module
 NN_MODULE = sys.modules["fastdiff.nn.conv"]
-SUPPORT = OP_MODULE.SUPPORT
-ROOT = Path(__file__).resolve().parent.parent
-
-needs_native = pytest.mark.skipif(
-    not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
-)
-
-# (N, C_in, C_out, H, W): every size 1; primes with odd H and W (half tiles on both edges); C_in 17 and
-# C_out 33 leave vector tails after one full step; a map smaller than one 4x4 patch; a single
-# column (W = 1); a batch of 64-channel maps large enough for several L2 blocks per thread; C_out
-# 96 (not a power of two) on a 5x6 map; an odd batch of 7. The cpu kernel's fused path (16 or
-# fewer channels on one side): C_in 16 with C_out 33 (GEMM column blocks of two vectors, then one),
-# 48 -> 16 on odd sizes, 13 -> 7 (partial vectors on both sides), and 256 tiles (groups of 12 with
-# a remainder).
-SHAPES = [
-    (1, 1, 1, 1, 1),
-    (2, 3, 5, 7, 9),
-    (3, 17, 33, 8, 8),
-    (2, 40, 24, 2, 3),
-    (1, 64, 64, 15, 1),
-    (16, 64, 64, 16, 16),
-    (2, 128, 96, 5, 6),
-    (7, 32, 32, 9, 11),
-    (3, 16, 33, 8, 8),
-    (5, 48, 16, 17, 9),
-    (2, 13, 7, 9, 11),
-    (4, 16, 16, 16, 16),
-]
-LAYOUTS = ("nchw", "channels_last", "strided", "permuted")
+SUPPORT = CASE.support
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 
-def _tensor(shape, dtype, layout="nchw"):
-    """Fresh random values (nonzero mean) of ``shape`` in the requested layout."""
-    n, c, h, w = shape
-    if layout == "strided":  # every other column: dense in neither layout, a copy in the kernel
-        t = (torch.randn(n, c, h, 2 * w) + 0.5).to(dtype)[..., ::2]
-    elif layout == "permuted":  # (N, H, C, W) storage seen as (N, C, H, W)
-        t = (torch.randn(n, h, c, w) + 0.5).to(dtype).permute(0, 2, 1, 3)
-    else:
-        t = (torch.randn(shape) + 0.5).to(dtype)
-        if layout == "channels_last":
-            t = t.contiguous(memory_format=torch.channels_last)
-    assert tuple(t.shape) == tuple(shape)
-    if layout in ("strided", "permuted") and t.numel() > 1 and min(t.shape) > 1:
-        assert not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last)
-    return t
+def _case(shape, dtype=torch.float32, layout="nchw", seed=0):
+    """x, weight, bias and residual of (N, C_in, C_out, H, W) from the case's factory."""
+    return CASE.make(shape, dtype, layout, "cpu", generator(seed))
 
 
-def _case(shape, dtype=torch.float32, layout="nchw", with_bias=True, with_residual=True):
-    n, c_in, c_out, h, w = shape
-    x = _tensor((n, c_in, h, w), dtype, layout)
-    # He-like scaling keeps outputs O(1) whatever C_in, so the float32 floor means the same everywhere
-    weight = (torch.randn(c_out, c_in, 3, 3) / math.sqrt(9 * c_in)).to(dtype)
-    bias = torch.randn(c_out).to(dtype) if with_bias else None
-    residual = _tensor((n, c_out, h, w), dtype, layout) if with_residual else None
-    return x, weight, bias, residual
+def _tensor(shape, dtype=torch.float32, layout="nchw", seed=0):
+    """An (N, C, H, W) map from the case's factory (values with a nonzero mean)."""
+    return CASE.make_map(shape, dtype, layout, "cpu", generator(seed))
 
 
-def _double(t):
-    return None if t is None else t.double()
+def _run_cpu(x, weight, bias=None, residual=None, what="", **kwargs):
+    """The cpu backend on one call, checked by the case (its bound, shape, finite values, channels_last)."""
+    call = Call((x, weight, bias, residual), kwargs, what)
+    out = CASE.run(call, "cpu")
+    CASE.check(out, call, f"cpu {what}")
+    return out
 
 
-def _check_against_reference(out, x, weight, bias, residual, what):
-    exact = reference_conv3x3(x.double(), weight.double(), _double(bias), _double(residual))
-    eager = reference_conv3x3(x, weight, bias, residual)  # plain PyTorch in the same dtype
-    assert out.device == x.device, what
-    assert out.dtype == x.dtype, what
-    assert_within_eager_bound(out, eager, exact, what)
+# ---- the cpu kernel's documented accuracy ----------------------------------------------------------
+# (ops.conv3x3's docstring): bounded relative to each filter's largest tap, not tap by tap; the bound
+# and its derivation are fuzz.bounds.winograd_conv3x3_bound.
 
 
-def _skip_unless_runs(backend, x, weight):
-    reasons = SUPPORT.why_not(backend, {"x": x, "weight": weight})
-    if reasons:
-        pytest.skip(f"{backend} cannot run this input here: {'; '.join(reasons)}")
-
-
-# ---- the cpu kernel against the oracle -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cpu_matches_reference(shape, layout):
-    for with_bias in (False, True):
-        for with_residual in (False, True):
-            x, weight, bias, residual = _case(shape, torch.float32, layout, with_bias, with_residual)
-            _skip_unless_runs("cpu", x, weight)
-            out = conv3x3(x, weight, bias, residual, backend="cpu")
-            what = f"cpu {shape} {layout} bias={with_bias} residual={with_residual}"
-            n, _, c_out, h, w = shape
-            assert out.shape == (n, c_out, h, w), what
-            # no out= argument to poison: every element must be written (finite) and the layout is
-            # the documented one
-            assert torch.isfinite(out).all(), what
-            assert out.is_contiguous(memory_format=torch.channels_last), what
-            _check_against_reference(out, x, weight, bias, residual, what)
-
-
-# The cpu kernel's documented accuracy (ops.conv3x3's docstring): bounded relative to each filter's
-# largest tap, not tap by tap; the bound and its derivation are fuzz.bounds.winograd_conv3x3_bound.
-
-
-@needs_native
+@pytest.mark.native
 def test_cpu_error_for_a_filter_with_a_huge_tap_is_within_the_documented_bound():
     """The fuzz tier's reproducer: a corner tap of 2.8e37 that multiplies only zero padding drowns
     the other taps' share in Winograd's filter transform (0 for 0.7916); the documented bound
@@ -144,13 +77,13 @@ def test_cpu_error_for_a_filter_with_a_huge_tap_is_within_the_documented_bound()
     assert (eager - exact).abs().item() <= 2.0**-23 * exact.abs().item()
 
 
-@needs_native
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.native
+@pytest.mark.parametrize("shape", [s for s in CASE.SHAPES if s[0] > 0], ids=str)
 def test_documented_cpu_bound_is_tight_enough_to_catch_a_wrong_result(shape):
     """On ordinary inputs (He-scaled filters, taps of one magnitude) the kernel stays far inside the
     documented bound, the bound is a few thousandths of the output at most, and a result computed
-    with every filter's centre tap off by 1% breaks it."""
-    x, weight, _, _ = _case(shape, torch.float32, with_bias=False, with_residual=False)
+    with every filter's centre tap off by 1% breaks it (the case's grid, empty batch aside)."""
+    x, weight, _, _ = _case(shape)
     exact = F.conv2d(x.double(), weight.double(), padding=1)
     bound, may_overflow = winograd_conv3x3_bound(x, weight)
     assert not may_overflow.any()
@@ -163,116 +96,64 @@ def test_documented_cpu_bound_is_tight_enough_to_catch_a_wrong_result(shape):
     assert (wrong > bound).any(), f"1% off stays inside: up to {(wrong / bound).max().item():.3g} of the bound"
 
 
-@needs_native
-def test_cpu_takes_non_contiguous_weight_bias_and_mixed_layouts():
-    n, c_in, c_out, h, w = 3, 33, 40, 7, 10
-    x = _tensor((n, c_in, h, w), torch.float32, "nchw")
-    weight = (torch.randn(c_out, c_in, 3, 3) / math.sqrt(9 * c_in)).transpose(2, 3)  # a view
-    bias = torch.randn(2 * c_out)[::2]
-    residual = _tensor((n, c_out, h, w), torch.float32, "channels_last")  # x is NCHW, residual is not
-    assert not weight.is_contiguous() and not bias.is_contiguous()
-    out = conv3x3(x, weight, bias, residual, backend="cpu")
-    _check_against_reference(out, x, weight, bias, residual, "non-contiguous weight and bias")
-    residual = _tensor((n, c_out, h, w), torch.float32, "strided")
-    x = _tensor((n, c_in, h, w), torch.float32, "channels_last")
-    out = conv3x3(x, weight, bias, residual, backend="cpu")
-    _check_against_reference(out, x, weight, bias, residual, "channels_last x, strided residual")
+# ---- the cpu kernel: memory, work splits, paths chosen once per process ------------------------------
 
 
-@needs_native
-def test_cpu_expanded_residual_and_bias():
-    """Broadcast views (stride 0) are legal inputs: a residual expanded over the batch, an expanded bias."""
-    x, weight, _, _ = _case((4, 32, 32, 6, 7))
-    residual = torch.randn(1, 32, 6, 7).expand(4, 32, 6, 7)
-    bias = torch.randn(1).expand(32)
-    out = conv3x3(x, weight, bias, residual, backend="cpu")
-    _check_against_reference(out, x, weight, bias, residual, "expanded residual and bias")
-
-
-@needs_native
+@pytest.mark.native
 def test_no_nan_from_recycled_memory():
     """The op allocates its output; fill the allocator with NaN first, so any element the kernel
     failed to write would show up (CPU allocations of this size are recycled by the allocator)."""
-    shape = (4, 48, 40, 13, 11)
-    x, weight, bias, residual = _case(shape)
+    x, weight, bias, residual = _case((4, 48, 40, 13, 11))
     for _ in range(3):
-        poison = torch.full((4, 40, 13, 11), math.nan).contiguous(memory_format=torch.channels_last)
+        poison = torch.full((4, 40, 13, 11), float("nan")).contiguous(memory_format=torch.channels_last)
         del poison
-        out = conv3x3(x, weight, bias, residual, backend="cpu")
-        assert torch.isfinite(out).all()
-        _check_against_reference(out, x, weight, bias, residual, "recycled memory")
+        _run_cpu(x, weight, bias, residual, "recycled memory")
 
 
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_every_cpu_work_split_matches_reference(threads):
     """Tiles go in L2 blocks, at least two per thread when there are enough: thread counts 1-3 give
     exact and ragged last blocks (150 tiles here), and a block count below the thread count. The
     fused path splits its tiles in ranges that end in partial groups: 168 tiles, and 4 (under one
-    group of 12)."""
+    group of 12). Each shape runs the case's calls: both paths, whatever the static rule picks."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for shape in [(5, 32, 48, 9, 11), (1, 40, 24, 3, 3), (2, 96, 64, 31, 17), (3, 16, 24, 13, 15), (1, 8, 4, 3, 3)]:
-            x, weight, bias, residual = _case(shape, layout="channels_last")
-            out = conv3x3(x, weight, bias, residual, backend="cpu")
-            _check_against_reference(out, x, weight, bias, residual, f"threads={threads} {shape}")
+            for call in CASE.calls(shape, torch.float32, "channels_last", "cpu"):
+                CASE.check(CASE.run(call, "cpu"), call, f"threads={threads} {call.what}")
     finally:
         torch.set_num_threads(saved)
 
 
-@needs_native
-def test_empty_inputs():
-    x, weight, bias, residual = _case((0, 8, 5, 4, 4))
-    for backend in ("cpu", "reference"):
-        assert conv3x3(x, weight, bias, residual, backend=backend).shape == (0, 5, 4, 4)
-    # F.conv2d (the reference) fails on an empty map and returns (N, 0, H, W) for no input
-    # channels, so the public op refuses both for every backend, naming the size
-    for shape, what in [((2, 4, 0, 5), "H and W"), ((2, 4, 5, 0), "H and W"), ((2, 0, 5, 5), "C_in")]:
-        for backend in ("cpu", "reference"):
-            with pytest.raises(ValueError, match=f"conv3x3: x .*{what}"):
-                conv3x3(torch.randn(shape), torch.randn(3, shape[1], 3, 3), backend=backend)
-    # the native op itself: an empty map gives an empty output, no input channels bias + residual
-    for shape in [(2, 4, 0, 5), (2, 4, 5, 0)]:
-        out = torch.ops.fastdiff.conv3x3(torch.randn(shape), torch.randn(3, 4, 3, 3), None, None)
-        assert out.shape == (2, 3, *shape[2:])
-    x, weight, bias, residual = _case((2, 0, 3, 5, 5))
-    out = torch.ops.fastdiff.conv3x3(x, weight, bias, residual)
-    torch.testing.assert_close(out, bias.view(1, 3, 1, 1) + residual, rtol=0, atol=0)
-
-
+# Each path chosen once per process, in a fresh interpreter, through the case's calls (path "auto":
+# the one the environment picks) and its check.
 _SUBPROCESS_CODE = textwrap.dedent(
     """
-    import math, os
+    import os, sys
     import torch
+    sys.path.insert(0, {tests!r})
+    from op_cases import BY_OP
     from fastdiff import _native
-    from fastdiff.ops import conv3x3
-    from fastdiff.reference import conv3x3 as ref
     assert _native.load() is not None, _native.status()["reason"]
     want = os.environ.get("ATEN_CPU_CAPABILITY")
     assert want is None or torch.backends.cpu.get_cpu_capability() == want.upper(), want
-    torch.manual_seed(0)
-    worst = -math.inf  # err(kernel) - bound, over every case; <= 0 passes
-    shapes = [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6), (5, 32, 48, 9, 11),
-              (3, 16, 33, 8, 8), (4, 48, 16, 16, 16)]
-    for n, ci, co, h, w in shapes:
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            x = (torch.randn(n, ci, h, w) + 0.5).contiguous(memory_format=fmt)
-            wt = torch.randn(co, ci, 3, 3) / math.sqrt(9 * ci)
-            b, r = torch.randn(co), torch.randn(n, co, h, w)
-            for bias, residual in ((None, None), (b, r)):
-                out = conv3x3(x, wt, bias, residual, backend="cpu")
-                assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all()
-                exact = ref(x.double(), wt.double(), *(None if t is None else t.double() for t in (bias, residual)))
-                eager = ref(x, wt, bias, residual)
-                bound = 2 * (eager.double() - exact).abs().max().item() + 1e-5
-                worst = max(worst, (out.double() - exact).abs().max().item() - bound)
-    print(f"excess={worst!r}")
+    case = BY_OP["conv3x3"]
+    checked = 0
+    for shape in {shapes!r}:
+        for layout in ("nchw", "channels_last"):
+            for call in case.calls(shape, torch.float32, layout, "cpu"):
+                if call.kwargs["path"] == "auto":
+                    case.check(case.run(call, "cpu"), call, "cpu " + call.what)
+                    checked += 1
+    print(f"checked={{checked}}")
     """
-)
+).format(tests=str(TESTS), shapes=[(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6),
+                                    (5, 32, 48, 9, 11), (3, 16, 33, 8, 8), (4, 48, 16, 16, 16)])
 
 
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize(
     "env",
     [
@@ -297,34 +178,24 @@ def test_other_cpu_paths_match_reference(env):
         [sys.executable, "-c", _SUBPROCESS_CODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    excess = float(result.stdout.strip().rsplit("excess=", 1)[1])
-    assert excess <= 0, f"exceeds the 2 * eager + floor bound by {excess:.3g}"
+    assert "checked=56" in result.stdout, result.stdout  # 7 shapes x 2 layouts x bias and residual on/off
 
 
 # ---- the cpu kernel's Winograd path, chosen per call (path=) -------------------------------------
-
-# One input channel (K = 1 GEMMs), 16 -> 16 (the static rule's fused side), 32 -> 48 (its BLAS side),
-# odd H and W (half tiles), 13 -> 7 (partial vectors), a single pixel, and enough tiles for several
-# fused groups and L2 blocks.
-PATH_SHAPES = [(2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (1, 1, 1, 1, 1),
-               (4, 24, 40, 17, 15)]
+# (Each path against the reference on every grid point: the harness, over the case's PATH_SHAPES among them.)
 
 
-@needs_native
-@pytest.mark.parametrize("path", ["fused", "blas"])
-@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
-def test_cpu_path_matches_reference(shape, path):
-    """Either path on any shape, whatever the static rule would pick: the tuner times both."""
-    for layout, with_bias, with_residual in (("nchw", False, False), ("channels_last", True, True),
-                                             ("nchw", True, False), ("channels_last", False, True)):
-        x, weight, bias, residual = _case(shape, torch.float32, layout, with_bias, with_residual)
-        what = f"path={path} {shape} {layout} bias={with_bias} residual={with_residual}"
-        out = conv3x3(x, weight, bias, residual, backend="cpu", path=path)
-        assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all(), what
-        _check_against_reference(out, x, weight, bias, residual, what)
-        # the native op takes the path's number (csrc/conv3x3.h, Conv3x3Path)
-        direct = torch.ops.fastdiff.conv3x3(x, weight, bias, residual, OP_MODULE.PATHS[path])
-        torch.testing.assert_close(direct, out, rtol=0, atol=0, msg=what)
+@pytest.mark.native
+@pytest.mark.parametrize("path", CASE.PATHS)
+@pytest.mark.parametrize("shape", CASE.PATH_SHAPES, ids=str)
+def test_native_op_takes_the_path_number(shape, path):
+    """The native op takes the path's number (csrc/conv3x3.h, Conv3x3Path): the same bits as the public op."""
+    for layout in ("nchw", "channels_last"):
+        for call in CASE.calls(shape, torch.float32, layout, "cpu"):
+            if call.kwargs["path"] == path:
+                out = conv3x3(*call.args, backend="cpu", path=path)
+                direct = torch.ops.fastdiff.conv3x3(*call.args, OP_MODULE.PATHS[path])
+                torch.testing.assert_close(direct, out, rtol=0, atol=0, msg=call.what)
 
 
 _PATH_TAKEN_CODE = textwrap.dedent(
@@ -345,7 +216,7 @@ _PATH_TAKEN_CODE = textwrap.dedent(
 )
 
 
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize(
     ("env", "taken"),
     [
@@ -367,9 +238,19 @@ def test_cpu_path_argument_picks_the_path_it_names(env, taken):
     assert f"taken {taken}" in result.stdout, result.stdout
 
 
-@needs_native
+@pytest.mark.native
+def test_native_op_computes_empty_maps():
+    """The public op refuses empty maps (the case's bad inputs: F.conv2d fails on them); the native
+    op itself returns an empty output for them."""
+    for shape in [(2, 4, 0, 5), (2, 4, 5, 0)]:
+        out = torch.ops.fastdiff.conv3x3(torch.randn(shape), torch.randn(3, 4, 3, 3), None, None)
+        assert out.shape == (2, 3, *shape[2:])
+
+
+@pytest.mark.native
 def test_cpu_path_with_no_input_channels_is_bias_plus_residual():
-    """C_in = 0 never takes the fused path (its GEMM starts from the first channel), even when asked."""
+    """C_in = 0 never takes the fused path (its GEMM starts from the first channel), even when asked;
+    the native op gives bias + residual on every path (the public op refuses C_in = 0)."""
     x, weight, bias, residual = _case((2, 0, 3, 5, 5))
     for code in (0, 1, 2):
         out = torch.ops.fastdiff.conv3x3(x, weight, bias, residual, code)
@@ -383,48 +264,25 @@ def test_reference_ignores_path():
         assert torch.equal(conv3x3(x, weight, bias, residual, backend="reference", path=path), want)
 
 
-@pytest.mark.parametrize("path", ["winograd", "FUSED", "", 1, None])
-@pytest.mark.parametrize("backend", ("auto", "reference", "cpu"))
-def test_bad_path_is_refused_naming_the_choices(path, backend):
-    x, weight, _, _ = _case((2, 4, 3, 5, 6))
-    if backend == "cpu" and SUPPORT.why_not("cpu", {"x": x, "weight": weight}):
-        pytest.skip(f"cpu cannot run here: {SUPPORT.why_not('cpu', {'x': x, 'weight': weight})}")
-    conv3x3(x, weight, backend=backend, path="fused")  # the signature is bound: later calls skip the checks
-    with pytest.raises(ValueError, match=r"conv3x3: path must be one of 'auto', 'fused', 'blas', got "):
-        conv3x3(x, weight, backend=backend, path=path)
+@pytest.mark.parametrize("backend", CASE.bad_backends)
+def test_a_bad_path_is_refused_after_a_call_bound_the_signature(backend):
+    """A call binds its signature, and the later calls of that signature skip the Python checks (the
+    kernel checks its arguments itself): the path's name, which the kernel never sees, is still
+    checked. (Each bad path on a fresh signature: the harness's bad-input table.)"""
+    x, weight = CASE._x(), CASE._w()
+    if backend != "auto":
+        skip_unless_runs(CASE, backend, Call((x, weight), {"path": "fused"}))
+    conv3x3(x, weight, backend=backend, path="fused")
+    bad_paths = [bad for bad in CASE.bad_inputs if bad.id.startswith("path-")]
+    assert len(bad_paths) == 5
+    for bad in bad_paths:
+        args, kwargs = bad.make()
+        with pytest.raises(bad.error, match=bad.match):
+            conv3x3(*args, **kwargs, backend=backend)
 
 
-@needs_native
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("code", [-1, 3, 1 << 40])
-def test_native_op_refuses_a_bad_path_number(device, code):
-    """The C++ checks, CPU and Meta kernels alike, for callers of torch.ops directly."""
-    with pytest.raises(RuntimeError, match=rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) "
-                                           rf"or 2 \(the BLAS path\), got {code}"):
-        torch.ops.fastdiff.conv3x3(_x().to(device), _w().to(device), None, None, code)
-
-
-# ---- the reference backend, every dtype ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8)], ids=str)
-def test_reference_backend_matches_oracle(dtype, shape):
-    """F.conv2d runs in float16 and bfloat16 on the CPU too (torch >= 2.4's oneDNN/native paths)."""
-    for layout in ("nchw", "channels_last"):
-        x, weight, bias, residual = _case(shape, dtype, layout)
-        out = conv3x3(x, weight, bias, residual, backend="reference")
-        what = f"reference {dtype} {shape} {layout}"
-        if dtype == torch.float64:
-            exact = reference_conv3x3(x, weight, bias, residual)
-            torch.testing.assert_close(out, exact, rtol=0, atol=FLOOR[torch.float64])
-            continue
-        # eager here is the backend itself, so the rule reduces to finite, right dtype and shape
-        _check_against_reference(out, x, weight, bias, residual, what)
-        # an absolute sanity bound: the rounding of a few dozen products of O(1) values
-        exact = reference_conv3x3(x.double(), weight.double(), _double(bias), _double(residual))
-        limit = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}[dtype]
-        assert (out.double() - exact).abs().max() <= limit, what
+# ---- dispatch --------------------------------------------------------------------------------------
+# (auto's first backend and the cuda backend's refusal: the harness, for every op.)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
@@ -436,17 +294,7 @@ def test_auto_runs_the_reference_for_dtypes_the_kernel_lacks(dtype):
     assert torch.equal(out, reference_conv3x3(x, weight, bias, residual))
 
 
-def test_auto_picks_the_fastest_backend_that_runs():
-    x, weight, _, _ = _case((2, 8, 8, 4, 4))
-    inputs = {"x": x, "weight": weight}
-    chosen = select_backend("conv3x3", "auto", inputs)
-    expected = next(b for b in ("cuda", "triton", "cpu", "reference") if not SUPPORT.why_not(b, inputs))
-    assert chosen == expected
-    if _native.status()["built"]:
-        assert chosen == "cpu"
-
-
-@needs_native
+@pytest.mark.native
 def test_cpu_backend_refuses_float64_naming_the_dtype():
     x, weight, bias, residual = _case((2, 8, 8, 4, 4), torch.float64)
     with pytest.raises(
@@ -462,119 +310,23 @@ def test_cpu_backend_refuses_float64_naming_the_dtype():
     ]
 
 
-def test_explicit_gpu_backends_refuse_with_reasons():
+def test_explicit_triton_refusal_says_there_is_no_kernel():
     x, weight, _, _ = _case((1, 4, 4, 3, 3))
-    for backend in ("cuda", "triton"):
-        with pytest.raises(BackendUnavailableError, match=rf"backend='{backend}'.*not implemented for this op yet"):
-            conv3x3(x, weight, backend=backend)
+    with pytest.raises(BackendUnavailableError, match=r"backend='triton'.*not implemented for this op yet"):
+        conv3x3(x, weight, backend="triton")
 
 
-# ---- bad input: each error names the argument ----------------------------------------------------
+# ---- registration: autograd, torch.compile (opcheck and Meta: the harness) --------------------------
 
 
-def _x():
-    return torch.randn(2, 4, 5, 6)
-
-
-def _w():
-    return torch.randn(3, 4, 3, 3)
-
-
-@pytest.mark.parametrize(
-    ("args", "error", "match"),
-    [
-        (([[1.0]], _w()), TypeError, r"conv3x3: x must be a torch\.Tensor, got list"),
-        ((_x(), "w"), TypeError, r"conv3x3: weight must be a torch\.Tensor, got str"),
-        ((_x(), _w(), [0.0] * 3), TypeError, r"conv3x3: bias must be a torch\.Tensor or None, got list"),
-        ((_x(), _w(), None, 1.0), TypeError, r"conv3x3: residual must be a torch\.Tensor or None, got float"),
-        ((torch.ones(2, 4, 5, 6, dtype=torch.int64), _w()), TypeError, r"x must be a floating tensor.*int64"),
-        ((_x(), _w().double()), TypeError, r"weight dtype torch\.float64 must match x's dtype torch\.float32"),
-        ((_x(), _w(), torch.randn(3).half()), TypeError, r"bias dtype torch\.float16 must match x's dtype"),
-        (
-            (_x(), _w(), None, torch.randn(2, 3, 5, 6).bfloat16()),
-            TypeError,
-            r"residual dtype torch\.bfloat16 must match x's dtype",
-        ),
-        ((_x(), _w().to("meta")), ValueError, r"conv3x3: weight is on meta but x is on cpu"),
-        ((torch.randn(4, 5, 6), _w()), ValueError, r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)"),
-        ((torch.randn(1, 2, 4, 5, 6), _w()), ValueError, r"x must have shape \(N, C_in, H, W\)"),
-        (
-            (_x(), torch.randn(3, 4, 5, 5)),
-            ValueError,
-            r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)",
-        ),
-        ((_x(), torch.randn(3, 5, 3, 3)), ValueError, r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5"),
-        ((_x(), torch.randn(3, 4, 3)), ValueError, r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)"),
-        ((_x(), _w(), torch.randn(4)), ValueError, r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)"),
-        ((_x(), _w(), torch.randn(1, 3)), ValueError, r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)"),
-        (
-            (_x(), _w(), None, torch.randn(2, 4, 5, 6)),
-            ValueError,
-            r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)",
-        ),
-        ((_x(), _w(), None, torch.randn(1, 3, 5, 6)), ValueError, r"residual must have shape .* got \(1, 3, 5, 6\)"),
-        ((_x(), _w(), None, torch.randn(3, 5, 6)), ValueError, r"residual must have shape .* got \(3, 5, 6\)"),
-    ],
-)
-@pytest.mark.parametrize("backend", ("auto", "reference", "cpu"))
-def test_bad_input_names_the_argument(args, error, match, backend):
-    with pytest.raises(error, match=match):
-        conv3x3(*args, backend=backend)
-
-
-def test_unknown_backend_names_the_argument_and_the_choices():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\)"):
-        conv3x3(_x(), _w(), backend="winograd")
-
-
-@needs_native
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ((torch.randn(4, 5, 6), _w()), r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension"),
-        ((_x().double(), _w().double()), r"conv3x3: x dtype must be float32, got Double"),
-        ((_x(), torch.randn(3, 4, 5, 5)), r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]"),
-        ((_x(), torch.randn(3, 4, 9)), r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]"),
-        ((_x(), torch.randn(3, 5, 3, 3)), r"conv3x3: weight has 5 input channels but x has 4"),
-        ((_x(), _w().half()), r"conv3x3: weight dtype must be float32, got Half"),
-        ((_x(), _w(), torch.randn(4)), r"conv3x3: bias must have shape \[3\], got \[4\]"),
-        ((_x(), _w(), torch.randn(3).double()), r"conv3x3: bias dtype must be float32, got Double"),
-        (
-            (_x(), _w(), None, torch.randn(2, 3, 5)),
-            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]",
-        ),
-        (
-            (_x(), _w(), None, torch.randn(2, 3, 6, 5)),
-            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6",
-        ),
-    ],
-)
-def test_native_checks_name_the_limit(device, args, match):
-    """The C++ op checks too (CPU and Meta kernels alike), for callers of torch.ops directly."""
-    args = [None if a is None else a.to(device) for a in args]
-    args += [None] * (4 - len(args))
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.fastdiff.conv3x3(*args)
-
-
-@needs_native
-def test_native_checks_the_device_of_each_part():
-    with pytest.raises(RuntimeError, match=r"conv3x3: residual is on meta but x is on cpu"):
-        torch.ops.fastdiff.conv3x3(_x(), _w(), None, torch.empty(2, 3, 5, 6, device="meta"))
-
-
-# ---- registration: autograd, opcheck, Meta, torch.compile ----------------------------------------
-
-
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gradients_match_the_reference(layout):
     """The native op's backward is aten's convolution_backward; each gradient of the float32 cpu op
     meets the 2 * eager + floor rule against the float64 reference's."""
     x, weight, bias, residual = _case((3, 33, 40, 7, 6), torch.float32, layout)
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias, residual)]
-    grad = torch.randn(3, 40, 7, 6)
+    grad = randn(generator(1), 3, 40, 7, 6)
     native = torch.autograd.grad(conv3x3(*leaves, backend="cpu"), leaves, grad)
     eager = torch.autograd.grad(reference_conv3x3(*leaves), leaves, grad)
     doubles = [t.detach().double().requires_grad_() for t in leaves]
@@ -583,12 +335,12 @@ def test_gradients_match_the_reference(layout):
         assert_within_eager_bound(a, e, x64, f"grad of {name} ({layout})")
 
 
-@needs_native
+@pytest.mark.native
 def test_gradients_of_each_input_alone():
     """Only the inputs that require grad get one (the backward's output mask follows them)."""
     names = ("x", "weight", "bias", "residual")
     tensors = _case((2, 8, 6, 5, 5))
-    grad = torch.randn(2, 6, 5, 5)
+    grad = randn(generator(1), 2, 6, 5, 5)
     for i, name in enumerate(names):
         leaves = [t.detach().requires_grad_(j == i) for j, t in enumerate(tensors)]
         (got,) = torch.autograd.grad(conv3x3(*leaves, backend="cpu"), [leaves[i]], grad)
@@ -596,35 +348,7 @@ def test_gradients_of_each_input_alone():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@needs_native
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_opcheck(layout):
-    op = torch.ops.fastdiff.conv3x3
-    x, weight, bias, residual = _case((2, 5, 6, 7, 9), torch.float32, layout)
-    samples = [
-        (x, weight, None, None),
-        (x, weight, bias, None),
-        (x, weight, None, residual),
-        (x, weight, bias, residual),
-        tuple(None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, residual)),
-        (x.detach().clone().requires_grad_(), weight, None, residual),
-        (x, weight, bias, residual, 1),  # the fused path
-        (x, weight, None, residual, 2),  # the BLAS path
-        (x, weight.detach().clone().requires_grad_(), bias, None, 2),
-    ]
-    for args in samples:
-        torch.library.opcheck(op, args)
-
-
-@needs_native
-def test_meta_shape_dtype_and_format():
-    x = torch.empty(2, 8, 5, 7, device="meta")
-    out = torch.ops.fastdiff.conv3x3(x, torch.empty(12, 8, 3, 3, device="meta"), None, None)
-    assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (2, 12, 5, 7)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-
-
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize("path", ["auto", "blas"])
 def test_compiles_with_fullgraph_and_matches_eager(path):
     def step(x, weight, bias, residual):
@@ -710,13 +434,13 @@ def test_auto_module_matches_conv2d(monkeypatch, c_in, c_out, hw, takes_the_op):
 def test_module_residual_argument(monkeypatch):
     monkeypatch.setenv("FASTDIFF_TUNE", "0")  # the static rule: the small conv below runs nn.Conv2d's path
     conv, reference = _pair(32, 32)
-    x, residual = _tensor((2, 32, 8, 8), torch.float32), _tensor((2, 32, 8, 8), torch.float32)
+    x, residual = _tensor((2, 32, 8, 8)), _tensor((2, 32, 8, 8), seed=1)
     with torch.no_grad():
         out = conv(x, residual)
         exact = reference_conv3x3(x.double(), reference.weight.double(), reference.bias.double(), residual.double())
         assert_within_eager_bound(out, reference(x) + residual, exact, "Conv3x3 with residual")
         small, small_ref = _pair(3, 8)  # nn.Conv2d's own path: few channels on a 256-pixel map
-        y, r = _tensor((2, 3, 16, 16), torch.float32), _tensor((2, 8, 16, 16), torch.float32)
+        y, r = _tensor((2, 3, 16, 16)), _tensor((2, 8, 16, 16), seed=1)
         assert torch.equal(small(y, r), small_ref(y) + r)
 
 
@@ -731,7 +455,7 @@ def test_reference_backend_module_is_bit_identical_to_conv2d(dtype, monkeypatch)
     assert not calls
 
 
-@needs_native
+@pytest.mark.native
 def test_cpu_backend_module_runs_the_op_at_any_size(monkeypatch):
     calls = _spy_on_the_op(monkeypatch)
     conv, reference = _pair(3, 5, backend="cpu")
@@ -760,7 +484,7 @@ def test_conv3x3_module_runs_a_subclass_forward(monkeypatch):
             return 2 * super().forward(x)
 
     conv = Doubled(32, 32, 3, padding=1)
-    x, residual = _tensor((2, 32, 8, 8), torch.float32), _tensor((2, 32, 8, 8), torch.float32)
+    x, residual = _tensor((2, 32, 8, 8)), _tensor((2, 32, 8, 8), seed=1)
     with torch.no_grad():
         expected = 2 * F.conv2d(x, conv.weight, conv.bias, padding=1) + residual
         for backend in ("auto", "cpu", "reference"):
@@ -818,7 +542,7 @@ def test_module_runs_conv2d_where_the_named_backend_cannot(monkeypatch, backend)
         calls.clear()
 
 
-@needs_native
+@pytest.mark.native
 def test_cpu_remembered_filters_follow_weight_changes():
     """The cpu kernel keeps each weight's transformed filters; every way a weight can change must
     transform it again: in-place updates, `.data` writes and swaps (a channels_last conversion),
@@ -829,10 +553,7 @@ def test_cpu_remembered_filters_follow_weight_changes():
     x = torch.randn(2, 32, 8, 8, generator=g)
 
     def check(weight, what):
-        out = conv3x3(x, weight, backend="cpu")
-        exact = F.conv2d(x.double(), weight.double(), padding=1)
-        eager = F.conv2d(x, weight, padding=1)
-        assert_within_eager_bound(out, eager, exact, what)
+        _run_cpu(x, weight, what=what)
 
     def fresh():
         return torch.randn(32, 32, 3, 3, generator=g) / 17
@@ -877,7 +598,7 @@ def test_cpu_remembered_filters_follow_weight_changes():
     check(wide, "strided weight after mul_")
 
 
-@needs_native
+@pytest.mark.native
 def test_cpu_remembered_filters_follow_load_state_dict_and_ema_swaps_in_modules():
     """A Conv3x3 module's weight rewritten by ``load_state_dict`` (copy_ under no_grad) or an EMA
     swap through ``.data`` runs the new filters on its next call."""
@@ -895,7 +616,7 @@ def test_cpu_remembered_filters_follow_load_state_dict_and_ema_swaps_in_modules(
         torch.testing.assert_close(conv(x), F.conv2d(x, ema.weight, ema.bias, padding=1), rtol=1e-4, atol=1e-5)
 
 
-@needs_native
+@pytest.mark.native
 def test_cpu_remembered_filters_are_reused_freed_with_their_weights_and_bounded():
     """What the cache is for (a second call of an unchanged weight reuses its filters, also through
     `.detach()` and `.data` views), that they go when the weight is freed (no later call needed),
@@ -923,7 +644,7 @@ def test_cpu_remembered_filters_are_reused_freed_with_their_weights_and_bounded(
     assert (info["entries"], info["bytes"], info["hits"], info["misses"]) == (0, 0, 0, 0), info
 
 
-@needs_native
+@pytest.mark.native
 def test_cpu_remembered_filters_budget():
     """FASTDIFF_CONV3X3_CACHE_MB bounds the cache: weights past it are transformed on every call
     (correctly) and the entries already there stay; 0 turns it off; a bad value is named."""
@@ -1065,7 +786,7 @@ def fake_timings(monkeypatch, tmp_path):
     conv_module.clear_tuning()
 
 
-@needs_native
+@pytest.mark.native
 @pytest.mark.parametrize(
     ("c_in", "static", "fastdiff_s", "onednn_s", "takes"),
     [
@@ -1097,7 +818,7 @@ def test_measured_choice_follows_the_timings(monkeypatch, fake_timings, c_in, st
     assert decision["path"] == "blas" and set(decision) >= {"fused_us", "blas_us", "onednn_us"}
 
 
-@needs_native
+@pytest.mark.native
 def test_measured_path_is_the_one_the_op_runs(monkeypatch, fake_timings):
     """The tuner times both Winograd paths; the faster one is what the convolution then asks for."""
     import fastdiff.nn.conv as conv_module
@@ -1114,7 +835,7 @@ def test_measured_path_is_the_one_the_op_runs(monkeypatch, fake_timings):
     assert paths == ["fused"] and conv_module.tuning_decisions()[0]["path"] == "fused"
 
 
-@needs_native
+@pytest.mark.native
 def test_no_measurement_while_autograd_records_or_with_tuning_off(monkeypatch, fake_timings):
     conv, _ = _pair(64, 64)
     x = _tensor((2, 64, 8, 8), torch.float32)
@@ -1132,7 +853,7 @@ def test_bad_tune_value_is_named(monkeypatch):
         conv(_tensor((2, 64, 8, 8), torch.float32))
 
 
-@needs_native
+@pytest.mark.native
 def test_measured_choice_is_kept_in_the_cache_file_for_later_processes(monkeypatch, fake_timings, tmp_path):
     import json
 
@@ -1155,7 +876,7 @@ def test_measured_choice_is_kept_in_the_cache_file_for_later_processes(monkeypat
     assert tuning.summary()["decisions"] == {"conv3x3": 1}
 
 
-@needs_native
+@pytest.mark.native
 def test_a_corrupt_or_unwritable_cache_file_is_reported_and_tuning_goes_on(monkeypatch, fake_timings, tmp_path):
     from fastdiff import tuning
 
