@@ -926,13 +926,6 @@ class SamplerLoopStep(OpCase):
         shape = spec[1]
         return layout == "contiguous" or (shape[0] > 0 and math.prod(shape[2:]) > 1)  # else no view to tell apart
 
-    def known_bug(self, backend, spec, layout):
-        if spec[1][0] == 0:
-            return ("fastdiff.ops.sampler_loop_step refuses an empty batch on every backend: its shares_memory() "
-                    "takes two empty tensors (data_ptr 0) for one storage and raises 'model_output shares memory "
-                    "with x_in' (the native op, which asks at::get_overlap_status, runs it); reported")
-        return None
-
     def make_call(self, config, shape, dtype, device="cpu", *, guided, draw="none", step=0, threshold=False,
                   cfg64=False, layout="contiguous", seed=0, sampler=None) -> Call:
         """One call of the public op (its arguments on ``device``); ``call.sampler`` is the sampler."""

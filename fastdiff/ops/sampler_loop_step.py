@@ -94,8 +94,10 @@ def _sampler_loop_step_triton_fake(x_in, model_output, coefs, step, cfg_scale, l
 
 
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` view one storage (what the in-place step must not read from x_in)."""
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    """Whether ``a`` and ``b`` view one storage (what the in-place step must not read from x_in). An
+    empty tensor holds no memory: two of them share none, though their storages' data_ptr are both 0."""
+    return (a.device == b.device and a.numel() > 0 and b.numel() > 0
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise):
