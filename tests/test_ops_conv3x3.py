@@ -441,7 +441,25 @@ def test_module_residual_argument(monkeypatch):
         assert_within_eager_bound(out, reference(x) + residual, exact, "Conv3x3 with residual")
         small, small_ref = _pair(3, 8)  # nn.Conv2d's own path: few channels on a 256-pixel map
         y, r = _tensor((2, 3, 16, 16)), _tensor((2, 8, 16, 16), seed=1)
-        assert torch.equal(small(y, r), small_ref(y) + r)
+        kept = r.clone()
+        assert torch.equal(small(y, r), small_ref(y) + r)  # added into the convolution's own output
+        assert torch.equal(r, kept)  # the residual itself is only read
+        wide = _tensor((2, 1, 16, 16), seed=2)  # a residual that broadcasts: a new tensor, same values
+        assert torch.equal(small(y, wide), small_ref(y) + wide)
+
+
+def test_conv3x3_module_does_not_add_into_what_a_hook_returns(monkeypatch):
+    """A plain nn.Conv2d runs its own __call__ (hooks included); the residual is added to what it
+    returns, never into it: a hook may hand back a tensor someone else holds."""
+    monkeypatch.setenv("FASTDIFF_TUNE", "0")
+    conv = nn.Conv2d(3, 8, 3, padding=1)  # few input channels: the static rule keeps it off the op
+    held = _tensor((2, 8, 16, 16), seed=3)
+    conv.register_forward_hook(lambda module, args, out: held)
+    x, residual = _tensor((2, 3, 16, 16)), _tensor((2, 8, 16, 16), seed=1)
+    kept = held.clone()
+    with torch.no_grad():
+        assert torch.equal(conv3x3_module(conv, x, residual), kept + residual)
+    assert torch.equal(held, kept)
 
 
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float64), ids=str)

@@ -301,8 +301,18 @@ def conv3x3_module(
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:
         return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen, path=path)
-    out = nn.Conv2d.forward(conv, x) if isinstance(conv, Conv3x3) else conv(x)
-    return out if residual is None else out + residual
+    if not isinstance(conv, Conv3x3):
+        out = conv(x)  # its hooks run; what they return may be anyone's tensor: added to, not into
+        return out if residual is None else out + residual
+    # Its own convolution: its __call__ (hooks included) already ran. For a plain 3x3 "same"
+    # convolution that is F.conv2d with stride and padding 1, called directly: nn.Conv2d.forward's
+    # attribute lookups cost about half as much again as oneDNN's whole call on a 4x4 map.
+    out = F.conv2d(x, conv.weight, conv.bias, 1, 1) if chosen != "reference" else nn.Conv2d.forward(conv, x)
+    if residual is None:
+        return out
+    if residual.dtype == out.dtype and residual.shape == out.shape and not torch.compiler.is_compiling():
+        return out.add_(residual)  # the convolution's fresh output (its backward does not read it): no new tensor
+    return out + residual
 
 
 class Conv3x3(nn.Conv2d):
