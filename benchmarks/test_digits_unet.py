@@ -23,7 +23,7 @@ import time
 
 import pytest
 import torch
-from _bench import DEVICE, end_to_end_rounds, end_to_end_steps, timed
+from _bench import DEVICE, busy_window_starts_now, end_to_end_rounds, end_to_end_steps, timed
 
 import fastdiff
 from fastdiff.models import digits_unet
@@ -79,6 +79,7 @@ def test_sample_digits_unet(benchmark, provider):
     benchmark.extra_info.update(provider=provider, baseline="reference", steps=STEPS)
     if provider.startswith("torch.compile"):
         benchmark.extra_info["compile_s"] = round(warmup_s, 1)
+    busy_window_starts_now()  # after the warm-up (compilation)
     result = benchmark.pedantic(timed(lambda: run(STEPS)), rounds=ROUNDS, iterations=1)
     benchmark.extra_info["ms/image"] = round(benchmark.stats.stats.median / BATCH * 1e3, 3)
     assert result.shape == SHAPE and bool(torch.isfinite(result).all())
@@ -105,6 +106,7 @@ def test_sample_digits_unet_interleaved(benchmark):
             times[provider].append(time.perf_counter() - start)
 
     benchmark.group = f"digits U-Net interleaved, batch {BATCH} 16x16, {STEPS} steps, fp32"
+    busy_window_starts_now()
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     median = {provider: sorted(ts)[len(ts) // 2] for provider, ts in times.items()}
     fused = median["fastdiff channels_last"]
