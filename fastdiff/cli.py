@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import tuning
+from .sampling.samplers import SAMPLERS
 
 _MODELS = ("digits", "glyphs")
 _TUNABLE_MODELS = ("digits",)  # the models with measured choices (fastdiff tune)
@@ -166,8 +167,8 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         s.error(f"argument --cfg: the guidance scale must be a finite number, got {args.cfg}")
     if not 0.0 <= args.eta <= 1.0:  # also refuses nan
         s.error(f"argument --eta: must be a number in [0, 1], got {args.eta}")
-    if args.sampler == "ddpm" and args.eta != 0:
-        s.error("argument --eta: eta applies to --sampler ddim only; DDPM's noise is set by its variance")
+    if args.sampler != "ddim" and args.eta != 0:
+        s.error(f"argument --eta: eta applies to --sampler ddim only; {args.sampler}'s noise is its own")
     if not 0 <= args.seed < 2**63:
         s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
     try:  # read by --memory-format auto and the convolutions' auto
@@ -483,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", choices=_MODELS, default="digits",
                    help="digits: the shipped class-conditional U-Net trained on sklearn's handwritten digits; "
                         "glyphs: the exact denoiser of a 10-glyph Gaussian mixture (nothing trained)")
-    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim, ddpm, euler or euler_a (diffusers' DDIM/DDPM/EulerDiscrete/EulerAncestralDiscrete "
+                        "schedulers; default ddim)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 + w)")
     s.add_argument("--eta", type=float, default=0.0)

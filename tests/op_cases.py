@@ -693,16 +693,17 @@ SAMPLER_CONFIGS = {
     "ddpm-small": dict(cls="ddpm", prediction="eps", variance="fixed_small"),
     "ddpm-large-v-clip": dict(cls="ddpm", prediction="v", variance="fixed_large", clip_x0=1.0),
     "ddpm-learned": dict(cls="ddpm", prediction="eps", variance="learned_range"),
+    "euler-v-trailing": dict(cls="euler", prediction="v", timestep_spacing="trailing"),
+    "euler_a-eps": dict(cls="euler_a", prediction="eps"),
 }
 SAMPLER_SHAPES = {"7x9": (3, 4, 7, 9), "1x1": (1, 3, 1, 1), "1d-prime": (2, 5, 13)}
 
 
 def make_sampler(config: str, dtype=torch.float32, device="cpu"):
-    from fastdiff.sampling import DDIMSampler, DDPMSampler
+    from fastdiff.sampling import make_sampler as make
 
     kw = dict(SAMPLER_CONFIGS[config])
-    cls = DDIMSampler if kw.pop("cls") == "ddim" else DDPMSampler
-    return cls(SCHEDULE, STEPS, dtype=dtype, device=device, **kw)
+    return make(kw.pop("cls"), SCHEDULE, STEPS, dtype=dtype, device=device, **kw)
 
 
 def learned_range(sampler) -> bool:
@@ -734,8 +735,8 @@ def step_inputs(sampler, shape, guided, dtype, device, layout="contiguous", seed
 def step_oracle(sampler, i, x, out, noise, cfg, upcast):
     """The oracle step (fastdiff.reference.sampling's, itself checked against diffusers) in x's dtype
     (eager) or, given float64 inputs, exactly."""
-    from fastdiff.reference import ddim_step, ddpm_step
-    from fastdiff.sampling import DDIMSampler
+    from fastdiff.reference import ddim_step, ddpm_step, euler_step
+    from fastdiff.sampling import DDIMSampler, EulerSampler
 
     B, C = x.shape[:2]
     if out.shape[0] == 2 * B:
@@ -743,6 +744,10 @@ def step_oracle(sampler, i, x, out, noise, cfg, upcast):
         out = torch.cat([u[:, :C] + cfg * (c[:, :C] - u[:, :C]), c[:, C:]], dim=1)
     table = torch.promote_types(x.dtype, sampler.alpha_t.dtype)  # the sampler's float32 tables, or float64
     a, ap = (t[i].to(device=x.device, dtype=table) for t in (sampler.alpha_t, sampler.alpha_prev))
+    if isinstance(sampler, EulerSampler):
+        add = sampler.draws_noise(i)
+        return euler_step(x, out[:, :C], a, ap, prediction=sampler.prediction, ancestral=sampler.ancestral,
+                          noise=noise if add else None, upcast=upcast)
     common = dict(prediction=sampler.prediction, clip=sampler.clip_x0, upcast=upcast)
     if isinstance(sampler, DDIMSampler):
         return ddim_step(x, out[:, :C], a, ap, eta=sampler.eta, noise=noise, **common)

@@ -59,6 +59,14 @@ def test_sample_command_writes_grid_and_reports(tmp_path, capsys):
     assert h == 10 * 34 + 2 and w == 4 * 34 + 4
 
 
+@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
+def test_sample_command_runs_the_euler_samplers(tmp_path, capsys, sampler):
+    assert main(["sample", "--model", "glyphs", "--sampler", sampler, "--steps", "20", "--cfg", "4", "--per-class", "2",
+                 "--rounds", "1", "--out", str(tmp_path / "e.png")]) == 0
+    text = capsys.readouterr().out
+    assert f"{sampler} 20 steps" in text and "images nearest to the requested digit: 100.0%" in text
+
+
 def test_sample_command_digits_is_the_default(tmp_path, capsys):
     pytest.importorskip("safetensors", reason="safetensors is not installed (a dependency of fastdiff)")
     out = tmp_path / "d.png"
@@ -164,6 +172,10 @@ def _bad_args_cases(tmp_path):
         (["--eta", "1.5", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got 1\.5"),
         (["--eta", "nan", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got nan"),
         (["--sampler", "ddpm", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only"),
+        (["--sampler", "euler_a", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only; "
+                                                                 r"euler_a's noise is its own"),
+        (["--sampler", "heun", "--out", ok], r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
+                                             r"'ddpm', 'euler', 'euler_a'\)"),
         (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),

@@ -95,6 +95,8 @@ CASES = {
     "ddim": dict(),
     "ddim-eta": dict(eta=0.7, clip_x0=1.0),
     "ddpm-learned": dict(sampler="ddpm", variance="learned_range"),
+    "euler-trailing": dict(sampler="euler", timestep_spacing="trailing"),
+    "euler_a": dict(sampler="euler_a"),
     "no-cfg": dict(cfg=None, uncond=None),
 }
 

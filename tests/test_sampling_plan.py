@@ -44,6 +44,8 @@ LOOPS = {
     "ddim-eta": dict(sampler="ddim", eta=0.6, clip_x0=1.0),
     "ddpm": dict(sampler="ddpm"),
     "ddpm-learned": dict(sampler="ddpm", variance="learned_range", prediction="v"),
+    "euler-trailing": dict(sampler="euler", timestep_spacing="trailing", prediction="v"),
+    "euler_a": dict(sampler="euler_a"),
 }
 
 

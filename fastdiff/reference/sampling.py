@@ -1,9 +1,10 @@
-"""Reference sampler math: one DDIM or DDPM update, written to be read.
+"""Reference sampler math: one DDIM, DDPM or Euler update, written to be read.
 
 Every function takes the per-step coefficients as tensors (0-d, or broadcastable to x) so the
 same code runs with coefficients indexed out of device-resident tables inside a sampling loop.
-The formulas, their order of operations included, follow diffusers' DDIMScheduler and
-DDPMScheduler, so that the two agree to float32 rounding.
+The formulas, their order of operations included, follow diffusers' DDIMScheduler,
+DDPMScheduler, EulerDiscreteScheduler and EulerAncestralDiscreteScheduler, so that the two agree
+to float32 rounding.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "process_x0",
     "ddim_step",
     "ddpm_step",
+    "euler_step",
 ]
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -178,3 +180,51 @@ def ddpm_step(
     if add_noise is True:
         return mean + std * noise, x0
     return mean + add_noise * (std * noise), x0
+
+
+def euler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_t: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    *,
+    prediction: str = "eps",
+    ancestral: bool = False,
+    noise: torch.Tensor | None = None,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler (or, ``ancestral``, Euler ancestral) step as diffusers' EulerDiscreteScheduler
+    (no churn) and EulerAncestralDiscreteScheduler write it, in σ = √((1-ᾱ)/ᾱ). Returns (x_prev, x0).
+
+    ``x`` and ``x_prev`` are model inputs, x = x_σ / √(σ²+1) = √ᾱ x_σ (diffusers'
+    ``scale_model_input`` of its sample x_σ). With x0 the prediction's (x_σ - σ ε for eps,
+    -σ/√(σ²+1) v + x_σ/(σ²+1) for v), d = (x_σ - x0) / σ and
+    x_σ' = x_σ + d (σ_down - σ) + σ_up z, where σ_down = σ' and σ_up = 0 (Euler), or
+    σ_up = √(σ'² (σ² - σ'²) / σ²) and σ_down = √(σ'² - σ_up²) (ancestral; ``noise`` z needed
+    where σ_up > 0). ᾱ_prev = 1 (σ' = 0) is the last step.
+    """
+    if upcast:
+        return _upcast_call(lambda x, m, noise, classifier_grad, **kw: euler_step(x, m, noise=noise, **kw), x,
+                            model_output, noise, None, alpha_t=alpha_t, alpha_prev=alpha_prev,
+                            prediction=prediction, ancestral=ancestral)
+    sigma, sigma_next = ((1 - alpha_t) / alpha_t) ** 0.5, ((1 - alpha_prev) / alpha_prev) ** 0.5
+    if ancestral:
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    else:
+        sigma_up, sigma_down = None, sigma_next
+    sample = x / alpha_t**0.5
+    if prediction == "eps":
+        x0 = sample - sigma * model_output
+    elif prediction == "v":
+        x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    elif prediction == "x0":
+        x0 = model_output
+    else:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
+    if sigma_up is not None and bool(sigma_up > 0):
+        if noise is None:
+            raise ValueError("euler_step: an ancestral step with sigma_up > 0 needs noise")
+        prev = prev + noise * sigma_up
+    return prev * alpha_prev**0.5, x0

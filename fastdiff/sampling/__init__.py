@@ -6,8 +6,17 @@ from .config import SamplingConfig
 from .noise import NoiseStreams
 from .plan import SamplingPlan
 from .sample import sample
-from .samplers import SAMPLERS, VARIANCES, DDIMSampler, DDPMSampler, Sampler, make_sampler
+from .samplers import (
+    SAMPLERS,
+    VARIANCES,
+    DDIMSampler,
+    DDPMSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    Sampler,
+    make_sampler,
+)
 
 __all__ = ["sample", "SamplingConfig", "SamplingPlan", "graphs", "capture_check", "CaptureCheckError",
            "CaptureReport", "Sampler", "DDIMSampler", "DDPMSampler",
-           "make_sampler", "NoiseStreams", "SAMPLERS", "VARIANCES"]
+           "EulerSampler", "EulerAncestralSampler", "make_sampler", "NoiseStreams", "SAMPLERS", "VARIANCES"]

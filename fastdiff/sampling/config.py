@@ -245,13 +245,16 @@ class SamplingConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if variance is not None and variance not in VARIANCES:
             raise ValueError(f"variance must be None or one of {VARIANCES}, got {variance!r}")
-        if sampler == "ddim" and variance not in (None, "learned_range"):
+        if sampler != "ddpm" and variance not in (None, "learned_range"):
             raise ValueError(
-                f"variance={variance!r} applies to sampler='ddpm'; with 'ddim' use None or 'learned_range'")
+                f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if sampler == "ddpm" and eta != 0:
             raise ValueError("eta applies to sampler='ddim' only; DDPM's noise is set by variance")
+        if sampler in ("euler", "euler_a") and eta != 0:
+            raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler none, "
+                             "euler_a ancestral)")
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an int, got {steps!r}")
         if cfg is not None:
@@ -273,6 +276,16 @@ class SamplingConfig:
             raise ValueError("give clip_x0 or dynamic_threshold, not both")
         if classifier_grad is not None and not callable(classifier_grad):
             raise TypeError(f"classifier_grad must be callable, got {type(classifier_grad).__name__}")
+        if sampler in ("euler", "euler_a"):
+            for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", threshold),
+                                ("classifier_grad", classifier_grad)):
+                if value is not None:
+                    raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (diffusers' Euler "
+                                     "schedulers have no x0 clipping or classifier guidance)")
+            if timestep_spacing not in ("leading", "trailing"):
+                raise ValueError(f"sampler={sampler!r} takes timestep_spacing 'leading' or 'trailing', got "
+                                 f"{timestep_spacing!r} (diffusers' Euler samplers step through fractional 'linspace' "
+                                 "timesteps, which the loop's int64 timestep input cannot carry)")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if not any(cuda_graph is mode or (isinstance(mode, str) and cuda_graph == mode) for mode in CUDA_GRAPH_MODES):

@@ -126,6 +126,8 @@ class SamplingPlan:
         else:
             x_T = NoiseStreams(c.seed, B, c.shape[1:], c.device, c.dtype).initial()
         self.x_in[:B].copy_(x_T)
+        if self.sampler.initial_scale != 1.0:  # the first model input of a sampler in σ's scale (Euler)
+            self.x_in[:B].mul_(self.sampler.initial_scale)
         if c.guided:
             self.x_in[B:].copy_(x_T)
         for key, buf in self.kwargs.items():

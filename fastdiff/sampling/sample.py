@@ -82,7 +82,8 @@ def sample(
     check_finite: bool = False,
     cuda_graph: str | bool = "auto",
 ) -> torch.Tensor:
-    """Sample from a diffusion model with DDIM or ancestral DDPM; returns the final x_0 batch.
+    """Sample from a diffusion model with DDIM, ancestral DDPM, Euler or Euler ancestral; returns the
+    final x_0 batch.
 
     Model contract: ``model(x, t, **kwargs)`` with ``t`` an int64 tensor of shape (batch,) on x's
     device, returning a tensor, a tuple (first item used) or an object with ``.sample``. ``x``,
@@ -100,7 +101,12 @@ def sample(
 
     Args:
         shape: (B, C, ...) of the samples; or give ``noise``, the initial x_T (then shape is optional).
-        sampler: "ddim" (Song et al. 2021) or "ddpm" (Ho et al. 2020, ancestral).
+        sampler: "ddim" (Song et al. 2021), "ddpm" (Ho et al. 2020, ancestral), "euler" or "euler_a"
+            (Karras et al. 2022's Euler step in σ = √((1-ᾱ)/ᾱ), deterministic or ancestral: diffusers'
+            EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; "leading" or "trailing"
+            timesteps, no clip_x0, dynamic_threshold, eta or classifier_grad; ``x`` is the model's input
+            x_σ / √(σ²+1), and the noise is scaled as diffusers' ``init_noise_sigma`` and
+            ``scale_model_input`` scale it, see :class:`fastdiff.sampling.EulerSampler`).
         steps: inference steps, 1 ≤ steps ≤ the schedule's training timesteps.
         cfg: classifier-free guidance scale. The model is called once per step on the batch
             [uncond; cond] (tensor kwargs concatenated on dim 0) and

@@ -1,4 +1,4 @@
-"""DDIM and DDPM samplers with device-resident coefficient tables.
+"""DDIM, DDPM and Euler samplers with device-resident coefficient tables.
 
 A sampler is built once per sampling run: it turns the schedule and the inference timesteps into
 small tables on the sampling device (one entry per step), so a step reads its coefficients by
@@ -15,9 +15,10 @@ from ..reference import sampling as ref
 from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
-__all__ = ["SAMPLERS", "VARIANCES", "Sampler", "DDIMSampler", "DDPMSampler", "make_sampler"]
+__all__ = ["SAMPLERS", "VARIANCES", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler", "EulerAncestralSampler",
+           "make_sampler"]
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler_a")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -135,6 +136,12 @@ class Sampler:
 
     def _final_alpha(self) -> torch.Tensor:
         return torch.tensor(1.0, dtype=torch.float32)
+
+    @property
+    def initial_scale(self) -> float:
+        """What the loop multiplies the initial noise by to get the model's first input (1 for the
+        variance-preserving samplers; see EulerSampler)."""
+        return 1.0
 
     @property
     def learned_sigma(self) -> bool:
@@ -258,12 +265,100 @@ class DDPMSampler(Sampler):
         )
 
 
+class EulerSampler(Sampler):
+    """Euler's method on the probability-flow ODE in σ = sqrt((1 - ᾱ) / ᾱ) (Karras et al. 2022, Alg. 2
+    without churn), as diffusers' EulerDiscreteScheduler with its defaults (``interpolation_type=
+    "linear"``, ``final_sigmas_type="zero"``, ``s_churn=0``).
+
+    diffusers keeps the sample in σ's scale, x_σ, and feeds the model x_σ / sqrt(σ² + 1); this loop
+    keeps that model input x = sqrt(ᾱ) x_σ instead, so a step is x' = sqrt(ᾱ'/ᾱ) x + sqrt(ᾱ') (σ' - σ) ε
+    with ε the noise the prediction implies: one row of the fused step's table. The last step lands
+    on σ = 0. Timesteps are the schedule's "leading" or "trailing" ones (integers, as diffusers'); its
+    "linspace" timesteps are fractional in diffusers' Euler and are refused here. The first model
+    input is the noise times :attr:`initial_scale`, which is what diffusers' ``init_noise_sigma``
+    and ``scale_model_input`` make of it. No x0 clipping or thresholding (diffusers' Euler has none).
+    """
+
+    name = "euler"
+    ancestral = False
+
+    def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
+        spacing = kwargs.get("timestep_spacing", "leading")
+        if spacing not in ("leading", "trailing"):
+            raise ValueError(f"sampler={self.name!r} takes timestep_spacing 'leading' or 'trailing', got {spacing!r} "
+                             "(diffusers' Euler samplers step through fractional 'linspace' timesteps, which the "
+                             "loop's int64 timestep input cannot carry)")
+        for name in ("clip_x0", "dynamic_threshold"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} applies to ddim and ddpm; sampler={self.name!r} has no x0 clipping "
+                                 "(as diffusers' Euler schedulers)")
+        if kwargs.get("variance") not in (None, "learned_range"):
+            raise ValueError(f"variance={kwargs['variance']!r} applies to sampler='ddpm'; with {self.name!r} use None "
+                             "or 'learned_range' (the variance channels are dropped, as DDIM does)")
+        self.spacing = spacing
+        super().__init__(schedule, steps, **kwargs)
+        if float(self.alpha_t[0]) <= 0:
+            raise ValueError(f"sampler={self.name!r} steps in σ = sqrt((1 - ᾱ) / ᾱ), which is infinite at the first "
+                             f"timestep {self.timesteps[0]} (ᾱ = 0, a zero-terminal-SNR schedule); use 'ddim'")
+
+    def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ts[1:], ts.new_full((1,), -1)])  # the next inference timestep; the last to σ = 0
+
+    def _sigma_steps(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic move (σ to σ_down) and the noise's σ_up of each step: σ_down = σ', σ_up = 0."""
+        return sigma_next, torch.zeros_like(sigma)
+
+    def _update_coefficients(self, a, ap, cols):
+        sigma, sigma_next = ((1 - a) / a).sqrt(), ((1 - ap) / ap).sqrt()
+        down, up = self._sigma_steps(sigma, sigma_next)
+        cols["c_x"] = (ap / a).sqrt()
+        cols["c_eps"] = ap.sqrt() * (down - sigma)
+        cols["sigma"] = ap.sqrt() * up
+        cols["noise"] = (up > 0).double()
+        self._noise_steps = [bool(v) for v in (up > 0).tolist()]
+
+    @property
+    def initial_scale(self) -> float:
+        # diffusers: latents = noise * init_noise_sigma, then scale_model_input divides by sqrt(σ0² + 1);
+        # init_noise_sigma is sqrt(σ0² + 1) with "leading" timesteps and σ0 with "trailing" ones.
+        return 1.0 if self.spacing == "leading" else float((1 - self.alpha_t[0].double()).sqrt())
+
+    def draws_noise(self, i: int) -> bool:
+        return self._noise_steps[i]
+
+    def step(self, i, x, model_output, noise=None, classifier_grad=None):
+        """The step as diffusers writes it, in σ's scale (``reference.sampling.euler_step``, the oracle
+        of the coefficient rows)."""
+        if classifier_grad is not None:
+            raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
+        return ref.euler_step(
+            x, model_output[:, : x.shape[1]], _at(self.alpha_t, i), _at(self.alpha_prev, i),
+            prediction=self.prediction, ancestral=self.ancestral, noise=noise, upcast=True,
+        )
+
+
+class EulerAncestralSampler(EulerSampler):
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, eta 1), as diffusers'
+    EulerAncestralDiscreteScheduler: each step moves deterministically to σ_down and adds noise of
+    σ_up, σ_up = sqrt(σ'² (σ² - σ'²) / σ²), σ_down = sqrt(σ'² - σ_up²); every step but the last draws
+    noise. Otherwise as :class:`EulerSampler`."""
+
+    name = "euler_a"
+    ancestral = True
+
+    def _sigma_steps(self, sigma, sigma_next):
+        up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
+        return (sigma_next**2 - up**2).clamp(min=0).sqrt(), up
+
+
 def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler:
-    """Build the sampler called ``name`` ("ddim" or "ddpm")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "euler" or "euler_a")."""
     if name == "ddim":
         return DDIMSampler(schedule, steps, **kwargs)
-    if name == "ddpm":
-        kwargs.pop("eta", None)
+    if name in ("ddpm", "euler", "euler_a"):
+        if kwargs.pop("eta", 0) not in (0, 0.0, None) and name != "ddpm":
+            raise ValueError(f"eta applies to sampler='ddim' only; {name!r} sets its own noise")
         kwargs.pop("set_alpha_to_one", None)
-        return DDPMSampler(schedule, steps, **kwargs)
+        cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler}[name]
+        return cls(schedule, steps, **kwargs)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
