@@ -200,3 +200,4 @@ def test_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="infinite at the first timestep"):
         EulerSampler(Schedule("linear", 1000, rescale_zero_terminal_snr=True), 10, prediction="v",
                      timestep_spacing="trailing")
+

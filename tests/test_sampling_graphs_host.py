@@ -97,6 +97,7 @@ CASES = {
     "ddpm-learned": dict(sampler="ddpm", variance="learned_range"),
     "euler-trailing": dict(sampler="euler", timestep_spacing="trailing"),
     "euler_a": dict(sampler="euler_a"),
+    "euler-img2img": dict(sampler="euler", init=torch.linspace(-1, 1, 96).reshape(SHAPE), strength=0.5),
     "no-cfg": dict(cfg=None, uncond=None),
 }
 
@@ -112,7 +113,7 @@ def test_replay_equals_eager(runtime, monkeypatch, name, mode):
         assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **kw), eager)
     assert runtime.captures == 1 and runtime.warm_ups == 1
     # per call: 6 replays of one step, or 1 of the unrolled loop; plus the verification's at capture
-    per_call, verified = (6, 2) if mode == "step" else (1, 1)
+    per_call, verified = (int(6 * kw.get("strength", 1)), 2) if mode == "step" else (1, 1)  # img2img: fewer steps
     assert runtime.replays == 2 * per_call + verified
 
 
@@ -126,6 +127,18 @@ def test_seed_cfg_and_kwargs_values_replay_without_recapture(runtime):
         assert torch.equal(outs[-1], fastdiff.sample(model, SHAPE, cuda_graph=False, **kw))
     assert runtime.captures == 1
     assert not torch.equal(outs[0], outs[1])
+
+
+def test_img2img_init_values_replay_without_recapture(runtime):
+    """init is a value, loaded into x_in before each replay; strength changes the steps, a new signature."""
+    model = Net().eval()
+    outs = []
+    for init, strength in ((torch.zeros(SHAPE), 0.5), (torch.ones(SHAPE), 0.5), (torch.ones(SHAPE), 0.8)):
+        kw = _kw(init=init, strength=strength)
+        outs.append(fastdiff.sample(model, SHAPE, cuda_graph=True, **kw))
+        assert torch.equal(outs[-1], fastdiff.sample(model, SHAPE, cuda_graph=False, **kw))
+    assert runtime.captures == 2
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 
 
 def test_results_are_not_overwritten_by_the_next_call(runtime):

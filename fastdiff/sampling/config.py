@@ -130,6 +130,8 @@ class SamplingConfig:
     model: Callable[..., Any]
     shape: tuple[int, ...]
     noise: torch.Tensor | None
+    init: torch.Tensor | None
+    start: int
     sampler: str
     steps: int
     cfg: float | None
@@ -181,7 +183,8 @@ class SamplingConfig:
         model_kwargs = self.cond if not self.guided else {k: (self.uncond[k], self.cond[k]) for k in self.cond}
         kw_sig = _kwargs_signature({k: (v[0] if isinstance(v, tuple) else v) for k, v in model_kwargs.items()})
         return (
-            id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.guided, self.eta,
+            id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.start,
+            self.init is not None, self.guided, self.eta,
             _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset,
             self.prediction, self.variance, self.clip_x0, self.threshold, self.set_alpha_to_one, self.backend,
             self.classifier_grad is not None, kw_sig,
@@ -213,6 +216,8 @@ class SamplingConfig:
         shape: tuple[int, ...] | None = None,
         *,
         noise: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        strength: float | None = None,
         sampler: str = "ddim",
         steps: int = 50,
         cfg: float | None = None,
@@ -331,13 +336,35 @@ class SamplingConfig:
         else:
             raise TypeError(f"schedule must be a name or a fastdiff.Schedule, got {type(schedule).__name__}")
 
+        start = 0
+        if init is None:
+            if strength is not None:
+                raise ValueError("strength applies to img2img: give init=... (the images to start from) with it")
+        else:
+            if not isinstance(init, torch.Tensor) or not init.is_floating_point():
+                got = init.dtype if isinstance(init, torch.Tensor) else type(init).__name__
+                raise TypeError(f"init must be a floating-point tensor of shape {shape}, got {got}")
+            if tuple(init.shape) != shape:
+                raise ValueError(f"init must have the sample shape {shape}, got {tuple(init.shape)}")
+            if strength is None:
+                strength = 0.8  # diffusers' img2img default
+            if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+                raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+            runs = min(int(steps * strength), steps)  # diffusers' img2img: the last int(steps * strength) steps
+            if runs < 1:
+                raise ValueError(f"strength={strength} with steps={steps} runs int(steps * strength) = 0 steps; "
+                                 "raise strength or steps")
+            start = steps - runs
+            init = init.detach()
+
         batch = shape[0]
         cond = _check_kwargs("cond", cond, batch)
         uncond = _check_kwargs("uncond", uncond, batch) if uncond is not None else None
         if cfg is not None:
             _check_halves(cond, uncond)  # also when cfg == 1, which calls the model on cond alone
         return cls(
-            model=model, shape=shape, noise=noise, sampler=sampler, steps=steps, cfg=cfg, cond=cond, uncond=uncond,
+            model=model, shape=shape, noise=noise, init=init, start=start, sampler=sampler, steps=steps, cfg=cfg,
+            cond=cond, uncond=uncond,
             eta=float(eta), schedule=schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
             prediction=prediction, variance=variance, clip_x0=clip_x0, threshold=threshold,
             set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad, seed=base_seed(generator),

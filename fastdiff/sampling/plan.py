@@ -75,6 +75,7 @@ class SamplingPlan:
             c.sampler, c.schedule, c.steps, eta=c.eta, set_alpha_to_one=c.set_alpha_to_one,
             timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, prediction=c.prediction,
             variance=c.variance, clip_x0=c.clip_x0, dynamic_threshold=c.threshold, device=c.device, dtype=c.dtype,
+            start=c.start,
         )
         self.num_steps = len(self.sampler.timesteps)
         self.batch, self.model_batch = c.batch, c.model_batch
@@ -125,9 +126,16 @@ class SamplingPlan:
             x_T = c.noise.detach()
         else:
             x_T = NoiseStreams(c.seed, B, c.shape[1:], c.device, c.dtype).initial()
-        self.x_in[:B].copy_(x_T)
-        if self.sampler.initial_scale != 1.0:  # the first model input of a sampler in σ's scale (Euler)
-            self.x_in[:B].mul_(self.sampler.initial_scale)
+        if c.init is not None:
+            # img2img: the images noised to the first timestep that runs, as diffusers' add_noise does
+            # (for the Euler samplers too: their model input √ᾱ (init + σ noise) is the same blend).
+            a = float(c.schedule.alphas_cumprod[self.sampler.timesteps[0]])
+            torch.add(c.init.to(device=c.device, dtype=c.dtype) * math.sqrt(a), x_T.to(c.dtype),
+                      alpha=math.sqrt(1 - a), out=self.x_in[:B])
+        else:
+            self.x_in[:B].copy_(x_T)
+            if self.sampler.initial_scale != 1.0:  # the first model input of a sampler in σ's scale (Euler)
+                self.x_in[:B].mul_(self.sampler.initial_scale)
         if c.guided:
             self.x_in[B:].copy_(x_T)
         for key, buf in self.kwargs.items():

@@ -57,6 +57,8 @@ def sample(
     shape: tuple[int, ...] | None = None,
     *,
     noise: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    strength: float | None = None,
     sampler: str = "ddim",
     steps: int = 50,
     cfg: float | None = None,
@@ -101,6 +103,11 @@ def sample(
 
     Args:
         shape: (B, C, ...) of the samples; or give ``noise``, the initial x_T (then shape is optional).
+        init, strength: img2img (SDEdit, Meng et al. 2022), as diffusers' img2img pipelines: ``init``
+            (the images to start from, of ``shape``) noised to the timestep the schedule reaches after
+            ``steps - int(steps * strength)`` steps, √ᾱ init + √(1-ᾱ) noise (the same per-image noise
+            streams as x_T), then the last ``int(steps * strength)`` steps run. ``strength`` in (0, 1],
+            default 0.8 with ``init`` (diffusers' default); 1 starts from the first timestep.
         sampler: "ddim" (Song et al. 2021), "ddpm" (Ho et al. 2020, ancestral), "euler" or "euler_a"
             (Karras et al. 2022's Euler step in σ = √((1-ᾱ)/ᾱ), deterministic or ancestral: diffusers'
             EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; "leading" or "trailing"
@@ -151,7 +158,8 @@ def sample(
             recaptures, and weights changed in place are read by the next replay.
     """
     config = SamplingConfig.build(
-        model, shape, noise=noise, sampler=sampler, steps=steps, cfg=cfg, cond=cond, uncond=uncond, eta=eta,
+        model, shape, noise=noise, init=init, strength=strength, sampler=sampler, steps=steps, cfg=cfg, cond=cond,
+        uncond=uncond, eta=eta,
         schedule=schedule, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing,
         steps_offset=steps_offset, prediction=prediction, variance=variance, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad,

@@ -34,7 +34,8 @@ class Sampler:
 
     ``timesteps`` is the host list (for progress bars and callbacks); ``timesteps_device`` the
     same values as an int64 tensor on ``device``; ``alpha_t``/``alpha_prev`` are ᾱ at each step's
-    timestep and at the timestep it steps to.
+    timestep and at the timestep it steps to. ``start`` skips the schedule's first ``start`` steps
+    (img2img); the tables then hold the steps that run, and step 0 is the first of them.
     """
 
     name = ""
@@ -52,6 +53,7 @@ class Sampler:
         dynamic_threshold: tuple[float, float] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        start: int = 0,
     ) -> None:
         if prediction not in ref.PREDICTIONS:
             raise ValueError(f"prediction must be one of {ref.PREDICTIONS}, got {prediction!r}")
@@ -64,6 +66,13 @@ class Sampler:
         self.device = torch.device(device)
         self.table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         ts = schedule.timesteps(steps, timestep_spacing, steps_offset)
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(ts):
+            raise ValueError(f"start must be an int in [0, {len(ts)}) (the first of the {len(ts)} steps to run), "
+                             f"got {start!r}")
+        # img2img: the run begins at step ``start`` of the schedule's timesteps (see SamplingConfig's strength);
+        # every table below holds the steps that run, so step 0 is always the first one run.
+        ts = ts[start:]
+        self.start = start
         schedule.check_prediction(prediction, ts)  # eps at zero SNR would make every sample NaN
         self.timesteps: list[int] = ts.tolist()
         self.timesteps_device = ts.to(self.device)

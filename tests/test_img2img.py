@@ -1,0 +1,91 @@
+"""img2img (SDEdit): ``fastdiff.sample(init=..., strength=...)`` against the loop of diffusers' img2img
+pipelines (get_timesteps, add_noise at the first timestep that runs), for DDIM and Euler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import EulerDiscreteScheduler  # noqa: E402
+from test_samplers_euler import SHAPE, STEPS, ULPS, toy_model  # noqa: E402
+
+import fastdiff  # noqa: E402
+from fastdiff import Schedule  # noqa: E402
+
+
+def _img2img_timesteps(scheduler, steps, strength):
+    """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps."""
+    init_timestep = min(int(steps * strength), steps)
+    t_start = max(steps - init_timestep, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start * scheduler.order)
+    return scheduler.timesteps[t_start * scheduler.order:]
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_img2img_matches_diffusers_pipeline_loop(name, strength):
+    """fastdiff.sample(init=, strength=) against the loop of diffusers' img2img pipeline (get_timesteps,
+    add_noise at the first timestep that runs, scale_model_input, step), unguided, trailing timesteps."""
+    from diffusers import DDIMScheduler
+
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
+    theirs = EulerDiscreteScheduler(**kw) if name == "euler" else DDIMScheduler(**kw, clip_sample=False)
+    theirs.set_timesteps(STEPS)
+    g = torch.Generator().manual_seed(6)
+    init, noise = torch.rand(SHAPE, generator=g) * 2 - 1, torch.randn(SHAPE, generator=g)
+    timesteps = _img2img_timesteps(theirs, STEPS, strength)
+    assert len(timesteps) == int(STEPS * strength)
+    sample = theirs.add_noise(init, noise, timesteps[:1])
+    for t in timesteps:
+        model_in = theirs.scale_model_input(sample, t)
+        sample = theirs.step(toy_model(model_in, t.expand(SHAPE[0])), t, sample).prev_sample
+
+    def ours(dtype, backend):
+        return fastdiff.sample(toy_model, noise=noise.to(dtype), init=init.to(dtype), strength=strength, sampler=name,
+                               steps=STEPS, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+                               timestep_spacing="trailing", prediction="v", backend=backend)
+
+    exact = ours(torch.float64, "reference")
+    theirs_err = (sample.double() - exact).abs().max().item()
+    assert theirs_err < 1e-4  # the same loop: diffusers' fp32 rounding away from fastdiff's float64 run
+    for backend in ("reference", "auto"):
+        err = (ours(torch.float32, backend).double() - exact).abs().max().item()
+        assert err <= 2 * theirs_err + ULPS * torch.finfo(torch.float32).eps, (backend, err, theirs_err)
+
+
+def test_img2img_runs_the_last_steps_and_noises_init_to_the_first():
+    """What the loop sees: int(steps * strength) model calls, the first at the timestep diffusers picks,
+    on √ᾱ init + √(1-ᾱ) noise."""
+    seen = []
+
+    def model(x, t):
+        seen.append((int(t[0]), x.clone()))
+        return torch.zeros_like(x)
+
+    sched = Schedule("linear", 1000)
+    init, noise = torch.full(SHAPE, 0.5), torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    fastdiff.sample(model, noise=noise, init=init, strength=0.5, steps=10, schedule=sched)
+    full = sched.timesteps(10).tolist()
+    assert [t for t, _ in seen] == full[5:]
+    a = sched.alphas_cumprod[full[5]].item()
+    torch.testing.assert_close(seen[0][1], a**0.5 * init + (1 - a) ** 0.5 * noise, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(strength=0.5), ValueError, "strength applies to img2img: give init="),
+        (dict(init=torch.zeros(2, 3, 4, 4), strength=0.5), ValueError,
+         r"init must have the sample shape \(2, 3, 5, 4\)"),
+        (dict(init=torch.zeros(SHAPE, dtype=torch.long)), TypeError, "init must be a floating-point tensor"),
+        (dict(init=torch.zeros(SHAPE), strength=0.0), ValueError, r"strength must be a number in \(0, 1\]"),
+        (dict(init=torch.zeros(SHAPE), strength=1.5), ValueError, r"strength must be a number in \(0, 1\]"),
+        (dict(init=torch.zeros(SHAPE), strength=0.05), ValueError, r"strength=0.05 with steps=4 runs .* 0 steps"),
+    ],
+)
+def test_bad_img2img_options_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastdiff.sample(lambda x, t: x, shape=SHAPE, steps=4, **kwargs)
