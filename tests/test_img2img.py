@@ -89,3 +89,97 @@ def test_img2img_runs_the_last_steps_and_noises_init_to_the_first():
 def test_bad_img2img_options_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastdiff.sample(lambda x, t: x, shape=SHAPE, steps=4, **kwargs)
+
+
+# ---- inpainting: init and mask, as diffusers' inpaint pipeline for a model without an inpainting head ----
+
+def _inpaint_loop(theirs, init, noise, mask, strength, model):
+    """The loop of diffusers' StableDiffusionInpaintPipeline when the UNet has 4 input channels."""
+    timesteps = _img2img_timesteps(theirs, STEPS, strength)
+    if strength == 1.0:
+        sample = noise * theirs.init_noise_sigma
+    else:
+        sample = theirs.add_noise(init, noise, timesteps[:1])
+    for i, t in enumerate(timesteps):
+        model_in = theirs.scale_model_input(sample, t)
+        sample = theirs.step(model(model_in, t.expand(SHAPE[0])), t, sample).prev_sample
+        proper = init
+        if i < len(timesteps) - 1:
+            proper = theirs.add_noise(init, noise, torch.tensor([timesteps[i + 1]]))
+        sample = (1 - mask) * proper + mask * sample
+    return sample
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_inpainting_matches_diffusers_pipeline_loop(name, strength):
+    from diffusers import DDIMScheduler
+
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
+    theirs = EulerDiscreteScheduler(**kw) if name == "euler" else DDIMScheduler(**kw, clip_sample=False)
+    theirs.set_timesteps(STEPS)
+    g = torch.Generator().manual_seed(11)
+    init, noise = torch.rand(SHAPE, generator=g) * 2 - 1, torch.randn(SHAPE, generator=g)
+    mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=g) > 0.5).float()
+    mask[:, :, 0, 0] = 0.25  # a soft edge
+    sample = _inpaint_loop(theirs, init, noise, mask, strength, toy_model)
+
+    def ours(dtype, backend):
+        kwargs = {} if strength == 1.0 else {"strength": strength}  # 1 is the default with a mask
+        return fastdiff.sample(toy_model, noise=noise.to(dtype), init=init.to(dtype), mask=mask.to(dtype),
+                               sampler=name, steps=STEPS, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+                               timestep_spacing="leading", steps_offset=1, backend=backend, **kwargs)
+
+    exact = ours(torch.float64, "reference")
+    theirs_err = (sample.double() - exact).abs().max().item()
+    assert theirs_err < 1e-4  # the same loop
+    keep = mask == 0
+    torch.testing.assert_close(exact[keep.expand(SHAPE)], init.double()[keep.expand(SHAPE)], rtol=0, atol=1e-12)
+    for backend in ("reference", "auto"):
+        err = (ours(torch.float32, backend).double() - exact).abs().max().item()
+        assert err <= 2 * theirs_err + ULPS * torch.finfo(torch.float32).eps, (backend, err, theirs_err)
+
+
+def test_guided_inpainting_keeps_both_halves_in_step():
+    """With guidance the blend is written into both halves of the model's input: each step the model
+    sees [x; x], and the kept region is init noised to that step's timestep."""
+    seen = []
+
+    def model(x, t, y):
+        seen.append((int(t[0]), x.clone()))
+        return torch.tanh(x) * 0.3
+
+    sched = Schedule("linear", 1000)
+    g = torch.Generator().manual_seed(12)
+    init, noise = torch.rand(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    mask = torch.zeros(1, 1, *SHAPE[2:])
+    mask[..., 2:, :] = 1
+    y = torch.ones(SHAPE[0])
+    fastdiff.sample(model, noise=noise, init=init, mask=mask, steps=5, schedule=sched, cfg=3.0, cond={"y": y},
+                    uncond={"y": 0 * y})
+    ts = sched.timesteps(5).tolist()
+    for k, (t, x) in enumerate(seen):
+        assert t == ts[k] and torch.equal(x[: SHAPE[0]], x[SHAPE[0]:])
+        if k:
+            a = sched.alphas_cumprod[t].item()
+            known = a**0.5 * init + (1 - a) ** 0.5 * noise
+            torch.testing.assert_close(x[: SHAPE[0]][..., :2, :], known[..., :2, :], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(mask=torch.ones(1, 1, 5, 4)), ValueError, "mask applies to inpainting: give init="),
+        (dict(init=torch.zeros(SHAPE), mask=torch.ones(2, 2, 5, 4)), ValueError,
+         r"mask must be \(2 or 1, 3 or 1, \*\(5, 4\)\)"),
+        (dict(init=torch.zeros(SHAPE), mask=torch.ones(1, 1, 4, 4)), ValueError, "mask must be"),
+        (dict(init=torch.zeros(SHAPE), mask=torch.ones(1, 1, 5, 4, dtype=torch.long)), TypeError,
+         "mask must be a float or bool tensor"),
+        (dict(init=torch.zeros(SHAPE), mask=torch.full((1, 1, 5, 4), 1.5)), ValueError,
+         r"mask values must be in \[0, 1\]"),
+    ],
+)
+def test_bad_inpainting_options_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastdiff.sample(lambda x, t: x, shape=SHAPE, steps=4, **kwargs)

@@ -142,6 +142,26 @@ def test_initial_scale_is_diffusers_first_model_input(name, spacing, schedule):
     assert (ours.initial_scale == 1.0) == (spacing == "leading")
 
 
+@pytest.mark.parametrize("extra", [{}, {"init": torch.full(SHAPE, 0.5), "strength": 0.5}], ids=["noise", "img2img"])
+def test_guided_first_model_input_has_two_equal_halves(extra):
+    """With guidance the model sees [x; x]: both halves scaled (Euler's initial scale) or noised (img2img)."""
+    seen = []
+
+    def model(x, t, y):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    y = torch.ones(SHAPE[0])
+    fastdiff.sample(model, noise=x_T, sampler="euler", timestep_spacing="trailing", steps=4, cfg=2.0,
+                    cond={"y": y}, uncond={"y": 0 * y}, **extra)
+    first = seen[0]
+    assert torch.equal(first[: SHAPE[0]], first[SHAPE[0]:])
+    if not extra:
+        s = EulerSampler(Schedule("linear", 1000), 4, timestep_spacing="trailing")
+        torch.testing.assert_close(first[: SHAPE[0]], x_T * s.initial_scale, rtol=1e-6, atol=0)
+
+
 def test_ancestral_noise_on_every_step_but_the_last():
     s = EulerAncestralSampler(Schedule("linear", 1000), 8)
     assert [s.draws_noise(i) for i in range(8)] == [True] * 7 + [False]
@@ -174,6 +194,7 @@ def test_sample_with_euler_matches_the_diffusers_loop():
 
     exact = ours(x_T.double(), "reference")
     theirs_err = (sample.double() - exact).abs().max().item()
+    assert theirs_err < 1e-4  # the same loop (a different first input, even 0.2% off, moves it by ~1e-3)
     for backend in ("reference", "auto"):
         err = (ours(x_T, backend).double() - exact).abs().max().item()
         assert err <= 2 * theirs_err + ULPS * torch.finfo(torch.float32).eps, (

@@ -98,6 +98,8 @@ CASES = {
     "euler-trailing": dict(sampler="euler", timestep_spacing="trailing"),
     "euler_a": dict(sampler="euler_a"),
     "euler-img2img": dict(sampler="euler", init=torch.linspace(-1, 1, 96).reshape(SHAPE), strength=0.5),
+    "ddim-inpaint": dict(init=torch.linspace(-1, 1, 96).reshape(SHAPE), mask=(torch.arange(16) % 3 == 0).float()
+                         .reshape(1, 1, 4, 4)),
     "no-cfg": dict(cfg=None, uncond=None),
 }
 

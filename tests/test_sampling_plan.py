@@ -134,6 +134,18 @@ def test_capture_check_passes_for_the_toy_model(name):
 
 
 @needs_kernel
+def test_capture_check_passes_for_inpainting():
+    """The inpainting blend runs after the fused op from preallocated buffers, indexed by the device
+    counter: more ops outside the model, but no sync and no allocation."""
+    init = torch.linspace(-1, 1, 96).reshape(SHAPE)
+    mask = (torch.arange(16) % 3 == 0).float().reshape(1, 1, 4, 4)
+    report = capture_check(Toy(), SHAPE, steps=6, generator=0, init=init, mask=mask, **GUIDED)
+    assert report.loop_ops["fastdiff.sampler_loop_step"] == 1, str(report)
+    assert report.syncs == 0 and report.allocations_outside_model == 0
+    assert "capturable: 6 steps" in str(report)
+
+
+@needs_kernel
 def test_capture_check_passes_for_fastdiffs_unet():
     model = UNet(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                  num_head_channels=8, num_classes=10, num_groups=8).eval()

@@ -118,6 +118,23 @@ def _schedule_key(schedule: Schedule) -> tuple:
     return schedule.num_train_timesteps, hashlib.sha1(ac.numpy().tobytes()).hexdigest()
 
 
+
+def _check_mask(mask: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inpainting mask: a real or bool tensor of (B or 1, C or 1, *spatial) with values in [0, 1]
+    (1: generate, 0: keep ``init``, diffusers' convention); returned detached, as a float tensor."""
+    if not isinstance(mask, torch.Tensor) or not (mask.is_floating_point() or mask.dtype == torch.bool):
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a float or bool tensor, got {got}")
+    ok = mask.dim() == len(shape) and mask.shape[0] in (1, shape[0]) and mask.shape[1] in (1, shape[1]) \
+        and tuple(mask.shape[2:]) == tuple(shape[2:])
+    if not ok:
+        raise ValueError(f"mask must be ({shape[0]} or 1, {shape[1]} or 1, *{tuple(shape[2:])}) for samples of shape "
+                         f"{shape}, got {tuple(mask.shape)}")
+    mask = mask.detach().float() if mask.dtype == torch.bool else mask.detach()
+    if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # once per call, before sampling
+        raise ValueError("mask values must be in [0, 1] (1: generate, 0: keep init), got some outside")
+    return mask
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """``fastdiff.sample``'s arguments, checked (see ``sample`` for what each means).
@@ -132,6 +149,8 @@ class SamplingConfig:
     noise: torch.Tensor | None
     init: torch.Tensor | None
     start: int
+    mask: torch.Tensor | None
+    noised_init: bool
     sampler: str
     steps: int
     cfg: float | None
@@ -184,7 +203,8 @@ class SamplingConfig:
         kw_sig = _kwargs_signature({k: (v[0] if isinstance(v, tuple) else v) for k, v in model_kwargs.items()})
         return (
             id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.start,
-            self.init is not None, self.guided, self.eta,
+            self.init is not None, None if self.mask is None else tuple(self.mask.shape), self.noised_init,
+            self.guided, self.eta,
             _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset,
             self.prediction, self.variance, self.clip_x0, self.threshold, self.set_alpha_to_one, self.backend,
             self.classifier_grad is not None, kw_sig,
@@ -218,6 +238,7 @@ class SamplingConfig:
         noise: torch.Tensor | None = None,
         init: torch.Tensor | None = None,
         strength: float | None = None,
+        mask: torch.Tensor | None = None,
         sampler: str = "ddim",
         steps: int = 50,
         cfg: float | None = None,
@@ -340,6 +361,9 @@ class SamplingConfig:
         if init is None:
             if strength is not None:
                 raise ValueError("strength applies to img2img: give init=... (the images to start from) with it")
+            if mask is not None:
+                raise ValueError("mask applies to inpainting: give init=... (the images whose unmasked part is kept) "
+                                 "with it")
         else:
             if not isinstance(init, torch.Tensor) or not init.is_floating_point():
                 got = init.dtype if isinstance(init, torch.Tensor) else type(init).__name__
@@ -347,7 +371,7 @@ class SamplingConfig:
             if tuple(init.shape) != shape:
                 raise ValueError(f"init must have the sample shape {shape}, got {tuple(init.shape)}")
             if strength is None:
-                strength = 0.8  # diffusers' img2img default
+                strength = 0.8 if mask is None else 1.0  # diffusers' img2img and inpaint pipelines' defaults
             if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
             runs = min(int(steps * strength), steps)  # diffusers' img2img: the last int(steps * strength) steps
@@ -356,6 +380,10 @@ class SamplingConfig:
                                  "raise strength or steps")
             start = steps - runs
             init = init.detach()
+            if mask is not None:
+                mask = _check_mask(mask, shape)
+        # diffusers' inpaint pipeline starts from pure noise at strength 1; img2img always noises init
+        noised_init = init is not None and not (mask is not None and start == 0)
 
         batch = shape[0]
         cond = _check_kwargs("cond", cond, batch)
@@ -363,7 +391,8 @@ class SamplingConfig:
         if cfg is not None:
             _check_halves(cond, uncond)  # also when cfg == 1, which calls the model on cond alone
         return cls(
-            model=model, shape=shape, noise=noise, init=init, start=start, sampler=sampler, steps=steps, cfg=cfg,
+            model=model, shape=shape, noise=noise, init=init, start=start, mask=mask, noised_init=noised_init,
+            sampler=sampler, steps=steps, cfg=cfg,
             cond=cond, uncond=uncond,
             eta=float(eta), schedule=schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
             prediction=prediction, variance=variance, clip_x0=clip_x0, threshold=threshold,

@@ -93,6 +93,7 @@ class SamplingPlan:
         self.expected = (self.model_batch, self.out_channels) + c.shape[2:]
         # Where the model runs: capture_check swaps in a marker that tells the model's ops from the loop's.
         self.model_region: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.inpaint = _Inpaint(self) if c.mask is not None else None
         if c.classifier_grad is not None:
             self.strategy: _Strategy = _ClassifierGuided(self)
         elif c.threshold is not None:
@@ -126,7 +127,9 @@ class SamplingPlan:
             x_T = c.noise.detach()
         else:
             x_T = NoiseStreams(c.seed, B, c.shape[1:], c.device, c.dtype).initial()
-        if c.init is not None:
+        if self.inpaint is not None:
+            self.inpaint.load(c, x_T)
+        if c.noised_init:
             # img2img: the images noised to the first timestep that runs, as diffusers' add_noise does
             # (for the Euler samplers too: their model input √ᾱ (init + σ noise) is the same blend).
             a = float(c.schedule.alphas_cumprod[self.sampler.timesteps[0]])
@@ -137,7 +140,7 @@ class SamplingPlan:
             if self.sampler.initial_scale != 1.0:  # the first model input of a sampler in σ's scale (Euler)
                 self.x_in[:B].mul_(self.sampler.initial_scale)
         if c.guided:
-            self.x_in[B:].copy_(x_T)
+            self.x_in[B:].copy_(self.x_in[:B])  # both halves start from the same x (scaled or noised above)
         for key, buf in self.kwargs.items():
             if not isinstance(buf, torch.Tensor):
                 continue
@@ -177,6 +180,8 @@ class SamplingPlan:
             raise FloatingPointError(
                 f"model output has NaN or Inf at step {i} (timestep {self.sampler.timesteps[i]})")
         self.strategy(i, out)
+        if self.inpaint is not None:
+            self.inpaint()
 
     def run(self, copy: bool = False) -> torch.Tensor:
         """All steps from the loaded x_T; returns x_0 as ``result(copy)`` does."""
@@ -210,6 +215,49 @@ class SamplingPlan:
                 reasons.append("no CUDA kernel for the step here (fastdiff._C without CUDA and no Triton), and the "
                                "reference reads the step index and seed on the host")
         return reasons
+
+
+class _Inpaint:
+    """Inpainting as diffusers' inpaint pipeline does it for a model without an inpainting head: after
+    each step, the known region (mask 0) is put back as ``init`` noised to the timestep the loop
+    stands at, √ᾱ init + √(1-ᾱ) noise with the run's initial noise (``init`` itself after the last step),
+    x = known + mask (x - known). For the Euler samplers, whose x is x_σ / √(σ²+1), that is the same
+    blend diffusers makes in σ's scale. The coefficients come from a device table indexed by the step
+    counter, into preallocated buffers: no host sync and no allocation, so the loop stays capturable."""
+
+    def __init__(self, plan: SamplingPlan) -> None:
+        c, s = plan.config, plan.sampler
+        self.plan = plan
+        compute = torch.promote_types(c.dtype, torch.float32)
+        ac = c.schedule.alphas_cumprod.double()
+        # Row k: the noise level after k steps: timesteps[k] while steps remain, clean (ᾱ = 1) after the last.
+        alpha = torch.tensor([float(ac[t]) for t in s.timesteps[1:]] + [1.0], dtype=torch.float64)
+        alpha = torch.cat([alpha[:1], alpha])  # row 0 is never read (the counter is >= 1 after a step)
+        self.table = torch.stack([alpha.sqrt(), (1 - alpha).sqrt()], dim=1).to(device=c.device, dtype=compute)
+        self.coef = torch.empty(1, 2, dtype=compute, device=c.device)
+        # Views made once (index_select writes into coef; the counter and x_in are the plan's own buffers).
+        self.c_init, self.c_noise = self.coef[0, 0], self.coef[0, 1]
+        self.row = plan.counter.reshape(1)
+        self.other_half = plan.x_in[plan.batch:] if c.guided else None
+        shape = (plan.batch,) + c.shape[1:]
+        self.init = torch.empty(shape, dtype=c.dtype, device=c.device)
+        self.noise = torch.empty(shape, dtype=c.dtype, device=c.device)
+        self.known = torch.empty(shape, dtype=c.dtype, device=c.device)
+        self.mask = torch.empty(tuple(c.mask.shape), dtype=c.dtype, device=c.device)
+
+    def load(self, c: SamplingConfig, x_T: torch.Tensor) -> None:
+        self.init.copy_(c.init)
+        self.noise.copy_(x_T)
+        self.mask.copy_(c.mask)
+
+    def __call__(self) -> None:
+        p = self.plan
+        torch.index_select(self.table, 0, self.row, out=self.coef)
+        torch.mul(self.init, self.c_init, out=self.known)
+        self.known.addcmul_(self.noise, self.c_noise)
+        p.x.sub_(self.known).mul_(self.mask).add_(self.known)
+        if self.other_half is not None:
+            self.other_half.copy_(p.x)
 
 
 class _Strategy:

@@ -59,6 +59,7 @@ def sample(
     noise: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     strength: float | None = None,
+    mask: torch.Tensor | None = None,
     sampler: str = "ddim",
     steps: int = 50,
     cfg: float | None = None,
@@ -108,6 +109,12 @@ def sample(
             ``steps - int(steps * strength)`` steps, √ᾱ init + √(1-ᾱ) noise (the same per-image noise
             streams as x_T), then the last ``int(steps * strength)`` steps run. ``strength`` in (0, 1],
             default 0.8 with ``init`` (diffusers' default); 1 starts from the first timestep.
+        mask: inpainting, with ``init``, as diffusers' inpaint pipeline for a model without an
+            inpainting head: (B or 1, C or 1, *spatial) in [0, 1], 1 where the model generates and 0
+            where ``init`` is kept; after every step the kept region is set back to ``init`` noised to
+            the loop's current timestep (``init`` itself after the last). ``strength`` defaults to 1
+            here, which starts from pure noise as the pipeline does. The blend is a few elementwise ops
+            per step after the fused one (no sync, no allocation; capturable).
         sampler: "ddim" (Song et al. 2021), "ddpm" (Ho et al. 2020, ancestral), "euler" or "euler_a"
             (Karras et al. 2022's Euler step in σ = √((1-ᾱ)/ᾱ), deterministic or ancestral: diffusers'
             EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; "leading" or "trailing"
@@ -158,8 +165,8 @@ def sample(
             recaptures, and weights changed in place are read by the next replay.
     """
     config = SamplingConfig.build(
-        model, shape, noise=noise, init=init, strength=strength, sampler=sampler, steps=steps, cfg=cfg, cond=cond,
-        uncond=uncond, eta=eta,
+        model, shape, noise=noise, init=init, strength=strength, mask=mask, sampler=sampler, steps=steps, cfg=cfg,
+        cond=cond, uncond=uncond, eta=eta,
         schedule=schedule, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing,
         steps_offset=steps_offset, prediction=prediction, variance=variance, clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad,
