@@ -767,8 +767,8 @@ class SamplerStep(OpCase):
     layouts = ("contiguous", "channels_last", "strided")
     shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
               for name, shape in SAMPLER_SHAPES.items()]
-    triton_shapes = [(f"{config}-7x9", (config, SAMPLER_SHAPES["7x9"])) for config in ("ddim-v-eta-clip",
-                                                                                       "ddpm-learned")]
+    triton_shapes = [(f"{config}-7x9", (config, SAMPLER_SHAPES["7x9"]))
+                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps")]
     float64_shapes = [("ddpm-learned-7x9", ("ddpm-learned", (3, 4, 7, 9))),
                       ("ddim-v-eta-clip-1d-prime", ("ddim-v-eta-clip", (2, 5, 13)))]
 
@@ -923,7 +923,8 @@ class SamplerLoopStep(OpCase):
     layouts = ("contiguous", "views")
     shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
               for name, shape in LOOP_SHAPES.items()]
-    triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"])) for config in ("ddim-v-eta-clip", "ddpm-learned")]
+    triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"]))
+                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps")]
     cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
     float64_shapes = shapes
 
