@@ -1,4 +1,5 @@
-"""One DDIM step with classifier-free guidance: fastdiff's fused sampler_step vs diffusers.
+"""One DDIM (and Euler, Euler-ancestral) step with classifier-free guidance: fastdiff's fused
+sampler_step vs diffusers.
 
 x (8, 4, 64, 64), model output (16, 4, 64, 64) = [uncond; cond], cfg 4, step 10 of 50.
 Baseline: the eager CFG combine + DDIMScheduler.step that diffusers' pipelines run; also the
@@ -85,6 +86,53 @@ def test_ddim_cfg_step(benchmark, provider):
         print(f"\n{provider}: {ops}")
     result = benchmark(timed(run))
     benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+    assert result.shape == SHAPE
+
+
+# ---- Euler and Euler ancestral: the same fused op, another row of coefficients ----------------------
+
+EULER_PROVIDERS = ["diffusers", "fastdiff"]
+
+
+def _make_euler(name: str, provider: str):
+    x, out = _inputs()
+    if provider == "diffusers":
+        from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+
+        cls = EulerDiscreteScheduler if name == "euler" else EulerAncestralDiscreteScheduler
+        sched = cls(num_train_timesteps=1000)
+        sched.set_timesteps(50, device=DEVICE)
+        t, g = sched.timesteps[STEP], torch.Generator(device=DEVICE).manual_seed(0)
+
+        def run():
+            sched._step_index = STEP  # step() advances it; every timed call is step STEP again
+            uncond, cond = out.chunk(2)
+            return sched.step(uncond + CFG * (cond - uncond), t, x, generator=g).prev_sample
+
+        return run
+    sampler = fastdiff.sampling.make_sampler(name, fastdiff.Schedule(), 50, device=DEVICE)
+    step = sampler.step_indices[STEP]
+    # euler_a: Philox normals drawn in the kernel, keyed by a device tensor (an int is copied over per call)
+    seed = torch.zeros((), dtype=torch.int64, device=DEVICE) if sampler.draws_noise(STEP) else None
+
+    def run():
+        return fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, philox_seed=seed)[0]
+
+    return run
+
+
+@pytest.mark.parametrize("provider", EULER_PROVIDERS)
+@pytest.mark.parametrize("name", ["euler", "euler_a"])
+def test_euler_cfg_step(benchmark, name, provider):
+    """diffusers' eager CFG combine + EulerDiscreteScheduler / EulerAncestralDiscreteScheduler.step (its
+    noise from torch.randn), against fastdiff's fused step with that sampler's row (Philox noise in the
+    kernel), (8, 4, 64, 64) fp32, step 10 of 50."""
+    run = _make_euler(name, provider)
+    run()
+    _, ops = count_ops(run)
+    benchmark.group = f"{name}_cfg_step (8,4,64,64) fp32"
+    benchmark.extra_info.update(provider=provider, baseline="diffusers", aten_ops=ops.total, host_syncs=ops.syncs)
+    result = benchmark(timed(run))
     assert result.shape == SHAPE
 
 
