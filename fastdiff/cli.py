@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="digits: the shipped class-conditional U-Net trained on sklearn's handwritten digits; "
                         "glyphs: the exact denoiser of a 10-glyph Gaussian mixture (nothing trained)")
     s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim, ddpm, euler or euler_a (diffusers' DDIM/DDPM/EulerDiscrete/EulerAncestralDiscrete "
-                        "schedulers; default ddim)")
+                   help="ddim, ddpm, euler, euler_a or dpmpp_2m (diffusers' DDIM/DDPM/EulerDiscrete/"
+                        "EulerAncestralDiscrete/DPMSolverMultistep schedulers; default ddim)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 + w)")
     s.add_argument("--eta", type=float, default=0.0)

@@ -59,8 +59,8 @@ def test_sample_command_writes_grid_and_reports(tmp_path, capsys):
     assert h == 10 * 34 + 2 and w == 4 * 34 + 4
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a"])
-def test_sample_command_runs_the_euler_samplers(tmp_path, capsys, sampler):
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_sample_command_runs_the_euler_and_dpm_samplers(tmp_path, capsys, sampler):
     assert main(["sample", "--model", "glyphs", "--sampler", sampler, "--steps", "20", "--cfg", "4", "--per-class", "2",
                  "--rounds", "1", "--out", str(tmp_path / "e.png")]) == 0
     text = capsys.readouterr().out
@@ -175,7 +175,7 @@ def _bad_args_cases(tmp_path):
         (["--sampler", "euler_a", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only; "
                                                                  r"euler_a's noise is its own"),
         (["--sampler", "heun", "--out", ok], r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
-                                             r"'ddpm', 'euler', 'euler_a'\)"),
+                                             r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m'\)"),
         (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),

@@ -41,6 +41,10 @@ def _check_mixture(x: torch.Tensor, weights=WEIGHTS, means=MEANS, stds=STDS, wha
         ("ddim", 50, "v", {"schedule": "cosine"}),
         ("ddim", 50, "x0", {"eta": 1.0}),
         ("ddpm", 250, "eps", {"variance": "fixed_large", "timestep_spacing": "trailing"}),
+        ("dpmpp_2m", 15, "eps", {}),  # the claim: 15 DPM-Solver++ steps as good as DDIM's 50
+        ("dpmpp_2m", 15, "v", {"schedule": "cosine", "timestep_spacing": "trailing"}),
+        ("euler", 30, "eps", {}),
+        ("euler_a", 50, "eps", {"timestep_spacing": "trailing"}),
     ],
 )
 def test_samples_reproduce_mixture(sampler, steps, prediction, kwargs):

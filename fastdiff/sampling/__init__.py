@@ -11,6 +11,7 @@ from .samplers import (
     VARIANCES,
     DDIMSampler,
     DDPMSampler,
+    DPMSolverPlusPlus2MSampler,
     EulerAncestralSampler,
     EulerSampler,
     Sampler,
@@ -19,4 +20,5 @@ from .samplers import (
 
 __all__ = ["sample", "SamplingConfig", "SamplingPlan", "graphs", "capture_check", "CaptureCheckError",
            "CaptureReport", "Sampler", "DDIMSampler", "DDPMSampler",
-           "EulerSampler", "EulerAncestralSampler", "make_sampler", "NoiseStreams", "SAMPLERS", "VARIANCES"]
+           "EulerSampler", "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "make_sampler", "NoiseStreams",
+           "SAMPLERS", "VARIANCES"]

@@ -227,6 +227,9 @@ class SamplingConfig:
             reasons.append("check_finite reads the model output on the host every step")
         if self.backend == "reference":
             reasons.append("backend='reference' reads the step index and the seed on the host")
+        if self.sampler == "dpmpp_2m":
+            reasons.append("sampler='dpmpp_2m' keeps its previous x0 outside the fused loop op and advances the step "
+                           "on the host")
         return reasons
 
     @classmethod
@@ -278,9 +281,9 @@ class SamplingConfig:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if sampler == "ddpm" and eta != 0:
             raise ValueError("eta applies to sampler='ddim' only; DDPM's noise is set by variance")
-        if sampler in ("euler", "euler_a") and eta != 0:
-            raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler none, "
-                             "euler_a ancestral)")
+        if sampler in ("euler", "euler_a", "dpmpp_2m") and eta != 0:
+            raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
+                             "dpmpp_2m none, euler_a ancestral)")
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an int, got {steps!r}")
         if cfg is not None:
@@ -302,13 +305,13 @@ class SamplingConfig:
             raise ValueError("give clip_x0 or dynamic_threshold, not both")
         if classifier_grad is not None and not callable(classifier_grad):
             raise TypeError(f"classifier_grad must be callable, got {type(classifier_grad).__name__}")
-        if sampler in ("euler", "euler_a"):
+        if sampler in ("euler", "euler_a", "dpmpp_2m"):
             for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", threshold),
                                 ("classifier_grad", classifier_grad)):
                 if value is not None:
-                    raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (diffusers' Euler "
-                                     "schedulers have no x0 clipping or classifier guidance)")
-            if timestep_spacing not in ("leading", "trailing"):
+                    raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
+                                     "Euler and DPM-Solver++ samplers)")
+            if sampler != "dpmpp_2m" and timestep_spacing not in ("leading", "trailing"):
                 raise ValueError(f"sampler={sampler!r} takes timestep_spacing 'leading' or 'trailing', got "
                                  f"{timestep_spacing!r} (diffusers' Euler samplers step through fractional 'linspace' "
                                  "timesteps, which the loop's int64 timestep input cannot carry)")

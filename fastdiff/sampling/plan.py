@@ -94,8 +94,10 @@ class SamplingPlan:
         # Where the model runs: capture_check swaps in a marker that tells the model's ops from the loop's.
         self.model_region: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.inpaint = _Inpaint(self) if c.mask is not None else None
-        if c.classifier_grad is not None:
-            self.strategy: _Strategy = _ClassifierGuided(self)
+        if self.sampler.multistep:
+            self.strategy: _Strategy = _Multistep(self)
+        elif c.classifier_grad is not None:
+            self.strategy = _ClassifierGuided(self)
         elif c.threshold is not None:
             self.strategy = _Thresholded(self)
         else:
@@ -290,6 +292,32 @@ class _Fused(_Strategy):
             self._run = binding.kernel.run
         clip = math.inf if c.clip_x0 is None else c.clip_x0
         self._run(p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps)
+
+
+class _Multistep(_Strategy):
+    """A multistep solver (DPM-Solver++ 2M): the fused ``ops.sampler_step`` with the previous step's x0
+    as its ``noise`` input (the table's ``sigma`` column weighs it), then x0 kept for the next step and
+    x_prev written into both halves; the counter and t advance as the loop op would."""
+
+    def __init__(self, plan: SamplingPlan) -> None:
+        super().__init__(plan)
+        self.history = torch.empty_like(plan.x)
+
+    def __call__(self, i: int, out: torch.Tensor) -> None:
+        p, c = self.plan, self.plan.config
+        if i == 0:
+            self.history.zero_()  # read with weight 0 at the first step: no garbage (0 * NaN) may enter
+        with torch.no_grad():
+            x_prev, x0 = ops.sampler_step(p.x, out, p.coefs, p.counter.reshape(1),
+                                          cfg_scale=c.cfg if c.guided else None, noise=self.history, return_x0=True,
+                                          backend=c.backend)
+            self.history.copy_(x0)
+            p.x_in[: p.batch].copy_(x_prev)
+            if c.guided:
+                p.x_in[p.batch:].copy_(x_prev)
+            p.counter.add_(1)
+            if i + 1 < p.num_steps:
+                p.t_in.fill_(p.sampler.timesteps[i + 1])
 
 
 class _Thresholded(_Fused):

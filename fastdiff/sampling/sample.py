@@ -120,7 +120,11 @@ def sample(
             EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; "leading" or "trailing"
             timesteps, no clip_x0, dynamic_threshold, eta or classifier_grad; ``x`` is the model's input
             x_σ / √(σ²+1), and the noise is scaled as diffusers' ``init_noise_sigma`` and
-            ``scale_model_input`` scale it, see :class:`fastdiff.sampling.EulerSampler`).
+            ``scale_model_input`` scale it, see :class:`fastdiff.sampling.EulerSampler`), or
+            "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: diffusers' DPMSolverMultistepScheduler with
+            ``algorithm_type="dpmsolver++"``, order 2, midpoint, a zero final sigma, on its timesteps;
+            no clip_x0, dynamic_threshold, eta or classifier_grad; its step keeps the previous x0 and
+            runs outside the loop op, so it is not captured in a CUDA graph yet).
         steps: inference steps, 1 ≤ steps ≤ the schedule's training timesteps.
         cfg: classifier-free guidance scale. The model is called once per step on the batch
             [uncond; cond] (tensor kwargs concatenated on dim 0) and

@@ -8,6 +8,7 @@ Python int or as a 0-d int64 device tensor (the form a captured CUDA graph needs
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -16,9 +17,9 @@ from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
 __all__ = ["SAMPLERS", "VARIANCES", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler", "EulerAncestralSampler",
-           "make_sampler"]
+           "DPMSolverPlusPlus2MSampler", "make_sampler"]
 
-SAMPLERS = ("ddim", "ddpm", "euler", "euler_a")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -65,7 +66,7 @@ class Sampler:
         self.dynamic_threshold = dynamic_threshold
         self.device = torch.device(device)
         self.table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        ts = schedule.timesteps(steps, timestep_spacing, steps_offset)
+        ts = self._timesteps(schedule, steps, timestep_spacing, steps_offset)
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(ts):
             raise ValueError(f"start must be an int in [0, {len(ts)}) (the first of the {len(ts)} steps to run), "
                              f"got {start!r}")
@@ -86,8 +87,15 @@ class Sampler:
         self.coefs = self._table(self.coefficient_table(ac[ts].double(), alpha_prev.double()))
         self.step_indices = torch.arange(len(self.timesteps), device=self.device).unbind(0)
 
+    def _timesteps(self, schedule: Schedule, steps: int, spacing: str, offset: int) -> torch.Tensor:
+        return schedule.timesteps(steps, spacing, offset)
+
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    #: Whether a step reads the previous step's x0 (a multistep solver): the loop passes it as the fused
+    #: step's ``noise`` input, which the ``sigma`` column then weighs.
+    multistep = False
 
     def _update_coefficients(self, a: torch.Tensor, ap: torch.Tensor, cols: dict) -> None:
         """Fill the c_* / sigma / log_* / noise columns (float64 tensors over the steps)."""
@@ -360,14 +368,102 @@ class EulerAncestralSampler(EulerSampler):
         return (sigma_next**2 - up**2).clamp(min=0).sqrt(), up
 
 
+class DPMSolverPlusPlus2MSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2, the midpoint form), as diffusers'
+    DPMSolverMultistepScheduler with ``algorithm_type="dpmsolver++"``, ``solver_order=2``,
+    ``solver_type="midpoint"`` and ``final_sigmas_type="zero"``, on its timesteps (its "linspace" and
+    "leading" spacings space steps + 1 points and drop the last; "trailing" is DDIM's).
+
+    With α = √ᾱ, σ = √(1-ᾱ), λ = log(α/σ) and h = λ_t - λ_s, a step from s to t with the model's x0
+    estimate D0 (and the previous step's, D1) is x_t = (σ_t/σ_s) x - α_t (e^{-h} - 1) D0, or at second
+    order - 0.5 α_t (e^{-h} - 1) (D0 - D1) / r more, r = h_prev / h. The first step and the last (to
+    σ = 0) are first order, as diffusers' (``lower_order_final`` with a zero final sigma). D1 enters
+    the fused step as its ``noise`` input with the coefficient in the ``sigma`` column, so a step is
+    still one row of the table; the loop keeps D1 in a buffer. No clip_x0 or dynamic_threshold.
+    """
+
+    name = "dpmpp_2m"
+    multistep = True
+
+    def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
+        for name in ("clip_x0", "dynamic_threshold"):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} applies to ddim and ddpm, not sampler={self.name!r}")
+        if kwargs.get("variance") not in (None, "learned_range"):
+            raise ValueError(f"variance={kwargs['variance']!r} applies to sampler='ddpm'; with {self.name!r} use None "
+                             "or 'learned_range' (the variance channels are dropped)")
+        super().__init__(schedule, steps, **kwargs)
+        if float(self.alpha_t[0]) <= 0:
+            raise ValueError(f"sampler={self.name!r} needs ᾱ > 0 at the first timestep {self.timesteps[0]} (λ = "
+                             "log(α/σ) is -inf at zero terminal SNR); use 'ddim'")
+
+    def _timesteps(self, schedule, steps, spacing, offset):
+        T = schedule.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an int in [1, num_train_timesteps={T}], got {steps!r}")
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + offset
+        else:
+            return schedule.timesteps(steps, spacing, offset)
+        if ts.max() >= T:
+            raise ValueError(f"steps_offset={offset} with {steps} '{spacing}' steps reaches timestep {int(ts.max())}, "
+                             f"beyond num_train_timesteps={T}")
+        return torch.from_numpy(ts.copy())
+
+    def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ts[1:], ts.new_full((1,), -1)])  # the next inference timestep; the last to σ = 0
+
+    def draws_noise(self, i: int) -> bool:
+        return False  # no random noise; the history term is the loop's (see multistep)
+
+    def _update_coefficients(self, a, ap, cols):
+        alpha_s, sigma_s, alpha_t, sigma_t = a.sqrt(), (1 - a).sqrt(), ap.sqrt(), (1 - ap).sqrt()
+        exp_neg_h = alpha_s * sigma_t / (sigma_s * alpha_t)  # e^{-h}, 0 at σ_t = 0
+        lam = (alpha_s / sigma_s).log()
+        h = (alpha_t / sigma_t).log() - lam  # +inf at the last step (first order there)
+        n = len(a)
+        second = torch.zeros(n, dtype=torch.bool)
+        second[1:n - 1] = True  # the first step and the last are first order
+        r = torch.ones_like(a)
+        r[1:] = (lam[1:] - lam[:-1]) / h[1:]  # h of the previous step over this one's
+        r = torch.where(second, r, torch.ones_like(r))
+        d1 = 0.5 * alpha_t * (exp_neg_h - 1) / r  # the coefficient of D0 - D1 at second order
+        cols["c_x"] = sigma_t / sigma_s
+        cols["c_x0"] = -alpha_t * (exp_neg_h - 1) - torch.where(second, d1, torch.zeros_like(d1))
+        cols["sigma"] = torch.where(second, d1, torch.zeros_like(d1))
+        cols["noise"] = second.double()
+
+    def step(self, i, x, model_output, noise=None, classifier_grad=None):
+        """The step as diffusers writes it (the oracle of the rows): ``noise`` is the previous step's x0."""
+        if classifier_grad is not None:
+            raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
+        compute = torch.promote_types(x.dtype, torch.float32)
+        a, ap = (_at(t, i).to(compute) for t in (self.alpha_t, self.alpha_prev))
+        x0, _ = ref.predict_x0_and_eps(x.to(compute), model_output[:, : x.shape[1]].to(compute), a, self.prediction)
+        alpha_s, sigma_s, alpha_t, sigma_t = a.sqrt(), (1 - a).sqrt(), ap.sqrt(), (1 - ap).sqrt()
+        exp_neg_h = alpha_s * sigma_t / (sigma_s * alpha_t)
+        prev = (sigma_t / sigma_s) * x.to(compute) - alpha_t * (exp_neg_h - 1) * x0
+        k = i if isinstance(i, int) else int(i)
+        if 0 < k < len(self.timesteps) - 1:
+            a_prev = self.alpha_t[k - 1].to(compute)
+            lam_prev = (a_prev.sqrt() / (1 - a_prev).sqrt()).log()
+            lam_s, lam_t = (alpha_s / sigma_s).log(), (alpha_t / sigma_t).log()
+            r = (lam_s - lam_prev) / (lam_t - lam_s)
+            prev = prev - 0.5 * alpha_t * (exp_neg_h - 1) / r * (x0 - noise.to(compute))
+        return prev.to(x.dtype), x0.to(x.dtype)
+
+
 def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "euler" or "euler_a")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "euler", "euler_a" or "dpmpp_2m")."""
     if name == "ddim":
         return DDIMSampler(schedule, steps, **kwargs)
-    if name in ("ddpm", "euler", "euler_a"):
+    if name in ("ddpm", "euler", "euler_a", "dpmpp_2m"):
         if kwargs.pop("eta", 0) not in (0, 0.0, None) and name != "ddpm":
             raise ValueError(f"eta applies to sampler='ddim' only; {name!r} sets its own noise")
         kwargs.pop("set_alpha_to_one", None)
-        cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler}[name]
+        cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler,
+               "dpmpp_2m": DPMSolverPlusPlus2MSampler}[name]
         return cls(schedule, steps, **kwargs)
     raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
