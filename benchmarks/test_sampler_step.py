@@ -1,5 +1,5 @@
-"""One DDIM (and Euler, Euler-ancestral) step with classifier-free guidance: fastdiff's fused
-sampler_step vs diffusers.
+"""One DDIM (and Euler, Euler-ancestral, DPM-Solver++(2M)) step with classifier-free guidance:
+fastdiff's fused sampler_step vs diffusers.
 
 x (8, 4, 64, 64), model output (16, 4, 64, 64) = [uncond; cond], cfg 4, step 10 of 50.
 Baseline: the eager CFG combine + DDIMScheduler.step that diffusers' pipelines run; also the
@@ -131,6 +131,51 @@ def test_euler_cfg_step(benchmark, name, provider):
     run()
     _, ops = count_ops(run)
     benchmark.group = f"{name}_cfg_step (8,4,64,64) fp32"
+    benchmark.extra_info.update(provider=provider, baseline="diffusers", aten_ops=ops.total, host_syncs=ops.syncs)
+    result = benchmark(timed(run))
+    assert result.shape == SHAPE
+
+
+def _make_dpmpp(provider: str):
+    """One second-order DPM-Solver++(2M) step (step 10 of 50) with the previous step's x0 at hand."""
+    x, out = _inputs()
+    previous_x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    if provider == "diffusers":
+        from diffusers import DPMSolverMultistepScheduler
+
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
+                                            final_sigmas_type="zero")
+        sched.set_timesteps(50, device=DEVICE)
+        t = sched.timesteps[STEP]
+
+        def run():
+            # step() advances its index and keeps the last x0s: every timed call is step STEP again
+            sched._step_index, sched.lower_order_nums, sched.model_outputs = STEP, 2, [None, previous_x0]
+            uncond, cond = out.chunk(2)
+            return sched.step(uncond + CFG * (cond - uncond), t, x).prev_sample
+
+        return run
+    sampler = fastdiff.sampling.make_sampler("dpmpp_2m", fastdiff.Schedule(), 50, device=DEVICE)
+    step, history = sampler.step_indices[STEP], previous_x0.clone()
+
+    def run():  # the fused step, then the x0 the next step reads (what the sampling loop does)
+        x_prev, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, noise=history,
+                                               return_x0=True)
+        history.copy_(x0)
+        return x_prev
+
+    return run
+
+
+@pytest.mark.parametrize("provider", EULER_PROVIDERS)
+def test_dpmpp_2m_cfg_step(benchmark, provider):
+    """diffusers' eager CFG combine + DPMSolverMultistepScheduler.step (dpmsolver++, order 2, a
+    second-order step), against fastdiff's fused step with the previous x0 as its input plus the copy
+    of x0 the loop keeps, (8, 4, 64, 64) fp32, step 10 of 50."""
+    run = _make_dpmpp(provider)
+    run()
+    _, ops = count_ops(run)
+    benchmark.group = "dpmpp_2m_cfg_step (8,4,64,64) fp32"
     benchmark.extra_info.update(provider=provider, baseline="diffusers", aten_ops=ops.total, host_syncs=ops.syncs)
     result = benchmark(timed(run))
     assert result.shape == SHAPE
