@@ -695,6 +695,7 @@ SAMPLER_CONFIGS = {
     "ddpm-learned": dict(cls="ddpm", prediction="eps", variance="learned_range"),
     "euler-v-trailing": dict(cls="euler", prediction="v", timestep_spacing="trailing"),
     "euler_a-eps": dict(cls="euler_a", prediction="eps"),
+    "dpmpp_2m-v": dict(cls="dpmpp_2m", prediction="v"),  # the noise input carries the previous step's x0
 }
 SAMPLER_SHAPES = {"7x9": (3, 4, 7, 9), "1x1": (1, 3, 1, 1), "1d-prime": (2, 5, 13)}
 
@@ -735,8 +736,8 @@ def step_inputs(sampler, shape, guided, dtype, device, layout="contiguous", seed
 def step_oracle(sampler, i, x, out, noise, cfg, upcast):
     """The oracle step (fastdiff.reference.sampling's, itself checked against diffusers) in x's dtype
     (eager) or, given float64 inputs, exactly."""
-    from fastdiff.reference import ddim_step, ddpm_step, euler_step
-    from fastdiff.sampling import DDIMSampler, EulerSampler
+    from fastdiff.reference import ddim_step, ddpm_step, dpmpp_2m_step, euler_step
+    from fastdiff.sampling import DDIMSampler, DPMSolverPlusPlus2MSampler, EulerSampler
 
     B, C = x.shape[:2]
     if out.shape[0] == 2 * B:
@@ -744,6 +745,11 @@ def step_oracle(sampler, i, x, out, noise, cfg, upcast):
         out = torch.cat([u[:, :C] + cfg * (c[:, :C] - u[:, :C]), c[:, C:]], dim=1)
     table = torch.promote_types(x.dtype, sampler.alpha_t.dtype)  # the sampler's float32 tables, or float64
     a, ap = (t[i].to(device=x.device, dtype=table) for t in (sampler.alpha_t, sampler.alpha_prev))
+    if isinstance(sampler, DPMSolverPlusPlus2MSampler):
+        before = sampler.alpha_before(i)
+        before = None if before is None else before.to(device=x.device, dtype=table)
+        return dpmpp_2m_step(x, out[:, :C], a, ap, prediction=sampler.prediction, alpha_before=before,
+                             previous_x0=noise, upcast=upcast)
     if isinstance(sampler, EulerSampler):
         add = sampler.draws_noise(i)
         return euler_step(x, out[:, :C], a, ap, prediction=sampler.prediction, ancestral=sampler.ancestral,
@@ -768,7 +774,7 @@ class SamplerStep(OpCase):
     shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
               for name, shape in SAMPLER_SHAPES.items()]
     triton_shapes = [(f"{config}-7x9", (config, SAMPLER_SHAPES["7x9"]))
-                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps")]
+                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m-v")]
     float64_shapes = [("ddpm-learned-7x9", ("ddpm-learned", (3, 4, 7, 9))),
                       ("ddim-v-eta-clip-1d-prime", ("ddim-v-eta-clip", (2, 5, 13)))]
 
@@ -782,8 +788,9 @@ class SamplerStep(OpCase):
         for guided in (False, True):
             x, out, noise = step_inputs(sampler, shape, guided, dtype, device, layout, seed)
             for i in STEP_INDICES:
+                reads = sampler.draws_noise(i) or sampler.multistep  # a multistep row reads z as the last x0
                 kwargs = dict(cfg_scale=CFG if guided else None, learned_range=learned_range(sampler),
-                              clip=sampler.clip_x0, noise=noise if sampler.draws_noise(i) else None, return_x0=True)
+                              clip=sampler.clip_x0, noise=noise if reads else None, return_x0=True)
                 call = Call((x, out, sampler.coefs, i), kwargs,
                             f"{dtype} {config} {'cfg' if guided else 'plain'} {shape} {layout} step {i}", layout)
                 call.sampler = sampler

@@ -4,7 +4,7 @@ from .attention import attention
 from .conv3x3 import conv3x3
 from .group_norm_adagn import group_norm_adagn
 from .layer_norm_modulate import layer_norm_modulate
-from .sampling import ddim_step, ddpm_step, euler_step, predict_x0_and_eps, process_x0
+from .sampling import ddim_step, ddpm_step, dpmpp_2m_step, euler_step, predict_x0_and_eps, process_x0
 
 __all__ = [
     "attention",
@@ -13,6 +13,7 @@ __all__ = [
     "layer_norm_modulate",
     "ddim_step",
     "ddpm_step",
+    "dpmpp_2m_step",
     "euler_step",
     "predict_x0_and_eps",
     "process_x0",

@@ -3,8 +3,8 @@
 Every function takes the per-step coefficients as tensors (0-d, or broadcastable to x) so the
 same code runs with coefficients indexed out of device-resident tables inside a sampling loop.
 The formulas, their order of operations included, follow diffusers' DDIMScheduler,
-DDPMScheduler, EulerDiscreteScheduler and EulerAncestralDiscreteScheduler, so that the two agree
-to float32 rounding.
+DDPMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler and
+DPMSolverMultistepScheduler, so that the two agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "euler_step",
+    "dpmpp_2m_step",
 ]
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -228,3 +229,41 @@ def euler_step(
             raise ValueError("euler_step: an ancestral step with sigma_up > 0 needs noise")
         prev = prev + noise * sigma_up
     return prev * alpha_prev**0.5, x0
+
+
+def dpmpp_2m_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha_t: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    *,
+    prediction: str = "eps",
+    alpha_before: torch.Tensor | None = None,
+    previous_x0: torch.Tensor | None = None,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++(2M) step (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with
+    ``algorithm_type="dpmsolver++"``, midpoint) from ᾱ_s = ``alpha_t`` to ᾱ_t = ``alpha_prev``.
+    Returns (x_prev, x0). With α = √ᾱ, σ = √(1-ᾱ), λ = log(α/σ), h = λ_t - λ_s and D0 the
+    prediction's x0: x_t = (σ_t/σ_s) x - α_t (e^{-h} - 1) D0, and at second order (``alpha_before``,
+    ᾱ at the previous step's timestep, and ``previous_x0``, D1, given) also
+    - 0.5 α_t (e^{-h} - 1) (D0 - D1) / r with r = (λ_s - λ_before) / h."""
+    if upcast:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        up = lambda t: None if t is None else t.to(compute)  # noqa: E731
+        x_prev, x0 = dpmpp_2m_step(up(x), up(model_output), alpha_t, alpha_prev, prediction=prediction,
+                                   alpha_before=alpha_before, previous_x0=up(previous_x0))
+        return x_prev.to(x.dtype), x0.to(x.dtype)
+    x0, _ = predict_x0_and_eps(x, model_output, alpha_t, prediction)
+    alpha_s, sigma_s = alpha_t**0.5, (1 - alpha_t) ** 0.5
+    alpha_n, sigma_n = alpha_prev**0.5, (1 - alpha_prev) ** 0.5
+    exp_neg_h = alpha_s * sigma_n / (sigma_s * alpha_n)  # e^{-h}, 0 when σ_t = 0 (the last step)
+    prev = (sigma_n / sigma_s) * x - alpha_n * (exp_neg_h - 1) * x0
+    if alpha_before is not None:
+        if previous_x0 is None:
+            raise ValueError("dpmpp_2m_step: a second-order step needs previous_x0")
+        lam_before = torch.log(alpha_before**0.5 / (1 - alpha_before) ** 0.5)
+        lam_s, lam_t = torch.log(alpha_s / sigma_s), torch.log(alpha_n / sigma_n)
+        r = (lam_s - lam_before) / (lam_t - lam_s)
+        prev = prev - 0.5 * alpha_n * (exp_neg_h - 1) / r * (x0 - previous_x0)
+    return prev, x0

@@ -435,24 +435,20 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         cols["sigma"] = torch.where(second, d1, torch.zeros_like(d1))
         cols["noise"] = second.double()
 
+    def alpha_before(self, i: int) -> torch.Tensor | None:
+        """ᾱ at step ``i - 1``'s timestep where step ``i`` is second order, else None."""
+        return self.alpha_t[i - 1] if 0 < i < len(self.timesteps) - 1 else None
+
     def step(self, i, x, model_output, noise=None, classifier_grad=None):
-        """The step as diffusers writes it (the oracle of the rows): ``noise`` is the previous step's x0."""
+        """The step as diffusers writes it (``reference.sampling.dpmpp_2m_step``, the oracle of the rows):
+        ``noise`` is the previous step's x0."""
         if classifier_grad is not None:
             raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
-        compute = torch.promote_types(x.dtype, torch.float32)
-        a, ap = (_at(t, i).to(compute) for t in (self.alpha_t, self.alpha_prev))
-        x0, _ = ref.predict_x0_and_eps(x.to(compute), model_output[:, : x.shape[1]].to(compute), a, self.prediction)
-        alpha_s, sigma_s, alpha_t, sigma_t = a.sqrt(), (1 - a).sqrt(), ap.sqrt(), (1 - ap).sqrt()
-        exp_neg_h = alpha_s * sigma_t / (sigma_s * alpha_t)
-        prev = (sigma_t / sigma_s) * x.to(compute) - alpha_t * (exp_neg_h - 1) * x0
         k = i if isinstance(i, int) else int(i)
-        if 0 < k < len(self.timesteps) - 1:
-            a_prev = self.alpha_t[k - 1].to(compute)
-            lam_prev = (a_prev.sqrt() / (1 - a_prev).sqrt()).log()
-            lam_s, lam_t = (alpha_s / sigma_s).log(), (alpha_t / sigma_t).log()
-            r = (lam_s - lam_prev) / (lam_t - lam_s)
-            prev = prev - 0.5 * alpha_t * (exp_neg_h - 1) / r * (x0 - noise.to(compute))
-        return prev.to(x.dtype), x0.to(x.dtype)
+        return ref.dpmpp_2m_step(
+            x, model_output[:, : x.shape[1]], _at(self.alpha_t, k), _at(self.alpha_prev, k),
+            prediction=self.prediction, alpha_before=self.alpha_before(k), previous_x0=noise, upcast=True,
+        )
 
 
 def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler:
