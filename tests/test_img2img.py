@@ -14,6 +14,17 @@ import fastdiff  # noqa: E402
 from fastdiff import Schedule  # noqa: E402
 
 
+def _scheduler(name: str, prediction_type: str, spacing: str, steps_offset: int):
+    """diffusers' DDIMScheduler (no clipping) or EulerDiscreteScheduler on SD's scaled-linear betas, set to STEPS."""
+    from diffusers import DDIMScheduler
+
+    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=steps_offset)
+    theirs = EulerDiscreteScheduler(**kw) if name == "euler" else DDIMScheduler(**kw, clip_sample=False)
+    theirs.set_timesteps(STEPS)
+    return theirs
+
+
 def _img2img_timesteps(scheduler, steps, strength):
     """diffusers' StableDiffusionImg2ImgPipeline.get_timesteps."""
     init_timestep = min(int(steps * strength), steps)
@@ -28,13 +39,7 @@ def _img2img_timesteps(scheduler, steps, strength):
 def test_img2img_matches_diffusers_pipeline_loop(name, strength):
     """fastdiff.sample(init=, strength=) against the loop of diffusers' img2img pipeline (get_timesteps,
     add_noise at the first timestep that runs, scale_model_input, step), unguided, trailing timesteps."""
-    from diffusers import DDIMScheduler
-
-    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-              prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
-    theirs = EulerDiscreteScheduler(**kw) if name == "euler" else DDIMScheduler(**kw, clip_sample=False)
-    theirs.set_timesteps(STEPS)
-    g = torch.Generator().manual_seed(6)
+    theirs, g = _scheduler(name, "v_prediction", "trailing", 0), torch.Generator().manual_seed(6)
     init, noise = torch.rand(SHAPE, generator=g) * 2 - 1, torch.randn(SHAPE, generator=g)
     timesteps = _img2img_timesteps(theirs, STEPS, strength)
     assert len(timesteps) == int(STEPS * strength)
@@ -113,13 +118,7 @@ def _inpaint_loop(theirs, init, noise, mask, strength, model):
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 @pytest.mark.parametrize("name", ["ddim", "euler"])
 def test_inpainting_matches_diffusers_pipeline_loop(name, strength):
-    from diffusers import DDIMScheduler
-
-    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-              prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
-    theirs = EulerDiscreteScheduler(**kw) if name == "euler" else DDIMScheduler(**kw, clip_sample=False)
-    theirs.set_timesteps(STEPS)
-    g = torch.Generator().manual_seed(11)
+    theirs, g = _scheduler(name, "epsilon", "leading", 1), torch.Generator().manual_seed(11)
     init, noise = torch.rand(SHAPE, generator=g) * 2 - 1, torch.randn(SHAPE, generator=g)
     mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=g) > 0.5).float()
     mask[:, :, 0, 0] = 0.25  # a soft edge
