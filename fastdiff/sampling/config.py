@@ -22,7 +22,7 @@ import torch
 from .. import backends
 from ..schedule import Schedule
 from .noise import base_seed
-from .samplers import SAMPLERS, VARIANCES
+from .samplers import SAMPLERS, VARIANCES, check_sampler_options
 
 __all__ = ["SamplingConfig", "CUDA_GRAPH_MODES"]
 
@@ -274,16 +274,10 @@ class SamplingConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if variance is not None and variance not in VARIANCES:
             raise ValueError(f"variance must be None or one of {VARIANCES}, got {variance!r}")
-        if sampler != "ddpm" and variance not in (None, "learned_range"):
-            raise ValueError(
-                f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if sampler == "ddpm" and eta != 0:
             raise ValueError("eta applies to sampler='ddim' only; DDPM's noise is set by variance")
-        if sampler in ("euler", "euler_a", "dpmpp_2m") and eta != 0:
-            raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
-                             "dpmpp_2m none, euler_a ancestral)")
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise ValueError(f"steps must be an int, got {steps!r}")
         if cfg is not None:
@@ -305,16 +299,8 @@ class SamplingConfig:
             raise ValueError("give clip_x0 or dynamic_threshold, not both")
         if classifier_grad is not None and not callable(classifier_grad):
             raise TypeError(f"classifier_grad must be callable, got {type(classifier_grad).__name__}")
-        if sampler in ("euler", "euler_a", "dpmpp_2m"):
-            for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", threshold),
-                                ("classifier_grad", classifier_grad)):
-                if value is not None:
-                    raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
-                                     "Euler and DPM-Solver++ samplers)")
-            if sampler != "dpmpp_2m" and timestep_spacing not in ("leading", "trailing"):
-                raise ValueError(f"sampler={sampler!r} takes timestep_spacing 'leading' or 'trailing', got "
-                                 f"{timestep_spacing!r} (diffusers' Euler samplers step through fractional 'linspace' "
-                                 "timesteps, which the loop's int64 timestep input cannot carry)")
+        check_sampler_options(sampler, variance=variance, eta=eta, clip_x0=clip_x0, dynamic_threshold=threshold,
+                              classifier_grad=classifier_grad, timestep_spacing=timestep_spacing)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if not any(cuda_graph is mode or (isinstance(mode, str) and cuda_graph == mode) for mode in CUDA_GRAPH_MODES):

@@ -8,7 +8,6 @@ Python int or as a 0-d int64 device tensor (the form a captured CUDA graph needs
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import ops
@@ -16,8 +15,8 @@ from ..reference import sampling as ref
 from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
-__all__ = ["SAMPLERS", "VARIANCES", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler", "EulerAncestralSampler",
-           "DPMSolverPlusPlus2MSampler", "make_sampler"]
+__all__ = ["SAMPLERS", "VARIANCES", "check_sampler_options", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler",
+           "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "make_sampler"]
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -28,6 +27,36 @@ def _at(table: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
     if isinstance(i, torch.Tensor):
         return table.index_select(0, i.reshape(1)).reshape(())
     return table[i]
+
+
+# The samplers without x0 processing, eta or classifier guidance, and those whose timesteps must be integers.
+_PLAIN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+_INTEGER_SPACINGS = {"euler": ("leading", "trailing"), "euler_a": ("leading", "trailing")}
+
+
+def check_sampler_options(sampler: str, *, variance: str | None = None, eta: float = 0.0, clip_x0: float | None = None,
+                          dynamic_threshold: tuple[float, float] | None = None, classifier_grad: object = None,
+                          timestep_spacing: str = "leading") -> None:
+    """Raise ValueError, naming the option, for what ``sampler`` does not take (``fastdiff.sample``'s
+    config and the samplers' constructors both ask here)."""
+    if sampler != "ddpm" and variance not in (None, "learned_range"):
+        raise ValueError(
+            f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
+    if sampler not in _PLAIN_SAMPLERS:
+        return
+    if eta != 0:
+        raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
+                         "dpmpp_2m none, euler_a ancestral)")
+    for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", dynamic_threshold),
+                        ("classifier_grad", classifier_grad)):
+        if value is not None:
+            raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
+                             "Euler and DPM-Solver++ samplers)")
+    spacings = _INTEGER_SPACINGS.get(sampler)
+    if spacings is not None and timestep_spacing not in spacings:
+        raise ValueError(f"sampler={sampler!r} takes timestep_spacing 'leading' or 'trailing', got "
+                         f"{timestep_spacing!r} (diffusers' Euler samplers step through fractional 'linspace' "
+                         "timesteps, which the loop's int64 timestep input cannot carry)")
 
 
 class Sampler:
@@ -91,7 +120,9 @@ class Sampler:
         return schedule.timesteps(steps, spacing, offset)
 
     def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The timestep each step moves to: the next inference timestep, and -1 (ᾱ = the final alpha)
+        after the last; DDIM overrides it."""
+        return torch.cat([ts[1:], ts.new_full((1,), -1)])
 
     #: Whether a step reads the previous step's x0 (a multistep solver): the loop passes it as the fused
     #: step's ``noise`` input, which the ``sigma`` column then weighs.
@@ -252,9 +283,6 @@ class DDPMSampler(Sampler):
         super().__init__(schedule, steps, **kwargs)
         self.add_noise = self._table((self.timesteps_device > 0).to(torch.float32))
 
-    def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([ts[1:], ts.new_full((1,), -1)])
-
     @property
     def learned_sigma(self) -> bool:
         return self.variance == "learned_range"
@@ -282,6 +310,19 @@ class DDPMSampler(Sampler):
         )
 
 
+def _check_own_options(name: str, kwargs: dict) -> None:
+    """A sampler constructor's options, checked as ``fastdiff.sample`` checks them."""
+    check_sampler_options(name, variance=kwargs.get("variance"), clip_x0=kwargs.get("clip_x0"),
+                          dynamic_threshold=kwargs.get("dynamic_threshold"),
+                          timestep_spacing=kwargs.get("timestep_spacing", "leading"))
+
+
+def _check_finite_sigma(sampler: Sampler, what: str) -> None:
+    if float(sampler.alpha_t[0]) <= 0:
+        raise ValueError(f"sampler={sampler.name!r} {what} {sampler.timesteps[0]} (ᾱ = 0, a zero-terminal-SNR "
+                         "schedule); use 'ddim'")
+
+
 class EulerSampler(Sampler):
     """Euler's method on the probability-flow ODE in σ = sqrt((1 - ᾱ) / ᾱ) (Karras et al. 2022, Alg. 2
     without churn), as diffusers' EulerDiscreteScheduler with its defaults (``interpolation_type=
@@ -300,26 +341,10 @@ class EulerSampler(Sampler):
     ancestral = False
 
     def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
-        spacing = kwargs.get("timestep_spacing", "leading")
-        if spacing not in ("leading", "trailing"):
-            raise ValueError(f"sampler={self.name!r} takes timestep_spacing 'leading' or 'trailing', got {spacing!r} "
-                             "(diffusers' Euler samplers step through fractional 'linspace' timesteps, which the "
-                             "loop's int64 timestep input cannot carry)")
-        for name in ("clip_x0", "dynamic_threshold"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name} applies to ddim and ddpm; sampler={self.name!r} has no x0 clipping "
-                                 "(as diffusers' Euler schedulers)")
-        if kwargs.get("variance") not in (None, "learned_range"):
-            raise ValueError(f"variance={kwargs['variance']!r} applies to sampler='ddpm'; with {self.name!r} use None "
-                             "or 'learned_range' (the variance channels are dropped, as DDIM does)")
-        self.spacing = spacing
+        _check_own_options(self.name, kwargs)
+        self.spacing = kwargs.get("timestep_spacing", "leading")
         super().__init__(schedule, steps, **kwargs)
-        if float(self.alpha_t[0]) <= 0:
-            raise ValueError(f"sampler={self.name!r} steps in σ = sqrt((1 - ᾱ) / ᾱ), which is infinite at the first "
-                             f"timestep {self.timesteps[0]} (ᾱ = 0, a zero-terminal-SNR schedule); use 'ddim'")
-
-    def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([ts[1:], ts.new_full((1,), -1)])  # the next inference timestep; the last to σ = 0
+        _check_finite_sigma(self, "steps in σ = sqrt((1 - ᾱ) / ᾱ), which is infinite at the first timestep")
 
     def _sigma_steps(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic move (σ to σ_down) and the noise's σ_up of each step: σ_down = σ', σ_up = 0."""
@@ -386,34 +411,19 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     multistep = True
 
     def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
-        for name in ("clip_x0", "dynamic_threshold"):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name} applies to ddim and ddpm, not sampler={self.name!r}")
-        if kwargs.get("variance") not in (None, "learned_range"):
-            raise ValueError(f"variance={kwargs['variance']!r} applies to sampler='ddpm'; with {self.name!r} use None "
-                             "or 'learned_range' (the variance channels are dropped)")
+        _check_own_options(self.name, kwargs)
         super().__init__(schedule, steps, **kwargs)
-        if float(self.alpha_t[0]) <= 0:
-            raise ValueError(f"sampler={self.name!r} needs ᾱ > 0 at the first timestep {self.timesteps[0]} (λ = "
-                             "log(α/σ) is -inf at zero terminal SNR); use 'ddim'")
+        _check_finite_sigma(self, "needs ᾱ > 0 (λ = log(α/σ) is -inf at zero terminal SNR) at the first timestep")
 
     def _timesteps(self, schedule, steps, spacing, offset):
-        T = schedule.num_train_timesteps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-            raise ValueError(f"steps must be an int in [1, num_train_timesteps={T}], got {steps!r}")
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
-        elif spacing == "leading":
-            ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1].astype(np.int64) + offset
-        else:
+        if spacing == "trailing":
             return schedule.timesteps(steps, spacing, offset)
-        if ts.max() >= T:
-            raise ValueError(f"steps_offset={offset} with {steps} '{spacing}' steps reaches timestep {int(ts.max())}, "
-                             f"beyond num_train_timesteps={T}")
-        return torch.from_numpy(ts.copy())
-
-    def _previous_timesteps(self, ts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([ts[1:], ts.new_full((1,), -1)])  # the next inference timestep; the last to σ = 0
+        # diffusers' DPM-Solver spaces steps + 1 points as DDIM would and drops the last (timestep 0)
+        T = schedule.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < T:
+            raise ValueError(f"steps must be an int in [1, {T - 1}] for sampler={self.name!r} with {spacing!r} "
+                             f"timesteps (it spaces steps + 1 points), got {steps!r}")
+        return schedule.timesteps(steps + 1, spacing, offset)[:-1]
 
     def draws_noise(self, i: int) -> bool:
         return False  # no random noise; the history term is the loop's (see multistep)
@@ -456,8 +466,9 @@ def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler
     if name == "ddim":
         return DDIMSampler(schedule, steps, **kwargs)
     if name in ("ddpm", "euler", "euler_a", "dpmpp_2m"):
-        if kwargs.pop("eta", 0) not in (0, 0.0, None) and name != "ddpm":
-            raise ValueError(f"eta applies to sampler='ddim' only; {name!r} sets its own noise")
+        eta = kwargs.pop("eta", 0) or 0
+        if name != "ddpm":
+            check_sampler_options(name, eta=eta)
         kwargs.pop("set_alpha_to_one", None)
         cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler,
                "dpmpp_2m": DPMSolverPlusPlus2MSampler}[name]
