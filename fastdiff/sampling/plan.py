@@ -232,9 +232,9 @@ class _Inpaint:
         self.plan = plan
         compute = torch.promote_types(c.dtype, torch.float32)
         ac = c.schedule.alphas_cumprod.double()
-        # Row k: the noise level after k steps: timesteps[k] while steps remain, clean (ᾱ = 1) after the last.
-        alpha = torch.tensor([float(ac[t]) for t in s.timesteps[1:]] + [1.0], dtype=torch.float64)
-        alpha = torch.cat([alpha[:1], alpha])  # row 0 is never read (the counter is >= 1 after a step)
+        # Row k: the noise level after k steps: timesteps[k] while steps remain, clean (ᾱ = 1) after the
+        # last. Row 0 is never read (the counter is >= 1 after a step).
+        alpha = torch.cat([ac[s.timesteps], ac.new_ones(1)])
         self.table = torch.stack([alpha.sqrt(), (1 - alpha).sqrt()], dim=1).to(device=c.device, dtype=compute)
         self.coef = torch.empty(1, 2, dtype=compute, device=c.device)
         # Views made once (index_select writes into coef; the counter and x_in are the plan's own buffers).
@@ -268,6 +268,17 @@ class _Strategy:
 
     def __call__(self, i: int, out: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def advance(self, i: int, x_prev: torch.Tensor) -> None:
+        """What the loop op does after its update, for a step computed outside it: x_prev into both
+        halves of x_in, the counter and the model's timestep input to step i + 1 (host-side)."""
+        p = self.plan
+        p.x_in[: p.batch].copy_(x_prev)
+        if p.config.guided:
+            p.x_in[p.batch:].copy_(x_prev)
+        p.counter.add_(1)
+        if i + 1 < p.num_steps:
+            p.t_in.fill_(p.sampler.timesteps[i + 1])
 
 
 class _Fused(_Strategy):
@@ -312,12 +323,7 @@ class _Multistep(_Strategy):
                                           cfg_scale=c.cfg if c.guided else None, noise=self.history, return_x0=True,
                                           backend=c.backend)
             self.history.copy_(x0)
-            p.x_in[: p.batch].copy_(x_prev)
-            if c.guided:
-                p.x_in[p.batch:].copy_(x_prev)
-            p.counter.add_(1)
-            if i + 1 < p.num_steps:
-                p.t_in.fill_(p.sampler.timesteps[i + 1])
+            self.advance(i, x_prev)
 
 
 class _Thresholded(_Fused):
@@ -362,9 +368,4 @@ class _ClassifierGuided(_Strategy):
             noise = philox_normal(step_noise_key(c.seed), i, B, n).view(c.shape).to(device=c.device, dtype=c.dtype)
         with torch.no_grad():
             x_prev, _ = p.sampler.step(i, x, out, noise=noise, classifier_grad=grad.detach().to(c.dtype))
-            p.x_in[:B].copy_(x_prev)
-            if c.guided:
-                p.x_in[B:].copy_(x_prev)
-            p.counter.add_(1)
-            if i + 1 < p.num_steps:
-                p.t_in.fill_(p.sampler.timesteps[i + 1])
+            self.advance(i, x_prev)
