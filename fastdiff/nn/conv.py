@@ -192,8 +192,7 @@ def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | 
         return lambda: conv3x3(x, conv.weight, conv.bias, residual, backend=chosen, path=path)
 
     def onednn():
-        out = nn.Conv2d.forward(conv, x)
-        return out if residual is None else out + residual
+        return _own_convolution(conv, x, residual, chosen)
 
     with torch.no_grad():
         candidates = {"fused": winograd("fused"), "blas": winograd("blas"), "onednn": onednn}
@@ -301,6 +300,12 @@ def conv3x3_module(
         use_op = not _CONV3X3_SUPPORT.why_not(chosen, {"x": x, "weight": conv.weight})
     if use_op:
         return conv3x3(x, conv.weight, conv.bias, residual, backend=chosen, path=path)
+    return _own_convolution(conv, x, residual, chosen)
+
+
+def _own_convolution(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str) -> torch.Tensor:
+    """``conv(x) + residual`` the module's own way (oneDNN on the CPU): what conv3x3_module runs when
+    the op does not, and what the tuner times against the op."""
     if not isinstance(conv, Conv3x3):
         out = conv(x)  # its hooks run; what they return may be anyone's tensor: added to, not into
         return out if residual is None else out + residual
