@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
@@ -44,17 +43,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# Where the current benchmark's busy-share window starts (see conftest.py's _busy_share): the run
-# queue wait and the clock when the test started, or when it called busy_window_starts_now().
-_busy_window: list = [None, 0.0]
+# Where the current benchmark's busy-share window starts (see conftest.py's _busy_share): a
+# fastdiff.tuning.busy_mark taken when the test started, or when it called busy_window_starts_now().
+_busy_window: list = [(None, 0.0)]
 
 
 def busy_window_starts_now() -> None:
     """Count the busy share from here on: call it after a warm-up (torch.compile's worker processes
     compete for the cores while compiling, which says nothing about the timed rounds)."""
-    from fastdiff.tuning import run_queue_seconds
+    from fastdiff.tuning import busy_mark
 
-    _busy_window[:] = [run_queue_seconds(), time.perf_counter()]
+    _busy_window[0] = busy_mark()
 
 
 def timed(fn):

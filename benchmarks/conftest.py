@@ -58,16 +58,15 @@ def _busy_share(request):
     """How long each benchmark (warm-up included) waited for a CPU, as a share of its wall time, in
     its extra_info as ``busy``: with other processes on the cores a multi-threaded CPU kernel runs
     many times slower, so a number taken then is flagged in the summary instead of trusted."""
-    from fastdiff.tuning import run_queue_seconds
+    from fastdiff.tuning import busy_share
 
     # set up before this fixture's timing starts, so it is torn down after this fixture records
     bench = request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames else None
     _bench.busy_window_starts_now()  # a test that warms up first starts the window again after it
     yield
-    after, end = run_queue_seconds(), time.perf_counter()
-    waited, start = _bench._busy_window
-    if bench is not None and waited is not None and after is not None:
-        bench.extra_info["busy"] = f"{(after - waited) / max(end - start, 1e-9):.0%}"
+    share = busy_share(_bench._busy_window[0])
+    if bench is not None and share is not None:
+        bench.extra_info["busy"] = f"{share:.0%}"
 
 
 def _machine_lines() -> list[str]:

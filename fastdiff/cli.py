@@ -402,7 +402,7 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         # median over the rounds: a shared machine's speed drifts by tens of percent from one
         # moment to the next, and alternating lets a slow spell fall on every backend alike.
         rounds = {backend: [] for backend in backends}
-        waited, timed_start = tuning.run_queue_seconds(), time.perf_counter()
+        busy_from = tuning.busy_mark()
         for r in range(args.rounds):
             for backend in backends:
                 demo.set_backend(backend, memory_format)
@@ -418,8 +418,7 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
                 line = ", ".join(f"{backend} {rounds[backend][-1] * 1e3:.1f}" for backend in backends)
                 print(f"round {r + 1}/{args.rounds}: {line} ms/image", flush=True)
         timings = {backend: float(np.median(times)) for backend, times in rounds.items()}
-        after = tuning.run_queue_seconds()
-        busy = None if waited is None or after is None else (after - waited) / (time.perf_counter() - timed_start)
+        busy = tuning.busy_share(busy_from)
     result = result.float().cpu()
     try:  # checked before sampling; this catches a path that went away meanwhile
         write_png(args.out, _grid(result, labels, args.per_class))

@@ -36,7 +36,8 @@ import torch
 
 __all__ = [
     "CACHE_DIR_ENV", "TUNE_ENV", "TUNE_MARGIN", "MEMORY_FORMATS", "cache_path", "machine_key", "enabled", "pick",
-    "alternating_seconds", "measure", "Measurement", "keep", "run_queue_seconds", "BUSY_LIMIT", "load", "store",
+    "alternating_seconds", "measure", "Measurement", "keep", "run_queue_seconds", "busy_mark", "busy_share",
+    "BUSY_LIMIT", "load", "store",
     "forget", "describe", "choices", "format_choice", "summary", "memory_format_signature",
     "choose_memory_format", "clear_memory_formats",
 ]
@@ -100,6 +101,21 @@ def run_queue_seconds() -> float | None:
     return total * 1e-9 if seen else None
 
 
+def busy_mark() -> tuple[float | None, float]:
+    """Where to measure a busy share from (:func:`busy_share`): the run-queue wait and the clock now."""
+    return run_queue_seconds(), time.perf_counter()
+
+
+def busy_share(mark: tuple[float | None, float]) -> float | None:
+    """How long this process waited for a CPU since ``mark``, as a share of the wall time since (other
+    processes held the cores); None where the OS does not report it."""
+    waited, start = mark
+    after = run_queue_seconds()
+    if waited is None or after is None:
+        return None
+    return max(0.0, after - waited) / max(time.perf_counter() - start, 1e-9)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """What :func:`measure` found: ``seconds``, each candidate's median; ``rounds``; ``busy``, the
@@ -133,10 +149,9 @@ def measure(fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: flo
     best: Measurement | None = None
     spent = 0
     while True:
-        waited, start = run_queue_seconds(), time.perf_counter()
+        mark = busy_mark()
         times = alternating_seconds(fns, repeats, min_seconds, limit - spent)
-        wall, after = time.perf_counter() - start, run_queue_seconds()
-        busy = None if waited is None or after is None else max(0.0, after - waited) / max(wall, 1e-9)
+        busy = busy_share(mark)
         rounds = min(len(v) for v in times.values())
         spent += rounds
         m = Measurement({name: statistics.median(v) for name, v in times.items()}, rounds, busy)
