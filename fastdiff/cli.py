@@ -169,6 +169,8 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         s.error(f"argument --eta: must be a number in [0, 1], got {args.eta}")
     if args.sampler != "ddim" and args.eta != 0:
         s.error(f"argument --eta: eta applies to --sampler ddim only; {args.sampler}'s noise is its own")
+    if args.karras and not args.sampler.startswith("dpmpp"):
+        s.error(f"argument --karras: Karras sigmas apply to --sampler dpmpp_2m and dpmpp_2m_sde, not {args.sampler}")
     if not 0 <= args.seed < 2**63:
         s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
     try:  # read by --memory-format auto and the convolutions' auto
@@ -360,7 +362,8 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     n = 10 * args.per_class
     shape = (n, *demo.image_shape)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    kwargs = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, schedule=demo.schedule,
+    kwargs = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, karras_sigmas=args.karras,
+                  schedule=demo.schedule,
                   prediction=demo.prediction, generator=args.seed, dtype=_DTYPES[args.dtype], device=args.device)
     if args.cfg is not None:
         kwargs.update(cfg=args.cfg, cond={"y": labels}, uncond={"y": torch.full((n,), 10)})
@@ -484,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="digits: the shipped class-conditional U-Net trained on sklearn's handwritten digits; "
                         "glyphs: the exact denoiser of a 10-glyph Gaussian mixture (nothing trained)")
     s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim, ddpm, euler, euler_a or dpmpp_2m (diffusers' DDIM/DDPM/EulerDiscrete/"
-                        "EulerAncestralDiscrete/DPMSolverMultistep schedulers; default ddim)")
+                   help="ddim, ddpm, euler, euler_a, dpmpp_2m or dpmpp_2m_sde (diffusers' DDIM/DDPM/"
+                        "EulerDiscrete/EulerAncestralDiscrete/DPMSolverMultistep schedulers, the last with "
+                        "dpmsolver++ or sde-dpmsolver++; default ddim)")
+    s.add_argument("--karras", action="store_true",
+                   help="with dpmpp_2m/dpmpp_2m_sde: Karras sigmas (diffusers' use_karras_sigmas=True)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 + w)")
     s.add_argument("--eta", type=float, default=0.0)

@@ -695,7 +695,7 @@ SAMPLER_CONFIGS = {
     "ddpm-learned": dict(cls="ddpm", prediction="eps", variance="learned_range"),
     "euler-v-trailing": dict(cls="euler", prediction="v", timestep_spacing="trailing"),
     "euler_a-eps": dict(cls="euler_a", prediction="eps"),
-    "dpmpp_2m-v": dict(cls="dpmpp_2m", prediction="v"),  # the noise input carries the previous step's x0
+    "dpmpp_2m-v": dict(cls="dpmpp_2m", prediction="v"),  # the history input carries the previous step's x0
 }
 SAMPLER_SHAPES = {"7x9": (3, 4, 7, 9), "1x1": (1, 3, 1, 1), "1d-prime": (2, 5, 13)}
 
@@ -733,9 +733,9 @@ def step_inputs(sampler, shape, guided, dtype, device, layout="contiguous", seed
     return x, out, noise
 
 
-def step_oracle(sampler, i, x, out, noise, cfg, upcast):
+def step_oracle(sampler, i, x, out, noise, cfg, upcast, history=None):
     """The oracle step (fastdiff.reference.sampling's, itself checked against diffusers) in x's dtype
-    (eager) or, given float64 inputs, exactly."""
+    (eager) or, given float64 inputs, exactly; ``history`` is a multistep solver's previous x0."""
     from fastdiff.reference import ddim_step, ddpm_step, dpmpp_2m_step, euler_step
     from fastdiff.sampling import DDIMSampler, DPMSolverPlusPlus2MSampler, EulerSampler
 
@@ -749,7 +749,7 @@ def step_oracle(sampler, i, x, out, noise, cfg, upcast):
         before = sampler.alpha_before(i)
         before = None if before is None else before.to(device=x.device, dtype=table)
         return dpmpp_2m_step(x, out[:, :C], a, ap, prediction=sampler.prediction, alpha_before=before,
-                             previous_x0=noise, upcast=upcast)
+                             previous_x0=history, upcast=upcast)
     if isinstance(sampler, EulerSampler):
         add = sampler.draws_noise(i)
         return euler_step(x, out[:, :C], a, ap, prediction=sampler.prediction, ancestral=sampler.ancestral,
@@ -788,9 +788,10 @@ class SamplerStep(OpCase):
         for guided in (False, True):
             x, out, noise = step_inputs(sampler, shape, guided, dtype, device, layout, seed)
             for i in STEP_INDICES:
-                reads = sampler.draws_noise(i) or sampler.multistep  # a multistep row reads z as the last x0
                 kwargs = dict(cfg_scale=CFG if guided else None, learned_range=learned_range(sampler),
-                              clip=sampler.clip_x0, noise=noise if reads else None, return_x0=True)
+                              clip=sampler.clip_x0, noise=noise if sampler.draws_noise(i) else None, return_x0=True)
+                if sampler.multistep:  # the previous step's x0: any values, in the layout under test
+                    kwargs["history"] = noise
                 call = Call((x, out, sampler.coefs, i), kwargs,
                             f"{dtype} {config} {'cfg' if guided else 'plain'} {shape} {layout} step {i}", layout)
                 call.sampler = sampler
@@ -799,9 +800,11 @@ class SamplerStep(OpCase):
 
     def oracle(self, call):
         x, out, _, i = call.args
-        noise, cfg = call.kwargs["noise"], call.kwargs["cfg_scale"] or 1.0
-        exact = step_oracle(call.sampler, i, *as_float64((x, out, noise)), cfg, False)
-        eager = step_oracle(call.sampler, i, *on_cpu((x, out, noise)), cfg, False)
+        noise, cfg, history = call.kwargs["noise"], call.kwargs["cfg_scale"] or 1.0, call.kwargs.get("history")
+        x64, out64, noise64, history64 = as_float64((x, out, noise, history))
+        exact = step_oracle(call.sampler, i, x64, out64, noise64, cfg, False, history64)
+        xc, outc, noisec, historyc = on_cpu((x, out, noise, history))
+        eager = step_oracle(call.sampler, i, xc, outc, noisec, cfg, False, historyc)
         return exact, eager
 
     def expect(self, out, call):
@@ -856,7 +859,7 @@ class SamplerStep(OpCase):
         BadInput("step-float", lambda: SamplerStep._bad(step=1.5), TypeError,
                  "step must be an int or a one-element int64 tensor"),
         BadInput("coefs", lambda: SamplerStep._bad(coefs=torch.randn(10, 5)), ValueError,
-                 r"coefs must be a float32/float64 table \(steps, 11\)"),
+                 r"coefs must be a float32/float64 table \(steps, 12\)"),
         BadInput("clip", lambda: SamplerStep._bad(clip=-1.0), ValueError, "clip must be a positive number"),
         BadInput("noise-and-philox", lambda: SamplerStep._bad(noise=torch.randn(2, 3, 5, 4), philox_seed=3),
                  ValueError, "noise or philox_seed, not both"),
@@ -865,6 +868,10 @@ class SamplerStep(OpCase):
                  "x must be a floating tensor"),
         BadInput("clip-and-threshold", lambda: SamplerStep._bad(threshold=torch.ones(2), clip=1.0), ValueError,
                  "clip or threshold, not both"),
+        BadInput("history-shape", lambda: SamplerStep._bad(history=torch.randn(2, 3, 5)), ValueError,
+                 r"history must be a tensor like x \(\(2, 3, 5, 4\), torch.float32, cpu\) holding the previous"),
+        BadInput("history-dtype", lambda: SamplerStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+                 ValueError, "history must be a tensor like x .* got \\(2, 3, 5, 4\\) torch.float64"),
     ]
     native_bad_inputs = [
         NativeBadInput("rows", lambda: dict(model_output=torch.randn(3, 3, 5, 4)),
@@ -879,7 +886,7 @@ class SamplerStep(OpCase):
         NativeBadInput("x-int", lambda: dict(x=torch.ones(2, 3, 5, 4, dtype=torch.int32)),
                        "x dtype must be float32, float64, float16 or bfloat16"),
         NativeBadInput("x-1d", lambda: dict(x=torch.randn(6)), r"x must have shape \(B, C, \*spatial\)"),
-        NativeBadInput("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 11\)"),
+        NativeBadInput("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 12\)"),
         NativeBadInput("step-10", lambda: dict(step=torch.tensor(10)), r"step index 10 is out of range \[0, 10\)"),
         NativeBadInput("step-negative", lambda: dict(step=torch.tensor(-1)), r"step index -1 is out of range"),
         NativeBadInput("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor"),
@@ -889,6 +896,9 @@ class SamplerStep(OpCase):
         NativeBadInput("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)"),
         NativeBadInput("cfg_scale", lambda: dict(cfg_scale=math.nan), "cfg_scale must be finite"),
         NativeBadInput("threshold", lambda: dict(threshold=torch.ones(3)), r"threshold must have shape \(2,\)"),
+        NativeBadInput("history-shape", lambda: dict(history=torch.randn(2, 3, 5)), "history must have x's shape"),
+        NativeBadInput("history-dtype", lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+                       r"history dtype \(Double\) must equal x's \(Float\)"),
     ]
 
 
@@ -965,6 +975,8 @@ class SamplerLoopStep(OpCase):
             t_in=torch.full((2 * B if guided else B,), -1, dtype=torch.int64, device=device),
             timesteps=sampler.timesteps_device,
         )
+        if sampler.multistep:  # the loop's buffer of the previous x0, which the step rewrites
+            kwargs["history"] = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
         x_in = torch.cat([x, x]) if guided else x
         what = (f"{dtype} {config} {shape} {layout} {'cfg' if guided else 'plain'}{'64' if cfg64 else ''} {draw}"
                 f"{' threshold' if threshold else ''} step {step}")
@@ -996,17 +1008,18 @@ class SamplerLoopStep(OpCase):
         return dict(x_in=x_in, model_output=out, coefs=coefs, step=step, cfg_scale=kw["cfg_scale"],
                     learned_range=kw["learned_range"], clip=math.inf if kw["clip"] is None else float(kw["clip"]),
                     threshold=kw["threshold"], noise=kw["noise"], philox_seed=kw["philox_seed"], t_in=kw["t_in"],
-                    timesteps=kw["timesteps"])
+                    timesteps=kw["timesteps"], history=kw.get("history"))
 
     @staticmethod
-    def _state(x_in, step, t_in):
-        return x_in.clone(), step.clone(), None if t_in is None else t_in.clone()
+    def _state(x_in, step, t_in, history=None):
+        return tuple(None if t is None else t.clone() for t in (x_in, step, t_in, history))
 
     def run(self, call, backend):
-        """The step on clones of the state it writes; returns that state (x_in, step, t_in)."""
+        """The step on clones of the state it writes; returns that state (x_in, step, t_in, history)."""
         x_in, out, coefs, step = call.args
-        state = self._state(x_in, step, call.kwargs["t_in"])
-        assert self.fn(state[0], out, coefs, state[1], **dict(call.kwargs, t_in=state[2]), backend=backend) is None
+        state = self._state(x_in, step, call.kwargs["t_in"], call.kwargs.get("history"))
+        kwargs = dict(call.kwargs, t_in=state[2], history=state[3])
+        assert self.fn(state[0], out, coefs, state[1], **kwargs, backend=backend) is None
         return state
 
     def oracle(self, call):
@@ -1015,8 +1028,8 @@ class SamplerLoopStep(OpCase):
         def state(convert):
             x_in, out, coefs, step = convert(call.args)
             kwargs = convert(call.kwargs)
-            state = self._state(x_in, step, kwargs["t_in"])
-            reference(state[0], out, coefs, state[1], **dict(kwargs, t_in=state[2]))
+            state = self._state(x_in, step, kwargs["t_in"], kwargs.get("history"))
+            reference(state[0], out, coefs, state[1], **dict(kwargs, t_in=state[2], history=state[3]))
             return state
 
         return state(as_float64), state(on_cpu)
@@ -1024,8 +1037,8 @@ class SamplerLoopStep(OpCase):
     def check(self, out, call, what=""):
         what = what or call.what
         x_in, step_in, t_start = on_cpu((call.args[0], call.args[3], call.kwargs["t_in"]))
-        x, step, t_in = on_cpu(out)
-        (x_exact, step_exact, t_exact), (x_eager, step_eager, t_eager) = self.oracle(call)
+        x, step, t_in, history = on_cpu(out)
+        (x_exact, step_exact, t_exact, h_exact), (x_eager, step_eager, t_eager, h_eager) = self.oracle(call)
         assert x.shape == x_in.shape and x.dtype == x_in.dtype and out[0].device == call.args[0].device, what
         if x.numel() == 0:
             pass
@@ -1036,6 +1049,8 @@ class SamplerLoopStep(OpCase):
             torch.testing.assert_close(x, x_exact, rtol=1e-5, atol=1e-5, msg=f"{what} x_in")
         else:
             assert_within_eager_bound(x, x_eager, x_exact, f"{what} x_in")
+            if history is not None:  # the step's x0, written over the previous one
+                assert_within_eager_bound(history, h_eager, h_exact, f"{what} history")
         s = int(step_in)
         assert int(step) == s + 1 and torch.equal(step, step_eager), f"{what}: step {step} after {s}"
         if t_in is not None:
@@ -1081,6 +1096,11 @@ class SamplerLoopStep(OpCase):
         x_in = torch.randn(4, 3, 5, 4)
         return SamplerLoopStep._bad(x_in=x_in, **{name: x_in if name == "model_output" else x_in[2:]})
 
+    @staticmethod
+    def _history_shares_model_output():
+        out = torch.randn(4, 3, 5, 4)
+        return SamplerLoopStep._bad(model_output=out, history=out[2:])
+
     bad_inputs = [
         BadInput("model_output-shares-x_in", lambda: SamplerLoopStep._shared("model_output"), ValueError,
                  "sampler_loop_step: model_output shares memory with x_in"),
@@ -1103,6 +1123,16 @@ class SamplerLoopStep(OpCase):
                  "sampler_loop_step: t_in must be a 1-D int64 tensor"),
         BadInput("model_output-rows", lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)), ValueError,
                  "sampler_loop_step: model_output must have x_in's 4 rows"),
+        BadInput("history-shares-x_in", lambda: SamplerLoopStep._shared("history"), ValueError,
+                 "sampler_loop_step: history shares memory with x_in"),
+        BadInput("history-shares-model_output", lambda: SamplerLoopStep._history_shares_model_output(), ValueError,
+                 "sampler_loop_step: model_output shares memory with history"),
+        BadInput("history-2B-rows", lambda: SamplerLoopStep._bad(history=torch.randn(4, 3, 5, 4)), ValueError,
+                 r"sampler_loop_step: history must be a contiguous tensor like x_in\[:B\] \(\(2, 3, 5, 4\)"),
+        BadInput("history-strided", lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 8)[..., ::2]),
+                 ValueError, "sampler_loop_step: history must be a contiguous tensor .* not contiguous"),
+        BadInput("history-dtype", lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+                 ValueError, "sampler_loop_step: history must be a contiguous tensor .* torch.float64"),
     ]
     native_bad_inputs = [
         _loop_bad("x_in-strided", lambda: dict(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
@@ -1153,11 +1183,20 @@ class SamplerLoopStep(OpCase):
         _loop_bad("x_in-int", lambda: dict(x_in=torch.ones(4, 3, 5, 4, dtype=torch.int32)),
                   "x_in dtype must be float32, float64", META),
         _loop_bad("x_in-1d", lambda: dict(x_in=torch.randn(6)), r"x_in must have shape \(B, C, \*spatial\)", META),
-        _loop_bad("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 11\)"),
+        _loop_bad("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 12\)"),
         _loop_bad("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)", META),
         _loop_bad("threshold", lambda: dict(threshold=torch.ones(3)), r"threshold must have shape \(2,\)"),
         _loop_bad("model_output-shares-x_in", _loop_shares("model_output"), "model_output shares memory with x_in"),
         _loop_bad("noise-shares-x_in", _loop_shares("noise"), "noise shares memory with x_in"),
+        _loop_bad("history-shares-x_in", _loop_shares("history"), "history shares memory with x_in"),
+        _loop_bad("model_output-shares-history", lambda: (lambda out: dict(model_output=out, history=out[2:]))(
+            torch.randn(4, 3, 5, 4)), "model_output shares memory with history"),
+        _loop_bad("history-strided", lambda: dict(history=torch.randn(2, 3, 5, 8)[..., ::2]),
+                  r"history must be contiguous \(NCHW order\)"),  # on meta the move would make it dense
+        _loop_bad("history-shape", lambda: dict(history=torch.randn(4, 3, 5, 4)),
+                  r"history must have x_in\[:B\]'s shape \[2, 3, 5, 4\]"),
+        _loop_bad("history-dtype", lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+                  "history dtype .* must equal x_in's", META),
     ]
 
 

@@ -175,7 +175,7 @@ def _bad_args_cases(tmp_path):
         (["--sampler", "euler_a", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only; "
                                                                  r"euler_a's noise is its own"),
         (["--sampler", "heun", "--out", ok], r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
-                                             r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m'\)"),
+                                             r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)"),
         (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),

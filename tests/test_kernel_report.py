@@ -45,4 +45,4 @@ def test_installed_kernels_have_no_spills_on_every_arch(capsys):
     assert not spilled, spilled
     assert main(["--kernels"]) == 0
     out = capsys.readouterr().out
-    assert "sampler_step_kernel<float, float>" in out and "0 bytes of spills in all" in out
+    assert "sampler_step_kernel<float, float, false>" in out and "0 bytes of spills in all" in out

@@ -190,11 +190,12 @@ NATIVE_OPS = {
                     ("CPU", "Meta", "Autograd", "CUDA")),
     "sampler_step": ("fastdiff::sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, "
                      "float cfg_scale, bool learned_range, float clip, Tensor? threshold, Tensor? noise, "
-                     "Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)",
+                     "Tensor? philox_seed, bool return_x0, Tensor? history=None) -> (Tensor, Tensor)",
                      ("CPU", "Meta", "CUDA")),
     "sampler_loop_step": ("fastdiff::sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, "
                           "Tensor(b!) step, Tensor? cfg_scale, bool learned_range, float clip, Tensor? threshold, "
-                          "Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, Tensor? timesteps) -> ()",
+                          "Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, Tensor? timesteps, "
+                          "Tensor(d!)? history=None) -> ()",
                           ("CPU", "Meta", "CUDA")),
     "group_norm_adagn": ("fastdiff::group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
                          "Tensor? scale, Tensor? shift, Tensor? pre_shift, float eps, bool silu) -> Tensor",

@@ -48,14 +48,13 @@ def _run_native(args):
 
 
 def _native_sampler_step(args):
-    """torch.ops.fastdiff.sampler_step on the same inputs: x_prev of x_in[:B]."""
+    """torch.ops.fastdiff.sampler_step on the same inputs: x_prev of x_in[:B], and x0."""
     guided = args["cfg_scale"] is not None
     B = args["x_in"].shape[0] // 2 if guided else args["x_in"].shape[0]
     cfg = float(args["cfg_scale"].reshape(())) if guided else 1.0
-    prev, _ = torch.ops.fastdiff.sampler_step(
+    return torch.ops.fastdiff.sampler_step(
         args["x_in"][:B], args["model_output"], args["coefs"], args["step"].clone(), cfg, args["learned_range"],
-        args["clip"], args["threshold"], args["noise"], args["philox_seed"], False)
-    return prev
+        args["clip"], args["threshold"], args["noise"], args["philox_seed"], True, args["history"])
 
 
 def _assert_bits_equal(got, want, what):
@@ -69,15 +68,18 @@ def _assert_bits_equal(got, want, what):
 def test_matches_sampler_step_bit_for_bit(dtype, sid, spec):
     """Every call of the case's grid point (both layouts), float64 among the dtypes: x_in[:B] and,
     guided, x_in[B:] hold sampler_step's x_prev, bit for bit (a float64 cfg tensor combines as the
-    python float does)."""
+    python float does); a multistep solver's history holds sampler_step's x0."""
     for layout in CASE.layouts:
         if not CASE.applies(spec, layout):
             continue
         for call in CASE.calls(spec, dtype, layout, "cpu"):
             args = CASE.native_kwargs(call)
-            got = _run_native(args)["x_in"]
-            want = _native_sampler_step(args)
+            after = _run_native(args)
+            got = after["x_in"]
+            want, x0 = _native_sampler_step(args)
             B = want.shape[0]
+            if args["history"] is not None:
+                _assert_bits_equal(after["history"], x0, f"{call.what}: history vs sampler_step's x0")
             _assert_bits_equal(got[:B], want, f"{call.what}: x_in[:B] vs sampler_step")
             if args["cfg_scale"] is not None:
                 _assert_bits_equal(got[B:], want, f"{call.what}: x_in[B:] vs sampler_step")

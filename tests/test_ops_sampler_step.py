@@ -18,6 +18,7 @@ from fastdiff.backends import select_backend
 from fastdiff.profiling import count_ops
 from fastdiff.reference import ddim_step
 from fastdiff.reference.philox import philox_normal
+from fastdiff.reference.sampler_step import STEP_COEFS
 from fastdiff.sampling import DDIMSampler, DDPMSampler
 
 CASE = CASES["sampler_step"]
@@ -25,7 +26,7 @@ SUPPORT = CASE.support
 
 
 def _skip_unless(backend, x, out):
-    skip_unless_runs(CASE, backend, Call((x, out, torch.zeros(STEPS, 11), 0)))
+    skip_unless_runs(CASE, backend, Call((x, out, torch.zeros(STEPS, len(STEP_COEFS)), 0)))
 
 
 @pytest.mark.native

@@ -21,18 +21,19 @@ import torch
 
 from fastdiff import _native
 from fastdiff.reference.philox import philox_normal
+from fastdiff.reference.sampler_step import STEP_COEFS
 
 pytestmark = pytest.mark.skipif(
     not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}"
 )
 
 EPS = 2.0**-24
-SIGMA = 7  # the sigma column of the coefficient table
+SIGMA = STEP_COEFS.index("sigma")
 
 
 def _normals(seed, step, shape, dtype=torch.float32, steps=None):
     """The op's normals for x of `shape` at sampler step `step` (the Philox counter word)."""
-    table = torch.zeros(steps or step + 1, 11, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    table = torch.zeros(steps or step + 1, len(STEP_COEFS), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     table[:, SIGMA] = 1
     x = torch.zeros(shape, dtype=dtype)
     key = torch.tensor(seed - 2**64 if seed >= 2**63 else seed)  # the int64 tensor holds the seed's 64 bits
@@ -123,7 +124,7 @@ def test_every_dtype_draws_the_float32_normals(dtype):
 
 def test_sampler_loop_step_draws_the_same_normals():
     """sampler_loop_step (in place, both halves of a guided x_in) draws sampler_step's normals."""
-    table = torch.zeros(6, 11)
+    table = torch.zeros(6, len(STEP_COEFS))
     table[:, SIGMA] = 1
     x_in = torch.zeros(4, 5, 13)  # guided: B = 2; 65 elements per image
     counter = torch.tensor(4)
@@ -136,7 +137,7 @@ def test_sampler_loop_step_draws_the_same_normals():
 _OTHER_ISA = """
 import math, sys, torch
 import fastdiff._C  # noqa: F401 (registers the ops)
-table = torch.zeros(4, 11); table[:, 7] = 1
+table = torch.zeros(4, 12); table[:, 7] = 1  # 12 columns (STEP_COEFS), sigma the 8th
 x = torch.zeros(3, 1037)
 out, _ = torch.ops.fastdiff.sampler_step(x, x, table, torch.tensor(3), 1.0, False, math.inf, None, None,
                                          torch.tensor(2**50 + 11), False)

@@ -178,7 +178,7 @@ def _bad(**kwargs):
         (dict(steps=1001), ValueError, r"steps must be an int in \[1, num_train_timesteps=1000\]"),
         (dict(steps=2.5), ValueError, "steps must be an int"),
         (dict(sampler="heun"), ValueError,
-         r"sampler must be one of \('ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'\)"),
+         r"sampler must be one of \('ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)"),
         (dict(schedule="quadratic"), ValueError, "schedule must be one of"),
         (dict(prediction="epsilon"), ValueError, r"prediction must be one of \('eps', 'v', 'x0'\)"),
         (dict(timestep_spacing="uniform"), ValueError, "timestep_spacing must be one of"),

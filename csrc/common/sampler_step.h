@@ -12,11 +12,15 @@ namespace fastdiff {
 //   x0   = a_x * x + a_m * m                (the prediction m turned into x0: eps, v or x0)
 //   eps  = e_x * x + e_m * m                (... and into eps)
 //   x0   = clamp(x0, -clip, clip) * x0_scale   (clipping, or dynamic thresholding: clip = s, scale = 1/s)
-//   prev = c_x0 * x0 + c_eps * eps + c_x * x + sigma * z   (the last term only when the step adds noise)
+//   prev = c_x0 * x0 + c_eps * eps + c_x * x + c_hist * h + sigma * z
+//          (h: the previous step's x0 of a multistep solver, only when given and c_hist != 0; the
+//          noise term only when the step adds noise)
 // DDIM (Song et al. 2021, eq. 12): c_x0 = sqrt(ab_prev), c_eps = sqrt(1 - ab_prev - sigma^2), c_x = 0.
 // DDPM (Ho et al. 2020, eq. 7):    c_x0 = sqrt(ab_prev) beta / (1 - ab), c_x = sqrt(alpha)(1 - ab_prev)/(1 - ab),
 //                                  c_eps = 0; sigma fixed, or learned: exp((f log_large + (1-f) log_small) / 2)
 //                                  with f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), times `noise`.
+// DPM-Solver++ 2M (Lu et al. 2022): c_x = sigma_t / sigma_s, c_x0 and c_hist the midpoint weights of
+//                                  D0 and D1 (fastdiff/sampling/samplers.py), sigma the SDE variant's.
 enum StepCoef : int {
   kAx = 0,
   kAm,
@@ -29,18 +33,20 @@ enum StepCoef : int {
   kLogSmall,
   kLogLarge,
   kNoise,
+  kHist,
   kNumStepCoefs
 };
 
 template <typename T>
 struct StepCoefs {
-  T a_x, a_m, e_x, e_m, c_x0, c_eps, c_x, sigma, log_small, log_large, noise;
+  T a_x, a_m, e_x, e_m, c_x0, c_eps, c_x, sigma, log_small, log_large, noise, c_hist;
 };
 
 template <typename T, typename S>
 FASTDIFF_INLINE StepCoefs<T> load_step_coefs(const S* row) {
-  return StepCoefs<T>{T(row[kAx]),  T(row[kAm]),  T(row[kEx]),   T(row[kEm]),       T(row[kCx0]),     T(row[kCeps]),
-                      T(row[kCx]), T(row[kSigma]), T(row[kLogSmall]), T(row[kLogLarge]), T(row[kNoise])};
+  return StepCoefs<T>{T(row[kAx]),       T(row[kAm]),       T(row[kEx]),    T(row[kEm]),
+                      T(row[kCx0]),      T(row[kCeps]),     T(row[kCx]),    T(row[kSigma]),
+                      T(row[kLogSmall]), T(row[kLogLarge]), T(row[kNoise]), T(row[kHist])};
 }
 
 // NaN-propagating clamp (a NaN prediction must stay visible, not become the clip value). The CPU
@@ -66,16 +72,29 @@ FASTDIFF_INLINE bool step_adds_noise(bool has_noise, bool learned, const StepCoe
   return has_noise && (!learned || k.noise != T(0));
 }
 
-// One element of the step. x: x_t; m: the (guided) model prediction; var: the learned-variance
-// channel (read only when `learned` and `adds_noise`); z: the standard-normal noise (read only when
-// `adds_noise`, see step_adds_noise).
+// Whether this step adds c_hist * h: only when a history is given and the row weighs it (a
+// multistep solver's first-order rows have c_hist = 0). As with the noise, a term the row does not
+// use is never evaluated, so the loop's history buffer may hold anything before its first write.
+// Uniform over a launch.
 template <typename T>
-FASTDIFF_INLINE T sampler_step_value(const T& x, const T& m, const T& var, const T& z, const StepCoefs<T>& k,
-                                     const T& clip_lo, const T& clip_hi, const T& x0_scale, bool learned,
-                                     bool adds_noise, T& x0) {
+FASTDIFF_INLINE bool step_adds_hist(bool has_hist, const StepCoefs<T>& k) {
+  return has_hist && k.c_hist != T(0);
+}
+
+// One element of the step. x: x_t; m: the (guided) model prediction; var: the learned-variance
+// channel (read only when `learned` and `adds_noise`); h: the previous step's x0 (read only when
+// `adds_hist`, see step_adds_hist); z: the standard-normal noise (read only when `adds_noise`, see
+// step_adds_noise).
+template <typename T>
+FASTDIFF_INLINE T sampler_step_value(const T& x, const T& m, const T& var, const T& h, const T& z,
+                                     const StepCoefs<T>& k, const T& clip_lo, const T& clip_hi, const T& x0_scale,
+                                     bool learned, bool adds_hist, bool adds_noise, T& x0) {
   x0 = step_clamp(k.a_x * x + k.a_m * m, clip_lo, clip_hi) * x0_scale;
   const T eps = k.e_x * x + k.e_m * m;
-  const T prev = k.c_x0 * x0 + k.c_eps * eps + k.c_x * x;
+  T prev = k.c_x0 * x0 + k.c_eps * eps + k.c_x * x;
+  if (adds_hist) {
+    prev = prev + k.c_hist * h;
+  }
   if (!adds_noise) {
     return prev;
   }

@@ -36,7 +36,8 @@ void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* nam
 void check_sampler_step_static(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
                                const at::Tensor& step, double cfg_scale, double clip,
                                const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
-                               const std::optional<at::Tensor>& philox_seed, const StepOpNames& names) {
+                               const std::optional<at::Tensor>& philox_seed,
+                               const std::optional<at::Tensor>& history, const StepOpNames& names) {
   const char* op = names.op;
   const char* xn = names.x;
   TORCH_CHECK(x.dim() >= 2, op, ": ", xn, " must have shape (B, C, *spatial), got ", x.dim(), " dims");
@@ -73,6 +74,11 @@ void check_sampler_step_static(const at::Tensor& x, const at::Tensor& model_outp
                 philox_seed->scalar_type());
     check_same_device(*philox_seed, x, "philox_seed", names);
   }
+  if (history.has_value()) {
+    TORCH_CHECK(history->scalar_type() == x.scalar_type(), op, ": history dtype (", history->scalar_type(),
+                ") must equal ", xn, "'s (", x.scalar_type(), ")");
+    check_same_device(*history, x, "history", names);
+  }
 }
 
 namespace {
@@ -81,7 +87,7 @@ namespace {
 void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
                               const at::Tensor& step, bool learned_range, const std::optional<at::Tensor>& threshold,
                               const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
-                              const StepOpNames& names) {
+                              const std::optional<at::Tensor>& history, const StepOpNames& names) {
   const char* op = names.op;
   const int64_t B = x.size(0), C = x.size(1);
   const int64_t rows = model_output.size(0), channels = model_output.size(1);
@@ -108,6 +114,10 @@ void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_outpu
   if (philox_seed.has_value()) {
     TORCH_CHECK(philox_seed->numel() == 1, op, ": philox_seed must hold one value, got ", philox_seed->numel());
   }
+  if (history.has_value()) {
+    TORCH_CHECK(history->sizes() == x.sizes(), op, ": history must have ", names.x, "'s shape ", x.sizes(),
+                ", got ", history->sizes());
+  }
 }
 
 }  // namespace
@@ -115,9 +125,10 @@ void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_outpu
 SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
                                   const at::Tensor& step, double cfg_scale, bool learned_range, double clip,
                                   const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
-                                  const std::optional<at::Tensor>& philox_seed, bool return_x0) {
-  check_sampler_step_static(x, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed);
-  check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed,
+                                  const std::optional<at::Tensor>& philox_seed, bool return_x0,
+                                  const std::optional<at::Tensor>& history) {
+  check_sampler_step_static(x, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed, history);
+  check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed, history,
                            kSamplerStepNames);
   const int64_t B = x.size(0);
   const int64_t rows = model_output.size(0);
@@ -131,7 +142,8 @@ SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_o
   // every operand already has it.
   at::MemoryFormat order = plan.format;
   const bool dense = x.is_contiguous(order) && model_output.is_contiguous(order) &&
-                     (!noise.has_value() || noise->is_contiguous(order));
+                     (!noise.has_value() || noise->is_contiguous(order)) &&
+                     (!history.has_value() || history->is_contiguous(order));
   if (learned_range || model_output.size(1) != x.size(1) || philox_seed.has_value() || !dense) {
     order = at::MemoryFormat::Contiguous;
   }
@@ -139,6 +151,9 @@ SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_o
   plan.model_output = model_output.contiguous(order);
   if (noise.has_value()) {
     plan.noise = noise->contiguous(order);
+  }
+  if (history.has_value()) {
+    plan.hist = history->contiguous(order);
   }
   plan.out = at::empty(x.sizes(), x.options().memory_format(order));
   if (return_x0) {
@@ -164,9 +179,10 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
                                     const std::optional<at::Tensor>& noise,
                                     const std::optional<at::Tensor>& philox_seed,
                                     const std::optional<at::Tensor>& t_in,
-                                    const std::optional<at::Tensor>& timesteps) {
+                                    const std::optional<at::Tensor>& timesteps,
+                                    const std::optional<at::Tensor>& history) {
   // cfg_scale is a tensor here, checked below (1.0 stands in for the scalar sampler_step checks).
-  check_sampler_step_static(x_in, model_output, coefs, step, 1.0, clip, threshold, noise, philox_seed,
+  check_sampler_step_static(x_in, model_output, coefs, step, 1.0, clip, threshold, noise, philox_seed, history,
                             kLoopStaticNames);
   TORCH_CHECK(x_in.is_contiguous(),
               "sampler_loop_step: x_in must be contiguous (NCHW order): the step writes it in place; got sizes ",
@@ -190,18 +206,27 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
                 timesteps->scalar_type());
     check_same_device(*timesteps, x_in, "timesteps", kLoopStaticNames);
   }
+  if (history.has_value()) {
+    TORCH_CHECK(history->is_contiguous(),
+                "sampler_loop_step: history must be contiguous (NCHW order): the step writes x0 into it in place; "
+                "got sizes ", history->sizes(), " and strides ", history->strides());
+  }
 }
 
 }  // namespace
 
 namespace {
 
-void check_no_overlap_with_x_in(const at::Tensor& x_in, const at::Tensor& t, const char* name) {
-  const at::MemOverlapStatus status = at::get_overlap_status(x_in, t);
+void check_no_overlap(const at::Tensor& written, const char* written_name, const at::Tensor& t, const char* name) {
+  const at::MemOverlapStatus status = at::get_overlap_status(written, t);
   const bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
-                       (status == at::MemOverlapStatus::TooHard && x_in.storage().is_alias_of(t.storage()));
-  TORCH_CHECK(!overlap, "sampler_loop_step: ", name, " shares memory with x_in, which the step writes in place "
-              "while reading ", name, "; pass a copy (", name, ".clone())");
+                       (status == at::MemOverlapStatus::TooHard && written.storage().is_alias_of(t.storage()));
+  TORCH_CHECK(!overlap, "sampler_loop_step: ", name, " shares memory with ", written_name,
+              ", which the step writes in place while reading ", name, "; pass a copy (", name, ".clone())");
+}
+
+void check_no_overlap_with_x_in(const at::Tensor& x_in, const at::Tensor& t, const char* name) {
+  check_no_overlap(x_in, "x_in", t, name);
 }
 
 }  // namespace
@@ -213,9 +238,10 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
                                        const std::optional<at::Tensor>& noise,
                                        const std::optional<at::Tensor>& philox_seed,
                                        const std::optional<at::Tensor>& t_in,
-                                       const std::optional<at::Tensor>& timesteps) {
+                                       const std::optional<at::Tensor>& timesteps,
+                                       const std::optional<at::Tensor>& history) {
   check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed,
-                                 t_in, timesteps);
+                                 t_in, timesteps, history);
   const bool guided = cfg_scale.has_value();
   const int64_t rows = x_in.size(0);
   TORCH_CHECK(!guided || rows % 2 == 0,
@@ -229,11 +255,20 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
                 cfg_scale->numel(), " elements");
   }
   const at::Tensor x = x_in.narrow(0, 0, B);
-  check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed, kLoopSizeNames);
-  // The step writes x_in while it reads these: an input in x_in's memory would be read half-updated.
+  check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed, history,
+                           kLoopSizeNames);
+  // The step writes x_in (and history) while it reads these: an input in that memory would be read
+  // half-updated.
   check_no_overlap_with_x_in(x_in, model_output, "model_output");
   if (noise.has_value()) {
     check_no_overlap_with_x_in(x_in, *noise, "noise");
+  }
+  if (history.has_value()) {
+    check_no_overlap_with_x_in(x_in, *history, "history");
+    check_no_overlap(*history, "history", model_output, "model_output");
+    if (noise.has_value()) {
+      check_no_overlap(*history, "history", *noise, "noise");
+    }
   }
 
   // x_in is contiguous, so every operand is put in the contiguous (NCHW) order, the order of the
@@ -246,6 +281,10 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
     plan.noise = noise->contiguous();
   }
   plan.out = x;  // in place: each element is read before it is written, by the same thread
+  if (history.has_value()) {
+    plan.hist = *history;  // read as the previous x0, then this step's x0 written over it (in place too)
+    plan.x0 = *history;
+  }
   if (guided) {
     plan.out2 = x_in.narrow(0, B, B);
   }
@@ -293,6 +332,7 @@ void run_sampler_step_cpu(const SamplerStepPlan& plan, const at::Tensor& coefs, 
   args.x = plan.x.const_data_ptr();
   args.m = plan.model_output.const_data_ptr();
   args.noise = cpu::ptr_or_null(plan.noise);
+  args.hist = cpu::ptr_or_null(plan.hist);
   args.coef = static_cast<const char*>(table.const_data_ptr()) + index * kNumStepCoefs * table.element_size();
   args.threshold = cpu::ptr_or_null(thresholds);
   args.batch = plan.batch;
@@ -324,11 +364,12 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
                                                     double cfg_scale, bool learned_range, double clip,
                                                     const std::optional<at::Tensor>& threshold,
                                                     const std::optional<at::Tensor>& noise,
-                                                    const std::optional<at::Tensor>& philox_seed, bool return_x0) {
+                                                    const std::optional<at::Tensor>& philox_seed, bool return_x0,
+                                                    const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x.device().is_cpu(), "sampler_step (cpu): x must be a CPU tensor, got device ", x.device());
   SamplerStepPlan plan =
       plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-                        return_x0);
+                        return_x0, history);
   const int64_t index = *step.const_data_ptr<int64_t>();  // a CPU tensor: read directly, no dispatch
   check_step_index("sampler_step", index, coefs);
   run_sampler_step_cpu(plan, coefs, index, cfg_scale, learned_range, clip, threshold, philox_seed);
@@ -339,11 +380,12 @@ void sampler_loop_step_cpu(const at::Tensor& x_in, const at::Tensor& model_outpu
                            const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale, bool learned_range,
                            double clip, const std::optional<at::Tensor>& threshold,
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
-                           const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps) {
+                           const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
+                           const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x_in.device().is_cpu(), "sampler_loop_step (cpu): x_in must be a CPU tensor, got device ",
               x_in.device());
   const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range,
-                                                      clip, threshold, noise, philox_seed, t_in, timesteps);
+                                                      clip, threshold, noise, philox_seed, t_in, timesteps, history);
   // CPU tensors: every value is read directly from memory, no dispatch.
   int64_t* counter = step.mutable_data_ptr<int64_t>();
   const int64_t index = *counter;
@@ -373,30 +415,34 @@ void sampler_loop_step_meta(const at::Tensor& x_in, const at::Tensor& model_outp
                             const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale,
                             bool /*learned_range*/, double clip, const std::optional<at::Tensor>& threshold,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
-                            const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps) {
+                            const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
+                            const std::optional<at::Tensor>& history) {
   // In place, nothing to allocate: only the checks that need no data (nor concrete sizes).
   check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed,
-                                 t_in, timesteps);
+                                 t_in, timesteps, history);
 }
 
 }  // namespace fastdiff
 
 TORCH_LIBRARY_FRAGMENT(fastdiff, m) {
   // One fused DDIM/DDPM step: x (B, C, *spatial), model_output (B or 2B rows [uncond; cond]; C or 2C
-  // channels), coefs (steps, 11) per-step coefficients, step () int64 index into them. Noise from
-  // `noise`, or in-kernel Philox keyed by philox_seed; neither: no noise term. -> (x_prev, x0).
+  // channels), coefs (steps, 12) per-step coefficients, step () int64 index into them. Noise from
+  // `noise`, or in-kernel Philox keyed by philox_seed; neither: no noise term. history (like x): a
+  // multistep solver's previous x0, weighed by the row's c_hist. -> (x_prev, x0).
   m.def(
       "sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, float cfg_scale, bool learned_range, "
-      "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0) -> (Tensor, Tensor)");
+      "float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, bool return_x0, Tensor? history=None) -> "
+      "(Tensor, Tensor)");
   // The sampling loop's step, in place (CUDA-graph capturable: every value is read on the device).
   // x_in (B, C, *spatial), or (2B, ...) holding x_t in both halves when cfg_scale (one-element
   // float tensor) is given; contiguous. With s = step (one-element int64): x_prev = sampler_step(
   // x_in[:B], ..., s) into x_in[:B] (and x_in[B:]); then step = s + 1 and, given t_in, every entry
-  // of t_in = timesteps[s + 1] while s + 1 < len(timesteps).
+  // of t_in = timesteps[s + 1] while s + 1 < len(timesteps). history (like x_in[:B], contiguous):
+  // read as the previous step's x0, then this step's x0 is written into it.
   m.def(
       "sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, Tensor(b!) step, Tensor? cfg_scale, "
       "bool learned_range, float clip, Tensor? threshold, Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, "
-      "Tensor? timesteps) -> ()");
+      "Tensor? timesteps, Tensor(d!)? history=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {

@@ -44,9 +44,10 @@ struct Row {
   const scalar_t* mc;   // conditional row, or nullptr
   const scalar_t* var;  // learned-variance channels, or nullptr
   const scalar_t* z;    // noise, or nullptr
+  const scalar_t* h;    // the previous step's x0, or nullptr (read only when adds_hist)
   scalar_t* out;   // may be x itself: every element is read before it is written
   scalar_t* out2;  // a second copy of out, or nullptr
-  scalar_t* x0;    // or nullptr
+  scalar_t* x0;    // or nullptr; may be h itself (read before written, as x and out)
 };
 
 // One image's step: its rows, this step's coefficients and clip range.
@@ -60,7 +61,7 @@ struct RowStep {
   Row<scalar_t> r;
   StepCoefs<opmath_t> k;
   opmath_t lo, hi, scale, s;
-  bool learned, adds_noise;
+  bool learned, adds_hist, adds_noise;
 
   // Elements [i, end) of the image; z[j - i] is element j's noise (read only when adds_noise): the
   // noise tensor's row, or Philox normals (float). Vectors while a whole one fits, then one by one.
@@ -71,10 +72,10 @@ struct RowStep {
     const Row<scalar_t> r = this->r;
     const StepCoefs<opmath_t> k = this->k;
     const opmath_t lo = this->lo, hi = this->hi, scale = this->scale, s = this->s;
-    const bool learned = this->learned, adds_noise = this->adds_noise;
+    const bool learned = this->learned, adds_hist = this->adds_hist, adds_noise = this->adds_noise;
     if constexpr (kVector && std::is_same_v<Z, scalar_t>) {
-      const StepCoefs<V> kv{V(k.a_x), V(k.a_m), V(k.e_x), V(k.e_m),       V(k.c_x0), V(k.c_eps),
-                            V(k.c_x), V(k.sigma), V(k.log_small), V(k.log_large), V(k.noise)};
+      const StepCoefs<V> kv{V(k.a_x),   V(k.a_m),       V(k.e_x),       V(k.e_m),   V(k.c_x0), V(k.c_eps),
+                            V(k.c_x),   V(k.sigma),     V(k.log_small), V(k.log_large), V(k.noise), V(k.c_hist)};
       const V lov(lo), hiv(hi), scalev(scale), sv(s), zero(opmath_t(0));
       const Z* zi = z;
       for (; i + V::size() <= end; i += V::size(), zi += adds_noise ? V::size() : 0) {
@@ -84,9 +85,10 @@ struct RowStep {
         }
         const V var = adds_noise && r.var != nullptr ? V::loadu(r.var + i) : zero;
         const V zv = adds_noise ? V::loadu(zi) : zero;
+        const V hv = adds_hist ? V::loadu(r.h + i) : zero;
         V x0;
-        const V prev =
-            sampler_step_value(V::loadu(r.x + i), mv, var, zv, kv, lov, hiv, scalev, learned, adds_noise, x0);
+        const V prev = sampler_step_value(V::loadu(r.x + i), mv, var, hv, zv, kv, lov, hiv, scalev, learned, adds_hist,
+                                          adds_noise, x0);
         prev.store(r.out + i);
         if (r.out2 != nullptr) {
           prev.store(r.out2 + i);
@@ -109,9 +111,10 @@ struct RowStep {
         }
         zs = static_cast<opmath_t>(*z);
       }
+      const opmath_t h = adds_hist ? static_cast<opmath_t>(r.h[i]) : opmath_t(0);
       opmath_t x0;
-      const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, zs, k, lo, hi, scale,
-                                                        learned, adds_noise, x0);
+      const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, h, zs, k, lo, hi,
+                                                        scale, learned, adds_hist, adds_noise, x0);
       r.out[i] = static_cast<scalar_t>(out);
       if (r.out2 != nullptr) {
         r.out2[i] = static_cast<scalar_t>(out);
@@ -133,6 +136,7 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
                   a.guided ? m + (a.batch + image) * a.mn : nullptr,
                   nullptr,
                   a.noise != nullptr ? static_cast<const scalar_t*>(a.noise) + image * a.n : nullptr,
+                  a.hist != nullptr ? static_cast<const scalar_t*>(a.hist) + image * a.n : nullptr,
                   static_cast<scalar_t*>(a.out) + image * a.n,
                   a.out2 != nullptr ? static_cast<scalar_t*>(a.out2) + image * a.n : nullptr,
                   a.x0_out != nullptr ? static_cast<scalar_t*>(a.x0_out) + image * a.n : nullptr};
@@ -148,7 +152,9 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
     scale = opmath_t(1) / t;
   }
   const bool adds_noise = step_adds_noise(r.z != nullptr || a.philox, a.learned, k);
-  const RowStep<scalar_t> row{r, k, lo, hi, scale, static_cast<opmath_t>(a.cfg_scale), a.learned, adds_noise};
+  const bool adds_hist = step_adds_hist(r.h != nullptr, k);
+  const RowStep<scalar_t> row{r, k, lo, hi, scale, static_cast<opmath_t>(a.cfg_scale), a.learned, adds_hist,
+                              adds_noise};
   if (!(a.philox && adds_noise)) {
     row.run(i, end, r.z != nullptr ? r.z + i : nullptr);
     return;

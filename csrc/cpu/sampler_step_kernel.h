@@ -13,7 +13,8 @@ namespace fastdiff::cpu {
 // N elements in one shared memory order; the model output is B (or 2B, [uncond; cond]) rows of MN
 // elements (N, or 2N with the learned-variance channels after the first N). coef and threshold
 // are in the op-math type (double for float64 input, float otherwise). out may be x itself
-// (sampler_loop_step works in place): each element of x is read before its output is written.
+// (sampler_loop_step works in place), and x0_out may be hist (the loop step's history buffer): each
+// element of x and hist is read before its outputs are written.
 struct SamplerStepArgs {
   c10::ScalarType dtype;
   void* out;             // (B, N) x_{t-1}
@@ -22,6 +23,7 @@ struct SamplerStepArgs {
   const void* x;         // (B, N) x_t
   const void* m;         // (B or 2B, MN) model output
   const void* noise;     // (B, N) standard normals, or nullptr (Philox or no noise)
+  const void* hist;      // (B, N) the previous step's x0 (multistep), or nullptr; may be x0_out itself
   const void* coef;      // (kNumStepCoefs,) this step's row of the coefficient table
   const void* threshold; // (B,) dynamic-threshold s per image, or nullptr
   int64_t batch;         // B

@@ -27,20 +27,25 @@ constexpr int kBlocksPerSM = 8;
 
 // Blocks per SM the register budget must allow: 4 (64 registers) for the float op-math kernels, as
 // before the loop step's device cfg_scale read (without the bound it takes them to 68-70 registers,
-// 3 blocks); 2 for double (96 registers before: 2 blocks already). ptxas reports no spills.
-template <typename opmath_t>
-constexpr int kMinBlocksPerSM = sizeof(opmath_t) == 4 ? 4 : 2;
+// 3 blocks); 2 for double (96 registers before: 2 blocks already). The history build (a multistep
+// solver's previous x0: four more live values per thread and a twelfth coefficient) spilled 12-136
+// bytes under the 64-register cap, so it gets 3 blocks (85 registers); the kernels without history
+// keep their 4. ptxas reports no spills.
+template <typename opmath_t, bool kHist>
+constexpr int kMinBlocksPerSM = sizeof(opmath_t) == 4 ? (kHist ? 3 : 4) : 2;
 
-// out may be x itself (sampler_loop_step, in place): each element of x is read once, by the thread
-// that then writes its output, so neither pointer is __restrict__ (they may alias).
-template <typename scalar_t, typename opmath_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
+// out may be x itself (sampler_loop_step, in place), and x0_out may be hist (its history buffer):
+// each element of x and hist is read once, by the thread that then writes its outputs, so none of
+// those pointers is __restrict__ (they may alias).
+template <typename scalar_t, typename opmath_t, bool kHist>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t, kHist>)
     sampler_step_kernel(scalar_t* out,                           // (B, n) x_{t-1}; may be x
                         scalar_t* out2,                          // (B, n) a copy of x_{t-1}, or nullptr
-                        scalar_t* __restrict__ x0_out,           // (B, n) x0, or nullptr
+                        scalar_t* x0_out,                        // (B, n) x0, or nullptr; may be hist
                         const scalar_t* x,                       // (B, n) x_t
                         const scalar_t* __restrict__ m,          // (B or 2B, mn) model output
                         const scalar_t* __restrict__ noise,      // (B, n) normals, or nullptr
+                        const scalar_t* hist,                    // (B, n) the previous x0 (kHist builds)
                         const opmath_t* __restrict__ coefs,      // (steps, kNumStepCoefs)
                         const int64_t* __restrict__ step,        // () index into coefs
                         const opmath_t* __restrict__ threshold,  // (B,) or nullptr
@@ -57,9 +62,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
     k = load_step_coefs<opmath_t>(coefs + s * kNumStepCoefs);
   } else {
     const opmath_t nan = static_cast<opmath_t>(NAN);
-    k = StepCoefs<opmath_t>{nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan};
+    k = StepCoefs<opmath_t>{nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan, nan};
   }
   const bool adds_noise = step_adds_noise(noise != nullptr || a.philox, a.learned, k);
+  const bool adds_hist = kHist && step_adds_hist(hist != nullptr, k);
   opmath_t cfg = static_cast<opmath_t>(a.cfg_scale);
   if (cfg_dev != nullptr) {
     cfg = a.cfg_dev_double ? static_cast<opmath_t>(*static_cast<const double*>(cfg_dev))
@@ -85,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
     if (a.philox && adds_noise) {
       philox_block(key, s, b, i0, z4);
     }
-    opmath_t xv[4], mv[4], cv[4], vv[4], nv[4];
+    opmath_t xv[4], mv[4], cv[4], vv[4], nv[4], hv[4];
     const int count = static_cast<int>(a.n - i0 < 4 ? a.n - i0 : 4);
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (a.vec4) {  // 16-byte loads: the rows are aligned and n is a multiple of 4
@@ -105,6 +111,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
           const float4 n4 = *reinterpret_cast<const float4*>(noise + b * a.n + i0);
           nv[0] = n4.x, nv[1] = n4.y, nv[2] = n4.z, nv[3] = n4.w;
         }
+        if (kHist && adds_hist) {
+          const float4 h4 = *reinterpret_cast<const float4*>(hist + b * a.n + i0);
+          hv[0] = h4.x, hv[1] = h4.y, hv[2] = h4.z, hv[3] = h4.w;
+        }
       }
     }
     const bool loaded = std::is_same_v<scalar_t, float> && a.vec4;
@@ -116,6 +126,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
         if (mc != nullptr) cv[j] = static_cast<opmath_t>(mc[i0 + j]);
         if (var != nullptr && adds_noise) vv[j] = static_cast<opmath_t>(var[i0 + j]);
         if (noise != nullptr && adds_noise) nv[j] = static_cast<opmath_t>(noise[b * a.n + i0 + j]);
+        if (kHist && adds_hist) hv[j] = static_cast<opmath_t>(hist[b * a.n + i0 + j]);
       }
     }
     opmath_t ov[4], x0v[4];
@@ -125,7 +136,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t>)
         const opmath_t mj = mc != nullptr ? cfg_combine_value<opmath_t>(mv[j], cv[j], cfg) : mv[j];
         const opmath_t z = noise != nullptr ? nv[j] : static_cast<opmath_t>(z4[j]);
         const opmath_t v = var != nullptr && adds_noise ? vv[j] : opmath_t(0);
-        ov[j] = sampler_step_value<opmath_t>(xv[j], mj, v, adds_noise ? z : opmath_t(0), k, lo, hi, scale, a.learned,
+        ov[j] = sampler_step_value<opmath_t>(xv[j], mj, v, kHist && adds_hist ? hv[j] : opmath_t(0),
+                                             adds_noise ? z : opmath_t(0), k, lo, hi, scale, a.learned, adds_hist,
                                              adds_noise, x0v[j]);
       }
     }
@@ -201,7 +213,8 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
                     aligned16(plan.out.const_data_ptr()) &&
                     (!plan.out2.defined() || aligned16(plan.out2.const_data_ptr())) &&
                     (!plan.x0.defined() || aligned16(plan.x0.const_data_ptr())) &&
-                    (!plan.noise.defined() || aligned16(plan.noise.const_data_ptr()));
+                    (!plan.noise.defined() || aligned16(plan.noise.const_data_ptr())) &&
+                    (!plan.hist.defined() || aligned16(plan.hist.const_data_ptr()));
   StepKernelArgs a = pack_step_kernel_args(plan.batch, plan.n, plan.mn, coefs.size(0), plan.guided, learned_range,
                                            philox_seed.has_value(), vec4, cfg_scale, clip);
   a.cfg_dev_double = cfg_dev.defined() && cfg_dev.scalar_type() == at::kDouble;
@@ -214,11 +227,14 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sampler_step_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    sampler_step_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
+    auto* kernel = plan.hist.defined() ? &sampler_step_kernel<scalar_t, opmath_t, true>
+                                       : &sampler_step_kernel<scalar_t, opmath_t, false>;
+    kernel<<<blocks, kThreads, 0, stream>>>(
         plan.out.mutable_data_ptr<scalar_t>(), plan.out2.defined() ? plan.out2.mutable_data_ptr<scalar_t>() : nullptr,
         plan.x0.defined() ? plan.x0.mutable_data_ptr<scalar_t>() : nullptr, plan.x.const_data_ptr<scalar_t>(),
         plan.model_output.const_data_ptr<scalar_t>(),
-        plan.noise.defined() ? plan.noise.const_data_ptr<scalar_t>() : nullptr, table.const_data_ptr<opmath_t>(),
+        plan.noise.defined() ? plan.noise.const_data_ptr<scalar_t>() : nullptr,
+        plan.hist.defined() ? plan.hist.const_data_ptr<scalar_t>() : nullptr, table.const_data_ptr<opmath_t>(),
         step_index.const_data_ptr<int64_t>(), thresholds.defined() ? thresholds.const_data_ptr<opmath_t>() : nullptr,
         seed.defined() ? seed.const_data_ptr<int64_t>() : nullptr,
         cfg_dev.defined() ? cfg_dev.const_data_ptr() : nullptr, a);
@@ -233,12 +249,13 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const 
                                                      double cfg_scale, bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
-                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0) {
+                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0,
+                                                     const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x.is_cuda(), "sampler_step (cuda): x must be a CUDA tensor, got device ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   SamplerStepPlan plan =
       plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-                        return_x0);
+                        return_x0, history);
   launch_sampler_step(plan, coefs, step, cfg_scale, at::Tensor(), learned_range, clip, threshold, philox_seed);
   return finish_sampler_step(plan);
 }
@@ -247,11 +264,12 @@ void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_outp
                             const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale, bool learned_range,
                             double clip, const std::optional<at::Tensor>& threshold,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
-                            const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps) {
+                            const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
+                            const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x_in.is_cuda(), "sampler_loop_step (cuda): x_in must be a CUDA tensor, got device ", x_in.device());
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range,
-                                                      clip, threshold, noise, philox_seed, t_in, timesteps);
+                                                      clip, threshold, noise, philox_seed, t_in, timesteps, history);
   // No host sync, no value-dependent allocation: s, cfg_scale and the seed are read by the kernels.
   // An out-of-range s makes the step write NaN (as sampler_step does); the counter still advances.
   const at::Tensor cfg_dev = cfg_scale.has_value() ? *cfg_scale : at::Tensor();

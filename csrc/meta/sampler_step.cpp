@@ -13,8 +13,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const 
                                                      double cfg_scale, bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
-                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0) {
-  check_sampler_step_static(x, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed);
+                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0,
+                                                     const std::optional<at::Tensor>& history) {
+  check_sampler_step_static(x, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed, history);
   at::Tensor out = at::empty_like(x, x.options(), x.suggest_memory_format());
   at::Tensor x0 = return_x0 ? at::empty_like(out) : at::empty({0}, x.options());
   return {out, x0};

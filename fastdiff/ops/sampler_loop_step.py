@@ -30,30 +30,30 @@ def _inputs(x_in, model_output, coefs, step, *rest) -> dict[str, torch.Tensor]:
 
 
 def _check(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
-           timesteps) -> None:
-    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise)
+           timesteps, history) -> None:
+    _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise, history)
     batch = x_in.shape[0] // 2 if cfg_scale is not None else x_in.shape[0]
     _validate(x_in[:batch], model_output, coefs, step, 1.0 if cfg_scale is not None else None, learned_range, clip,
-              threshold, noise, None, threshold_values=False)
+              threshold, noise, None, history, threshold_values=False)
 
 
 def _prepare(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
-             timesteps, backend, checked=True) -> tuple:
+             timesteps, history, backend, checked=True) -> tuple:
     """The kernels' arguments: learned_range a bool, clip a float (inf for none)."""
     _check(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
-           timesteps)
+           timesteps, history)
     if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
         threshold = threshold.float()
     return (x_in, model_output, coefs, step, cfg_scale, bool(learned_range), math.inf if clip is None else float(clip),
-            threshold, noise, philox_seed, t_in, timesteps)
+            threshold, noise, philox_seed, t_in, timesteps, history)
 
 
 def _reference(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, t_in,
-               timesteps) -> None:
+               timesteps, history) -> None:
     _reference_sampler_loop_step(
         x_in, model_output, coefs, step, cfg_scale=cfg_scale, learned_range=learned_range,
         clip=None if math.isinf(clip) else clip, threshold=threshold, noise=noise, philox_seed=philox_seed, t_in=t_in,
-        timesteps=timesteps)
+        timesteps=timesteps, history=history)
 
 
 # The sampling loop's in-place step: the same kernels, so the same rules (sampler_step's); its own
@@ -74,22 +74,22 @@ SUPPORT = register_op(
 )
 
 
-@torch.library.custom_op("fastdiff::sampler_loop_step_triton", mutates_args=("x_in", "step", "t_in"))
+@torch.library.custom_op("fastdiff::sampler_loop_step_triton", mutates_args=("x_in", "step", "t_in", "history"))
 def _sampler_loop_step_triton(
     x_in: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor,
     cfg_scale: torch.Tensor | None, learned_range: bool, clip: float, threshold: torch.Tensor | None,
     noise: torch.Tensor | None, philox_seed: torch.Tensor | None, t_in: torch.Tensor | None,
-    timesteps: torch.Tensor | None,
+    timesteps: torch.Tensor | None, history: torch.Tensor | None = None,
 ) -> None:
     from ..triton.sampler_step import sampler_loop_step as triton_sampler_loop_step
 
     triton_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                             philox_seed, t_in, timesteps)
+                             philox_seed, t_in, timesteps, history)
 
 
 @_sampler_loop_step_triton.register_fake
 def _sampler_loop_step_triton_fake(x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                                   philox_seed, t_in, timesteps):
+                                   philox_seed, t_in, timesteps, history=None):
     return None
 
 
@@ -100,7 +100,7 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
-def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise):
+def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philox_seed, noise, history=None):
     if not isinstance(x_in, torch.Tensor) or not x_in.is_floating_point() or x_in.dim() < 2:
         raise TypeError("sampler_loop_step: x_in must be a floating tensor (B or 2B, C, *spatial)")
     if not x_in.is_contiguous():
@@ -122,10 +122,25 @@ def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philo
     if philox_seed is not None and not (isinstance(philox_seed, torch.Tensor) and philox_seed.dtype == torch.int64
                                         and philox_seed.numel() == 1 and philox_seed.device == x_in.device):
         raise TypeError("sampler_loop_step: philox_seed must be None or a one-element int64 tensor on x_in's device")
-    for name, t in (("model_output", model_output), ("noise", noise)):
-        if t is not None and shares_memory(t, x_in):
+    for name, t in (("model_output", model_output), ("noise", noise), ("history", history)):
+        if t is not None and isinstance(t, torch.Tensor) and shares_memory(t, x_in):
             raise ValueError(f"sampler_loop_step: {name} shares memory with x_in, which the step writes in place "
                              f"while reading {name}; pass a copy ({name}.clone())")
+    if history is not None:
+        batch = x_in.shape[0] // 2 if cfg_scale is not None else x_in.shape[0]
+        want = (batch,) + tuple(x_in.shape[1:])
+        if not (isinstance(history, torch.Tensor) and tuple(history.shape) == want and history.dtype == x_in.dtype
+                and history.device == x_in.device and history.is_contiguous()):
+            got = (f"{tuple(history.shape)} {history.dtype} on {history.device}"
+                   f"{'' if history.is_contiguous() else ', not contiguous'}" if isinstance(history, torch.Tensor)
+                   else type(history).__name__)
+            raise ValueError(f"sampler_loop_step: history must be a contiguous tensor like x_in[:B] ({want}, "
+                             f"{x_in.dtype}, {x_in.device}): the step reads the previous x0 from it and writes "
+                             f"this step's x0 into it; got {got}")
+        for name, t in (("model_output", model_output), ("noise", noise)):
+            if t is not None and shares_memory(t, history):
+                raise ValueError(f"sampler_loop_step: {name} shares memory with history, which the step writes in "
+                                 f"place while reading {name}; pass a copy ({name}.clone())")
     if (t_in is None) != (timesteps is None):
         raise ValueError("sampler_loop_step: give t_in and timesteps together, or neither")
     for name, t in (("t_in", t_in), ("timesteps", timesteps)):
@@ -148,6 +163,7 @@ def sampler_loop_step(
     philox_seed: torch.Tensor | None = None,
     t_in: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> None:
     """The sampling loop's step, in place, with every per-step value read on the device.
@@ -160,10 +176,12 @@ def sampler_loop_step(
     becomes timesteps[s + 1] everywhere (unchanged after the last step). Noise, ``clip``,
     ``threshold`` and ``learned_range`` as ``sampler_step``; ``philox_seed`` a one-element int64
     tensor. ``threshold``'s values are not checked here (that would read them on the host every
-    step): pass finite positive values, as ``fastdiff.sample`` does. Nothing is read on the host
+    step): pass finite positive values, as ``fastdiff.sample`` does. ``history`` (a contiguous
+    tensor like x_in[:B]; multistep solvers) is read as the previous step's x0, weighed by the
+    row's c_hist (not read where c_hist is 0), and then holds this step's x0. Nothing is read on the host
     and nothing is allocated for the outputs, so a CUDA graph
     can capture one step and replay it for every step. Out-of-range s: the CPU raises; CUDA and
     Triton write NaN.
     """
     SUPPORT(backend, x_in, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-            t_in, timesteps)
+            t_in, timesteps, history)

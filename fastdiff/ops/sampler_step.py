@@ -35,30 +35,33 @@ CHECKED = ("x", "model_output")
 
 
 def _inputs(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-            return_x0) -> dict[str, torch.Tensor]:
+            return_x0, history) -> dict[str, torch.Tensor]:
     inputs = {"x": x, "model_output": model_output, "coefs": coefs}
     if threshold is not None:
         inputs["threshold"] = threshold
     if noise is not None:
         inputs["noise"] = noise
+    if history is not None:
+        inputs["history"] = history
     return inputs
 
 
 def _check(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-           return_x0) -> None:
-    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
+           return_x0, history) -> None:
+    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, history)
 
 
 def _prepare(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
-             backend, checked=True) -> tuple:
-    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed)
+             history, backend, checked=True) -> tuple:
+    _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, history)
     if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
         threshold = threshold.float()  # exact for float16/bfloat16; every backend reads float32 or float64
-    return x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0
+    return (x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+            history)
 
 
 def _reference(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-               return_x0):
+               return_x0, history):
     step_index = step if _is_int(step) else step.reshape(())
     seed = philox_seed
     if philox_seed is not None:  # the reference draws Philox on the host
@@ -66,7 +69,7 @@ def _reference(x, model_output, coefs, step, cfg_scale, learned_range, clip, thr
         seed = int(philox_seed.reshape(())) if isinstance(philox_seed, torch.Tensor) else philox_seed
     x_prev, x0 = _reference_sampler_step(
         x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
-        threshold=threshold, noise=noise, philox_seed=seed,
+        threshold=threshold, noise=noise, philox_seed=seed, history=history,
     )
     return x_prev, (x0 if return_x0 else None)
 
@@ -75,7 +78,8 @@ def _kernel(op: str):
     """The run function of a step kernel: torch.ops.fastdiff.<op> with its scalars and the step index
     and seed as device tensors."""
 
-    def run(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0):
+    def run(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+            history):
         step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
         # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph
         # capture refuses; the sampling loop passes its seed (and step) as device tensors made once.
@@ -83,7 +87,7 @@ def _kernel(op: str):
             philox_seed, dtype=torch.int64, device=x.device)
         x_prev, x0 = getattr(torch.ops.fastdiff, op)(
             x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
-            math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0),
+            math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0), history,
         )
         return x_prev, (x0 if return_x0 else None)
 
@@ -126,17 +130,18 @@ SUPPORT = register_op(
 def _sampler_step_triton(
     x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor, cfg_scale: float,
     learned_range: bool, clip: float, threshold: torch.Tensor | None, noise: torch.Tensor | None,
-    philox_seed: torch.Tensor | None, return_x0: bool,
+    philox_seed: torch.Tensor | None, return_x0: bool, history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton.sampler_step import sampler_step as triton_sampler_step
 
     return triton_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                               philox_seed, return_x0)
+                               philox_seed, return_x0, history)
 
 
 @_sampler_step_triton.register_fake
 def _sampler_step_triton_fake(
     x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+    history=None,
 ):
     from torch._prims_common import suggest_memory_format
 
@@ -157,7 +162,7 @@ def _tracing_or_capturing(t: torch.Tensor) -> bool:
 
 
 def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-              threshold_values=True):
+              history=None, threshold_values=True):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"sampler_step: x must be a floating tensor (B, C, *spatial), got {what}")
@@ -234,6 +239,12 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
             "sampler_step: philox_seed must be an int in [0, 2**63) or a one-element int64 tensor on x's device, "
             f"got {philox_seed!r}"
         )
+    if history is not None and not (isinstance(history, torch.Tensor) and history.shape == x.shape
+                                    and history.dtype == x.dtype and history.device == x.device):
+        got = (f"{tuple(history.shape)} {history.dtype} on {history.device}" if isinstance(history, torch.Tensor)
+               else type(history).__name__)
+        raise ValueError(f"sampler_step: history must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}) "
+                         f"holding the previous step's x0, got {got}")
 
 
 def sampler_step(
@@ -249,6 +260,7 @@ def sampler_step(
     noise: torch.Tensor | None = None,
     philox_seed: int | torch.Tensor | None = None,
     return_x0: bool = False,
+    history: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused sampler step; returns (x_prev, x0 or None), in x's dtype and memory format.
@@ -262,7 +274,9 @@ def sampler_step(
     same numbers on every backend and batch size (fastdiff.reference.philox) — or none.
     ``philox_seed`` is an int or a one-element int64 tensor on x's device (the form a CUDA graph
     capture needs: an int is copied to the device on every call). ``clip`` clamps x0 to
-    [-clip, clip]; ``threshold`` (B,) applies dynamic thresholding: finite
+    [-clip, clip]; ``history`` (like x) is a multistep solver's previous x0 (DPM-Solver++), added
+    with the row's c_hist weight (a row whose c_hist is 0 does not read it); ``threshold`` (B,)
+    applies dynamic thresholding: finite
     positive values (checked, except under torch.compile or CUDA graph capture), any floating dtype
     (float16/bfloat16 are read as float32 on every backend).
     ``backend``: "auto" | "reference" | "cpu" | "cuda" | "triton"; FASTDIFF_BACKEND overrides it.
@@ -277,4 +291,4 @@ def sampler_step(
     reach the result.
     """
     return SUPPORT(backend, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                   philox_seed, return_x0)
+                   philox_seed, return_x0, history)

@@ -240,6 +240,8 @@ def dpmpp_2m_step(
     prediction: str = "eps",
     alpha_before: torch.Tensor | None = None,
     previous_x0: torch.Tensor | None = None,
+    sde: bool = False,
+    noise: torch.Tensor | None = None,
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DPM-Solver++(2M) step (Lu et al. 2022; diffusers' DPMSolverMultistepScheduler with
@@ -247,23 +249,38 @@ def dpmpp_2m_step(
     Returns (x_prev, x0). With α = √ᾱ, σ = √(1-ᾱ), λ = log(α/σ), h = λ_t - λ_s and D0 the
     prediction's x0: x_t = (σ_t/σ_s) x - α_t (e^{-h} - 1) D0, and at second order (``alpha_before``,
     ᾱ at the previous step's timestep, and ``previous_x0``, D1, given) also
-    - 0.5 α_t (e^{-h} - 1) (D0 - D1) / r with r = (λ_s - λ_before) / h."""
+    - 0.5 α_t (e^{-h} - 1) (D0 - D1) / r with r = (λ_s - λ_before) / h.
+
+    ``sde``: the SDE variant (diffusers' ``algorithm_type="sde-dpmsolver++"``, midpoint; Lu et al.
+    2022, sec. 5): x_t = (σ_t/σ_s) e^{-h} x + α_t (1 - e^{-2h}) D0 [+ 0.5 α_t (1 - e^{-2h}) (D0 - D1) / r]
+    + σ_t √(1 - e^{-2h}) ``noise``."""
     if upcast:
         compute = torch.promote_types(x.dtype, torch.float32)
         up = lambda t: None if t is None else t.to(compute)  # noqa: E731
         x_prev, x0 = dpmpp_2m_step(up(x), up(model_output), alpha_t, alpha_prev, prediction=prediction,
-                                   alpha_before=alpha_before, previous_x0=up(previous_x0))
+                                   alpha_before=alpha_before, previous_x0=up(previous_x0), sde=sde, noise=up(noise))
         return x_prev.to(x.dtype), x0.to(x.dtype)
     x0, _ = predict_x0_and_eps(x, model_output, alpha_t, prediction)
     alpha_s, sigma_s = alpha_t**0.5, (1 - alpha_t) ** 0.5
     alpha_n, sigma_n = alpha_prev**0.5, (1 - alpha_prev) ** 0.5
     exp_neg_h = alpha_s * sigma_n / (sigma_s * alpha_n)  # e^{-h}, 0 when σ_t = 0 (the last step)
-    prev = (sigma_n / sigma_s) * x - alpha_n * (exp_neg_h - 1) * x0
+    if sde:
+        prev = (sigma_n / sigma_s * exp_neg_h) * x + alpha_n * (1 - exp_neg_h**2) * x0
+        d1_weight = 0.5 * alpha_n * (1 - exp_neg_h**2)
+    else:
+        prev = (sigma_n / sigma_s) * x - alpha_n * (exp_neg_h - 1) * x0
+        d1_weight = -0.5 * alpha_n * (exp_neg_h - 1)
     if alpha_before is not None:
         if previous_x0 is None:
             raise ValueError("dpmpp_2m_step: a second-order step needs previous_x0")
         lam_before = torch.log(alpha_before**0.5 / (1 - alpha_before) ** 0.5)
         lam_s, lam_t = torch.log(alpha_s / sigma_s), torch.log(alpha_n / sigma_n)
         r = (lam_s - lam_before) / (lam_t - lam_s)
-        prev = prev - 0.5 * alpha_n * (exp_neg_h - 1) / r * (x0 - previous_x0)
+        prev = prev + d1_weight / r * (x0 - previous_x0)
+    if sde:
+        std = sigma_n * (1 - exp_neg_h**2) ** 0.5
+        if bool(std > 0):
+            if noise is None:
+                raise ValueError("dpmpp_2m_step: an SDE step to σ_t > 0 needs noise")
+            prev = prev + std * noise
     return prev, x0

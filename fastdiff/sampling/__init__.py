@@ -12,6 +12,7 @@ from .samplers import (
     DDIMSampler,
     DDPMSampler,
     DPMSolverPlusPlus2MSampler,
+    DPMSolverPlusPlus2MSDESampler,
     EulerAncestralSampler,
     EulerSampler,
     Sampler,
@@ -20,5 +21,6 @@ from .samplers import (
 
 __all__ = ["sample", "SamplingConfig", "SamplingPlan", "graphs", "capture_check", "CaptureCheckError",
            "CaptureReport", "Sampler", "DDIMSampler", "DDPMSampler",
-           "EulerSampler", "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "make_sampler", "NoiseStreams",
+           "EulerSampler", "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler",
+           "DPMSolverPlusPlus2MSDESampler", "make_sampler", "NoiseStreams",
            "SAMPLERS", "VARIANCES"]

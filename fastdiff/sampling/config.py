@@ -160,6 +160,7 @@ class SamplingConfig:
     schedule: Schedule
     timestep_spacing: str
     steps_offset: int
+    karras_sigmas: bool
     prediction: str
     variance: str | None
     clip_x0: float | None
@@ -205,7 +206,7 @@ class SamplingConfig:
             id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.start,
             self.init is not None, None if self.mask is None else tuple(self.mask.shape), self.noised_init,
             self.guided, self.eta,
-            _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset,
+            _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset, self.karras_sigmas,
             self.prediction, self.variance, self.clip_x0, self.threshold, self.set_alpha_to_one, self.backend,
             self.classifier_grad is not None, kw_sig,
         )
@@ -227,9 +228,6 @@ class SamplingConfig:
             reasons.append("check_finite reads the model output on the host every step")
         if self.backend == "reference":
             reasons.append("backend='reference' reads the step index and the seed on the host")
-        if self.sampler == "dpmpp_2m":
-            reasons.append("sampler='dpmpp_2m' keeps its previous x0 outside the fused loop op and advances the step "
-                           "on the host")
         return reasons
 
     @classmethod
@@ -252,6 +250,7 @@ class SamplingConfig:
         num_train_timesteps: int | None = None,
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
+        karras_sigmas: bool = False,
         prediction: str = "eps",
         variance: str | None = None,
         clip_x0: float | bool | None = None,
@@ -300,7 +299,8 @@ class SamplingConfig:
         if classifier_grad is not None and not callable(classifier_grad):
             raise TypeError(f"classifier_grad must be callable, got {type(classifier_grad).__name__}")
         check_sampler_options(sampler, variance=variance, eta=eta, clip_x0=clip_x0, dynamic_threshold=threshold,
-                              classifier_grad=classifier_grad, timestep_spacing=timestep_spacing)
+                              classifier_grad=classifier_grad, timestep_spacing=timestep_spacing,
+                              karras_sigmas=karras_sigmas)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if not any(cuda_graph is mode or (isinstance(mode, str) and cuda_graph == mode) for mode in CUDA_GRAPH_MODES):
@@ -384,6 +384,7 @@ class SamplingConfig:
             sampler=sampler, steps=steps, cfg=cfg,
             cond=cond, uncond=uncond,
             eta=float(eta), schedule=schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+            karras_sigmas=karras_sigmas,
             prediction=prediction, variance=variance, clip_x0=clip_x0, threshold=threshold,
             set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad, seed=base_seed(generator),
             dtype=dtype, device=device, backend=backend, progress=bool(progress), callback=callback,

@@ -73,7 +73,8 @@ class SamplingPlan:
         self.config = c
         self.sampler: Sampler = make_sampler(
             c.sampler, c.schedule, c.steps, eta=c.eta, set_alpha_to_one=c.set_alpha_to_one,
-            timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, prediction=c.prediction,
+            timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, karras_sigmas=c.karras_sigmas,
+            prediction=c.prediction,
             variance=c.variance, clip_x0=c.clip_x0, dynamic_threshold=c.threshold, device=c.device, dtype=c.dtype,
             start=c.start,
         )
@@ -87,6 +88,9 @@ class SamplingPlan:
         self.counter = torch.zeros((), dtype=torch.int64, device=c.device)
         self.draws_noise = any(self.sampler.draws_noise(i) for i in range(self.num_steps))
         self.seed = torch.zeros((), dtype=torch.int64, device=c.device) if self.draws_noise else None
+        # A multistep solver's previous x0, which the loop op reads and overwrites at every step (the
+        # first step's row does not read it: it holds garbage until then).
+        self.history = torch.empty_like(self.x) if self.sampler.multistep else None
         self.cfg = torch.ones((), dtype=torch.float64, device=c.device) if c.guided else None
         self.kwargs = self._static_kwargs(c)
         self.out_channels = c.shape[1] * self.sampler.model_channels_factor
@@ -94,10 +98,8 @@ class SamplingPlan:
         # Where the model runs: capture_check swaps in a marker that tells the model's ops from the loop's.
         self.model_region: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.inpaint = _Inpaint(self) if c.mask is not None else None
-        if self.sampler.multistep:
-            self.strategy: _Strategy = _Multistep(self)
-        elif c.classifier_grad is not None:
-            self.strategy = _ClassifierGuided(self)
+        if c.classifier_grad is not None:
+            self.strategy: _Strategy = _ClassifierGuided(self)
         elif c.threshold is not None:
             self.strategy = _Thresholded(self)
         else:
@@ -134,7 +136,7 @@ class SamplingPlan:
         if c.noised_init:
             # img2img: the images noised to the first timestep that runs, as diffusers' add_noise does
             # (for the Euler samplers too: their model input √ᾱ (init + σ noise) is the same blend).
-            a = float(c.schedule.alphas_cumprod[self.sampler.timesteps[0]])
+            a = float(self.sampler.alpha_levels[0])
             torch.add(c.init.to(device=c.device, dtype=c.dtype) * math.sqrt(a), x_T.to(c.dtype),
                       alpha=math.sqrt(1 - a), out=self.x_in[:B])
         else:
@@ -231,10 +233,11 @@ class _Inpaint:
         c, s = plan.config, plan.sampler
         self.plan = plan
         compute = torch.promote_types(c.dtype, torch.float32)
-        ac = c.schedule.alphas_cumprod.double()
-        # Row k: the noise level after k steps: timesteps[k] while steps remain, clean (ᾱ = 1) after the
-        # last. Row 0 is never read (the counter is >= 1 after a step).
-        alpha = torch.cat([ac[s.timesteps], ac.new_ones(1)])
+        # Row k: the noise level after k steps: step k's while steps remain (the schedule's ᾱ at its
+        # timestep, or its Karras σ), clean (ᾱ = 1) after the last. Row 0 is never read (the counter is
+        # >= 1 after a step).
+        levels = s.alpha_levels
+        alpha = torch.cat([levels, levels.new_ones(1)])
         self.table = torch.stack([alpha.sqrt(), (1 - alpha).sqrt()], dim=1).to(device=c.device, dtype=compute)
         self.coef = torch.empty(1, 2, dtype=compute, device=c.device)
         # Views made once (index_select writes into coef; the counter and x_in are the plan's own buffers).
@@ -299,31 +302,11 @@ class _Fused(_Strategy):
             # First step: every check and the backend choice, once; the plan's buffers keep their
             # signature, so later steps run the bound kernel with no dispatch.
             binding = LOOP_SUPPORT.bind(c.backend, p.x_in, out, p.coefs, p.counter, p.cfg, learned, c.clip_x0,
-                                        threshold, None, p.seed, p.t_in, p.timesteps)
+                                        threshold, None, p.seed, p.t_in, p.timesteps, p.history)
             self._run = binding.kernel.run
         clip = math.inf if c.clip_x0 is None else c.clip_x0
-        self._run(p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps)
-
-
-class _Multistep(_Strategy):
-    """A multistep solver (DPM-Solver++ 2M): the fused ``ops.sampler_step`` with the previous step's x0
-    as its ``noise`` input (the table's ``sigma`` column weighs it), then x0 kept for the next step and
-    x_prev written into both halves; the counter and t advance as the loop op would."""
-
-    def __init__(self, plan: SamplingPlan) -> None:
-        super().__init__(plan)
-        self.history = torch.empty_like(plan.x)
-
-    def __call__(self, i: int, out: torch.Tensor) -> None:
-        p, c = self.plan, self.plan.config
-        if i == 0:
-            self.history.zero_()  # read with weight 0 at the first step: no garbage (0 * NaN) may enter
-        with torch.no_grad():
-            x_prev, x0 = ops.sampler_step(p.x, out, p.coefs, p.counter.reshape(1),
-                                          cfg_scale=c.cfg if c.guided else None, noise=self.history, return_x0=True,
-                                          backend=c.backend)
-            self.history.copy_(x0)
-            self.advance(i, x_prev)
+        self._run(p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps,
+                  p.history)
 
 
 class _Thresholded(_Fused):

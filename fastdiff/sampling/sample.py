@@ -70,6 +70,7 @@ def sample(
     num_train_timesteps: int | None = None,
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
+    karras_sigmas: bool = False,
     prediction: str = "eps",
     variance: str | None = None,
     clip_x0: float | bool | None = None,
@@ -85,8 +86,8 @@ def sample(
     check_finite: bool = False,
     cuda_graph: str | bool = "auto",
 ) -> torch.Tensor:
-    """Sample from a diffusion model with DDIM, ancestral DDPM, Euler or Euler ancestral; returns the
-    final x_0 batch.
+    """Sample from a diffusion model with DDIM, ancestral DDPM, Euler, Euler ancestral or DPM-Solver++
+    (2M, or its SDE variant); returns the final x_0 batch.
 
     Model contract: ``model(x, t, **kwargs)`` with ``t`` an int64 tensor of shape (batch,) on x's
     device, returning a tensor, a tuple (first item used) or an object with ``.sample``. ``x``,
@@ -123,8 +124,10 @@ def sample(
             ``scale_model_input`` scale it, see :class:`fastdiff.sampling.EulerSampler`), or
             "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: diffusers' DPMSolverMultistepScheduler with
             ``algorithm_type="dpmsolver++"``, order 2, midpoint, a zero final sigma, on its timesteps;
-            no clip_x0, dynamic_threshold, eta or classifier_grad; its step keeps the previous x0 and
-            runs outside the loop op, so it is not captured in a CUDA graph yet).
+            no clip_x0, dynamic_threshold, eta or classifier_grad; the loop op keeps the previous
+            step's x0 in a device buffer, so it is still one op per step and CUDA-graph capturable),
+            or "dpmpp_2m_sde" (the same scheduler with ``algorithm_type="sde-dpmsolver++"``: fresh
+            noise every step but the last, from the per-image Philox streams).
         steps: inference steps, 1 ≤ steps ≤ the schedule's training timesteps.
         cfg: classifier-free guidance scale. The model is called once per step on the batch
             [uncond; cond] (tensor kwargs concatenated on dim 0) and
@@ -138,6 +141,10 @@ def sample(
         schedule: "linear", "scaled_linear", "cosine" ("squaredcos_cap_v2") or a ``fastdiff.Schedule``.
         num_train_timesteps: training timesteps of a named schedule (default 1000).
         timestep_spacing, steps_offset: "leading" (default, with offset), "trailing", "linspace".
+        karras_sigmas: DPM-Solver++ only: step through Karras et al. 2022's noise levels (ρ = 7) as
+            diffusers' ``use_karras_sigmas=True`` does: the model sees each level's timestep rounded
+            to an int, the update uses the level itself; the spacing and offset are then unused. Not
+            with the cosine schedule (diffusers leaves its timesteps fractional there).
         prediction: what the model predicts: "eps", "v" or "x0".
         variance: DDPM variance: "fixed_small" (default, β̃), "fixed_large" (β) or "learned_range"
             (the model outputs 2C channels). With DDIM only "learned_range" is accepted, to drop the
@@ -172,7 +179,8 @@ def sample(
         model, shape, noise=noise, init=init, strength=strength, mask=mask, sampler=sampler, steps=steps, cfg=cfg,
         cond=cond, uncond=uncond, eta=eta,
         schedule=schedule, num_train_timesteps=num_train_timesteps, timestep_spacing=timestep_spacing,
-        steps_offset=steps_offset, prediction=prediction, variance=variance, clip_x0=clip_x0,
+        steps_offset=steps_offset, karras_sigmas=karras_sigmas, prediction=prediction, variance=variance,
+        clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad,
         generator=generator, dtype=dtype, device=device, backend=backend, progress=progress, callback=callback,
         check_finite=check_finite, cuda_graph=cuda_graph,

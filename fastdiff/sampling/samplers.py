@@ -8,6 +8,7 @@ Python int or as a 0-d int64 device tensor (the form a captured CUDA graph needs
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -16,9 +17,9 @@ from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
 __all__ = ["SAMPLERS", "VARIANCES", "check_sampler_options", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler",
-           "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "make_sampler"]
+           "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "DPMSolverPlusPlus2MSDESampler", "make_sampler"]
 
-SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
+SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 
@@ -30,23 +31,30 @@ def _at(table: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
 
 
 # The samplers without x0 processing, eta or classifier guidance, and those whose timesteps must be integers.
-_PLAIN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m")
+_PLAIN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde")
+_DPM_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
 _INTEGER_SPACINGS = {"euler": ("leading", "trailing"), "euler_a": ("leading", "trailing")}
 
 
 def check_sampler_options(sampler: str, *, variance: str | None = None, eta: float = 0.0, clip_x0: float | None = None,
                           dynamic_threshold: tuple[float, float] | None = None, classifier_grad: object = None,
-                          timestep_spacing: str = "leading") -> None:
+                          timestep_spacing: str = "leading", karras_sigmas: bool = False) -> None:
     """Raise ValueError, naming the option, for what ``sampler`` does not take (``fastdiff.sample``'s
     config and the samplers' constructors both ask here)."""
     if sampler != "ddpm" and variance not in (None, "learned_range"):
         raise ValueError(
             f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
+    if not isinstance(karras_sigmas, bool):
+        raise ValueError(f"karras_sigmas must be True or False, got {karras_sigmas!r}")
+    if karras_sigmas and sampler not in _DPM_SAMPLERS:
+        raise ValueError(f"karras_sigmas applies to sampler='dpmpp_2m' and 'dpmpp_2m_sde', not {sampler!r} "
+                         "(diffusers' Euler samplers step through fractional timesteps with Karras sigmas, which the "
+                         "loop's int64 timestep input cannot carry)")
     if sampler not in _PLAIN_SAMPLERS:
         return
     if eta != 0:
         raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
-                         "dpmpp_2m none, euler_a ancestral)")
+                         "dpmpp_2m none, euler_a ancestral, dpmpp_2m_sde the SDE's)")
     for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", dynamic_threshold),
                         ("classifier_grad", classifier_grad)):
         if value is not None:
@@ -99,21 +107,21 @@ class Sampler:
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(ts):
             raise ValueError(f"start must be an int in [0, {len(ts)}) (the first of the {len(ts)} steps to run), "
                              f"got {start!r}")
+        alpha_t, alpha_prev = self._step_alphas(ts)
         # img2img: the run begins at step ``start`` of the schedule's timesteps (see SamplingConfig's strength);
         # every table below holds the steps that run, so step 0 is always the first one run.
-        ts = ts[start:]
+        ts, alpha_t, alpha_prev = ts[start:], alpha_t[start:], alpha_prev[start:]
         self.start = start
         schedule.check_prediction(prediction, ts)  # eps at zero SNR would make every sample NaN
         self.timesteps: list[int] = ts.tolist()
         self.timesteps_device = ts.to(self.device)
-        prev = self._previous_timesteps(ts)
-        ac = schedule.alphas_cumprod
-        alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], self._final_alpha())
-        self.alpha_t = self._table(ac[ts])
+        #: ᾱ of each step's noise level, float64 on the host: what img2img and inpainting noise ``init`` to.
+        self.alpha_levels = alpha_t
+        self.alpha_t = self._table(alpha_t)
         self.alpha_prev = self._table(alpha_prev)
         # Row i of the fused step's coefficient table, and i itself as a 0-d device tensor: views
         # made once, so a step dispatches nothing but the fused op itself.
-        self.coefs = self._table(self.coefficient_table(ac[ts].double(), alpha_prev.double()))
+        self.coefs = self._table(self.coefficient_table(alpha_t, alpha_prev))
         self.step_indices = torch.arange(len(self.timesteps), device=self.device).unbind(0)
 
     def _timesteps(self, schedule: Schedule, steps: int, spacing: str, offset: int) -> torch.Tensor:
@@ -124,20 +132,30 @@ class Sampler:
         after the last; DDIM overrides it."""
         return torch.cat([ts[1:], ts.new_full((1,), -1)])
 
-    #: Whether a step reads the previous step's x0 (a multistep solver): the loop passes it as the fused
-    #: step's ``noise`` input, which the ``sigma`` column then weighs.
+    def _step_alphas(self, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ at each step's timestep, ᾱ where it moves to), float64: the schedule's, at the timesteps
+        (a sampler with its own noise levels, as DPM-Solver++ with Karras sigmas, overrides it)."""
+        prev = self._previous_timesteps(ts)
+        ac = self.schedule.alphas_cumprod
+        alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], self._final_alpha())
+        return ac[ts].double(), alpha_prev.double()
+
+    #: Whether a step reads the previous step's x0 (a multistep solver): the loop keeps it in a buffer
+    #: that the fused step reads as its ``history`` input (weighed by the ``c_hist`` column) and
+    #: overwrites with the step's own x0.
     multistep = False
 
     def _update_coefficients(self, a: torch.Tensor, ap: torch.Tensor, cols: dict) -> None:
-        """Fill the c_* / sigma / log_* / noise columns (float64 tensors over the steps)."""
+        """Fill the c_* / sigma / log_* / noise / c_hist columns (float64 tensors over the steps)."""
         raise NotImplementedError
 
     def coefficient_table(self, alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
-        """(steps, 11) float64 coefficients of the fused step, columns as ``STEP_COEFS``.
+        """(steps, 12) float64 coefficients of the fused step, columns as ``STEP_COEFS``.
 
         x0 = a_x x + a_m m and eps = e_x x + e_m m turn the prediction m into x0 and eps (the
         formulas of ``reference.sampling.predict_x0_and_eps``, solved for the coefficients); the
-        sampler fills the update prev = c_x0 x0 + c_eps eps + c_x x + sigma z.
+        sampler fills the update prev = c_x0 x0 + c_eps eps + c_x x + c_hist h + sigma z (h the
+        previous step's x0, for a multistep solver).
         """
         a, ap = alpha_t, alpha_prev
         zero, one = torch.zeros_like(a), torch.ones_like(a)
@@ -159,11 +177,13 @@ class Sampler:
         *,
         cfg_scale: float | None = None,
         noise: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
         backend: str = "auto",
     ) -> torch.Tensor:
         """x_t → x_prev at step ``i`` through ``fastdiff.ops.sampler_step`` (one pass; with 2B
         model-output rows the guidance combine happens inside it). Dynamic thresholding takes a
-        first pass for the per-image quantile of |x0|."""
+        first pass for the per-image quantile of |x0|. ``history``: a multistep solver's previous
+        x0 (see :attr:`multistep`)."""
         threshold = None
         if self.dynamic_threshold is not None:
             if model_output.shape[0] != x.shape[0]:
@@ -178,7 +198,7 @@ class Sampler:
         learned = self.learned_sigma
         x_prev, _ = ops.sampler_step(
             x, model_output, self.coefs, self.step_indices[i], cfg_scale=cfg_scale, learned_range=learned,
-            clip=self.clip_x0, threshold=threshold, noise=noise, backend=backend,
+            clip=self.clip_x0, threshold=threshold, noise=noise, history=history, backend=backend,
         )
         return x_prev
 
@@ -216,9 +236,11 @@ class Sampler:
         model_output: torch.Tensor,
         noise: torch.Tensor | None = None,
         classifier_grad: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t → x_prev at step ``i``; returns (x_prev, predicted x0), in x's dtype with the
-        arithmetic in float32 (float64 for float64 x)."""
+        arithmetic in float32 (float64 for float64 x). ``history``: the previous step's x0, which
+        a multistep solver's second-order steps need."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -258,7 +280,7 @@ class DDIMSampler(Sampler):
         cols["sigma"] = std
         cols["noise"] = torch.full_like(a, float(self.eta > 0))
 
-    def step(self, i, x, model_output, noise=None, classifier_grad=None):
+    def step(self, i, x, model_output, noise=None, classifier_grad=None, history=None):
         if self.variance == "learned_range":
             model_output = model_output[:, : x.shape[1]]
         return ref.ddim_step(
@@ -301,7 +323,7 @@ class DDPMSampler(Sampler):
         cols["log_large"] = beta.log()
         cols["noise"] = noise
 
-    def step(self, i, x, model_output, noise=None, classifier_grad=None):
+    def step(self, i, x, model_output, noise=None, classifier_grad=None, history=None):
         return ref.ddpm_step(
             x, model_output, _at(self.alpha_t, i), _at(self.alpha_prev, i),
             prediction=self.prediction, variance=self.variance,
@@ -368,7 +390,7 @@ class EulerSampler(Sampler):
     def draws_noise(self, i: int) -> bool:
         return self._noise_steps[i]
 
-    def step(self, i, x, model_output, noise=None, classifier_grad=None):
+    def step(self, i, x, model_output, noise=None, classifier_grad=None, history=None):
         """The step as diffusers writes it, in σ's scale (``reference.sampling.euler_step``, the oracle
         of the coefficient rows)."""
         if classifier_grad is not None:
@@ -403,30 +425,66 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     estimate D0 (and the previous step's, D1) is x_t = (σ_t/σ_s) x - α_t (e^{-h} - 1) D0, or at second
     order - 0.5 α_t (e^{-h} - 1) (D0 - D1) / r more, r = h_prev / h. The first step and the last (to
     σ = 0) are first order, as diffusers' (``lower_order_final`` with a zero final sigma). D1 enters
-    the fused step as its ``noise`` input with the coefficient in the ``sigma`` column, so a step is
-    still one row of the table; the loop keeps D1 in a buffer. No clip_x0 or dynamic_threshold.
+    the fused step as its ``history`` input with its weight in the ``c_hist`` column, so a step is
+    still one row of the table; the loop keeps D1 in a buffer that the step overwrites with D0. No
+    clip_x0 or dynamic_threshold.
     """
 
     name = "dpmpp_2m"
     multistep = True
+    sde = False
 
-    def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
+    def __init__(self, schedule: Schedule, steps: int, *, karras_sigmas: bool = False, **kwargs) -> None:
         _check_own_options(self.name, kwargs)
+        check_sampler_options(self.name, karras_sigmas=karras_sigmas)
+        self.karras_sigmas = karras_sigmas
         super().__init__(schedule, steps, **kwargs)
         _check_finite_sigma(self, "needs ᾱ > 0 (λ = log(α/σ) is -inf at zero terminal SNR) at the first timestep")
 
     def _timesteps(self, schedule, steps, spacing, offset):
+        T = schedule.num_train_timesteps
+        if self.karras_sigmas:
+            if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+                raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+            return self._karras_timesteps(schedule, steps)
         if spacing == "trailing":
             return schedule.timesteps(steps, spacing, offset)
         # diffusers' DPM-Solver spaces steps + 1 points as DDIM would and drops the last (timestep 0)
-        T = schedule.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < T:
             raise ValueError(f"steps must be an int in [1, {T - 1}] for sampler={self.name!r} with {spacing!r} "
                              f"timesteps (it spaces steps + 1 points), got {steps!r}")
         return schedule.timesteps(steps + 1, spacing, offset)[:-1]
 
+    def _karras_timesteps(self, schedule: Schedule, steps: int) -> torch.Tensor:
+        """Karras et al. 2022's noise levels (ρ = 7) between the schedule's smallest and largest σ, as
+        diffusers' ``use_karras_sigmas=True`` makes them: σ rounded to float32 as diffusers stores it,
+        each step's timestep the schedule's (interpolated in log σ) rounded to an int; the step's
+        coefficients come from σ itself (ᾱ = 1 / (1 + σ²)), not from the rounded timestep."""
+        if schedule.kind == "cosine":
+            raise ValueError("karras_sigmas with the cosine schedule gives fractional timesteps in diffusers (it "
+                             "does not round them there), which the loop's int64 timestep input cannot carry; use "
+                             "the linear or scaled_linear schedule, or karras_sigmas=False")
+        # diffusers' arithmetic, in its dtypes: σ of the float32 schedule, log σ in float32
+        train = ((1 - schedule.alphas_cumprod.float()) / schedule.alphas_cumprod.float()).sqrt().numpy()
+        log_train = np.log(train)
+        rho = 7.0
+        lo, hi = float(train[0]) ** (1 / rho), float(train[-1]) ** (1 / rho)
+        sigmas = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+        log_sigma = np.log(np.maximum(sigmas, 1e-10))
+        low = np.cumsum(log_sigma - log_train[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(train) - 2)
+        w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+        timesteps = ((1 - w) * low + w * (low + 1)).round()
+        sigma32 = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).double()
+        self._karras_alphas = 1 / (1 + sigma32**2)  # ᾱ of each level; the last (σ = 0) is 1
+        return torch.from_numpy(timesteps).to(torch.int64)
+
+    def _step_alphas(self, ts):
+        if self.karras_sigmas:
+            return self._karras_alphas[:-1], self._karras_alphas[1:]
+        return super()._step_alphas(ts)
+
     def draws_noise(self, i: int) -> bool:
-        return False  # no random noise; the history term is the loop's (see multistep)
+        return False  # no random noise (the history term is not noise; see multistep)
 
     def _update_coefficients(self, a, ap, cols):
         alpha_s, sigma_s, alpha_t, sigma_t = a.sqrt(), (1 - a).sqrt(), ap.sqrt(), (1 - ap).sqrt()
@@ -439,38 +497,68 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         r = torch.ones_like(a)
         r[1:] = (lam[1:] - lam[:-1]) / h[1:]  # h of the previous step over this one's
         r = torch.where(second, r, torch.ones_like(r))
+        zero = torch.zeros_like(a)
+        if self.sde:
+            # x_t = (σ_t/σ_s) e^{-h} x + α_t (1 - e^{-2h}) (D0 + (D0 - D1) / (2r)) + σ_t √(1 - e^{-2h}) z
+            grow = alpha_t * (1 - exp_neg_h**2)
+            d1 = torch.where(second, 0.5 * grow / r, zero)  # the weight of D0 - D1
+            cols["c_x"] = sigma_t / sigma_s * exp_neg_h
+            cols["c_x0"] = grow + d1
+            cols["c_hist"] = -d1
+            cols["sigma"] = sigma_t * (1 - exp_neg_h**2).sqrt()
+            cols["noise"] = (cols["sigma"] > 0).double()
+            self._noise_steps = [bool(v) for v in (cols["sigma"] > 0).tolist()]
+            return
         d1 = 0.5 * alpha_t * (exp_neg_h - 1) / r  # the coefficient of D0 - D1 at second order
         cols["c_x"] = sigma_t / sigma_s
-        cols["c_x0"] = -alpha_t * (exp_neg_h - 1) - torch.where(second, d1, torch.zeros_like(d1))
-        cols["sigma"] = torch.where(second, d1, torch.zeros_like(d1))
-        cols["noise"] = second.double()
+        cols["c_x0"] = -alpha_t * (exp_neg_h - 1) - torch.where(second, d1, zero)
+        cols["c_hist"] = torch.where(second, d1, zero)
 
     def alpha_before(self, i: int) -> torch.Tensor | None:
         """ᾱ at step ``i - 1``'s timestep where step ``i`` is second order, else None."""
         return self.alpha_t[i - 1] if 0 < i < len(self.timesteps) - 1 else None
 
-    def step(self, i, x, model_output, noise=None, classifier_grad=None):
-        """The step as diffusers writes it (``reference.sampling.dpmpp_2m_step``, the oracle of the rows):
-        ``noise`` is the previous step's x0."""
+    def step(self, i, x, model_output, noise=None, classifier_grad=None, history=None):
+        """The step as diffusers writes it (``reference.sampling.dpmpp_2m_step``, the oracle of the rows);
+        ``history`` is the previous step's x0."""
         if classifier_grad is not None:
             raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
         k = i if isinstance(i, int) else int(i)
         return ref.dpmpp_2m_step(
             x, model_output[:, : x.shape[1]], _at(self.alpha_t, k), _at(self.alpha_prev, k),
-            prediction=self.prediction, alpha_before=self.alpha_before(k), previous_x0=noise, upcast=True,
+            prediction=self.prediction, alpha_before=self.alpha_before(k), previous_x0=history, sde=self.sde,
+            noise=noise if self.sde and self.draws_noise(k) else None, upcast=True,
         )
 
 
+class DPMSolverPlusPlus2MSDESampler(DPMSolverPlusPlus2MSampler):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5; diffusers' DPMSolverMultistepScheduler with
+    ``algorithm_type="sde-dpmsolver++"``, midpoint): the 2M step of :class:`DPMSolverPlusPlus2MSampler`
+    with e^{-h} folded into the x term and fresh noise of σ_t √(1 - e^{-2h}) at every step but the
+    last (to σ = 0), drawn in the fused step from the run's Philox streams. Same timesteps, orders,
+    options (``karras_sigmas`` included) and history buffer."""
+
+    name = "dpmpp_2m_sde"
+    sde = True
+
+    def draws_noise(self, i: int) -> bool:
+        return self._noise_steps[i]
+
+
 def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "euler", "euler_a" or "dpmpp_2m")."""
+    """Build the sampler called ``name`` (one of ``SAMPLERS``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    karras = kwargs.pop("karras_sigmas", False)
+    check_sampler_options(name, karras_sigmas=karras)
     if name == "ddim":
         return DDIMSampler(schedule, steps, **kwargs)
-    if name in ("ddpm", "euler", "euler_a", "dpmpp_2m"):
-        eta = kwargs.pop("eta", 0) or 0
-        if name != "ddpm":
-            check_sampler_options(name, eta=eta)
-        kwargs.pop("set_alpha_to_one", None)
-        cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler,
-               "dpmpp_2m": DPMSolverPlusPlus2MSampler}[name]
-        return cls(schedule, steps, **kwargs)
-    raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+    eta = kwargs.pop("eta", 0) or 0
+    if name != "ddpm":
+        check_sampler_options(name, eta=eta)
+    kwargs.pop("set_alpha_to_one", None)
+    if name in _DPM_SAMPLERS:
+        cls = DPMSolverPlusPlus2MSampler if name == "dpmpp_2m" else DPMSolverPlusPlus2MSDESampler
+        return cls(schedule, steps, karras_sigmas=karras, **kwargs)
+    cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler}[name]
+    return cls(schedule, steps, **kwargs)
