@@ -33,7 +33,8 @@ SIGMA = STEP_COEFS.index("sigma")
 
 def _normals(seed, step, shape, dtype=torch.float32, steps=None):
     """The op's normals for x of `shape` at sampler step `step` (the Philox counter word)."""
-    table = torch.zeros(steps or step + 1, len(STEP_COEFS), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    table = torch.zeros(steps or step + 1, len(STEP_COEFS), dtype=table_dtype)
     table[:, SIGMA] = 1
     x = torch.zeros(shape, dtype=dtype)
     key = torch.tensor(seed - 2**64 if seed >= 2**63 else seed)  # the int64 tensor holds the seed's 64 bits

@@ -9,8 +9,8 @@ prediction type:
     prev = c_x0 x0 + c_eps eps + c_x x + c_hist h + sigma z
 
 with m the (guided) model prediction, h the ``history`` input (a multistep solver's previous x0;
-the term is left out where c_hist is 0, so that row reads no history) and, for a learned variance, sigma = exp((f log_large +
-(1 - f) log_small) / 2) * noise, f = (v + 1) / 2. Tests hold every backend of
+the term is left out where c_hist is 0, so that row reads no history) and, for a learned variance,
+sigma = exp((f log_large + (1 - f) log_small) / 2) * noise, f = (v + 1) / 2. Tests hold every backend of
 ``fastdiff.ops.sampler_step`` to ``fastdiff.reference.sampling.ddim_step``/``ddpm_step``, the
 step-by-step oracle that is itself checked against diffusers.
 """
