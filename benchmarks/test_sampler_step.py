@@ -1,4 +1,5 @@
-"""One DDIM (and Euler, Euler-ancestral, DPM-Solver++(2M)) step with classifier-free guidance:
+"""One DDIM (and Euler, Euler-ancestral, DPM-Solver++(2M) and its SDE variant) step with
+classifier-free guidance:
 fastdiff's fused sampler_step vs diffusers.
 
 x (8, 4, 64, 64), model output (16, 4, 64, 64) = [uncond; cond], cfg 4, step 10 of 50.
@@ -136,46 +137,56 @@ def test_euler_cfg_step(benchmark, name, provider):
     assert result.shape == SHAPE
 
 
-def _make_dpmpp(provider: str):
-    """One second-order DPM-Solver++(2M) step (step 10 of 50) with the previous step's x0 at hand."""
+def _make_dpmpp(name: str, provider: str):
+    """One second-order DPM-Solver++(2M) step (step 10 of 50; ``dpmpp_2m_sde``: the SDE variant, with
+    its noise) with the previous step's x0 at hand."""
     x, out = _inputs()
     previous_x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     if provider == "diffusers":
         from diffusers import DPMSolverMultistepScheduler
 
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2,
+        algorithm = "sde-dpmsolver++" if name == "dpmpp_2m_sde" else "dpmsolver++"
+        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type=algorithm, solver_order=2,
                                             final_sigmas_type="zero")
         sched.set_timesteps(50, device=DEVICE)
-        t = sched.timesteps[STEP]
+        t, g = sched.timesteps[STEP], torch.Generator(device=DEVICE).manual_seed(0)
 
         def run():
             # step() advances its index and keeps the last x0s: every timed call is step STEP again
             sched._step_index, sched.lower_order_nums, sched.model_outputs = STEP, 2, [None, previous_x0]
             uncond, cond = out.chunk(2)
-            return sched.step(uncond + CFG * (cond - uncond), t, x).prev_sample
+            return sched.step(uncond + CFG * (cond - uncond), t, x, generator=g).prev_sample
 
         return run
-    sampler = fastdiff.sampling.make_sampler("dpmpp_2m", fastdiff.Schedule(), 50, device=DEVICE)
-    step, history = sampler.step_indices[STEP], previous_x0.clone()
+    # What the sampling loop runs: the loop op on the guided model input (x in both halves), reading the
+    # previous x0 from the history buffer and writing this step's x0 over it; Philox noise for the SDE.
+    sampler = fastdiff.sampling.make_sampler(name, fastdiff.Schedule(), 50, device=DEVICE)
+    x_in, history = torch.cat([x, x]), previous_x0.clone()
+    counter = torch.zeros((), dtype=torch.int64, device=DEVICE)
+    cfg = torch.tensor(CFG, device=DEVICE)
+    seed = torch.zeros((), dtype=torch.int64, device=DEVICE) if sampler.draws_noise(STEP) else None
 
-    def run():  # the fused step, then the x0 the next step reads (what the sampling loop does)
-        x_prev, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, noise=history,
-                                               return_x0=True)
-        history.copy_(x0)
-        return x_prev
+    def run():
+        counter.fill_(STEP)  # the op advances it: every timed call is step STEP again (one aten op)
+        fastdiff.ops.sampler_loop_step(x_in, out, sampler.coefs, counter, cfg_scale=cfg, philox_seed=seed,
+                                       history=history)
+        return x_in[: SHAPE[0]]
 
     return run
 
 
 @pytest.mark.parametrize("provider", EULER_PROVIDERS)
-def test_dpmpp_2m_cfg_step(benchmark, provider):
-    """diffusers' eager CFG combine + DPMSolverMultistepScheduler.step (dpmsolver++, order 2, a
-    second-order step), against fastdiff's fused step with the previous x0 as its input plus the copy
-    of x0 the loop keeps, (8, 4, 64, 64) fp32, step 10 of 50."""
-    run = _make_dpmpp(provider)
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_2m_sde"])
+def test_dpmpp_2m_cfg_step(benchmark, name, provider):
+    """diffusers' eager CFG combine + DPMSolverMultistepScheduler.step (dpmsolver++ or sde-dpmsolver++,
+    order 2, a second-order step; the SDE's noise from torch.randn), against fastdiff's loop op with
+    that sampler's row: the history buffer read and rewritten in the same pass, Philox noise in the
+    kernel, x written into both halves of the next model input (plus the counter reset that makes every
+    call the same step), (8, 4, 64, 64) fp32, step 10 of 50."""
+    run = _make_dpmpp(name, provider)
     run()
     _, ops = count_ops(run)
-    benchmark.group = "dpmpp_2m_cfg_step (8,4,64,64) fp32"
+    benchmark.group = f"{name}_cfg_step (8,4,64,64) fp32"
     benchmark.extra_info.update(provider=provider, baseline="diffusers", aten_ops=ops.total, host_syncs=ops.syncs)
     result = benchmark(timed(run))
     assert result.shape == SHAPE
