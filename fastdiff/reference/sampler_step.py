@@ -6,9 +6,10 @@ prediction type:
 
     x0   = clamp(a_x x + a_m m, -clip, clip)      (or dynamic thresholding with per-image s)
     eps  = e_x x + e_m m
-    prev = c_x0 x0 + c_eps eps + c_x x + sigma z
+    prev = c_x0 x0 + c_eps eps + c_x x + c_hist h + sigma z
 
-with m the (guided) model prediction and, for a learned variance, sigma = exp((f log_large +
+with m the (guided) model prediction, h the ``history`` input (a multistep solver's previous x0;
+the term is left out where c_hist is 0, so that row reads no history) and, for a learned variance, sigma = exp((f log_large +
 (1 - f) log_small) / 2) * noise, f = (v + 1) / 2. Tests hold every backend of
 ``fastdiff.ops.sampler_step`` to ``fastdiff.reference.sampling.ddim_step``/``ddpm_step``, the
 step-by-step oracle that is itself checked against diffusers.
@@ -25,7 +26,8 @@ from .philox import philox_normal
 __all__ = ["STEP_COEFS", "sampler_step", "sampler_loop_step"]
 
 # Column order of the coefficient table; csrc/common/sampler_step.h's StepCoef enum matches it.
-STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise")
+STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise",
+              "c_hist")
 
 
 def sampler_step(
@@ -40,6 +42,7 @@ def sampler_step(
     threshold: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     philox_seed: int | None = None,
+    history: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step from row ``step`` of ``coefs``; returns (x_prev, x0) in x's dtype.
@@ -48,7 +51,8 @@ def sampler_step(
     channels, or 2C with the variance channels last (taken from the conditional half). Noise is
     ``noise``, or the Philox normals of (``philox_seed``, step) (see fastdiff.reference.philox), or
     none. ``threshold`` (B,) applies dynamic thresholding with a per-image s (clamp to [-s, s],
-    divide by s); ``clip`` clamps x0 to [-clip, clip].
+    divide by s); ``clip`` clamps x0 to [-clip, clip]. ``history`` (like x) is the previous step's
+    x0 for a multistep solver, weighed by the row's c_hist (not read where c_hist is 0).
     """
     B, C = x.shape[:2]
     compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
@@ -73,6 +77,11 @@ def sampler_step(
         x0 = x0.clamp(-clip, clip)
     eps = k["e_x"] * xc + k["e_m"] * eps_part
     prev = k["c_x0"] * x0 + k["c_eps"] * eps + k["c_x"] * xc
+    if history is not None:
+        # A zero c_hist (a first-order step) adds no term, as in the kernels: the history buffer may
+        # hold anything before the first step that writes it.
+        h = history.to(compute)
+        prev = prev + torch.where(k["c_hist"] != 0, k["c_hist"] * h, torch.zeros_like(h))
 
     if philox_seed is not None:
         step_index = int(step)
@@ -107,6 +116,7 @@ def sampler_loop_step(
     philox_seed: torch.Tensor | None = None,
     t_in: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> None:
     """The sampling loop's step, in place: what ``fastdiff.ops.sampler_loop_step`` computes.
 
@@ -116,17 +126,21 @@ def sampler_loop_step(
     model_output, coefs, s, ...)`` is written into x_in[:B] and, with guidance, into x_in[B:];
     then ``step`` becomes s + 1 and, when s + 1 < len(timesteps), every entry of ``t_in`` (the
     model's timestep input) becomes timesteps[s + 1]. Noise as ``sampler_step``: ``noise``, the
-    Philox normals of (``philox_seed``, s) or none. This oracle reads the counter on the host.
+    Philox normals of (``philox_seed``, s) or none. ``history`` (like x_in[:B]) is read as the
+    previous step's x0 (weighed by c_hist) and then holds this step's x0. This oracle reads the
+    counter on the host.
     """
     guided = cfg_scale is not None
     batch = x_in.shape[0] // 2 if guided else x_in.shape[0]
     s = int(step.reshape(()))
-    x_prev, _ = sampler_step(
+    x_prev, x0 = sampler_step(
         x_in[:batch], model_output, coefs, s, cfg_scale=float(cfg_scale.reshape(())) if guided else None,
         learned_range=learned_range, clip=clip, threshold=threshold, noise=noise,
-        philox_seed=None if philox_seed is None else int(philox_seed.reshape(())),
+        philox_seed=None if philox_seed is None else int(philox_seed.reshape(())), history=history,
     )
     x_in[:batch] = x_prev
+    if history is not None:
+        history.copy_(x0)
     if guided:
         x_in[batch:] = x_prev
     step.add_(1)
