@@ -165,7 +165,7 @@ def test_channels_last_model_output(noise_mode, triton_device):
 def test_philox_numbers_are_the_triton_steps(triton_device):
     """Philox noise alone (x_prev = z): the loop step at s draws what sampler_step draws at s, and the
     next step (after the advance) what sampler_step draws at s + 1."""
-    coefs = torch.zeros(STEPS, 11, device=triton_device)
+    coefs = torch.zeros(STEPS, triton_step.NUM_COEFS, device=triton_device)
     coefs[:, 7] = 1  # sigma = 1, every other coefficient 0: x_prev = z
     x_in = torch.zeros(4, 3, 5, 5, device=triton_device)
     out = torch.zeros_like(x_in)

@@ -174,7 +174,7 @@ def test_philox_words_are_bit_exact(triton_device):
 
 def _normals(triton_device, seed, step, shape, backend="triton", layout="contiguous"):
     """The normals the op draws: a table whose only nonzero column is sigma = 1 makes x_prev = z."""
-    coefs = torch.zeros(STEPS, 11, device=triton_device if backend == "triton" else "cpu")
+    coefs = torch.zeros(STEPS, triton_step.NUM_COEFS, device=triton_device if backend == "triton" else "cpu")
     coefs[:, 7] = 1
     device = coefs.device
     x = _views(torch.zeros(shape, device=device), layout)
