@@ -249,10 +249,11 @@ def _sampler_step_kernel(
     prev = c_x0 * x0 + c_eps * eps + c_x * x
     if HAS_HIST:
         c_hist = tl.load(row + 11, mask=valid, other=0.0).to(tl.float32)
-        # A zero c_hist (or an out-of-range step, NaN already) reads no history: the load is masked off.
+        # A zero c_hist (or an out-of-range step, NaN already) reads no history: the load is masked off
+        # and gives h = 0, so the term is 0 * 0, whatever the buffer holds.
         uses = valid & (c_hist != 0.0)
         h = tl.load(HIST + image64 * stride_hb + h_off, mask=inside & uses, other=0.0).to(tl.float32)
-        prev = prev + tl.where(uses, c_hist * h, 0.0)
+        prev = prev + c_hist * h
 
     if NOISE_MODE != 0:
         if NOISE_MODE == 1:
