@@ -419,7 +419,8 @@ def test_dpmpp_2m_loop_from_an_uninitialised_history(dtype, triton_device):
 @pytest.mark.parametrize("row", ["c_hist", "zero-c_hist"])
 def test_history_read_once_and_written_once(row, interpreted):
     """The history: read once where the row's c_hist is not 0 and not at all where it is; written once,
-    every element, in place; nothing written besides x_in, the history, the counter and t_in."""
+    every element, in place (design_bytes' history and history_out); nothing written besides x_in,
+    the history, the counter and t_in."""
     from fastdiff.triton import _compat
 
     sampler, x_in, out, kw = _setup("dpmpp_2m-v", torch.float16, (2, 4, 9, 7), True, interpreted)
@@ -432,8 +433,11 @@ def test_history_read_once_and_written_once(row, interpreted):
     size = history.numel() * history.element_size()
     with _compat.interpreter_traffic() as traffic:
         _run_triton(x_in, out, table, step, t_in, timesteps, kw, history)
-    assert traffic.bytes("load", history) == traffic.unique_bytes("load", history) == (size if s else 0)
-    assert traffic.bytes("store", history) == traffic.unique_bytes("store", history) == size
+    design = triton_step.design_bytes(history.shape, history.element_size(), guided=True,
+                                      history="read" if s else "unread", write_history=True)
+    assert traffic.bytes("load", history) == traffic.unique_bytes("load", history) == design["history"]
+    assert traffic.bytes("store", history) == traffic.unique_bytes("store", history) == design["history_out"] == size
+    assert design["history"] == (size if s else 0)
     assert traffic.bytes("load", x_in) == traffic.unique_bytes("load", x_in) == size
     assert traffic.bytes("store", x_in) == traffic.unique_bytes("store", x_in) == 2 * size
     stored = sum(traffic.bytes("store", t) for t in (x_in, history, step, t_in))
