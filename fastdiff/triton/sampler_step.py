@@ -25,16 +25,24 @@ kernel reads no coefficient and writes NaN everywhere, a loud result without an 
 read, as the CUDA kernel does (which never traps: a trap would kill the CUDA context); the CPU
 kernel raises.
 
+History (a multistep solver's previous x0, DPM-Solver++ 2M): with HAS_HIST the step adds
+c_hist h, h read from the ``history`` tensor (any strides, addressed like the noise tensor), but
+only where the row's c_hist is not 0: a zero c_hist (a first-order step) masks the load off, so a
+history buffer that holds garbage or NaN before its first write cannot reach the sample.
+
 The loop step (:func:`sampler_loop_step`, the in-place step the capturable sampling loop runs) is
 the same kernel with two switches: CFG_TENSOR reads cfg_scale from a device tensor (rounded to
 float32 as a float argument is, so x_prev is sampler_step's to the bit), and WRITE_OUT2 stores x_prev
 a second time; x_prev goes into x = x_in[:B] itself (each program stores only what it loaded, and
-x_in[B:], the second copy, is read by none). A one-program kernel launched after it advances the
-step counter and the model's timestep input on the device.
+x_in[B:], the second copy, is read by none). With a history it is also the x0 output (WRITE_X0, x's
+strides): each program reads its elements of h, then overwrites them with this step's x0. A
+one-program kernel launched after it advances the step counter and the model's timestep input on
+the device.
 
 Bytes moved (the design :func:`design_bytes` states and the interpreter tests check): x, the used
-model-output channels, the noise tensor when given, once; x_prev (and x0) written once; per
-program, the coefficient row (11 values), the step index, the seed and the image's threshold.
+model-output channels, the noise tensor when given, the history when its term is used, once; x_prev
+(and x0, or the loop step's history) written once; per program, the coefficient row (12 values),
+the step index, the seed and the image's threshold.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ __all__ = [
 
 # What the kernel accepts is declared once, with the op (fastdiff/ops/sampler_step.py).
 DTYPES = TRITON_DTYPES
-NUM_COEFS = 11  # fastdiff.reference.sampler_step.STEP_COEFS, csrc/common/sampler_step.h's StepCoef
+NUM_COEFS = 12  # fastdiff.reference.sampler_step.STEP_COEFS, csrc/common/sampler_step.h's StepCoef
 MAX_GRID_Y = 65535  # CUDA's grid limit on axis 1 (images): larger batches launch in chunks
 
 NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
@@ -134,26 +142,30 @@ def _to_output(v, DTYPE: tl.constexpr, RNE_BF16: tl.constexpr):
 #                                                    threshold s: lo, hi = -s, s, scale 1/s)
 #   eps  = e_x x + e_m m
 #   sigma = sigma, or exp((f log_large + (1 - f) log_small) / 2) noise, f = (v + 1) / 2 (learned)
-#   prev = c_x0 x0 + c_eps eps + c_x x + sigma z
+#   prev = c_x0 x0 + c_eps eps + c_x x + c_hist h + sigma z
 # The noise term only when the step adds noise: z is drawn (NOISE_MODE) and, learned, the noise factor
 # is not 0; otherwise neither z nor the variance channels enter (NaN there cannot reach the sample).
+# The history term likewise only when HAS_HIST and the row's c_hist is not 0 (uniform over a launch):
+# h is not even loaded otherwise, so the loop's history buffer may hold anything before its first write.
 # The clamp propagates NaN (v < lo ? lo : v > hi ? hi : v), as the native kernels do.
 @triton.jit
 def _sampler_step_kernel(
     OUT,  # (B, C, *sp) x_{t-1}, x's dtype (the loop step: x_in[:B], X's own memory)
-    X0,  # (B, C, *sp) x0, or a dummy (WRITE_X0 False)
+    X0,  # (B, C, *sp) x0 with OUT's strides (the loop step: the history, overwritten), or a dummy (WRITE_X0 False)
     OUT2,  # (B, C, *sp) a second copy of x_{t-1} with OUT's strides (WRITE_OUT2: x_in[B:]), or a dummy
     X,  # (B, C, *sp) x_t
     M,  # (B or 2B, C or 2C, *sp) model output; rows [uncond; cond] when GUIDED
     NOISE,  # (B, C, *sp) standard normals (NOISE_MODE 1), or a dummy
-    COEFS,  # (steps, 11) float32/float64 coefficient table, row-major
+    COEFS,  # (steps, 12) float32/float64 coefficient table, row-major
     STEP,  # () int64 row index into COEFS, read on the device
     SEED,  # () int64 Philox key (NOISE_MODE 2), or a dummy
     THRESHOLD,  # (B,) float32/float64 dynamic-threshold s per image (HAS_THRESHOLD), or a dummy
+    HIST,  # (B, C, *sp) history h, the previous step's x0, x's dtype (HAS_HIST), or a dummy
     stride_ob, stride_oc, stride_os,  # OUT and X0 strides: image, channel, flattened spatial
     stride_xb, stride_xc, stride_xs,  # X strides
     stride_mb, stride_mc, stride_ms,  # M strides
     stride_nb, stride_nc, stride_ns,  # NOISE strides
+    stride_hb, stride_hc, stride_hs,  # HIST strides
     stride_t,  # THRESHOLD stride
     n,  # C * S, elements per image
     spatial,  # S, spatial elements per channel
@@ -172,6 +184,7 @@ def _sampler_step_kernel(
     WRITE_X0: tl.constexpr,  # also store x0
     WRITE_OUT2: tl.constexpr,  # also store x_{t-1} to OUT2 (the loop step's second half of x_in)
     CFG_TENSOR: tl.constexpr,  # cfg_scale is a device tensor, read here (no host sync)
+    HAS_HIST: tl.constexpr,  # add c_hist h from HIST where the row's c_hist is not 0
     ACCURATE_MATH: tl.constexpr,  # libdevice log/sin/cos for Box-Muller (compiled); tl.* in the interpreter
     RNE_BF16: tl.constexpr,  # interpreter with bfloat16 outputs: round by hand (see _to_output)
 ):
@@ -181,7 +194,7 @@ def _sampler_step_kernel(
 
     step = tl.load(STEP)
     valid = (step >= 0) & (step < steps)  # out of range: read nothing, write NaN (module docstring)
-    row = COEFS + tl.where(valid, step, 0) * 11
+    row = COEFS + tl.where(valid, step, 0) * 12
     a_x = tl.load(row + 0, mask=valid, other=float("nan")).to(tl.float32)
     a_m = tl.load(row + 1, mask=valid, other=float("nan")).to(tl.float32)
     e_x = tl.load(row + 2, mask=valid, other=float("nan")).to(tl.float32)
@@ -199,6 +212,7 @@ def _sampler_step_kernel(
         o_off = j
         m_off = j
         n_off = j
+        h_off = j
     else:
         c = j // spatial
         s = j - c * spatial
@@ -206,6 +220,7 @@ def _sampler_step_kernel(
         o_off = c * stride_oc + s * stride_os
         m_off = c * stride_mc + s * stride_ms
         n_off = c * stride_nc + s * stride_ns
+        h_off = c * stride_hc + s * stride_hs
 
     x = tl.load(X + image64 * stride_xb + x_off, mask=inside, other=0.0).to(tl.float32)
     m_row = M + image64 * stride_mb
@@ -232,6 +247,13 @@ def _sampler_step_kernel(
     x0 = tl.where(x0 < lo, lo, tl.where(x0 > hi, hi, x0)) * scale
     eps = e_x * x + e_m * m
     prev = c_x0 * x0 + c_eps * eps + c_x * x
+    if HAS_HIST:
+        c_hist = tl.load(row + 11, mask=valid, other=0.0).to(tl.float32)
+        # A zero c_hist (or an out-of-range step, NaN already) reads no history: the load is masked off
+        # and gives h = 0, so the term is 0 * 0, whatever the buffer holds.
+        uses = valid & (c_hist != 0.0)
+        h = tl.load(HIST + image64 * stride_hb + h_off, mask=inside & uses, other=0.0).to(tl.float32)
+        prev = prev + c_hist * h
 
     if NOISE_MODE != 0:
         if NOISE_MODE == 1:
@@ -261,8 +283,8 @@ def _sampler_step_kernel(
             sigma = tl.load(row + 7, mask=valid, other=float("nan")).to(tl.float32)
             prev = prev + sigma * z
 
-    # In place (the loop step: OUT is X): every element this program stores it loaded above, and no
-    # other program reads it; OUT2 (x_in[B:]) is read by none.
+    # In place (the loop step: OUT is X, X0 the history): every element this program stores it loaded
+    # above, and no other program reads it; OUT2 (x_in[B:]) is read by none.
     prev = _to_output(prev, OUT.dtype.element_ty, RNE_BF16)
     tl.store(OUT + image64 * stride_ob + o_off, prev, mask=inside)
     if WRITE_OUT2:
@@ -347,7 +369,8 @@ def _in_place_or_copy(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, in
     return t, strides
 
 
-def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_step") -> None:
+def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_step",
+           history=None) -> None:
     """The launcher's own checks (the torch op may be called without the public op's validation);
     ``op`` names the entry in the messages."""
     if x.dtype not in DTYPES:
@@ -378,42 +401,59 @@ def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_
     tensors = [t for t in (model_output, coefs, step, threshold, noise, philox_seed) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError(f"{op} (triton): every tensor must be on x's device {x.device}")
+    if history is not None:
+        _check_history(history, x, op, "x_in[:B]" if op == "sampler_loop_step" else "x")
     if x.device.type != "cuda" and not _compat.interpreting():
         raise ValueError(f"{op} (triton): tensors are on {x.device}; Triton runs CUDA tensors "
                          "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
 
 
+def _check_history(history, x, op: str, like: str) -> None:
+    """``history`` must be a tensor with x's shape, dtype and device (``like`` names x in the messages)."""
+    if not isinstance(history, torch.Tensor):
+        raise TypeError(f"{op} (triton): history must be None or a tensor like {like}, got {type(history).__name__}")
+    if history.shape != x.shape or history.dtype != x.dtype or history.device != x.device:
+        raise ValueError(f"{op} (triton): history must have {like}'s shape, dtype and device ({tuple(x.shape)}, "
+                         f"{x.dtype}, {x.device}), got ({tuple(history.shape)}, {history.dtype}, {history.device})")
+
+
 def kernel_constants(dtype: torch.dtype, *, flat: bool, guided: bool, learned: bool, noise_mode: int,
                      threshold: bool, write_x0: bool, write_out2: bool = False, cfg_tensor: bool = False,
-                     config: StepConfig = CONFIG, interpret: bool = False) -> dict:
+                     history: bool = False, config: StepConfig = CONFIG, interpret: bool = False) -> dict:
     """The constexpr arguments of one kernel build (shared by the launcher and the AOT builds);
-    ``write_out2`` and ``cfg_tensor`` are the loop step's (a second x_prev store, a device cfg_scale)."""
+    ``write_out2`` and ``cfg_tensor`` are the loop step's (a second x_prev store, a device cfg_scale);
+    ``history``: a history tensor is given (its term is added where the row's c_hist is not 0)."""
     return {
         "BLOCK_Q": config.block_q, "FLAT": flat, "GUIDED": guided, "LEARNED": learned, "NOISE_MODE": noise_mode,
         "HAS_THRESHOLD": threshold, "WRITE_X0": write_x0, "WRITE_OUT2": write_out2, "CFG_TENSOR": cfg_tensor,
+        "HAS_HIST": history,
         "ACCURATE_MATH": not interpret and libdevice is not None, "RNE_BF16": interpret and dtype == torch.bfloat16,
     }
 
 
 def kernel_args(out, x0, x, model_output, noise, coefs, step, seed, threshold, *, cfg_scale: float | torch.Tensor,
-                clip: float, image0: int = 0, out2: torch.Tensor | None = None) -> list:
+                clip: float, image0: int = 0, out2: torch.Tensor | None = None,
+                history: torch.Tensor | None = None) -> list:
     """The kernel's runtime arguments, in order (the launcher's and the AOT builds', alike). Absent
     optional tensors are replaced by x (never read: their constexpr switch is off). ``cfg_scale`` is
-    a float, or the loop step's one-element device tensor (CFG_TENSOR); ``out2`` (WRITE_OUT2) must
-    have out's strides."""
+    a float, or the loop step's one-element device tensor (CFG_TENSOR); ``out2`` (WRITE_OUT2) and
+    ``x0`` must have out's strides; ``history`` (HAS_HIST) any that collapse to three."""
     B, C = x.shape[:2]
     spatial = x[0, 0].numel() if x.numel() else 1
     ob, oc, os_ = _image_strides(out)
     xb, xc, xs = _image_strides(x)
     mb, mc, ms = _image_strides(model_output)
     nb, nc, ns = _image_strides(noise) if noise is not None else (0, 0, 0)
-    if out2 is not None and _image_strides(out2) != (ob, oc, os_):
-        raise ValueError("sampler_step (triton): the second output must have the first's strides")
+    hb, hc, hs = _image_strides(history) if history is not None else (0, 0, 0)
+    for name, t in (("second output", out2), ("x0 output", x0)):
+        if t is not None and _image_strides(t) != (ob, oc, os_):
+            raise ValueError(f"sampler_step (triton): the {name} must have the first output's strides")
     return [
         out, x0 if x0 is not None else out, out2 if out2 is not None else out, x, model_output,
         noise if noise is not None else x, coefs, step, seed if seed is not None else step,
-        threshold if threshold is not None else coefs,
-        ob, oc, os_, xb, xc, xs, mb, mc, ms, nb, nc, ns, threshold.stride(0) if threshold is not None else 0,
+        threshold if threshold is not None else coefs, history if history is not None else x,
+        ob, oc, os_, xb, xc, xs, mb, mc, ms, nb, nc, ns, hb, hc, hs,
+        threshold.stride(0) if threshold is not None else 0,
         C * spatial, spatial, C, B, image0, coefs.shape[0],
         cfg_scale if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale), float(clip),
     ]
@@ -442,39 +482,45 @@ def sampler_step(
     noise: torch.Tensor | None,
     philox_seed: torch.Tensor | None,
     return_x0: bool,
+    history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton sampler step, with the native op's signature and results (torch.ops.fastdiff.sampler_step).
 
     Returns (x_prev, x0), x0 an empty (0,) tensor unless ``return_x0``; both in x's dtype and
     suggested memory format. float32/float16/bfloat16 on a CUDA device (or the CPU under
-    TRITON_INTERPRET=1); the arithmetic is float32 whatever the dtype.
+    TRITON_INTERPRET=1); the arithmetic is float32 whatever the dtype. ``history`` (x's shape,
+    dtype and device, any strides; read only) is a multistep solver's previous x0: the step adds
+    c_hist h where the row's c_hist is not 0 and reads no history where it is.
     """
-    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range)
+    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, history=history)
     B = x.shape[0]
     out = _new_output(x)
     x0 = _new_output(x) if return_x0 else None
     if x.numel():
         x, _ = _in_place_or_copy(x)
         _launch(out, x0, None, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                philox_seed, guided=model_output.shape[0] == 2 * B and B > 0)
+                philox_seed, history, guided=model_output.shape[0] == 2 * B and B > 0)
     return out, x0 if x0 is not None else x.new_empty((0,))
 
 
 def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-            philox_seed, *, guided: bool) -> None:
+            philox_seed, history, *, guided: bool) -> None:
     """Launch the step kernel over x's (non-empty) batch, in chunks of the grid's image limit."""
     B, C = x.shape[:2]
     model_output, _ = _in_place_or_copy(model_output)
     if noise is not None:
         noise, _ = _in_place_or_copy(noise)
+    if history is not None:
+        history, _ = _in_place_or_copy(history)  # the loop step's is contiguous: never copied (it is written)
     spatial = x[0, 0].numel()
     n = C * spatial
-    operands = [out, x, model_output] + ([noise] if noise is not None else [])
+    operands = [out, x, model_output] + [t for t in (noise, history) if t is not None]
     flat = _flat(operands, spatial, C, channel_major=learned_range or philox_seed is not None)
     noise_mode = NOISE_PHILOX if philox_seed is not None else NOISE_TENSOR if noise is not None else NOISE_NONE
     constants = kernel_constants(x.dtype, flat=flat, guided=guided, learned=bool(learned_range), noise_mode=noise_mode,
                                  threshold=threshold is not None, write_x0=x0 is not None, write_out2=out2 is not None,
-                                 cfg_tensor=isinstance(cfg_scale, torch.Tensor), interpret=_compat.interpreting())
+                                 cfg_tensor=isinstance(cfg_scale, torch.Tensor), history=history is not None,
+                                 interpret=_compat.interpreting())
     kernel = _compat.launchable(_sampler_step_kernel)
     quads = triton.cdiv(n, 4)
     with _on_device(x):
@@ -482,12 +528,12 @@ def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_rang
             grid = (triton.cdiv(quads, CONFIG.block_q), min(MAX_GRID_Y, B - image0))
             kernel[grid](
                 *kernel_args(out, x0, x, model_output, noise, coefs, step, philox_seed, threshold,
-                             cfg_scale=cfg_scale, clip=clip, image0=image0, out2=out2),
+                             cfg_scale=cfg_scale, clip=clip, image0=image0, out2=out2, history=history),
                 **constants, num_warps=CONFIG.num_warps,
             )
 
 
-def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps) -> None:
+def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history=None) -> None:
     """The loop step's checks beyond the step's (which :func:`_check` makes on x = x_in[:B])."""
     op = "sampler_loop_step (triton)"
     if not isinstance(x_in, torch.Tensor) or x_in.dim() < 2:
@@ -514,6 +560,29 @@ def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps) -> None:
             if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.int64
                     and t.device == x_in.device):
                 raise TypeError(f"{op}: {name} must be a 1-D int64 tensor on x_in's device")
+    if isinstance(history, torch.Tensor):  # shape, dtype and device: _check, against x_in[:B]
+        if not history.is_contiguous():
+            raise ValueError(f"{op}: history must be contiguous (this step's x0 is written into it in place), got "
+                             f"strides {tuple(history.stride())} for shape {tuple(history.shape)}")
+        for name, t in (("x_in", x_in), ("model_output", model_output)):
+            if _overlaps(history, t):
+                raise ValueError(f"{op}: history shares memory with {name}; the step writes history while "
+                                 f"reading {name} (give the loop its own buffer)")
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes ``a`` and ``b`` span (first to last element) intersect, in one storage."""
+    if a.device != b.device or not a.numel() or not b.numel():
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def sampler_loop_step(
@@ -529,6 +598,7 @@ def sampler_loop_step(
     philox_seed: torch.Tensor | None,
     t_in: torch.Tensor | None,
     timesteps: torch.Tensor | None,
+    history: torch.Tensor | None = None,
 ) -> None:
     """The sampling loop's step in place (fastdiff.reference.sampler_step.sampler_loop_step), CUDA-graph
     capturable: nothing is read on the host.
@@ -540,15 +610,23 @@ def sampler_loop_step(
     kernel sets ``step`` to s + 1 and, when s + 1 < len(timesteps), every entry of ``t_in`` to
     timesteps[s + 1] (t_in left alone after the last step). An s out of range writes NaN and still
     advances; an empty batch only advances. ``clip`` is a float (inf for none).
+
+    ``history`` (x_in[:B]'s shape and dtype, contiguous, sharing no memory with x_in or model_output):
+    a multistep solver's buffer. The step adds c_hist h (h read only where the row's c_hist is not 0,
+    so the buffer may start uninitialised) and then stores this step's x0 (after clip/threshold, in
+    x's dtype) into every element of it, in place.
     """
-    _check_loop(x_in, model_output, cfg_scale, t_in, timesteps)
+    _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history)
     guided = cfg_scale is not None
     B = x_in.shape[0] // 2 if guided else x_in.shape[0]
     x = x_in[:B]
-    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_loop_step")
+    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_loop_step",
+           history=history)
     if x.numel():
-        _launch(x, None, x_in[B:] if guided else None, x, model_output, coefs, step,
-                cfg_scale if guided else 1.0, learned_range, clip, threshold, noise, philox_seed, guided=guided)
+        # The history is read (HAS_HIST) and then written as the x0 output: x's strides, both contiguous.
+        _launch(x, history, x_in[B:] if guided else None, x, model_output, coefs, step,
+                cfg_scale if guided else 1.0, learned_range, clip, threshold, noise, philox_seed, history,
+                guided=guided)
     advance = _compat.launchable(_advance_kernel)
     with _on_device(x_in):
         advance[(1,)](
@@ -581,17 +659,24 @@ def _on_device(t: torch.Tensor):
 
 def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = False, learned: bool = False,
                  noise: str = "none", write_x0: bool = False, coef_size: int = 4, threshold_size: int = 0,
+                 history: str = "none", write_history: bool = False,
                  config: StepConfig = CONFIG) -> dict[str, int]:
     """The bytes one launch is designed to move (``noise``: "none", "tensor" or "philox";
-    ``threshold_size``: the threshold's element size, 0 without one).
+    ``threshold_size``: the threshold's element size, 0 without one; ``history``: "none", "read"
+    (given, the row's c_hist not 0) or "unread" (given, c_hist 0); ``write_history``: the loop
+    step's x0 stored into the history).
 
     Every tensor once: x; the model output's first C channels of each of its B (2B with guidance)
     rows, plus the C variance channels of one row when a learned variance scales noise; the noise
-    tensor; x_prev, and x0 when asked. Per program (ceil(ceil(n / 4) / BLOCK_Q) per image; on a GPU
-    all but the first hit in cache): the step index (8 B), the 7 coefficients every step uses, plus
-    sigma or, learned, the 3 variance ones when noise is added; the seed (8 B) with Philox; the
-    image's threshold. ``"minimum"`` is every tensor once and those scalars once.
+    tensor; the history when its term is used (none at all when c_hist is 0); x_prev, and x0 when
+    asked (into the history, for the loop step). Per program (ceil(ceil(n / 4) / BLOCK_Q) per image;
+    on a GPU all but the first hit in cache): the step index (8 B), the 7 coefficients every step
+    uses, plus sigma or, learned, the 3 variance ones when noise is added, plus c_hist with a
+    history; the seed (8 B) with Philox; the image's threshold. ``"minimum"`` is every tensor once
+    and those scalars once.
     """
+    if history not in ("none", "read", "unread"):
+        raise ValueError(f"design_bytes: history must be 'none', 'read' or 'unread', got {history!r}")
     B = x_shape[0]
     image = 1
     for d in x_shape[1:]:
@@ -599,7 +684,7 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
     tensor = B * image * element_size
     noisy = noise != "none"
     programs = triton.cdiv(triton.cdiv(image, 4), config.block_q) * B
-    coefs = (7 + ((3 if learned else 1) if noisy else 0)) * coef_size
+    coefs = (7 + ((3 if learned else 1) if noisy else 0) + (history != "none")) * coef_size
     per_program = 8 + coefs + (8 if noise == "philox" else 0) + threshold_size
     d = {
         "x": tensor,
@@ -607,6 +692,8 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
         "noise": tensor if noise == "tensor" else 0,
         "out": tensor,
         "x0": tensor if write_x0 else 0,
+        "history": tensor if history == "read" else 0,
+        "history_out": tensor if write_history else 0,
         "coefs": programs * coefs,
         "scalars": programs * per_program,
     }
@@ -619,9 +706,10 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
 
 # The variants that matter, each for each dtype: the plain DDIM step (flat, no noise), DDPM with a
 # noise tensor and CFG, Philox noise with a learned variance and x0 (the most registers), and the
-# channels_last/strided "split" addressing with Philox and a threshold; and the loop step's build
-# (sampler_loop_step: CFG with the scale read from a device tensor, Philox and a learned variance,
-# x_prev stored into both halves of the model's input).
+# channels_last/strided "split" addressing with Philox and a threshold; DPM-Solver++ 2M's history
+# term, flat with CFG and split with x0; and the loop step's builds (sampler_loop_step: CFG with the
+# scale read from a device tensor, x_prev stored into both halves of the model's input; with Philox
+# and a learned variance, and DPM-Solver++ 2M's with the history read and overwritten by x0).
 _AOT_VARIANTS = {
     "flat-plain": dict(flat=True, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
                        write_x0=False),
@@ -631,8 +719,14 @@ _AOT_VARIANTS = {
                                        threshold=False, write_x0=True),
     "split-philox-threshold": dict(flat=False, guided=True, learned=False, noise_mode=NOISE_PHILOX,
                                    threshold=True, write_x0=True),
+    "flat-cfg-history": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False,
+                             write_x0=False, history=True),
+    "split-history-x0": dict(flat=False, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
+                             write_x0=True, history=True),
     "loop-cfg-philox-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX, threshold=False,
                                     write_x0=False, write_out2=True, cfg_tensor=True),
+    "loop-cfg-history": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False,
+                             write_x0=True, write_out2=True, cfg_tensor=True, history=True),
 }
 
 
@@ -643,9 +737,10 @@ def aot_builds() -> list[tuple[int, torch.dtype, str]]:
 
 def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfig]:
     """(runtime args, constexprs, config) of one AOT build, on meta tensors with the strides the
-    JIT sees in practice: (8, 4, 64, 64) latents, NCHW for the flat builds, channels_last for split;
-    the loop step's x (= x_prev, in place) and second x_prev are the halves of a (16, 4, 64, 64)
-    model input, its cfg_scale a float32 tensor."""
+    JIT sees in practice: (8, 4, 64, 64) latents, NCHW for the flat builds, channels_last for split
+    (the history there a strided NCHW view); the loop step's x (= x_prev, in place) and second
+    x_prev are the halves of a (16, 4, 64, 64) model input, its cfg_scale a float32 tensor, its
+    history a contiguous buffer that is also the x0 output."""
     constants = kernel_constants(dtype, **_AOT_VARIANTS[variant])
     B, C, H, W = 8, 4, 64, 64
     fmt = torch.contiguous_format if constants["FLAT"] else torch.channels_last
@@ -663,9 +758,17 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     step = torch.empty((), dtype=torch.int64, device="meta")
     out = x if constants["WRITE_OUT2"] else torch.empty_like(x)  # the loop step writes x in place
     x0 = torch.empty_like(x) if constants["WRITE_X0"] else None
+    history = None
+    if constants["HAS_HIST"]:
+        if constants["WRITE_OUT2"]:  # the loop step: read, then overwritten as the x0 output
+            history = x0 = torch.empty_like(x)
+        elif constants["FLAT"]:
+            history = torch.empty_like(x)
+        else:  # a view of a wider buffer: spatial stride 2
+            history = torch.empty(B, C, H, 2 * W, dtype=dtype, device="meta")[..., ::2]
     cfg = torch.empty((), device="meta") if constants["CFG_TENSOR"] else 4.0
     args = kernel_args(out, x0, x, m, noise, coefs, step, seed, threshold, cfg_scale=cfg,
-                       clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"), out2=out2)
+                       clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"), out2=out2, history=history)
     return args, constants, CONFIG
 
 

@@ -22,6 +22,7 @@ from conftest import DTYPES, assert_within_eager_bound
 from op_cases import STEPS
 from op_cases import make_sampler as _sampler
 from op_cases import step_inputs as _inputs
+from test_sampler_step_kernel import history_table
 
 from fastdiff.reference.sampler_step import sampler_loop_step as reference_loop_step
 from fastdiff.sampling import DDPMSampler
@@ -63,52 +64,60 @@ def _state(x_in, s, device, with_t=True):
     return x_in.clone(), step, t_in
 
 
-def _run_triton(x_in, out, coefs, step, t_in, timesteps, kw):
+def _run_triton(x_in, out, coefs, step, t_in, timesteps, kw, history=None):
     clip = math.inf if kw["clip"] is None else float(kw["clip"])
     triton_step.sampler_loop_step(x_in, out, coefs, step, kw["cfg_scale"], kw["learned_range"], clip,
-                                  kw["threshold"], kw["noise"], kw["philox_seed"], t_in, timesteps)
+                                  kw["threshold"], kw["noise"], kw["philox_seed"], t_in, timesteps, history)
 
 
-def _run_reference(x_in, out, coefs, step, t_in, timesteps, kw, dtype=None):
-    """The oracle on clones (``dtype``: converted first, float64 for the exact value)."""
+def _run_reference(x_in, out, coefs, step, t_in, timesteps, kw, dtype=None, history=None):
+    """The oracle on clones (``dtype``: converted first, float64 for the exact value): (x_in, history)."""
     def conv(t):
         return None if t is None else t.clone() if dtype is None else t.to(dtype)
 
-    x_in = conv(x_in)
+    x_in, history = conv(x_in), conv(history)
     reference_loop_step(x_in, conv(out), coefs if dtype is None else coefs.to(dtype), step,
                         cfg_scale=kw["cfg_scale"], learned_range=kw["learned_range"], clip=kw["clip"],
                         threshold=conv(kw["threshold"]), noise=conv(kw["noise"]), philox_seed=kw["philox_seed"],
-                        t_in=t_in, timesteps=timesteps)
-    return x_in
+                        t_in=t_in, timesteps=timesteps, history=history)
+    return x_in, history
 
 
-def _triton_step(x, out, coefs, s, kw):
-    """The existing Triton sampler_step's x_prev for the same inputs (cfg as a float argument)."""
+def _triton_step(x, out, coefs, s, kw, history=None):
+    """The existing Triton sampler_step's (x_prev, x0) for the same inputs (cfg as a float argument)."""
     clip = math.inf if kw["clip"] is None else float(kw["clip"])
     cfg = 1.0 if kw["cfg_scale"] is None else float(kw["cfg_scale"].reshape(()))
     step = torch.tensor(s, dtype=torch.int64, device=x.device)
     return triton_step.sampler_step(x, out, coefs, step, cfg, kw["learned_range"], clip, kw["threshold"],
-                                    kw["noise"], kw["philox_seed"], False)[0]
+                                    kw["noise"], kw["philox_seed"], True, history)
 
 
-def _check_step(sampler, x_in0, out, kw, s, device, what):
+def _check_step(sampler, x_in0, out, kw, s, device, what, coefs=None, history=None):
     """One loop step at s on fresh state: against the existing Triton step (bit for bit) and the oracle
-    (dtype-following bound), both halves equal, the counter and t_in advanced as the oracle does."""
+    (dtype-following bound), both halves equal, the counter and t_in advanced as the oracle does. With
+    a ``history`` (its values before the step; cloned), also the x0 the step leaves in it."""
+    coefs = sampler.coefs if coefs is None else coefs
     guided = kw["cfg_scale"] is not None
     B = x_in0.shape[0] // 2 if guided else x_in0.shape[0]
     timesteps = torch.tensor(TIMESTEPS, device=device)
     x_in, step, t_in = _state(x_in0, s, device)
-    _run_triton(x_in, out, sampler.coefs, step, t_in, timesteps, kw)
+    hist = None if history is None else history.clone()
+    _run_triton(x_in, out, coefs, step, t_in, timesteps, kw, hist)
 
     ref_x_in, ref_step, ref_t = _state(x_in0, s, device)
-    ref_x_in = _run_reference(ref_x_in, out, sampler.coefs, ref_step, ref_t, timesteps, kw)
-    exact = _run_reference(x_in0, out, sampler.coefs, _state(x_in0, s, device)[1], None, None, kw, torch.float64)
+    ref_x_in, ref_hist = _run_reference(ref_x_in, out, coefs, ref_step, ref_t, timesteps, kw, history=history)
+    exact, exact_hist = _run_reference(x_in0, out, coefs, _state(x_in0, s, device)[1], None, None, kw,
+                                       torch.float64, history=history)
 
     assert x_in.dtype == x_in0.dtype and x_in.shape == x_in0.shape and x_in.is_contiguous()
     if B:
-        same = _triton_step(x_in0[:B], out, sampler.coefs, s, kw)
+        same, same_x0 = _triton_step(x_in0[:B], out, coefs, s, kw, history)
         torch.testing.assert_close(x_in[:B], same, rtol=0, atol=0, equal_nan=True, msg=f"{what}: not sampler_step's")
         assert_within_eager_bound(x_in[:B].cpu(), ref_x_in[:B].cpu(), exact[:B].cpu(), what)
+        if history is not None:
+            torch.testing.assert_close(hist, same_x0, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{what}: history does not hold sampler_step's x0")
+            assert_within_eager_bound(hist.cpu(), ref_hist.cpu(), exact_hist.cpu(), what + " history (x0)")
     if guided:
         torch.testing.assert_close(x_in[B:], x_in[:B], rtol=0, atol=0, equal_nan=True, msg=f"{what}: halves differ")
     assert step.tolist() == ref_step.tolist() == [s + 1], what
@@ -165,7 +174,7 @@ def test_channels_last_model_output(noise_mode, triton_device):
 def test_philox_numbers_are_the_triton_steps(triton_device):
     """Philox noise alone (x_prev = z): the loop step at s draws what sampler_step draws at s, and the
     next step (after the advance) what sampler_step draws at s + 1."""
-    coefs = torch.zeros(STEPS, 11, device=triton_device)
+    coefs = torch.zeros(STEPS, triton_step.NUM_COEFS, device=triton_device)
     coefs[:, 7] = 1  # sigma = 1, every other coefficient 0: x_prev = z
     x_in = torch.zeros(4, 3, 5, 5, device=triton_device)
     out = torch.zeros_like(x_in)
@@ -175,7 +184,7 @@ def test_philox_numbers_are_the_triton_steps(triton_device):
     step = torch.tensor([2], device=triton_device)
     for s in (2, 3):
         _run_triton(x_in, out, coefs, step, None, None, kw)
-        expect = _triton_step(torch.zeros(2, 3, 5, 5, device=triton_device), out, coefs, s, kw)
+        expect = _triton_step(torch.zeros(2, 3, 5, 5, device=triton_device), out, coefs, s, kw)[0]
         torch.testing.assert_close(x_in[:2], expect, rtol=0, atol=0)
         torch.testing.assert_close(x_in[2:], expect, rtol=0, atol=0)
     assert step.tolist() == [4]
@@ -277,6 +286,20 @@ REFUSALS = {
     "noise-and-philox": (lambda a: a.update(noise=a["x_in"][:2].clone(), philox_seed=torch.tensor(1)), ValueError,
                          "noise or philox_seed, not both"),
     "learned-with-C-channels": (lambda a: a.update(learned_range=True), ValueError, "learned_range needs 2C"),
+    "history-x_in-rows": (lambda a: a.update(history=torch.zeros_like(a["x_in"])), ValueError,
+                          r"history must have x_in\[:B\]'s shape, dtype and device \(\(2, 3, 4, 4\), torch.float32"),
+    "history-dtype": (lambda a: a.update(history=torch.zeros_like(a["x_in"][:2], dtype=torch.float16)), ValueError,
+                      r"history must have x_in\[:B\]'s shape, dtype and device .* got \(\(2, 3, 4, 4\), "
+                      r"torch.float16"),
+    "history-device": (lambda a: a.update(history=torch.empty(2, 3, 4, 4, device="meta")), ValueError,
+                       r"history must have x_in\[:B\]'s shape, dtype and device .*, meta\)"),
+    "history-strided": (lambda a: a.update(history=torch.zeros(2, 3, 4, 8, device=a["x_in"].device)[..., ::2]),
+                        ValueError, "history must be contiguous"),
+    "history-channels_last": (lambda a: a.update(history=torch.zeros_like(a["x_in"][:2]).contiguous(
+        memory_format=torch.channels_last)), ValueError, "history must be contiguous"),
+    "history-in-x_in": (lambda a: a.update(history=a["x_in"][2:]), ValueError, "history shares memory with x_in"),
+    "history-in-model_output": (lambda a: a.update(history=a["model_output"][:2]), ValueError,
+                                "history shares memory with model_output"),
 }
 
 
@@ -320,3 +343,102 @@ def test_cuda_graph_replay(triton_device):
     torch.testing.assert_close(x_in, eager_x_in, rtol=0, atol=0)
     torch.testing.assert_close(x_in, ref_x_in, rtol=1e-2, atol=1e-2)
     assert step.tolist() == ref_step.tolist() == [5] and t_in.tolist() == ref_t.tolist() == [TIMESTEPS[5]] * 4
+
+
+# ---- history (a multistep solver's previous x0, the c_hist column) ---------------------------------
+
+HISTORY_CASES = {
+    # name: (sampler config, noise mode)
+    "dpmpp_2m-v": ("dpmpp_2m-v", "none"),
+    "ddpm-learned-philox": ("ddpm-learned", "philox"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HISTORY_CASES)
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_history_matches_reference_and_sampler_step(dtype, case, guided, triton_device):
+    """With a history: x_prev is sampler_step's with that history, bit for bit, and the history then
+    holds its x0 (after clipping, in x's dtype), each within the dtype-following bound of the oracle.
+    A row with c_hist 0 reads none of a NaN history: x_in is the no-history step's, exactly."""
+    config, noise_mode = HISTORY_CASES[case]
+    sampler, x_in, out, kw = _setup(config, dtype, (3, 4, 7, 9), guided, triton_device, noise_mode=noise_mode)
+    table = history_table(sampler)
+    B = 3
+    history = torch.randn(x_in[:B].shape, generator=torch.Generator().manual_seed(9)).to(dtype=dtype,
+                                                                                     device=triton_device)
+    used = [i for i in range(STEPS) if table[i, 11] != 0]
+    unused = [i for i in range(STEPS) if table[i, 11] == 0]
+    what = f"{dtype} {case} {'cfg' if guided else 'plain'}"
+    for s in (used[0], used[-1]):
+        _check_step(sampler, x_in, out, kw, s, triton_device, f"{what} step {s}", coefs=table, history=history)
+    nan_history = torch.full_like(history, math.nan)
+    for s in (unused[0], unused[-1]):
+        _check_step(sampler, x_in, out, kw, s, triton_device, f"{what} step {s} (c_hist 0)", coefs=table,
+                    history=nan_history)
+        with_nan, step, _ = _state(x_in, s, triton_device, with_t=False)
+        hist = nan_history.clone()
+        _run_triton(with_nan, out, table, step, None, None, kw, hist)
+        without, step, _ = _state(x_in, s, triton_device, with_t=False)
+        _run_triton(without, out, table, step, None, None, kw)
+        assert with_nan.isfinite().all() and hist.isfinite().all(), what
+        torch.testing.assert_close(with_nan, without, rtol=0, atol=0, msg=f"{what} step {s}: the NaN history entered")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dpmpp_2m_loop_from_an_uninitialised_history(dtype, triton_device):
+    """DPM-Solver++ 2M's whole loop, one loop step per step, the history buffer NaN before the first
+    (first order) step writes it: every step is sampler_step's with the previous x0 as history, bit
+    for bit, and the end is within the dtype-following bound of the oracle's loop."""
+    sampler, x_in0, out0, kw = _setup("dpmpp_2m-v", dtype, (2, 4, 5, 7), True, triton_device)
+    table = history_table(sampler)
+    timesteps = torch.tensor(TIMESTEPS, device=triton_device)
+    g = torch.Generator().manual_seed(4)
+    outs = [torch.randn(out0.shape, generator=g).to(dtype=dtype, device=triton_device) for _ in range(STEPS)]
+    x_in, step, t_in = _state(x_in0, 0, triton_device)
+    history = torch.full_like(x_in0[:2], math.nan)
+    ref_x_in, ref_step, ref_t = _state(x_in0, 0, triton_device)
+    ref_hist = history.clone()
+    exact_x_in, exact_step, _ = _state(x_in0, 0, triton_device, with_t=False)
+    exact_x_in, exact_hist = exact_x_in.double(), history.double()
+    x, prev_x0 = x_in0[:2].clone(), None
+    for s in range(STEPS):
+        _run_triton(x_in, outs[s], table, step, t_in, timesteps, kw, history)
+        x, prev_x0 = _triton_step(x, outs[s], table, s, kw, prev_x0)
+        torch.testing.assert_close(x_in[:2], x, rtol=0, atol=0, msg=f"{dtype} step {s}")
+        torch.testing.assert_close(history, prev_x0, rtol=0, atol=0, msg=f"{dtype} step {s} history")
+        reference_loop_step(ref_x_in, outs[s], table, ref_step, cfg_scale=kw["cfg_scale"], t_in=ref_t,
+                            timesteps=timesteps, history=ref_hist)
+        reference_loop_step(exact_x_in, outs[s].double(), table.double(), exact_step, cfg_scale=kw["cfg_scale"],
+                            history=exact_hist)
+    assert x_in.isfinite().all() and step.tolist() == [STEPS] and t_in.tolist() == ref_t.tolist()
+    assert_within_eager_bound(x_in.cpu(), ref_x_in.cpu(), exact_x_in.cpu(), f"{dtype} DPM-Solver++ 2M loop")
+    assert_within_eager_bound(history.cpu(), ref_hist.cpu(), exact_hist.cpu(), f"{dtype} DPM-Solver++ 2M history")
+
+
+@pytest.mark.parametrize("row", ["c_hist", "zero-c_hist"])
+def test_history_read_once_and_written_once(row, interpreted):
+    """The history: read once where the row's c_hist is not 0 and not at all where it is; written once,
+    every element, in place (design_bytes' history and history_out); nothing written besides x_in,
+    the history, the counter and t_in."""
+    from fastdiff.triton import _compat
+
+    sampler, x_in, out, kw = _setup("dpmpp_2m-v", torch.float16, (2, 4, 9, 7), True, interpreted)
+    table = history_table(sampler)
+    s = 4 if row == "c_hist" else 0
+    assert (table[s, 11] != 0) == (row == "c_hist")
+    x_in, step, t_in = _state(x_in, s, interpreted)
+    history = torch.randn_like(x_in[:2])
+    timesteps = torch.tensor(TIMESTEPS)
+    size = history.numel() * history.element_size()
+    with _compat.interpreter_traffic() as traffic:
+        _run_triton(x_in, out, table, step, t_in, timesteps, kw, history)
+    design = triton_step.design_bytes(history.shape, history.element_size(), guided=True,
+                                      history="read" if s else "unread", write_history=True)
+    assert traffic.bytes("load", history) == traffic.unique_bytes("load", history) == design["history"]
+    assert traffic.bytes("store", history) == traffic.unique_bytes("store", history) == design["history_out"] == size
+    assert design["history"] == (size if s else 0)
+    assert traffic.bytes("load", x_in) == traffic.unique_bytes("load", x_in) == size
+    assert traffic.bytes("store", x_in) == traffic.unique_bytes("store", x_in) == 2 * size
+    stored = sum(traffic.bytes("store", t) for t in (x_in, history, step, t_in))
+    assert traffic.bytes("store") == stored, "something besides x_in, the history, the counter and t_in was written"

@@ -22,7 +22,7 @@ import torch
 from conftest import DTYPES, assert_within_eager_bound, full_triton_grid
 from op_cases import SAMPLER_CONFIGS as CONFIGS
 from op_cases import SAMPLER_SHAPES as SHAPES
-from op_cases import STEPS
+from op_cases import STEPS, learned_range
 from op_cases import make_sampler as _sampler
 from op_cases import step_inputs as _inputs
 from op_cases import step_oracle as _oracle
@@ -174,7 +174,7 @@ def test_philox_words_are_bit_exact(triton_device):
 
 def _normals(triton_device, seed, step, shape, backend="triton", layout="contiguous"):
     """The normals the op draws: a table whose only nonzero column is sigma = 1 makes x_prev = z."""
-    coefs = torch.zeros(STEPS, 11, device=triton_device if backend == "triton" else "cpu")
+    coefs = torch.zeros(STEPS, triton_step.NUM_COEFS, device=triton_device if backend == "triton" else "cpu")
     coefs[:, 7] = 1
     device = coefs.device
     x = _views(torch.zeros(shape, device=device), layout)
@@ -297,3 +297,178 @@ def test_opcheck(dtype, variant, triton_device):
             noise if "noise" in variant else None,
             torch.tensor(11, device=triton_device) if "philox" in variant else None, "x0" in variant)
     torch.library.opcheck(torch.ops.fastdiff.sampler_step_triton.default, args)
+
+
+# ---- history (a multistep solver's previous x0, the c_hist column) ---------------------------------
+
+
+def history_table(sampler) -> torch.Tensor:
+    """The sampler's table with a history term in column c_hist: DPM-Solver++ 2M's D1 coefficient
+    where the table still carries it as sigma times a noise input (moved to c_hist), else a nonzero
+    c_hist on every other row (so both kinds of row are tested) on top of the sampler's own terms."""
+    table = sampler.coefs.clone()
+    if sampler.multistep and not table[:, 11].any():
+        table[:, 11] = table[:, 7] * table[:, 10]
+        table[:, 7] = 0
+        table[:, 10] = 0
+    elif not sampler.multistep:
+        table[::2, 11] = torch.linspace(-0.6, 0.9, len(table[::2]), dtype=table.dtype, device=table.device)
+    return table
+
+
+# name: (sampler config, noise mode); the noise rides along with the history term
+HISTORY_CASES = {
+    "dpmpp_2m-v": ("dpmpp_2m-v", "none"),
+    "ddpm-learned-noise": ("ddpm-learned", "tensor"),
+    "ddim-v-eta-clip-philox": ("ddim-v-eta-clip", "philox"),
+}
+
+
+def _history_step(x, out, table, i, history, *, sampler, guided, noise_mode, noise, return_x0=True):
+    """The Triton launcher itself (the public op's history argument is fastdiff.ops')."""
+    step = torch.tensor(i, device=x.device)
+    clip = math.inf if sampler.clip_x0 is None else float(sampler.clip_x0)
+    return triton_step.sampler_step(
+        x, out, table, step, 3.5 if guided else 1.0, learned_range(sampler), clip, None,
+        noise if noise_mode == "tensor" else None,
+        torch.tensor(77, device=x.device) if noise_mode == "philox" else None, return_x0, history)
+
+
+def _history_reference(x, out, table, i, history, *, sampler, guided, noise_mode, noise, exact):
+    """fastdiff.reference.sampler_step with the history: float64 (exact) or in x's dtype (eager)."""
+    conv = (lambda t: None if t is None else t.cpu().double()) if exact else (lambda t: None if t is None else t.cpu())
+    return reference_step(conv(x), conv(out), conv(table), i, cfg_scale=3.5 if guided else None,
+                          learned_range=learned_range(sampler), clip=sampler.clip_x0,
+                          noise=conv(noise) if noise_mode == "tensor" else None,
+                          philox_seed=77 if noise_mode == "philox" else None, history=conv(history),
+                          upcast=exact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HISTORY_CASES)
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_history_matches_reference(dtype, case, guided, triton_device, poisoned):
+    """prev gains c_hist h where the row's c_hist is not 0: within the dtype-following bound of the
+    float64 reference; where c_hist is 0 a NaN history changes nothing (finite, and the no-history
+    step's numbers exactly)."""
+    config, noise_mode = HISTORY_CASES[case]
+    sampler = _sampler(config, dtype, triton_device)
+    table = history_table(sampler)
+    x, out, noise = _inputs(sampler, (3, 4, 7, 9), guided, dtype, triton_device)
+    history = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype=dtype, device=triton_device)
+    kw = dict(sampler=sampler, guided=guided, noise_mode=noise_mode, noise=noise)
+    used = [i for i in range(STEPS) if table[i, 11] != 0]
+    unused = [i for i in range(STEPS) if table[i, 11] == 0]
+    assert used and unused, "the table must have rows of both kinds"
+    for i in (used[0], used[-1]):
+        got, x0 = _history_step(x, out, table, i, history, **kw)
+        exact = _history_reference(x, out, table, i, history, exact=True, **kw)
+        eager = _history_reference(x, out, table, i, history, exact=False, **kw)
+        what = f"triton history {dtype} {case} {'cfg' if guided else 'plain'} step {i}"
+        assert_within_eager_bound(got.cpu(), eager[0], exact[0], what + " x_prev")
+        assert_within_eager_bound(x0.cpu(), eager[1], exact[1], what + " x0")
+        without, _ = _history_step(x, out, table, i, None, **kw)
+        assert not torch.equal(got, without), f"{what}: the history term changed nothing"
+    nan_history = torch.full_like(history, math.nan)
+    for i in (unused[0], unused[-1]):
+        got, x0 = _history_step(x, out, table, i, nan_history, **kw)
+        without, x0_without = _history_step(x, out, table, i, None, **kw)
+        what = f"triton history {dtype} {case} {'cfg' if guided else 'plain'} step {i} (c_hist 0, NaN history)"
+        assert got.isfinite().all(), what
+        torch.testing.assert_close(got, without, rtol=0, atol=0, msg=what)
+        torch.testing.assert_close(x0, x0_without, rtol=0, atol=0, msg=what)
+        exact = _history_reference(x, out, table, i, nan_history, exact=True, **kw)
+        eager = _history_reference(x, out, table, i, nan_history, exact=False, **kw)
+        assert_within_eager_bound(got.cpu(), eager[0], exact[0], what)
+
+
+def test_a_zero_c_hist_reads_no_history(interpreted):
+    """Where c_hist is 0 (or the step is out of range) the kernel loads no byte of the history; where
+    it is not, each element once."""
+    from fastdiff.triton import _compat
+
+    sampler = _sampler("dpmpp_2m-v")
+    table = history_table(sampler)
+    x, out, _ = _inputs(sampler, (2, 3, 5, 7), True, torch.float16, interpreted)
+    history = torch.randn_like(x)
+    kw = dict(sampler=sampler, guided=True, noise_mode="none", noise=None)
+    assert table[0, 11] == 0 and table[1, 11] != 0  # DPM-Solver++'s first step is first order
+    for i, expect in ((0, 0), (1, history.numel() * history.element_size()), (STEPS, 0)):
+        with _compat.interpreter_traffic() as traffic:
+            _history_step(x, out, table, i, history, **kw)
+        assert traffic.bytes("load", history) == traffic.unique_bytes("load", history) == expect, i
+
+
+HISTORY_LAYOUTS = {
+    # name: (x's layout, the history's)
+    "strided-history": ("contiguous", "strided"),
+    "channels_last-history": ("contiguous", "channels_last"),
+    "channels_last-both": ("channels_last", "channels_last"),
+    "channels_last-x-contiguous-history": ("channels_last", "contiguous"),
+    "transposed-history": ("contiguous", "transposed"),
+}
+
+
+@pytest.mark.parametrize("layout", HISTORY_LAYOUTS)
+def test_history_layouts(layout, triton_device, poisoned):
+    """A history of any strides is read in place (a transposed one copied, as noise is): the numbers
+    of a contiguous history exactly, and the reference's."""
+    x_layout, h_layout = HISTORY_LAYOUTS[layout]
+    sampler = _sampler("dpmpp_2m-v", device=triton_device)
+    table = history_table(sampler)
+    x, out, _ = _inputs(sampler, (3, 4, 7, 9), True, torch.float32, triton_device)
+    history = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(triton_device)
+    kw = dict(sampler=sampler, guided=True, noise_mode="none", noise=None)
+    i = int((table[:, 11] != 0).nonzero()[0])
+    x = _views(x, x_layout)
+    if h_layout == "strided":  # history's values every other element, NaN between: a stray read shows
+        viewed = torch.stack([history, torch.full_like(history, math.nan)], -1).flatten(-2)[..., ::2]
+    else:
+        viewed = _views(history, h_layout)
+    assert torch.equal(viewed, history) and (h_layout == "contiguous" or not viewed.is_contiguous())
+    got, x0 = _history_step(x, out, table, i, viewed, **kw)
+    same, same_x0 = _history_step(x, out, table, i, history.contiguous(memory_format=triton_step.memory_format(x)),
+                                  **kw)
+    torch.testing.assert_close(got, same, rtol=0, atol=0)
+    torch.testing.assert_close(x0, same_x0, rtol=0, atol=0)
+    exact = _history_reference(x, out, table, i, history, exact=True, **kw)
+    eager = _history_reference(x, out, table, i, history, exact=False, **kw)
+    assert_within_eager_bound(got.cpu(), eager[0], exact[0], f"triton {layout}")
+
+
+def test_history_out_of_range_step_writes_nan(triton_device):
+    sampler = _sampler("dpmpp_2m-v", device=triton_device)
+    table = history_table(sampler)
+    x, out, _ = _inputs(sampler, (2, 3, 5, 4), False, torch.float32, triton_device)
+    got, x0 = _history_step(x, out, table, STEPS, torch.randn_like(x), sampler=sampler, guided=False,
+                            noise_mode="none", noise=None)
+    assert got.isnan().all() and x0.isnan().all()
+
+
+HISTORY_REFUSALS = {
+    # name: (the history given for x of shape (2, 3, 5, 4) float32, exception, message)
+    "shape": (lambda x: torch.randn(2, 3, 5, 5), ValueError,
+              r"history must have x's shape, dtype and device \(\(2, 3, 5, 4\), torch.float32, cpu\), "
+              r"got \(\(2, 3, 5, 5\), torch.float32, cpu\)"),
+    "batch": (lambda x: torch.randn(4, 3, 5, 4), ValueError, r"got \(\(4, 3, 5, 4\)"),
+    "dtype": (lambda x: torch.randn(2, 3, 5, 4, dtype=torch.float16), ValueError,
+              r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float16"),
+    "device": (lambda x: torch.empty(2, 3, 5, 4, device="meta"), ValueError,
+               r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float32, meta\)"),
+    "not-a-tensor": (lambda x: [[0.0]], TypeError, "history must be None or a tensor like x, got list"),
+}
+
+
+@pytest.mark.parametrize("name", HISTORY_REFUSALS)
+def test_history_refusals(name, triton_device):
+    sampler = _sampler("dpmpp_2m-v", device=triton_device)
+    x, out, _ = _inputs(sampler, (2, 3, 5, 4), False, torch.float32, triton_device)
+    make, error, message = HISTORY_REFUSALS[name]
+    history = make(x)
+    if isinstance(history, torch.Tensor) and history.device.type != "meta":
+        history = history.to(triton_device)
+    if name == "device" and triton_device.type != "cpu":
+        message = message.replace("cpu", str(x.device))
+    with pytest.raises(error, match=message):
+        _history_step(x, out, history_table(sampler), 1, history, sampler=sampler, guided=False, noise_mode="none",
+                      noise=None)
