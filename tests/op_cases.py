@@ -696,6 +696,7 @@ SAMPLER_CONFIGS = {
     "euler-v-trailing": dict(cls="euler", prediction="v", timestep_spacing="trailing"),
     "euler_a-eps": dict(cls="euler_a", prediction="eps"),
     "dpmpp_2m-v": dict(cls="dpmpp_2m", prediction="v"),  # the history input carries the previous step's x0
+    "dpmpp_2m_sde-eps-karras": dict(cls="dpmpp_2m_sde", prediction="eps", karras_sigmas=True),  # history and noise
 }
 SAMPLER_SHAPES = {"7x9": (3, 4, 7, 9), "1x1": (1, 3, 1, 1), "1d-prime": (2, 5, 13)}
 
@@ -749,7 +750,8 @@ def step_oracle(sampler, i, x, out, noise, cfg, upcast, history=None):
         before = sampler.alpha_before(i)
         before = None if before is None else before.to(device=x.device, dtype=table)
         return dpmpp_2m_step(x, out[:, :C], a, ap, prediction=sampler.prediction, alpha_before=before,
-                             previous_x0=history, upcast=upcast)
+                             previous_x0=history, sde=sampler.sde, noise=noise if sampler.draws_noise(i) else None,
+                             upcast=upcast)
     if isinstance(sampler, EulerSampler):
         add = sampler.draws_noise(i)
         return euler_step(x, out[:, :C], a, ap, prediction=sampler.prediction, ancestral=sampler.ancestral,
@@ -790,8 +792,8 @@ class SamplerStep(OpCase):
             for i in STEP_INDICES:
                 kwargs = dict(cfg_scale=CFG if guided else None, learned_range=learned_range(sampler),
                               clip=sampler.clip_x0, noise=noise if sampler.draws_noise(i) else None, return_x0=True)
-                if sampler.multistep:  # the previous step's x0: any values, in the layout under test
-                    kwargs["history"] = noise
+                if sampler.multistep:  # the previous step's x0: any values (not the noise's), in its layout
+                    kwargs["history"] = noise * -0.5 + 0.1
                 call = Call((x, out, sampler.coefs, i), kwargs,
                             f"{dtype} {config} {'cfg' if guided else 'plain'} {shape} {layout} step {i}", layout)
                 call.sampler = sampler
@@ -941,7 +943,7 @@ class SamplerLoopStep(OpCase):
     shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
               for name, shape in LOOP_SHAPES.items()]
     triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"]))
-                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps")]
+                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m_sde-eps-karras")]
     cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
     float64_shapes = shapes
 

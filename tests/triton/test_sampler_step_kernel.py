@@ -30,6 +30,7 @@ from op_cases import step_oracle as _oracle
 import fastdiff
 from fastdiff import _native
 from fastdiff.reference.philox import philox4x32_10, philox_normal
+from fastdiff.reference.sampler_step import STEP_COEFS
 from fastdiff.reference.sampler_step import sampler_step as reference_step
 from fastdiff.sampling import DDIMSampler, DDPMSampler
 
@@ -67,12 +68,16 @@ def test_matches_oracle(dtype, config, guided, triton_device, poisoned):
         for shape_name, shape in SHAPES.items():
             x, out, noise = _inputs(sampler, shape, guided, dtype, triton_device, seed=seed)
             for i in STEP_INDICES:
-                step_noise = noise if sampler.draws_noise(i) or sampler.multistep else None  # multistep: the last x0
-                got, x0 = _step(x, out, sampler, i, cfg_scale=3.5 if guided else None, noise=step_noise)
+                step_noise = noise if sampler.draws_noise(i) else None
+                history = noise if sampler.multistep else None  # the previous x0: any values
+                got, x0 = _step(x, out, sampler, i, cfg_scale=3.5 if guided else None, noise=step_noise,
+                                history=history)
                 xc, oc, nc = x.cpu(), out.cpu(), None if step_noise is None else step_noise.cpu()
+                hc = None if history is None else history.cpu()
                 exact_prev, exact_x0 = _oracle(sampler, i, xc.double(), oc.double(),
-                                               None if nc is None else nc.double(), 3.5, False)
-                eager_prev, eager_x0 = _oracle(sampler, i, xc, oc, nc, 3.5, False)
+                                               None if nc is None else nc.double(), 3.5, False,
+                                               None if hc is None else hc.double())
+                eager_prev, eager_x0 = _oracle(sampler, i, xc, oc, nc, 3.5, False, hc)
                 what = f"triton {dtype} {config} {'cfg' if guided else 'plain'} {shape_name} step {i} seed {seed}"
                 assert got.dtype == dtype and got.shape == x.shape and got.device == x.device
                 assert_within_eager_bound(got.cpu(), eager_prev, exact_prev, what + " x_prev")
@@ -303,16 +308,13 @@ def test_opcheck(dtype, variant, triton_device):
 
 
 def history_table(sampler) -> torch.Tensor:
-    """The sampler's table with a history term in column c_hist: DPM-Solver++ 2M's D1 coefficient
-    where the table still carries it as sigma times a noise input (moved to c_hist), else a nonzero
-    c_hist on every other row (so both kinds of row are tested) on top of the sampler's own terms."""
+    """The sampler's table with a history term in column c_hist: DPM-Solver++ 2M's own (its D1
+    coefficient), else a nonzero c_hist on every other row (so both kinds of row are tested) on top of
+    the sampler's own terms."""
     table = sampler.coefs.clone()
-    if sampler.multistep and not table[:, 11].any():
-        table[:, 11] = table[:, 7] * table[:, 10]
-        table[:, 7] = 0
-        table[:, 10] = 0
-    elif not sampler.multistep:
-        table[::2, 11] = torch.linspace(-0.6, 0.9, len(table[::2]), dtype=table.dtype, device=table.device)
+    if not sampler.multistep:
+        rows = table[::2, STEP_COEFS.index("c_hist")]
+        rows.copy_(torch.linspace(-0.6, 0.9, len(rows), dtype=table.dtype, device=table.device))
     return table
 
 
