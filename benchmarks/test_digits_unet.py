@@ -122,7 +122,8 @@ def test_sample_digits_unet_interleaved(benchmark):
 
 # ---- fewer model calls: the samplers at the step counts where they read as well as DDIM's 50 ----------
 
-SAMPLERS = {"ddim 50": ("ddim", 50), "dpmpp_2m 15": ("dpmpp_2m", 15), "euler_a 30": ("euler_a", 30)}
+SAMPLERS = {"ddim 50": ("ddim", 50, {}), "dpmpp_2m 15": ("dpmpp_2m", 15, {}), "euler_a 30": ("euler_a", 30, {}),
+            "dpmpp_2m_sde 15": ("dpmpp_2m_sde", 15, {})}
 
 
 @functools.cache
@@ -141,7 +142,7 @@ def test_sample_digits_unet_samplers(benchmark, name):
     the share of samples the classifier reads as the requested digit. Baseline: DDIM at 50 steps."""
     from fastdiff.models.digits import images_to_digits
 
-    sampler, steps = SAMPLERS[name]
+    sampler, steps, options = SAMPLERS[name]
     model = digits_unet(device=DEVICE).to(memory_format=torch.channels_last)
     kwargs = digits_sampling(model)
     labels = (torch.arange(BATCH) % 10).to(DEVICE)
@@ -149,7 +150,7 @@ def test_sample_digits_unet_samplers(benchmark, name):
 
     def run() -> torch.Tensor:
         return fastdiff.sample(model, noise=noise, sampler=sampler, steps=steps, cfg=CFG, cond={"y": labels},
-                               uncond={"y": torch.full_like(labels, NULL_CLASS)}, **kwargs)
+                               uncond={"y": torch.full_like(labels, NULL_CLASS)}, **options, **kwargs)
 
     run()  # warm-up: the tuner's first-call measurements
     busy_window_starts_now()
