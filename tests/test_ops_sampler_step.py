@@ -108,7 +108,7 @@ def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(fake_gpu)
         out = torch.empty(16, 4, 64, 64, device="cuda")
         assert SUPPORT.why_not("cuda", {"x": x})  # the native CUDA op is absent
         assert select_backend("sampler_step", "auto", {"x": x, "model_output": out}) == "triton"
-        sampler.coefs = torch.empty(50, 11, device="cuda")
+        sampler.coefs = torch.empty(50, len(STEP_COEFS), device="cuda")
         sampler.step_indices = [torch.empty((), dtype=torch.int64, device="cuda")] * 50
         # a tensor step: torch.tensor(3, device="cuda") would allocate a real one even in fake mode
         prev, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, sampler.step_indices[3], cfg_scale=4.0,
