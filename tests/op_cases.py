@@ -695,6 +695,7 @@ SAMPLER_CONFIGS = {
     "ddpm-learned": dict(cls="ddpm", prediction="eps", variance="learned_range"),
     "euler-v-trailing": dict(cls="euler", prediction="v", timestep_spacing="trailing"),
     "euler_a-eps": dict(cls="euler_a", prediction="eps"),
+    "euler-x0-linspace": dict(cls="euler", prediction="x0", timestep_spacing="linspace"),  # float32 timesteps
     "dpmpp_2m-v": dict(cls="dpmpp_2m", prediction="v"),  # the history input carries the previous step's x0
     "dpmpp_2m_sde-eps-karras": dict(cls="dpmpp_2m_sde", prediction="eps", karras_sigmas=True),  # history and noise
 }
@@ -943,7 +944,8 @@ class SamplerLoopStep(OpCase):
     shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
               for name, shape in LOOP_SHAPES.items()]
     triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"]))
-                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m_sde-eps-karras")]
+                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m_sde-eps-karras",
+                                    "euler-x0-linspace")]
     cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
     float64_shapes = shapes
 
@@ -974,7 +976,7 @@ class SamplerLoopStep(OpCase):
             cfg_scale=cfg, learned_range=learned_range(sampler), clip=None if threshold else sampler.clip_x0,
             threshold=thresholds, noise=noise if draw == "tensor" else None,
             philox_seed=torch.tensor(PHILOX_SEED, device=device) if draw == "philox" else None,
-            t_in=torch.full((2 * B if guided else B,), -1, dtype=torch.int64, device=device),
+            t_in=torch.full((2 * B if guided else B,), -1, dtype=sampler.timesteps_device.dtype, device=device),
             timesteps=sampler.timesteps_device,
         )
         if sampler.multistep:  # the loop's buffer of the previous x0, which the step rewrites
@@ -1122,7 +1124,9 @@ class SamplerLoopStep(OpCase):
         BadInput("t_in-alone", lambda: SamplerLoopStep._bad(timesteps=None), ValueError,
                  "sampler_loop_step: give t_in and timesteps together"),
         BadInput("t_in-int32", lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)), ValueError,
-                 "sampler_loop_step: t_in must be a 1-D int64 tensor"),
+                 r"sampler_loop_step: t_in must be a 1-D int64 \(or float32\) tensor"),
+        BadInput("timesteps-dtype", lambda: SamplerLoopStep._bad(timesteps=torch.zeros(10)), ValueError,
+                 "sampler_loop_step: t_in and timesteps must have one dtype, got torch.int64 and torch.float32"),
         BadInput("model_output-rows", lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)), ValueError,
                  "sampler_loop_step: model_output must have x_in's 4 rows"),
         BadInput("history-shares-x_in", lambda: SamplerLoopStep._shared("history"), ValueError,
@@ -1158,11 +1162,13 @@ class SamplerLoopStep(OpCase):
                   "cfg_scale must be on x_in's device"),
         _loop_bad("t_in-no-timesteps", lambda: dict(timesteps=None), r"t_in needs timesteps", META),
         _loop_bad("t_in-int32", lambda: dict(t_in=torch.zeros(4, dtype=torch.int32)),
-                  "t_in must be a 1-D int64 tensor", META),
+                  r"t_in must be a 1-D int64 \(or float32\) tensor", META),
         _loop_bad("t_in-2d", lambda: dict(t_in=torch.zeros(2, 2, dtype=torch.int64)),
-                  "t_in must be a 1-D int64 tensor, got 2-D", META),
-        _loop_bad("timesteps-float", lambda: dict(timesteps=torch.zeros(10)), "timesteps must be a 1-D int64 tensor",
-                  META),
+                  r"t_in must be a 1-D int64 \(or float32\) tensor, got 2-D", META),
+        _loop_bad("timesteps-float64", lambda: dict(timesteps=torch.zeros(10, dtype=torch.float64)),
+                  r"timesteps must be a 1-D int64 \(or float32\) tensor", META),
+        _loop_bad("timesteps-float32-t_in-int64", lambda: dict(timesteps=torch.zeros(10)),
+                  "t_in and timesteps must have one dtype, got Long and Float", META),
         _loop_bad("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor", META),
         _loop_bad("step-2", lambda: dict(step=torch.tensor([1, 2])), "step must hold one index, got 2"),
         # out of range: the CPU kernel raises and changes nothing (CUDA and Triton write NaN)

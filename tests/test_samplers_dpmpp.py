@@ -47,7 +47,7 @@ def _pair(schedule, spacing, prediction, steps, dtype=torch.float32, sde=False, 
 
 
 CASES = list(itertools.product(SCHEDULES, ("linspace", "leading", "trailing"), PRED, (15, 25)))
-# Karras sigmas ignore the spacing; diffusers leaves the cosine schedule's Karras timesteps fractional (refused)
+# Karras sigmas ignore the spacing; diffusers' DPM-Solver cannot step the cosine schedule's (refused)
 KARRAS = [c for c in itertools.product(SCHEDULES, ("leading",), PRED, (15, 25)) if c[0] != "cosine"]
 
 
@@ -105,19 +105,19 @@ def test_dpmpp_2m_sde_loop_matches_diffusers_given_the_noise(schedule, spacing, 
 def test_karras_sigmas_loop_matches_diffusers(schedule, spacing, prediction, steps, sde):
     """Karras sigmas: diffusers' rounded timesteps for the model, its float32 σ for the update."""
     rms = _loop_rms(schedule, spacing, prediction, steps, sde=sde, karras=True)
-    assert rms[1] < 1e-4, rms
+    assert rms[1] < (1e-2 if schedule == "cosine" and prediction == "eps" else 1e-4), rms
     floor = ULPS * torch.finfo(torch.float32).eps
     assert rms[0] <= 2 * rms[1] + floor, f"fastdiff's RMS error {rms[0]:.3g} vs diffusers' {rms[1]:.3g}"
 
 
 def test_karras_with_the_cosine_schedule_is_refused():
-    with pytest.raises(ValueError, match="karras_sigmas with the cosine schedule gives fractional timesteps"):
+    with pytest.raises(ValueError, match="karras_sigmas with the cosine schedule is not a configuration diffusers'"):
         fastdiff.sample(toy_model, shape=SHAPE, sampler="dpmpp_2m", steps=4, schedule="cosine", karras_sigmas=True)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "euler_a"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a"])
 def test_karras_with_other_samplers_is_refused(sampler):
-    with pytest.raises(ValueError, match=f"karras_sigmas applies to sampler='dpmpp_2m' and 'dpmpp_2m_sde', "
+    with pytest.raises(ValueError, match=f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', "
                                          f"not '{sampler}'"):
         fastdiff.sample(toy_model, shape=SHAPE, sampler=sampler, steps=4, karras_sigmas=True)
 

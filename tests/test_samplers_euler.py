@@ -38,36 +38,47 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.tanh(0.7 * x + 0.3 * torch.sin(3 * tt + x.roll(1, dims=-1)))
 
 
-def _pair(name, schedule, spacing, prediction, dtype=torch.float32):
+def _pair(name, schedule, spacing, prediction, dtype=torch.float32, karras=False):
     beta_schedule, betas = SCHEDULES[schedule]
     kw = dict(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=PRED[prediction],
               timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
     if betas:
         kw.update(beta_start=betas[0], beta_end=betas[1])
+    if karras:
+        kw.update(use_karras_sigmas=True)
     theirs = (EulerDiscreteScheduler if name == "euler" else EulerAncestralDiscreteScheduler)(**kw)
     theirs.set_timesteps(STEPS)
     ours = make_sampler(name, Schedule(schedule, 1000, *(betas or ())), STEPS, timestep_spacing=spacing,
-                        steps_offset=kw["steps_offset"], prediction=prediction, dtype=dtype)
+                        steps_offset=kw["steps_offset"], prediction=prediction, dtype=dtype, karras_sigmas=karras)
     return theirs, ours
 
 
-CASES = [c for c in itertools.product(("euler", "euler_a"), SCHEDULES, ("leading", "trailing"), PRED)
+SPACINGS = ("leading", "trailing", "linspace")  # "linspace": fractional timesteps, float32 for the model
+CASES = [c for c in itertools.product(("euler", "euler_a"), SCHEDULES, SPACINGS, PRED)
          if not (c[0] == "euler_a" and c[3] == "x0")]  # diffusers' ancestral Euler has no "sample" prediction
+# Karras sigmas: Euler only (diffusers' ancestral Euler has none), between each spacing's first and last σ
+KARRAS = [("euler", schedule, spacing, prediction) for schedule in SCHEDULES for spacing in SPACINGS
+          for prediction in ("eps", "v")]
 
 
 def _error_rms(errors: list[torch.Tensor]) -> float:
     return torch.cat([e.reshape(-1) for e in errors]).square().mean().sqrt().item()
 
 
-@pytest.mark.parametrize(("name", "schedule", "spacing", "prediction"), CASES)
-def test_euler_loop_matches_diffusers(name, schedule, spacing, prediction):
+@pytest.mark.parametrize(("name", "schedule", "spacing", "prediction", "karras"),
+                         [(*c, False) for c in CASES] + [(*c, True) for c in KARRAS])
+def test_euler_loop_matches_diffusers(name, schedule, spacing, prediction, karras):
     """A 20-step loop on both sides with the same draws: every model input (and x0) within float32
     rounding of diffusers', and fastdiff's fused loop as close to the float64 run as diffusers' fp32
     loop is: the RMS error over all steps' model inputs within 2x diffusers' plus a few ulp (per step,
     which of the two is closer flips with the toy model's amplification of earlier roundings)."""
-    theirs, ours = _pair(name, schedule, spacing, prediction)
-    _, exact = _pair(name, schedule, spacing, prediction, dtype=torch.float64)
-    assert ours.timesteps == [int(t) for t in theirs.timesteps]
+    theirs, ours = _pair(name, schedule, spacing, prediction, karras=karras)
+    _, exact = _pair(name, schedule, spacing, prediction, dtype=torch.float64, karras=karras)
+    assert ours.timesteps == theirs.timesteps.tolist()  # integers, or diffusers' float32 fractional ones
+    fractional = spacing == "linspace" or karras
+    assert ours.timesteps_device.dtype == (torch.float32 if fractional else torch.int64)
+    if fractional:  # the step's noise levels: diffusers' float32 σ
+        torch.testing.assert_close(ours.alpha_levels, 1 / (1 + theirs.sigmas[:-1].double() ** 2), rtol=1e-12, atol=0)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(SHAPE, generator=g)
     sample = x_T * theirs.init_noise_sigma
@@ -168,16 +179,20 @@ def test_ancestral_noise_on_every_step_but_the_last():
     assert not any(EulerSampler(Schedule("linear", 1000), 8).draws_noise(i) for i in range(8))
 
 
-def test_sample_with_euler_matches_the_diffusers_loop():
-    """fastdiff.sample (the fused loop, the initial scale included) against diffusers' own loop, trailing
-    timesteps (where init_noise_sigma is σ_max, not √(σ_max²+1)), guided: as close to fastdiff's
-    float64 run as diffusers' fp32 loop is (2x plus a few ulp)."""
-    theirs, _ = _pair("euler", "scaled_linear", "trailing", "v")
+@pytest.mark.parametrize(("spacing", "karras"), [("trailing", False), ("linspace", False), ("leading", True)])
+def test_sample_with_euler_matches_the_diffusers_loop(spacing, karras):
+    """fastdiff.sample (the fused loop, the initial scale included) against diffusers' own loop, guided:
+    trailing timesteps (where init_noise_sigma is σ_max, not √(σ_max²+1)), and the fractional timesteps
+    of "linspace" and Karras sigmas (the model's t input float32 there, as diffusers passes it); as
+    close to fastdiff's float64 run as diffusers' fp32 loop is (2x plus a few ulp)."""
+    theirs, _ = _pair("euler", "scaled_linear", spacing, "v", karras=karras)
+    seen = []
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(SHAPE, generator=g)
     cond, uncond = torch.ones(SHAPE[0]), torch.zeros(SHAPE[0])
 
     def model(x, t, y):
+        seen.append(t.clone())
         return toy_model(x, t) * (1 + 0.25 * y.view(-1, 1, 1, 1).to(x.dtype))
 
     sample = x_T * theirs.init_noise_sigma
@@ -190,9 +205,14 @@ def test_sample_with_euler_matches_the_diffusers_loop():
     def ours(noise, backend):
         return fastdiff.sample(model, noise=noise, sampler="euler", steps=STEPS, cfg=3.0, cond={"y": cond},
                                uncond={"y": uncond}, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
-                               timestep_spacing="trailing", prediction="v", backend=backend)
+                               timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+                               karras_sigmas=karras, prediction="v", backend=backend)
 
+    seen.clear()
     exact = ours(x_T.double(), "reference")
+    # the model saw diffusers' timesteps, in its dtype (float32 where they are fractional)
+    assert [t.dtype for t in seen] == [torch.float32 if spacing == "linspace" or karras else torch.int64] * STEPS
+    assert [float(t[0]) for t in seen] == theirs.timesteps.tolist()
     theirs_err = (sample.double() - exact).abs().max().item()
     assert theirs_err < 1e-4  # the same loop (a different first input, even 0.2% off, moves it by ~1e-3)
     for backend in ("reference", "auto"):
@@ -204,7 +224,7 @@ def test_sample_with_euler_matches_the_diffusers_loop():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(sampler="euler", timestep_spacing="linspace"), "euler.*'leading' or 'trailing'.*fractional"),
+        (dict(sampler="euler_a", karras_sigmas=True), "karras_sigmas applies to sampler='euler', 'dpmpp_2m'"),
         (dict(sampler="euler_a", clip_x0=1.0), "clip_x0 applies to sampler='ddim' and 'ddpm', not 'euler_a'"),
         (dict(sampler="euler", dynamic_threshold=(0.9, 1.5)), "dynamic_threshold applies"),
         (dict(sampler="euler", eta=0.5), "eta applies to sampler='ddim' only"),

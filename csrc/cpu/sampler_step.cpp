@@ -193,16 +193,23 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
                 cfg_scale->scalar_type());
     check_same_device(*cfg_scale, x_in, "cfg_scale", kLoopStaticNames);
   }
+  // Timesteps are int64, or float32 for the samplers whose timesteps are fractional (diffusers' Euler
+  // with "linspace" spacing or Karras sigmas): the advance copies an entry, whatever its type.
+  const auto timestep_type = [](at::ScalarType t) { return t == at::kLong || t == at::kFloat; };
   if (t_in.has_value()) {
     TORCH_CHECK(timesteps.has_value(),
                 "sampler_loop_step: t_in needs timesteps (the value t_in takes at each next step), got none");
-    TORCH_CHECK(t_in->dim() == 1 && t_in->scalar_type() == at::kLong,
-                "sampler_loop_step: t_in must be a 1-D int64 tensor, got ", t_in->dim(), "-D ", t_in->scalar_type());
+    TORCH_CHECK(t_in->dim() == 1 && timestep_type(t_in->scalar_type()),
+                "sampler_loop_step: t_in must be a 1-D int64 (or float32) tensor, got ", t_in->dim(), "-D ",
+                t_in->scalar_type());
     check_same_device(*t_in, x_in, "t_in", kLoopStaticNames);
   }
   if (timesteps.has_value()) {
-    TORCH_CHECK(timesteps->dim() == 1 && timesteps->scalar_type() == at::kLong,
-                "sampler_loop_step: timesteps must be a 1-D int64 tensor, got ", timesteps->dim(), "-D ",
+    TORCH_CHECK(timesteps->dim() == 1 && timestep_type(timesteps->scalar_type()),
+                "sampler_loop_step: timesteps must be a 1-D int64 (or float32) tensor, got ", timesteps->dim(),
+                "-D ", timesteps->scalar_type());
+    TORCH_CHECK(!t_in.has_value() || t_in->scalar_type() == timesteps->scalar_type(),
+                "sampler_loop_step: t_in and timesteps must have one dtype, got ", t_in->scalar_type(), " and ",
                 timesteps->scalar_type());
     check_same_device(*timesteps, x_in, "timesteps", kLoopStaticNames);
   }
@@ -402,11 +409,17 @@ void sampler_loop_step_cpu(const at::Tensor& x_in, const at::Tensor& model_outpu
   const int64_t next = index + 1;  // index < coefs.size(0): no overflow
   *counter = next;
   if (t_in.has_value() && next < timesteps->size(0)) {
-    const int64_t t = timesteps->const_data_ptr<int64_t>()[next * timesteps->stride(0)];
-    int64_t* dst = t_in->mutable_data_ptr<int64_t>();
-    const int64_t stride = t_in->stride(0);
-    for (int64_t i = 0; i < t_in->size(0); ++i) {
-      dst[i * stride] = t;
+    const auto fill = [&](auto* dst, const auto* src) {
+      const auto t = src[next * timesteps->stride(0)];
+      const int64_t stride = t_in->stride(0);
+      for (int64_t i = 0; i < t_in->size(0); ++i) {
+        dst[i * stride] = t;
+      }
+    };
+    if (t_in->scalar_type() == at::kFloat) {
+      fill(t_in->mutable_data_ptr<float>(), timesteps->const_data_ptr<float>());
+    } else {
+      fill(t_in->mutable_data_ptr<int64_t>(), timesteps->const_data_ptr<int64_t>());
     }
   }
 }

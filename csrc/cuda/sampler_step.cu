@@ -173,12 +173,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t, kHist>)
 // has an entry s + 1, every entry of t_in = timesteps[s + 1]. One block; s is read on the device.
 constexpr int kAdvanceThreads = 128;
 
-__global__ void sampler_loop_advance_kernel(int64_t* step, int64_t* t_in, int64_t t_len, int64_t t_stride,
-                                            const int64_t* timesteps, int64_t num_timesteps, int64_t ts_stride) {
+// T: the timesteps' type, int64 or float (fractional timesteps: diffusers' Euler with "linspace"
+// spacing or Karras sigmas).
+template <typename T>
+__global__ void sampler_loop_advance_kernel(int64_t* step, T* t_in, int64_t t_len, int64_t t_stride,
+                                            const T* timesteps, int64_t num_timesteps, int64_t ts_stride) {
   const int64_t s = *step;
   // An out-of-range s (the step wrote NaN) still advances; t_in is filled only from a valid entry.
   const bool fill = t_in != nullptr && s >= -1 && s < num_timesteps - 1;
-  const int64_t t = fill ? timesteps[(s + 1) * ts_stride] : 0;
+  const T t = fill ? timesteps[(s + 1) * ts_stride] : T(0);
   __syncthreads();  // every thread has read the counter (and t) before thread 0 writes it
   if (threadIdx.x == 0) {
     *step = static_cast<int64_t>(static_cast<uint64_t>(s) + 1);  // wraps, never overflows (UB)
@@ -278,11 +281,18 @@ void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_outp
   // step is one element (any shape): its data pointer is the counter the step kernel read.
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool has_t = t_in.has_value();
-  sampler_loop_advance_kernel<<<1, kAdvanceThreads, 0, stream>>>(
-      step.mutable_data_ptr<int64_t>(), has_t ? t_in->mutable_data_ptr<int64_t>() : nullptr,
-      has_t ? t_in->size(0) : 0, has_t ? t_in->stride(0) : 0,
-      has_t ? timesteps->const_data_ptr<int64_t>() : nullptr, has_t ? timesteps->size(0) : 0,
-      has_t ? timesteps->stride(0) : 0);
+  const auto advance = [&](auto zero) {
+    using T = decltype(zero);
+    sampler_loop_advance_kernel<T><<<1, kAdvanceThreads, 0, stream>>>(
+        step.mutable_data_ptr<int64_t>(), has_t ? t_in->mutable_data_ptr<T>() : nullptr,
+        has_t ? t_in->size(0) : 0, has_t ? t_in->stride(0) : 0, has_t ? timesteps->const_data_ptr<T>() : nullptr,
+        has_t ? timesteps->size(0) : 0, has_t ? timesteps->stride(0) : 0);
+  };
+  if (has_t && t_in->scalar_type() == at::kFloat) {
+    advance(0.0f);
+  } else {
+    advance(int64_t(0));
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

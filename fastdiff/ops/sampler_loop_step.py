@@ -143,10 +143,14 @@ def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philo
                                  f"place while reading {name}; pass a copy ({name}.clone())")
     if (t_in is None) != (timesteps is None):
         raise ValueError("sampler_loop_step: give t_in and timesteps together, or neither")
+    # int64, or float32 for fractional timesteps (diffusers' Euler with "linspace" spacing or Karras sigmas)
     for name, t in (("t_in", t_in), ("timesteps", timesteps)):
-        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 1
-                                  and t.device == x_in.device):
-            raise ValueError(f"sampler_loop_step: {name} must be a 1-D int64 tensor on x_in's device")
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype in (torch.int64, torch.float32)
+                                  and t.dim() == 1 and t.device == x_in.device):
+            raise ValueError(f"sampler_loop_step: {name} must be a 1-D int64 (or float32) tensor on x_in's device")
+    if t_in is not None and timesteps is not None and t_in.dtype != timesteps.dtype:
+        raise ValueError(f"sampler_loop_step: t_in and timesteps must have one dtype, got {t_in.dtype} and "
+                         f"{timesteps.dtype}")
 
 
 def sampler_loop_step(

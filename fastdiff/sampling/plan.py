@@ -82,7 +82,8 @@ class SamplingPlan:
         self.batch, self.model_batch = c.batch, c.model_batch
         self.x_in = torch.empty((self.model_batch,) + c.shape[1:], dtype=c.dtype, device=c.device)
         self.x = self.x_in[: self.batch]
-        self.t_in = torch.empty(self.model_batch, dtype=torch.int64, device=c.device)
+        # int64 timesteps, or float32 ones where the sampler's are fractional (Euler's "linspace", Karras)
+        self.t_in = torch.empty(self.model_batch, dtype=self.sampler.timesteps_device.dtype, device=c.device)
         self.timesteps = self.sampler.timesteps_device
         self.coefs = self.sampler.coefs
         self.counter = torch.zeros((), dtype=torch.int64, device=c.device)

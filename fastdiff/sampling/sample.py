@@ -90,7 +90,8 @@ def sample(
     (2M, or its SDE variant); returns the final x_0 batch.
 
     Model contract: ``model(x, t, **kwargs)`` with ``t`` an int64 tensor of shape (batch,) on x's
-    device, returning a tensor, a tuple (first item used) or an object with ``.sample``. ``x``,
+    device (float32 for the Euler samplers' fractional timesteps: "linspace" spacing, Karras
+    sigmas), returning a tensor, a tuple (first item used) or an object with ``.sample``. ``x``,
     ``t`` and the kwargs' tensors are the loop's static buffers, rewritten in place by every step
     (what lets a CUDA graph replay the loop): the model must not modify them or keep them past the
     call. The model runs under ``torch.no_grad()``: sampling keeps no autograd graph across the
@@ -118,10 +119,11 @@ def sample(
             per step after the fused one (no sync, no allocation; capturable).
         sampler: "ddim" (Song et al. 2021), "ddpm" (Ho et al. 2020, ancestral), "euler" or "euler_a"
             (Karras et al. 2022's Euler step in σ = √((1-ᾱ)/ᾱ), deterministic or ancestral: diffusers'
-            EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; "leading" or "trailing"
-            timesteps, no clip_x0, dynamic_threshold, eta or classifier_grad; ``x`` is the model's input
-            x_σ / √(σ²+1), and the noise is scaled as diffusers' ``init_noise_sigma`` and
-            ``scale_model_input`` scale it, see :class:`fastdiff.sampling.EulerSampler`), or
+            EulerDiscreteScheduler and EulerAncestralDiscreteScheduler; on "linspace" timesteps the
+            model gets diffusers' fractional ones (float32); no clip_x0, dynamic_threshold, eta or
+            classifier_grad; ``x`` is the model's input x_σ / √(σ²+1), and the noise is scaled as
+            diffusers' ``init_noise_sigma`` and ``scale_model_input`` scale it, see
+            :class:`fastdiff.sampling.EulerSampler`), or
             "dpmpp_2m" (DPM-Solver++(2M), Lu et al. 2022: diffusers' DPMSolverMultistepScheduler with
             ``algorithm_type="dpmsolver++"``, order 2, midpoint, a zero final sigma, on its timesteps;
             no clip_x0, dynamic_threshold, eta or classifier_grad; the loop op keeps the previous
@@ -141,10 +143,12 @@ def sample(
         schedule: "linear", "scaled_linear", "cosine" ("squaredcos_cap_v2") or a ``fastdiff.Schedule``.
         num_train_timesteps: training timesteps of a named schedule (default 1000).
         timestep_spacing, steps_offset: "leading" (default, with offset), "trailing", "linspace".
-        karras_sigmas: DPM-Solver++ only: step through Karras et al. 2022's noise levels (ρ = 7) as
-            diffusers' ``use_karras_sigmas=True`` does: the model sees each level's timestep rounded
-            to an int, the update uses the level itself; the spacing and offset are then unused. Not
-            with the cosine schedule (diffusers leaves its timesteps fractional there).
+        karras_sigmas: "euler", "dpmpp_2m" and "dpmpp_2m_sde": step through Karras et al. 2022's noise
+            levels (ρ = 7) as diffusers' ``use_karras_sigmas=True`` does; the update uses each level
+            itself, and the model sees its timestep as diffusers computes it: fractional (float32) for
+            Euler, between the spacing's first and last σ; rounded to an int for DPM-Solver++, between
+            the schedule's smallest and largest σ, the spacing and offset unused (not with the cosine
+            schedule, which diffusers' DPM-Solver cannot run with Karras sigmas).
         prediction: what the model predicts: "eps", "v" or "x0".
         variance: DDPM variance: "fixed_small" (default, β̃), "fixed_large" (β) or "learned_range"
             (the model outputs 2C channels). With DDIM only "learned_range" is accepted, to drop the

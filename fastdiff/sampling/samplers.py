@@ -33,7 +33,37 @@ def _at(table: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
 # The samplers without x0 processing, eta or classifier guidance, and those whose timesteps must be integers.
 _PLAIN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde")
 _DPM_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
-_INTEGER_SPACINGS = {"euler": ("leading", "trailing"), "euler_a": ("leading", "trailing")}
+_KARRAS_SAMPLERS = ("euler", *_DPM_SAMPLERS)  # diffusers' EulerAncestralDiscreteScheduler has no Karras sigmas
+
+
+def _train_sigmas(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """σ = √((1-ᾱ)/ᾱ) of every training timestep and log σ, in float32 as diffusers computes them."""
+    ac = schedule.alphas_cumprod.float()
+    sigmas = ((1 - ac) / ac).sqrt().numpy()
+    return sigmas, np.log(sigmas)
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.ndarray:
+    """Karras et al. 2022's noise levels, ρ = 7, from sigma_max down to sigma_min (float64)."""
+    rho = 7.0
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_train: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each σ: log σ interpolated between the schedule's, as
+    diffusers' schedulers map their noise levels back to model timesteps (its dtypes included)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.cumsum(log_sigma - log_train[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(log_train) - 2)
+    w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _levels(sigmas: np.ndarray) -> torch.Tensor:
+    """ᾱ = 1 / (1 + σ²) of each noise level and of the final σ = 0 (ᾱ = 1), from σ rounded to float32
+    as diffusers stores its sigmas; float64."""
+    sigma32 = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).double()
+    return 1 / (1 + sigma32**2)
 
 
 def check_sampler_options(sampler: str, *, variance: str | None = None, eta: float = 0.0, clip_x0: float | None = None,
@@ -46,10 +76,9 @@ def check_sampler_options(sampler: str, *, variance: str | None = None, eta: flo
             f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
     if not isinstance(karras_sigmas, bool):
         raise ValueError(f"karras_sigmas must be True or False, got {karras_sigmas!r}")
-    if karras_sigmas and sampler not in _DPM_SAMPLERS:
-        raise ValueError(f"karras_sigmas applies to sampler='dpmpp_2m' and 'dpmpp_2m_sde', not {sampler!r} "
-                         "(diffusers' Euler samplers step through fractional timesteps with Karras sigmas, which the "
-                         "loop's int64 timestep input cannot carry)")
+    if karras_sigmas and sampler not in _KARRAS_SAMPLERS:
+        raise ValueError(f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not {sampler!r} "
+                         "(as in diffusers, whose EulerAncestralDiscreteScheduler has no Karras sigmas)")
     if sampler not in _PLAIN_SAMPLERS:
         return
     if eta != 0:
@@ -60,11 +89,6 @@ def check_sampler_options(sampler: str, *, variance: str | None = None, eta: flo
         if value is not None:
             raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
                              "Euler and DPM-Solver++ samplers)")
-    spacings = _INTEGER_SPACINGS.get(sampler)
-    if spacings is not None and timestep_spacing not in spacings:
-        raise ValueError(f"sampler={sampler!r} takes timestep_spacing 'leading' or 'trailing', got "
-                         f"{timestep_spacing!r} (diffusers' Euler samplers step through fractional 'linspace' "
-                         "timesteps, which the loop's int64 timestep input cannot carry)")
 
 
 class Sampler:
@@ -353,20 +377,51 @@ class EulerSampler(Sampler):
     diffusers keeps the sample in σ's scale, x_σ, and feeds the model x_σ / sqrt(σ² + 1); this loop
     keeps that model input x = sqrt(ᾱ) x_σ instead, so a step is x' = sqrt(ᾱ'/ᾱ) x + sqrt(ᾱ') (σ' - σ) ε
     with ε the noise the prediction implies: one row of the fused step's table. The last step lands
-    on σ = 0. Timesteps are the schedule's "leading" or "trailing" ones (integers, as diffusers'); its
-    "linspace" timesteps are fractional in diffusers' Euler and are refused here. The first model
-    input is the noise times :attr:`initial_scale`, which is what diffusers' ``init_noise_sigma``
-    and ``scale_model_input`` make of it. No x0 clipping or thresholding (diffusers' Euler has none).
+    on σ = 0. Timesteps are the schedule's "leading" or "trailing" ones (integers), or diffusers'
+    "linspace" ones, fractional: the model then gets float32 timesteps and the step uses σ interpolated
+    linearly in t between the schedule's, as diffusers' does. ``karras_sigmas`` (Euler, not ancestral,
+    as in diffusers) steps through Karras et al.'s levels between the spacing's first and last σ, the
+    model getting each level's fractional timestep. The first model input is the noise times
+    :attr:`initial_scale`, which is what diffusers' ``init_noise_sigma`` and ``scale_model_input``
+    make of it. No x0 clipping or thresholding (diffusers' Euler has none).
     """
 
     name = "euler"
     ancestral = False
 
-    def __init__(self, schedule: Schedule, steps: int, **kwargs) -> None:
+    def __init__(self, schedule: Schedule, steps: int, *, karras_sigmas: bool = False, **kwargs) -> None:
         _check_own_options(self.name, kwargs)
+        check_sampler_options(self.name, karras_sigmas=karras_sigmas)
         self.spacing = kwargs.get("timestep_spacing", "leading")
+        self.karras_sigmas = karras_sigmas
+        self._sigma_levels: torch.Tensor | None = None
         super().__init__(schedule, steps, **kwargs)
         _check_finite_sigma(self, "steps in σ = sqrt((1 - ᾱ) / ᾱ), which is infinite at the first timestep")
+
+    def _timesteps(self, schedule, steps, spacing, offset):
+        if spacing != "linspace" and not self.karras_sigmas:
+            return schedule.timesteps(steps, spacing, offset)  # integers: the schedule's own ᾱ at each
+        # diffusers' EulerDiscreteScheduler: float32 timesteps, σ interpolated linearly in t (float64),
+        # Karras levels between the first and last of those, σ stored in float32
+        T = schedule.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"steps must be an int in [1, {T}], got {steps!r}")
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+        else:
+            ts = schedule.timesteps(steps, spacing, offset).numpy().astype(np.float32)
+        train, log_train = _train_sigmas(schedule)
+        sigmas = np.interp(ts, np.arange(T), train)
+        if self.karras_sigmas:
+            sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+            ts = _sigma_to_t(sigmas, log_train)
+        self._sigma_levels = _levels(sigmas)
+        return torch.from_numpy(ts.astype(np.float32))
+
+    def _step_alphas(self, ts):
+        if self._sigma_levels is not None:
+            return self._sigma_levels[:-1], self._sigma_levels[1:]
+        return super()._step_alphas(ts)
 
     def _sigma_steps(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic move (σ to σ_down) and the noise's σ_up of each step: σ_down = σ', σ_up = 0."""
@@ -384,8 +439,8 @@ class EulerSampler(Sampler):
     @property
     def initial_scale(self) -> float:
         # diffusers: latents = noise * init_noise_sigma, then scale_model_input divides by sqrt(σ0² + 1);
-        # init_noise_sigma is sqrt(σ0² + 1) with "leading" timesteps and σ0 with "trailing" ones.
-        return 1.0 if self.spacing == "leading" else float((1 - self.alpha_t[0].double()).sqrt())
+        # init_noise_sigma is sqrt(σ0² + 1) with "leading" timesteps and σ0 with "trailing"/"linspace" ones.
+        return 1.0 if self.spacing == "leading" else float((1 - self.alpha_levels[0]).sqrt())
 
     def draws_noise(self, i: int) -> bool:
         return self._noise_steps[i]
@@ -456,27 +511,20 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         return schedule.timesteps(steps + 1, spacing, offset)[:-1]
 
     def _karras_timesteps(self, schedule: Schedule, steps: int) -> torch.Tensor:
+        if schedule.kind == "cosine":
+            raise ValueError("karras_sigmas with the cosine schedule is not a configuration diffusers' DPM-Solver "
+                             "runs (it leaves those timesteps fractional, truncates them to int64, and its step "
+                             "index then runs past its sigmas), so there is nothing to match; use the linear or "
+                             "scaled_linear schedule, or karras_sigmas=False")
         """Karras et al. 2022's noise levels (ρ = 7) between the schedule's smallest and largest σ, as
         diffusers' ``use_karras_sigmas=True`` makes them: σ rounded to float32 as diffusers stores it,
         each step's timestep the schedule's (interpolated in log σ) rounded to an int; the step's
         coefficients come from σ itself (ᾱ = 1 / (1 + σ²)), not from the rounded timestep."""
-        if schedule.kind == "cosine":
-            raise ValueError("karras_sigmas with the cosine schedule gives fractional timesteps in diffusers (it "
-                             "does not round them there), which the loop's int64 timestep input cannot carry; use "
-                             "the linear or scaled_linear schedule, or karras_sigmas=False")
         # diffusers' arithmetic, in its dtypes: σ of the float32 schedule, log σ in float32
-        train = ((1 - schedule.alphas_cumprod.float()) / schedule.alphas_cumprod.float()).sqrt().numpy()
-        log_train = np.log(train)
-        rho = 7.0
-        lo, hi = float(train[0]) ** (1 / rho), float(train[-1]) ** (1 / rho)
-        sigmas = (hi + np.linspace(0, 1, steps) * (lo - hi)) ** rho
-        log_sigma = np.log(np.maximum(sigmas, 1e-10))
-        low = np.cumsum(log_sigma - log_train[:, None] >= 0, axis=0).argmax(axis=0).clip(max=len(train) - 2)
-        w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
-        timesteps = ((1 - w) * low + w * (low + 1)).round()
-        sigma32 = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)).double()
-        self._karras_alphas = 1 / (1 + sigma32**2)  # ᾱ of each level; the last (σ = 0) is 1
-        return torch.from_numpy(timesteps).to(torch.int64)
+        train, log_train = _train_sigmas(schedule)
+        sigmas = _karras_sigmas(float(train[0]), float(train[-1]), steps)
+        self._karras_alphas = _levels(sigmas)  # ᾱ of each level; the last (σ = 0) is 1
+        return torch.from_numpy(_sigma_to_t(sigmas, log_train).round()).to(torch.int64)
 
     def _step_alphas(self, ts):
         if self.karras_sigmas:
@@ -560,5 +608,7 @@ def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler
     if name in _DPM_SAMPLERS:
         cls = DPMSolverPlusPlus2MSampler if name == "dpmpp_2m" else DPMSolverPlusPlus2MSDESampler
         return cls(schedule, steps, karras_sigmas=karras, **kwargs)
-    cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler}[name]
-    return cls(schedule, steps, **kwargs)
+    if name in ("euler", "euler_a"):
+        cls = EulerSampler if name == "euler" else EulerAncestralSampler
+        return cls(schedule, steps, karras_sigmas=karras, **kwargs)
+    return DDPMSampler(schedule, steps, **kwargs)

@@ -299,8 +299,8 @@ KERNEL = _sampler_step_kernel
 @triton.jit
 def _advance_kernel(
     STEP,  # () int64 loop counter s: becomes s + 1
-    T_IN,  # (T,) int64 the model's timestep input, or a dummy (HAS_T False)
-    TIMESTEPS,  # (n_timesteps,) int64 the schedule's timesteps, or a dummy
+    T_IN,  # (T,) int64 (or float32) the model's timestep input, or a dummy (HAS_T False)
+    TIMESTEPS,  # (n_timesteps,) the schedule's timesteps, T_IN's dtype, or a dummy
     stride_t,  # T_IN stride
     stride_ts,  # TIMESTEPS stride
     t_numel,  # T, entries of T_IN
@@ -318,7 +318,8 @@ def _advance_kernel(
         t = tl.load(TIMESTEPS + tl.where(ok, nxt, 0) * stride_ts, mask=ok, other=0)
         for start in range(0, t_numel, BLOCK):
             i = start + tl.arange(0, BLOCK)
-            tl.store(T_IN + i * stride_t, tl.zeros([BLOCK], dtype=tl.int64) + t, mask=(i < t_numel) & ok)
+            tl.store(T_IN + i * stride_t, tl.zeros([BLOCK], dtype=T_IN.dtype.element_ty) + t,
+                     mask=(i < t_numel) & ok)
 
 
 ADVANCE_KERNEL = _advance_kernel
@@ -557,9 +558,10 @@ def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history=None) ->
         if timesteps is None:
             raise ValueError(f"{op}: t_in needs timesteps (t_in becomes timesteps[step + 1])")
         for name, t in (("t_in", t_in), ("timesteps", timesteps)):
-            if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.int64
-                    and t.device == x_in.device):
-                raise TypeError(f"{op}: {name} must be a 1-D int64 tensor on x_in's device")
+            if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in (torch.int64, torch.float32)
+                    and t.device == x_in.device and t.dtype == t_in.dtype):
+                raise TypeError(f"{op}: {name} must be a 1-D int64 (or float32) tensor on x_in's device, t_in's "
+                                "dtype")
     if isinstance(history, torch.Tensor):  # shape, dtype and device: _check, against x_in[:B]
         if not history.is_contiguous():
             raise ValueError(f"{op}: history must be contiguous (this step's x0 is written into it in place), got "

@@ -280,7 +280,7 @@ REFUSALS = {
     "cfg-int": (lambda a: a.update(cfg_scale=torch.tensor([2])), TypeError, "cfg_scale must be None"),
     "cfg-two": (lambda a: a.update(cfg_scale=torch.tensor([2.0, 3.0])), TypeError, "cfg_scale must be None"),
     "t_in-without-timesteps": (lambda a: a.update(timesteps=None), ValueError, "t_in needs timesteps"),
-    "t_in-int32": (lambda a: a.update(t_in=a["t_in"].int()), TypeError, "t_in must be a 1-D int64"),
+    "t_in-int32": (lambda a: a.update(t_in=a["t_in"].int()), TypeError, r"t_in must be a 1-D int64 \(or float32\)"),
     "timesteps-2d": (lambda a: a.update(timesteps=a["timesteps"].view(2, 5)), TypeError, "timesteps must be a 1-D"),
     "step-int32": (lambda a: a.update(step=a["step"].int()), TypeError, "sampler_loop_step \\(triton\\): step must"),
     "noise-and-philox": (lambda a: a.update(noise=a["x_in"][:2].clone(), philox_seed=torch.tensor(1)), ValueError,
