@@ -52,3 +52,22 @@ def test_glyphs_are_distinct_digits():
     assert g.shape == (10, 1, 8, 8) and set(g.unique().tolist()) == {-1.0, 1.0}
     d = torch.cdist(g.flatten(1), g.flatten(1))
     assert (d + torch.eye(10) * 100).min() > 1.0
+
+
+def test_fractional_timesteps_take_the_interpolated_noise_level():
+    """Float t (the Euler samplers' fractional timesteps): ᾱ from σ interpolated linearly in t, as diffusers'
+    schedulers define the level between two training timesteps; an integer-valued float t is t's own."""
+    sched = fastdiff.Schedule()
+    means = torch.randn(3, 2, dtype=torch.float64)
+    stds = torch.tensor([0.3, 0.5, 1.0], dtype=torch.float64)
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    model = GaussianMixtureDenoiser(means, stds, weights, sched)
+    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(model(x.detach(), torch.full((4,), 500.0)), model(x.detach(), torch.full((4,), 500)),
+                               rtol=1e-12, atol=1e-12)
+    ac = sched.alphas_cumprod.double()
+    sigma = torch.lerp(((1 - ac[500]) / ac[500]).sqrt(), ((1 - ac[501]) / ac[501]).sqrt(), torch.tensor(0.25).double())
+    ab = 1 / (1 + sigma**2)
+    score, = torch.autograd.grad(_log_density(x, means, stds, weights, ab).sum(), x)
+    eps = model(x.detach(), torch.full((4,), 500.25, dtype=torch.float32))
+    torch.testing.assert_close(eps, -(1 - ab).sqrt() * score, rtol=1e-9, atol=1e-9)

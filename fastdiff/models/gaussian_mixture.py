@@ -53,11 +53,22 @@ class GaussianMixtureDenoiser(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"components={self.num_components}, event_shape={self.event_shape}, prediction={self.prediction!r}"
 
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at integer timesteps; at fractional ones (float t: diffusers' Euler "linspace" timesteps, Karras
+        levels), the noise level diffusers' schedulers give them, σ = √((1-ᾱ)/ᾱ) interpolated linearly in t."""
+        if not t.is_floating_point():
+            return self.alphas_cumprod[t]
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        tf = t.to(torch.float64).clamp(0, len(sigmas) - 1)
+        lo = tf.floor().long().clamp(max=len(sigmas) - 2)
+        sigma = torch.lerp(sigmas[lo], sigmas[lo + 1], tf - lo)
+        return 1 / (1 + sigma**2)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         B = x.shape[0]
         xf = x.to(torch.float64).reshape(B, -1)                       # (B, D)
         D = xf.shape[1]
-        ab = self.alphas_cumprod[t].reshape(B, 1)                     # (B, 1)
+        ab = self._alpha_bar(t).reshape(B, 1)                         # (B, 1)
         mu = self.means.reshape(self.num_components, -1)              # (K, D)
         var = ab * self.stds.pow(2) + (1 - ab)                        # (B, K)
         diff = ab.sqrt().unsqueeze(-1) * mu - xf.unsqueeze(1)   # (B, K, D)
