@@ -226,7 +226,9 @@ class _Inpaint:
     """Inpainting as diffusers' inpaint pipeline does it for a model without an inpainting head: after
     each step, the known region (mask 0) is put back as ``init`` noised to the timestep the loop
     stands at, √ᾱ init + √(1-ᾱ) noise with the run's initial noise (``init`` itself after the last step),
-    x = known + mask (x - known). For the Euler samplers, whose x is x_σ / √(σ²+1), that is the same
+    x = mask x + (1 - mask) known, written so (not known + mask (x - known)) because it keeps x exactly
+    where the mask is 1 and gives known exactly where it is 0, as diffusers' blend does; the other form
+    rounds twice there, which left fp32 inpainting up to 5x further from a float64 run than diffusers. For the Euler samplers, whose x is x_σ / √(σ²+1), that is the same
     blend diffusers makes in σ's scale. The coefficients come from a device table indexed by the step
     counter, into preallocated buffers: no host sync and no allocation, so the loop stays capturable."""
 
@@ -250,18 +252,20 @@ class _Inpaint:
         self.noise = torch.empty(shape, dtype=c.dtype, device=c.device)
         self.known = torch.empty(shape, dtype=c.dtype, device=c.device)
         self.mask = torch.empty(tuple(c.mask.shape), dtype=c.dtype, device=c.device)
+        self.keep = torch.empty_like(self.mask)  # 1 - mask
 
     def load(self, c: SamplingConfig, x_T: torch.Tensor) -> None:
         self.init.copy_(c.init)
         self.noise.copy_(x_T)
         self.mask.copy_(c.mask)
+        torch.sub(1, self.mask, out=self.keep)
 
     def __call__(self) -> None:
         p = self.plan
         torch.index_select(self.table, 0, self.row, out=self.coef)
         torch.mul(self.init, self.c_init, out=self.known)
         self.known.addcmul_(self.noise, self.c_noise)
-        p.x.sub_(self.known).mul_(self.mask).add_(self.known)
+        p.x.mul_(self.mask).addcmul_(self.known, self.keep)
         if self.other_half is not None:
             self.other_half.copy_(p.x)
 
