@@ -226,11 +226,11 @@ class _Inpaint:
     """Inpainting as diffusers' inpaint pipeline does it for a model without an inpainting head: after
     each step, the known region (mask 0) is put back as ``init`` noised to the timestep the loop
     stands at, √ᾱ init + √(1-ᾱ) noise with the run's initial noise (``init`` itself after the last step),
-    x = mask x + (1 - mask) known, written so (not known + mask (x - known)) because it keeps x exactly
-    where the mask is 1 and gives known exactly where it is 0, as diffusers' blend does; the other form
-    rounds twice there, which left fp32 inpainting up to 5x further from a float64 run than diffusers. For the Euler samplers, whose x is x_σ / √(σ²+1), that is the same
-    blend diffusers makes in σ's scale. The coefficients come from a device table indexed by the step
-    counter, into preallocated buffers: no host sync and no allocation, so the loop stays capturable."""
+    x = mask x + (1 - mask) known: written so (not known + mask (x - known), which rounds twice there), it
+    keeps x exactly where the mask is 1 and gives known exactly where it is 0, as diffusers' blend does.
+    For the Euler samplers, whose x is x_σ / √(σ²+1), that is the same blend diffusers makes in σ's scale.
+    The coefficients come from a device table indexed by the step counter, into preallocated buffers: no
+    host sync and no allocation, so the loop stays capturable."""
 
     def __init__(self, plan: SamplingPlan) -> None:
         c, s = plan.config, plan.sampler
