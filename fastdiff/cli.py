@@ -169,8 +169,6 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         s.error(f"argument --eta: must be a number in [0, 1], got {args.eta}")
     if args.sampler != "ddim" and args.eta != 0:
         s.error(f"argument --eta: eta applies to --sampler ddim only; {args.sampler}'s noise is its own")
-    if args.karras and not args.sampler.startswith("dpmpp"):
-        s.error(f"argument --karras: Karras sigmas apply to --sampler dpmpp_2m and dpmpp_2m_sde, not {args.sampler}")
     if not 0 <= args.seed < 2**63:
         s.error(f"argument --seed: must be an int in [0, 2**63), got {args.seed}")
     try:  # read by --memory-format auto and the convolutions' auto
@@ -202,6 +200,13 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
         demo.schedule.check_prediction(demo.prediction, timesteps)
     except ValueError as exc:
         s.error(f"argument --steps: {exc}")
+    if args.karras:  # the sampler's own refusals (which samplers take Karras sigmas, and on which schedules)
+        from fastdiff.sampling import make_sampler
+
+        try:
+            make_sampler(args.sampler, demo.schedule, args.steps, prediction=demo.prediction, karras_sigmas=True)
+        except ValueError as exc:
+            s.error(f"argument --karras: {exc}")
     return demo
 
 
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                         "EulerDiscrete/EulerAncestralDiscrete/DPMSolverMultistep schedulers, the last with "
                         "dpmsolver++ or sde-dpmsolver++; default ddim)")
     s.add_argument("--karras", action="store_true",
-                   help="with dpmpp_2m/dpmpp_2m_sde: Karras sigmas (diffusers' use_karras_sigmas=True)")
+                   help="with euler, dpmpp_2m or dpmpp_2m_sde: Karras sigmas (diffusers' use_karras_sigmas=True)")
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 + w)")
     s.add_argument("--eta", type=float, default=0.0)

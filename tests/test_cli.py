@@ -176,6 +176,10 @@ def _bad_args_cases(tmp_path):
                                                                  r"euler_a's noise is its own"),
         (["--sampler", "heun", "--out", ok], r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
                                              r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)"),
+        (["--sampler", "ddim", "--karras", "--out", ok],
+         r"argument --karras: karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not 'ddim'"),
+        (["--sampler", "dpmpp_2m", "--karras", "--schedule", "cosine", "--out", ok],
+         r"argument --karras: karras_sigmas with the cosine schedule is not a configuration diffusers'"),
         (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),
