@@ -127,7 +127,7 @@ def _check_matches(make, dtype: torch.dtype, channels_last: bool = False, backen
 def test_design_unet_matches_unpatched(dtype, channels_last):
     model = _check_matches(design_unet, dtype, channels_last)
     report = patch_report(model)
-    assert len(report.patched) == 28 and report.skipped == ()  # 22 ResnetBlock2D + 6 Attention
+    assert len(report.patched) == 29 and report.skipped == ()  # 22 ResnetBlock2D + 6 Attention + conv_norm_out
     assert report.channels_last is channels_last
 
 
@@ -279,7 +279,7 @@ def test_repr_shows_what_is_patched():
     assert "FusedResnetBlock2D(" in text and "ResnetBlock2D(" not in text.replace("FusedResnetBlock2D(", "")
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     assert repr(attn.processor) == "FastdiffAttnProcessor(original=AttnProcessor2_0, backend='auto')"
-    assert str(patch_report(model)).startswith("fastdiff.patch: 14 blocks patched, 0 left alone")
+    assert str(patch_report(model)).startswith("fastdiff.patch: 15 blocks patched, 0 left alone")
 
 
 # ---- what is left alone ---------------------------------------------------------------------------
@@ -293,7 +293,8 @@ def test_non_silu_activation_is_left_alone_and_reported():
         fastdiff.patch(model)
     report = patch_report(model)
     assert all("resnets" in name or "downsamplers" in name or "upsamplers" in name for name, _ in report.skipped)
-    assert len(report.skipped) == 10 and len(report.patched) == 4  # the attention still runs fastdiff's processor
+    # the attention still runs fastdiff's processor, and UNet2DModel's closing conv_act is SiLU whatever act_fn says
+    assert len(report.skipped) == 10 and len(report.patched) == 5
     assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
     torch.testing.assert_close(_run(model, x, kwargs, torch.float32), before, rtol=1e-5, atol=1e-5)
 
@@ -356,7 +357,8 @@ def test_attention_mask_falls_back_to_the_original_processor():
 @pytest.mark.parametrize("bad", [nn.Linear(2, 2), "unet", None])
 @pytest.mark.parametrize("fn", [fastdiff.patch, fastdiff.unpatch], ids=["patch", "unpatch"])
 def test_not_a_diffusers_unet_raises_type_error(fn, bad):
-    with pytest.raises(TypeError, match="model must be a diffusers UNet2DModel or UNet2DConditionModel, got"):
+    with pytest.raises(TypeError,
+                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, got"):
         fn(bad)
 
 
@@ -389,4 +391,71 @@ def test_auto_runs_the_native_kernel_in_patched_blocks(monkeypatch):
     model = fastdiff.patch(small_unet())
     x, kwargs = _inputs(model)
     _run(model, x, kwargs, torch.float32)
-    assert len(calls) == 2 * 10 + 4  # two per ResnetBlock2D, one per Attention group_norm
+    assert len(calls) == 2 * 10 + 4 + 1  # two per ResnetBlock2D, one per Attention group_norm, one conv_norm_out
+
+
+# ---- the VAE ---------------------------------------------------------------------------------------
+
+
+def tiny_vae() -> nn.Module:
+    """A small AutoencoderKL: two down/up levels, ResNet blocks without a time embedding, mid-block
+    attention, GroupNorm+SiLU before conv_out in the encoder and the decoder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+                         latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+
+
+def _vae_outputs(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decode of 3 latents of 4x6x7, the encoder's mean of 3 images of 12x14) in ``dtype``."""
+    g = torch.Generator().manual_seed(4)
+    latents, images = torch.randn(3, 4, 6, 7, generator=g), torch.rand(3, 3, 12, 14, generator=g) * 2 - 1
+    with torch.no_grad():
+        return (model.decode(latents.to(dtype)).sample, model.encode(images.to(dtype)).latent_dist.mean)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vae_decode_and_encode_match_unpatched(dtype, channels_last):
+    exact = _vae_outputs(_randomize(tiny_vae()).double(), torch.float64)
+    eager = _vae_outputs(_randomize(tiny_vae()).to(dtype), dtype)
+    model = _randomize(tiny_vae()).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchWarning)  # every block of the VAE is fused
+        fastdiff.patch(model, channels_last=channels_last)
+    for what, got, want, ref in zip(("decode", "encode"), _vae_outputs(model, dtype), eager, exact, strict=True):
+        assert_within_eager_bound(got, want, ref, f"AutoencoderKL {what} {dtype} channels_last={channels_last}")
+    patched = dict(patch_report(model).patched)
+    assert patched["encoder.conv_norm_out"] == patched["decoder.conv_norm_out"] == "GroupNorm + conv_act SiLU"
+    assert patched["decoder.up_blocks.0.resnets.0"] == "ResnetBlock2D (group): norm1+SiLU, norm2+SiLU"
+    assert patched["decoder.mid_block.attentions.0"].startswith("Attention (self)")
+    # 2 + 3 encoder and decoder ResNet blocks per level pair, 2 mid-block pairs, 2 attentions, 2 norm-outs
+    assert len(patched) == sum(isinstance(m, ResnetBlock2D) for m in model.modules()) + 2 + 2
+
+
+def test_vae_unpatch_restores_bit_equal_outputs():
+    model = _randomize(tiny_vae())
+    before = _vae_outputs(model, torch.float32)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    fastdiff.patch(model, channels_last=True)
+    assert type(model.decoder.conv_norm_out).__name__ == "FusedGroupNormSiLU"
+    fastdiff.unpatch(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert all("fastdiff_backend" not in m.__dict__ for m in model.modules())
+    for got, want in zip(_vae_outputs(model, torch.float32), before, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_resnet_with_an_unprojected_time_embedding_runs_diffusers_forward():
+    """A ResnetBlock2D without time_emb_proj given a temb anyway (diffusers adds it unprojected): the
+    fused block hands the call to diffusers' own forward."""
+    block = _randomize(ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=None, groups=4)).eval()
+    x, temb = torch.randn(2, 16, 5, 6), torch.randn(2, 16, 1, 1)
+    with torch.no_grad():
+        want = block(x, temb)
+        block.__class__ = __import__("fastdiff.integrations._diffusers_modules",
+                                     fromlist=["FusedResnetBlock2D"]).FusedResnetBlock2D
+        torch.testing.assert_close(block(x, temb), want, rtol=0, atol=0)
+        torch.testing.assert_close(block(x, None), ResnetBlock2D.forward(block, x, None), rtol=1e-5, atol=1e-5)

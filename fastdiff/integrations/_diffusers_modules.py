@@ -20,7 +20,8 @@ from ..nn.conv import conv1x1_module, conv3x3_module
 from ..ops.attention import attention
 from ..ops.group_norm_adagn import group_norm_adagn
 
-__all__ = ["FusedResnetBlock2D", "FastdiffAttnProcessor", "resnet_unsupported", "attention_unsupported"]
+__all__ = ["FusedResnetBlock2D", "FastdiffAttnProcessor", "FusedGroupNormSiLU", "FusedAwaySiLU", "resnet_unsupported",
+           "attention_unsupported", "norm_out_unsupported"]
 
 RESNET_TIME_NORMS = ("default", "scale_shift")
 ORIGINAL_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -32,10 +33,10 @@ def resnet_unsupported(block: nn.Module) -> str | None:
         return f"{type(block).__name__} subclasses ResnetBlock2D; its forward may differ, so it is left alone"
     if not isinstance(block.nonlinearity, nn.SiLU):
         return f"activation {type(block.nonlinearity).__name__}: only SiLU is fused"
-    if block.time_embedding_norm not in RESNET_TIME_NORMS:
+    if block.time_emb_proj is not None and block.time_embedding_norm not in RESNET_TIME_NORMS:
         return f"time_embedding_norm {block.time_embedding_norm!r}: only {RESNET_TIME_NORMS} are fused"
-    if block.time_emb_proj is None:
-        return "no time embedding projection (temb_channels=None)"
+    if block.time_emb_proj is None and block.time_embedding_norm == "scale_shift":
+        return "time_embedding_norm 'scale_shift' without a time embedding projection (temb_channels=None)"
     for name in ("norm1", "norm2"):
         norm = getattr(block, name)
         if type(norm) is not nn.GroupNorm:
@@ -72,14 +73,18 @@ class FusedResnetBlock2D(ResnetBlock2D):
     :func:`fastdiff.nn.conv.conv3x3_module` (fastdiff's Winograd kernel where it is faster, the
     skip add folded into conv2 when ``output_scale_factor`` is 1). Everything else (up/down
     sampling, dropout, the shortcut, ``output_scale_factor``) runs diffusers' own modules.
-    The norms' math runs in float32 for every dtype.
+    The norms' math runs in float32 for every dtype. A block without a time embedding (a VAE's,
+    ``temb_channels=None``, called with ``temb=None``) fuses ``silu(norm2(h))`` alone, as diffusers
+    computes it for every time_embedding_norm but "scale_shift" (the VAE decoder's is "group").
     """
 
     fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
         batch = input_tensor.shape[0]
-        if args or kwargs.get("scale") is not None or temb is None or temb.dim() != 2 or temb.shape[0] != batch:
+        no_temb = self.time_emb_proj is None and temb is None
+        with_temb = self.time_emb_proj is not None and temb is not None and temb.dim() == 2 and temb.shape[0] == batch
+        if args or kwargs.get("scale") is not None or not (no_temb or with_temb):
             # The deprecated `scale` argument, or a time embedding the fused op cannot take per sample
             # (missing, or broadcast from one row): diffusers' own forward, errors included.
             return super().forward(input_tensor, temb, *args, **kwargs)
@@ -102,6 +107,15 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
         hidden_states = conv3x3_module(self.conv1, hidden_states, backend=backend)
 
+        if no_temb:
+            hidden_states = group_norm_adagn(hidden_states, norm2.num_groups, norm2.weight, norm2.bias,
+                                             eps=norm2.eps, activation="silu", backend=backend)
+        else:
+            hidden_states = self._norm2_with_temb(hidden_states, temb)
+        return self._finish(input_tensor, hidden_states)
+
+    def _norm2_with_temb(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        backend, norm2 = self.fastdiff_backend, self.norm2
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)
@@ -116,7 +130,11 @@ class FusedResnetBlock2D(ResnetBlock2D):
                 hidden_states, norm2.num_groups, norm2.weight, norm2.bias, scale=time_scale, shift=time_shift,
                 eps=norm2.eps, activation="silu", backend=backend,
             )
+        return hidden_states
 
+    def _finish(self, input_tensor: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Dropout, the shortcut, conv2 and the skip add (diffusers' order)."""
+        backend = self.fastdiff_backend
         hidden_states = self.dropout(hidden_states)
 
         if self.conv_shortcut is not None:
@@ -128,6 +146,35 @@ class FusedResnetBlock2D(ResnetBlock2D):
             return conv3x3_module(self.conv2, hidden_states, residual=input_tensor, backend=backend)
         hidden_states = conv3x3_module(self.conv2, hidden_states, backend=backend)
         return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def norm_out_unsupported(norm: nn.Module, act: nn.Module) -> str | None:
+    """Why a model's closing ``conv_norm_out`` + ``conv_act`` pair cannot run as one GroupNorm+SiLU, or None."""
+    if type(norm) is not nn.GroupNorm:
+        return f"conv_norm_out is {type(norm).__name__}, not torch.nn.GroupNorm"
+    if type(act) is not nn.SiLU:
+        return f"conv_act is {type(act).__name__}: only SiLU is fused"
+    return None
+
+
+class FusedGroupNormSiLU(nn.GroupNorm):
+    """A model's ``conv_norm_out`` (a GroupNorm) computing ``silu(norm(x))`` in one ``group_norm_adagn``;
+    the model's ``conv_act`` after it becomes :class:`FusedAwaySiLU`. Only for the models whose forward
+    calls the two back to back and ``conv_act`` nowhere else (diffusers' UNets and the VAE's Encoder
+    and Decoder); ``fastdiff.patch`` checks the model's class, and unpatching swaps both classes back."""
+
+    fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_adagn(x, self.num_groups, self.weight, self.bias, eps=self.eps, activation="silu",
+                                backend=self.fastdiff_backend)
+
+
+class FusedAwaySiLU(nn.SiLU):
+    """The SiLU that :class:`FusedGroupNormSiLU` already applied: passes its input through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class FastdiffAttnProcessor:

@@ -1,12 +1,16 @@
-"""``fastdiff.patch`` and ``fastdiff.unpatch``: fastdiff's fused kernels inside a diffusers UNet.
+"""``fastdiff.patch`` and ``fastdiff.unpatch``: fastdiff's fused kernels inside a diffusers UNet or VAE.
 
 Patching works in place and keeps the weights: every parameter, buffer, submodule name and
 state_dict key stays as it was.
 
 Patched:
-  * ``ResnetBlock2D`` with SiLU and ``time_embedding_norm`` "default" or "scale_shift": the
-    block's class becomes :class:`FusedResnetBlock2D`, whose forward runs norm1+SiLU and
-    norm2+time embedding+SiLU as one ``fastdiff.ops.group_norm_adagn`` each.
+  * ``ResnetBlock2D`` with SiLU and ``time_embedding_norm`` "default" or "scale_shift" (or, without
+    a time embedding, as in a VAE, any but "scale_shift"): the block's class becomes :class:`FusedResnetBlock2D`,
+    whose forward runs norm1+SiLU and norm2(+time embedding)+SiLU as one
+    ``fastdiff.ops.group_norm_adagn`` each.
+  * The closing ``conv_norm_out`` (GroupNorm) + ``conv_act`` (SiLU) of a UNet and of a VAE's
+    Encoder and Decoder: one ``group_norm_adagn`` (:class:`FusedGroupNormSiLU`), the SiLU passing
+    its input through (:class:`FusedAwaySiLU`).
   * ``Attention`` modules running diffusers' default processor (``AttnProcessor2_0`` or
     ``AttnProcessor``): the processor becomes a :class:`FastdiffAttnProcessor` (GroupNorm via
     ``group_norm_adagn``, attention via ``fastdiff.ops.attention``); calls with an attention mask
@@ -36,7 +40,10 @@ from ..backends import AUTO, resolve_backend
 __all__ = ["patch", "unpatch", "patch_report", "PatchReport", "PatchWarning"]
 
 _STATE = "_fastdiff_patch"
-_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel")
+_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL")
+_MODELS_TEXT = "a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL"
+# The modules whose forward runs conv_norm_out and then conv_act, back to back, and conv_act nowhere else.
+_NORM_OUT_OWNERS = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder")
 
 
 class PatchWarning(UserWarning):
@@ -71,22 +78,19 @@ class _PatchState:
     report: PatchReport
     resnets: list[tuple[nn.Module, type]] = field(default_factory=list)
     processors: list[tuple[nn.Module, object]] = field(default_factory=list)
+    norm_outs: list[tuple[nn.Module, type]] = field(default_factory=list)
     channels_last: list[torch.Tensor] = field(default_factory=list)
 
 
 def _check_model(model: object, caller: str) -> None:
-    """Raise TypeError unless ``model`` is a diffusers UNet2DModel or UNet2DConditionModel."""
+    """Raise TypeError unless ``model`` is a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL."""
     if importlib.util.find_spec("diffusers") is None:
-        raise TypeError(
-            f"{caller}: model must be a diffusers UNet2DModel or UNet2DConditionModel, got "
-            f"{type(model).__name__} (diffusers is not installed)"
-        )
-    from diffusers import UNet2DConditionModel, UNet2DModel
+        raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__} (diffusers is not "
+                        "installed)")
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(model, (UNet2DModel, UNet2DConditionModel)):
-        raise TypeError(
-            f"{caller}: model must be a diffusers UNet2DModel or UNet2DConditionModel, got {type(model).__name__}"
-        )
+    if not isinstance(model, (UNet2DModel, UNet2DConditionModel, AutoencoderKL)):
+        raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__}")
 
 
 def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
@@ -101,10 +105,11 @@ def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
 
 
 def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO) -> nn.Module:
-    """Run a diffusers ``UNet2DModel``/``UNet2DConditionModel`` on fastdiff's fused kernels, in place.
+    """Run a diffusers ``UNet2DModel``/``UNet2DConditionModel``/``AutoencoderKL`` on fastdiff's fused
+    kernels, in place.
 
     Args:
-        model: the diffusers UNet; anything else raises TypeError.
+        model: the diffusers UNet or VAE; anything else raises TypeError.
         channels_last: store the 4-D weights channels_last, so convolutions (the bulk of a UNet's
             time on the CPU) and the activations after them run NHWC; inputs may stay NCHW, and
             outputs come back channels_last-strided (same shape and values).
@@ -127,8 +132,11 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
 
     from ._diffusers_modules import (
         FastdiffAttnProcessor,
+        FusedAwaySiLU,
+        FusedGroupNormSiLU,
         FusedResnetBlock2D,
         attention_unsupported,
+        norm_out_unsupported,
         resnet_unsupported,
     )
 
@@ -136,13 +144,24 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
     patched: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
     for name, module in model.named_modules():
+        cls_name, cls_module = type(module).__name__, type(module).__module__
+        if cls_name in _NORM_OUT_OWNERS and cls_module.startswith("diffusers.") and hasattr(module, "conv_norm_out"):
+            norm, act = module.conv_norm_out, getattr(module, "conv_act", None)
+            prefix = f"{name}." if name else ""
+            if norm is not None and norm_out_unsupported(norm, act) is None:
+                state.norm_outs += [(norm, type(norm)), (act, type(act))]
+                norm.__class__ = FusedGroupNormSiLU
+                norm.fastdiff_backend = backend
+                act.__class__ = FusedAwaySiLU
+                patched.append((f"{prefix}conv_norm_out", "GroupNorm + conv_act SiLU"))
         if isinstance(module, ResnetBlock2D):
             why = resnet_unsupported(module)
             if why is None:
                 state.resnets.append((module, type(module)))
                 module.__class__ = FusedResnetBlock2D
                 module.fastdiff_backend = backend
-                patched.append((name, f"ResnetBlock2D ({module.time_embedding_norm}): norm1+SiLU, norm2+temb+SiLU"))
+                temb = "+temb" if module.time_emb_proj is not None else ""
+                patched.append((name, f"ResnetBlock2D ({module.time_embedding_norm}): norm1+SiLU, norm2{temb}+SiLU"))
             else:
                 skipped.append((name, why))
         elif isinstance(module, ResnetBlockCondNorm2D):
@@ -182,7 +201,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` in place: original block classes, attention processors and weight layouts.
 
     The model's outputs are then bit-equal to those before patching. Unpatching a model that is not
-    patched does nothing; anything but a diffusers UNet raises TypeError. Returns the same model.
+    patched does nothing; anything but a diffusers UNet or VAE raises TypeError. Returns the same model.
     """
     _check_model(model, "fastdiff.unpatch")
     state = model.__dict__.pop(_STATE, None)
@@ -193,6 +212,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         module.__dict__.pop("fastdiff_backend", None)
     for module, original in state.processors:
         module.set_processor(original)
+    for module, cls in state.norm_outs:
+        module.__class__ = cls
+        module.__dict__.pop("fastdiff_backend", None)
     for t in state.channels_last:
         t.data = t.data.contiguous()
     return model
