@@ -358,7 +358,8 @@ def test_attention_mask_falls_back_to_the_original_processor():
 @pytest.mark.parametrize("fn", [fastdiff.patch, fastdiff.unpatch], ids=["patch", "unpatch"])
 def test_not_a_diffusers_unet_raises_type_error(fn, bad):
     with pytest.raises(TypeError,
-                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, got"):
+                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, or a "
+                             "pipeline holding them, got"):
         fn(bad)
 
 
@@ -459,3 +460,62 @@ def test_resnet_with_an_unprojected_time_embedding_runs_diffusers_forward():
                                      fromlist=["FusedResnetBlock2D"]).FusedResnetBlock2D
         torch.testing.assert_close(block(x, temb), want, rtol=0, atol=0)
         torch.testing.assert_close(block(x, None), ResnetBlock2D.forward(block, x, None), rtol=1e-5, atol=1e-5)
+
+
+
+# ---- pipelines ---------------------------------------------------------------------------------------
+
+
+def _latent_pipeline():
+    """A diffusers pipeline holding a UNet, a VAE and a scheduler (what Stable Diffusion's holds, minus the
+    text encoder), built from the tiny configs above."""
+    from diffusers import DDIMScheduler, DiffusionPipeline
+
+    class LatentPipeline(DiffusionPipeline):
+        def __init__(self, unet, vae, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+
+    return LatentPipeline(_randomize(cond_unet()), _randomize(tiny_vae()), DDIMScheduler())
+
+
+def test_patch_a_pipeline_patches_its_unet_and_vae_and_unpatch_restores_them():
+    pipe = _latent_pipeline()
+    x, kwargs = _inputs(pipe.unet)
+    unet_before, vae_before = _run(pipe.unet, x, kwargs, torch.float32), _vae_outputs(pipe.vae, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchWarning)
+        assert fastdiff.patch(pipe, channels_last=True) is pipe
+    assert patch_report(pipe.unet) is not None and patch_report(pipe.vae) is not None
+    report = patch_report(pipe)
+    names = [name for name, _ in report.patched]
+    assert "vae.decoder.conv_norm_out" in names and "unet.conv_norm_out" in names and report.skipped == ()
+    assert len(names) == len(patch_report(pipe.unet).patched) + len(patch_report(pipe.vae).patched)
+    assert report.channels_last
+    torch.testing.assert_close(_run(pipe.unet, x, kwargs, torch.float32), unet_before, rtol=1e-4, atol=1e-4)
+    fastdiff.patch(pipe)  # again: the earlier patch undone first
+    assert fastdiff.unpatch(pipe) is pipe
+    assert patch_report(pipe) is None and patch_report(pipe.unet) is None and patch_report(pipe.vae) is None
+    assert torch.equal(_run(pipe.unet, x, kwargs, torch.float32), unet_before)
+    for got, want in zip(_vae_outputs(pipe.vae, torch.float32), vae_before, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_pipeline_components_fastdiff_cannot_patch_are_named():
+    from diffusers import DDIMScheduler, DiffusionPipeline, VQModel
+
+    class VQPipeline(DiffusionPipeline):
+        def __init__(self, unet, vae, scheduler):
+            super().__init__()
+            self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+
+    vq = VQModel(block_out_channels=(32,), norm_num_groups=8, latent_channels=3)
+    pipe = VQPipeline(small_unet(), vq, DDIMScheduler())
+    with pytest.warns(PatchWarning, match=r"left 1 component\(s\) of VQPipeline as they are \(unet patched\)"
+                                          r":\n  vae: VQModel is not supported by fastdiff.patch"):
+        fastdiff.patch(pipe)
+    assert ("vae", "VQModel is not supported by fastdiff.patch (it takes UNet2DModel, UNet2DConditionModel, "
+                   "AutoencoderKL)") in patch_report(pipe).skipped
+    assert patch_report(pipe.unet) is not None
+    fastdiff.unpatch(pipe)
+    assert patch_report(pipe.unet) is None

@@ -41,7 +41,7 @@ __all__ = ["patch", "unpatch", "patch_report", "PatchReport", "PatchWarning"]
 
 _STATE = "_fastdiff_patch"
 _SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL")
-_MODELS_TEXT = "a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL"
+_MODELS_TEXT = "a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, or a pipeline holding them"
 # The modules whose forward runs conv_norm_out and then conv_act, back to back, and conv_act nowhere else.
 _NORM_OUT_OWNERS = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder")
 
@@ -87,10 +87,14 @@ def _check_model(model: object, caller: str) -> None:
     if importlib.util.find_spec("diffusers") is None:
         raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__} (diffusers is not "
                         "installed)")
+    if not _is_supported(model):
+        raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__}")
+
+
+def _is_supported(model: object) -> bool:
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
-    if not isinstance(model, (UNet2DModel, UNet2DConditionModel, AutoencoderKL)):
-        raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__}")
+    return isinstance(model, (UNet2DModel, UNet2DConditionModel, AutoencoderKL))
 
 
 def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
@@ -102,6 +106,46 @@ def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
             t.data = t.data.contiguous(memory_format=torch.channels_last)
             converted.append(t)
     return converted
+
+
+# A pipeline's components that patch() looks at, in this order.
+_PIPELINE_COMPONENTS = ("unet", "transformer", "vae")
+_PIPE_STATE = "_fastdiff_patched_components"
+
+
+def _is_pipeline(obj: object) -> bool:
+    """Whether ``obj`` is a diffusers DiffusionPipeline (without importing diffusers when it is absent)."""
+    if importlib.util.find_spec("diffusers") is None:
+        return False
+    from diffusers import DiffusionPipeline
+
+    return isinstance(obj, DiffusionPipeline)
+
+
+def _patch_pipeline(pipe, channels_last: bool, backend: str):
+    """patch() of a pipeline: each supported component in place; the others reported, left alone."""
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"fastdiff.patch: channels_last must be a bool, got {type(channels_last).__name__}")
+    resolve_backend(backend)
+    if _PIPE_STATE in pipe.__dict__:
+        unpatch(pipe)
+    done, unsupported = [], []
+    for name in _PIPELINE_COMPONENTS:
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue
+        if _is_supported(component):
+            patch(component, channels_last=channels_last, backend=backend)
+            done.append(name)
+        else:
+            unsupported.append((name, f"{type(component).__name__} is not supported by fastdiff.patch (it takes "
+                                      f"{', '.join(_SUPPORTED_MODELS)})"))
+    pipe.__dict__[_PIPE_STATE] = (tuple(done), tuple(unsupported))
+    if unsupported:
+        listed = "\n".join(f"  {name}: {why}" for name, why in unsupported)
+        warnings.warn(f"fastdiff.patch left {len(unsupported)} component(s) of {type(pipe).__name__} as they are "
+                      f"({', '.join(done) or 'none'} patched):\n{listed}", PatchWarning, stacklevel=3)
+    return pipe
 
 
 def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO) -> nn.Module:
@@ -119,7 +163,14 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
     Returns the same model object. Blocks that cannot be fused are left as they are and listed in
     a :class:`PatchWarning`; :func:`patch_report` gives the full :class:`PatchReport`. Patching a
     patched model first undoes the earlier patch, so patching twice is the same as once.
+
+    A diffusers pipeline (``DiffusionPipeline``: Stable Diffusion's, DDPM's, ...) is patched through
+    its components: ``pipe.unet`` or ``pipe.transformer`` and ``pipe.vae``, each as above when it is
+    one of the supported models; the others are left as they are and listed in a PatchWarning.
+    Returns the pipeline; :func:`unpatch` of the pipeline undoes every component.
     """
+    if _is_pipeline(model):
+        return _patch_pipeline(model, channels_last, backend)
     _check_model(model, "fastdiff.patch")
     if not isinstance(channels_last, bool):
         raise TypeError(f"fastdiff.patch: channels_last must be a bool, got {type(channels_last).__name__}")
@@ -201,8 +252,14 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` in place: original block classes, attention processors and weight layouts.
 
     The model's outputs are then bit-equal to those before patching. Unpatching a model that is not
-    patched does nothing; anything but a diffusers UNet or VAE raises TypeError. Returns the same model.
+    patched does nothing; anything but a diffusers UNet, VAE or pipeline raises TypeError. Returns the
+    same model (or pipeline: each component patch() patched is unpatched).
     """
+    if _is_pipeline(model):
+        done, _ = model.__dict__.pop(_PIPE_STATE, ((), ()))
+        for name in done:
+            unpatch(getattr(model, name))
+        return model
     _check_model(model, "fastdiff.unpatch")
     state = model.__dict__.pop(_STATE, None)
     if state is None:
@@ -221,6 +278,15 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 def patch_report(model: nn.Module) -> PatchReport | None:
-    """The :class:`PatchReport` of a patched model, or None when it is not patched."""
+    """The :class:`PatchReport` of a patched model, or None when it is not patched. For a pipeline, the
+    reports of its patched components in one, each name prefixed with the component's ("vae.decoder...")
+    and the components left alone among the skipped."""
+    pipe_state = getattr(model, "__dict__", {}).get(_PIPE_STATE)
+    if pipe_state is not None:
+        done, unsupported = pipe_state
+        reports = [(name, patch_report(getattr(model, name))) for name in done]
+        patched = tuple((f"{name}.{block}", what) for name, r in reports for block, what in r.patched)
+        skipped = tuple((f"{name}.{block}", why) for name, r in reports for block, why in r.skipped) + unsupported
+        return PatchReport(patched, skipped, any(r.channels_last for _, r in reports))
     state = getattr(model, "__dict__", {}).get(_STATE)
     return None if state is None else state.report
