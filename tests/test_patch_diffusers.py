@@ -358,8 +358,8 @@ def test_attention_mask_falls_back_to_the_original_processor():
 @pytest.mark.parametrize("fn", [fastdiff.patch, fastdiff.unpatch], ids=["patch", "unpatch"])
 def test_not_a_diffusers_unet_raises_type_error(fn, bad):
     with pytest.raises(TypeError,
-                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, or a "
-                             "pipeline holding them, got"):
+                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, "
+                             "DiTTransformer2DModel or PixArtTransformer2DModel, or a pipeline holding them, got"):
         fn(bad)
 
 
@@ -515,7 +515,78 @@ def test_pipeline_components_fastdiff_cannot_patch_are_named():
                                           r":\n  vae: VQModel is not supported by fastdiff.patch"):
         fastdiff.patch(pipe)
     assert ("vae", "VQModel is not supported by fastdiff.patch (it takes UNet2DModel, UNet2DConditionModel, "
-                   "AutoencoderKL)") in patch_report(pipe).skipped
+                   "AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel)") in patch_report(pipe).skipped
     assert patch_report(pipe.unet) is not None
     fastdiff.unpatch(pipe)
     assert patch_report(pipe.unet) is None
+
+
+# ---- DiT and PixArt transformers -----------------------------------------------------------------
+
+
+def tiny_dit() -> nn.Module:
+    """A small DiTTransformer2DModel (adaLN-Zero, class labels with the null class 10)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+
+
+def tiny_pixart() -> nn.Module:
+    """A small PixArtTransformer2DModel (adaLN-single, cross-attention to 5 caption tokens)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                    num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
+                                    caption_channels=24, use_additional_conditions=False).eval()
+
+
+def _transformer_output(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(3, 4, 8, 8, generator=g).to(dtype), torch.tensor([3, 500, 999])
+    with torch.no_grad():
+        if type(model).__name__.startswith("DiT"):
+            return model(x, timestep=t, class_labels=torch.tensor([1, 7, 10])).sample
+        caption = torch.randn(3, 5, 24, generator=g).to(dtype)
+        return model(x, encoder_hidden_states=caption, timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+def _randomize_modulation(model: nn.Module) -> nn.Module:
+    """DiT zero-initialises its adaLN projections (the blocks start as identities): fresh values make the
+    modulation, and a swapped scale or shift, visible."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm1.linear" in name or "scale_shift_table" in name or "adaLN" in name or "proj_out" in name:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart], ids=["DiT", "PixArt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transformers_match_unpatched(make, dtype):
+    exact = _transformer_output(_randomize_modulation(make()).double(), torch.float64)
+    eager = _transformer_output(_randomize_modulation(make()).to(dtype), dtype)
+    model = _randomize_modulation(make()).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchWarning)
+        fastdiff.patch(model)
+    assert_within_eager_bound(_transformer_output(model, dtype), eager, exact, f"{make.__name__} {dtype}")
+    fused = [what for _, what in patch_report(model).patched if what.startswith("BasicTransformerBlock")]
+    norm = "ada_norm_zero" if make is tiny_dit else "ada_norm_single"
+    assert fused == [f"BasicTransformerBlock ({norm}): LayerNorm+modulation fused"] * 2
+
+
+@pytest.mark.parametrize("make", [tiny_dit, tiny_pixart], ids=["DiT", "PixArt"])
+def test_transformer_unpatch_restores_bit_equal_outputs(make):
+    model = _randomize_modulation(make())
+    before = _transformer_output(model, torch.float32)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    fastdiff.patch(model)
+    assert any(type(m).__name__ == "FusedBasicTransformerBlock" for m in model.modules())
+    fastdiff.unpatch(model)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    assert torch.equal(_transformer_output(model, torch.float32), before)

@@ -12,6 +12,7 @@ import math
 import warnings
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -19,9 +20,11 @@ from torch import nn
 from ..nn.conv import conv1x1_module, conv3x3_module
 from ..ops.attention import attention
 from ..ops.group_norm_adagn import group_norm_adagn
+from ..ops.layer_norm_modulate import layer_norm_modulate
 
 __all__ = ["FusedResnetBlock2D", "FastdiffAttnProcessor", "FusedGroupNormSiLU", "FusedAwaySiLU", "resnet_unsupported",
-           "attention_unsupported", "norm_out_unsupported"]
+           "attention_unsupported", "norm_out_unsupported", "FusedBasicTransformerBlock",
+           "transformer_block_unsupported"]
 
 RESNET_TIME_NORMS = ("default", "scale_shift")
 ORIGINAL_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -256,3 +259,98 @@ class FastdiffAttnProcessor:
 
     def _group_norm(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         return group_norm_adagn(x, norm.num_groups, norm.weight, norm.bias, eps=norm.eps, backend=self.backend)
+
+
+ADALN_NORM_TYPES = ("ada_norm_zero", "ada_norm_single")
+
+
+def transformer_block_unsupported(block: nn.Module) -> str | None:
+    """Why ``block`` (a diffusers BasicTransformerBlock) cannot run its norms fused, or None when it can."""
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    if type(block) is not BasicTransformerBlock:
+        return f"{type(block).__name__} subclasses BasicTransformerBlock; its forward may differ, so it is left alone"
+    if block.norm_type not in ADALN_NORM_TYPES:
+        return (f"norm_type {block.norm_type!r}: only {ADALN_NORM_TYPES} (DiT's adaLN-Zero, PixArt's adaLN-single) "
+                "are fused")
+    if block.pos_embed is not None or getattr(block, "fuser", None) is not None or block._chunk_size is not None:
+        return "positional embeddings, GLIGEN or chunked feed-forward are not fused"
+    if block.norm_type == "ada_norm_zero":
+        if type(block.norm1) is not AdaLayerNormZero or type(block.norm1.norm) is not nn.LayerNorm:
+            return f"norm1 is {type(block.norm1).__name__} without a torch.nn.LayerNorm"
+        norms = (block.norm3,)
+    else:
+        norms = (block.norm1, block.norm2)
+    for norm in norms:
+        if type(norm) is not nn.LayerNorm:
+            return f"a norm is {type(norm).__name__}, not torch.nn.LayerNorm"
+    return None
+
+
+def _modulated(norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+               backend: str) -> torch.Tensor:
+    """``norm(x) * (1 + scale) + shift`` as one ``layer_norm_modulate``; scale and shift (B, D)."""
+    return layer_norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.eps, backend=backend)
+
+
+def _fused_transformer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                               encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                               class_labels=None, added_cond_kwargs=None):
+    """BasicTransformerBlock.forward for adaLN-Zero (DiT) and adaLN-single (PixArt), each
+    LayerNorm + modulation one ``layer_norm_modulate``; the rest is diffusers' forward, step by step."""
+    backend = self.fastdiff_backend
+    batch = hidden_states.shape[0]
+    if self.norm_type == "ada_norm_zero":
+        norm1 = self.norm1
+        emb = norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype) if norm1.emb is not None else None
+        emb = norm1.linear(norm1.silu(emb))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        norm_hidden_states = _modulated(norm1.norm, hidden_states, scale_msa, shift_msa, backend)
+    else:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+        norm_hidden_states = _modulated(self.norm1, hidden_states, scale_msa[:, 0], shift_msa[:, 0], backend)
+
+    cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs is not None else {}
+    attn_output = self.attn1(norm_hidden_states,
+                             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+                             attention_mask=attention_mask, **cross_attention_kwargs)
+    attn_output = gate_msa.unsqueeze(1) * attn_output if self.norm_type == "ada_norm_zero" else gate_msa * attn_output
+    hidden_states = attn_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+
+    if self.attn2 is not None:
+        norm_hidden_states = self.norm2(hidden_states) if self.norm_type == "ada_norm_zero" else hidden_states
+        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=encoder_attention_mask, **cross_attention_kwargs)
+        hidden_states = attn_output + hidden_states
+
+    if self.norm_type == "ada_norm_zero":
+        norm_hidden_states = _modulated(self.norm3, hidden_states, scale_mlp, shift_mlp, backend)
+    else:
+        norm_hidden_states = _modulated(self.norm2, hidden_states, scale_mlp[:, 0], shift_mlp[:, 0], backend)
+    ff_output = self.ff(norm_hidden_states)
+    ff_output = gate_mlp.unsqueeze(1) * ff_output if self.norm_type == "ada_norm_zero" else gate_mlp * ff_output
+    hidden_states = ff_output + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    return hidden_states
+
+
+class FusedBasicTransformerBlock(BasicTransformerBlock):
+    """diffusers' BasicTransformerBlock with each LayerNorm + adaLN modulation as one
+    ``fastdiff.ops.layer_norm_modulate`` (DiT's adaLN-Zero: norm1 and norm3; PixArt's adaLN-single:
+    norm1 and norm2); ``fastdiff.patch`` swaps a block's class to this one and back. Calls with
+    ``cross_attention_kwargs`` (GLIGEN, LoRA scale, processor arguments) or without a timestep run
+    diffusers' own forward."""
+
+    fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        if cross_attention_kwargs or timestep is None:
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        return _fused_transformer_forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                          encoder_attention_mask, timestep, None, class_labels, added_cond_kwargs)

@@ -15,6 +15,10 @@ Patched:
     ``AttnProcessor``): the processor becomes a :class:`FastdiffAttnProcessor` (GroupNorm via
     ``group_norm_adagn``, attention via ``fastdiff.ops.attention``); calls with an attention mask
     go to the original processor.
+  * ``BasicTransformerBlock`` with adaLN-Zero (``DiTTransformer2DModel``) or adaLN-single
+    (``PixArtTransformer2DModel``): the class becomes :class:`FusedBasicTransformerBlock`, each
+    LayerNorm + modulation one ``fastdiff.ops.layer_norm_modulate``; its attention modules get
+    fastdiff's processor as above.
   * ``channels_last=True``: 4-D parameters and buffers (the convolution weights) are stored
     channels_last, so the convolutions, and after them every activation, run NHWC.
 
@@ -40,8 +44,10 @@ from ..backends import AUTO, resolve_backend
 __all__ = ["patch", "unpatch", "patch_report", "PatchReport", "PatchWarning"]
 
 _STATE = "_fastdiff_patch"
-_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL")
-_MODELS_TEXT = "a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL, or a pipeline holding them"
+_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "DiTTransformer2DModel",
+                     "PixArtTransformer2DModel")
+_MODELS_TEXT = ("a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, DiTTransformer2DModel or "
+                "PixArtTransformer2DModel, or a pipeline holding them")
 # The modules whose forward runs conv_norm_out and then conv_act, back to back, and conv_act nowhere else.
 _NORM_OUT_OWNERS = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder")
 
@@ -92,9 +98,9 @@ def _check_model(model: object, caller: str) -> None:
 
 
 def _is_supported(model: object) -> bool:
-    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+    import diffusers
 
-    return isinstance(model, (UNet2DModel, UNet2DConditionModel, AutoencoderKL))
+    return isinstance(model, tuple(getattr(diffusers, name) for name in _SUPPORTED_MODELS if hasattr(diffusers, name)))
 
 
 def _to_channels_last(model: nn.Module) -> list[torch.Tensor]:
@@ -178,17 +184,20 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
     if _STATE in model.__dict__:
         unpatch(model)
 
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 
     from ._diffusers_modules import (
         FastdiffAttnProcessor,
         FusedAwaySiLU,
+        FusedBasicTransformerBlock,
         FusedGroupNormSiLU,
         FusedResnetBlock2D,
         attention_unsupported,
         norm_out_unsupported,
         resnet_unsupported,
+        transformer_block_unsupported,
     )
 
     state = _PatchState(report=PatchReport((), (), channels_last))
@@ -205,7 +214,17 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
                 norm.fastdiff_backend = backend
                 act.__class__ = FusedAwaySiLU
                 patched.append((f"{prefix}conv_norm_out", "GroupNorm + conv_act SiLU"))
-        if isinstance(module, ResnetBlock2D):
+        if isinstance(module, BasicTransformerBlock) and module.norm_type.startswith("ada_norm"):
+            # (blocks with plain LayerNorms, a UNet's, have nothing to fuse but their attention: not reported)
+            why = transformer_block_unsupported(module)
+            if why is None:
+                state.resnets.append((module, type(module)))
+                module.__class__ = FusedBasicTransformerBlock
+                module.fastdiff_backend = backend
+                patched.append((name, f"BasicTransformerBlock ({module.norm_type}): LayerNorm+modulation fused"))
+            else:
+                skipped.append((name, why))
+        elif isinstance(module, ResnetBlock2D):
             why = resnet_unsupported(module)
             if why is None:
                 state.resnets.append((module, type(module)))
