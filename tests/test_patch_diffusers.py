@@ -127,7 +127,9 @@ def _check_matches(make, dtype: torch.dtype, channels_last: bool = False, backen
 def test_design_unet_matches_unpatched(dtype, channels_last):
     model = _check_matches(design_unet, dtype, channels_last)
     report = patch_report(model)
-    assert len(report.patched) == 29 and report.skipped == ()  # 22 ResnetBlock2D + 6 Attention + conv_norm_out
+    # 22 ResnetBlock2D + 6 Attention + conv_norm_out + 5 Conv2d 3x3 (conv_in, conv_out, 3 upsamplers)
+    assert len(report.patched) == 34 and report.skipped == ()
+    assert sum(type(m).__name__ == "Conv3x3" for m in model.modules()) == 5
     assert report.channels_last is channels_last
 
 
@@ -279,7 +281,8 @@ def test_repr_shows_what_is_patched():
     assert "FusedResnetBlock2D(" in text and "ResnetBlock2D(" not in text.replace("FusedResnetBlock2D(", "")
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     assert repr(attn.processor) == "FastdiffAttnProcessor(original=AttnProcessor2_0, backend='auto')"
-    assert str(patch_report(model)).startswith("fastdiff.patch: 15 blocks patched, 0 left alone")
+    assert str(patch_report(model)).startswith("fastdiff.patch: 17 blocks patched, 0 left alone")
+    assert "(conv_in): Conv3x3(3, 24, kernel_size=(3, 3)" in text
 
 
 # ---- what is left alone ---------------------------------------------------------------------------
@@ -293,8 +296,9 @@ def test_non_silu_activation_is_left_alone_and_reported():
         fastdiff.patch(model)
     report = patch_report(model)
     assert all("resnets" in name or "downsamplers" in name or "upsamplers" in name for name, _ in report.skipped)
-    # the attention still runs fastdiff's processor, and UNet2DModel's closing conv_act is SiLU whatever act_fn says
-    assert len(report.skipped) == 10 and len(report.patched) == 5
+    # the attention still runs fastdiff's processor, UNet2DModel's closing conv_act is SiLU whatever act_fn
+    # says, and conv_in and conv_out are Conv3x3 (the resnets' convolutions stay as they are)
+    assert len(report.skipped) == 10 and len(report.patched) == 7
     assert all(type(m) is ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))
     torch.testing.assert_close(_run(model, x, kwargs, torch.float32), before, rtol=1e-5, atol=1e-5)
 
@@ -432,8 +436,9 @@ def test_vae_decode_and_encode_match_unpatched(dtype, channels_last):
     assert patched["encoder.conv_norm_out"] == patched["decoder.conv_norm_out"] == "GroupNorm + conv_act SiLU"
     assert patched["decoder.up_blocks.0.resnets.0"] == "ResnetBlock2D (group): norm1+SiLU, norm2+SiLU"
     assert patched["decoder.mid_block.attentions.0"].startswith("Attention (self)")
-    # 2 + 3 encoder and decoder ResNet blocks per level pair, 2 mid-block pairs, 2 attentions, 2 norm-outs
-    assert len(patched) == sum(isinstance(m, ResnetBlock2D) for m in model.modules()) + 2 + 2
+    # every ResNet block, 2 attentions, 2 norm-outs, and conv_in, conv_out of both halves and the upsampler's
+    assert len(patched) == sum(isinstance(m, ResnetBlock2D) for m in model.modules()) + 2 + 2 + 5
+    assert patched["decoder.up_blocks.0.upsamplers.0.conv"] == "Conv2d 3x3 -> fastdiff.nn.Conv3x3"
 
 
 def test_vae_unpatch_restores_bit_equal_outputs():

@@ -15,6 +15,9 @@ Patched:
     ``AttnProcessor``): the processor becomes a :class:`FastdiffAttnProcessor` (GroupNorm via
     ``group_norm_adagn``, attention via ``fastdiff.ops.attention``); calls with an attention mask
     go to the original processor.
+  * The 3x3 "same" ``nn.Conv2d`` modules outside those blocks (``conv_in``, ``conv_out``, the
+    upsamplers'): their class becomes ``fastdiff.nn.Conv3x3``, which runs ``fastdiff.ops.conv3x3``
+    where the tuner measured it faster than the module's own convolution.
   * ``BasicTransformerBlock`` with adaLN-Zero (``DiTTransformer2DModel``) or adaLN-single
     (``PixArtTransformer2DModel``): the class becomes :class:`FusedBasicTransformerBlock`, each
     LayerNorm + modulation one ``fastdiff.ops.layer_norm_modulate``; its attention modules get
@@ -85,6 +88,7 @@ class _PatchState:
     resnets: list[tuple[nn.Module, type]] = field(default_factory=list)
     processors: list[tuple[nn.Module, object]] = field(default_factory=list)
     norm_outs: list[tuple[nn.Module, type]] = field(default_factory=list)
+    convs: list[nn.Module] = field(default_factory=list)
     channels_last: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -252,6 +256,20 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
                                   "processor"))
         elif type(module).__name__.startswith("Resnet"):
             skipped.append((name, f"{type(module).__name__} is not fused"))
+    # The 3x3 "same" convolutions outside the patched ResNet blocks (conv_in, conv_out, the upsamplers'):
+    # fastdiff.nn.Conv3x3, whose forward takes fastdiff's kernel where the tuner measured it faster.
+    from ..nn.conv import Conv3x3, _same_3x3
+
+    # (not inside any ResNet block: a patched one runs its convolutions fused already, and one left alone
+    # stays exactly as it was)
+    blocks = tuple(f"{name}." for name, module in model.named_modules()
+                   if isinstance(module, (ResnetBlock2D, ResnetBlockCondNorm2D)))
+    for name, module in model.named_modules():
+        if type(module) is nn.Conv2d and _same_3x3(module) and not name.startswith(blocks):
+            module.__class__ = Conv3x3
+            module.backend = backend
+            state.convs.append(module)
+            patched.append((name, "Conv2d 3x3 -> fastdiff.nn.Conv3x3"))
     if channels_last:
         state.channels_last = _to_channels_last(model)
     state.report = PatchReport(tuple(patched), tuple(skipped), channels_last)
@@ -291,6 +309,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     for module, cls in state.norm_outs:
         module.__class__ = cls
         module.__dict__.pop("fastdiff_backend", None)
+    for module in state.convs:
+        module.__class__ = nn.Conv2d
+        module.__dict__.pop("backend", None)
     for t in state.channels_last:
         t.data = t.data.contiguous()
     return model
