@@ -421,17 +421,26 @@ def _vae_outputs(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, to
         return (model.decode(latents.to(dtype)).sample, model.encode(images.to(dtype)).latent_dist.mean)
 
 
+def _check_outputs_match(make, randomize, outputs, dtype: torch.dtype, what: str, **patch_kwargs) -> nn.Module:
+    """``make()`` (its parameters set by ``randomize``) patched, with no block left alone: each of
+    ``outputs(model, dtype)`` within the dtype rule of the unpatched model's, against its float64 run.
+    Returns the patched model."""
+    exact = outputs(randomize(make()).double(), torch.float64)
+    eager = outputs(randomize(make()).to(dtype), dtype)
+    model = randomize(make()).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PatchWarning)  # every block is fused
+        fastdiff.patch(model, **patch_kwargs)
+    for i, (got, want, ref) in enumerate(zip(outputs(model, dtype), eager, exact, strict=True)):
+        assert_within_eager_bound(got, want, ref, f"{what} output {i} {dtype} {patch_kwargs}")
+    return model
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_vae_decode_and_encode_match_unpatched(dtype, channels_last):
-    exact = _vae_outputs(_randomize(tiny_vae()).double(), torch.float64)
-    eager = _vae_outputs(_randomize(tiny_vae()).to(dtype), dtype)
-    model = _randomize(tiny_vae()).to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PatchWarning)  # every block of the VAE is fused
-        fastdiff.patch(model, channels_last=channels_last)
-    for what, got, want, ref in zip(("decode", "encode"), _vae_outputs(model, dtype), eager, exact, strict=True):
-        assert_within_eager_bound(got, want, ref, f"AutoencoderKL {what} {dtype} channels_last={channels_last}")
+    model = _check_outputs_match(tiny_vae, _randomize, _vae_outputs, dtype, "AutoencoderKL decode, encode",
+                                 channels_last=channels_last)
     patched = dict(patch_report(model).patched)
     assert patched["encoder.conv_norm_out"] == patched["decoder.conv_norm_out"] == "GroupNorm + conv_act SiLU"
     assert patched["decoder.up_blocks.0.resnets.0"] == "ResnetBlock2D (group): norm1+SiLU, norm2+SiLU"
@@ -471,9 +480,9 @@ def test_resnet_with_an_unprojected_time_embedding_runs_diffusers_forward():
 # ---- pipelines ---------------------------------------------------------------------------------------
 
 
-def _latent_pipeline():
-    """A diffusers pipeline holding a UNet, a VAE and a scheduler (what Stable Diffusion's holds, minus the
-    text encoder), built from the tiny configs above."""
+def _pipeline(unet: nn.Module, vae: nn.Module):
+    """A diffusers pipeline holding ``unet``, ``vae`` and a DDIM scheduler (what Stable Diffusion's holds,
+    minus the text encoder)."""
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     class LatentPipeline(DiffusionPipeline):
@@ -481,7 +490,12 @@ def _latent_pipeline():
             super().__init__()
             self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
 
-    return LatentPipeline(_randomize(cond_unet()), _randomize(tiny_vae()), DDIMScheduler())
+    return LatentPipeline(unet, vae, DDIMScheduler())
+
+
+def _latent_pipeline():
+    """The tiny configs above in a pipeline."""
+    return _pipeline(_randomize(cond_unet()), _randomize(tiny_vae()))
 
 
 def test_patch_a_pipeline_patches_its_unet_and_vae_and_unpatch_restores_them():
@@ -507,16 +521,10 @@ def test_patch_a_pipeline_patches_its_unet_and_vae_and_unpatch_restores_them():
 
 
 def test_pipeline_components_fastdiff_cannot_patch_are_named():
-    from diffusers import DDIMScheduler, DiffusionPipeline, VQModel
+    from diffusers import VQModel
 
-    class VQPipeline(DiffusionPipeline):
-        def __init__(self, unet, vae, scheduler):
-            super().__init__()
-            self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
-
-    vq = VQModel(block_out_channels=(32,), norm_num_groups=8, latent_channels=3)
-    pipe = VQPipeline(small_unet(), vq, DDIMScheduler())
-    with pytest.warns(PatchWarning, match=r"left 1 component\(s\) of VQPipeline as they are \(unet patched\)"
+    pipe = _pipeline(small_unet(), VQModel(block_out_channels=(32,), norm_num_groups=8, latent_channels=3))
+    with pytest.warns(PatchWarning, match=r"left 1 component\(s\) of LatentPipeline as they are \(unet patched\)"
                                           r":\n  vae: VQModel is not supported by fastdiff.patch"):
         fastdiff.patch(pipe)
     assert ("vae", "VQModel is not supported by fastdiff.patch (it takes UNet2DModel, UNet2DConditionModel, "
@@ -573,13 +581,8 @@ def _randomize_modulation(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("make", [tiny_dit, tiny_pixart], ids=["DiT", "PixArt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_transformers_match_unpatched(make, dtype):
-    exact = _transformer_output(_randomize_modulation(make()).double(), torch.float64)
-    eager = _transformer_output(_randomize_modulation(make()).to(dtype), dtype)
-    model = _randomize_modulation(make()).to(dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PatchWarning)
-        fastdiff.patch(model)
-    assert_within_eager_bound(_transformer_output(model, dtype), eager, exact, f"{make.__name__} {dtype}")
+    model = _check_outputs_match(make, _randomize_modulation, lambda m, d: (_transformer_output(m, d),), dtype,
+                                 make.__name__)
     fused = [what for _, what in patch_report(model).patched if what.startswith("BasicTransformerBlock")]
     norm = "ada_norm_zero" if make is tiny_dit else "ada_norm_single"
     assert fused == [f"BasicTransformerBlock ({norm}): LayerNorm+modulation fused"] * 2

@@ -1,4 +1,4 @@
-"""``fastdiff.patch`` and ``fastdiff.unpatch``: fastdiff's fused kernels inside a diffusers UNet or VAE.
+"""``fastdiff.patch`` and ``fastdiff.unpatch``: fastdiff's fused kernels inside diffusers models and pipelines.
 
 Patching works in place and keeps the weights: every parameter, buffer, submodule name and
 state_dict key stays as it was.
@@ -85,15 +85,21 @@ class PatchReport:
 @dataclass
 class _PatchState:
     report: PatchReport
-    resnets: list[tuple[nn.Module, type]] = field(default_factory=list)
+    # (module, its original class, the instance attribute patch() set on it or None)
+    swaps: list[tuple[nn.Module, type, str | None]] = field(default_factory=list)
     processors: list[tuple[nn.Module, object]] = field(default_factory=list)
-    norm_outs: list[tuple[nn.Module, type]] = field(default_factory=list)
-    convs: list[nn.Module] = field(default_factory=list)
     channels_last: list[torch.Tensor] = field(default_factory=list)
+
+    def swap(self, module: nn.Module, cls: type, attr: str | None = None, value: object = None) -> None:
+        """Give ``module`` the class ``cls`` (and ``module.attr = value``), remembering how to undo it."""
+        self.swaps.append((module, type(module), attr))
+        module.__class__ = cls
+        if attr is not None:
+            setattr(module, attr, value)
 
 
 def _check_model(model: object, caller: str) -> None:
-    """Raise TypeError unless ``model`` is a diffusers UNet2DModel, UNet2DConditionModel or AutoencoderKL."""
+    """Raise TypeError unless ``model`` is one of the diffusers models patch() takes (``_SUPPORTED_MODELS``)."""
     if importlib.util.find_spec("diffusers") is None:
         raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__} (diffusers is not "
                         "installed)")
@@ -133,10 +139,8 @@ def _is_pipeline(obj: object) -> bool:
 
 
 def _patch_pipeline(pipe, channels_last: bool, backend: str):
-    """patch() of a pipeline: each supported component in place; the others reported, left alone."""
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"fastdiff.patch: channels_last must be a bool, got {type(channels_last).__name__}")
-    resolve_backend(backend)
+    """patch() of a pipeline (its options checked): each supported component in place; the others
+    reported, left alone."""
     if _PIPE_STATE in pipe.__dict__:
         unpatch(pipe)
     done, unsupported = [], []
@@ -159,11 +163,11 @@ def _patch_pipeline(pipe, channels_last: bool, backend: str):
 
 
 def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO) -> nn.Module:
-    """Run a diffusers ``UNet2DModel``/``UNet2DConditionModel``/``AutoencoderKL`` on fastdiff's fused
-    kernels, in place.
+    """Run a diffusers ``UNet2DModel``/``UNet2DConditionModel``/``AutoencoderKL``/``DiTTransformer2DModel``/
+    ``PixArtTransformer2DModel`` (or a pipeline holding them) on fastdiff's fused kernels, in place.
 
     Args:
-        model: the diffusers UNet or VAE; anything else raises TypeError.
+        model: the diffusers model or pipeline; anything else raises TypeError.
         channels_last: store the 4-D weights channels_last, so convolutions (the bulk of a UNet's
             time on the CPU) and the activations after them run NHWC; inputs may stay NCHW, and
             outputs come back channels_last-strided (same shape and values).
@@ -179,12 +183,14 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
     one of the supported models; the others are left as they are and listed in a PatchWarning.
     Returns the pipeline; :func:`unpatch` of the pipeline undoes every component.
     """
-    if _is_pipeline(model):
-        return _patch_pipeline(model, channels_last, backend)
-    _check_model(model, "fastdiff.patch")
+    pipeline = _is_pipeline(model)
+    if not pipeline:
+        _check_model(model, "fastdiff.patch")
     if not isinstance(channels_last, bool):
         raise TypeError(f"fastdiff.patch: channels_last must be a bool, got {type(channels_last).__name__}")
     resolve_backend(backend)  # raises ValueError for an unknown name
+    if pipeline:
+        return _patch_pipeline(model, channels_last, backend)
     if _STATE in model.__dict__:
         unpatch(model)
 
@@ -213,27 +219,21 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
             norm, act = module.conv_norm_out, getattr(module, "conv_act", None)
             prefix = f"{name}." if name else ""
             if norm is not None and norm_out_unsupported(norm, act) is None:
-                state.norm_outs += [(norm, type(norm)), (act, type(act))]
-                norm.__class__ = FusedGroupNormSiLU
-                norm.fastdiff_backend = backend
-                act.__class__ = FusedAwaySiLU
+                state.swap(norm, FusedGroupNormSiLU, "fastdiff_backend", backend)
+                state.swap(act, FusedAwaySiLU)
                 patched.append((f"{prefix}conv_norm_out", "GroupNorm + conv_act SiLU"))
         if isinstance(module, BasicTransformerBlock) and module.norm_type.startswith("ada_norm"):
             # (blocks with plain LayerNorms, a UNet's, have nothing to fuse but their attention: not reported)
             why = transformer_block_unsupported(module)
             if why is None:
-                state.resnets.append((module, type(module)))
-                module.__class__ = FusedBasicTransformerBlock
-                module.fastdiff_backend = backend
+                state.swap(module, FusedBasicTransformerBlock, "fastdiff_backend", backend)
                 patched.append((name, f"BasicTransformerBlock ({module.norm_type}): LayerNorm+modulation fused"))
             else:
                 skipped.append((name, why))
         elif isinstance(module, ResnetBlock2D):
             why = resnet_unsupported(module)
             if why is None:
-                state.resnets.append((module, type(module)))
-                module.__class__ = FusedResnetBlock2D
-                module.fastdiff_backend = backend
+                state.swap(module, FusedResnetBlock2D, "fastdiff_backend", backend)
                 temb = "+temb" if module.time_emb_proj is not None else ""
                 patched.append((name, f"ResnetBlock2D ({module.time_embedding_norm}): norm1+SiLU, norm2{temb}+SiLU"))
             else:
@@ -266,9 +266,7 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
                    if isinstance(module, (ResnetBlock2D, ResnetBlockCondNorm2D)))
     for name, module in model.named_modules():
         if type(module) is nn.Conv2d and _same_3x3(module) and not name.startswith(blocks):
-            module.__class__ = Conv3x3
-            module.backend = backend
-            state.convs.append(module)
+            state.swap(module, Conv3x3, "backend", backend)
             patched.append((name, "Conv2d 3x3 -> fastdiff.nn.Conv3x3"))
     if channels_last:
         state.channels_last = _to_channels_last(model)
@@ -289,7 +287,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch` in place: original block classes, attention processors and weight layouts.
 
     The model's outputs are then bit-equal to those before patching. Unpatching a model that is not
-    patched does nothing; anything but a diffusers UNet, VAE or pipeline raises TypeError. Returns the
+    patched does nothing; anything but a model or pipeline patch() takes raises TypeError. Returns the
     same model (or pipeline: each component patch() patched is unpatched).
     """
     if _is_pipeline(model):
@@ -301,17 +299,12 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(_STATE, None)
     if state is None:
         return model
-    for module, cls in state.resnets:
+    for module, cls, attr in state.swaps:
         module.__class__ = cls
-        module.__dict__.pop("fastdiff_backend", None)
+        if attr is not None:
+            module.__dict__.pop(attr, None)
     for module, original in state.processors:
         module.set_processor(original)
-    for module, cls in state.norm_outs:
-        module.__class__ = cls
-        module.__dict__.pop("fastdiff_backend", None)
-    for module in state.convs:
-        module.__class__ = nn.Conv2d
-        module.__dict__.pop("backend", None)
     for t in state.channels_last:
         t.data = t.data.contiguous()
     return model

@@ -30,7 +30,7 @@ def _at(table: torch.Tensor, i: int | torch.Tensor) -> torch.Tensor:
     return table[i]
 
 
-# The samplers without x0 processing, eta or classifier guidance, and those whose timesteps must be integers.
+# The samplers without x0 processing, eta or classifier guidance; the DPM-Solver++ ones; those with Karras sigmas.
 _PLAIN_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde")
 _DPM_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde")
 _KARRAS_SAMPLERS = ("euler", *_DPM_SAMPLERS)  # diffusers' EulerAncestralDiscreteScheduler has no Karras sigmas
@@ -156,9 +156,16 @@ class Sampler:
         after the last; DDIM overrides it."""
         return torch.cat([ts[1:], ts.new_full((1,), -1)])
 
+    #: ᾱ of each step's noise level and of the level after the last, float64, when the sampler steps
+    #: through levels of its own (Karras sigmas, Euler's fractional timesteps), set by ``_timesteps``;
+    #: None: the schedule's ᾱ at the timesteps.
+    _noise_levels: torch.Tensor | None = None
+
     def _step_alphas(self, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ at each step's timestep, ᾱ where it moves to), float64: the schedule's, at the timesteps
-        (a sampler with its own noise levels, as DPM-Solver++ with Karras sigmas, overrides it)."""
+        """(ᾱ at each step's timestep, ᾱ where it moves to), float64: the sampler's own noise levels,
+        or the schedule's at the timesteps."""
+        if self._noise_levels is not None:
+            return self._noise_levels[:-1], self._noise_levels[1:]
         prev = self._previous_timesteps(ts)
         ac = self.schedule.alphas_cumprod
         alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], self._final_alpha())
@@ -356,11 +363,11 @@ class DDPMSampler(Sampler):
         )
 
 
-def _check_own_options(name: str, kwargs: dict) -> None:
+def _check_own_options(name: str, kwargs: dict, karras_sigmas: bool) -> None:
     """A sampler constructor's options, checked as ``fastdiff.sample`` checks them."""
     check_sampler_options(name, variance=kwargs.get("variance"), clip_x0=kwargs.get("clip_x0"),
                           dynamic_threshold=kwargs.get("dynamic_threshold"),
-                          timestep_spacing=kwargs.get("timestep_spacing", "leading"))
+                          timestep_spacing=kwargs.get("timestep_spacing", "leading"), karras_sigmas=karras_sigmas)
 
 
 def _check_finite_sigma(sampler: Sampler, what: str) -> None:
@@ -390,11 +397,9 @@ class EulerSampler(Sampler):
     ancestral = False
 
     def __init__(self, schedule: Schedule, steps: int, *, karras_sigmas: bool = False, **kwargs) -> None:
-        _check_own_options(self.name, kwargs)
-        check_sampler_options(self.name, karras_sigmas=karras_sigmas)
+        _check_own_options(self.name, kwargs, karras_sigmas)
         self.spacing = kwargs.get("timestep_spacing", "leading")
         self.karras_sigmas = karras_sigmas
-        self._sigma_levels: torch.Tensor | None = None
         super().__init__(schedule, steps, **kwargs)
         _check_finite_sigma(self, "steps in σ = sqrt((1 - ᾱ) / ᾱ), which is infinite at the first timestep")
 
@@ -415,13 +420,8 @@ class EulerSampler(Sampler):
         if self.karras_sigmas:
             sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
             ts = _sigma_to_t(sigmas, log_train)
-        self._sigma_levels = _levels(sigmas)
+        self._noise_levels = _levels(sigmas)
         return torch.from_numpy(ts.astype(np.float32))
-
-    def _step_alphas(self, ts):
-        if self._sigma_levels is not None:
-            return self._sigma_levels[:-1], self._sigma_levels[1:]
-        return super()._step_alphas(ts)
 
     def _sigma_steps(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic move (σ to σ_down) and the noise's σ_up of each step: σ_down = σ', σ_up = 0."""
@@ -490,8 +490,7 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     sde = False
 
     def __init__(self, schedule: Schedule, steps: int, *, karras_sigmas: bool = False, **kwargs) -> None:
-        _check_own_options(self.name, kwargs)
-        check_sampler_options(self.name, karras_sigmas=karras_sigmas)
+        _check_own_options(self.name, kwargs, karras_sigmas)
         self.karras_sigmas = karras_sigmas
         super().__init__(schedule, steps, **kwargs)
         _check_finite_sigma(self, "needs ᾱ > 0 (λ = log(α/σ) is -inf at zero terminal SNR) at the first timestep")
@@ -511,25 +510,20 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         return schedule.timesteps(steps + 1, spacing, offset)[:-1]
 
     def _karras_timesteps(self, schedule: Schedule, steps: int) -> torch.Tensor:
+        """Karras et al. 2022's noise levels (ρ = 7) between the schedule's smallest and largest σ, as
+        diffusers' ``use_karras_sigmas=True`` makes them: σ rounded to float32 as diffusers stores it,
+        each step's timestep the schedule's (interpolated in log σ) rounded to an int; the step's
+        coefficients come from σ itself (ᾱ = 1 / (1 + σ²)), not from the rounded timestep."""
         if schedule.kind == "cosine":
             raise ValueError("karras_sigmas with the cosine schedule is not a configuration diffusers' DPM-Solver "
                              "runs (it leaves those timesteps fractional, truncates them to int64, and its step "
                              "index then runs past its sigmas), so there is nothing to match; use the linear or "
                              "scaled_linear schedule, or karras_sigmas=False")
-        """Karras et al. 2022's noise levels (ρ = 7) between the schedule's smallest and largest σ, as
-        diffusers' ``use_karras_sigmas=True`` makes them: σ rounded to float32 as diffusers stores it,
-        each step's timestep the schedule's (interpolated in log σ) rounded to an int; the step's
-        coefficients come from σ itself (ᾱ = 1 / (1 + σ²)), not from the rounded timestep."""
         # diffusers' arithmetic, in its dtypes: σ of the float32 schedule, log σ in float32
         train, log_train = _train_sigmas(schedule)
         sigmas = _karras_sigmas(float(train[0]), float(train[-1]), steps)
-        self._karras_alphas = _levels(sigmas)  # ᾱ of each level; the last (σ = 0) is 1
+        self._noise_levels = _levels(sigmas)  # ᾱ of each level; the last (σ = 0) is 1
         return torch.from_numpy(_sigma_to_t(sigmas, log_train).round()).to(torch.int64)
-
-    def _step_alphas(self, ts):
-        if self.karras_sigmas:
-            return self._karras_alphas[:-1], self._karras_alphas[1:]
-        return super()._step_alphas(ts)
 
     def draws_noise(self, i: int) -> bool:
         return False  # no random noise (the history term is not noise; see multistep)
@@ -605,10 +599,8 @@ def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler
     if name != "ddpm":
         check_sampler_options(name, eta=eta)
     kwargs.pop("set_alpha_to_one", None)
-    if name in _DPM_SAMPLERS:
-        cls = DPMSolverPlusPlus2MSampler if name == "dpmpp_2m" else DPMSolverPlusPlus2MSDESampler
-        return cls(schedule, steps, karras_sigmas=karras, **kwargs)
-    if name in ("euler", "euler_a"):
-        cls = EulerSampler if name == "euler" else EulerAncestralSampler
-        return cls(schedule, steps, karras_sigmas=karras, **kwargs)
-    return DDPMSampler(schedule, steps, **kwargs)
+    if karras:  # refused above for the samplers whose constructors do not take it
+        kwargs["karras_sigmas"] = True
+    cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler,
+           "dpmpp_2m": DPMSolverPlusPlus2MSampler, "dpmpp_2m_sde": DPMSolverPlusPlus2MSDESampler}[name]
+    return cls(schedule, steps, **kwargs)
