@@ -4,7 +4,7 @@ Importing fastdiff never fails because the native extension is missing or stale:
 to the backends that can run (see ``fastdiff info``).
 """
 
-from . import _native, ops, reference
+from . import _native, ops, pipelines, reference
 from .integrations.diffusers import patch, unpatch
 from .sampling import sample
 from .schedule import Schedule
@@ -15,4 +15,4 @@ _native.preload()
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "patch", "unpatch", "Schedule", "ops", "reference", "__version__"]
+__all__ = ["sample", "patch", "unpatch", "Schedule", "ops", "pipelines", "reference", "__version__"]
