@@ -148,14 +148,16 @@ def pixart_pipeline(sample_size: int = 8, patch_size: int = 2, vae_levels: int =
 
 
 def _float64_run(pipe, call, **kwargs):
-    """``call(pipe, **kwargs)`` with the pipeline and every float tensor argument in float64, back to float32."""
+    """``call(pipe, **kwargs)`` with the pipeline and every float tensor argument in float64; the pipeline
+    back in its dtype after."""
+    dtype = pipe.dtype
     pipe.to(torch.float64)
     try:
         args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                 for k, v in kwargs.items()}
         return call(pipe, **args)
     finally:
-        pipe.to(torch.float32)
+        pipe.to(dtype)
 
 
 def _check(pipe, ours: dict, theirs: dict, what: str, outputs=("latent", "np")) -> None:
@@ -182,6 +184,16 @@ def test_stable_diffusion_matches_the_pipeline(tmp_path, scheduler):
                   width=16)
     _check(pipe, dict(common, steps=8, cfg=5.0), dict(common, num_inference_steps=8, guidance_scale=5.0),
            f"SD {scheduler}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp_2m"])
+def test_stable_diffusion_in_half_precision_matches_the_pipeline(tmp_path, scheduler, dtype):
+    pipe = sd_pipeline(tmp_path, scheduler).to(dtype)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    common = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents, height=16, width=16)
+    _check(pipe, dict(common, steps=8, cfg=5.0), dict(common, num_inference_steps=8, guidance_scale=5.0),
+           f"SD {scheduler} {dtype}")
 
 
 def test_stable_diffusion_without_guidance_calls_the_unet_on_the_prompt_alone(tmp_path):
@@ -266,6 +278,23 @@ def test_dit_matches_the_pipeline(scheduler):
                                                                                  output_type=output_type)
         assert_within_eager_bound(torch.as_tensor(got), torch.as_tensor(want), torch.as_tensor(exact),
                                   f"DiT {scheduler}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_dit_and_pixart_in_half_precision_match_the_pipelines(dtype):
+    pipe = dit_pipeline().to(dtype)
+    latents = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(5), dtype=dtype)
+
+    def call(p, **kw):
+        return torch.as_tensor(p(**kw, generator=torch.Generator().manual_seed(5)).images)
+
+    theirs = dict(class_labels=[42, 7], num_inference_steps=6, guidance_scale=4.0, output_type="np")
+    got = torch.as_tensor(generate(pipe, class_labels=[42, 7], steps=6, cfg=4.0, latents=latents, output_type="np"))
+    assert_within_eager_bound(got, call(pipe, **theirs), _float64_run(pipe, call, **theirs), f"DiT {dtype}")
+    pipe = pixart_pipeline().to(dtype)
+    common = dict(prompt="a cat", latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)).to(dtype),
+                  use_resolution_binning=False)
+    _check(pipe, dict(common, steps=6), dict(common, num_inference_steps=6), f"PixArt {dtype}", outputs=("np",))
 
 
 def test_dit_keeps_one_denoiser_per_transformer():
