@@ -22,6 +22,7 @@ from _bench import DEVICE, busy_window_starts_now, end_to_end_rounds, timed
 import fastdiff
 
 diffusers = pytest.importorskip("diffusers")
+from baselines import sd_shaped_vae  # noqa: E402
 
 BATCH = 2
 LATENTS = (BATCH, 4, 32, 32)
@@ -32,15 +33,6 @@ PROVIDERS = [
     "fastdiff.patch",
     "fastdiff.patch(channels_last)",
 ]
-
-
-def sd_shaped_vae() -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
-                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256).eval()
 
 
 def _make(provider: str):

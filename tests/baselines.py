@@ -69,3 +69,63 @@ def eager_layer_norm_modulate(
     (B, N, D), then ``* (1 + scale) + shift`` with (B, D) conditioning, as eager steps."""
     h = F.layer_norm(x, (x.shape[-1],), eps=eps)
     return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def clip_tokenizer(directory, max_length: int = 77):
+    """A CLIP tokenizer over single letters (a vocabulary of 55, no merges), its files written to
+    ``directory``: the pipelines' text path without downloading SD's tokenizer."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    directory = Path(directory)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+
+
+def sd_shaped_vae():
+    """A small AutoencoderKL with SD's layout (4 latent channels, three 2x upsamplings, two ResNet
+    blocks per level plus the mid block's two and its attention, GroupNorm+SiLU before conv_out),
+    widths (32, 64, 64, 64): 4x32x32 latents decode to 3x256x256. Random weights seeded here."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
+                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256).eval()
+
+
+def sd_shaped_pipeline(directory, scheduler=None):
+    """A StableDiffusionPipeline with SD 1.x's layout at small widths, random weights seeded here: a
+    2-layer CLIP text encoder (width 64, 77 tokens); a U-Net of four levels (three with self- and
+    cross-attention, two ResNet blocks each, widths 32-64-64-64, heads of 32 channels: SD's own are
+    40-160 wide, and 4-wide heads would leave attention a tenth of its speed); ``sd_shaped_vae`` (32x32
+    latents decode to 256x256); SD's DDIM scheduler config. The tokenizer's files go to ``directory``."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer(directory)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=64, attention_head_dim=(1, 2, 2, 2), norm_num_groups=32).eval()
+    vae = sd_shaped_vae()
+    if scheduler is None:
+        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

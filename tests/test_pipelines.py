@@ -9,11 +9,11 @@ float32 floor (conftest's assert_within_eager_bound).
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
+from baselines import clip_tokenizer
 from conftest import assert_within_eager_bound
 
 import fastdiff
@@ -66,23 +66,10 @@ def tiny_vae(levels: int = 2) -> AutoencoderKL:
                          layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
 
 
-def clip_tokenizer(tmp_path):
-    """A byte-level BPE CLIP tokenizer over single letters (no merges), written to ``tmp_path``."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=12)
-
-
 def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = clip_tokenizer(tmp_path)
+    tokenizer = clip_tokenizer(tmp_path, max_length=12)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
