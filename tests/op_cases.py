@@ -910,6 +910,8 @@ class SamplerStep(OpCase):
 LOOP_SHAPES = {**SAMPLER_SHAPES, "B1-5x7": (1, 3, 5, 7), "3d": (3, 2, 3, 5, 7), "empty": (0, 3, 5, 7)}
 DRAWS = ("none", "tensor", "philox")
 PHILOX_SEED = 2**40 + 7
+# A batch's first image index ("philox2": philox_seed = (key, first)) whose images wrap past 2**32 - 1
+PHILOX_FIRST = 2**32 - 2
 CFG64 = 3.0 + 1e-7  # not a float32: a float64 cfg tensor must combine as sampler_step's float argument does
 META = ("cpu", "meta")  # checks the Meta kernel makes too (those that need no data nor concrete sizes)
 
@@ -932,11 +934,13 @@ class SamplerLoopStep(OpCase):
     model output and noise contiguous, or "views": the model output channels_last (4-D) or every other
     element of its last dim, the noise every other element. Each point runs unguided and guided (a
     float32 cfg tensor, 3.5) × no noise, a noise tensor (where the step draws it) and Philox noise ×
-    the first, a middle and the last step; then dynamic thresholding (the model output ×4: x0 past the
-    thresholds) and, guided, a float64 cfg tensor not representable in float32. The outputs are the
-    state the step writes, (x_in, the counter, t_in), each against the oracle's (fastdiff.reference.
-    sampler_step.sampler_loop_step on clones): x_in within the dtype's bound, the counter at s + 1,
-    t_in at timesteps[s + 1] (unchanged after the last step)."""
+    the first, a middle and the last step, and Philox noise counted from a batch's first image (a
+    two-element philox_seed, the images wrapping past 2**32) at the middle step; then dynamic
+    thresholding (the model output ×4: x0 past the thresholds) and, guided, a float64 cfg tensor not
+    representable in float32. The outputs are the state the step writes, (x_in, the counter, t_in),
+    each against the oracle's (fastdiff.reference.sampler_step.sampler_loop_step on clones): x_in
+    within the dtype's bound, the counter at s + 1, t_in at timesteps[s + 1] (unchanged after the last
+    step)."""
 
     op = "sampler_loop_step"
     native_op = "sampler_loop_step"
@@ -975,7 +979,8 @@ class SamplerLoopStep(OpCase):
         kwargs = dict(
             cfg_scale=cfg, learned_range=learned_range(sampler), clip=None if threshold else sampler.clip_x0,
             threshold=thresholds, noise=noise if draw == "tensor" else None,
-            philox_seed=torch.tensor(PHILOX_SEED, device=device) if draw == "philox" else None,
+            philox_seed=(torch.tensor(PHILOX_SEED, device=device) if draw == "philox"
+                         else torch.tensor([PHILOX_SEED, PHILOX_FIRST], device=device) if draw == "philox2" else None),
             t_in=torch.full((2 * B if guided else B,), -1, dtype=sampler.timesteps_device.dtype, device=device),
             timesteps=sampler.timesteps_device,
         )
@@ -999,6 +1004,8 @@ class SamplerLoopStep(OpCase):
             variants.append(dict(guided=guided, draw="tensor" if sampler.draws_noise(3) else "none", step=3,
                                  threshold=True))
         variants.append(dict(guided=True, step=5, cfg64=True))
+        if sampler.draws_noise(STEP_INDICES[1]):  # Philox counted from a batch's first image, wrapping past 2**32
+            variants += [dict(guided=guided, draw="philox2", step=STEP_INDICES[1]) for guided in (False, True)]
         if not full:  # the Triton interpreter: every kind once (the middle step)
             variants = [v for v in variants if v["step"] != STEP_INDICES[0] and v["step"] != STEP_INDICES[-1]]
         return [self.make_call(config, shape, dtype, device, layout=layout, seed=seed + v["step"], sampler=sampler,
@@ -1120,7 +1127,7 @@ class SamplerLoopStep(OpCase):
         BadInput("step-int", lambda: SamplerLoopStep._bad(step=1), TypeError,
                  "sampler_loop_step: step must be a one-element int64 tensor"),
         BadInput("philox_seed-int", lambda: SamplerLoopStep._bad(philox_seed=3), TypeError,
-                 "sampler_loop_step: philox_seed must be None or a one-element int64 tensor"),
+                 "sampler_loop_step: philox_seed must be None or a one- or two-element int64 tensor"),
         BadInput("t_in-alone", lambda: SamplerLoopStep._bad(timesteps=None), ValueError,
                  "sampler_loop_step: give t_in and timesteps together"),
         BadInput("t_in-int32", lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)), ValueError,

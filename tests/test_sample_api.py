@@ -84,6 +84,41 @@ def test_same_seed_same_images_and_batch_invariance():
         assert not torch.allclose(other, a)
 
 
+STOCHASTIC = [("ddpm", {}), ("ddim", {"eta": 0.8}), ("euler_a", {}), ("dpmpp_2m_sde", {}),
+              ("dpmpp_2m_sde", {"karras_sigmas": True})]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("sampler,kw", STOCHASTIC, ids=[f"{s}{'-karras' if kw.get('karras_sigmas') else ''}"
+                                                         f"{'-eta' if 'eta' in kw else ''}" for s, kw in STOCHASTIC])
+def test_first_image_makes_a_batch_the_same_images_of_the_whole_set(sampler, kw, backend):
+    """A set of 7 images generated whole, or as batches of 3, 3 and 1 with first_image 0, 3 and 6: the
+    same images, bit for bit (x_T and every step's noise follow the image's index in the set, not its
+    place in the batch). The cpu backend runs the native step (skipped with its reason where it is not built)."""
+    if backend == "cpu":
+        from fastdiff.ops.sampler_loop_step import SUPPORT
+
+        why = SUPPORT.why_not("cpu", {"x_in": torch.zeros(1)})
+        if why:
+            pytest.skip(why)
+    model = Toy()
+    whole = fastdiff.sample(model, (7, 2, 4, 4), sampler=sampler, steps=6, generator=11, backend=backend, **kw)
+    parts = [fastdiff.sample(model, (n, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=first,
+                             backend=backend, **kw) for first, n in ((0, 3), (3, 3), (6, 1))]
+    assert torch.equal(torch.cat(parts), whole)
+    shifted = fastdiff.sample(model, (3, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=1,
+                              backend=backend, **kw)
+    assert not torch.allclose(shifted, whole[:3])  # the index, not only the x_T, moves the noise
+
+
+def test_first_image_at_the_end_of_the_32_bit_range_and_past_it():
+    model = Toy()
+    top = fastdiff.sample(model, (2, 2, 4, 4), sampler="ddpm", steps=4, generator=5, first_image=2**32 - 2)
+    assert torch.isfinite(top).all()
+    with pytest.raises(ValueError, match=r"first_image \+ batch must be at most 2\*\*32"):
+        fastdiff.sample(model, (3, 2, 4, 4), sampler="ddpm", steps=4, generator=5, first_image=2**32 - 2)
+
+
 def test_generator_object_and_global_rng():
     g1 = torch.Generator().manual_seed(5)
     g2 = torch.Generator().manual_seed(5)
@@ -212,6 +247,8 @@ def _bad(**kwargs):
         (dict(dynamic_threshold=1.5), ValueError, r"dynamic_threshold ratio must lie in \(0, 1\)"),
         (dict(dynamic_threshold=0.9, clip_x0=1.0), ValueError, "clip_x0 or dynamic_threshold, not both"),
         (dict(generator="seed"), TypeError, "generator must be an int seed"),
+        (dict(first_image=-1), ValueError, "first_image must be an int >= 0, got -1"),
+        (dict(first_image=True), ValueError, "first_image must be an int >= 0, got True"),
         (dict(num_train_timesteps=500, schedule=fastdiff.Schedule()), ValueError, "disagrees"),
         (dict(steps_offset=-1), ValueError, "steps_offset must be a non-negative int"),
         (dict(model=lambda x, t: x[:, :1]), ValueError,

@@ -112,7 +112,9 @@ void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_outpu
                 noise->sizes());
   }
   if (philox_seed.has_value()) {
-    TORCH_CHECK(philox_seed->numel() == 1, op, ": philox_seed must hold one value, got ", philox_seed->numel());
+    TORCH_CHECK(philox_seed->numel() == 1 || philox_seed->numel() == 2, op,
+                ": philox_seed must hold one value (the key) or two (the key, the batch's first image index), got ",
+                philox_seed->numel());
   }
   if (history.has_value()) {
     TORCH_CHECK(history->sizes() == x.sizes(), op, ": history must have ", names.x, "'s shape ", x.sizes(),
@@ -350,7 +352,11 @@ void run_sampler_step_cpu(const SamplerStepPlan& plan, const at::Tensor& coefs, 
   args.learned = learned_range;
   args.clip = clip;
   args.philox = philox_seed.has_value();
-  args.seed = args.philox ? static_cast<uint64_t>(*philox_seed->const_data_ptr<int64_t>()) : 0;
+  const at::Tensor seed_words = args.philox ? philox_seed->reshape({-1}).contiguous() : at::Tensor();
+  args.seed = args.philox ? static_cast<uint64_t>(seed_words.const_data_ptr<int64_t>()[0]) : 0;
+  args.first_image = args.philox && seed_words.numel() == 2
+                         ? static_cast<uint32_t>(seed_words.const_data_ptr<int64_t>()[1])
+                         : 0u;
   args.step = index;
 
   static const cpu::SamplerStepChunkFn chunk_fn = cpu::pick_isa<cpu::SamplerStepChunkFn>(

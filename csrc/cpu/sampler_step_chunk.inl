@@ -161,7 +161,7 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
   }
   // Philox: the normals of each group of kPhiloxGroupElements elements (aligned in the image) the
   // range touches, then the step over the range's part of that group.
-  const PhiloxNormals philox(a.seed, a.step, image);
+  const PhiloxNormals philox(a.seed, a.step, static_cast<int64_t>(static_cast<uint32_t>(image + a.first_image)));
   alignas(64) float z[kPhiloxGroupElements];
   while (i < end) {
     const int64_t first = i - i % kPhiloxGroupElements;

@@ -35,6 +35,7 @@ struct SamplerStepArgs {
   double clip;           // clamp x0 to [-clip, clip] (inf: no clipping)
   bool philox;           // draw z in the kernel from Philox4x32-10
   uint64_t seed;         // Philox key
+  uint32_t first_image;  // Philox counter word 1 is first_image + b (mod 2**32) for image b of the batch
   int64_t step;          // Philox counter word (the sampler step index)
 };
 

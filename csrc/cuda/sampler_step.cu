@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t, kHist>)
                         const opmath_t* __restrict__ coefs,      // (steps, kNumStepCoefs)
                         const int64_t* __restrict__ step,        // () index into coefs
                         const opmath_t* __restrict__ threshold,  // (B,) or nullptr
-                        const int64_t* __restrict__ seed,        // () Philox key, or nullptr
+                        const int64_t* __restrict__ seed,        // (1 or 2) Philox key [, first image], or nullptr
                         const void* __restrict__ cfg_dev,        // () float/double cfg_scale, or nullptr
                         StepKernelArgs a) {
   const int64_t s = *step;
@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t, kHist>)
     cfg = a.cfg_dev_double ? static_cast<opmath_t>(*static_cast<const double*>(cfg_dev))
                            : static_cast<opmath_t>(*static_cast<const float*>(cfg_dev));
   }
-  const uint64_t key = a.philox ? static_cast<uint64_t>(*seed) : 0;
+  const uint64_t key = a.philox ? static_cast<uint64_t>(seed[0]) : 0;
   const int64_t total = a.batch * a.quads;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride) {
@@ -89,7 +89,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM<opmath_t, kHist>)
     }
     float z4[4] = {0.f, 0.f, 0.f, 0.f};
     if (a.philox && adds_noise) {
-      philox_block(key, s, b, i0, z4);
+      // The batch's first image index is loaded here rather than kept live across the loop: one more
+      // register spills the history build at its 3-blocks-per-SM cap (an L1 hit per 4 elements).
+      const uint32_t first_image = a.philox_first ? static_cast<uint32_t>(seed[1]) : 0u;
+      philox_block(key, s, static_cast<uint32_t>(b) + first_image, i0, z4);
     }
     opmath_t xv[4], mv[4], cv[4], vv[4], nv[4], hv[4];
     const int count = static_cast<int>(a.n - i0 < 4 ? a.n - i0 : 4);
@@ -209,7 +212,7 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
   const at::Tensor table = coefs.to(opmath).contiguous();
   const at::Tensor thresholds = threshold.has_value() ? threshold->to(opmath).contiguous() : at::Tensor();
   const at::Tensor step_index = step.reshape({}).contiguous();
-  const at::Tensor seed = philox_seed.has_value() ? philox_seed->reshape({}).contiguous() : at::Tensor();
+  const at::Tensor seed = philox_seed.has_value() ? philox_seed->reshape({-1}).contiguous() : at::Tensor();
 
   const bool vec4 = dtype == at::kFloat && plan.n % 4 == 0 && plan.mn % 4 == 0 &&
                     aligned16(plan.x.const_data_ptr()) && aligned16(plan.model_output.const_data_ptr()) &&
@@ -221,6 +224,7 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
   StepKernelArgs a = pack_step_kernel_args(plan.batch, plan.n, plan.mn, coefs.size(0), plan.guided, learned_range,
                                            philox_seed.has_value(), vec4, cfg_scale, clip);
   a.cfg_dev_double = cfg_dev.defined() && cfg_dev.scalar_type() == at::kDouble;
+  a.philox_first = seed.defined() && seed.numel() == 2;
 
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, plan.x.get_device()));

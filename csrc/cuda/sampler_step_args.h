@@ -16,6 +16,7 @@ struct StepKernelArgs {
   bool guided;       // model output rows are [uncond; cond]
   bool learned;      // sigma from the variance channels
   bool philox;       // z from Philox4x32-10
+  bool philox_first; // the seed tensor's second word is the batch's first image index (counter word 1 adds it)
   bool vec4;         // float32 with n % 4 == 0 and 16-byte aligned rows: float4 loads and stores
   double cfg_scale;  // double, as the CPU kernel and cfg_combine.cu keep it: the float64 path is exact;
                      // the float32 kernels round it to float once, as the CPU kernel does

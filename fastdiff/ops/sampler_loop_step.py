@@ -120,8 +120,9 @@ def _check_loop_step(x_in, model_output, cfg_scale, t_in, timesteps, step, philo
             and step.device == x_in.device):
         raise TypeError("sampler_loop_step: step must be a one-element int64 tensor on x_in's device (the counter)")
     if philox_seed is not None and not (isinstance(philox_seed, torch.Tensor) and philox_seed.dtype == torch.int64
-                                        and philox_seed.numel() == 1 and philox_seed.device == x_in.device):
-        raise TypeError("sampler_loop_step: philox_seed must be None or a one-element int64 tensor on x_in's device")
+                                        and philox_seed.numel() in (1, 2) and philox_seed.device == x_in.device):
+        raise TypeError("sampler_loop_step: philox_seed must be None or a one- or two-element int64 tensor on "
+                        "x_in's device")
     for name, t in (("model_output", model_output), ("noise", noise), ("history", history)):
         if t is not None and isinstance(t, torch.Tensor) and shares_memory(t, x_in):
             raise ValueError(f"sampler_loop_step: {name} shares memory with x_in, which the step writes in place "
@@ -179,8 +180,10 @@ def sampler_loop_step(
     guidance, x_in[B:]; ``step`` becomes s + 1; ``t_in`` (the model's timestep input), when given,
     becomes timesteps[s + 1] everywhere (unchanged after the last step). Noise, ``clip``,
     ``threshold`` and ``learned_range`` as ``sampler_step``; ``philox_seed`` a one-element int64
-    tensor. ``threshold``'s values are not checked here (that would read them on the host every
-    step): pass finite positive values, as ``fastdiff.sample`` does. ``history`` (a contiguous
+    tensor (the key), or two elements (the key, the batch's first image index: image b's noise is
+    counted as that index + b, mod 2**32, so a batch holding images i..i+B-1 of a larger set draws
+    their noise; read on the device). ``threshold``'s values are not checked here (that would read
+    them on the host every step): pass finite positive values, as ``fastdiff.sample`` does. ``history`` (a contiguous
     tensor like x_in[:B]; multistep solvers) is read as the previous step's x0, weighed by the
     row's c_hist (not read where c_hist is 0), and then holds this step's x0. Nothing is read on the host
     and nothing is allocated for the outputs, so a CUDA graph

@@ -44,15 +44,17 @@ def sampler_step(
     philox_seed: int | None = None,
     history: torch.Tensor | None = None,
     upcast: bool = True,
+    first_image: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step from row ``step`` of ``coefs``; returns (x_prev, x0) in x's dtype.
 
     model_output has B rows, or 2B rows [uncond; cond] combined as u + cfg_scale (c - u); C
     channels, or 2C with the variance channels last (taken from the conditional half). Noise is
-    ``noise``, or the Philox normals of (``philox_seed``, step) (see fastdiff.reference.philox), or
-    none. ``threshold`` (B,) applies dynamic thresholding with a per-image s (clamp to [-s, s],
-    divide by s); ``clip`` clamps x0 to [-clip, clip]. ``history`` (like x) is the previous step's
-    x0 for a multistep solver, weighed by the row's c_hist (not read where c_hist is 0).
+    ``noise``, or the Philox normals of (``philox_seed``, step) (see fastdiff.reference.philox; image b
+    counted as ``first_image`` + b), or none. ``threshold`` (B,) applies dynamic thresholding with a
+    per-image s (clamp to [-s, s], divide by s); ``clip`` clamps x0 to [-clip, clip]. ``history``
+    (like x) is the previous step's x0 for a multistep solver, weighed by the row's c_hist (not read
+    where c_hist is 0).
     """
     B, C = x.shape[:2]
     compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
@@ -85,7 +87,8 @@ def sampler_step(
 
     if philox_seed is not None:
         step_index = int(step)
-        z = philox_normal(int(philox_seed), step_index, B, math.prod(x.shape[1:])).to(compute).view(x.shape)
+        z = philox_normal(int(philox_seed), step_index, B, math.prod(x.shape[1:]), first_image)
+        z = z.to(compute).view(x.shape)
     elif noise is not None:
         z = noise.to(compute)
     else:
@@ -126,7 +129,8 @@ def sampler_loop_step(
     model_output, coefs, s, ...)`` is written into x_in[:B] and, with guidance, into x_in[B:];
     then ``step`` becomes s + 1 and, when s + 1 < len(timesteps), every entry of ``t_in`` (the
     model's timestep input) becomes timesteps[s + 1]. Noise as ``sampler_step``: ``noise``, the
-    Philox normals of (``philox_seed``, s) or none. ``history`` (like x_in[:B]) is read as the
+    Philox normals of (``philox_seed``, s) or none; a two-element ``philox_seed`` is (key, the batch's
+    first image index), image b counted as that index + b. ``history`` (like x_in[:B]) is read as the
     previous step's x0 (weighed by c_hist) and then holds this step's x0. This oracle reads the
     counter on the host.
     """
@@ -136,7 +140,8 @@ def sampler_loop_step(
     x_prev, x0 = sampler_step(
         x_in[:batch], model_output, coefs, s, cfg_scale=float(cfg_scale.reshape(())) if guided else None,
         learned_range=learned_range, clip=clip, threshold=threshold, noise=noise,
-        philox_seed=None if philox_seed is None else int(philox_seed.reshape(())), history=history,
+        philox_seed=None if philox_seed is None else int(philox_seed.reshape(-1)[0]), history=history,
+        first_image=0 if philox_seed is None or philox_seed.numel() == 1 else int(philox_seed.reshape(-1)[1]),
     )
     x_in[:batch] = x_prev
     if history is not None:

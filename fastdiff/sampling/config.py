@@ -60,6 +60,16 @@ def _check_halves(cond: dict, uncond: dict) -> None:
             raise ValueError(f"cond[{key!r}] and uncond[{key!r}] are not tensors and differ: {c!r} vs {u!r}")
 
 
+def _first_image(value: Any, batch: int) -> int:
+    """``first_image``: an int >= 0 with the batch's last image index below 2**32 (the Philox counter
+    word that counts images is 32 bits)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"first_image must be an int >= 0, got {value!r}")
+    if value + batch > 2**32:
+        raise ValueError(f"first_image + batch must be at most 2**32 (image indices are 32-bit), got {value} + {batch}")
+    return int(value)
+
+
 def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -168,6 +178,7 @@ class SamplingConfig:
     set_alpha_to_one: bool
     classifier_grad: Callable[..., torch.Tensor] | None
     seed: int
+    first_image: int
     dtype: torch.dtype
     device: torch.device
     backend: str
@@ -258,6 +269,7 @@ class SamplingConfig:
         set_alpha_to_one: bool = True,
         classifier_grad: Callable[..., torch.Tensor] | None = None,
         generator: int | torch.Generator | None = None,
+        first_image: int = 0,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
@@ -387,6 +399,7 @@ class SamplingConfig:
             karras_sigmas=karras_sigmas,
             prediction=prediction, variance=variance, clip_x0=clip_x0, threshold=threshold,
             set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad, seed=base_seed(generator),
+            first_image=_first_image(first_image, shape[0]),
             dtype=dtype, device=device, backend=backend, progress=bool(progress), callback=callback,
             check_finite=bool(check_finite), cuda_graph=cuda_graph,
         )

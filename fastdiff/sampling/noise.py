@@ -39,16 +39,18 @@ def base_seed(generator: int | torch.Generator | None) -> int:
 
 
 class NoiseStreams:
-    """One generator per image on ``device``; ``initial()`` draws x_T, (B, *shape) in ``dtype``."""
+    """One generator per image on ``device``; ``initial()`` draws x_T, (B, *shape) in ``dtype``. Image b
+    of the batch is image ``first`` + b of the run (its stream seeded by (seed, first + b))."""
 
-    def __init__(self, seed: int, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    def __init__(self, seed: int, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                 first: int = 0):
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.dtype = dtype
         self.generators = []
         for i in range(batch):
             g = torch.Generator(device=self.device)
-            g.manual_seed(_splitmix64(seed * 0x100000001B3 + i))
+            g.manual_seed(_splitmix64(seed * 0x100000001B3 + first + i))
             self.generators.append(g)
 
     def initial(self) -> torch.Tensor:

@@ -88,7 +88,9 @@ class SamplingPlan:
         self.coefs = self.sampler.coefs
         self.counter = torch.zeros((), dtype=torch.int64, device=c.device)
         self.draws_noise = any(self.sampler.draws_noise(i) for i in range(self.num_steps))
-        self.seed = torch.zeros((), dtype=torch.int64, device=c.device) if self.draws_noise else None
+        # (the step noise's Philox key, the batch's first image index): a new seed or first image is a
+        # value written here, never a new graph
+        self.seed = torch.zeros(2, dtype=torch.int64, device=c.device) if self.draws_noise else None
         # A multistep solver's previous x0, which the loop op reads and overwrites at every step (the
         # first step's row does not read it: it holds garbage until then).
         self.history = torch.empty_like(self.x) if self.sampler.multistep else None
@@ -131,7 +133,7 @@ class SamplingPlan:
         if c.noise is not None:
             x_T = c.noise.detach()
         else:
-            x_T = NoiseStreams(c.seed, B, c.shape[1:], c.device, c.dtype).initial()
+            x_T = NoiseStreams(c.seed, B, c.shape[1:], c.device, c.dtype, first=c.first_image).initial()
         if self.inpaint is not None:
             self.inpaint.load(c, x_T)
         if c.noised_init:
@@ -157,7 +159,8 @@ class SamplingPlan:
         self.t_in.fill_(self.sampler.timesteps[0])
         self.counter.zero_()
         if self.seed is not None:
-            self.seed.fill_(step_noise_key(c.seed))
+            self.seed[0].fill_(step_noise_key(c.seed))
+            self.seed[1].fill_(c.first_image)
         if self.cfg is not None:
             self.cfg.fill_(c.cfg)
 
@@ -353,7 +356,8 @@ class _ClassifierGuided(_Strategy):
         noise = None
         if p.sampler.draws_noise(i):
             n = math.prod(c.shape[1:])
-            noise = philox_normal(step_noise_key(c.seed), i, B, n).view(c.shape).to(device=c.device, dtype=c.dtype)
+            noise = philox_normal(step_noise_key(c.seed), i, B, n, c.first_image).view(c.shape)
+            noise = noise.to(device=c.device, dtype=c.dtype)
         with torch.no_grad():
             x_prev, _ = p.sampler.step(i, x, out, noise=noise, classifier_grad=grad.detach().to(c.dtype))
             self.advance(i, x_prev)

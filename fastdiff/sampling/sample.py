@@ -78,6 +78,7 @@ def sample(
     set_alpha_to_one: bool = True,
     classifier_grad: Callable[..., torch.Tensor] | None = None,
     generator: int | torch.Generator | None = None,
+    first_image: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     backend: str = "auto",
@@ -163,6 +164,10 @@ def sample(
             global RNG). Image i's x_T comes from a generator seeded by (seed, i), its step noise
             from the step op's Philox4x32-10 counted by (element, i, step) under a key derived from
             the seed: image i is the same for any batch size, on every backend, eager or replayed.
+        first_image: the index of this batch's first image in a larger set (default 0): image b of the
+            batch is image ``first_image`` + b of the seed's sequence, its x_T and step noise both, so a
+            set generated in batches (at any batch size, on any number of processes) equals one batch.
+            A value written into the loop's buffers: a new one never recaptures a CUDA graph.
         dtype, device: of the sampling loop; default: noise's, else float32 and the model's device.
         backend: "auto", "reference", "cpu", "cuda" or "triton" for fastdiff's ops
             (``FASTDIFF_BACKEND`` overrides).
@@ -186,7 +191,8 @@ def sample(
         steps_offset=steps_offset, karras_sigmas=karras_sigmas, prediction=prediction, variance=variance,
         clip_x0=clip_x0,
         dynamic_threshold=dynamic_threshold, set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad,
-        generator=generator, dtype=dtype, device=device, backend=backend, progress=progress, callback=callback,
+        generator=generator, first_image=first_image, dtype=dtype, device=device, backend=backend, progress=progress,
+        callback=callback,
         check_finite=check_finite, cuda_graph=cuda_graph,
     )
     if graphs.use_graph(config):
