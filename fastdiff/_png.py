@@ -15,6 +15,11 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write ``image``, uint8 of shape (H, W) or (H, W, 3), as a PNG file."""
+    Path(path).write_bytes(png_bytes(image))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """``image``, uint8 of shape (H, W) or (H, W, 3), as the bytes of a PNG file."""
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
         raise ValueError(f"write_png: image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}")
@@ -24,4 +29,4 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     raw = b"".join(b"\x00" + rows[r].tobytes() for r in range(h))
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
     chunks = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return b"\x89PNG\r\n\x1a\n" + chunks

@@ -1,4 +1,5 @@
-"""The ``fastdiff`` command line: ``fastdiff sample``, ``fastdiff tune`` and ``fastdiff info``."""
+"""The ``fastdiff`` command line: ``fastdiff sample``, ``fastdiff tune``, ``fastdiff info``, and
+``fastdiff generate`` / ``fastdiff pack`` (fastdiff.cli_generate)."""
 
 from __future__ import annotations
 
@@ -539,10 +540,17 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("info", help="versions, what was built, every op x backend, the cached tuning decisions "
                                 "(--kernels, --json)")
+    from . import cli_generate
+
+    g, p = cli_generate.add_parsers(sub, AUTO, BACKENDS, _DTYPES, _CUDA_GRAPH)
 
     args = parser.parse_args(argv)
     if args.command == "tune":
         return _tune_command(t, args)
+    if args.command == "generate":
+        return cli_generate.generate_command(g, args, _DTYPES, _CUDA_GRAPH)
+    if args.command == "pack":
+        return cli_generate.pack_command(p, args)
     demo = _check_args(s, args)
     try:
         return _sample_command(args, demo)
