@@ -23,7 +23,8 @@ def add_parsers(sub, auto: str, backends: tuple[str, ...], dtypes: dict, cuda_gr
                          "process of torchrun",
         description="Image i depends on (seed, i) alone, so the set is the same at any --batch-size and any number "
                     "of processes (torchrun --nproc_per_node K [--nnodes ...] -m fastdiff generate ...). Running the "
-                    "same command again generates only the images still missing.")
+                    "same command again generates only the images still missing. The convolutions take the static "
+                    "rules (FASTDIFF_TUNE=0): every process makes the same choices.")
     g.add_argument("--model", choices=("digits", "glyphs"), default="digits")
     g.add_argument("--num-images", type=int, required=True)
     g.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
@@ -70,10 +71,14 @@ def _labels(g: argparse.ArgumentParser, text: str | None) -> list[int]:
 def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtypes: dict, cuda_graph: dict) -> int:
     import fastdiff
 
+    from . import tuning
     from .cli import _check_device, _Demo
     from .info import cpu_line
 
     rank, world, local_rank = _dist()
+    # The static rules pick each convolution's implementation: measured choices depend on the process
+    # (its threads, a busy moment) and would let image bits depend on which process sampled them.
+    os.environ[tuning.TUNE_ENV] = "0"
     if args.num_images < 1:
         g.error(f"argument --num-images: must be an int >= 1, got {args.num_images}")
     if args.batch_size < 1:

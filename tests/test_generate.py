@@ -22,9 +22,11 @@ JOB = ["--model", "digits", "--num-images", "14", "--sampler", "ddpm", "--steps"
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")  # as torchrun sets it: the one-process runs compute alike
-    env.pop("WORLD_SIZE", None)
+    # The one-process runs keep torch's default threads (torchrun gives each process one): the images
+    # must not depend on it.
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMP_NUM_THREADS"):
+        env.pop(name, None)
     return env
 
 
