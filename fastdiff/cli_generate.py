@@ -173,7 +173,9 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
                   f"({written / seconds if seconds > 0 else 0:.1f} images/s over {world} process(es); {per_image})",
                   flush=True)
     except generation.GenerationError as exc:
-        print(f"fastdiff generate: error: {exc}", file=sys.stderr)
+        # Under torchrun this process's non-zero exit makes torchrun stop the others: the job ends with
+        # this error, without waiting in a collective.
+        print(f"fastdiff generate: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
         if world > 1 and dist.is_initialized():

@@ -195,8 +195,12 @@ def generate_images(
         t1 = time.perf_counter()
         for i in wanted:
             path = image_path(out, i)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(path, _png_bytes(images[i - first]), f"rank{rank}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_atomic(path, _png_bytes(images[i - first]), f"rank{rank}")
+            except OSError as exc:
+                raise GenerationError(f"rank {rank}: cannot write {path} ({exc.strerror or exc}); the images written "
+                                      "so far are kept: run the same command again to go on") from exc
         totals.sample_seconds += t1 - t0
         totals.write_seconds += time.perf_counter() - t1
         totals.written += len(wanted)

@@ -107,6 +107,23 @@ def test_sigkill_then_the_same_command_completes_the_set(tmp_path, reference_set
     assert not list(out.rglob(f"*{generation._TMP_SUFFIX}")) and not (out / ".progress").exists()
 
 
+def test_a_failing_process_ends_the_job_with_its_error(tmp_path):
+    """Rank 1's writer fails on its second image (tests/generate_failing_rank.py): torchrun ends the job
+    with rank 1's message instead of rank 0 waiting for it, and the images written are whole."""
+    pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000 + 7), str(ROOT / "tests" / "generate_failing_rank.py"), "generate",
+           "--model", "digits", "--num-images", "40", "--batch-size", "4", "--steps", "6", "--out", str(out)]
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode != 0 and time.monotonic() - start < 120
+    assert "fastdiff generate: error: rank 1: cannot write" in done.stderr
+    assert "No space left on device (injected into rank 1)" in done.stderr
+    for png in out.rglob("*.png"):
+        generation.read_png(png)  # whole
+
+
 def test_other_options_into_the_same_directory_are_refused_by_name(tmp_path, reference_set):
     out = tmp_path / "out"
     _run(["generate", *JOB, "--batch-size", "4", "--out", str(out)])
