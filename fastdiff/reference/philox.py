@@ -35,12 +35,13 @@ def _uniform(bits: np.ndarray) -> np.ndarray:
     return ((bits >> np.uint32(8)).astype(np.float64) + 0.5) / 16777216.0
 
 
-def philox_normal(seed: int, step: int, batch: int, numel: int) -> torch.Tensor:
-    """(batch, numel) float64 standard normals: image b, element j, sampler step ``step``."""
+def philox_normal(seed: int, step: int, batch: int, numel: int, first: int = 0) -> torch.Tensor:
+    """(batch, numel) float64 standard normals: image first + b (mod 2**32), element j, sampler step ``step``."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     blocks = (numel + 3) // 4
-    b, q = np.meshgrid(np.arange(batch, dtype=np.uint64), np.arange(blocks, dtype=np.uint64), indexing="ij")
+    images = (np.arange(batch, dtype=np.uint64) + np.uint64(first)) & np.uint64(0xFFFFFFFF)
+    b, q = np.meshgrid(images, np.arange(blocks, dtype=np.uint64), indexing="ij")
     counter = np.stack([q.ravel(), b.ravel(), np.full(q.size, step, np.uint64), np.zeros(q.size, np.uint64)], 1)
     bits = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
     r = np.sqrt(-2.0 * np.log(_uniform(bits[:, 0::2])))          # (N, 2): pairs (v0, v1), (v2, v3)
