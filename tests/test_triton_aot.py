@@ -187,13 +187,14 @@ def sampler_step_report() -> list[aot.TritonBuild]:
 
 
 def test_sampler_step_builds_compile_without_spills(sampler_step_report):
-    """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 8 variants, the loop step's
+    """Every sampler_step build (fastdiff.triton.sampler_step.aot_builds: 9 variants, the loop step's
     in-place two-output ones and the history (c_hist) ones among them, x 3 dtypes x sm_80/sm_90)
     compiled, with no spills, the cubin's own register count, and no shared memory beyond what a
     layout conversion needs. The history builds include a loop step's, a sampler_step's and one
-    with split (strided) addressing. The Philox builds keep a 32-byte stack frame and no spills:
-    libdevice's sinf/cosf hold a small array for the Payne-Hanek reduction of huge arguments (as the
-    native CUDA kernel's do); the others have no stack at all."""
+    with split (strided) addressing; a loop step's build reads the seed [key, first image]
+    (PHILOX_FIRST). The Philox builds keep a 32-byte stack frame and no spills: libdevice's
+    sinf/cosf hold a small array for the Payne-Hanek reduction of huge arguments (as the native
+    CUDA kernel's do); the others have no stack at all."""
     from fastdiff.triton import sampler_step as triton_sampler_step
 
     built = {(r.arch, r.dtype, r.layout) for r in sampler_step_report}
@@ -207,6 +208,9 @@ def test_sampler_step_builds_compile_without_spills(sampler_step_report):
     assert any(not v.startswith("loop-") for v in history), "no sampler_step build with a history"
     assert any(not triton_sampler_step.aot_example(torch.float16, v)[1]["FLAT"] for v in history), \
         "no history build with split (strided) addressing"
+    first = {v for _, _, v in triton_sampler_step.aot_builds()
+             if triton_sampler_step.aot_example(torch.float16, v)[1]["PHILOX_FIRST"]}
+    assert any(v.startswith("loop-") for v in first), "no sampler_loop_step build with the seed [key, first image]"
     for r in sampler_step_report:
         label = f"{r.arch} {r.dtype} {r.layout}"
         assert not r.inexact_ptx, (label, r.inexact_ptx)  # 1 / threshold correctly rounded (tl.div_rn)

@@ -10,6 +10,12 @@ of the CPU and CUDA kernels (csrc/common/philox.h) and of fastdiff.reference.phi
 their normals to a few float32 ulp (Box-Muller's log/cos/sin are libdevice's here, glibc's there). The
 step index and the seed are device tensors read by the kernel: no host sync, graph-capturable.
 
+The seed tensor is [key] or [key, first_image]. The counter's image word is the image's position b
+in the batch (with guidance, in the unguided half), plus first_image when given, mod 2**32: a batch
+that holds images first_image .. first_image + B - 1 of a larger job draws the noise those images
+draw in one batch. first_image is read by the kernel too (PHILOX_FIRST, chosen from the seed's
+numel on the host), so a graph replays with whatever the tensor holds; [key] reads no second word.
+
 Layouts. Each operand is addressed as (image, channel, flattened spatial) with its own three
 strides, so NCHW-contiguous, channels_last, mixed formats and views whose spatial dims collapse to
 one stride (e.g. ``x[..., ::2]``) are all read in place; anything else (a transposed spatial view)
@@ -42,7 +48,7 @@ the device.
 Bytes moved (the design :func:`design_bytes` states and the interpreter tests check): x, the used
 model-output channels, the noise tensor when given, the history when its term is used, once; x_prev
 (and x0, or the loop step's history) written once; per program, the coefficient row (12 values),
-the step index, the seed and the image's threshold.
+the step index, the seed (and first image) and the image's threshold.
 """
 
 from __future__ import annotations
@@ -158,7 +164,7 @@ def _sampler_step_kernel(
     NOISE,  # (B, C, *sp) standard normals (NOISE_MODE 1), or a dummy
     COEFS,  # (steps, 12) float32/float64 coefficient table, row-major
     STEP,  # () int64 row index into COEFS, read on the device
-    SEED,  # () int64 Philox key (NOISE_MODE 2), or a dummy
+    SEED,  # one-element int64 [Philox key], or two-element [key, first image] (PHILOX_FIRST) (NOISE_MODE 2), or a dummy
     THRESHOLD,  # (B,) float32/float64 dynamic-threshold s per image (HAS_THRESHOLD), or a dummy
     HIST,  # (B, C, *sp) history h, the previous step's x0, x's dtype (HAS_HIST), or a dummy
     stride_ob, stride_oc, stride_os,  # OUT and X0 strides: image, channel, flattened spatial
@@ -180,6 +186,7 @@ def _sampler_step_kernel(
     GUIDED: tl.constexpr,  # M has 2B rows [uncond; cond]
     LEARNED: tl.constexpr,  # sigma from M's variance channels (of the conditional half when GUIDED)
     NOISE_MODE: tl.constexpr,  # 0 none, 1 the NOISE tensor, 2 Philox4x32-10
+    PHILOX_FIRST: tl.constexpr,  # SEED is [key, first image]: the counter's image word is first + image, mod 2**32
     HAS_THRESHOLD: tl.constexpr,  # dynamic thresholding with THRESHOLD (else clip)
     WRITE_X0: tl.constexpr,  # also store x0
     WRITE_OUT2: tl.constexpr,  # also store x_{t-1} to OUT2 (the loop step's second half of x_in)
@@ -262,8 +269,13 @@ def _sampler_step_kernel(
             seed = tl.load(SEED)
             k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
             k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+            if PHILOX_FIRST:  # the batch's first image in the job, read here (no host sync)
+                first = tl.load(SEED + 1) & 0xFFFFFFFF  # its low word (two's complement): mod 2**32
+                word = ((first + image64) & 0xFFFFFFFF).to(tl.uint32)
+            else:
+                word = image.to(tl.uint32)
             zero = tl.zeros([BLOCK_Q], dtype=tl.uint32)
-            b0, b1, b2, b3 = _philox4x32_10(quad.to(tl.uint32), zero + image.to(tl.uint32),
+            b0, b1, b2, b3 = _philox4x32_10(quad.to(tl.uint32), zero + word,
                                             zero + step.to(tl.uint32), zero, k0, k1)
             z0, z1 = _box_muller(b0, b1, ACCURATE_MATH)
             z2, z3 = _box_muller(b2, b3, ACCURATE_MATH)
@@ -395,8 +407,8 @@ def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_
         raise TypeError(f"{op} (triton): step must be a one-element int64 tensor")
     if threshold is not None and (threshold.shape != (B,) or threshold.dtype not in (torch.float32, torch.float64)):
         raise ValueError(f"{op} (triton): threshold must be a float32/float64 tensor of shape ({B},)")
-    if philox_seed is not None and (philox_seed.dtype != torch.int64 or philox_seed.numel() != 1):
-        raise TypeError(f"{op} (triton): philox_seed must be a one-element int64 tensor")
+    if philox_seed is not None and (philox_seed.dtype != torch.int64 or philox_seed.numel() not in (1, 2)):
+        raise TypeError(f"{op} (triton): philox_seed must be a one- or two-element int64 tensor")
     if noise is not None and philox_seed is not None:
         raise ValueError(f"{op} (triton): give noise or philox_seed, not both")
     tensors = [t for t in (model_output, coefs, step, threshold, noise, philox_seed) if t is not None]
@@ -420,12 +432,17 @@ def _check_history(history, x, op: str, like: str) -> None:
 
 def kernel_constants(dtype: torch.dtype, *, flat: bool, guided: bool, learned: bool, noise_mode: int,
                      threshold: bool, write_x0: bool, write_out2: bool = False, cfg_tensor: bool = False,
-                     history: bool = False, config: StepConfig = CONFIG, interpret: bool = False) -> dict:
+                     history: bool = False, philox_first: bool = False, config: StepConfig = CONFIG,
+                     interpret: bool = False) -> dict:
     """The constexpr arguments of one kernel build (shared by the launcher and the AOT builds);
     ``write_out2`` and ``cfg_tensor`` are the loop step's (a second x_prev store, a device cfg_scale);
-    ``history``: a history tensor is given (its term is added where the row's c_hist is not 0)."""
+    ``history``: a history tensor is given (its term is added where the row's c_hist is not 0);
+    ``philox_first``: the Philox seed is [key, first image] (two elements; Philox noise only)."""
+    if philox_first and noise_mode != NOISE_PHILOX:
+        raise ValueError("sampler_step (triton): philox_first needs Philox noise (noise_mode NOISE_PHILOX)")
     return {
         "BLOCK_Q": config.block_q, "FLAT": flat, "GUIDED": guided, "LEARNED": learned, "NOISE_MODE": noise_mode,
+        "PHILOX_FIRST": philox_first,
         "HAS_THRESHOLD": threshold, "WRITE_X0": write_x0, "WRITE_OUT2": write_out2, "CFG_TENSOR": cfg_tensor,
         "HAS_HIST": history,
         "ACCURATE_MATH": not interpret and libdevice is not None, "RNE_BF16": interpret and dtype == torch.bfloat16,
@@ -491,7 +508,9 @@ def sampler_step(
     suggested memory format. float32/float16/bfloat16 on a CUDA device (or the CPU under
     TRITON_INTERPRET=1); the arithmetic is float32 whatever the dtype. ``history`` (x's shape,
     dtype and device, any strides; read only) is a multistep solver's previous x0: the step adds
-    c_hist h where the row's c_hist is not 0 and reads no history where it is.
+    c_hist h where the row's c_hist is not 0 and reads no history where it is. ``philox_seed``: a
+    one-element int64 tensor [key], or two-element [key, first_image] (image b draws the noise of
+    image first_image + b mod 2**32), read by the kernel.
     """
     _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, history=history)
     B = x.shape[0]
@@ -521,6 +540,7 @@ def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_rang
     constants = kernel_constants(x.dtype, flat=flat, guided=guided, learned=bool(learned_range), noise_mode=noise_mode,
                                  threshold=threshold is not None, write_x0=x0 is not None, write_out2=out2 is not None,
                                  cfg_tensor=isinstance(cfg_scale, torch.Tensor), history=history is not None,
+                                 philox_first=philox_seed is not None and philox_seed.numel() == 2,
                                  interpret=_compat.interpreting())
     kernel = _compat.launchable(_sampler_step_kernel)
     quads = triton.cdiv(n, 4)
@@ -617,6 +637,9 @@ def sampler_loop_step(
     a multistep solver's buffer. The step adds c_hist h (h read only where the row's c_hist is not 0,
     so the buffer may start uninitialised) and then stores this step's x0 (after clip/threshold, in
     x's dtype) into every element of it, in place.
+
+    ``philox_seed``: [key] or [key, first_image] (int64, on the device), as for :func:`sampler_step`:
+    both halves of a guided x_in hold image first_image + b's x_prev.
     """
     _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history)
     guided = cfg_scale is not None
@@ -661,12 +684,12 @@ def _on_device(t: torch.Tensor):
 
 def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = False, learned: bool = False,
                  noise: str = "none", write_x0: bool = False, coef_size: int = 4, threshold_size: int = 0,
-                 history: str = "none", write_history: bool = False,
+                 history: str = "none", write_history: bool = False, philox_first: bool = False,
                  config: StepConfig = CONFIG) -> dict[str, int]:
     """The bytes one launch is designed to move (``noise``: "none", "tensor" or "philox";
     ``threshold_size``: the threshold's element size, 0 without one; ``history``: "none", "read"
     (given, the row's c_hist not 0) or "unread" (given, c_hist 0); ``write_history``: the loop
-    step's x0 stored into the history).
+    step's x0 stored into the history; ``philox_first``: the seed tensor is [key, first image]).
 
     Every tensor once: x; the model output's first C channels of each of its B (2B with guidance)
     rows, plus the C variance channels of one row when a learned variance scales noise; the noise
@@ -674,8 +697,8 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
     asked (into the history, for the loop step). Per program (ceil(ceil(n / 4) / BLOCK_Q) per image;
     on a GPU all but the first hit in cache): the step index (8 B), the 7 coefficients every step
     uses, plus sigma or, learned, the 3 variance ones when noise is added, plus c_hist with a
-    history; the seed (8 B) with Philox; the image's threshold. ``"minimum"`` is every tensor once
-    and those scalars once.
+    history; the seed (8 B, 16 B with the first image) with Philox; the image's threshold.
+    ``"minimum"`` is every tensor once and those scalars once.
     """
     if history not in ("none", "read", "unread"):
         raise ValueError(f"design_bytes: history must be 'none', 'read' or 'unread', got {history!r}")
@@ -687,7 +710,7 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
     noisy = noise != "none"
     programs = triton.cdiv(triton.cdiv(image, 4), config.block_q) * B
     coefs = (7 + ((3 if learned else 1) if noisy else 0) + (history != "none")) * coef_size
-    per_program = 8 + coefs + (8 if noise == "philox" else 0) + threshold_size
+    per_program = 8 + coefs + ((16 if philox_first else 8) if noise == "philox" else 0) + threshold_size
     d = {
         "x": tensor,
         "model_output": tensor * (2 if guided else 1) + (tensor if learned and noisy else 0),
@@ -711,7 +734,9 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
 # channels_last/strided "split" addressing with Philox and a threshold; DPM-Solver++ 2M's history
 # term, flat with CFG and split with x0; and the loop step's builds (sampler_loop_step: CFG with the
 # scale read from a device tensor, x_prev stored into both halves of the model's input; with Philox
-# and a learned variance, and DPM-Solver++ 2M's with the history read and overwritten by x0).
+# and a learned variance, the same with the seed [key, first image] (PHILOX_FIRST: what fastdiff.sample
+# launches for a batch that does not start at image 0), and DPM-Solver++ 2M's with the history read
+# and overwritten by x0).
 _AOT_VARIANTS = {
     "flat-plain": dict(flat=True, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
                        write_x0=False),
@@ -727,6 +752,9 @@ _AOT_VARIANTS = {
                              write_x0=True, history=True),
     "loop-cfg-philox-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX, threshold=False,
                                     write_x0=False, write_out2=True, cfg_tensor=True),
+    "loop-cfg-philox-first-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX,
+                                          threshold=False, write_x0=False, write_out2=True, cfg_tensor=True,
+                                          philox_first=True),
     "loop-cfg-history": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False,
                              write_x0=True, write_out2=True, cfg_tensor=True, history=True),
 }
@@ -742,7 +770,8 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     JIT sees in practice: (8, 4, 64, 64) latents, NCHW for the flat builds, channels_last for split
     (the history there a strided NCHW view); the loop step's x (= x_prev, in place) and second
     x_prev are the halves of a (16, 4, 64, 64) model input, its cfg_scale a float32 tensor, its
-    history a contiguous buffer that is also the x0 output."""
+    history a contiguous buffer that is also the x0 output; the Philox seed (), or (2,) with
+    PHILOX_FIRST."""
     constants = kernel_constants(dtype, **_AOT_VARIANTS[variant])
     B, C, H, W = 8, 4, 64, 64
     fmt = torch.contiguous_format if constants["FLAT"] else torch.channels_last
@@ -754,7 +783,9 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     m = torch.empty(2 * B if constants["GUIDED"] else B, 2 * C if constants["LEARNED"] else C, H, W, dtype=dtype,
                     device="meta", memory_format=fmt)
     noise = torch.empty_like(x) if constants["NOISE_MODE"] == NOISE_TENSOR else None
-    seed = torch.empty((), dtype=torch.int64, device="meta") if constants["NOISE_MODE"] == NOISE_PHILOX else None
+    seed = None
+    if constants["NOISE_MODE"] == NOISE_PHILOX:
+        seed = torch.empty(2 if constants["PHILOX_FIRST"] else (), dtype=torch.int64, device="meta")
     threshold = torch.empty(B, device="meta") if constants["HAS_THRESHOLD"] else None
     coefs = torch.empty(50, NUM_COEFS, device="meta")
     step = torch.empty((), dtype=torch.int64, device="meta")
