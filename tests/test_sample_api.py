@@ -88,17 +88,25 @@ STOCHASTIC = [("ddpm", {}), ("ddim", {"eta": 0.8}), ("euler_a", {}), ("dpmpp_2m_
               ("dpmpp_2m_sde", {"karras_sigmas": True})]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("sampler,kw", STOCHASTIC, ids=[f"{s}{'-karras' if kw.get('karras_sigmas') else ''}"
                                                          f"{'-eta' if 'eta' in kw else ''}" for s, kw in STOCHASTIC])
 def test_first_image_makes_a_batch_the_same_images_of_the_whole_set(sampler, kw, backend):
     """A set of 7 images generated whole, or as batches of 3, 3 and 1 with first_image 0, 3 and 6: the
     same images, bit for bit (x_T and every step's noise follow the image's index in the set, not its
-    place in the batch). The cpu backend runs the native step (skipped with its reason where it is not built)."""
+    place in the batch). The cpu backend runs the native step, triton its kernel in the interpreter
+    (each skipped with its reason where it cannot run)."""
     if backend == "cpu":
         from fastdiff.ops.sampler_loop_step import SUPPORT
 
         why = SUPPORT.why_not("cpu", {"x_in": torch.zeros(1)})
+        if why:
+            pytest.skip(why)
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+        from conftest import cpu_tensor_skip_reason
+
+        why = cpu_tensor_skip_reason("triton")
         if why:
             pytest.skip(why)
     model = Toy()
