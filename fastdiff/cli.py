@@ -153,11 +153,22 @@ def _check_out(path: str) -> str | None:
     return None
 
 
+def _make_demo(parser: argparse.ArgumentParser, model: str, schedule: str | None) -> _Demo:
+    """The shipped model and its settings, ``--schedule`` checked first (a bad one exits with status 2)."""
+    import fastdiff
+
+    if schedule is not None:
+        try:
+            fastdiff.Schedule(schedule)
+        except ValueError as exc:
+            parser.error(f"argument --schedule: {exc}")
+    return _Demo(model, schedule)
+
+
 def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
     """Every check of ``fastdiff sample``'s arguments, before anything is sampled: a bad argument
     exits with status 2 and ``fastdiff sample: error: ...`` (argparse's form), never a traceback
     after minutes of sampling. Returns the demo (model and schedule) the arguments describe."""
-    import fastdiff
     from fastdiff.backends import BackendUnavailableError, select_backend
 
     if args.per_class < 1:
@@ -190,12 +201,7 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
     why = _check_out(args.out)
     if why:
         s.error(why)
-    if args.schedule is not None:
-        try:
-            fastdiff.Schedule(args.schedule)
-        except ValueError as exc:
-            s.error(f"argument --schedule: {exc}")
-    demo = _Demo(args.model, args.schedule)
+    demo = _make_demo(s, args.model, args.schedule)
     try:
         timesteps = demo.schedule.timesteps(args.steps)
         demo.schedule.check_prediction(demo.prediction, timesteps)

@@ -72,7 +72,7 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     import fastdiff
 
     from . import tuning
-    from .cli import _check_device, _Demo
+    from .cli import _check_device, _make_demo
     from .info import cpu_line
 
     rank, world, local_rank = _dist()
@@ -96,12 +96,7 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     why = _check_device(device)
     if why:
         g.error(why)
-    if args.schedule is not None:
-        try:
-            fastdiff.Schedule(args.schedule)
-        except ValueError as exc:
-            g.error(f"argument --schedule: {exc}")
-    demo = _Demo(args.model, args.schedule)
+    demo = _make_demo(g, args.model, args.schedule)
     dtype = dtypes[args.dtype]
     if isinstance(demo.model, torch.nn.Module):
         demo.model.to(device=device, dtype=dtype)
