@@ -138,15 +138,15 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
 
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
+        total_missing = None
         if rank == 0:
             generation.prepare_dir(args.out, manifest, rank=0)
+            # counted before the other ranks start writing
+            total_missing = len(generation.missing_indices(args.out, range(args.num_images)))
         if world > 1:
             dist.barrier()  # rank 0 has written (or checked) the manifest; no collective after this until the end
         if rank != 0:
             generation.prepare_dir(args.out, manifest, rank=rank)
-        owned = [i for first in generation.owned_blocks(args.num_images, args.batch_size, 0, 1)
-                 for i in range(first, min(first + args.batch_size, args.num_images))]
-        total_missing = len(generation.missing_indices(args.out, owned)) if rank == 0 else None
         if rank == 0:
             print(f"fastdiff generate: {args.model}, {args.num_images} images into {args.out} "
                   f"({args.num_images - total_missing} there already), {world} process(es), batch {args.batch_size}, "
