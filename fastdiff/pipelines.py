@@ -334,6 +334,9 @@ def generate(
             raise ValueError("DiTPipeline is class-conditional: give class_labels, not a prompt")
         if height is not None or width is not None:
             raise ValueError("DiTPipeline samples at its transformer's sample size: height and width are not taken")
+        if num_images_per_prompt != 1:
+            raise ValueError("num_images_per_prompt is for prompts: give DiT each class label as many times as images "
+                             "are wanted")
         num_classes = int(denoiser_module.config.num_embeds_ada_norm)
         labels = _class_labels(pipe, class_labels, num_classes).to(device)
         dtype = denoiser_module.dtype
@@ -382,7 +385,7 @@ def generate(
                 max_sequence_length=_call_default(pipe, "max_sequence_length"))
             cond = {"encoder_hidden_states": positive, "encoder_attention_mask": mask}
             uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
-            if size == 128:  # PixArt-α 1024's micro-conditions: the (binned) size and aspect ratio
+            if size == 128 and not _is_sigma(pipe):  # PixArt-α 1024's micro-conditions (Sigma passes none)
                 micro = {"resolution": torch.tensor([[float(height), float(width)]]).repeat(total, 1),
                          "aspect_ratio": torch.tensor([[float(height / width)]]).repeat(total, 1)}
                 micro = {k: v.to(dtype=positive.dtype, device=device) for k, v in micro.items()}
@@ -428,12 +431,16 @@ def generate(
     return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
 
 
+def _is_sigma(pipe: Any) -> bool:
+    return "PixArtSigmaPipeline" in {cls.__name__ for cls in type(pipe).__mro__}
+
+
 def _aspect_ratio_bin(pipe: Any) -> dict:
     """PixArt's table of trained sizes for its transformer's sample size (the pipeline's own choice)."""
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
 
     tables = {128: alpha.ASPECT_RATIO_1024_BIN, 64: alpha.ASPECT_RATIO_512_BIN, 32: alpha.ASPECT_RATIO_256_BIN}
-    if "PixArtSigmaPipeline" in {cls.__name__ for cls in type(pipe).__mro__}:
+    if _is_sigma(pipe):
         from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
 
         tables[256] = sigma.ASPECT_RATIO_2048_BIN

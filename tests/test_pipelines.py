@@ -317,6 +317,19 @@ def test_pixart_matches_the_pipeline_from_embeddings():
     _check(pipe, dict(common, steps=6), dict(common, negative_prompt=None, num_inference_steps=6), "PixArt embeds")
 
 
+def test_pixart_sigma_matches_the_pipeline():
+    """PixArt-Σ's pipeline (T5 captions up to 300 tokens, no micro-conditions) around the same parts."""
+    from diffusers import PixArtSigmaPipeline
+
+    alpha = pixart_pipeline()
+    pipe = PixArtSigmaPipeline(tokenizer=alpha.tokenizer, text_encoder=alpha.text_encoder, vae=alpha.vae,
+                               transformer=alpha.transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(prompt="a cat", latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10)),
+                  use_resolution_binning=False)
+    _check(pipe, dict(common, steps=5), dict(common, num_inference_steps=5), "PixArt-Sigma", outputs=("latent",))
+
+
 def test_pixart_resolution_binning_resizes_back():
     """sample size 32 (PixArt's 256 table): 200x300 is sampled at the nearest trained size and the images
     resized back, as the pipeline does."""
@@ -389,7 +402,8 @@ def test_bad_input_is_refused_by_name(tmp_path):
     for kwargs, match in [(dict(), "class_labels is required"), (dict(class_labels=[1000]), r"ints in \[0, 1000\)"),
                           (dict(class_labels=["zebra"]), "'zebra' is not one of the pipeline's label names"),
                           (dict(class_labels=[1], prompt="a cat"), "class-conditional"),
-                          (dict(class_labels=[1], height=64), "height and width are not taken")]:
+                          (dict(class_labels=[1], height=64), "height and width are not taken"),
+                          (dict(class_labels=[1], num_images_per_prompt=2), "num_images_per_prompt is for prompts")]:
         with pytest.raises(ValueError, match=match):
             generate(dit, **kwargs)
     with pytest.raises(TypeError, match="pipe must be one of diffusers' StableDiffusionPipeline"):
