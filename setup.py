@@ -303,8 +303,9 @@ def _extensions() -> list:
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     if not PLAN["cuda"]:
-        return [CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
-                             extra_link_args=link_flags)]
+        return [
+            CppExtension("fastdiff._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+        ]
     return [
         CUDAExtension(
             "fastdiff._C",

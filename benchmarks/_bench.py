@@ -84,5 +84,11 @@ def machine() -> dict[str, str]:
     isa = torch.backends.cpu.get_cpu_capability()
     model = cpu_model()
     gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else ""
-    return {"cpu": model, "isa": isa, "threads": str(torch.get_num_threads()), "gpu": gpu,
-            "torch": torch.__version__, "fastdiff": getattr(fastdiff, "__version__", "?")}
+    return {
+        "cpu": model,
+        "isa": isa,
+        "threads": str(torch.get_num_threads()),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "fastdiff": getattr(fastdiff, "__version__", "?"),
+    }

@@ -29,19 +29,45 @@ import _bench  # noqa: E402
 from _bench import DEVICE  # noqa: E402
 
 CSV_DIR_ENV = "FASTDIFF_BENCH_CSV_DIR"
-CSV_COLUMNS = ["timestamp", "run", "group", "provider", "median_ms", "min_ms", "rounds", "baseline",
-               "ratio_vs_baseline", "steps", "extra", "device", "cpu", "isa", "threads", "gpu", "torch", "fastdiff"]
+CSV_COLUMNS = [
+    "timestamp",
+    "run",
+    "group",
+    "provider",
+    "median_ms",
+    "min_ms",
+    "rounds",
+    "baseline",
+    "ratio_vs_baseline",
+    "steps",
+    "extra",
+    "device",
+    "cpu",
+    "isa",
+    "threads",
+    "gpu",
+    "torch",
+    "fastdiff",
+]
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastdiff benchmarks")
-    group.addoption("--full", action="store_true", default=False,
-                    help="run the end-to-end benchmarks at full length (50 sampler steps, more rounds); by "
-                         "default they are shortened so the whole run takes minutes. FASTDIFF_BENCH_STEPS and "
-                         "FASTDIFF_BENCH_ROUNDS override either.")
-    group.addoption("--csv-dir", default=os.environ.get(CSV_DIR_ENV), metavar="DIR",
-                    help=f"append this run's medians and ratios to DIR/<machine>.csv, one file per machine "
-                         f"(default: {CSV_DIR_ENV}, else no file)")
+    group.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="run the end-to-end benchmarks at full length (50 sampler steps, more rounds); by "
+        "default they are shortened so the whole run takes minutes. FASTDIFF_BENCH_STEPS and "
+        "FASTDIFF_BENCH_ROUNDS override either.",
+    )
+    group.addoption(
+        "--csv-dir",
+        default=os.environ.get(CSV_DIR_ENV),
+        metavar="DIR",
+        help=f"append this run's medians and ratios to DIR/<machine>.csv, one file per machine "
+        f"(default: {CSV_DIR_ENV}, else no file)",
+    )
 
 
 def pytest_configure(config):
@@ -72,14 +98,17 @@ def _busy_share(request):
 def _machine_lines() -> list[str]:
     m = _bench.machine()
     gpu = f", GPU {m['gpu']}" if m["gpu"] else ""
-    return [f"machine: {_bench.machine_line()}{gpu} (device {DEVICE.type})",
-            f"versions: torch {m['torch']}, fastdiff {m['fastdiff']}, python {sys.version.split()[0]}"]
+    return [
+        f"machine: {_bench.machine_line()}{gpu} (device {DEVICE.type})",
+        f"versions: torch {m['torch']}, fastdiff {m['fastdiff']}, python {sys.version.split()[0]}",
+    ]
 
 
 def _run_lines(groups: dict[str, list]) -> list[str]:
     kind = _bench.run_kind()
     how = ("full length" if _bench.FULL else "end-to-end groups shortened; --full for full length") + (
-        f"; {_bench.STEPS_ENV} / {_bench.ROUNDS_ENV} override both")
+        f"; {_bench.STEPS_ENV} / {_bench.ROUNDS_ENV} override both"
+    )
     lines = [f"run: {kind} ({how})"]
     for group, items in groups.items():
         steps = items[0].extra_info.get("steps")
@@ -106,10 +135,12 @@ def _tuner_lines() -> list[str]:
     counts = Counter(c["choice"] for c, _ in described)
     overturned = sum(1 for c, _ in described if c["static"] is not None and c["static"] != c["choice"])
     sources = Counter(source for _, source in described if source)  # measured now, or read from the cache file
-    lines = [f"conv3x3 tuner: {len(decisions)} signature(s): "
-             + ", ".join(f"{n} {choice}" for choice, n in counts.most_common())
-             + f"; {overturned} overturning the static rule"
-             + "".join(f"; {n} {source}" for source, n in sources.most_common())]
+    lines = [
+        f"conv3x3 tuner: {len(decisions)} signature(s): "
+        + ", ".join(f"{n} {choice}" for choice, n in counts.most_common())
+        + f"; {overturned} overturning the static rule"
+        + "".join(f"; {n} {source}" for source, n in sources.most_common())
+    ]
     width = max(len(c["description"]) for c, _ in described)
     for choice, source in sorted(described, key=lambda item: item[0]["description"]):
         lines.append(f"  {tuning.format_choice(choice, width)}" + (f" [{source}]" if source else ""))
@@ -146,14 +177,23 @@ def _write_csv(directory: str, groups: dict[str, list]) -> str:
             baseline_name, base = _baseline(items)
             for b in items:
                 ratio = base.stats.median / b.stats.median if base is not None else None
-                writer.writerow({
-                    "timestamp": stamp, "run": _bench.run_kind(), "group": group,
-                    "provider": b.extra_info.get("provider", b.name), "median_ms": f"{b.stats.median * 1e3:.6g}",
-                    "min_ms": f"{b.stats.min * 1e3:.6g}", "rounds": b.stats.rounds, "baseline": baseline_name or "",
-                    "ratio_vs_baseline": "" if ratio is None else f"{ratio:.4g}",
-                    "steps": b.extra_info.get("steps", ""), "extra": _extras(b).replace(", ", "; "),
-                    "device": DEVICE.type, **m,
-                })
+                writer.writerow(
+                    {
+                        "timestamp": stamp,
+                        "run": _bench.run_kind(),
+                        "group": group,
+                        "provider": b.extra_info.get("provider", b.name),
+                        "median_ms": f"{b.stats.median * 1e3:.6g}",
+                        "min_ms": f"{b.stats.min * 1e3:.6g}",
+                        "rounds": b.stats.rounds,
+                        "baseline": baseline_name or "",
+                        "ratio_vs_baseline": "" if ratio is None else f"{ratio:.4g}",
+                        "steps": b.extra_info.get("steps", ""),
+                        "extra": _extras(b).replace(", ", "; "),
+                        "device": DEVICE.type,
+                        **m,
+                    }
+                )
                 rows += 1
     return f"csv: {rows} row(s) appended to {path}"
 
@@ -175,9 +215,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
     busy = [b for b in benches if float(str(b.extra_info.get("busy", "0%")).rstrip("%")) / 100 > BUSY_LIMIT]
     if busy:
-        tr.write_line(f"busy machine: {len(busy)} of {len(benches)} benchmark(s) waited for a CPU more than "
-                      f"{BUSY_LIMIT:.0%} of their time (extra_info busy=...): other processes held the cores, "
-                      "so their numbers are not the kernels' own; rerun them on a quiet machine")
+        tr.write_line(
+            f"busy machine: {len(busy)} of {len(benches)} benchmark(s) waited for a CPU more than "
+            f"{BUSY_LIMIT:.0%} of their time (extra_info busy=...): other processes held the cores, "
+            "so their numbers are not the kernels' own; rerun them on a quiet machine"
+        )
     tr.section("fastdiff: medians and ratios against each group's baseline (this run)")
     for group, items in groups.items():
         baseline_name, base = _baseline(items)

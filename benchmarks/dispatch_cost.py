@@ -74,8 +74,9 @@ def main() -> None:
         for mode, context in (("no_grad", torch.no_grad), ("grad on", torch.enable_grad)):
             with context():
                 med = _medians({"public": public, "bound": lambda b=bound, a=args: b(*a), "bare": bare})
-            print(f"{op:<22}{mode:<10}{med['public']:>12.2f}{med['bound']:>10.2f}{med['bare']:>11.2f}"
-                  f"   [{bound.backend}]")
+            print(
+                f"{op:<22}{mode:<10}{med['public']:>12.2f}{med['bound']:>10.2f}{med['bare']:>11.2f}   [{bound.backend}]"
+            )
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def test_conv3x3_cpu(benchmark, provider, level):
         def run():
             clear_weight_cache()
             return fastdiff.ops.conv3x3(x, w, b, r)
+
     out = run()  # warm-up (and compilation for torch.compile, not timed)
     expected = reference_conv3x3(x.double(), w.double(), b.double(), r.double())
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)

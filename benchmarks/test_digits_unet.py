@@ -63,8 +63,17 @@ def _make(provider: str):
     labels = (torch.arange(BATCH) % 10).to(DEVICE)
 
     def run(steps: int) -> torch.Tensor:
-        return fastdiff.sample(model, noise=noise, sampler="ddim", steps=steps, cfg=CFG, cond={"y": labels},
-                               uncond={"y": torch.full_like(labels, NULL_CLASS)}, backend=backend, **kwargs)
+        return fastdiff.sample(
+            model,
+            noise=noise,
+            sampler="ddim",
+            steps=steps,
+            cfg=CFG,
+            cond={"y": labels},
+            uncond={"y": torch.full_like(labels, NULL_CLASS)},
+            backend=backend,
+            **kwargs,
+        )
 
     start = time.perf_counter()
     for _ in range(2):  # warm-up (compilation, the tuner's first-call measurements, recompiles), not timed
@@ -85,8 +94,12 @@ def test_sample_digits_unet(benchmark, provider):
     assert result.shape == SHAPE and bool(torch.isfinite(result).all())
 
 
-INTERLEAVED = ["reference", "torch.compile(reference) channels_last", "fastdiff channels_last",
-               "torch.compile(fastdiff) channels_last"]
+INTERLEAVED = [
+    "reference",
+    "torch.compile(reference) channels_last",
+    "fastdiff channels_last",
+    "torch.compile(fastdiff) channels_last",
+]
 
 
 def test_sample_digits_unet_interleaved(benchmark):
@@ -122,8 +135,12 @@ def test_sample_digits_unet_interleaved(benchmark):
 
 # ---- fewer model calls: the samplers at the step counts where they read as well as DDIM's 50 ----------
 
-SAMPLERS = {"ddim 50": ("ddim", 50, {}), "dpmpp_2m 15": ("dpmpp_2m", 15, {}), "euler_a 30": ("euler_a", 30, {}),
-            "dpmpp_2m_sde 15": ("dpmpp_2m_sde", 15, {})}
+SAMPLERS = {
+    "ddim 50": ("ddim", 50, {}),
+    "dpmpp_2m 15": ("dpmpp_2m", 15, {}),
+    "euler_a 30": ("euler_a", 30, {}),
+    "dpmpp_2m_sde 15": ("dpmpp_2m_sde", 15, {}),
+}
 
 
 @functools.cache
@@ -149,8 +166,17 @@ def test_sample_digits_unet_samplers(benchmark, name):
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def run() -> torch.Tensor:
-        return fastdiff.sample(model, noise=noise, sampler=sampler, steps=steps, cfg=CFG, cond={"y": labels},
-                               uncond={"y": torch.full_like(labels, NULL_CLASS)}, **options, **kwargs)
+        return fastdiff.sample(
+            model,
+            noise=noise,
+            sampler=sampler,
+            steps=steps,
+            cfg=CFG,
+            cond={"y": labels},
+            uncond={"y": torch.full_like(labels, NULL_CLASS)},
+            **options,
+            **kwargs,
+        )
 
     run()  # warm-up: the tuner's first-call measurements
     busy_window_starts_now()

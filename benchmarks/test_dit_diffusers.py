@@ -30,8 +30,16 @@ def dit_s() -> torch.nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
-                                 num_layers=4, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+    return DiTTransformer2DModel(
+        num_attention_heads=6,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=8,
+        num_layers=4,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
 
 
 def _make(provider: str):

@@ -72,8 +72,9 @@ def _build(provider: str):
             pipe.vae.decoder = torch.compile(pipe.vae.decoder)
 
         def run():
-            return pipe(PROMPTS, num_inference_steps=STEPS, guidance_scale=CFG, latents=latents,
-                        output_type="np").images
+            return pipe(
+                PROMPTS, num_inference_steps=STEPS, guidance_scale=CFG, latents=latents, output_type="np"
+            ).images
 
         return run
     if "fastdiff.patch" in provider:
@@ -91,8 +92,9 @@ def _build(provider: str):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_sd_shaped_pipeline(benchmark, provider):
     run = _make(provider)
-    benchmark.group = (f"SD-shaped pipeline text -> 256x256 images, batch {LATENTS[0]} latents 4x32x32, "
-                       f"DDIM {STEPS} cfg {CFG}, fp32")
+    benchmark.group = (
+        f"SD-shaped pipeline text -> 256x256 images, batch {LATENTS[0]} latents 4x32x32, DDIM {STEPS} cfg {CFG}, fp32"
+    )
     benchmark.extra_info.update(provider=provider, baseline="diffusers", steps=STEPS)
     busy_window_starts_now()
     images = benchmark.pedantic(timed(run), rounds=ROUNDS, iterations=1)
@@ -100,8 +102,13 @@ def test_sd_shaped_pipeline(benchmark, provider):
     assert images.shape == (LATENTS[0], 256, 256, 3) and bool((images >= 0).all() and (images <= 1).all())
 
 
-INTERLEAVED = ["diffusers", "diffusers channels_last + torch.compile", "fastdiff.patch + generate",
-               "fastdiff.patch(channels_last) + generate", "fastdiff.patch(channels_last) + torch.compile + generate"]
+INTERLEAVED = [
+    "diffusers",
+    "diffusers channels_last + torch.compile",
+    "fastdiff.patch + generate",
+    "fastdiff.patch(channels_last) + generate",
+    "fastdiff.patch(channels_last) + torch.compile + generate",
+]
 
 
 def test_sd_shaped_pipeline_interleaved(benchmark):
@@ -123,7 +130,8 @@ def test_sd_shaped_pipeline_interleaved(benchmark):
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     median = {provider: sorted(ts)[len(ts) // 2] for provider, ts in times.items()}
     benchmark.extra_info.update(
-        provider="round of " + ", ".join(INTERLEAVED), steps=STEPS,
+        provider="round of " + ", ".join(INTERLEAVED),
+        steps=STEPS,
         **{f"{provider} ms": round(t * 1e3, 1) for provider, t in median.items()},
         **{f"{provider} vs diffusers": round(median["diffusers"] / t, 2) for provider, t in median.items()},
     )

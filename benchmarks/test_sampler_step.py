@@ -183,8 +183,9 @@ def _make_dpmpp(name: str, provider: str):
         from diffusers import DPMSolverMultistepScheduler
 
         algorithm = "sde-dpmsolver++" if name == "dpmpp_2m_sde" else "dpmsolver++"
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type=algorithm, solver_order=2,
-                                            final_sigmas_type="zero")
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, algorithm_type=algorithm, solver_order=2, final_sigmas_type="zero"
+        )
         sched.set_timesteps(50, device=DEVICE)
         t, g = sched.timesteps[STEP], torch.Generator(device=DEVICE).manual_seed(0)
 
@@ -241,8 +242,7 @@ def test_sampler_step_gpu(benchmark, name, dtype, provider):
         pytest.skip(f"{provider} cannot run here: {'; '.join(reasons)}")
 
     def step_fn(x, out):
-        return fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, noise=noise,
-                                         backend=backend)[0]
+        return fastdiff.ops.sampler_step(x, out, sampler.coefs, step, cfg_scale=CFG, noise=noise, backend=backend)[0]
 
     fn = torch.compile(step_fn, fullgraph=True) if provider.startswith("torch.compile") else step_fn
     run = timed(lambda: fn(x, out))
@@ -253,4 +253,3 @@ def test_sampler_step_gpu(benchmark, name, dtype, provider):
     nbytes = 5 * torch.Size(shape).numel() * x.element_size()  # x, 2B model-output rows, noise, x_prev
     benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 1)
     assert result.shape == shape
-

@@ -59,7 +59,8 @@ from fastdiff.profiling import OpCount, count_ops
 from fastdiff.sampling import capture_check
 
 diffusers = pytest.importorskip(
-    "diffusers", reason="the baseline is diffusers' DDIMScheduler / DDPMScheduler loop: pip install diffusers")
+    "diffusers", reason="the baseline is diffusers' DDIMScheduler / DDPMScheduler loop: pip install diffusers"
+)
 from baselines import diffusers_ddim_cfg_step  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
 
@@ -69,11 +70,19 @@ SMALL = (1, 4, 8, 8)
 STEPS = 50
 CFG = 4.0
 NUM_CLASSES = 11  # class 10 is the null (unconditional) label
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                        timestep_spacing="leading", steps_offset=0, clip_sample=False)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    timestep_spacing="leading",
+    steps_offset=0,
+    clip_sample=False,
+)
 
 
 # ---- models: the contract model(x, t, **kwargs), a fresh tensor per call -------------------------
+
 
 class Affine(torch.nn.Module):
     """x * 0.1 plus a per-class, per-channel bias: one elementwise pass over x."""
@@ -115,6 +124,7 @@ CHEAP_MODELS = {"affine": Affine, "1x1 conv": Conv1x1}
 
 # ---- the two loops ---------------------------------------------------------------------------------
 
+
 def _inputs(shape):
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(shape, generator=g)
@@ -124,8 +134,17 @@ def _inputs(shape):
 
 def _fastdiff_cfg(model, x_T, cond, uncond, steps=STEPS):
     def run():
-        return fastdiff.sample(model, x_T.shape, noise=x_T, sampler="ddim", steps=steps, cfg=CFG,
-                               cond={"y": cond}, uncond={"y": uncond}, generator=0)
+        return fastdiff.sample(
+            model,
+            x_T.shape,
+            noise=x_T,
+            sampler="ddim",
+            steps=steps,
+            cfg=CFG,
+            cond={"y": cond},
+            uncond={"y": uncond},
+            generator=0,
+        )
 
     return run
 
@@ -147,6 +166,7 @@ def _diffusers_cfg(model, x_T, cond, uncond, steps=STEPS):
 
 
 # ---- timing and printing ------------------------------------------------------------------------------
+
 
 def _take_turns(runs: dict[str, Callable[[], torch.Tensor]]) -> tuple[Callable[[], None], dict[str, list[float]]]:
     """One round: every provider once, in turn (reversed every other round); their times collected."""
@@ -189,6 +209,7 @@ def _assert_agree(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
 
 # ---- 1 + 3: a cheap model, times and counts ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(CHEAP_MODELS))
 def test_loop_cheap_model(benchmark, name):
     model = CHEAP_MODELS[name](SHAPE[1]).eval()
@@ -199,8 +220,17 @@ def test_loop_cheap_model(benchmark, name):
     rel_err = _assert_agree(runs["fastdiff"](), runs["diffusers"](), f"DDIM cfg {CFG} with the {name} model")
 
     # Counts, machine-independent. capture_check raises on a sync or an allocation outside the model.
-    report = capture_check(model, SHAPE, noise=x_T, sampler="ddim", steps=STEPS, cfg=CFG, cond={"y": cond},
-                           uncond={"y": uncond}, generator=0)
+    report = capture_check(
+        model,
+        SHAPE,
+        noise=x_T,
+        sampler="ddim",
+        steps=STEPS,
+        cfg=CFG,
+        cond={"y": cond},
+        uncond={"y": uncond},
+        generator=0,
+    )
     assert report.loop_ops == Counter({"fastdiff.sampler_loop_step": 1}), report
     assert report.syncs == 0 and report.allocations_outside_model == 0, report
     _, theirs = count_ops(runs["diffusers"])
@@ -210,7 +240,8 @@ def test_loop_cheap_model(benchmark, name):
     t, y_in = sched.timesteps[STEPS // 2], torch.cat([uncond, cond])
     _, model_ops = count_ops(model, torch.cat([x_T, x_T]), t, y=y_in)
     _, step_ops = count_ops(
-        lambda: diffusers_ddim_cfg_step(sched, model(torch.cat([x_T, x_T]), t, y=y_in), t, x_T, CFG))
+        lambda: diffusers_ddim_cfg_step(sched, model(torch.cat([x_T, x_T]), t, y=y_in), t, x_T, CFG)
+    )
     theirs_step = OpCount(step_ops.ops - model_ops.ops)  # one step of diffusers' loop, less the model's ops
     assert ours.ops["fastdiff.sampler_loop_step"] == STEPS and ours.syncs == 0, ours  # the whole sample() call
     ours_setup = ours.total - STEPS * (model_ops.total + 1)
@@ -222,27 +253,36 @@ def test_loop_cheap_model(benchmark, name):
     low = {k: min(v) for k, v in times.items()}
     ratio, ratio_min = med["diffusers"] / med["fastdiff"], low["diffusers"] / low["fastdiff"]
     benchmark.extra_info.update(
-        provider="round of diffusers, fastdiff", steps=STEPS,
+        provider="round of diffusers, fastdiff",
+        steps=STEPS,
         **{f"{k} ms": round(v * 1e3, 2) for k, v in med.items()},
-        diffusers_over_fastdiff=round(ratio, 2), diffusers_over_fastdiff_min=round(ratio_min, 2),
-        fastdiff_ops_per_step_outside_model=1, fastdiff_syncs=0, fastdiff_allocations_outside_model=0,
-        diffusers_ops_per_step_outside_model=theirs_step.total, diffusers_syncs_per_step=theirs_step.syncs,
+        diffusers_over_fastdiff=round(ratio, 2),
+        diffusers_over_fastdiff_min=round(ratio_min, 2),
+        fastdiff_ops_per_step_outside_model=1,
+        fastdiff_syncs=0,
+        fastdiff_allocations_outside_model=0,
+        diffusers_ops_per_step_outside_model=theirs_step.total,
+        diffusers_syncs_per_step=theirs_step.syncs,
     )
-    _print(f"DDIM {STEPS} steps, cfg {CFG:g}, x {SHAPE} fp32, {name} model ({model_ops.total} aten op(s) a call), "
-           f"{len(times['fastdiff'])} rounds, sampler_loop_step backend '{_loop_backend()}'", [
-        f"agreement: max |fastdiff - diffusers| = {rel_err:.2e} x output scale",
-        f"{'':10} {'median ms':>10} {'min ms':>8} {'ms/step':>8}",
-        *(f"{k:10} {med[k] * 1e3:10.2f} {low[k] * 1e3:8.2f} {med[k] * 1e3 / STEPS:8.3f}" for k in runs),
-        f"diffusers / fastdiff: {ratio:.2f}x (medians), {ratio_min:.2f}x (minima); issue target >= 3x",
-        f"per step outside the model: fastdiff {sum(report.loop_ops.values())} op(s) "
-        f"({', '.join(report.loop_ops)}), {report.syncs} host syncs, {report.allocations_outside_model} "
-        f"allocations (capture_check); diffusers {theirs_step} (count_ops of step {STEPS // 2}, less the model)",
-        f"whole call, model included: fastdiff {ours.total} aten ops ({ours_setup} of them setup), {ours.syncs} "
-        f"host syncs; diffusers {theirs.total} aten ops, {theirs.syncs} host syncs",
-    ])
+    _print(
+        f"DDIM {STEPS} steps, cfg {CFG:g}, x {SHAPE} fp32, {name} model ({model_ops.total} aten op(s) a call), "
+        f"{len(times['fastdiff'])} rounds, sampler_loop_step backend '{_loop_backend()}'",
+        [
+            f"agreement: max |fastdiff - diffusers| = {rel_err:.2e} x output scale",
+            f"{'':10} {'median ms':>10} {'min ms':>8} {'ms/step':>8}",
+            *(f"{k:10} {med[k] * 1e3:10.2f} {low[k] * 1e3:8.2f} {med[k] * 1e3 / STEPS:8.3f}" for k in runs),
+            f"diffusers / fastdiff: {ratio:.2f}x (medians), {ratio_min:.2f}x (minima); issue target >= 3x",
+            f"per step outside the model: fastdiff {sum(report.loop_ops.values())} op(s) "
+            f"({', '.join(report.loop_ops)}), {report.syncs} host syncs, {report.allocations_outside_model} "
+            f"allocations (capture_check); diffusers {theirs_step} (count_ops of step {STEPS // 2}, less the model)",
+            f"whole call, model included: fastdiff {ours.total} aten ops ({ours_setup} of them setup), {ours.syncs} "
+            f"host syncs; diffusers {theirs.total} aten ops, {theirs.syncs} host syncs",
+        ],
+    )
 
 
 # ---- 2: a null model, the host's cost per step ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [SMALL, SHAPE], ids=lambda s: "x".join(map(str, s)))
 def test_loop_host_overhead(benchmark, shape):
@@ -259,27 +299,37 @@ def test_loop_host_overhead(benchmark, shape):
     benchmark.pedantic(one_round, rounds=end_to_end_rounds(50), iterations=1)
     med = {k: _median(v) for k, v in times.items()}
     per_step = {side: med[f"{side} {STEPS}"] / STEPS * 1e6 for side in ("diffusers", "fastdiff")}
-    marginal = {side: (med[f"{side} {STEPS}"] - med[f"{side} 1"]) / (STEPS - 1) * 1e6
-                for side in ("diffusers", "fastdiff")}
+    marginal = {
+        side: (med[f"{side} {STEPS}"] - med[f"{side} 1"]) / (STEPS - 1) * 1e6 for side in ("diffusers", "fastdiff")
+    }
     fraction = per_step["fastdiff"] / per_step["diffusers"]
     fraction_marginal = marginal["fastdiff"] / marginal["diffusers"]
     benchmark.extra_info.update(
-        provider="round of " + ", ".join(runs), steps=STEPS,
+        provider="round of " + ", ".join(runs),
+        steps=STEPS,
         **{f"{k} us/step": round(v, 1) for k, v in per_step.items()},
         **{f"{k} marginal us/step": round(v, 1) for k, v in marginal.items()},
-        fastdiff_over_diffusers=round(fraction, 3), fastdiff_over_diffusers_marginal=round(fraction_marginal, 3),
+        fastdiff_over_diffusers=round(fraction, 3),
+        fastdiff_over_diffusers_marginal=round(fraction_marginal, 3),
     )
-    _print(f"host overhead: null model, DDIM cfg {CFG:g}, x {shape} fp32, {len(times[f'fastdiff {STEPS}'])} rounds", [
-        f"{'':10} {'call ms (50 steps)':>18} {'call ms (1 step)':>16} {'µs/step (call/50)':>18} "
-        f"{'marginal µs/step':>17}",
-        *(f"{side:10} {med[f'{side} {STEPS}'] * 1e3:18.3f} {med[f'{side} 1'] * 1e3:16.3f} {per_step[side]:18.1f} "
-          f"{marginal[side]:17.1f}" for side in ("diffusers", "fastdiff")),
-        f"fastdiff / diffusers per step: {fraction:.3f} (call/50), {fraction_marginal:.3f} (marginal), i.e. "
-        f"{1 / fraction:.1f}x and {1 / fraction_marginal:.1f}x less; issue target <= 0.2",
-    ])
+    _print(
+        f"host overhead: null model, DDIM cfg {CFG:g}, x {shape} fp32, {len(times[f'fastdiff {STEPS}'])} rounds",
+        [
+            f"{'':10} {'call ms (50 steps)':>18} {'call ms (1 step)':>16} {'µs/step (call/50)':>18} "
+            f"{'marginal µs/step':>17}",
+            *(
+                f"{side:10} {med[f'{side} {STEPS}'] * 1e3:18.3f} {med[f'{side} 1'] * 1e3:16.3f} {per_step[side]:18.1f} "
+                f"{marginal[side]:17.1f}"
+                for side in ("diffusers", "fastdiff")
+            ),
+            f"fastdiff / diffusers per step: {fraction:.3f} (call/50), {fraction_marginal:.3f} (marginal), i.e. "
+            f"{1 / fraction:.1f}x and {1 / fraction_marginal:.1f}x less; issue target <= 0.2",
+        ],
+    )
 
 
 # ---- DDPM: the in-kernel Philox noise on the CPU ------------------------------------------------------------
+
 
 def test_ddpm_loop(benchmark):
     model = Affine(SHAPE[1]).eval()
@@ -296,11 +346,15 @@ def test_ddpm_loop(benchmark):
         return x
 
     def fastdiff_run(sampler):
-        return lambda: fastdiff.sample(model, SHAPE, noise=x_T, sampler=sampler, steps=STEPS, cond={"y": cond},
-                                       generator=0)
+        return lambda: fastdiff.sample(
+            model, SHAPE, noise=x_T, sampler=sampler, steps=STEPS, cond={"y": cond}, generator=0
+        )
 
-    runs = {"diffusers ddpm": diffusers_ddpm, "fastdiff ddpm": fastdiff_run("ddpm"),
-            "fastdiff ddim": fastdiff_run("ddim")}
+    runs = {
+        "diffusers ddpm": diffusers_ddpm,
+        "fastdiff ddpm": fastdiff_run("ddpm"),
+        "fastdiff ddim": fastdiff_run("ddim"),
+    }
     a, b = runs["fastdiff ddpm"](), runs["diffusers ddpm"]()
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     # Different noise streams, same distribution: the final samples' spread agrees loosely.
@@ -316,15 +370,20 @@ def test_ddpm_loop(benchmark):
     philox_min = (low["fastdiff ddpm"] - low["fastdiff ddim"]) / STEPS * 1e6
     n = torch.Size(SHAPE).numel()
     benchmark.extra_info.update(
-        provider="round of " + ", ".join(runs), steps=STEPS,
+        provider="round of " + ", ".join(runs),
+        steps=STEPS,
         **{f"{k} ms": round(v * 1e3, 2) for k, v in med.items()},
-        diffusers_over_fastdiff=round(ratio, 2), philox_us_per_step=round(philox, 1),
+        diffusers_over_fastdiff=round(ratio, 2),
+        philox_us_per_step=round(philox, 1),
     )
-    _print(f"DDPM {STEPS} steps, no cfg, x {SHAPE} fp32, affine model, {len(times['fastdiff ddpm'])} rounds, "
-           f"sampler_loop_step backend '{_loop_backend()}'", [
-        f"{'':15} {'median ms':>10} {'min ms':>8} {'ms/step':>8}",
-        *(f"{k:15} {med[k] * 1e3:10.2f} {low[k] * 1e3:8.2f} {med[k] * 1e3 / STEPS:8.3f}" for k in runs),
-        f"diffusers / fastdiff (DDPM): {ratio:.2f}x (medians), {ratio_min:.2f}x (minima)",
-        f"Philox step noise on the CPU (fastdiff DDPM - DDIM eta 0): {philox:.0f} µs/step (medians), "
-        f"{philox_min:.0f} µs/step (minima), {philox * 1e3 / n:.2f} ns/element ({n} normals a step)",
-    ])
+    _print(
+        f"DDPM {STEPS} steps, no cfg, x {SHAPE} fp32, affine model, {len(times['fastdiff ddpm'])} rounds, "
+        f"sampler_loop_step backend '{_loop_backend()}'",
+        [
+            f"{'':15} {'median ms':>10} {'min ms':>8} {'ms/step':>8}",
+            *(f"{k:15} {med[k] * 1e3:10.2f} {low[k] * 1e3:8.2f} {med[k] * 1e3 / STEPS:8.3f}" for k in runs),
+            f"diffusers / fastdiff (DDPM): {ratio:.2f}x (medians), {ratio_min:.2f}x (minima)",
+            f"Philox step noise on the CPU (fastdiff DDPM - DDIM eta 0): {philox:.0f} µs/step (medians), "
+            f"{philox_min:.0f} µs/step (minima), {philox * 1e3 / n:.2f} ns/element ({n} normals a step)",
+        ],
+    )

@@ -95,8 +95,11 @@ def main() -> None:
         progress = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
-    print(f"digits U-Net: {n_params:,} parameters, {len(data)} images 16x16, {args.steps} steps of {args.batch}, "
-          f"{args.schedule} schedule, {args.prediction} prediction, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"digits U-Net: {n_params:,} parameters, {len(data)} images 16x16, {args.steps} steps of {args.batch}, "
+        f"{args.schedule} schedule, {args.prediction} prediction, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     start = time.perf_counter()
     running, recent = 0.0, 0
     for step in range(args.steps):
@@ -127,22 +130,42 @@ def main() -> None:
         recent += 1
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.perf_counter() - start
-            print(f"step {step + 1:5d}/{args.steps}  loss {running / recent:.4f}  lr {lr_at(step):.2e}  "
-                  f"{elapsed:7.1f} s  ({elapsed / (step + 1):.3f} s/step)", flush=True)
+            print(
+                f"step {step + 1:5d}/{args.steps}  loss {running / recent:.4f}  lr {lr_at(step):.2e}  "
+                f"{elapsed:7.1f} s  ({elapsed / (step + 1):.3f} s/step)",
+                flush=True,
+            )
             final_loss, running, recent = running / recent, 0.0, 0
 
     elapsed = time.perf_counter() - start
-    training = dict(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-                    p_uncond=args.p_uncond, seed=args.seed, threads=torch.get_num_threads(),
-                    wall_seconds=round(elapsed, 1), final_loss=round(final_loss, 5), torch=torch.__version__,
-                    data="sklearn.datasets.load_digits, 8x8 -> 16x16 nearest, [-1, 1]")
-    sampling = dict(schedule=args.schedule, num_train_timesteps=schedule.num_train_timesteps,
-                    prediction=args.prediction,
-                    null_class=NULL_CLASS, image_size=16)
+    training = dict(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        warmup=args.warmup,
+        ema=args.ema,
+        p_uncond=args.p_uncond,
+        seed=args.seed,
+        threads=torch.get_num_threads(),
+        wall_seconds=round(elapsed, 1),
+        final_loss=round(final_loss, 5),
+        torch=torch.__version__,
+        data="sklearn.datasets.load_digits, 8x8 -> 16x16 nearest, [-1, 1]",
+    )
+    sampling = dict(
+        schedule=args.schedule,
+        num_train_timesteps=schedule.num_train_timesteps,
+        prediction=args.prediction,
+        null_class=NULL_CLASS,
+        image_size=16,
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_unet(ema, args.out, {"sampling": sampling, "training": training})
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): {elapsed / 60:.1f} min, "
-          f"final loss {final_loss:.4f}", flush=True)
+    print(
+        f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): {elapsed / 60:.1f} min, "
+        f"final loss {final_loss:.4f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def register_autograd_on_load(op: str, backward: Callable, setup_context: Callab
             native = getattr(torch.ops.fastdiff, op).default
             schema = str(native._schema).removeprefix("fastdiff::")
             library = torch.library.Library("fastdiff", "FRAGMENT")
-            library.define(companion + schema[len(op):])
+            library.define(companion + schema[len(op) :])
 
             def forward(*args: Any) -> Any:
                 return native(*args)  # the autograd keys are already excluded here

@@ -188,8 +188,9 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
     except ValueError as exc:
         s.error(str(exc))
     if args.cuda_graph == "on" and not args.device.startswith("cuda"):
-        s.error(f"argument --cuda-graph: 'on' needs a CUDA --device (the loop runs on {args.device!r}); "
-                "use auto or off")
+        s.error(
+            f"argument --cuda-graph: 'on' needs a CUDA --device (the loop runs on {args.device!r}); use auto or off"
+        )
     why = _check_device(args.device)
     if why:
         s.error(why)
@@ -219,8 +220,11 @@ def _check_args(s: argparse.ArgumentParser, args: argparse.Namespace) -> _Demo:
 
 def _times_text(decision: dict) -> str:
     """A memory-format decision's medians, e.g. "channels_last 95.1 ms, NCHW 120.3 ms per forward"."""
-    times = [f"{_MEMORY_FORMAT_NAMES[name]} {decision[f'{name}_us'] / 1e3:.1f} ms"
-             for name in _MEMORY_FORMATS if isinstance(decision.get(f"{name}_us"), (int, float))]
+    times = [
+        f"{_MEMORY_FORMAT_NAMES[name]} {decision[f'{name}_us'] / 1e3:.1f} ms"
+        for name in _MEMORY_FORMATS
+        if isinstance(decision.get(f"{name}_us"), (int, float))
+    ]
     return f"{', '.join(times)} per forward" if times else "no times recorded"
 
 
@@ -230,8 +234,7 @@ def _choose_memory_format(args: argparse.Namespace, demo: _Demo, batch: int) -> 
     if args.memory_format != "auto":
         return args.memory_format
     if args.compile:
-        print("memory format: channels_last (the static rule: with --compile, measuring would compile the model "
-              "twice)")
+        print("memory format: channels_last (the static rule: with --compile, measuring would compile the model twice)")
         return tuning.STATIC_MEMORY_FORMAT
     dtype = _DTYPES[args.dtype]
     signature = tuning.memory_format_signature(args.model, batch, dtype, args.device)
@@ -239,8 +242,11 @@ def _choose_memory_format(args: argparse.Namespace, demo: _Demo, batch: int) -> 
     inputs, kwargs = demo.model_inputs(batch, dtype, args.device)
 
     def progress(_: str) -> None:
-        print(f"memory format: timing the model's forward at batch {batch} in channels_last and NCHW "
-              "(once on this machine; then cached)...", flush=True)
+        print(
+            f"memory format: timing the model's forward at batch {batch} in channels_last and NCHW "
+            "(once on this machine; then cached)...",
+            flush=True,
+        )
 
     decision = tuning.choose_memory_format(demo.model, signature, inputs, kwargs, progress=progress)
     choice = decision["choice"]
@@ -250,8 +256,10 @@ def _choose_memory_format(args: argparse.Namespace, demo: _Demo, batch: int) -> 
         verb = "measured" if decision["source"] == "measured" else f"cached in {tuning.cache_path()}"
         busy = decision.get("busy")
         busy = f", busy {busy:.0%}" if isinstance(busy, (int, float)) else ""
-        how = (f"{verb}: {_times_text(decision)}, medians of {decision.get('rounds', '?')} alternating rounds{busy}; "
-               f"NCHW must win by {tuning.TUNE_MARGIN:.0%}")
+        how = (
+            f"{verb}: {_times_text(decision)}, medians of {decision.get('rounds', '?')} alternating rounds{busy}; "
+            f"NCHW must win by {tuning.TUNE_MARGIN:.0%}"
+        )
     print(f"memory format: {_MEMORY_FORMAT_NAMES[choice]} at batch {batch} ({how})")
     return choice
 
@@ -262,16 +270,17 @@ def _tune_batches(t: argparse.ArgumentParser, args: argparse.Namespace) -> list[
     or --batch-size's. Bad values exit with status 2 and ``fastdiff tune: error: ...``."""
     if args.batch_size is not None:
         if args.per_class is not None or args.cfg is not None:
-            t.error("argument --batch-size: gives the model batches directly; leave out --per-class and --cfg "
-                    "(which derive them as fastdiff sample does)")
+            t.error(
+                "argument --batch-size: gives the model batches directly; leave out --per-class and --cfg "
+                "(which derive them as fastdiff sample does)"
+            )
         bad = [b for b in args.batch_size if b < 1]
         if bad:
             t.error(f"argument --batch-size: each batch must be an int >= 1, got {bad[0]}")
         return [(b, "--batch-size") for b in dict.fromkeys(args.batch_size)]
     per_class = 8 if args.per_class is None else args.per_class
     if per_class < 1:
-        t.error(f"argument --per-class: must be an int >= 1 (images per digit, as in fastdiff sample), got "
-                f"{per_class}")
+        t.error(f"argument --per-class: must be an int >= 1 (images per digit, as in fastdiff sample), got {per_class}")
     if args.cfg is not None and not math.isfinite(args.cfg):
         t.error(f"argument --cfg: the guidance scale must be a finite number, got {args.cfg}")
     n = 10 * per_class
@@ -290,8 +299,11 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from fastdiff.nn.conv import clear_tuning, pointwise_decisions, tuning_decisions
 
     if args.model not in _TUNABLE_MODELS:
-        why = ("has nothing to tune (the exact denoiser of a Gaussian mixture: no convolutions, no memory format)"
-               if args.model in _MODELS else "is not a shipped model")
+        why = (
+            "has nothing to tune (the exact denoiser of a Gaussian mixture: no convolutions, no memory format)"
+            if args.model in _MODELS
+            else "is not a shipped model"
+        )
         t.error(f"argument --model: {args.model!r} {why}; accepted: {', '.join(_TUNABLE_MODELS)}")
     batches = _tune_batches(t, args)
     try:
@@ -299,11 +311,12 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as exc:
         t.error(str(exc))
     if not on:
-        t.error(f"{tuning.TUNE_ENV}=0 turns measuring off (the static rules decide, and the cache file is not "
-                f"used); unset it or set {tuning.TUNE_ENV}=1 to tune")
+        t.error(
+            f"{tuning.TUNE_ENV}=0 turns measuring off (the static rules decide, and the cache file is not "
+            f"used); unset it or set {tuning.TUNE_ENV}=1 to tune"
+        )
     print(f"machine: {cpu_line()}")
-    print(f"cache:   {tuning.cache_path()} (entries of this machine: CPU, ISA, threads, torch and fastdiff "
-          "versions)")
+    print(f"cache:   {tuning.cache_path()} (entries of this machine: CPU, ISA, threads, torch and fastdiff versions)")
     if args.again and tuning.forget():
         print("--again: this machine's cached choices are forgotten; measuring them afresh")
     clear_tuning()  # this process's choices: everything below comes from the file or is measured now
@@ -322,22 +335,33 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 demo.model(*inputs, **kwargs)  # each convolution's first call: measured, or read from the cache
                 new = tuning_decisions()[before:]
                 measured = sum(d["source"] == "measured" for d in new)
-                shapes = (f"{len(new)} new convolution shapes, {measured} measured now, {len(new) - measured} from "
-                          "the cache" if new else "no new convolution shapes (as above)")
-                print(f"  a forward in {_MEMORY_FORMAT_NAMES[name]}: {shapes} ({time.perf_counter() - start:.1f} s)",
-                      flush=True)
+                shapes = (
+                    f"{len(new)} new convolution shapes, {measured} measured now, {len(new) - measured} from the cache"
+                    if new
+                    else "no new convolution shapes (as above)"
+                )
+                print(
+                    f"  a forward in {_MEMORY_FORMAT_NAMES[name]}: {shapes} ({time.perf_counter() - start:.1f} s)",
+                    flush=True,
+                )
             demo.model.to(memory_format=torch.channels_last)
             signature = tuning.memory_format_signature(args.model, batch, torch.float32, "cpu")
             start = time.perf_counter()
 
             def progress(_: str) -> None:
-                print(f"  memory format: timing forwards in channels_last and NCHW (up to "
-                      f"{tuning.MEMORY_FORMAT_MAX_REPEATS} alternating rounds)...", flush=True)
+                print(
+                    f"  memory format: timing forwards in channels_last and NCHW (up to "
+                    f"{tuning.MEMORY_FORMAT_MAX_REPEATS} alternating rounds)...",
+                    flush=True,
+                )
 
             decision = tuning.choose_memory_format(demo.model, signature, inputs, kwargs, progress=progress)
             formats.append((signature, decision))
-            print(f"  memory format: {_MEMORY_FORMAT_NAMES[decision['choice']]} ({_SOURCES[decision['source']]}, "
-                  f"{time.perf_counter() - start:.1f} s)", flush=True)
+            print(
+                f"  memory format: {_MEMORY_FORMAT_NAMES[decision['choice']]} ({_SOURCES[decision['source']]}, "
+                f"{time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
     conv = tuning_decisions()
     rows = [(tuning.describe("conv3x3", d["signature"], d), d["source"]) for d in conv]
     rows += [(tuning.describe("conv1x1", d["signature"], d), d["source"]) for d in pointwise_decisions()]
@@ -352,12 +376,16 @@ def _tune_command(t: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"  (no conv3x3 choices: {why}; the module's own convolution runs them)")
     measured = sum(source == "measured" for _, source in rows)
     if measured:
-        print(f"measured {measured} choices now, {len(rows) - measured} were cached; written to "
-              f"{tuning.cache_path()} (timings taken while other work loads the machine can mislead: "
-              "fastdiff tune --again re-measures)")
+        print(
+            f"measured {measured} choices now, {len(rows) - measured} were cached; written to "
+            f"{tuning.cache_path()} (timings taken while other work loads the machine can mislead: "
+            "fastdiff tune --again re-measures)"
+        )
     else:
-        print(f"all {len(rows)} choices were in the cache {tuning.cache_path()}: nothing measured again "
-              "(fastdiff tune --again measures afresh)")
+        print(
+            f"all {len(rows)} choices were in the cache {tuning.cache_path()}: nothing measured again "
+            "(fastdiff tune --again measures afresh)"
+        )
     return 0
 
 
@@ -374,9 +402,17 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     n = 10 * args.per_class
     shape = (n, *demo.image_shape)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    kwargs = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, karras_sigmas=args.karras,
-                  schedule=demo.schedule,
-                  prediction=demo.prediction, generator=args.seed, dtype=_DTYPES[args.dtype], device=args.device)
+    kwargs = dict(
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        karras_sigmas=args.karras,
+        schedule=demo.schedule,
+        prediction=demo.prediction,
+        generator=args.seed,
+        dtype=_DTYPES[args.dtype],
+        device=args.device,
+    )
     if args.cfg is not None:
         kwargs.update(cfg=args.cfg, cond={"y": labels}, uncond={"y": torch.full((n,), 10)})
     else:
@@ -422,8 +458,14 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
             for backend in backends:
                 demo.set_backend(backend, memory_format)
                 start = time.perf_counter()
-                x = fastdiff.sample(models[backend], shape, backend=backend, cuda_graph=graphs[backend],
-                                    progress=args.progress and r == 0, **kwargs)
+                x = fastdiff.sample(
+                    models[backend],
+                    shape,
+                    backend=backend,
+                    cuda_graph=graphs[backend],
+                    progress=args.progress and r == 0,
+                    **kwargs,
+                )
                 if x.is_cuda:
                     torch.cuda.synchronize()
                 rounds[backend].append((time.perf_counter() - start) / n)
@@ -438,8 +480,10 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     try:  # checked before sampling; this catches a path that went away meanwhile
         write_png(args.out, _grid(result, labels, args.per_class))
     except OSError as exc:
-        print(f"fastdiff sample: error: argument --out: cannot write {args.out!r} ({exc.strerror or exc})",
-              file=sys.stderr)
+        print(
+            f"fastdiff sample: error: argument --out: cannot write {args.out!r} ({exc.strerror or exc})",
+            file=sys.stderr,
+        )
         return 2
 
     print(demo.score(result, labels))
@@ -461,13 +505,17 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         fused = sum(d["fastdiff"] for d in decisions)
         paths = [d.get("path") for d in decisions if d["fastdiff"] and d.get("path") in ("fused", "blas")]
         by_path = f" (fused path {paths.count('fused')}, BLAS path {paths.count('blas')})" if paths else ""
-        print(f"  conv3x3, measured on this machine: fastdiff's kernel for {fused} of {len(decisions)} convolution "
-              f"shapes{by_path}, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)")
+        print(
+            f"  conv3x3, measured on this machine: fastdiff's kernel for {fused} of {len(decisions)} convolution "
+            f"shapes{by_path}, oneDNN for {len(decisions) - fused} ({tuning.TUNE_ENV}=0 uses the static rule)"
+        )
     pointwise = pointwise_decisions()
     if pointwise:
         linear = sum(d["choice"] == "linear" for d in pointwise)
-        print(f"  conv1x1, measured on this machine: F.linear for {linear} of {len(pointwise)} shapes, oneDNN for "
-              f"{len(pointwise) - linear}")
+        print(
+            f"  conv1x1, measured on this machine: F.linear for {linear} of {len(pointwise)} shapes, oneDNN for "
+            f"{len(pointwise) - linear}"
+        )
     if compile_seconds is not None:
         print(f"  torch.compile: {compile_seconds:.1f} s in the untimed warm-up (not in the ms/image)")
     if len(timings) == 2:
@@ -477,9 +525,14 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
     if busy is not None:
         # Other processes on the cores slow multi-threaded kernels by up to the scheduler's time slice
         # per call (tens of times over on this project's 2-core machine): say so with the numbers.
-        print(f"  the timed runs waited for a CPU {busy:.0%} of the time"
-              + (" (busy machine: these timings are not the kernels' own; rerun on a quiet machine)"
-                 if busy > tuning.BUSY_LIMIT else ""))
+        print(
+            f"  the timed runs waited for a CPU {busy:.0%} of the time"
+            + (
+                " (busy machine: these timings are not the kernels' own; rerun on a quiet machine)"
+                if busy > tuning.BUSY_LIMIT
+                else ""
+            )
+        )
     return 0
 
 
@@ -495,15 +548,26 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample a shipped model and write a labelled grid (one row per digit)")
-    s.add_argument("--model", choices=_MODELS, default="digits",
-                   help="digits: the shipped class-conditional U-Net trained on sklearn's handwritten digits; "
-                        "glyphs: the exact denoiser of a 10-glyph Gaussian mixture (nothing trained)")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
-                   help="ddim, ddpm, euler, euler_a, dpmpp_2m or dpmpp_2m_sde (diffusers' DDIM/DDPM/"
-                        "EulerDiscrete/EulerAncestralDiscrete/DPMSolverMultistep schedulers, the last with "
-                        "dpmsolver++ or sde-dpmsolver++; default ddim)")
-    s.add_argument("--karras", action="store_true",
-                   help="with euler, dpmpp_2m or dpmpp_2m_sde: Karras sigmas (diffusers' use_karras_sigmas=True)")
+    s.add_argument(
+        "--model",
+        choices=_MODELS,
+        default="digits",
+        help="digits: the shipped class-conditional U-Net trained on sklearn's handwritten digits; "
+        "glyphs: the exact denoiser of a 10-glyph Gaussian mixture (nothing trained)",
+    )
+    s.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddim",
+        help="ddim, ddpm, euler, euler_a, dpmpp_2m or dpmpp_2m_sde (diffusers' DDIM/DDPM/"
+        "EulerDiscrete/EulerAncestralDiscrete/DPMSolverMultistep schedulers, the last with "
+        "dpmsolver++ or sde-dpmsolver++; default ddim)",
+    )
+    s.add_argument(
+        "--karras",
+        action="store_true",
+        help="with euler, dpmpp_2m or dpmpp_2m_sde: Karras sigmas (diffusers' use_karras_sigmas=True)",
+    )
     s.add_argument("--steps", type=int, default=50)
     s.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 + w)")
     s.add_argument("--eta", type=float, default=0.0)
@@ -512,40 +576,77 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     s.add_argument("--device", default="cpu")
-    s.add_argument("--backend", choices=(AUTO, *BACKENDS), default=AUTO,
-                   help="the sampler step's backend; the model's layers run on auto (reference: all reference)")
-    s.add_argument("--memory-format", choices=("auto", *_MEMORY_FORMATS), default="auto",
-                   help="layout of the U-Net's activations on the fused backends (the reference run is NCHW): "
-                        "auto times a forward in each at the run's batch once per machine (cached; channels_last "
-                        f"unless NCHW wins by {tuning.TUNE_MARGIN:.0%}; {tuning.TUNE_ENV}=0: channels_last)")
-    s.add_argument("--compile", action="store_true",
-                   help="run the fused backend's model under torch.compile (compiled in the untimed warm-up)")
-    s.add_argument("--rounds", type=int, default=3,
-                   help="timed rounds; each samples the images once per backend, the backends taking turns, "
-                        "and the reported ms/image is each backend's median (the grid is the first round's)")
-    s.add_argument("--cuda-graph", choices=tuple(_CUDA_GRAPH), default="auto",
-                   help="on a CUDA device, replay the sampling loop from a CUDA graph: auto (when it can be "
-                        "captured), on (raise when it cannot), off")
+    s.add_argument(
+        "--backend",
+        choices=(AUTO, *BACKENDS),
+        default=AUTO,
+        help="the sampler step's backend; the model's layers run on auto (reference: all reference)",
+    )
+    s.add_argument(
+        "--memory-format",
+        choices=("auto", *_MEMORY_FORMATS),
+        default="auto",
+        help="layout of the U-Net's activations on the fused backends (the reference run is NCHW): "
+        "auto times a forward in each at the run's batch once per machine (cached; channels_last "
+        f"unless NCHW wins by {tuning.TUNE_MARGIN:.0%}; {tuning.TUNE_ENV}=0: channels_last)",
+    )
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the fused backend's model under torch.compile (compiled in the untimed warm-up)",
+    )
+    s.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed rounds; each samples the images once per backend, the backends taking turns, "
+        "and the reported ms/image is each backend's median (the grid is the first round's)",
+    )
+    s.add_argument(
+        "--cuda-graph",
+        choices=tuple(_CUDA_GRAPH),
+        default="auto",
+        help="on a CUDA device, replay the sampling loop from a CUDA graph: auto (when it can be "
+        "captured), on (raise when it cannot), off",
+    )
     s.add_argument("--progress", action="store_true", help="a progress bar for the first timed round")
     s.add_argument("--out", default="samples.png")
 
-    t = sub.add_parser("tune", help="measure every choice fastdiff sample makes (convolutions, memory format) "
-                                    "now and cache it for this machine",
-                       description="Fill the tuning cache ahead of time for a shipped model at the batches fastdiff "
-                                   "sample uses: each 3x3 convolution's implementation (fastdiff's kernel or "
-                                   "oneDNN) and the model's memory format. A second run reuses the cache.")
+    t = sub.add_parser(
+        "tune",
+        help="measure every choice fastdiff sample makes (convolutions, memory format) "
+        "now and cache it for this machine",
+        description="Fill the tuning cache ahead of time for a shipped model at the batches fastdiff "
+        "sample uses: each 3x3 convolution's implementation (fastdiff's kernel or "
+        "oneDNN) and the model's memory format. A second run reuses the cache.",
+    )
     t.add_argument("--model", default="digits", help=f"the shipped model to tune: {', '.join(_TUNABLE_MODELS)}")
-    t.add_argument("--per-class", type=int, default=None,
-                   help="images per digit, as fastdiff sample's (default 8): the model batch is 10 * this")
-    t.add_argument("--cfg", type=float, default=None,
-                   help="the guidance scale sample will use (not 1: the batch doubles); default: tune both the "
-                        "unguided and the guided batch")
-    t.add_argument("--batch-size", type=int, nargs="+", default=None, metavar="N",
-                   help="model batches to tune instead (as the model sees them; guidance doubles sample's)")
+    t.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="images per digit, as fastdiff sample's (default 8): the model batch is 10 * this",
+    )
+    t.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="the guidance scale sample will use (not 1: the batch doubles); default: tune both the "
+        "unguided and the guided batch",
+    )
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="model batches to tune instead (as the model sees them; guidance doubles sample's)",
+    )
     t.add_argument("--again", action="store_true", help="forget this machine's cached choices and measure afresh")
 
-    sub.add_parser("info", help="versions, what was built, every op x backend, the cached tuning decisions "
-                                "(--kernels, --json)")
+    sub.add_parser(
+        "info", help="versions, what was built, every op x backend, the cached tuning decisions (--kernels, --json)"
+    )
     from . import cli_generate
 
     g, p = cli_generate.add_parsers(sub, AUTO, BACKENDS, _DTYPES, _CUDA_GRAPH)

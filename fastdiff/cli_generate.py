@@ -19,18 +19,23 @@ NUM_CLASSES = 10  # the shipped models' classes (digits 0-9); 10 is their null c
 
 def add_parsers(sub, auto: str, backends: tuple[str, ...], dtypes: dict, cuda_graph: dict) -> tuple:
     g = sub.add_parser(
-        "generate", help="generate N images of a shipped model into DIR, one PNG each, resumable; runs on every "
-                         "process of torchrun",
+        "generate",
+        help="generate N images of a shipped model into DIR, one PNG each, resumable; runs on every "
+        "process of torchrun",
         description="Image i depends on (seed, i) alone, so the set is the same at any --batch-size and any number "
-                    "of processes (torchrun --nproc_per_node K [--nnodes ...] -m fastdiff generate ...). Running the "
-                    "same command again generates only the images still missing. The convolutions take the static "
-                    "rules (FASTDIFF_TUNE=0): every process makes the same choices.")
+        "of processes (torchrun --nproc_per_node K [--nnodes ...] -m fastdiff generate ...). Running the "
+        "same command again generates only the images still missing. The convolutions take the static "
+        "rules (FASTDIFF_TUNE=0): every process makes the same choices.",
+    )
     g.add_argument("--model", choices=("digits", "glyphs"), default="digits")
     g.add_argument("--num-images", type=int, required=True)
     g.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default 64)")
     g.add_argument("--out", required=True, help="the directory (made if absent; DIR/000000/000123.png)")
-    g.add_argument("--labels", default=None,
-                   help="comma-separated class labels, image i taking labels[i %% len] (default: balanced, i %% 10)")
+    g.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class labels, image i taking labels[i %% len] (default: balanced, i %% 10)",
+    )
     g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     g.add_argument("--karras", action="store_true")
     g.add_argument("--steps", type=int, default=50)
@@ -42,8 +47,11 @@ def add_parsers(sub, auto: str, backends: tuple[str, ...], dtypes: dict, cuda_gr
     g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
     g.add_argument("--backend", choices=(auto, *backends), default=auto)
     g.add_argument("--cuda-graph", choices=tuple(cuda_graph), default="auto")
-    p = sub.add_parser("pack", help="write a generate DIR's images to one npz (uint8 NHWC arr_0, labels arr_1), "
-                                    "as the ADM evaluator, torch-fidelity and clean-fid read it")
+    p = sub.add_parser(
+        "pack",
+        help="write a generate DIR's images to one npz (uint8 NHWC arr_0, labels arr_1), "
+        "as the ADM evaluator, torch-fidelity and clean-fid read it",
+    )
     p.add_argument("dir")
     p.add_argument("--npz", required=True)
     return g, p
@@ -100,9 +108,19 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     dtype = dtypes[args.dtype]
     if isinstance(demo.model, torch.nn.Module):
         demo.model.to(device=device, dtype=dtype)
-    options = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, karras_sigmas=args.karras,
-                   schedule=demo.schedule, prediction=demo.prediction, generator=args.seed, dtype=dtype,
-                   device=device, backend=args.backend, cuda_graph=cuda_graph[args.cuda_graph])
+    options = dict(
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        karras_sigmas=args.karras,
+        schedule=demo.schedule,
+        prediction=demo.prediction,
+        generator=args.seed,
+        dtype=dtype,
+        device=device,
+        backend=args.backend,
+        cuda_graph=cuda_graph[args.cuda_graph],
+    )
     label_table = torch.tensor(labels, device=device)
 
     def sample_block(first: int, batch: int) -> torch.Tensor:
@@ -118,20 +136,36 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
 
         y = label_table[:1]
         guidance = dict(cfg=args.cfg, uncond={"y": y}) if args.cfg is not None else {}
-        SamplingConfig.build(demo.model, (args.batch_size, *demo.image_shape), cond={"y": y.repeat(args.batch_size)},
-                             **{**guidance, "uncond": {"y": y.repeat(args.batch_size)}} if guidance else {},
-                             **options)
+        SamplingConfig.build(
+            demo.model,
+            (args.batch_size, *demo.image_shape),
+            cond={"y": y.repeat(args.batch_size)},
+            **{**guidance, "uncond": {"y": y.repeat(args.batch_size)}} if guidance else {},
+            **options,
+        )
         demo.schedule.check_prediction(demo.prediction, demo.schedule.timesteps(args.steps))
     except (ValueError, TypeError) as exc:
         g.error(str(exc))
     manifest = {
-        "format": generation.FORMAT, "model": args.model,
+        "format": generation.FORMAT,
+        "model": args.model,
         "weights_sha256": generation.weights_hash(demo.model) if isinstance(demo.model, torch.nn.Module) else None,
-        "image_shape": list(demo.image_shape), "num_images": args.num_images, "labels": labels, "seed": args.seed,
-        "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta, "karras_sigmas": args.karras,
-        "schedule": args.schedule or "the model's", "prediction": demo.prediction, "dtype": args.dtype,
-        "device_type": torch.device(device).type, "backend": args.backend,
-        "fastdiff": fastdiff.__version__, "torch": torch.__version__,
+        "image_shape": list(demo.image_shape),
+        "num_images": args.num_images,
+        "labels": labels,
+        "seed": args.seed,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "eta": args.eta,
+        "karras_sigmas": args.karras,
+        "schedule": args.schedule or "the model's",
+        "prediction": demo.prediction,
+        "dtype": args.dtype,
+        "device_type": torch.device(device).type,
+        "backend": args.backend,
+        "fastdiff": fastdiff.__version__,
+        "torch": torch.__version__,
     }
     if world > 1:
         import torch.distributed as dist
@@ -148,13 +182,23 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
         if rank != 0:
             generation.prepare_dir(args.out, manifest, rank=rank)
         if rank == 0:
-            print(f"fastdiff generate: {args.model}, {args.num_images} images into {args.out} "
-                  f"({args.num_images - total_missing} there already), {world} process(es), batch {args.batch_size}, "
-                  f"{args.sampler} {args.steps} steps, cfg {args.cfg}; {cpu_line()}", flush=True)
+            print(
+                f"fastdiff generate: {args.model}, {args.num_images} images into {args.out} "
+                f"({args.num_images - total_missing} there already), {world} process(es), batch {args.batch_size}, "
+                f"{args.sampler} {args.steps} steps, cfg {args.cfg}; {cpu_line()}",
+                flush=True,
+            )
         start = time.perf_counter()
-        totals = generation.generate_images(args.out, args.num_images, args.batch_size, sample_block, rank=rank,
-                                            world=world, progress=generation.print_progress,
-                                            total_missing=total_missing)
+        totals = generation.generate_images(
+            args.out,
+            args.num_images,
+            args.batch_size,
+            sample_block,
+            rank=rank,
+            world=world,
+            progress=generation.print_progress,
+            total_missing=total_missing,
+        )
         seconds = time.perf_counter() - start
         counts = torch.tensor([totals.written, totals.sample_seconds, totals.write_seconds], dtype=torch.float64)
         if world > 1:
@@ -162,11 +206,16 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
         if rank == 0:
             generation.finish_dir(args.out)
             written, sampling, writing = counts.tolist()
-            per_image = f"{1e3 * writing / written:.2f} ms/image writing vs {1e3 * sampling / written:.2f} sampling" \
-                if written else "nothing to write"
-            print(f"\nfastdiff generate: wrote {int(written)} images in {seconds:.1f} s "
-                  f"({written / seconds if seconds > 0 else 0:.1f} images/s over {world} process(es); {per_image})",
-                  flush=True)
+            per_image = (
+                f"{1e3 * writing / written:.2f} ms/image writing vs {1e3 * sampling / written:.2f} sampling"
+                if written
+                else "nothing to write"
+            )
+            print(
+                f"\nfastdiff generate: wrote {int(written)} images in {seconds:.1f} s "
+                f"({written / seconds if seconds > 0 else 0:.1f} images/s over {world} process(es); {per_image})",
+                flush=True,
+            )
     except generation.GenerationError as exc:
         # Under torchrun this process's non-zero exit makes torchrun stop the others: the job ends with
         # this error, without waiting in a collective.

@@ -33,8 +33,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["GenerationError", "image_path", "owned_blocks", "missing_indices", "prepare_dir", "generate_images",
-           "finish_dir", "pack", "read_png", "weights_hash", "MANIFEST", "FORMAT"]
+__all__ = [
+    "GenerationError",
+    "image_path",
+    "owned_blocks",
+    "missing_indices",
+    "prepare_dir",
+    "generate_images",
+    "finish_dir",
+    "pack",
+    "read_png",
+    "weights_hash",
+    "MANIFEST",
+    "FORMAT",
+]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastdiff-generate/1"
@@ -83,8 +95,11 @@ def _write_atomic(path: Path, data: bytes, tag: str) -> None:
 
 def _manifest_differences(have: dict, want: dict) -> list[str]:
     keys = sorted(set(have) | set(want))
-    return [f"{k}: {have.get(k, '(absent)')!r} in the directory, {want.get(k, '(absent)')!r} in this run"
-            for k in keys if have.get(k) != want.get(k)]
+    return [
+        f"{k}: {have.get(k, '(absent)')!r} in the directory, {want.get(k, '(absent)')!r} in this run"
+        for k in keys
+        if have.get(k) != want.get(k)
+    ]
 
 
 def prepare_dir(out: str | Path, manifest: dict, *, rank: int = 0) -> None:
@@ -114,8 +129,10 @@ def prepare_dir(out: str | Path, manifest: dict, *, rank: int = 0) -> None:
         diffs = _manifest_differences(have, manifest)
         if diffs:
             listed = "\n  ".join(diffs)
-            raise GenerationError(f"{str(out)!r} holds images generated with other options; use another --out, or "
-                                  f"the same options:\n  {listed}")
+            raise GenerationError(
+                f"{str(out)!r} holds images generated with other options; use another --out, or "
+                f"the same options:\n  {listed}"
+            )
     elif rank == 0:
         _write_atomic(path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), "rank0")
     else:
@@ -186,8 +203,7 @@ def generate_images(
             rate = written / elapsed if elapsed > 0 else 0.0
             target = total_missing if total_missing is not None else written
             eta = (target - written) / rate if rate > 0 else float("nan")
-            progress(f"{written}/{target} images, {rate:.1f} images/s, ETA {eta:.0f} s "
-                     f"({finished}/{world} ranks done)")
+            progress(f"{written}/{target} images, {rate:.1f} images/s, ETA {eta:.0f} s ({finished}/{world} ranks done)")
 
     for first, wanted in todo:
         t0 = time.perf_counter()
@@ -199,8 +215,10 @@ def generate_images(
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(path, _png_bytes(images[i - first]), f"rank{rank}")
             except OSError as exc:
-                raise GenerationError(f"rank {rank}: cannot write {path} ({exc.strerror or exc}); the images written "
-                                      "so far are kept: run the same command again to go on") from exc
+                raise GenerationError(
+                    f"rank {rank}: cannot write {path} ({exc.strerror or exc}); the images written "
+                    "so far are kept: run the same command again to go on"
+                ) from exc
         totals.sample_seconds += t1 - t0
         totals.write_seconds += time.perf_counter() - t1
         totals.written += len(wanted)
@@ -244,8 +262,10 @@ def read_png(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: no IHDR chunk")
     w, h, depth, color, _, _, interlace = header
     if depth != 8 or color not in (0, 2) or interlace:
-        raise ValueError(f"{path}: only 8-bit grayscale or RGB PNGs without interlacing are read (got depth {depth}, "
-                         f"color type {color}, interlace {interlace})")
+        raise ValueError(
+            f"{path}: only 8-bit grayscale or RGB PNGs without interlacing are read (got depth {depth}, "
+            f"color type {color}, interlace {interlace})"
+        )
     channels = 1 if color == 0 else 3
     stride = w * channels
     raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8).reshape(h, stride + 1)
@@ -286,13 +306,19 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.lib.format.write_array_header_2_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_2_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
-def pack(out: str | Path, npz: str | Path, *, labels: Sequence[int] | None = None,
-         progress: Callable[[str], None] | None = None) -> tuple[int, tuple[int, ...]]:
+def pack(
+    out: str | Path,
+    npz: str | Path,
+    *,
+    labels: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[int, tuple[int, ...]]:
     """Write the images of a generation DIR to ``npz`` as the ADM evaluator, torch-fidelity and clean-fid
     read them: ``arr_0`` uint8 (N, H, W, 3) (grayscale repeated to three channels), ``arr_1`` the int64
     labels, streamed into the zip one image at a time. Every index below the manifest's ``num_images``
@@ -301,13 +327,16 @@ def pack(out: str | Path, npz: str | Path, *, labels: Sequence[int] | None = Non
     try:
         manifest = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
-        raise GenerationError(f"{str(out)!r} has no readable {MANIFEST} (is it a fastdiff generate --out?): {exc}") \
-            from exc
+        raise GenerationError(
+            f"{str(out)!r} has no readable {MANIFEST} (is it a fastdiff generate --out?): {exc}"
+        ) from exc
     n = int(manifest["num_images"])
     absent = missing_indices(out, range(n))
     if absent:
-        raise GenerationError(f"{str(out)!r} lacks {len(absent)} of its {n} images (the first: {absent[0]}); run the "
-                              "same fastdiff generate command again to finish it")
+        raise GenerationError(
+            f"{str(out)!r} lacks {len(absent)} of its {n} images (the first: {absent[0]}); run the "
+            "same fastdiff generate command again to finish it"
+        )
     first = read_png(image_path(out, 0))
     h, w = first.shape[:2]
     label_list = manifest["labels"]

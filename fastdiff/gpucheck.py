@@ -49,16 +49,38 @@ def _capture_checks() -> list[dict[str, Any]]:
     from .models import DiT, UNet
     from .sampling import CaptureCheckError, capture_check
 
-    unet = UNet(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                num_head_channels=8, num_classes=10, num_groups=8).eval()
-    dit = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5,
-              learn_sigma=True).eval()
+    unet = UNet(
+        in_channels=3,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        num_head_channels=8,
+        num_classes=10,
+        num_groups=8,
+    ).eval()
+    dit = DiT(
+        input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5, learn_sigma=True
+    ).eval()
     cases = [
-        ("fastdiff UNet, DDIM eta 0.5, cfg 2", unet, (2, 3, 8, 8),
-         dict(eta=0.5, cfg=2.0, cond={"y": torch.tensor([1, 2])}, uncond={"y": torch.tensor([10, 10])})),
-        ("fastdiff DiT, DDPM learned variance, cfg 4", dit, (2, 3, 8, 8),
-         dict(sampler="ddpm", variance="learned_range", cfg=4.0, cond={"y": torch.tensor([0, 1])},
-              uncond={"y": torch.tensor([5, 5])})),
+        (
+            "fastdiff UNet, DDIM eta 0.5, cfg 2",
+            unet,
+            (2, 3, 8, 8),
+            dict(eta=0.5, cfg=2.0, cond={"y": torch.tensor([1, 2])}, uncond={"y": torch.tensor([10, 10])}),
+        ),
+        (
+            "fastdiff DiT, DDPM learned variance, cfg 4",
+            dit,
+            (2, 3, 8, 8),
+            dict(
+                sampler="ddpm",
+                variance="learned_range",
+                cfg=4.0,
+                cond={"y": torch.tensor([0, 1])},
+                uncond={"y": torch.tensor([5, 5])},
+            ),
+        ),
     ]
     results = []
     for name, model, shape, kw in cases:
@@ -81,10 +103,21 @@ def _pytest(args: list[str], timeout: float, out: Path, name: str) -> dict[str, 
         rc, text = 124, (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         text += f"\n(stopped after {timeout:.0f} s, the phase's time limit)"
     (out / f"{name}.log").write_text(text)
-    summary = next((line for line in reversed(text.splitlines()) if " in " in line and ("passed" in line or
-                    "failed" in line or "skipped" in line or "error" in line)), text.splitlines()[-1] if text else "")
-    return {"phase": name, "command": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
-            "summary": summary.strip("= ")}
+    summary = next(
+        (
+            line
+            for line in reversed(text.splitlines())
+            if " in " in line and ("passed" in line or "failed" in line or "skipped" in line or "error" in line)
+        ),
+        text.splitlines()[-1] if text else "",
+    )
+    return {
+        "phase": name,
+        "command": " ".join(cmd),
+        "rc": rc,
+        "seconds": round(time.perf_counter() - start, 1),
+        "summary": summary.strip("= "),
+    }
 
 
 def _time_cuda(fn, repeats: int) -> float:
@@ -111,18 +144,40 @@ def _loop_benchmark(deadline: float) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     # The design's comparison model (a UNet2DModel of 9.6M parameters, 32x32, AdaGN), built from
     # fastdiff's UNet at a similar size; diffusers' own UNet2DModel below when diffusers is present.
-    model = UNet(in_channels=3, model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(4,), num_head_channels=32, num_classes=10, num_groups=32).cuda().eval()
+    model = (
+        UNet(
+            in_channels=3,
+            model_channels=64,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(4,),
+            num_head_channels=32,
+            num_classes=10,
+            num_groups=32,
+        )
+        .cuda()
+        .eval()
+    )
     rows = []
     diffusers_model = None
     try:
         import diffusers
 
-        diffusers_model = diffusers.UNet2DModel(
-            sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(64, 128, 128, 128),
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), num_class_embeds=11,
-            resnet_time_scale_shift="scale_shift").cuda().eval()
+        diffusers_model = (
+            diffusers.UNet2DModel(
+                sample_size=32,
+                in_channels=3,
+                out_channels=3,
+                layers_per_block=2,
+                block_out_channels=(64, 128, 128, 128),
+                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                num_class_embeds=11,
+                resnet_time_scale_shift="scale_shift",
+            )
+            .cuda()
+            .eval()
+        )
     except ImportError as exc:
         rows.append({"case": "diffusers loop", "skipped": f"diffusers is not installed ({exc})"})
     for batch in (1, 8):
@@ -139,13 +194,15 @@ def _loop_benchmark(deadline: float) -> list[dict[str, Any]]:
                 os.environ[graphs.MODE_ENV] = mode
                 graphs.clear()
                 row[f"graph_{mode}_ms"] = _time_cuda(
-                    lambda kw=kw, shape=shape: sample(model, shape, cuda_graph=True, **kw), 5)
+                    lambda kw=kw, shape=shape: sample(model, shape, cuda_graph=True, **kw), 5
+                )
                 row[f"graph_{mode}_speedup"] = row["eager_ms"] / row[f"graph_{mode}_ms"]
             os.environ.pop(graphs.MODE_ENV, None)
             graphs.clear()
             if diffusers_model is not None:
                 row["diffusers_loop_ms"] = _time_cuda(
-                    lambda batch=batch, steps=steps: _diffusers_loop(diffusers_model, batch, steps), 5)
+                    lambda batch=batch, steps=steps: _diffusers_loop(diffusers_model, batch, steps), 5
+                )
             rows.append(row)
     return rows
 
@@ -178,15 +235,19 @@ def _markdown(report: dict[str, Any]) -> str:
     if report["loop_benchmark"]:
         lines += ["", "## Sampling loop (ms per sample() call, median of 5, CUDA events)", ""]
         for row in report["loop_benchmark"]:
-            lines.append("- " + ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
-                                          for k, v in row.items()))
+            lines.append(
+                "- " + ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in row.items())
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.gpucheck", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "gpucheck-report",
-                        help="folder for report.md, report.json and the pytest logs")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "gpucheck-report",
+        help="folder for report.md, report.json and the pytest logs",
+    )
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
     parser.add_argument("--skip-benchmarks", action="store_true", help="run the tests only")
     args = parser.parse_args(argv)
@@ -197,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": _machine(), "phases": [],
-                              "loop_benchmark": []}
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": _machine(),
+        "phases": [],
+        "loop_benchmark": [],
+    }
     print("fastdiff gpucheck:", json.dumps(report["machine"]), flush=True)
     report["capture_checks"] = _capture_checks()
     for c in report["capture_checks"]:
@@ -217,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             os.chdir(repo)
             # The CUDA-graph and loop-step tests first (this check's reason to exist), then the rest of the
             # GPU tier (every test marked gpu, by hand or by tests/conftest.py), then the Triton tier.
-            first = ["tests/test_cuda_graphs.py", "tests/test_ops_sampler_loop_step_native.py",
-                     "tests/triton/test_sampler_loop_step_triton.py"]
+            first = [
+                "tests/test_cuda_graphs.py",
+                "tests/test_ops_sampler_loop_step_native.py",
+                "tests/triton/test_sampler_loop_step_triton.py",
+            ]
             phases = [
                 ("graph-tests", ["-m", "gpu", *first], 0.15),
                 ("gpu-tests", ["-m", "gpu", "tests", "--ignore=tests/triton", *(f"--ignore={f}" for f in first)], 0.3),

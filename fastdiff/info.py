@@ -113,8 +113,7 @@ def _tuning_lines(summary: dict) -> list[str]:
     """The cached measured choices of this machine: a count per op, then one line per decision (op,
     signature, choice, the static rule's where the measurement overturned it, the medians)."""
     counts = ", ".join(f"{n} {kind}" for kind, n in sorted(summary["decisions"].items())) or "none yet"
-    lines = [f"tuning   measured choices cached for this machine: {counts} ({summary['path']}; "
-             "fastdiff tune fills it)"]
+    lines = [f"tuning   measured choices cached for this machine: {counts} ({summary['path']}; fastdiff tune fills it)"]
     from .tuning import format_choice
 
     choices = summary.get("choices", [])
@@ -144,8 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the report; ``--json`` prints it as JSON. Returns the exit status (0)."""
     parser = argparse.ArgumentParser(prog="fastdiff info", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--kernels", action="store_true",
-                        help="also list every compiled GPU kernel: registers, spills, stack, shared memory")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also list every compiled GPU kernel: registers, spills, stack, shared memory",
+    )
     args = parser.parse_args(argv)
     report = collect()
     kernels = native_kernels() if args.kernels else None
@@ -178,8 +180,11 @@ def _triton_kernels() -> tuple[list, str | None]:
     from .triton import aot
 
     if not all(aot.cache_path(op=op).exists() for op in aot.FAMILIES):
-        print("fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
-              file=sys.stderr, flush=True)
+        print(
+            "fastdiff info: compiling the Triton builds for sm_80 and sm_90 (once; cached after)...",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         return aot.report(), None
     except Exception as e:  # a broken toolchain must not take `fastdiff info` down with it

@@ -82,8 +82,8 @@ def _short_names(mangled: list[str]) -> dict[str, str]:
         if out.returncode == 0 and len(demangled) == len(mangled):
             for m, d in zip(mangled, demangled, strict=True):
                 d = d.replace("(anonymous namespace)::", "").removeprefix("void ")
-                d = d.split("(", 1)[0]                     # drop the argument list
-                names[m] = re.sub(r"\b\w+::", "", d)     # and the namespaces
+                d = d.split("(", 1)[0]  # drop the argument list
+                names[m] = re.sub(r"\b\w+::", "", d)  # and the namespaces
     return names
 
 

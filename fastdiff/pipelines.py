@@ -23,23 +23,48 @@ from .schedule import Schedule
 __all__ = ["generate", "sampling_options", "SUPPORTED_PIPELINES", "SUPPORTED_SCHEDULERS"]
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
-SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                        "DPMSolverMultistepScheduler")
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-_SAMPLER_OF = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
-               "EulerAncestralDiscreteScheduler": "euler_a"}
+_SAMPLER_OF = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+}
 _DPM_ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
 
 # Config values fastdiff's samplers implement, per scheduler: anything else is refused by name rather
 # than sampled differently from what the scheduler would do.
-_EULER_FIXED = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
-                "sigma_min": None, "sigma_max": None, "timestep_type": "discrete", "final_sigmas_type": "zero"}
-_DPM_FIXED = {"solver_order": 2, "solver_type": "midpoint", "euler_at_final": False, "use_exponential_sigmas": False,
-              "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-              "final_sigmas_type": "zero", "thresholding": False, "lambda_min_clipped": -math.inf,
-              "use_dynamic_shifting": False}
+_EULER_FIXED = {
+    "interpolation_type": "linear",
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "sigma_min": None,
+    "sigma_max": None,
+    "timestep_type": "discrete",
+    "final_sigmas_type": "zero",
+}
+_DPM_FIXED = {
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "euler_at_final": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "use_flow_sigmas": False,
+    "final_sigmas_type": "zero",
+    "thresholding": False,
+    "lambda_min_clipped": -math.inf,
+    "use_dynamic_shifting": False,
+}
 
 
 def _schedule(config: Any, where: str) -> Schedule:
@@ -49,10 +74,17 @@ def _schedule(config: Any, where: str) -> Schedule:
         return Schedule(betas=config["trained_betas"], rescale_zero_terminal_snr=rescale)
     kind = config.get("beta_schedule", "linear")
     if kind not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-        raise ValueError(f"{where}: beta_schedule={kind!r} is not supported (fastdiff takes 'linear', 'scaled_linear', "
-                         "'squaredcos_cap_v2' or trained_betas)")
-    return Schedule(kind, int(config["num_train_timesteps"]), float(config["beta_start"]), float(config["beta_end"]),
-                    rescale_zero_terminal_snr=rescale)
+        raise ValueError(
+            f"{where}: beta_schedule={kind!r} is not supported (fastdiff takes 'linear', 'scaled_linear', "
+            "'squaredcos_cap_v2' or trained_betas)"
+        )
+    return Schedule(
+        kind,
+        int(config["num_train_timesteps"]),
+        float(config["beta_start"]),
+        float(config["beta_end"]),
+        rescale_zero_terminal_snr=rescale,
+    )
 
 
 def _refuse_unless(config: Any, fixed: dict, where: str) -> None:
@@ -87,41 +119,54 @@ def sampling_options(scheduler: Any, sampler: str | None = None) -> dict[str, An
         algorithm = config.get("algorithm_type", "dpmsolver++")
         if algorithm not in _DPM_ALGORITHMS:
             if sampler is None:
-                raise ValueError(f"{where}: algorithm_type={algorithm!r} is not supported (fastdiff takes "
-                                 f"{' or '.join(map(repr, _DPM_ALGORITHMS))})")
+                raise ValueError(
+                    f"{where}: algorithm_type={algorithm!r} is not supported (fastdiff takes "
+                    f"{' or '.join(map(repr, _DPM_ALGORITHMS))})"
+                )
             own = None
         else:
             own = _DPM_ALGORITHMS[algorithm]
     elif sampler is None:
-        raise ValueError(f"{where} is not supported: fastdiff samples as {', '.join(SUPPORTED_SCHEDULERS)}; pass "
-                         "sampler= to run one of fastdiff's samplers on this scheduler's noise schedule")
+        raise ValueError(
+            f"{where} is not supported: fastdiff samples as {', '.join(SUPPORTED_SCHEDULERS)}; pass "
+            "sampler= to run one of fastdiff's samplers on this scheduler's noise schedule"
+        )
     else:
         own = None
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in _PREDICTION:
-        raise ValueError(f"{where}: prediction_type={prediction!r} is not supported (fastdiff takes "
-                         f"{', '.join(map(repr, _PREDICTION))})")
+        raise ValueError(
+            f"{where}: prediction_type={prediction!r} is not supported (fastdiff takes "
+            f"{', '.join(map(repr, _PREDICTION))})"
+        )
     options: dict[str, Any] = dict(
-        sampler=sampler or own, schedule=_schedule(config, where),
-        timestep_spacing=config.get("timestep_spacing", "leading"), steps_offset=int(config.get("steps_offset", 0)),
-        prediction=_PREDICTION[prediction])
+        sampler=sampler or own,
+        schedule=_schedule(config, where),
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        steps_offset=int(config.get("steps_offset", 0)),
+        prediction=_PREDICTION[prediction],
+    )
     if sampler is not None and sampler != own:
         return options
     if own in ("ddim", "ddpm"):
         if config.get("clip_sample", False):
             options["clip_x0"] = float(config.get("clip_sample_range", 1.0))
         if config.get("thresholding", False):
-            options["dynamic_threshold"] = (float(config["dynamic_thresholding_ratio"]),
-                                            float(config["sample_max_value"]))
+            options["dynamic_threshold"] = (
+                float(config["dynamic_thresholding_ratio"]),
+                float(config["sample_max_value"]),
+            )
         if own == "ddim":
             options["set_alpha_to_one"] = bool(config.get("set_alpha_to_one", True))
         else:
             variance = config.get("variance_type", "fixed_small")
             if variance not in ("fixed_small", "fixed_large"):
                 # The pipelines give the scheduler the latent channels only (the learned ones are dropped).
-                raise ValueError(f"{where}: variance_type={variance!r} is not supported by generate (the pipelines "
-                                 "drop a learned variance before the step; fastdiff takes 'fixed_small' or "
-                                 "'fixed_large')")
+                raise ValueError(
+                    f"{where}: variance_type={variance!r} is not supported by generate (the pipelines "
+                    "drop a learned variance before the step; fastdiff takes 'fixed_small' or "
+                    "'fixed_large')"
+                )
             options["variance"] = variance
     elif own == "euler":
         _refuse_unless(config, _EULER_FIXED, where)
@@ -182,9 +227,11 @@ def _kind(pipe: Any) -> str:
         return "dit"
     if names & {"PixArtAlphaPipeline", "PixArtSigmaPipeline"}:
         return "pixart"
-    raise TypeError(f"pipe must be one of diffusers' {', '.join(SUPPORTED_PIPELINES)}, got {type(pipe).__name__} "
-                    "(for another pipeline, fastdiff.patch its models and call it, or drive its denoiser with "
-                    "fastdiff.sample)")
+    raise TypeError(
+        f"pipe must be one of diffusers' {', '.join(SUPPORTED_PIPELINES)}, got {type(pipe).__name__} "
+        "(for another pipeline, fastdiff.patch its models and call it, or drive its denoiser with "
+        "fastdiff.sample)"
+    )
 
 
 def _call_default(pipe: Any, name: str) -> Any:
@@ -203,8 +250,10 @@ def _prompt_batch(prompt: Any, prompt_embeds: torch.Tensor | None, what: str) ->
         raise ValueError(f"give prompt or prompt_embeds{what}, not {'both' if prompt is not None else 'neither'}")
     if prompt is None:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
-            raise ValueError("prompt_embeds must be a (batch, tokens, channels) tensor, got "
-                             f"{getattr(prompt_embeds, 'shape', type(prompt_embeds).__name__)}")
+            raise ValueError(
+                "prompt_embeds must be a (batch, tokens, channels) tensor, got "
+                f"{getattr(prompt_embeds, 'shape', type(prompt_embeds).__name__)}"
+            )
         return prompt_embeds.shape[0]
     if isinstance(prompt, str):
         return 1
@@ -215,8 +264,9 @@ def _prompt_batch(prompt: Any, prompt_embeds: torch.Tensor | None, what: str) ->
 
 def _class_labels(pipe: Any, class_labels: Any, num_classes: int) -> torch.Tensor:
     if class_labels is None:
-        raise ValueError("DiTPipeline: class_labels is required (ints in [0, num_classes) or the pipeline's label "
-                         "names)")
+        raise ValueError(
+            "DiTPipeline: class_labels is required (ints in [0, num_classes) or the pipeline's label names)"
+        )
     if isinstance(class_labels, (int, str)):
         class_labels = [class_labels]
     if isinstance(class_labels, torch.Tensor):
@@ -227,8 +277,10 @@ def _class_labels(pipe: Any, class_labels: Any, num_classes: int) -> torch.Tenso
     for i, v in enumerate(labels):
         if isinstance(v, str):
             if v not in names:
-                raise ValueError(f"class_labels: {v!r} is not one of the pipeline's label names ("
-                                 f"{len(names)} of them, in pipe.labels)")
+                raise ValueError(
+                    f"class_labels: {v!r} is not one of the pipeline's label names ("
+                    f"{len(names)} of them, in pipe.labels)"
+                )
             labels[i] = int(names[v])
     if not labels or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_classes for v in labels):
         raise ValueError(f"class_labels must be ints in [0, {num_classes}) or label names, got {class_labels!r}")
@@ -317,8 +369,10 @@ def generate(
     if not math.isfinite(cfg):
         raise ValueError(f"cfg must be finite, got {cfg}")
     if isinstance(generator, (list, tuple)):
-        raise ValueError("generator must be an int seed or one torch.Generator (fastdiff gives every image its own "
-                         "stream), not a list")
+        raise ValueError(
+            "generator must be an int seed or one torch.Generator (fastdiff gives every image its own "
+            "stream), not a list"
+        )
     scheduler = pipe.scheduler if scheduler is None else scheduler
     options = sampling_options(scheduler, sampler)
     if options["sampler"] == "ddim":
@@ -335,8 +389,9 @@ def generate(
         if height is not None or width is not None:
             raise ValueError("DiTPipeline samples at its transformer's sample size: height and width are not taken")
         if num_images_per_prompt != 1:
-            raise ValueError("num_images_per_prompt is for prompts: give DiT each class label as many times as images "
-                             "are wanted")
+            raise ValueError(
+                "num_images_per_prompt is for prompts: give DiT each class label as many times as images are wanted"
+            )
         num_classes = int(denoiser_module.config.num_embeds_ada_norm)
         labels = _class_labels(pipe, class_labels, num_classes).to(device)
         dtype = denoiser_module.dtype
@@ -356,20 +411,30 @@ def generate(
         width = width or size * scale
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < scale or value % scale:
-                raise ValueError(f"{name} must be a positive multiple of {scale} (the VAE's scale factor), "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{name} must be a positive multiple of {scale} (the VAE's scale factor), got {value!r}"
+                )
         orig_hw = (height, width)
         if kind == "pixart" and use_resolution_binning:
-            height, width = pipe.image_processor.classify_height_width_bin(height, width,
-                                                                           ratios=_aspect_ratio_bin(pipe))
+            height, width = pipe.image_processor.classify_height_width_bin(
+                height, width, ratios=_aspect_ratio_bin(pipe)
+            )
         latent_hw = (height // scale, width // scale)
         if kind == "sd":
             if getattr(denoiser_module.config, "time_cond_proj_dim", None) is not None:
-                raise ValueError("this U-Net takes a guidance embedding (time_cond_proj_dim, an LCM-distilled model): "
-                                 "not supported by generate")
+                raise ValueError(
+                    "this U-Net takes a guidance embedding (time_cond_proj_dim, an LCM-distilled model): "
+                    "not supported by generate"
+                )
             positive, negative = pipe.encode_prompt(
-                prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_cfg,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+            )
             cond, uncond = {"encoder_hidden_states": positive}, {"encoder_hidden_states": negative}
         else:
             if negative_prompt is None and negative_prompt_embeds is None:
@@ -377,17 +442,25 @@ def generate(
             if prompt_embeds is not None and prompt_attention_mask is None:
                 raise ValueError("prompt_attention_mask is required with prompt_embeds (PixArt)")
             positive, mask, negative, negative_mask = pipe.encode_prompt(
-                prompt, do_cfg, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                prompt,
+                do_cfg,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                device=device,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
                 prompt_attention_mask=prompt_attention_mask,
                 negative_prompt_attention_mask=negative_prompt_attention_mask,
                 clean_caption=_call_default(pipe, "clean_caption"),
-                max_sequence_length=_call_default(pipe, "max_sequence_length"))
+                max_sequence_length=_call_default(pipe, "max_sequence_length"),
+            )
             cond = {"encoder_hidden_states": positive, "encoder_attention_mask": mask}
             uncond = {"encoder_hidden_states": negative, "encoder_attention_mask": negative_mask}
             if size == 128 and not _is_sigma(pipe):  # PixArt-α 1024's micro-conditions (Sigma passes none)
-                micro = {"resolution": torch.tensor([[float(height), float(width)]]).repeat(total, 1),
-                         "aspect_ratio": torch.tensor([[float(height / width)]]).repeat(total, 1)}
+                micro = {
+                    "resolution": torch.tensor([[float(height), float(width)]]).repeat(total, 1),
+                    "aspect_ratio": torch.tensor([[float(height / width)]]).repeat(total, 1),
+                }
                 micro = {k: v.to(dtype=positive.dtype, device=device) for k, v in micro.items()}
                 cond.update(micro)
                 uncond.update(micro)
@@ -399,13 +472,28 @@ def generate(
     shape = (total, channels, *latent_hw)
     if latents is not None:
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
-            raise ValueError(f"latents must be a tensor of shape {shape}, got "
-                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+            raise ValueError(
+                f"latents must be a tensor of shape {shape}, got "
+                f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}"
+            )
         latents = latents.to(device=device, dtype=dtype)
     x0 = sample(
-        _denoiser(pipe, kind), shape, noise=latents, steps=steps, cfg=cfg if do_cfg else None, cond=cond,
-        uncond=uncond if do_cfg else None, generator=generator, dtype=dtype, device=device, backend=backend,
-        progress=progress, callback=callback, cuda_graph=cuda_graph, **options)
+        _denoiser(pipe, kind),
+        shape,
+        noise=latents,
+        steps=steps,
+        cfg=cfg if do_cfg else None,
+        cond=cond,
+        uncond=uncond if do_cfg else None,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        backend=backend,
+        progress=progress,
+        callback=callback,
+        cuda_graph=cuda_graph,
+        **options,
+    )
     if output_type == "latent":
         return x0
     vae = pipe.vae
@@ -446,6 +534,8 @@ def _aspect_ratio_bin(pipe: Any) -> dict:
         tables[256] = sigma.ASPECT_RATIO_2048_BIN
     size = pipe.transformer.config.sample_size
     if size not in tables:
-        raise ValueError(f"use_resolution_binning=True needs a transformer sample size of {sorted(tables)} (this one's "
-                         f"is {size}); pass use_resolution_binning=False")
+        raise ValueError(
+            f"use_resolution_binning=True needs a transformer sample size of {sorted(tables)} (this one's "
+            f"is {size}); pass use_resolution_binning=False"
+        )
     return tables[size]

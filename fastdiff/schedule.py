@@ -69,8 +69,9 @@ class Schedule:
             given = betas if betas is not None else alphas_cumprod
             values = torch.as_tensor(np.asarray(given, dtype=np.float64)).to(torch.float32)
             if values.dim() != 1 or values.numel() < 1:
-                raise ValueError(f"Schedule: betas/alphas_cumprod must be a non-empty 1-D sequence, "
-                                 f"got shape {tuple(values.shape)}")
+                raise ValueError(
+                    f"Schedule: betas/alphas_cumprod must be a non-empty 1-D sequence, got shape {tuple(values.shape)}"
+                )
             if not torch.isfinite(values).all():
                 raise ValueError("Schedule: betas/alphas_cumprod must be finite")
             if betas is not None:

@@ -35,11 +35,32 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CACHE_DIR_ENV", "TUNE_ENV", "TUNE_MARGIN", "MEMORY_FORMATS", "cache_path", "machine_key", "enabled", "pick",
-    "alternating_seconds", "measure", "Measurement", "keep", "run_queue_seconds", "busy_mark", "busy_share",
-    "BUSY_LIMIT", "load", "store",
-    "forget", "describe", "choices", "format_choice", "summary", "memory_format_signature",
-    "choose_memory_format", "clear_memory_formats",
+    "CACHE_DIR_ENV",
+    "TUNE_ENV",
+    "TUNE_MARGIN",
+    "MEMORY_FORMATS",
+    "cache_path",
+    "machine_key",
+    "enabled",
+    "pick",
+    "alternating_seconds",
+    "measure",
+    "Measurement",
+    "keep",
+    "run_queue_seconds",
+    "busy_mark",
+    "busy_share",
+    "BUSY_LIMIT",
+    "load",
+    "store",
+    "forget",
+    "describe",
+    "choices",
+    "format_choice",
+    "summary",
+    "memory_format_signature",
+    "choose_memory_format",
+    "clear_memory_formats",
 ]
 
 CACHE_DIR_ENV = "FASTDIFF_CACHE_DIR"
@@ -59,13 +80,16 @@ def enabled() -> bool:
     """Whether auto measures (``FASTDIFF_TUNE=1``, the default) or keeps the static rules (``0``)."""
     value = os.environ.get(TUNE_ENV, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{TUNE_ENV} must be 1 (measure which implementation or memory format is faster, the "
-                         f"default) or 0 (static rules), got {value!r}")
+        raise ValueError(
+            f"{TUNE_ENV} must be 1 (measure which implementation or memory format is faster, the "
+            f"default) or 0 (static rules), got {value!r}"
+        )
     return value == "1"
 
 
-def alternating_seconds(fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.0,
-                        max_repeats: int | None = None) -> dict[str, list[float]]:
+def alternating_seconds(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.0, max_repeats: int | None = None
+) -> dict[str, list[float]]:
     """Wall times of each callable, run in alternating order, one call each per round and the order
     reversed every other round (a slow spell of a shared machine hits them alike): ``repeats``
     rounds, then more while the rounds took under ``min_seconds`` in all, up to ``max_repeats``."""
@@ -134,12 +158,16 @@ class Measurement:
 
     def record(self) -> dict[str, Any]:
         """The fields a decision keeps: each candidate's median in microseconds, rounds, busy."""
-        return {**{f"{name}_us": s * 1e6 for name, s in self.seconds.items()}, "rounds": self.rounds,
-                **({"busy": round(self.busy, 3)} if self.busy is not None else {})}
+        return {
+            **{f"{name}_us": s * 1e6 for name, s in self.seconds.items()},
+            "rounds": self.rounds,
+            **({"busy": round(self.busy, 3)} if self.busy is not None else {}),
+        }
 
 
-def measure(fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.0,
-            max_repeats: int | None = None) -> Measurement:
+def measure(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, min_seconds: float = 0.0, max_repeats: int | None = None
+) -> Measurement:
     """Time the candidates with :func:`alternating_seconds` (``repeats`` rounds, more while under
     ``min_seconds``) and watch how long this process waited for a CPU meanwhile
     (:func:`run_queue_seconds`); while that was more than ``BUSY_LIMIT`` of the wall time (the machine
@@ -167,9 +195,11 @@ def keep(kind: str, signature: str, decision: dict[str, Any], measurement: Measu
     if measurement.steady:
         store(kind, signature, decision)
     else:
-        _warn_once(f"fastdiff: the machine was busy while tuning (this process waited for a CPU "
-                   f"{measurement.busy:.0%} of the time); {kind} choices measured now hold for this process only "
-                   "and are not cached (run `fastdiff tune --again` on a quiet machine)")
+        _warn_once(
+            f"fastdiff: the machine was busy while tuning (this process waited for a CPU "
+            f"{measurement.busy:.0%} of the time); {kind} choices measured now hold for this process only "
+            "and are not cached (run `fastdiff tune --again` on a quiet machine)"
+        )
 
 
 def pick(times: Mapping[str, float], default: str) -> str:
@@ -271,20 +301,32 @@ def describe(kind: str, signature: str, decision: Mapping[str, Any]) -> dict[str
     keyed) and a readable form of it, the choice, the static rule's, each candidate's time in
     microseconds (its median), and the measurement's rounds and how busy the machine was, where recorded."""
     if kind == "conv3x3":
+
         def name(takes: Any) -> str | None:
             return None if takes is None else ("fastdiff" if takes else "onednn")
 
         choice, static, text = name(decision.get("fastdiff")), name(decision.get("static")), _conv3x3_text(signature)
     else:
         choice, static, text = decision.get("choice"), decision.get("static"), signature
-    times = {key[: -len("_us")]: value for key, value in sorted(decision.items())  # one order, measured or read
-             if key.endswith("_us") and isinstance(value, (int, float))}
+    times = {
+        key[: -len("_us")]: value
+        for key, value in sorted(decision.items())  # one order, measured or read
+        if key.endswith("_us") and isinstance(value, (int, float))
+    }
     # conv3x3: which of the kernel's Winograd paths it takes (absent from decisions made before the
     # paths were measured).
     path = decision.get("path") if kind == "conv3x3" and decision.get("fastdiff") else None
     extra = {k: decision[k] for k in ("rounds", "busy") if isinstance(decision.get(k), (int, float))}
-    return {"op": kind, "signature": signature, "description": text, "choice": choice, "static": static,
-            "times_us": times, **({"path": path} if path else {}), **extra}
+    return {
+        "op": kind,
+        "signature": signature,
+        "description": text,
+        "choice": choice,
+        "static": static,
+        "times_us": times,
+        **({"path": path} if path else {}),
+        **extra,
+    }
 
 
 def _natural(text: str) -> list:
@@ -295,10 +337,13 @@ def _natural(text: str) -> list:
 def choices() -> list[dict[str, Any]]:
     """Every decision cached for this machine, described (:func:`describe`), by op and signature."""
     entries = _read(cache_path()).get(machine_key(), {})
-    return [describe(kind, signature, decision)
-            for kind, by_signature in sorted(entries.items()) if isinstance(by_signature, dict)
-            for signature, decision in sorted(by_signature.items(), key=lambda item: _natural(item[0]))
-            if isinstance(decision, dict)]
+    return [
+        describe(kind, signature, decision)
+        for kind, by_signature in sorted(entries.items())
+        if isinstance(by_signature, dict)
+        for signature, decision in sorted(by_signature.items(), key=lambda item: _natural(item[0]))
+        if isinstance(decision, dict)
+    ]
 
 
 def _duration(us: float) -> str:
@@ -313,19 +358,27 @@ def format_choice(choice: Mapping[str, Any], width: int = 0) -> str:
     overturned = f" (static rule: {static})" if static is not None and static != choice["choice"] else ""
     times = ", ".join(f"{name} {_duration(us)}" for name, us in choice["times_us"].items())
     path = f" ({choice['path']} path)" if choice.get("path") else ""
-    return (f"{choice['op']:<13} {choice['description']:<{width}}  -> {choice['choice']}{path}{overturned}"
-            + (f"; medians {times}" if times else "")
-            + (f" ({choice['rounds']} rounds" + (f", busy {choice['busy']:.0%})" if "busy" in choice else ")")
-               if "rounds" in choice else ""))
+    return (
+        f"{choice['op']:<13} {choice['description']:<{width}}  -> {choice['choice']}{path}{overturned}"
+        + (f"; medians {times}" if times else "")
+        + (
+            f" ({choice['rounds']} rounds" + (f", busy {choice['busy']:.0%})" if "busy" in choice else ")")
+            if "rounds" in choice
+            else ""
+        )
+    )
 
 
 def summary() -> dict[str, Any]:
     """For ``fastdiff info``: the file, this machine's key, how many decisions of each kind the file
     holds for it, and each of them (:func:`choices`)."""
     entries = _read(cache_path()).get(machine_key(), {})
-    return {"path": str(cache_path()), "machine": machine_key(),
-            "decisions": {kind: len(v) for kind, v in entries.items() if isinstance(v, dict)},
-            "choices": choices()}
+    return {
+        "path": str(cache_path()),
+        "machine": machine_key(),
+        "decisions": {kind: len(v) for kind, v in entries.items() if isinstance(v, dict)},
+        "choices": choices(),
+    }
 
 
 # ---- the model's memory format -------------------------------------------------------------------
@@ -354,8 +407,13 @@ def clear_memory_formats() -> None:
     _memory_formats.clear()
 
 
-def choose_memory_format(model: torch.nn.Module, signature: str, args: tuple, kwargs: Mapping[str, Any] | None = None,
-                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def choose_memory_format(
+    model: torch.nn.Module,
+    signature: str,
+    args: tuple,
+    kwargs: Mapping[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Which memory format, "channels_last" or "contiguous" (NCHW), runs ``model(*args, **kwargs)``
     faster: this process's or the cache file's decision for ``signature``
     (:func:`memory_format_signature`), else measured: a copy of the model in each format runs one
@@ -386,6 +444,7 @@ def choose_memory_format(model: torch.nn.Module, signature: str, args: tuple, kw
         def run() -> None:
             copies[name](*args, **kwargs)
             sync()
+
         return run
 
     fns = {name: forward(name) for name in MEMORY_FORMATS}

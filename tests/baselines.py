@@ -20,11 +20,15 @@ def design_unet(**overrides):
 
     torch.manual_seed(0)
     config = dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
         block_out_channels=(64, 128, 128, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        num_class_embeds=11, resnet_time_scale_shift="scale_shift",
+        num_class_embeds=11,
+        resnet_time_scale_shift="scale_shift",
     )
     config.update(overrides)
     return UNet2DModel(**config).eval()
@@ -96,9 +100,17 @@ def sd_shaped_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
-                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=256,
+    ).eval()
 
 
 def sd_shaped_pipeline(directory, scheduler=None):
@@ -112,20 +124,51 @@ def sd_shaped_pipeline(directory, scheduler=None):
 
     tokenizer = clip_tokenizer(directory)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
     unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64, attention_head_dim=(1, 2, 2, 2), norm_num_groups=32).eval()
+        cross_attention_dim=64,
+        attention_head_dim=(1, 2, 2, 2),
+        norm_num_groups=32,
+    ).eval()
     vae = sd_shaped_vae()
     if scheduler is None:
-        scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                                  beta_end=0.012, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        scheduler = DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -19,6 +19,7 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+
 def _runs_on_a_gpu(item: pytest.Item) -> bool:
     """Whether a test needs a GPU or runs a CUDA/Triton kernel when one is present: a skipif naming
     CUDA or a GPU, native(cuda=True), a 'cuda' or 'triton' parameter (the backend tests pick the GPU
@@ -204,4 +205,3 @@ def cpu_tensor_skip_reason(backend: str, dtype: torch.dtype = torch.float32) -> 
             return "Triton runs compiled here: CPU tensors need TRITON_INTERPRET=1"
         return "the Triton kernels run float32/float16/bfloat16 only" if dtype == torch.float64 else None
     return f"the {backend} backend runs CUDA tensors only (the GPU tier covers it)"
-

@@ -150,8 +150,11 @@ class OpCase:
         backend runs them, e.g. Triton's interpreter)."""
         found: list[str] = []
         for call in calls:
-            found += [r for r in self.support.why_not(backend, self.inputs(call))
-                      if not isinstance(r, ExplicitOnly) and r not in found]
+            found += [
+                r
+                for r in self.support.why_not(backend, self.inputs(call))
+                if not isinstance(r, ExplicitOnly) and r not in found
+            ]
         return found
 
     # -- the grid
@@ -172,8 +175,16 @@ class OpCase:
         a strict xfail (it fails the suite once the bug is fixed, so the mark goes with the fix)."""
         return None
 
-    def calls(self, spec: Any, dtype: torch.dtype, layout: str, device: str | torch.device, *, full: bool = True,
-              seed: int = 0) -> list[Call]:
+    def calls(
+        self,
+        spec: Any,
+        dtype: torch.dtype,
+        layout: str,
+        device: str | torch.device,
+        *,
+        full: bool = True,
+        seed: int = 0,
+    ) -> list[Call]:
         """The calls one grid point makes (``full=False``: the Triton interpreter's fewer variants)."""
         raise NotImplementedError
 
@@ -195,7 +206,7 @@ class OpCase:
         what = what or call.what
         self.expect(out, call)
         exact, eager = self.oracle(call)
-        outs, exacts, eagers = ((out, exact, eager) if isinstance(out, tuple) else ((out,), (exact,), (eager,)))
+        outs, exacts, eagers = (out, exact, eager) if isinstance(out, tuple) else ((out,), (exact,), (eager,))
         for i, (o, x, e) in enumerate(zip(outs, exacts, eagers, strict=True)):
             if o is None and x is None:
                 continue
@@ -253,12 +264,15 @@ class GroupNormAdaGN(OpCase):
         ((2, 24, 29, 31), 8),
     ]
     shapes = [(f"{param_id(s)}-G{g}", (s, g)) for s, g in SHAPES]
-    triton_shapes = [(f"{param_id(s)}-G{g}", (s, g)) for s, g in [((2, 40, 5, 3), 8), ((3, 6, 1, 1), 6),
-                                                                 ((1, 12, 3, 4, 5), 3)]]
+    triton_shapes = [
+        (f"{param_id(s)}-G{g}", (s, g)) for s, g in [((2, 40, 5, 3), 8), ((3, 6, 1, 1), 6), ((1, 12, 3, 4, 5), 3)]
+    ]
     # small groups (one kernel, group in shared memory) and large ones (statistics + apply pair), each
     # with rows that take 16-byte vectors and rows that do not (H*W or C/G not a multiple of 16 bytes)
-    cuda_shapes = [(f"cuda-{param_id(s)}-G{g}", (s, g)) for s, g in [
-        ((2, 64, 8, 8), 8), ((2, 320, 64, 64), 32), ((1, 64, 128, 128), 1), ((3, 30, 45, 47), 5)]]
+    cuda_shapes = [
+        (f"cuda-{param_id(s)}-G{g}", (s, g))
+        for s, g in [((2, 64, 8, 8), 8), ((2, 320, 64, 64), 32), ((1, 64, 128, 128), 1), ((3, 30, 45, 47), 5)]
+    ]
     float64_shapes = [("(2,12,5,7)-G4", ((2, 12, 5, 7), 4)), ("(1,12,3,4,5)-G3", ((1, 12, 3, 4, 5), 3))]
 
     from fastdiff.reference import group_norm_adagn as reference
@@ -298,9 +312,17 @@ class GroupNormAdaGN(OpCase):
         g = generator(seed)
         x = self.make_x(shape, dtype, layout, device, g)
         variants = [(k, a) for k in self.PARTS for a in (None, "silu")] if full else [("all", "silu")]
-        return [self.call(x, G, self.make_parts(kind, shape[0], shape[1], dtype, device, g), act,
-                          f"{dtype} {shape} G={G} {layout} parts={kind} act={act}", layout)
-                for kind, act in variants]
+        return [
+            self.call(
+                x,
+                G,
+                self.make_parts(kind, shape[0], shape[1], dtype, device, g),
+                act,
+                f"{dtype} {shape} G={G} {layout} parts={kind} act={act}",
+                layout,
+            )
+            for kind, act in variants
+        ]
 
     def expect(self, out, call):
         x = call.args[0]
@@ -323,20 +345,49 @@ class GroupNormAdaGN(OpCase):
         f32 = torch.float32
         samples = [
             (x, 3, parts["weight"], parts["bias"], parts["scale"], parts["shift"], parts["pre_shift"], 1e-5, True),
-            (x, 6, None, randn(g, 6, dtype=f32, device=device), randn(g, 2, 6, dtype=f32, device=device), None,
-             None, 1e-6, False),
+            (
+                x,
+                6,
+                None,
+                randn(g, 6, dtype=f32, device=device),
+                randn(g, 2, 6, dtype=f32, device=device),
+                None,
+                None,
+                1e-6,
+                False,
+            ),
         ]
         if dtype in (torch.float32, torch.float64):
             grad_x = x.detach().clone().requires_grad_()
             w = randn(g, 6, dtype=dtype, device=device).requires_grad_()
             s = randn(g, 2, 6, dtype=dtype, device=device).requires_grad_()
-            samples.append((grad_x, 2, w, None, s, randn(g, 2, 6, dtype=dtype, device=device),
-                            randn(g, 2, 6, dtype=dtype, device=device), 1e-5, True))
+            samples.append(
+                (
+                    grad_x,
+                    2,
+                    w,
+                    None,
+                    s,
+                    randn(g, 2, 6, dtype=dtype, device=device),
+                    randn(g, 2, 6, dtype=dtype, device=device),
+                    1e-5,
+                    True,
+                )
+            )
         return samples
 
     def native_args(self):
-        return dict(x=torch.randn(2, 8, 4, 4), num_groups=4, weight=None, bias=None, scale=None, shift=None,
-                    pre_shift=None, eps=1e-5, silu=True)
+        return dict(
+            x=torch.randn(2, 8, 4, 4),
+            num_groups=4,
+            weight=None,
+            bias=None,
+            scale=None,
+            shift=None,
+            pre_shift=None,
+            eps=1e-5,
+            silu=True,
+        )
 
     def check_meta(self):
         x = torch.empty(2, 8, 5, 7, device="meta", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -350,68 +401,171 @@ class GroupNormAdaGN(OpCase):
 
     bad_inputs = [
         BadInput("x-list", lambda: (([[1.0]], 1), {}), TypeError, r"x must be a tensor, got list"),
-        BadInput("x-int", lambda: ((torch.ones(2, 4, 3, dtype=torch.int64), 2), {}), TypeError,
-                 r"x must be a floating tensor, got torch\.int64"),
-        BadInput("x-1d", lambda: ((torch.randn(8), 2), {}), ValueError,
-                 r"x must have shape \(B, C, \*spatial\), got \(8,\)"),
-        BadInput("groups-3", lambda: ((GroupNormAdaGN._x(), 3), {}), ValueError,
-                 r"channels \(8\) must be divisible by num_groups \(3\)"),
-        BadInput("groups-0", lambda: ((GroupNormAdaGN._x(), 0), {}), ValueError,
-                 r"channels \(8\) must be divisible by num_groups \(0\)"),
-        BadInput("groups-bool", lambda: ((GroupNormAdaGN._x(), True), {}), ValueError,
-                 r"divisible by num_groups \(True\), num_groups a positive int"),
+        BadInput(
+            "x-int",
+            lambda: ((torch.ones(2, 4, 3, dtype=torch.int64), 2), {}),
+            TypeError,
+            r"x must be a floating tensor, got torch\.int64",
+        ),
+        BadInput(
+            "x-1d", lambda: ((torch.randn(8), 2), {}), ValueError, r"x must have shape \(B, C, \*spatial\), got \(8,\)"
+        ),
+        BadInput(
+            "groups-3",
+            lambda: ((GroupNormAdaGN._x(), 3), {}),
+            ValueError,
+            r"channels \(8\) must be divisible by num_groups \(3\)",
+        ),
+        BadInput(
+            "groups-0",
+            lambda: ((GroupNormAdaGN._x(), 0), {}),
+            ValueError,
+            r"channels \(8\) must be divisible by num_groups \(0\)",
+        ),
+        BadInput(
+            "groups-bool",
+            lambda: ((GroupNormAdaGN._x(), True), {}),
+            ValueError,
+            r"divisible by num_groups \(True\), num_groups a positive int",
+        ),
         BadInput("groups-float", lambda: ((GroupNormAdaGN._x(), 4.0), {}), ValueError, r"num_groups a positive int"),
-        BadInput("eps-negative", lambda: ((GroupNormAdaGN._x(), 4), {"eps": -1e-5}), ValueError,
-                 r"eps must be a finite real number >= 0, got -1e-05"),
-        BadInput("eps-nan", lambda: ((GroupNormAdaGN._x(), 4), {"eps": math.nan}), ValueError,
-                 r"eps must be a finite real number >= 0, got nan"),
-        BadInput("activation", lambda: ((GroupNormAdaGN._x(), 4), {"activation": "gelu"}), ValueError,
-                 r"activation must be one of \(None, 'silu'\), got 'gelu'"),
-        BadInput("weight-shape", lambda: ((GroupNormAdaGN._x(), 4), {"weight": torch.randn(4)}), ValueError,
-                 r"weight must have shape \(8,\), got \(4,\)"),
-        BadInput("bias-shape", lambda: ((GroupNormAdaGN._x(), 4), {"bias": torch.randn(2, 8)}), ValueError,
-                 r"bias must have shape \(8,\), got \(2, 8\)"),
-        BadInput("scale-shape", lambda: ((GroupNormAdaGN._x(), 4), {"scale": torch.randn(3, 8)}), ValueError,
-                 r"scale must have shape \(2, 8\), got \(3, 8\)"),
-        BadInput("shift-shape", lambda: ((GroupNormAdaGN._x(), 4), {"shift": torch.randn(8)}), ValueError,
-                 r"shift must have shape \(2, 8\), got \(8,\)"),
-        BadInput("pre_shift-list", lambda: ((GroupNormAdaGN._x(), 4), {"pre_shift": [0.0] * 8}), TypeError,
-                 r"pre_shift must be a tensor or None, got list"),
-        BadInput("scale-device", lambda: ((GroupNormAdaGN._x(), 4), {"scale": torch.empty(2, 8, device="meta")}),
-                 ValueError, r"scale is on meta but x is on cpu"),
+        BadInput(
+            "eps-negative",
+            lambda: ((GroupNormAdaGN._x(), 4), {"eps": -1e-5}),
+            ValueError,
+            r"eps must be a finite real number >= 0, got -1e-05",
+        ),
+        BadInput(
+            "eps-nan",
+            lambda: ((GroupNormAdaGN._x(), 4), {"eps": math.nan}),
+            ValueError,
+            r"eps must be a finite real number >= 0, got nan",
+        ),
+        BadInput(
+            "activation",
+            lambda: ((GroupNormAdaGN._x(), 4), {"activation": "gelu"}),
+            ValueError,
+            r"activation must be one of \(None, 'silu'\), got 'gelu'",
+        ),
+        BadInput(
+            "weight-shape",
+            lambda: ((GroupNormAdaGN._x(), 4), {"weight": torch.randn(4)}),
+            ValueError,
+            r"weight must have shape \(8,\), got \(4,\)",
+        ),
+        BadInput(
+            "bias-shape",
+            lambda: ((GroupNormAdaGN._x(), 4), {"bias": torch.randn(2, 8)}),
+            ValueError,
+            r"bias must have shape \(8,\), got \(2, 8\)",
+        ),
+        BadInput(
+            "scale-shape",
+            lambda: ((GroupNormAdaGN._x(), 4), {"scale": torch.randn(3, 8)}),
+            ValueError,
+            r"scale must have shape \(2, 8\), got \(3, 8\)",
+        ),
+        BadInput(
+            "shift-shape",
+            lambda: ((GroupNormAdaGN._x(), 4), {"shift": torch.randn(8)}),
+            ValueError,
+            r"shift must have shape \(2, 8\), got \(8,\)",
+        ),
+        BadInput(
+            "pre_shift-list",
+            lambda: ((GroupNormAdaGN._x(), 4), {"pre_shift": [0.0] * 8}),
+            TypeError,
+            r"pre_shift must be a tensor or None, got list",
+        ),
+        BadInput(
+            "scale-device",
+            lambda: ((GroupNormAdaGN._x(), 4), {"scale": torch.empty(2, 8, device="meta")}),
+            ValueError,
+            r"scale is on meta but x is on cpu",
+        ),
     ]
     native_bad_inputs = [
-        NativeBadInput("x-1d", lambda: {"x": torch.randn(8)}, r"group_norm_adagn: x must have shape \(B, C, "
-                       r"\*spatial\) with at least 2 dimensions, got 1 dimension", ("cpu", "meta")),
-        NativeBadInput("x-int", lambda: {"x": torch.ones(2, 8, 3, dtype=torch.int32)},
-                       r"group_norm_adagn: x dtype must be float32, float64, float16 or bfloat16, got Int",
-                       ("cpu", "meta")),
-        NativeBadInput("groups-0", lambda: {"num_groups": 0}, r"group_norm_adagn: num_groups must be >= 1, got 0",
-                       ("cpu", "meta")),
-        NativeBadInput("groups-3", lambda: {"num_groups": 3},
-                       r"group_norm_adagn: channels \(8\) must be divisible by num_groups \(3\)", ("cpu", "meta")),
-        NativeBadInput("eps-negative", lambda: {"eps": -1.0}, r"group_norm_adagn: eps must be finite and >= 0, got -1",
-                       ("cpu", "meta")),
-        NativeBadInput("eps-inf", lambda: {"eps": math.inf},
-                       r"group_norm_adagn: eps must be finite and >= 0, got inf", ("cpu", "meta")),
-        NativeBadInput("weight-shape", lambda: {"weight": torch.randn(4)},
-                       r"group_norm_adagn: weight must have shape \(C,\) = \[8\], got \[4\]", ("cpu", "meta")),
-        NativeBadInput("bias-shape", lambda: {"bias": torch.randn(1, 8)},
-                       r"group_norm_adagn: bias must have shape \(C,\) = \[8\], got \[1, 8\]", ("cpu", "meta")),
-        NativeBadInput("scale-shape", lambda: {"scale": torch.randn(3, 8)},
-                       r"group_norm_adagn: scale must have shape \(B, C\) = \[2, 8\], got \[3, 8\]", ("cpu", "meta")),
-        NativeBadInput("shift-shape", lambda: {"shift": torch.randn(8)},
-                       r"group_norm_adagn: shift must have shape \(B, C\) = \[2, 8\], got \[8\]", ("cpu", "meta")),
-        NativeBadInput("pre_shift-shape", lambda: {"pre_shift": torch.randn(2, 4)},
-                       r"group_norm_adagn: pre_shift must have shape \(B, C\) = \[2, 8\]", ("cpu", "meta")),
-        NativeBadInput("scale-dtype", lambda: {"scale": torch.randn(2, 8, dtype=torch.float64)},
-                       r"group_norm_adagn: scale dtype must be x's dtype \(Float\) or float32, got Double",
-                       ("cpu", "meta")),
-        NativeBadInput("weight-dtype", lambda: {"x": torch.randn(2, 8, 4).half(), "weight": torch.randn(8).bfloat16()},
-                       r"group_norm_adagn: weight dtype must be x's dtype \(Half\) or float32, got BFloat16",
-                       ("cpu", "meta")),
-        NativeBadInput("shift-device", lambda: {"shift": torch.empty(2, 8, device="meta")},
-                       r"group_norm_adagn: shift is on meta but x is on cpu"),
+        NativeBadInput(
+            "x-1d",
+            lambda: {"x": torch.randn(8)},
+            r"group_norm_adagn: x must have shape \(B, C, "
+            r"\*spatial\) with at least 2 dimensions, got 1 dimension",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "x-int",
+            lambda: {"x": torch.ones(2, 8, 3, dtype=torch.int32)},
+            r"group_norm_adagn: x dtype must be float32, float64, float16 or bfloat16, got Int",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "groups-0", lambda: {"num_groups": 0}, r"group_norm_adagn: num_groups must be >= 1, got 0", ("cpu", "meta")
+        ),
+        NativeBadInput(
+            "groups-3",
+            lambda: {"num_groups": 3},
+            r"group_norm_adagn: channels \(8\) must be divisible by num_groups \(3\)",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "eps-negative",
+            lambda: {"eps": -1.0},
+            r"group_norm_adagn: eps must be finite and >= 0, got -1",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "eps-inf",
+            lambda: {"eps": math.inf},
+            r"group_norm_adagn: eps must be finite and >= 0, got inf",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-shape",
+            lambda: {"weight": torch.randn(4)},
+            r"group_norm_adagn: weight must have shape \(C,\) = \[8\], got \[4\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "bias-shape",
+            lambda: {"bias": torch.randn(1, 8)},
+            r"group_norm_adagn: bias must have shape \(C,\) = \[8\], got \[1, 8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "scale-shape",
+            lambda: {"scale": torch.randn(3, 8)},
+            r"group_norm_adagn: scale must have shape \(B, C\) = \[2, 8\], got \[3, 8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "shift-shape",
+            lambda: {"shift": torch.randn(8)},
+            r"group_norm_adagn: shift must have shape \(B, C\) = \[2, 8\], got \[8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "pre_shift-shape",
+            lambda: {"pre_shift": torch.randn(2, 4)},
+            r"group_norm_adagn: pre_shift must have shape \(B, C\) = \[2, 8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "scale-dtype",
+            lambda: {"scale": torch.randn(2, 8, dtype=torch.float64)},
+            r"group_norm_adagn: scale dtype must be x's dtype \(Float\) or float32, got Double",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-dtype",
+            lambda: {"x": torch.randn(2, 8, 4).half(), "weight": torch.randn(8).bfloat16()},
+            r"group_norm_adagn: weight dtype must be x's dtype \(Half\) or float32, got BFloat16",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "shift-device",
+            lambda: {"shift": torch.empty(2, 8, device="meta")},
+            r"group_norm_adagn: shift is on meta but x is on cpu",
+        ),
     ]
 
 
@@ -431,10 +585,13 @@ class LayerNormModulate(OpCase):
     triton_op = "layer_norm_modulate_triton"
     layouts = ("contiguous", "strided-rows", "transposed")
     PARTS = ("none", "affine", "modulate", "all")
-    shapes = [(param_id(s), s) for s in [(2, 7, 1), (1, 13, 3), (3, 17, 77), (2, 5, 1152), (5, 31, 64),
-                                         (1, 3, 5003), (3, 67, 256)]]
+    shapes = [
+        (param_id(s), s)
+        for s in [(2, 7, 1), (1, 13, 3), (3, 17, 77), (2, 5, 1152), (5, 31, 64), (1, 3, 5003), (3, 67, 256)]
+    ]
     triton_shapes = [(param_id(s), s) for s in [(2, 7, 1), (1, 13, 3), (3, 17, 77), (1, 5, 1152)]] + (
-        [(param_id(s), s) for s in [(5, 67, 40), (2, 300, 384), (1, 3, 5003)]] if full_triton_grid() else [])
+        [(param_id(s), s) for s in [(5, 67, 40), (2, 300, 384), (1, 3, 5003)]] if full_triton_grid() else []
+    )
     # warp kernel (row in registers) with 16-byte vectors and without, at its largest vectorized row
     # (1536) and just past it; the block kernel (D = 8192 vectorized)
     cuda_shapes = [(f"cuda-{param_id(s)}", s) for s in [(8, 256, 1152), (2, 5, 1536), (2, 5, 1544), (2, 3, 8192)]]
@@ -473,8 +630,15 @@ class LayerNormModulate(OpCase):
     def calls(self, spec, dtype, layout, device, *, full=True, seed=0):
         g = generator(seed)
         x = self.make_x(spec, dtype, layout, device, g)
-        return [self.call(x, self.make_parts(kind, spec[0], spec[2], dtype, device, g),
-                          what=f"{dtype} {spec} {layout} parts={kind}", layout=layout) for kind in self.PARTS]
+        return [
+            self.call(
+                x,
+                self.make_parts(kind, spec[0], spec[2], dtype, device, g),
+                what=f"{dtype} {spec} {layout} parts={kind}",
+                layout=layout,
+            )
+            for kind in self.PARTS
+        ]
 
     def expect(self, out, call):
         x = call.args[0]
@@ -494,8 +658,9 @@ class LayerNormModulate(OpCase):
         if kind == "triton":
             return [*samples, (x, None, None, None, None, 1e-5)]
         f32 = torch.float32
-        samples.append((x, None, randn(g, 24, dtype=f32, device=device), randn(g, 2, 24, dtype=f32, device=device),
-                        None, 1e-5))
+        samples.append(
+            (x, None, randn(g, 24, dtype=f32, device=device), randn(g, 2, 24, dtype=f32, device=device), None, 1e-5)
+        )
         if dtype in (torch.float32, torch.float64):
             grad_x = x.detach().clone().requires_grad_()
             w = randn(g, 24, dtype=dtype, device=device).requires_grad_()
@@ -518,65 +683,160 @@ class LayerNormModulate(OpCase):
 
     bad_inputs = [
         BadInput("x-list", lambda: (([[1.0]],), {}), TypeError, r"x must be a tensor, got list"),
-        BadInput("x-int", lambda: ((torch.ones(2, 4, 3, dtype=torch.int64),), {}), TypeError,
-                 r"x must be a floating tensor, got torch\.int64"),
-        BadInput("x-2d", lambda: ((torch.randn(8, 4),), {}), ValueError,
-                 r"x must have shape \(B, N, D\), got \(8, 4\)"),
-        BadInput("x-4d", lambda: ((torch.randn(2, 3, 4, 5),), {}), ValueError,
-                 r"x must have shape \(B, N, D\), got \(2, 3, 4, 5\)"),
-        BadInput("x-D0", lambda: ((torch.randn(2, 3, 0),), {}), ValueError,
-                 r"x must have D >= 1 features, got shape \(2, 3, 0\)"),
-        BadInput("eps-negative", lambda: ((LayerNormModulate._x(),), {"eps": -1e-5}), ValueError,
-                 r"eps must be a finite real number >= 0, got -1e-05"),
-        BadInput("eps-nan", lambda: ((LayerNormModulate._x(),), {"eps": math.nan}), ValueError,
-                 r"eps must be a finite real number >= 0, got nan"),
-        BadInput("eps-str", lambda: ((LayerNormModulate._x(),), {"eps": "1e-6"}), ValueError,
-                 r"eps must be a finite real number >= 0, got '1e-6'"),
-        BadInput("weight-shape", lambda: ((LayerNormModulate._x(),), {"weight": torch.randn(4)}), ValueError,
-                 r"weight must have shape \(8,\), got \(4,\)"),
-        BadInput("bias-shape", lambda: ((LayerNormModulate._x(),), {"bias": torch.randn(2, 8)}), ValueError,
-                 r"bias must have shape \(8,\), got \(2, 8\)"),
-        BadInput("scale-shape", lambda: ((LayerNormModulate._x(),), {"scale": torch.randn(3, 8)}), ValueError,
-                 r"scale must have shape \(2, 8\), got \(3, 8\)"),
-        BadInput("scale-3d", lambda: ((LayerNormModulate._x(),), {"scale": torch.randn(2, 1, 8)}), ValueError,
-                 r"scale must have shape \(2, 8\), got \(2, 1, 8\)"),
-        BadInput("shift-shape", lambda: ((LayerNormModulate._x(),), {"shift": torch.randn(8)}), ValueError,
-                 r"shift must have shape \(2, 8\), got \(8,\)"),
-        BadInput("shift-list", lambda: ((LayerNormModulate._x(),), {"shift": [0.0] * 8}), TypeError,
-                 r"shift must be a tensor or None, got list"),
-        BadInput("weight-int", lambda: ((LayerNormModulate._x(),), {"weight": torch.ones(8, dtype=torch.int32)}),
-                 TypeError, r"weight must be a floating tensor, got torch\.int32"),
-        BadInput("scale-device", lambda: ((LayerNormModulate._x(),), {"scale": torch.empty(2, 8, device="meta")}),
-                 ValueError, r"scale is on meta but x is on cpu"),
+        BadInput(
+            "x-int",
+            lambda: ((torch.ones(2, 4, 3, dtype=torch.int64),), {}),
+            TypeError,
+            r"x must be a floating tensor, got torch\.int64",
+        ),
+        BadInput(
+            "x-2d", lambda: ((torch.randn(8, 4),), {}), ValueError, r"x must have shape \(B, N, D\), got \(8, 4\)"
+        ),
+        BadInput(
+            "x-4d",
+            lambda: ((torch.randn(2, 3, 4, 5),), {}),
+            ValueError,
+            r"x must have shape \(B, N, D\), got \(2, 3, 4, 5\)",
+        ),
+        BadInput(
+            "x-D0",
+            lambda: ((torch.randn(2, 3, 0),), {}),
+            ValueError,
+            r"x must have D >= 1 features, got shape \(2, 3, 0\)",
+        ),
+        BadInput(
+            "eps-negative",
+            lambda: ((LayerNormModulate._x(),), {"eps": -1e-5}),
+            ValueError,
+            r"eps must be a finite real number >= 0, got -1e-05",
+        ),
+        BadInput(
+            "eps-nan",
+            lambda: ((LayerNormModulate._x(),), {"eps": math.nan}),
+            ValueError,
+            r"eps must be a finite real number >= 0, got nan",
+        ),
+        BadInput(
+            "eps-str",
+            lambda: ((LayerNormModulate._x(),), {"eps": "1e-6"}),
+            ValueError,
+            r"eps must be a finite real number >= 0, got '1e-6'",
+        ),
+        BadInput(
+            "weight-shape",
+            lambda: ((LayerNormModulate._x(),), {"weight": torch.randn(4)}),
+            ValueError,
+            r"weight must have shape \(8,\), got \(4,\)",
+        ),
+        BadInput(
+            "bias-shape",
+            lambda: ((LayerNormModulate._x(),), {"bias": torch.randn(2, 8)}),
+            ValueError,
+            r"bias must have shape \(8,\), got \(2, 8\)",
+        ),
+        BadInput(
+            "scale-shape",
+            lambda: ((LayerNormModulate._x(),), {"scale": torch.randn(3, 8)}),
+            ValueError,
+            r"scale must have shape \(2, 8\), got \(3, 8\)",
+        ),
+        BadInput(
+            "scale-3d",
+            lambda: ((LayerNormModulate._x(),), {"scale": torch.randn(2, 1, 8)}),
+            ValueError,
+            r"scale must have shape \(2, 8\), got \(2, 1, 8\)",
+        ),
+        BadInput(
+            "shift-shape",
+            lambda: ((LayerNormModulate._x(),), {"shift": torch.randn(8)}),
+            ValueError,
+            r"shift must have shape \(2, 8\), got \(8,\)",
+        ),
+        BadInput(
+            "shift-list",
+            lambda: ((LayerNormModulate._x(),), {"shift": [0.0] * 8}),
+            TypeError,
+            r"shift must be a tensor or None, got list",
+        ),
+        BadInput(
+            "weight-int",
+            lambda: ((LayerNormModulate._x(),), {"weight": torch.ones(8, dtype=torch.int32)}),
+            TypeError,
+            r"weight must be a floating tensor, got torch\.int32",
+        ),
+        BadInput(
+            "scale-device",
+            lambda: ((LayerNormModulate._x(),), {"scale": torch.empty(2, 8, device="meta")}),
+            ValueError,
+            r"scale is on meta but x is on cpu",
+        ),
     ]
     native_bad_inputs = [
-        NativeBadInput("x-2d", lambda: {"x": torch.randn(8, 4)},
-                       r"layer_norm_modulate: x must have shape \(B, N, D\), got 2 dimension\(s\) \[8, 4",
-                       ("cpu", "meta")),
-        NativeBadInput("x-int", lambda: {"x": torch.ones(2, 8, 3, dtype=torch.int32)},
-                       r"layer_norm_modulate: x dtype must be float32, float64, float16 or bfloat16, got Int",
-                       ("cpu", "meta")),
-        NativeBadInput("eps-negative", lambda: {"eps": -1.0},
-                       r"layer_norm_modulate: eps must be finite and >= 0, got -1", ("cpu", "meta")),
-        NativeBadInput("eps-inf", lambda: {"eps": math.inf},
-                       r"layer_norm_modulate: eps must be finite and >= 0, got inf", ("cpu", "meta")),
-        NativeBadInput("weight-shape", lambda: {"weight": torch.randn(4)},
-                       r"layer_norm_modulate: weight must have shape \(D,\) = \[8\], got \[4\]", ("cpu", "meta")),
-        NativeBadInput("bias-shape", lambda: {"bias": torch.randn(1, 8)},
-                       r"layer_norm_modulate: bias must have shape \(D,\) = \[8\], got \[1, 8\]", ("cpu", "meta")),
-        NativeBadInput("scale-shape", lambda: {"scale": torch.randn(3, 8)},
-                       r"layer_norm_modulate: scale must have shape \(B, D\) = \[2, 8\], got \[3, 8\]",
-                       ("cpu", "meta")),
-        NativeBadInput("shift-shape", lambda: {"shift": torch.randn(8)},
-                       r"layer_norm_modulate: shift must have shape \(B, D\) = \[2, 8\], got \[8\]", ("cpu", "meta")),
-        NativeBadInput("scale-dtype", lambda: {"scale": torch.randn(2, 8, dtype=torch.float64)},
-                       r"layer_norm_modulate: scale dtype must be x's dtype \(Float\) or float32, got Double",
-                       ("cpu", "meta")),
-        NativeBadInput("weight-dtype", lambda: {"x": torch.randn(2, 4, 8).half(), "weight": torch.randn(8).bfloat16()},
-                       r"layer_norm_modulate: weight dtype must be x's dtype \(Half\) or float32, got BFloat16",
-                       ("cpu", "meta")),
-        NativeBadInput("shift-device", lambda: {"shift": torch.empty(2, 8, device="meta")},
-                       r"layer_norm_modulate: shift is on meta but x is on cpu"),
+        NativeBadInput(
+            "x-2d",
+            lambda: {"x": torch.randn(8, 4)},
+            r"layer_norm_modulate: x must have shape \(B, N, D\), got 2 dimension\(s\) \[8, 4",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "x-int",
+            lambda: {"x": torch.ones(2, 8, 3, dtype=torch.int32)},
+            r"layer_norm_modulate: x dtype must be float32, float64, float16 or bfloat16, got Int",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "eps-negative",
+            lambda: {"eps": -1.0},
+            r"layer_norm_modulate: eps must be finite and >= 0, got -1",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "eps-inf",
+            lambda: {"eps": math.inf},
+            r"layer_norm_modulate: eps must be finite and >= 0, got inf",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-shape",
+            lambda: {"weight": torch.randn(4)},
+            r"layer_norm_modulate: weight must have shape \(D,\) = \[8\], got \[4\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "bias-shape",
+            lambda: {"bias": torch.randn(1, 8)},
+            r"layer_norm_modulate: bias must have shape \(D,\) = \[8\], got \[1, 8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "scale-shape",
+            lambda: {"scale": torch.randn(3, 8)},
+            r"layer_norm_modulate: scale must have shape \(B, D\) = \[2, 8\], got \[3, 8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "shift-shape",
+            lambda: {"shift": torch.randn(8)},
+            r"layer_norm_modulate: shift must have shape \(B, D\) = \[2, 8\], got \[8\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "scale-dtype",
+            lambda: {"scale": torch.randn(2, 8, dtype=torch.float64)},
+            r"layer_norm_modulate: scale dtype must be x's dtype \(Float\) or float32, got Double",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-dtype",
+            lambda: {"x": torch.randn(2, 4, 8).half(), "weight": torch.randn(8).bfloat16()},
+            r"layer_norm_modulate: weight dtype must be x's dtype \(Half\) or float32, got BFloat16",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "shift-device",
+            lambda: {"shift": torch.empty(2, 8, device="meta")},
+            r"layer_norm_modulate: shift is on meta but x is on cpu",
+        ),
     ]
 
 
@@ -594,8 +854,9 @@ class CfgCombine(OpCase):
     native_op = "cfg_combine"
     layouts = ("contiguous", "transposed", "strided-rows", "expanded")
     SCALES = (4.0, 1.0, 0.0, -2.5)
-    shapes = [(f"{rows}x{param_id(rest)}", (rows, *rest)) for rest in ((3,), (4, 7, 9), (1, 1, 1))
-              for rows in (2, 6, 14)] + [("2x(3,129,129)", (2, 3, 129, 129))]
+    shapes = [
+        (f"{rows}x{param_id(rest)}", (rows, *rest)) for rest in ((3,), (4, 7, 9), (1, 1, 1)) for rows in (2, 6, 14)
+    ] + [("2x(3,129,129)", (2, 3, 129, 129))]
     float64_shapes = [("6x(5,)", (6, 5)), ("2x(3,129,129)", (2, 3, 129, 129))]
 
     from fastdiff.reference.guidance import cfg_combine as reference
@@ -649,33 +910,69 @@ class CfgCombine(OpCase):
         assert out.shape == (3, 4, 7) and out.dtype == torch.bfloat16 and out.device.type == "meta"
 
     bad_inputs = [
-        BadInput("list", lambda: (([[1.0, 2.0], [3.0, 4.0]], 1.0), {}), TypeError,
-                 r"model_out must be a torch\.Tensor, got list"),
-        BadInput("int", lambda: ((torch.ones(4, 3, dtype=torch.int64), 1.0), {}), TypeError,
-                 r"model_out must be a floating tensor.*int64"),
-        BadInput("complex", lambda: ((torch.ones(4, 3, dtype=torch.complex64), 1.0), {}), TypeError,
-                 r"model_out must be a floating tensor"),
-        BadInput("0-d", lambda: ((torch.tensor(1.0), 1.0), {}), ValueError,
-                 r"model_out must have an even number.*got shape \(\)"),
-        BadInput("odd-rows", lambda: ((torch.ones(3, 4), 1.0), {}), ValueError,
-                 r"model_out must have an even number.*\(3, 4\)"),
-        BadInput("no-rows", lambda: ((torch.ones(0, 4), 1.0), {}), ValueError,
-                 r"model_out must have an even number \(>= 2\).*\(0, 4\)"),
+        BadInput(
+            "list",
+            lambda: (([[1.0, 2.0], [3.0, 4.0]], 1.0), {}),
+            TypeError,
+            r"model_out must be a torch\.Tensor, got list",
+        ),
+        BadInput(
+            "int",
+            lambda: ((torch.ones(4, 3, dtype=torch.int64), 1.0), {}),
+            TypeError,
+            r"model_out must be a floating tensor.*int64",
+        ),
+        BadInput(
+            "complex",
+            lambda: ((torch.ones(4, 3, dtype=torch.complex64), 1.0), {}),
+            TypeError,
+            r"model_out must be a floating tensor",
+        ),
+        BadInput(
+            "0-d",
+            lambda: ((torch.tensor(1.0), 1.0), {}),
+            ValueError,
+            r"model_out must have an even number.*got shape \(\)",
+        ),
+        BadInput(
+            "odd-rows",
+            lambda: ((torch.ones(3, 4), 1.0), {}),
+            ValueError,
+            r"model_out must have an even number.*\(3, 4\)",
+        ),
+        BadInput(
+            "no-rows",
+            lambda: ((torch.ones(0, 4), 1.0), {}),
+            ValueError,
+            r"model_out must have an even number \(>= 2\).*\(0, 4\)",
+        ),
         BadInput("scale-str", lambda: ((torch.ones(4, 3), "2"), {}), TypeError, r"scale must be a real number.*str"),
         BadInput("scale-bool", lambda: ((torch.ones(4, 3), True), {}), TypeError, r"scale must be a real number.*bool"),
-        BadInput("scale-tensor", lambda: ((torch.ones(4, 3), torch.tensor(2.0)), {}), TypeError,
-                 r"scale must be a real number.*Tensor"),
+        BadInput(
+            "scale-tensor",
+            lambda: ((torch.ones(4, 3), torch.tensor(2.0)), {}),
+            TypeError,
+            r"scale must be a real number.*Tensor",
+        ),
         BadInput("scale-nan", lambda: ((torch.ones(4, 3), math.nan), {}), ValueError, r"scale must be finite, got nan"),
-        BadInput("scale-inf", lambda: ((torch.ones(4, 3), -math.inf), {}), ValueError,
-                 r"scale must be finite, got -inf"),
+        BadInput(
+            "scale-inf", lambda: ((torch.ones(4, 3), -math.inf), {}), ValueError, r"scale must be finite, got -inf"
+        ),
     ]
     native_bad_inputs = [
-        NativeBadInput("odd-rows", lambda: {"model_out": torch.ones(3, 2)},
-                       r"cfg_combine: model_out must have an even number of rows .* got 3"),
-        NativeBadInput("int", lambda: {"model_out": torch.ones(4, 2, dtype=torch.int32)},
-                       r"cfg_combine: model_out dtype must be float32, float64, float16 or bfloat16, got Int"),
-        NativeBadInput("0-d", lambda: {"model_out": torch.tensor(1.0)},
-                       r"cfg_combine: model_out must have at least 1 dimension"),
+        NativeBadInput(
+            "odd-rows",
+            lambda: {"model_out": torch.ones(3, 2)},
+            r"cfg_combine: model_out must have an even number of rows .* got 3",
+        ),
+        NativeBadInput(
+            "int",
+            lambda: {"model_out": torch.ones(4, 2, dtype=torch.int32)},
+            r"cfg_combine: model_out dtype must be float32, float64, float16 or bfloat16, got Int",
+        ),
+        NativeBadInput(
+            "0-d", lambda: {"model_out": torch.tensor(1.0)}, r"cfg_combine: model_out must have at least 1 dimension"
+        ),
         NativeBadInput("scale-inf", lambda: {"scale": math.inf}, r"cfg_combine: scale must be finite, got inf"),
     ]
 
@@ -750,13 +1047,30 @@ def step_oracle(sampler, i, x, out, noise, cfg, upcast, history=None):
     if isinstance(sampler, DPMSolverPlusPlus2MSampler):
         before = sampler.alpha_before(i)
         before = None if before is None else before.to(device=x.device, dtype=table)
-        return dpmpp_2m_step(x, out[:, :C], a, ap, prediction=sampler.prediction, alpha_before=before,
-                             previous_x0=history, sde=sampler.sde, noise=noise if sampler.draws_noise(i) else None,
-                             upcast=upcast)
+        return dpmpp_2m_step(
+            x,
+            out[:, :C],
+            a,
+            ap,
+            prediction=sampler.prediction,
+            alpha_before=before,
+            previous_x0=history,
+            sde=sampler.sde,
+            noise=noise if sampler.draws_noise(i) else None,
+            upcast=upcast,
+        )
     if isinstance(sampler, EulerSampler):
         add = sampler.draws_noise(i)
-        return euler_step(x, out[:, :C], a, ap, prediction=sampler.prediction, ancestral=sampler.ancestral,
-                          noise=noise if add else None, upcast=upcast)
+        return euler_step(
+            x,
+            out[:, :C],
+            a,
+            ap,
+            prediction=sampler.prediction,
+            ancestral=sampler.ancestral,
+            noise=noise if add else None,
+            upcast=upcast,
+        )
     common = dict(prediction=sampler.prediction, clip=sampler.clip_x0, upcast=upcast)
     if isinstance(sampler, DDIMSampler):
         return ddim_step(x, out[:, :C], a, ap, eta=sampler.eta, noise=noise, **common)
@@ -774,12 +1088,17 @@ class SamplerStep(OpCase):
     op = "sampler_step"
     native_op = "sampler_step"
     layouts = ("contiguous", "channels_last", "strided")
-    shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
-              for name, shape in SAMPLER_SHAPES.items()]
-    triton_shapes = [(f"{config}-7x9", (config, SAMPLER_SHAPES["7x9"]))
-                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m-v")]
-    float64_shapes = [("ddpm-learned-7x9", ("ddpm-learned", (3, 4, 7, 9))),
-                      ("ddim-v-eta-clip-1d-prime", ("ddim-v-eta-clip", (2, 5, 13)))]
+    shapes = [
+        (f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS for name, shape in SAMPLER_SHAPES.items()
+    ]
+    triton_shapes = [
+        (f"{config}-7x9", (config, SAMPLER_SHAPES["7x9"]))
+        for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m-v")
+    ]
+    float64_shapes = [
+        ("ddpm-learned-7x9", ("ddpm-learned", (3, 4, 7, 9))),
+        ("ddim-v-eta-clip-1d-prime", ("ddim-v-eta-clip", (2, 5, 13))),
+    ]
 
     def applies(self, spec, layout):
         return layout != "channels_last" or len(spec[1]) == 4
@@ -791,12 +1110,21 @@ class SamplerStep(OpCase):
         for guided in (False, True):
             x, out, noise = step_inputs(sampler, shape, guided, dtype, device, layout, seed)
             for i in STEP_INDICES:
-                kwargs = dict(cfg_scale=CFG if guided else None, learned_range=learned_range(sampler),
-                              clip=sampler.clip_x0, noise=noise if sampler.draws_noise(i) else None, return_x0=True)
+                kwargs = dict(
+                    cfg_scale=CFG if guided else None,
+                    learned_range=learned_range(sampler),
+                    clip=sampler.clip_x0,
+                    noise=noise if sampler.draws_noise(i) else None,
+                    return_x0=True,
+                )
                 if sampler.multistep:  # the previous step's x0: any values (not the noise's), in its layout
                     kwargs["history"] = noise * -0.5 + 0.1
-                call = Call((x, out, sampler.coefs, i), kwargs,
-                            f"{dtype} {config} {'cfg' if guided else 'plain'} {shape} {layout} step {i}", layout)
+                call = Call(
+                    (x, out, sampler.coefs, i),
+                    kwargs,
+                    f"{dtype} {config} {'cfg' if guided else 'plain'} {shape} {layout} step {i}",
+                    layout,
+                )
                 call.sampler = sampler
                 calls.append(call)
         return calls
@@ -825,17 +1153,38 @@ class SamplerStep(OpCase):
     def opcheck_samples(self, kind, dtype, variant, device):
         sampler = make_sampler("ddpm-learned" if "learned" in variant else "ddim-v-eta-clip", dtype, device)
         x, out, noise = step_inputs(sampler, (2, 3, 5, 4), "cfg" in variant, dtype, device)
-        return [(x, out, sampler.coefs, torch.tensor(3, device=device), 2.0, "learned" in variant,
-                 1.0 if "clip" in variant else math.inf,
-                 torch.full((2,), 1.3, device=device) if "threshold" in variant else None,
-                 noise if "noise" in variant else None,
-                 torch.tensor(11, device=device) if "philox" in variant else None, "x0" in variant)]
+        return [
+            (
+                x,
+                out,
+                sampler.coefs,
+                torch.tensor(3, device=device),
+                2.0,
+                "learned" in variant,
+                1.0 if "clip" in variant else math.inf,
+                torch.full((2,), 1.3, device=device) if "threshold" in variant else None,
+                noise if "noise" in variant else None,
+                torch.tensor(11, device=device) if "philox" in variant else None,
+                "x0" in variant,
+            )
+        ]
 
     def native_args(self):
         sampler = make_sampler("ddim-eps")
         x, out, _ = step_inputs(sampler, (2, 3, 5, 4), False, torch.float32, "cpu")
-        return dict(x=x, model_output=out, coefs=sampler.coefs, step=torch.tensor(1), cfg_scale=1.0,
-                    learned_range=False, clip=math.inf, threshold=None, noise=None, philox_seed=None, return_x0=False)
+        return dict(
+            x=x,
+            model_output=out,
+            coefs=sampler.coefs,
+            step=torch.tensor(1),
+            cfg_scale=1.0,
+            learned_range=False,
+            clip=math.inf,
+            threshold=None,
+            noise=None,
+            philox_seed=None,
+            return_x0=False,
+        )
 
     def check_meta(self):
         args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in self.native_args().items()}
@@ -852,56 +1201,110 @@ class SamplerStep(OpCase):
         return (args.pop("x"), args.pop("model_output"), args.pop("coefs"), args.pop("step")), args
 
     bad_inputs = [
-        BadInput("rows", lambda: SamplerStep._bad(model_output=torch.randn(3, 3, 5, 4)), ValueError,
-                 r"B \(2\) rows, or 2B \(4\)"),
-        BadInput("2B-rows-no-cfg", lambda: SamplerStep._bad(model_output=torch.randn(4, 3, 5, 4)), ValueError,
-                 "2B rows .* but cfg_scale is None"),
-        BadInput("learned_range", lambda: SamplerStep._bad(learned_range=True), ValueError,
-                 r"must have 2C \(6\) channels"),
+        BadInput(
+            "rows",
+            lambda: SamplerStep._bad(model_output=torch.randn(3, 3, 5, 4)),
+            ValueError,
+            r"B \(2\) rows, or 2B \(4\)",
+        ),
+        BadInput(
+            "2B-rows-no-cfg",
+            lambda: SamplerStep._bad(model_output=torch.randn(4, 3, 5, 4)),
+            ValueError,
+            "2B rows .* but cfg_scale is None",
+        ),
+        BadInput(
+            "learned_range", lambda: SamplerStep._bad(learned_range=True), ValueError, r"must have 2C \(6\) channels"
+        ),
         BadInput("step-range", lambda: SamplerStep._bad(step=10), ValueError, r"step must be in \[0, 10\)"),
-        BadInput("step-float", lambda: SamplerStep._bad(step=1.5), TypeError,
-                 "step must be an int or a one-element int64 tensor"),
-        BadInput("coefs", lambda: SamplerStep._bad(coefs=torch.randn(10, 5)), ValueError,
-                 r"coefs must be a float32/float64 table \(steps, 12\)"),
+        BadInput(
+            "step-float",
+            lambda: SamplerStep._bad(step=1.5),
+            TypeError,
+            "step must be an int or a one-element int64 tensor",
+        ),
+        BadInput(
+            "coefs",
+            lambda: SamplerStep._bad(coefs=torch.randn(10, 5)),
+            ValueError,
+            r"coefs must be a float32/float64 table \(steps, 12\)",
+        ),
         BadInput("clip", lambda: SamplerStep._bad(clip=-1.0), ValueError, "clip must be a positive number"),
-        BadInput("noise-and-philox", lambda: SamplerStep._bad(noise=torch.randn(2, 3, 5, 4), philox_seed=3),
-                 ValueError, "noise or philox_seed, not both"),
+        BadInput(
+            "noise-and-philox",
+            lambda: SamplerStep._bad(noise=torch.randn(2, 3, 5, 4), philox_seed=3),
+            ValueError,
+            "noise or philox_seed, not both",
+        ),
         BadInput("philox_seed", lambda: SamplerStep._bad(philox_seed=-3), ValueError, "philox_seed must be an int"),
-        BadInput("x-int", lambda: SamplerStep._bad(x=torch.ones(2, 3, 5, 4, dtype=torch.int64)), TypeError,
-                 "x must be a floating tensor"),
-        BadInput("clip-and-threshold", lambda: SamplerStep._bad(threshold=torch.ones(2), clip=1.0), ValueError,
-                 "clip or threshold, not both"),
-        BadInput("history-shape", lambda: SamplerStep._bad(history=torch.randn(2, 3, 5)), ValueError,
-                 r"history must be a tensor like x \(\(2, 3, 5, 4\), torch.float32, cpu\) holding the previous"),
-        BadInput("history-dtype", lambda: SamplerStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
-                 ValueError, "history must be a tensor like x .* got \\(2, 3, 5, 4\\) torch.float64"),
+        BadInput(
+            "x-int",
+            lambda: SamplerStep._bad(x=torch.ones(2, 3, 5, 4, dtype=torch.int64)),
+            TypeError,
+            "x must be a floating tensor",
+        ),
+        BadInput(
+            "clip-and-threshold",
+            lambda: SamplerStep._bad(threshold=torch.ones(2), clip=1.0),
+            ValueError,
+            "clip or threshold, not both",
+        ),
+        BadInput(
+            "history-shape",
+            lambda: SamplerStep._bad(history=torch.randn(2, 3, 5)),
+            ValueError,
+            r"history must be a tensor like x \(\(2, 3, 5, 4\), torch.float32, cpu\) holding the previous",
+        ),
+        BadInput(
+            "history-dtype",
+            lambda: SamplerStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+            ValueError,
+            "history must be a tensor like x .* got \\(2, 3, 5, 4\\) torch.float64",
+        ),
     ]
     native_bad_inputs = [
-        NativeBadInput("rows", lambda: dict(model_output=torch.randn(3, 3, 5, 4)),
-                       r"model_output must have B \(2\) rows, or 2B \(4\)"),
-        NativeBadInput("channels", lambda: dict(model_output=torch.randn(2, 5, 5, 4)),
-                       r"must have C \(3\) channels, or 2C \(6\)"),
-        NativeBadInput("learned_range", lambda: dict(learned_range=True),
-                       r"learned_range needs 2C \(6\) model_output channels"),
+        NativeBadInput(
+            "rows",
+            lambda: dict(model_output=torch.randn(3, 3, 5, 4)),
+            r"model_output must have B \(2\) rows, or 2B \(4\)",
+        ),
+        NativeBadInput(
+            "channels", lambda: dict(model_output=torch.randn(2, 5, 5, 4)), r"must have C \(3\) channels, or 2C \(6\)"
+        ),
+        NativeBadInput(
+            "learned_range", lambda: dict(learned_range=True), r"learned_range needs 2C \(6\) model_output channels"
+        ),
         NativeBadInput("spatial", lambda: dict(model_output=torch.randn(2, 3, 5, 5)), "spatial size"),
-        NativeBadInput("model_output-dtype", lambda: dict(model_output=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
-                       "model_output dtype"),
-        NativeBadInput("x-int", lambda: dict(x=torch.ones(2, 3, 5, 4, dtype=torch.int32)),
-                       "x dtype must be float32, float64, float16 or bfloat16"),
+        NativeBadInput(
+            "model_output-dtype",
+            lambda: dict(model_output=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+            "model_output dtype",
+        ),
+        NativeBadInput(
+            "x-int",
+            lambda: dict(x=torch.ones(2, 3, 5, 4, dtype=torch.int32)),
+            "x dtype must be float32, float64, float16 or bfloat16",
+        ),
         NativeBadInput("x-1d", lambda: dict(x=torch.randn(6)), r"x must have shape \(B, C, \*spatial\)"),
         NativeBadInput("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 12\)"),
         NativeBadInput("step-10", lambda: dict(step=torch.tensor(10)), r"step index 10 is out of range \[0, 10\)"),
         NativeBadInput("step-negative", lambda: dict(step=torch.tensor(-1)), r"step index -1 is out of range"),
         NativeBadInput("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor"),
         NativeBadInput("noise-shape", lambda: dict(noise=torch.randn(2, 3, 5)), "noise must have x's shape"),
-        NativeBadInput("noise-and-philox", lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
-                       "noise or philox_seed, not both"),
+        NativeBadInput(
+            "noise-and-philox",
+            lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
+            "noise or philox_seed, not both",
+        ),
         NativeBadInput("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)"),
         NativeBadInput("cfg_scale", lambda: dict(cfg_scale=math.nan), "cfg_scale must be finite"),
         NativeBadInput("threshold", lambda: dict(threshold=torch.ones(3)), r"threshold must have shape \(2,\)"),
         NativeBadInput("history-shape", lambda: dict(history=torch.randn(2, 3, 5)), "history must have x's shape"),
-        NativeBadInput("history-dtype", lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
-                       r"history dtype \(Double\) must equal x's \(Float\)"),
+        NativeBadInput(
+            "history-dtype",
+            lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+            r"history dtype \(Double\) must equal x's \(Float\)",
+        ),
     ]
 
 
@@ -922,9 +1325,11 @@ def _loop_bad(id: str, overrides: Callable[[], dict], match: str, devices=("cpu"
 
 def _loop_shares(name: str) -> Callable[[], dict]:
     """Overrides that put ``name`` in x_in's memory (the step would read it half-updated)."""
+
     def overrides():
         x_in = torch.randn(4, 3, 5, 4)
         return {"x_in": x_in, name: x_in if name == "model_output" else x_in[2:]}
+
     return overrides
 
 
@@ -945,11 +1350,13 @@ class SamplerLoopStep(OpCase):
     op = "sampler_loop_step"
     native_op = "sampler_loop_step"
     layouts = ("contiguous", "views")
-    shapes = [(f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS
-              for name, shape in LOOP_SHAPES.items()]
-    triton_shapes = [(f"{config}-7x9", (config, LOOP_SHAPES["7x9"]))
-                     for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m_sde-eps-karras",
-                                    "euler-x0-linspace")]
+    shapes = [
+        (f"{config}-{name}", (config, shape)) for config in SAMPLER_CONFIGS for name, shape in LOOP_SHAPES.items()
+    ]
+    triton_shapes = [
+        (f"{config}-7x9", (config, LOOP_SHAPES["7x9"]))
+        for config in ("ddim-v-eta-clip", "ddpm-learned", "euler_a-eps", "dpmpp_2m_sde-eps-karras", "euler-x0-linspace")
+    ]
     cuda_shapes = [(f"cuda-{config}-8x8", (config, (2, 4, 8, 8))) for config in SAMPLER_CONFIGS]
     float64_shapes = shapes
 
@@ -957,8 +1364,22 @@ class SamplerLoopStep(OpCase):
         shape = spec[1]
         return layout == "contiguous" or (shape[0] > 0 and math.prod(shape[2:]) > 1)  # else no view to tell apart
 
-    def make_call(self, config, shape, dtype, device="cpu", *, guided, draw="none", step=0, threshold=False,
-                  cfg64=False, layout="contiguous", seed=0, sampler=None) -> Call:
+    def make_call(
+        self,
+        config,
+        shape,
+        dtype,
+        device="cpu",
+        *,
+        guided,
+        draw="none",
+        step=0,
+        threshold=False,
+        cfg64=False,
+        layout="contiguous",
+        seed=0,
+        sampler=None,
+    ) -> Call:
         """One call of the public op (its arguments on ``device``); ``call.sampler`` is the sampler."""
         sampler = sampler or make_sampler(config, dtype, device)
         g = generator(seed)
@@ -968,29 +1389,46 @@ class SamplerLoopStep(OpCase):
         if threshold:
             out[:, :C] *= 4  # x0 beyond the thresholds (learned variances stay in [-1, 1])
         if layout == "views":
-            out = (out.contiguous(memory_format=torch.channels_last) if out.dim() == 4
-                   else torch.cat([out, out], dim=-1)[..., ::2])
+            out = (
+                out.contiguous(memory_format=torch.channels_last)
+                if out.dim() == 4
+                else torch.cat([out, out], dim=-1)[..., ::2]
+            )
             noise = torch.cat([noise, noise], dim=-1)[..., ::2]
             assert not out.is_contiguous() and not noise.is_contiguous()
         cfg = None
         if guided:
-            cfg = (torch.tensor(CFG64, dtype=torch.float64, device=device) if cfg64  # 0-d is one element too
-                   else torch.tensor([CFG], dtype=torch.float32, device=device))
+            cfg = (
+                torch.tensor(CFG64, dtype=torch.float64, device=device)
+                if cfg64  # 0-d is one element too
+                else torch.tensor([CFG], dtype=torch.float32, device=device)
+            )
         kwargs = dict(
-            cfg_scale=cfg, learned_range=learned_range(sampler), clip=None if threshold else sampler.clip_x0,
-            threshold=thresholds, noise=noise if draw == "tensor" else None,
-            philox_seed=(torch.tensor(PHILOX_SEED, device=device) if draw == "philox"
-                         else torch.tensor([PHILOX_SEED, PHILOX_FIRST], device=device) if draw == "philox2" else None),
+            cfg_scale=cfg,
+            learned_range=learned_range(sampler),
+            clip=None if threshold else sampler.clip_x0,
+            threshold=thresholds,
+            noise=noise if draw == "tensor" else None,
+            philox_seed=(
+                torch.tensor(PHILOX_SEED, device=device)
+                if draw == "philox"
+                else torch.tensor([PHILOX_SEED, PHILOX_FIRST], device=device)
+                if draw == "philox2"
+                else None
+            ),
             t_in=torch.full((2 * B if guided else B,), -1, dtype=sampler.timesteps_device.dtype, device=device),
             timesteps=sampler.timesteps_device,
         )
         if sampler.multistep:  # the loop's buffer of the previous x0, which the step rewrites
             kwargs["history"] = torch.randn(shape, generator=g).to(dtype=dtype, device=device)
         x_in = torch.cat([x, x]) if guided else x
-        what = (f"{dtype} {config} {shape} {layout} {'cfg' if guided else 'plain'}{'64' if cfg64 else ''} {draw}"
-                f"{' threshold' if threshold else ''} step {step}")
-        call = Call((x_in, out, sampler.coefs, torch.tensor(step, dtype=torch.int64, device=device)), kwargs, what,
-                    layout)
+        what = (
+            f"{dtype} {config} {shape} {layout} {'cfg' if guided else 'plain'}{'64' if cfg64 else ''} {draw}"
+            f"{' threshold' if threshold else ''} step {step}"
+        )
+        call = Call(
+            (x_in, out, sampler.coefs, torch.tensor(step, dtype=torch.int64, device=device)), kwargs, what, layout
+        )
         call.sampler = sampler
         return call
 
@@ -999,27 +1437,45 @@ class SamplerLoopStep(OpCase):
         sampler = make_sampler(config, dtype, device)
         variants = []
         for guided in (False, True):
-            variants += [dict(guided=guided, draw=draw, step=i) for draw in DRAWS for i in STEP_INDICES
-                         if draw != "tensor" or sampler.draws_noise(i)]
-            variants.append(dict(guided=guided, draw="tensor" if sampler.draws_noise(3) else "none", step=3,
-                                 threshold=True))
+            variants += [
+                dict(guided=guided, draw=draw, step=i)
+                for draw in DRAWS
+                for i in STEP_INDICES
+                if draw != "tensor" or sampler.draws_noise(i)
+            ]
+            variants.append(
+                dict(guided=guided, draw="tensor" if sampler.draws_noise(3) else "none", step=3, threshold=True)
+            )
         variants.append(dict(guided=True, step=5, cfg64=True))
         if sampler.draws_noise(STEP_INDICES[1]):  # Philox counted from a batch's first image, wrapping past 2**32
             variants += [dict(guided=guided, draw="philox2", step=STEP_INDICES[1]) for guided in (False, True)]
         if not full:  # the Triton interpreter: every kind once (the middle step)
             variants = [v for v in variants if v["step"] != STEP_INDICES[0] and v["step"] != STEP_INDICES[-1]]
-        return [self.make_call(config, shape, dtype, device, layout=layout, seed=seed + v["step"], sampler=sampler,
-                               **v) for v in variants]
+        return [
+            self.make_call(config, shape, dtype, device, layout=layout, seed=seed + v["step"], sampler=sampler, **v)
+            for v in variants
+        ]
 
     @staticmethod
     def native_kwargs(call: Call) -> dict:
         """The native op's arguments of a public call, in schema order (clip a float, inf for none)."""
         x_in, out, coefs, step = call.args
         kw = call.kwargs
-        return dict(x_in=x_in, model_output=out, coefs=coefs, step=step, cfg_scale=kw["cfg_scale"],
-                    learned_range=kw["learned_range"], clip=math.inf if kw["clip"] is None else float(kw["clip"]),
-                    threshold=kw["threshold"], noise=kw["noise"], philox_seed=kw["philox_seed"], t_in=kw["t_in"],
-                    timesteps=kw["timesteps"], history=kw.get("history"))
+        return dict(
+            x_in=x_in,
+            model_output=out,
+            coefs=coefs,
+            step=step,
+            cfg_scale=kw["cfg_scale"],
+            learned_range=kw["learned_range"],
+            clip=math.inf if kw["clip"] is None else float(kw["clip"]),
+            threshold=kw["threshold"],
+            noise=kw["noise"],
+            philox_seed=kw["philox_seed"],
+            t_in=kw["t_in"],
+            timesteps=kw["timesteps"],
+            history=kw.get("history"),
+        )
 
     @staticmethod
     def _state(x_in, step, t_in, history=None):
@@ -1075,9 +1531,17 @@ class SamplerLoopStep(OpCase):
 
     def opcheck_samples(self, kind, dtype, variant, device):
         config = "ddpm-learned" if "learned" in variant else "ddim-v-eta-clip"
-        call = self.make_call(config, (2, 3, 5, 4), dtype, device, guided="cfg" in variant, step=3,
-                              draw="philox" if "philox" in variant else "tensor" if "noise" in variant else "none",
-                              threshold="threshold" in variant, cfg64="cfg64" in variant)
+        call = self.make_call(
+            config,
+            (2, 3, 5, 4),
+            dtype,
+            device,
+            guided="cfg" in variant,
+            step=3,
+            draw="philox" if "philox" in variant else "tensor" if "noise" in variant else "none",
+            threshold="threshold" in variant,
+            cfg64="cfg64" in variant,
+        )
         args = self.native_kwargs(call)
         if "no-t_in" in variant:
             args.update(t_in=None, timesteps=None)
@@ -1113,90 +1577,223 @@ class SamplerLoopStep(OpCase):
         return SamplerLoopStep._bad(model_output=out, history=out[2:])
 
     bad_inputs = [
-        BadInput("model_output-shares-x_in", lambda: SamplerLoopStep._shared("model_output"), ValueError,
-                 "sampler_loop_step: model_output shares memory with x_in"),
-        BadInput("noise-shares-x_in", lambda: SamplerLoopStep._shared("noise"), ValueError,
-                 "sampler_loop_step: noise shares memory with x_in"),
-        BadInput("x_in-strided", lambda: SamplerLoopStep._bad(x_in=torch.randn(4, 3, 5, 8)[..., ::2]), ValueError,
-                 "sampler_loop_step: x_in must be contiguous"),
-        BadInput("x_in-odd-rows", lambda: SamplerLoopStep._bad(x_in=torch.randn(5, 3, 5, 4),
-                                                               model_output=torch.randn(5, 3, 5, 4)),
-                 ValueError, r"sampler_loop_step: with cfg_scale x_in holds x twice \(2B rows\), got 5 rows"),
-        BadInput("cfg_scale-float", lambda: SamplerLoopStep._bad(cfg_scale=3.5), ValueError,
-                 "sampler_loop_step: cfg_scale must be None or a one-element float32/float64 tensor"),
-        BadInput("step-int", lambda: SamplerLoopStep._bad(step=1), TypeError,
-                 "sampler_loop_step: step must be a one-element int64 tensor"),
-        BadInput("philox_seed-int", lambda: SamplerLoopStep._bad(philox_seed=3), TypeError,
-                 "sampler_loop_step: philox_seed must be None or a one- or two-element int64 tensor"),
-        BadInput("t_in-alone", lambda: SamplerLoopStep._bad(timesteps=None), ValueError,
-                 "sampler_loop_step: give t_in and timesteps together"),
-        BadInput("t_in-int32", lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)), ValueError,
-                 r"sampler_loop_step: t_in must be a 1-D int64 \(or float32\) tensor"),
-        BadInput("timesteps-dtype", lambda: SamplerLoopStep._bad(timesteps=torch.zeros(10)), ValueError,
-                 "sampler_loop_step: t_in and timesteps must have one dtype, got torch.int64 and torch.float32"),
-        BadInput("model_output-rows", lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)), ValueError,
-                 "sampler_loop_step: model_output must have x_in's 4 rows"),
-        BadInput("history-shares-x_in", lambda: SamplerLoopStep._shared("history"), ValueError,
-                 "sampler_loop_step: history shares memory with x_in"),
-        BadInput("history-shares-model_output", lambda: SamplerLoopStep._history_shares_model_output(), ValueError,
-                 "sampler_loop_step: model_output shares memory with history"),
-        BadInput("history-2B-rows", lambda: SamplerLoopStep._bad(history=torch.randn(4, 3, 5, 4)), ValueError,
-                 r"sampler_loop_step: history must be a contiguous tensor like x_in\[:B\] \(\(2, 3, 5, 4\)"),
-        BadInput("history-strided", lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 8)[..., ::2]),
-                 ValueError, "sampler_loop_step: history must be a contiguous tensor .* not contiguous"),
-        BadInput("history-dtype", lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
-                 ValueError, "sampler_loop_step: history must be a contiguous tensor .* torch.float64"),
+        BadInput(
+            "model_output-shares-x_in",
+            lambda: SamplerLoopStep._shared("model_output"),
+            ValueError,
+            "sampler_loop_step: model_output shares memory with x_in",
+        ),
+        BadInput(
+            "noise-shares-x_in",
+            lambda: SamplerLoopStep._shared("noise"),
+            ValueError,
+            "sampler_loop_step: noise shares memory with x_in",
+        ),
+        BadInput(
+            "x_in-strided",
+            lambda: SamplerLoopStep._bad(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
+            ValueError,
+            "sampler_loop_step: x_in must be contiguous",
+        ),
+        BadInput(
+            "x_in-odd-rows",
+            lambda: SamplerLoopStep._bad(x_in=torch.randn(5, 3, 5, 4), model_output=torch.randn(5, 3, 5, 4)),
+            ValueError,
+            r"sampler_loop_step: with cfg_scale x_in holds x twice \(2B rows\), got 5 rows",
+        ),
+        BadInput(
+            "cfg_scale-float",
+            lambda: SamplerLoopStep._bad(cfg_scale=3.5),
+            ValueError,
+            "sampler_loop_step: cfg_scale must be None or a one-element float32/float64 tensor",
+        ),
+        BadInput(
+            "step-int",
+            lambda: SamplerLoopStep._bad(step=1),
+            TypeError,
+            "sampler_loop_step: step must be a one-element int64 tensor",
+        ),
+        BadInput(
+            "philox_seed-int",
+            lambda: SamplerLoopStep._bad(philox_seed=3),
+            TypeError,
+            "sampler_loop_step: philox_seed must be None or a one- or two-element int64 tensor",
+        ),
+        BadInput(
+            "t_in-alone",
+            lambda: SamplerLoopStep._bad(timesteps=None),
+            ValueError,
+            "sampler_loop_step: give t_in and timesteps together",
+        ),
+        BadInput(
+            "t_in-int32",
+            lambda: SamplerLoopStep._bad(t_in=torch.zeros(4, dtype=torch.int32)),
+            ValueError,
+            r"sampler_loop_step: t_in must be a 1-D int64 \(or float32\) tensor",
+        ),
+        BadInput(
+            "timesteps-dtype",
+            lambda: SamplerLoopStep._bad(timesteps=torch.zeros(10)),
+            ValueError,
+            "sampler_loop_step: t_in and timesteps must have one dtype, got torch.int64 and torch.float32",
+        ),
+        BadInput(
+            "model_output-rows",
+            lambda: SamplerLoopStep._bad(model_output=torch.randn(2, 3, 5, 4)),
+            ValueError,
+            "sampler_loop_step: model_output must have x_in's 4 rows",
+        ),
+        BadInput(
+            "history-shares-x_in",
+            lambda: SamplerLoopStep._shared("history"),
+            ValueError,
+            "sampler_loop_step: history shares memory with x_in",
+        ),
+        BadInput(
+            "history-shares-model_output",
+            lambda: SamplerLoopStep._history_shares_model_output(),
+            ValueError,
+            "sampler_loop_step: model_output shares memory with history",
+        ),
+        BadInput(
+            "history-2B-rows",
+            lambda: SamplerLoopStep._bad(history=torch.randn(4, 3, 5, 4)),
+            ValueError,
+            r"sampler_loop_step: history must be a contiguous tensor like x_in\[:B\] \(\(2, 3, 5, 4\)",
+        ),
+        BadInput(
+            "history-strided",
+            lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 8)[..., ::2]),
+            ValueError,
+            "sampler_loop_step: history must be a contiguous tensor .* not contiguous",
+        ),
+        BadInput(
+            "history-dtype",
+            lambda: SamplerLoopStep._bad(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+            ValueError,
+            "sampler_loop_step: history must be a contiguous tensor .* torch.float64",
+        ),
     ]
     native_bad_inputs = [
-        _loop_bad("x_in-strided", lambda: dict(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
-                  r"x_in must be contiguous \(NCHW order\)"),
-        _loop_bad("x_in-channels_last", lambda: dict(x_in=torch.randn(4, 3, 5, 4).contiguous(
-            memory_format=torch.channels_last)), "x_in must be contiguous", META),
-        _loop_bad("x_in-odd-rows", lambda: dict(x_in=torch.randn(5, 3, 5, 4), model_output=torch.randn(5, 3, 5, 4)),
-                  "with cfg_scale, x_in must have 2B rows .* got an odd 5"),
-        _loop_bad("model_output-rows", lambda: dict(model_output=torch.randn(2, 3, 5, 4)),
-                  r"model_output must have x_in's 4 rows \(2B"),
-        _loop_bad("rows-no-cfg", lambda: dict(cfg_scale=None, x_in=torch.randn(2, 3, 5, 4)),
-                  r"model_output must have x_in's 2 rows \(B: no cfg_scale"),
-        _loop_bad("cfg_scale-int", lambda: dict(cfg_scale=torch.tensor([2])),
-                  "cfg_scale must be a one-element float32 or float64 tensor", META),
-        _loop_bad("cfg_scale-half", lambda: dict(cfg_scale=torch.tensor([2.0], dtype=torch.float16)),
-                  "cfg_scale must be a one-element float32", META),
-        _loop_bad("cfg_scale-2", lambda: dict(cfg_scale=torch.tensor([2.0, 3.0])),
-                  "cfg_scale must hold one value, got 2"),
+        _loop_bad(
+            "x_in-strided",
+            lambda: dict(x_in=torch.randn(4, 3, 5, 8)[..., ::2]),
+            r"x_in must be contiguous \(NCHW order\)",
+        ),
+        _loop_bad(
+            "x_in-channels_last",
+            lambda: dict(x_in=torch.randn(4, 3, 5, 4).contiguous(memory_format=torch.channels_last)),
+            "x_in must be contiguous",
+            META,
+        ),
+        _loop_bad(
+            "x_in-odd-rows",
+            lambda: dict(x_in=torch.randn(5, 3, 5, 4), model_output=torch.randn(5, 3, 5, 4)),
+            "with cfg_scale, x_in must have 2B rows .* got an odd 5",
+        ),
+        _loop_bad(
+            "model_output-rows",
+            lambda: dict(model_output=torch.randn(2, 3, 5, 4)),
+            r"model_output must have x_in's 4 rows \(2B",
+        ),
+        _loop_bad(
+            "rows-no-cfg",
+            lambda: dict(cfg_scale=None, x_in=torch.randn(2, 3, 5, 4)),
+            r"model_output must have x_in's 2 rows \(B: no cfg_scale",
+        ),
+        _loop_bad(
+            "cfg_scale-int",
+            lambda: dict(cfg_scale=torch.tensor([2])),
+            "cfg_scale must be a one-element float32 or float64 tensor",
+            META,
+        ),
+        _loop_bad(
+            "cfg_scale-half",
+            lambda: dict(cfg_scale=torch.tensor([2.0], dtype=torch.float16)),
+            "cfg_scale must be a one-element float32",
+            META,
+        ),
+        _loop_bad(
+            "cfg_scale-2", lambda: dict(cfg_scale=torch.tensor([2.0, 3.0])), "cfg_scale must hold one value, got 2"
+        ),
         _loop_bad("cfg_scale-nan", lambda: dict(cfg_scale=torch.tensor(math.nan)), "cfg_scale must be finite"),
-        _loop_bad("cfg_scale-device", lambda: dict(cfg_scale=torch.tensor(2.0, device="meta")),
-                  "cfg_scale must be on x_in's device"),
+        _loop_bad(
+            "cfg_scale-device",
+            lambda: dict(cfg_scale=torch.tensor(2.0, device="meta")),
+            "cfg_scale must be on x_in's device",
+        ),
         _loop_bad("t_in-no-timesteps", lambda: dict(timesteps=None), r"t_in needs timesteps", META),
-        _loop_bad("t_in-int32", lambda: dict(t_in=torch.zeros(4, dtype=torch.int32)),
-                  r"t_in must be a 1-D int64 \(or float32\) tensor", META),
-        _loop_bad("t_in-2d", lambda: dict(t_in=torch.zeros(2, 2, dtype=torch.int64)),
-                  r"t_in must be a 1-D int64 \(or float32\) tensor, got 2-D", META),
-        _loop_bad("timesteps-float64", lambda: dict(timesteps=torch.zeros(10, dtype=torch.float64)),
-                  r"timesteps must be a 1-D int64 \(or float32\) tensor", META),
-        _loop_bad("timesteps-float32-t_in-int64", lambda: dict(timesteps=torch.zeros(10)),
-                  "t_in and timesteps must have one dtype, got Long and Float", META),
+        _loop_bad(
+            "t_in-int32",
+            lambda: dict(t_in=torch.zeros(4, dtype=torch.int32)),
+            r"t_in must be a 1-D int64 \(or float32\) tensor",
+            META,
+        ),
+        _loop_bad(
+            "t_in-2d",
+            lambda: dict(t_in=torch.zeros(2, 2, dtype=torch.int64)),
+            r"t_in must be a 1-D int64 \(or float32\) tensor, got 2-D",
+            META,
+        ),
+        _loop_bad(
+            "timesteps-float64",
+            lambda: dict(timesteps=torch.zeros(10, dtype=torch.float64)),
+            r"timesteps must be a 1-D int64 \(or float32\) tensor",
+            META,
+        ),
+        _loop_bad(
+            "timesteps-float32-t_in-int64",
+            lambda: dict(timesteps=torch.zeros(10)),
+            "t_in and timesteps must have one dtype, got Long and Float",
+            META,
+        ),
         _loop_bad("step-float", lambda: dict(step=torch.tensor(1.0)), "step must be an int64 tensor", META),
         _loop_bad("step-2", lambda: dict(step=torch.tensor([1, 2])), "step must hold one index, got 2"),
         # out of range: the CPU kernel raises and changes nothing (CUDA and Triton write NaN)
         _loop_bad("step-10", lambda: dict(step=torch.tensor(10)), r"step index 10 is out of range \[0, 10\)"),
         _loop_bad("step--1", lambda: dict(step=torch.tensor(-1)), r"step index -1 is out of range \[0, 10\)"),
-        _loop_bad("noise-shape", lambda: dict(noise=torch.randn(4, 3, 5, 4)),
-                  r"noise must have x_in\[:B\]'s shape \[2, 3, 5, 4\]"),
-        _loop_bad("noise-and-philox", lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
-                  "give noise or philox_seed, not both", META),
-        _loop_bad("philox_seed-float", lambda: dict(philox_seed=torch.tensor(1.0)),
-                  "philox_seed must be an int64 tensor", META),
-        _loop_bad("learned_range", lambda: dict(learned_range=True),
-                  r"learned_range needs 2C \(6\) model_output channels"),
-        _loop_bad("model_output-channels", lambda: dict(model_output=torch.randn(4, 5, 5, 4)),
-                  r"model_output must have C \(3\) channels"),
-        _loop_bad("model_output-spatial", lambda: dict(model_output=torch.randn(4, 3, 5, 5)),
-                  "model_output spatial size .* must equal x_in"),
-        _loop_bad("model_output-dtype", lambda: dict(model_output=torch.randn(4, 3, 5, 4, dtype=torch.float64)),
-                  "model_output dtype .* must equal x_in's", META),
-        _loop_bad("x_in-int", lambda: dict(x_in=torch.ones(4, 3, 5, 4, dtype=torch.int32)),
-                  "x_in dtype must be float32, float64", META),
+        _loop_bad(
+            "noise-shape",
+            lambda: dict(noise=torch.randn(4, 3, 5, 4)),
+            r"noise must have x_in\[:B\]'s shape \[2, 3, 5, 4\]",
+        ),
+        _loop_bad(
+            "noise-and-philox",
+            lambda: dict(noise=torch.randn(2, 3, 5, 4), philox_seed=torch.tensor(1)),
+            "give noise or philox_seed, not both",
+            META,
+        ),
+        _loop_bad(
+            "philox_seed-float",
+            lambda: dict(philox_seed=torch.tensor(1.0)),
+            "philox_seed must be an int64 tensor",
+            META,
+        ),
+        _loop_bad(
+            "learned_range", lambda: dict(learned_range=True), r"learned_range needs 2C \(6\) model_output channels"
+        ),
+        _loop_bad(
+            "model_output-channels",
+            lambda: dict(model_output=torch.randn(4, 5, 5, 4)),
+            r"model_output must have C \(3\) channels",
+        ),
+        _loop_bad(
+            "model_output-spatial",
+            lambda: dict(model_output=torch.randn(4, 3, 5, 5)),
+            "model_output spatial size .* must equal x_in",
+        ),
+        _loop_bad(
+            "model_output-dtype",
+            lambda: dict(model_output=torch.randn(4, 3, 5, 4, dtype=torch.float64)),
+            "model_output dtype .* must equal x_in's",
+            META,
+        ),
+        _loop_bad(
+            "x_in-int",
+            lambda: dict(x_in=torch.ones(4, 3, 5, 4, dtype=torch.int32)),
+            "x_in dtype must be float32, float64",
+            META,
+        ),
         _loop_bad("x_in-1d", lambda: dict(x_in=torch.randn(6)), r"x_in must have shape \(B, C, \*spatial\)", META),
         _loop_bad("coefs", lambda: dict(coefs=torch.randn(10, 7)), r"coefs must have shape \(steps, 12\)"),
         _loop_bad("clip", lambda: dict(clip=0.0), r"clip must be > 0 \(inf for no clipping\)", META),
@@ -1204,14 +1801,27 @@ class SamplerLoopStep(OpCase):
         _loop_bad("model_output-shares-x_in", _loop_shares("model_output"), "model_output shares memory with x_in"),
         _loop_bad("noise-shares-x_in", _loop_shares("noise"), "noise shares memory with x_in"),
         _loop_bad("history-shares-x_in", _loop_shares("history"), "history shares memory with x_in"),
-        _loop_bad("model_output-shares-history", lambda: (lambda out: dict(model_output=out, history=out[2:]))(
-            torch.randn(4, 3, 5, 4)), "model_output shares memory with history"),
-        _loop_bad("history-strided", lambda: dict(history=torch.randn(2, 3, 5, 8)[..., ::2]),
-                  r"history must be contiguous \(NCHW order\)"),  # on meta the move would make it dense
-        _loop_bad("history-shape", lambda: dict(history=torch.randn(4, 3, 5, 4)),
-                  r"history must have x_in\[:B\]'s shape \[2, 3, 5, 4\]"),
-        _loop_bad("history-dtype", lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
-                  "history dtype .* must equal x_in's", META),
+        _loop_bad(
+            "model_output-shares-history",
+            lambda: (lambda out: dict(model_output=out, history=out[2:]))(torch.randn(4, 3, 5, 4)),
+            "model_output shares memory with history",
+        ),
+        _loop_bad(
+            "history-strided",
+            lambda: dict(history=torch.randn(2, 3, 5, 8)[..., ::2]),
+            r"history must be contiguous \(NCHW order\)",
+        ),  # on meta the move would make it dense
+        _loop_bad(
+            "history-shape",
+            lambda: dict(history=torch.randn(4, 3, 5, 4)),
+            r"history must have x_in\[:B\]'s shape \[2, 3, 5, 4\]",
+        ),
+        _loop_bad(
+            "history-dtype",
+            lambda: dict(history=torch.randn(2, 3, 5, 4, dtype=torch.float64)),
+            "history dtype .* must equal x_in's",
+            META,
+        ),
     ]
 
 
@@ -1228,8 +1838,10 @@ class Attention(OpCase):
     op = "attention"
     layouts = ("contiguous", "conv-views", "transposed")
     bad_backends = ("auto", "reference", "sdpa")
-    shapes = [(param_id(s), s) for s in [(1, 2, 37, 77, 40), (2, 1, 1, 13, 64), (1, 1, 67, 1, 160),
-                                         (1, 2, 131, 127, 80), (3, 2, 63, 63, 96)]]
+    shapes = [
+        (param_id(s), s)
+        for s in [(1, 2, 37, 77, 40), (2, 1, 1, 13, 64), (1, 1, 67, 1, 160), (1, 2, 131, 127, 80), (3, 2, 63, 63, 96)]
+    ]
     # the grid's shapes that tests/triton/test_attention_kernel.py's kernel grid lacks or widens (an odd batch
     # at D = 96; cross-attention's two heads), through the op
     triton_shapes = [(param_id(s), s) for s in [(1, 2, 37, 77, 40), (3, 2, 63, 63, 96)]]
@@ -1267,18 +1879,42 @@ class Attention(OpCase):
         assert out.is_contiguous() or out.transpose(1, 2).is_contiguous(), f"{call.what}: strides {out.stride()}"
 
     bad_inputs = [
-        BadInput("k-D", lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 5), torch.randn(1, 1, 3, 5)), {}),
-                 ValueError, r"k must have shape \(1, 1, Nk, 4\), got \(1, 1, 3, 5\)"),
-        BadInput("v-shape", lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4)), {}),
-                 ValueError, r"v must have the shape of k \(1, 1, 3, 4\), got \(1, 1, 2, 4\)"),
-        BadInput("dtypes", lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4).half(), torch.randn(1, 1, 3, 4)),
-                                    {}), TypeError, r"q, k and v must share a dtype"),
-        BadInput("Nk-0", lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)), {}),
-                 ValueError, r"Nq \(2\), Nk \(0\) and D \(4\) must be >= 1"),
-        BadInput("scale-str", lambda: ((torch.randn(1, 1, 2, 4),) * 3, {"scale": "0.5"}), TypeError,
-                 r"scale must be a real number or None, got str"),
-        BadInput("scale-nan", lambda: ((torch.randn(1, 1, 2, 4),) * 3, {"scale": float("nan")}), ValueError,
-                 r"scale must be finite, got nan"),
+        BadInput(
+            "k-D",
+            lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 5), torch.randn(1, 1, 3, 5)), {}),
+            ValueError,
+            r"k must have shape \(1, 1, Nk, 4\), got \(1, 1, 3, 5\)",
+        ),
+        BadInput(
+            "v-shape",
+            lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 2, 4)), {}),
+            ValueError,
+            r"v must have the shape of k \(1, 1, 3, 4\), got \(1, 1, 2, 4\)",
+        ),
+        BadInput(
+            "dtypes",
+            lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4).half(), torch.randn(1, 1, 3, 4)), {}),
+            TypeError,
+            r"q, k and v must share a dtype",
+        ),
+        BadInput(
+            "Nk-0",
+            lambda: ((torch.randn(1, 1, 2, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)), {}),
+            ValueError,
+            r"Nq \(2\), Nk \(0\) and D \(4\) must be >= 1",
+        ),
+        BadInput(
+            "scale-str",
+            lambda: ((torch.randn(1, 1, 2, 4),) * 3, {"scale": "0.5"}),
+            TypeError,
+            r"scale must be a real number or None, got str",
+        ),
+        BadInput(
+            "scale-nan",
+            lambda: ((torch.randn(1, 1, 2, 4),) * 3, {"scale": float("nan")}),
+            ValueError,
+            r"scale must be finite, got nan",
+        ),
     ]
 
 
@@ -1315,15 +1951,36 @@ class Conv3x3(OpCase):
     PATHS = ("auto", "fused", "blas")
     ABS_LIMIT = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-1}
     # the path argument's shapes (in the grid below too)
-    PATH_SHAPES = [(2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (1, 1, 1, 1, 1),
-                   (4, 24, 40, 17, 15)]
+    PATH_SHAPES = [
+        (2, 1, 8, 7, 9),
+        (3, 16, 16, 16, 16),
+        (2, 32, 48, 9, 11),
+        (2, 13, 7, 5, 3),
+        (1, 1, 1, 1, 1),
+        (4, 24, 40, 17, 15),
+    ]
     SHAPES = [
-        (1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 40, 24, 2, 3), (1, 64, 64, 15, 1),
-        (16, 64, 64, 16, 16), (2, 128, 96, 5, 6), (7, 32, 32, 9, 11), (3, 16, 33, 8, 8), (5, 48, 16, 17, 9),
-        (2, 13, 7, 9, 11), (4, 16, 16, 16, 16),
+        (1, 1, 1, 1, 1),
+        (2, 3, 5, 7, 9),
+        (3, 17, 33, 8, 8),
+        (2, 40, 24, 2, 3),
+        (1, 64, 64, 15, 1),
+        (16, 64, 64, 16, 16),
+        (2, 128, 96, 5, 6),
+        (7, 32, 32, 9, 11),
+        (3, 16, 33, 8, 8),
+        (5, 48, 16, 17, 9),
+        (2, 13, 7, 9, 11),
+        (4, 16, 16, 16, 16),
         # the path argument's
-        (2, 1, 8, 7, 9), (3, 16, 16, 16, 16), (2, 32, 48, 9, 11), (2, 13, 7, 5, 3), (4, 24, 40, 17, 15),
-        (3, 33, 40, 7, 10), (4, 32, 32, 6, 7), (0, 8, 5, 4, 4),
+        (2, 1, 8, 7, 9),
+        (3, 16, 16, 16, 16),
+        (2, 32, 48, 9, 11),
+        (2, 13, 7, 5, 3),
+        (4, 24, 40, 17, 15),
+        (3, 33, 40, 7, 10),
+        (4, 32, 32, 6, 7),
+        (0, 8, 5, 4, 4),
     ]
     shapes = [(param_id(s), s) for s in SHAPES]
     float64_shapes = [(param_id(s), s) for s in [(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8)]]
@@ -1373,8 +2030,12 @@ class Conv3x3(OpCase):
             for r in (None, residual):
                 answers = {}  # the paths of one (x, weight, bias, residual) share the oracle's answer
                 for path in self.PATHS if full else ("auto",):
-                    call = Call((x, weight, b, r), {"path": path}, f"{dtype} {spec} {layout} bias={b is not None} "
-                                f"residual={r is not None} path={path}", layout)
+                    call = Call(
+                        (x, weight, b, r),
+                        {"path": path},
+                        f"{dtype} {spec} {layout} bias={b is not None} residual={r is not None} path={path}",
+                        layout,
+                    )
                     call.answers = answers
                     calls.append(call)
         return calls
@@ -1456,88 +2117,231 @@ class Conv3x3(OpCase):
         return (Conv3x3._x(), Conv3x3._w(), *args), kwargs
 
     bad_inputs = [
-        BadInput("x-list", lambda: (([[1.0]], Conv3x3._w()), {}), TypeError,
-                 r"conv3x3: x must be a torch\.Tensor, got list"),
-        BadInput("weight-str", lambda: ((Conv3x3._x(), "w"), {}), TypeError,
-                 r"conv3x3: weight must be a torch\.Tensor, got str"),
-        BadInput("bias-list", lambda: Conv3x3._bad([0.0] * 3), TypeError,
-                 r"conv3x3: bias must be a torch\.Tensor or None, got list"),
-        BadInput("residual-float", lambda: Conv3x3._bad(None, 1.0), TypeError,
-                 r"conv3x3: residual must be a torch\.Tensor or None, got float"),
-        BadInput("x-int", lambda: ((torch.ones(2, 4, 5, 6, dtype=torch.int64), Conv3x3._w()), {}), TypeError,
-                 r"x must be a floating tensor.*int64"),
-        BadInput("weight-dtype", lambda: ((Conv3x3._x(), Conv3x3._w().double()), {}), TypeError,
-                 r"weight dtype torch\.float64 must match x's dtype torch\.float32"),
-        BadInput("bias-dtype", lambda: Conv3x3._bad(torch.randn(3).half()), TypeError,
-                 r"bias dtype torch\.float16 must match x's dtype"),
-        BadInput("residual-dtype", lambda: Conv3x3._bad(None, torch.randn(2, 3, 5, 6).bfloat16()), TypeError,
-                 r"residual dtype torch\.bfloat16 must match x's dtype"),
-        BadInput("weight-device", lambda: ((Conv3x3._x(), Conv3x3._w().to("meta")), {}), ValueError,
-                 r"conv3x3: weight is on meta but x is on cpu"),
-        BadInput("x-3d", lambda: ((torch.randn(4, 5, 6), Conv3x3._w()), {}), ValueError,
-                 r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)"),
-        BadInput("x-5d", lambda: ((torch.randn(1, 2, 4, 5, 6), Conv3x3._w()), {}), ValueError,
-                 r"x must have shape \(N, C_in, H, W\)"),
-        BadInput("weight-5x5", lambda: ((Conv3x3._x(), torch.randn(3, 4, 5, 5)), {}), ValueError,
-                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)"),
-        BadInput("weight-C_in", lambda: ((Conv3x3._x(), torch.randn(3, 5, 3, 3)), {}), ValueError,
-                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5"),
-        BadInput("weight-3d", lambda: ((Conv3x3._x(), torch.randn(3, 4, 3)), {}), ValueError,
-                 r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)"),
-        BadInput("bias-shape", lambda: Conv3x3._bad(torch.randn(4)), ValueError,
-                 r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)"),
-        BadInput("bias-2d", lambda: Conv3x3._bad(torch.randn(1, 3)), ValueError,
-                 r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)"),
-        BadInput("residual-channels", lambda: Conv3x3._bad(None, torch.randn(2, 4, 5, 6)), ValueError,
-                 r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)"),
-        BadInput("residual-batch", lambda: Conv3x3._bad(None, torch.randn(1, 3, 5, 6)), ValueError,
-                 r"residual must have shape .* got \(1, 3, 5, 6\)"),
-        BadInput("residual-3d", lambda: Conv3x3._bad(None, torch.randn(3, 5, 6)), ValueError,
-                 r"residual must have shape .* got \(3, 5, 6\)"),
+        BadInput(
+            "x-list", lambda: (([[1.0]], Conv3x3._w()), {}), TypeError, r"conv3x3: x must be a torch\.Tensor, got list"
+        ),
+        BadInput(
+            "weight-str",
+            lambda: ((Conv3x3._x(), "w"), {}),
+            TypeError,
+            r"conv3x3: weight must be a torch\.Tensor, got str",
+        ),
+        BadInput(
+            "bias-list",
+            lambda: Conv3x3._bad([0.0] * 3),
+            TypeError,
+            r"conv3x3: bias must be a torch\.Tensor or None, got list",
+        ),
+        BadInput(
+            "residual-float",
+            lambda: Conv3x3._bad(None, 1.0),
+            TypeError,
+            r"conv3x3: residual must be a torch\.Tensor or None, got float",
+        ),
+        BadInput(
+            "x-int",
+            lambda: ((torch.ones(2, 4, 5, 6, dtype=torch.int64), Conv3x3._w()), {}),
+            TypeError,
+            r"x must be a floating tensor.*int64",
+        ),
+        BadInput(
+            "weight-dtype",
+            lambda: ((Conv3x3._x(), Conv3x3._w().double()), {}),
+            TypeError,
+            r"weight dtype torch\.float64 must match x's dtype torch\.float32",
+        ),
+        BadInput(
+            "bias-dtype",
+            lambda: Conv3x3._bad(torch.randn(3).half()),
+            TypeError,
+            r"bias dtype torch\.float16 must match x's dtype",
+        ),
+        BadInput(
+            "residual-dtype",
+            lambda: Conv3x3._bad(None, torch.randn(2, 3, 5, 6).bfloat16()),
+            TypeError,
+            r"residual dtype torch\.bfloat16 must match x's dtype",
+        ),
+        BadInput(
+            "weight-device",
+            lambda: ((Conv3x3._x(), Conv3x3._w().to("meta")), {}),
+            ValueError,
+            r"conv3x3: weight is on meta but x is on cpu",
+        ),
+        BadInput(
+            "x-3d",
+            lambda: ((torch.randn(4, 5, 6), Conv3x3._w()), {}),
+            ValueError,
+            r"x must have shape \(N, C_in, H, W\), got \(4, 5, 6\)",
+        ),
+        BadInput(
+            "x-5d",
+            lambda: ((torch.randn(1, 2, 4, 5, 6), Conv3x3._w()), {}),
+            ValueError,
+            r"x must have shape \(N, C_in, H, W\)",
+        ),
+        BadInput(
+            "weight-5x5",
+            lambda: ((Conv3x3._x(), torch.randn(3, 4, 5, 5)), {}),
+            ValueError,
+            r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 5, 5\)",
+        ),
+        BadInput(
+            "weight-C_in",
+            lambda: ((Conv3x3._x(), torch.randn(3, 5, 3, 3)), {}),
+            ValueError,
+            r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 5",
+        ),
+        BadInput(
+            "weight-3d",
+            lambda: ((Conv3x3._x(), torch.randn(3, 4, 3)), {}),
+            ValueError,
+            r"weight must have shape \(C_out, C_in=4, 3, 3\), got \(3, 4, 3\)",
+        ),
+        BadInput(
+            "bias-shape",
+            lambda: Conv3x3._bad(torch.randn(4)),
+            ValueError,
+            r"bias must have shape \(C_out,\) = \(3,\), got \(4,\)",
+        ),
+        BadInput(
+            "bias-2d",
+            lambda: Conv3x3._bad(torch.randn(1, 3)),
+            ValueError,
+            r"bias must have shape \(C_out,\) = \(3,\), got \(1, 3\)",
+        ),
+        BadInput(
+            "residual-channels",
+            lambda: Conv3x3._bad(None, torch.randn(2, 4, 5, 6)),
+            ValueError,
+            r"residual must have shape \(N, C_out, H, W\) = \(2, 3, 5, 6\), got \(2, 4, 5, 6\)",
+        ),
+        BadInput(
+            "residual-batch",
+            lambda: Conv3x3._bad(None, torch.randn(1, 3, 5, 6)),
+            ValueError,
+            r"residual must have shape .* got \(1, 3, 5, 6\)",
+        ),
+        BadInput(
+            "residual-3d",
+            lambda: Conv3x3._bad(None, torch.randn(3, 5, 6)),
+            ValueError,
+            r"residual must have shape .* got \(3, 5, 6\)",
+        ),
         # F.conv2d (the reference) fails on an empty map and returns (N, 0, H, W) for no input channels,
         # so the public op refuses both for every backend, naming the size; no output channels too
-        BadInput("x-H0", lambda: ((torch.randn(2, 4, 0, 5), Conv3x3._w()), {}), ValueError,
-                 r"conv3x3: x .*H and W"),
-        BadInput("x-W0", lambda: ((torch.randn(2, 4, 5, 0), Conv3x3._w()), {}), ValueError,
-                 r"conv3x3: x .*H and W"),
-        BadInput("x-C_in0", lambda: ((torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3)), {}), ValueError,
-                 r"conv3x3: x .*C_in"),
-        BadInput("weight-C_out0", lambda: ((Conv3x3._x(), torch.randn(0, 4, 3, 3)), {}), ValueError,
-                 r"conv3x3: weight must have at least one output channel \(C_out >= 1\)"),
-        *(BadInput(f"path-{path!r}", lambda path=path: Conv3x3._bad(path=path), ValueError,
-                   r"conv3x3: path must be one of 'auto', 'fused', 'blas', got ") for path in CONV_BAD_PATHS),
+        BadInput("x-H0", lambda: ((torch.randn(2, 4, 0, 5), Conv3x3._w()), {}), ValueError, r"conv3x3: x .*H and W"),
+        BadInput("x-W0", lambda: ((torch.randn(2, 4, 5, 0), Conv3x3._w()), {}), ValueError, r"conv3x3: x .*H and W"),
+        BadInput(
+            "x-C_in0",
+            lambda: ((torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3)), {}),
+            ValueError,
+            r"conv3x3: x .*C_in",
+        ),
+        BadInput(
+            "weight-C_out0",
+            lambda: ((Conv3x3._x(), torch.randn(0, 4, 3, 3)), {}),
+            ValueError,
+            r"conv3x3: weight must have at least one output channel \(C_out >= 1\)",
+        ),
+        *(
+            BadInput(
+                f"path-{path!r}",
+                lambda path=path: Conv3x3._bad(path=path),
+                ValueError,
+                r"conv3x3: path must be one of 'auto', 'fused', 'blas', got ",
+            )
+            for path in CONV_BAD_PATHS
+        ),
     ]
     native_bad_inputs = [
-        NativeBadInput("x-3d", lambda: {"x": torch.randn(4, 5, 6)},
-                       r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension", ("cpu", "meta")),
-        NativeBadInput("x-double", lambda: {"x": Conv3x3._x().double(), "weight": Conv3x3._w().double()},
-                       r"conv3x3: x dtype must be float32, got Double", ("cpu", "meta")),
-        NativeBadInput("weight-5x5", lambda: {"weight": torch.randn(3, 4, 5, 5)},
-                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]", ("cpu", "meta")),
-        NativeBadInput("weight-3d", lambda: {"weight": torch.randn(3, 4, 9)},
-                       r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]", ("cpu", "meta")),
-        NativeBadInput("weight-C_in", lambda: {"weight": torch.randn(3, 5, 3, 3)},
-                       r"conv3x3: weight has 5 input channels but x has 4", ("cpu", "meta")),
-        NativeBadInput("weight-half", lambda: {"weight": Conv3x3._w().half()},
-                       r"conv3x3: weight dtype must be float32, got Half", ("cpu", "meta")),
-        NativeBadInput("bias-shape", lambda: {"bias": torch.randn(4)},
-                       r"conv3x3: bias must have shape \[3\], got \[4\]", ("cpu", "meta")),
-        NativeBadInput("bias-double", lambda: {"bias": torch.randn(3).double()},
-                       r"conv3x3: bias dtype must be float32, got Double", ("cpu", "meta")),
-        NativeBadInput("residual-3d", lambda: {"residual": torch.randn(2, 3, 5)},
-                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]", ("cpu", "meta")),
-        NativeBadInput("residual-shape", lambda: {"residual": torch.randn(2, 3, 6, 5)},
-                       r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6", ("cpu", "meta")),
-        NativeBadInput("residual-device", lambda: {"residual": torch.empty(2, 3, 5, 6, device="meta")},
-                       r"conv3x3: residual is on meta but x is on cpu"),
-        *(NativeBadInput(f"path-{code}", lambda code=code: {"path": code},
-                         rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) or 2 \(the BLAS "
-                         rf"path\), got {code}", ("cpu", "meta")) for code in (-1, 3, 1 << 40)),
+        NativeBadInput(
+            "x-3d",
+            lambda: {"x": torch.randn(4, 5, 6)},
+            r"conv3x3: x must have shape \(N, C_in, H, W\), got 3 dimension",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "x-double",
+            lambda: {"x": Conv3x3._x().double(), "weight": Conv3x3._w().double()},
+            r"conv3x3: x dtype must be float32, got Double",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-5x5",
+            lambda: {"weight": torch.randn(3, 4, 5, 5)},
+            r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 5, 5\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-3d",
+            lambda: {"weight": torch.randn(3, 4, 9)},
+            r"conv3x3: weight must have shape \(C_out, C_in, 3, 3\), got \[3, 4, 9\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-C_in",
+            lambda: {"weight": torch.randn(3, 5, 3, 3)},
+            r"conv3x3: weight has 5 input channels but x has 4",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "weight-half",
+            lambda: {"weight": Conv3x3._w().half()},
+            r"conv3x3: weight dtype must be float32, got Half",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "bias-shape",
+            lambda: {"bias": torch.randn(4)},
+            r"conv3x3: bias must have shape \[3\], got \[4\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "bias-double",
+            lambda: {"bias": torch.randn(3).double()},
+            r"conv3x3: bias dtype must be float32, got Double",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "residual-3d",
+            lambda: {"residual": torch.randn(2, 3, 5)},
+            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 5\]",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "residual-shape",
+            lambda: {"residual": torch.randn(2, 3, 6, 5)},
+            r"conv3x3: residual must have shape \[2, 3, 5, 6\], got \[2, 3, 6",
+            ("cpu", "meta"),
+        ),
+        NativeBadInput(
+            "residual-device",
+            lambda: {"residual": torch.empty(2, 3, 5, 6, device="meta")},
+            r"conv3x3: residual is on meta but x is on cpu",
+        ),
+        *(
+            NativeBadInput(
+                f"path-{code}",
+                lambda code=code: {"path": code},
+                rf"conv3x3: path must be 0 \(the static rule\), 1 \(the fused path\) or 2 \(the BLAS "
+                rf"path\), got {code}",
+                ("cpu", "meta"),
+            )
+            for code in (-1, 3, 1 << 40)
+        ),
     ]
 
 
-CASES: list[OpCase] = [GroupNormAdaGN(), LayerNormModulate(), CfgCombine(), SamplerStep(), SamplerLoopStep(),
-                        Attention(), Conv3x3()]
+CASES: list[OpCase] = [
+    GroupNormAdaGN(),
+    LayerNormModulate(),
+    CfgCombine(),
+    SamplerStep(),
+    SamplerLoopStep(),
+    Attention(),
+    Conv3x3(),
+]
 BY_OP = {case.op: case for case in CASES}
 
 

@@ -66,8 +66,11 @@ def test_extra_backends_belong_to_their_op():
     assert known_backends()[: len(BACKENDS)] == BACKENDS
     assert {"sdpa", "xformers"} <= set(known_backends())
     assert resolve_backend("sdpa", "attention") == "sdpa"
-    with pytest.raises(ValueError, match=r"cfg_combine: backend must be one of \('auto', 'reference', 'cpu', "
-                                         r"'cuda', 'triton'\), got 'sdpa'"):
+    with pytest.raises(
+        ValueError,
+        match=r"cfg_combine: backend must be one of \('auto', 'reference', 'cpu', "
+        r"'cuda', 'triton'\), got 'sdpa'",
+    ):
         resolve_backend("sdpa", "cfg_combine")
 
 
@@ -150,8 +153,13 @@ def test_support_table_is_available_or_reasons():
         assert row["reference"] == AVAILABLE, op
         for backend, verdict in row.items():
             assert verdict == AVAILABLE or (isinstance(verdict, list) and verdict and all(verdict)), (op, backend)
-        if op not in ("attention", "sampler_step", "sampler_loop_step", "group_norm_adagn",
-                      "layer_norm_modulate"):  # Triton kernels
+        if op not in (
+            "attention",
+            "sampler_step",
+            "sampler_loop_step",
+            "group_norm_adagn",
+            "layer_norm_modulate",
+        ):  # Triton kernels
             assert any("not implemented for this op yet" in r for r in row["triton"]), op
     assert list(table["attention"]) == ["cuda", "triton", "cpu", "xformers", "sdpa", "reference"]
     assert table["attention"]["sdpa"] == AVAILABLE
@@ -242,13 +250,25 @@ def _declared_op(name: str, limit_calls: list[int], refuses: list[str]):
         limit_calls.append(1)
         return refuses[0] if refuses else None
 
-    support = register_op(OpSupport(name, {
-        "reference": Kernel("reference", lambda x: ("reference", x)),
-        "cpu": Kernel("library", lambda x: ("cpu", x), dtypes=(torch.float32,), devices=("cpu",),
-                      limits=(Limit("told to", broken),)),
-        "cuda": Kernel("missing"),
-        "triton": Kernel("missing"),
-    }, inputs=lambda x: {"x": x}, prepare=lambda x, backend, checked=True: (x,)))
+    support = register_op(
+        OpSupport(
+            name,
+            {
+                "reference": Kernel("reference", lambda x: ("reference", x)),
+                "cpu": Kernel(
+                    "library",
+                    lambda x: ("cpu", x),
+                    dtypes=(torch.float32,),
+                    devices=("cpu",),
+                    limits=(Limit("told to", broken),),
+                ),
+                "cuda": Kernel("missing"),
+                "triton": Kernel("missing"),
+            },
+            inputs=lambda x: {"x": x},
+            prepare=lambda x, backend, checked=True: (x,),
+        )
+    )
     return support, lambda: unregister_op(name)
 
 
@@ -393,8 +413,12 @@ def test_bind_runs_the_chosen_kernel_like_the_op():
     support = registered_ops()["group_norm_adagn"]
     bound = support.bind(AUTO, x, 2, w, None, s, None, None, 1e-5, "silu")
     assert bound.backend == select_backend("group_norm_adagn", AUTO, {"x": x, "weight": w, "scale": s}) == "cpu"
-    torch.testing.assert_close(bound(x, 2, w, None, s, None, None, 1e-5, "silu"),
-                               group_norm_adagn(x, 2, w, scale=s, activation="silu"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        bound(x, 2, w, None, s, None, None, 1e-5, "silu"),
+        group_norm_adagn(x, 2, w, scale=s, activation="silu"),
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="group_norm_adagn: activation"):
         support.bind(AUTO, x, 2, w, None, s, None, None, 1e-5, "relu")
 
@@ -469,12 +493,20 @@ def test_a_malformed_input_gets_the_ops_error_where_the_limits_take_part():
         rows, cols = inputs["x"].shape  # raises on any other rank
         return "too wide" if cols > 100 else None
 
-    support = register_op(OpSupport("_shaped_op", {
-        "reference": Kernel("reference", lambda x: "reference"),
-        "cpu": Kernel("library", lambda x: "cpu", devices=("cpu",), limits=(Limit("cols <= 100", too_wide),)),
-        "cuda": Kernel("missing"),
-        "triton": Kernel("missing"),
-    }, inputs=lambda x: {"x": x}, validate=validate, prepare=lambda x, backend, checked=True: (validate(x), x)[1:]))
+    support = register_op(
+        OpSupport(
+            "_shaped_op",
+            {
+                "reference": Kernel("reference", lambda x: "reference"),
+                "cpu": Kernel("library", lambda x: "cpu", devices=("cpu",), limits=(Limit("cols <= 100", too_wide),)),
+                "cuda": Kernel("missing"),
+                "triton": Kernel("missing"),
+            },
+            inputs=lambda x: {"x": x},
+            validate=validate,
+            prepare=lambda x, backend, checked=True: (validate(x), x)[1:],
+        )
+    )
     try:
         assert support(AUTO, torch.randn(2, 3)) == "cpu"
         assert support(AUTO, torch.randn(2, 300)) == "reference"

@@ -50,8 +50,9 @@ def test_png_writer_roundtrip(tmp_path):
 
 def test_sample_command_writes_grid_and_reports(tmp_path, capsys):
     out = tmp_path / "s.png"
-    assert main(["sample", "--model", "glyphs", "--steps", "20", "--cfg", "4", "--per-class", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["sample", "--model", "glyphs", "--steps", "20", "--cfg", "4", "--per-class", "3", "--out", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "images nearest to the requested digit: 100.0%" in text
     assert "backend auto" in text and "backend reference" in text and "ms/image" in text
@@ -61,8 +62,28 @@ def test_sample_command_writes_grid_and_reports(tmp_path, capsys):
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
 def test_sample_command_runs_the_euler_and_dpm_samplers(tmp_path, capsys, sampler):
-    assert main(["sample", "--model", "glyphs", "--sampler", sampler, "--steps", "20", "--cfg", "4", "--per-class", "2",
-                 "--rounds", "1", "--out", str(tmp_path / "e.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "glyphs",
+                "--sampler",
+                sampler,
+                "--steps",
+                "20",
+                "--cfg",
+                "4",
+                "--per-class",
+                "2",
+                "--rounds",
+                "1",
+                "--out",
+                str(tmp_path / "e.png"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert f"{sampler} 20 steps" in text and "images nearest to the requested digit: 100.0%" in text
 
@@ -88,8 +109,24 @@ def test_sample_says_when_the_machine_was_busy(tmp_path, capsys, monkeypatch):
     """Timings taken while other processes held the cores are flagged beside the speed-up."""
     waits = iter([0.0, 1e6])  # before and after the timed rounds: waited a million seconds
     monkeypatch.setattr(tuning, "run_queue_seconds", lambda: next(waits, 1e6))
-    assert main(["sample", "--model", "glyphs", "--steps", "2", "--per-class", "1", "--rounds", "1",
-                 "--out", str(tmp_path / "b.png")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "glyphs",
+                "--steps",
+                "2",
+                "--per-class",
+                "1",
+                "--rounds",
+                "1",
+                "--out",
+                str(tmp_path / "b.png"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert re.search(r"waited for a CPU \d+% of the time \(busy machine: these timings are not the kernels' own", text)
 
@@ -121,8 +158,10 @@ def test_sample_command_alternates_backends_over_rounds(tmp_path, capsys):
     assert [line.split(":")[0] for line in rounds] == [f"round {r}/4" for r in range(1, 5)]
     assert all(" auto " in line and " reference " in line for line in rounds)
     assert "(medians of 4 alternating rounds)" in text
-    per_round = {b: sorted(float(line.split(f" {b} ")[1].split(",")[0].split()[0]) for line in rounds)
-                 for b in ("auto", "reference")}
+    per_round = {
+        b: sorted(float(line.split(f" {b} ")[1].split(",")[0].split()[0]) for line in rounds)
+        for b in ("auto", "reference")
+    }
     for b, times in per_round.items():
         reported = float(next(line for line in text.splitlines() if line.startswith(f"  backend {b}")).split()[2])
         assert reported == pytest.approx((times[1] + times[2]) / 2, abs=0.051)  # median of 4, shown to 0.1
@@ -164,37 +203,59 @@ def _bad_args_cases(tmp_path):
         (["--device", "meta", "--out", ok], r"argument --device: 'meta' is a meta device; accepted: cpu, cuda"),
         (["--model", "sdxl", "--out", ok], r"argument --model: invalid choice: 'sdxl'"),
         (["--backend", "fast", "--out", ok], r"argument --backend: invalid choice: 'fast'"),
-        (["--steps", "0", "--out", ok], r"argument --steps: steps must be an int in \[1, num_train_timesteps=1000\], "
-                                        r"got 0"),
+        (
+            ["--steps", "0", "--out", ok],
+            r"argument --steps: steps must be an int in \[1, num_train_timesteps=1000\], "
+            r"got 0",
+        ),
         (["--steps", "1001", "--out", ok], r"argument --steps: steps must be an int in \[1, num_train_timesteps=1000"),
         (["--cfg", "nan", "--out", ok], r"argument --cfg: the guidance scale must be a finite number, got nan"),
         (["--cfg", "inf", "--out", ok], r"argument --cfg: the guidance scale must be a finite number, got inf"),
         (["--eta", "1.5", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got 1\.5"),
         (["--eta", "nan", "--out", ok], r"argument --eta: must be a number in \[0, 1\], got nan"),
         (["--sampler", "ddpm", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only"),
-        (["--sampler", "euler_a", "--eta", "0.5", "--out", ok], r"argument --eta: eta applies to --sampler ddim only; "
-                                                                 r"euler_a's noise is its own"),
-        (["--sampler", "heun", "--out", ok], r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
-                                             r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)"),
-        (["--sampler", "ddim", "--karras", "--out", ok],
-         r"argument --karras: karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not 'ddim'"),
-        (["--sampler", "dpmpp_2m", "--karras", "--schedule", "cosine", "--out", ok],
-         r"argument --karras: karras_sigmas with the cosine schedule is not a configuration diffusers'"),
+        (
+            ["--sampler", "euler_a", "--eta", "0.5", "--out", ok],
+            r"argument --eta: eta applies to --sampler ddim only; "
+            r"euler_a's noise is its own",
+        ),
+        (
+            ["--sampler", "heun", "--out", ok],
+            r"argument --sampler: invalid choice: 'heun' \(choose from 'ddim', "
+            r"'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)",
+        ),
+        (
+            ["--sampler", "ddim", "--karras", "--out", ok],
+            r"argument --karras: karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not 'ddim'",
+        ),
+        (
+            ["--sampler", "dpmpp_2m", "--karras", "--schedule", "cosine", "--out", ok],
+            r"argument --karras: karras_sigmas with the cosine schedule is not a configuration diffusers'",
+        ),
         (["--seed", "-1", "--out", ok], r"argument --seed: must be an int in \[0, 2\*\*63\), got -1"),
         (["--schedule", "quadratic", "--out", ok], r"argument --schedule: schedule must be one of"),
         (["--per-class", "0", "--out", ok], r"--per-class must be >= 1"),
         (["--rounds", "0", "--out", ok], r"--rounds must be >= 1"),
-        (["--cuda-graph", "on", "--out", ok], r"argument --cuda-graph: 'on' needs a CUDA --device \(the loop runs "
-                                              r"on 'cpu'\)"),
+        (
+            ["--cuda-graph", "on", "--out", ok],
+            r"argument --cuda-graph: 'on' needs a CUDA --device \(the loop runs "
+            r"on 'cpu'\)",
+        ),
         (["--cuda-graph", "always", "--out", ok], r"argument --cuda-graph: invalid choice: 'always'"),
-        (["--memory-format", "nhwc", "--out", ok], r"argument --memory-format: invalid choice: 'nhwc' \(choose from "
-                                                   r"'auto', 'channels_last', 'contiguous'\)"),
+        (
+            ["--memory-format", "nhwc", "--out", ok],
+            r"argument --memory-format: invalid choice: 'nhwc' \(choose from "
+            r"'auto', 'channels_last', 'contiguous'\)",
+        ),
     ]
     if not torch.cuda.is_available():
         cases += [
             (["--device", "cuda", "--out", ok], r"argument --device: 'cuda' needs a CUDA GPU, and none is available"),
-            (["--backend", "cuda", "--out", ok], r"argument --backend: sampler_step: backend='cuda' cannot run these "
-                                                 r"inputs: .*no CUDA device"),
+            (
+                ["--backend", "cuda", "--out", ok],
+                r"argument --backend: sampler_step: backend='cuda' cannot run these "
+                r"inputs: .*no CUDA device",
+            ),
         ]
     return cases
 
@@ -235,17 +296,20 @@ def test_sample_command_refuses_an_unwritable_out_before_sampling(tmp_path, caps
             locked.chmod(0o700)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert re.search(r"fastdiff sample: error: argument --out: cannot write '.*fastdiff-x\.png' \(Permission denied\)",
-                     err), err
+    assert re.search(
+        r"fastdiff sample: error: argument --out: cannot write '.*fastdiff-x\.png' \(Permission denied\)", err
+    ), err
 
 
 def test_sample_command_bad_argument_from_the_shell_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastdiff", "sample", "--model", "glyphs", "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdiff", "sample", "--model", "glyphs", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("fastdiff sample: error: argument --out: ")
-
 
 
 def test_module_entry_point_runs():

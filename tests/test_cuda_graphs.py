@@ -84,8 +84,9 @@ def test_each_kernel_backend_replays(backend):
     pytest.importorskip("triton", reason="triton is not installed")
     model = Net().cuda().eval()
     kw = _kw(eta=0.5, backend=backend)
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **kw),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **kw))
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **kw), fastdiff.sample(model, SHAPE, cuda_graph=False, **kw)
+    )
 
 
 def test_new_seed_cfg_and_labels_replay_without_recapture():
@@ -112,16 +113,22 @@ def test_weights_changed_in_place_are_used_and_replaced_storage_recaptures():
     model = Net().cuda().eval()
     fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw())
     with torch.no_grad():
-        model.out.weight.mul_(0.5)                              # in place: the graph reads it
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()))
+        model.out.weight.mul_(0.5)  # in place: the graph reads it
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
+        fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()),
+    )
     ema = {k: v * 0.9 for k, v in model.state_dict().items()}
-    model.load_state_dict(ema)                                  # copies in place
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()))
-    model.out.weight.data = model.out.weight.data * 2           # new storage: must recapture
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()))
+    model.load_state_dict(ema)  # copies in place
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
+        fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()),
+    )
+    model.out.weight.data = model.out.weight.data * 2  # new storage: must recapture
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
+        fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()),
+    )
 
 
 def test_memory_is_flat_across_calls_of_three_shapes():

@@ -29,8 +29,9 @@ MAX_OUTLIER_FRACTION = 0.01
 
 @pytest.fixture(scope="module")
 def judge():
-    datasets = pytest.importorskip("sklearn.datasets",
-                                   reason="scikit-learn is not installed (pip install -e '.[test]')")
+    datasets = pytest.importorskip(
+        "sklearn.datasets", reason="scikit-learn is not installed (pip install -e '.[test]')"
+    )
     from sklearn.svm import SVC
 
     digits = datasets.load_digits()
@@ -54,9 +55,20 @@ def samples():
     drawn = {}
     with torch.no_grad():
         for cfg in (4.0, 1.0):
-            drawn[cfg] = labels, fastdiff.sample(
-                model, (len(labels), 1, 16, 16), sampler="ddim", steps=50, cfg=cfg, cond={"y": labels},
-                uncond={"y": torch.full_like(labels, NULL_CLASS)}, generator=0, **digits_sampling(model))
+            drawn[cfg] = (
+                labels,
+                fastdiff.sample(
+                    model,
+                    (len(labels), 1, 16, 16),
+                    sampler="ddim",
+                    steps=50,
+                    cfg=cfg,
+                    cond={"y": labels},
+                    uncond={"y": torch.full_like(labels, NULL_CLASS)},
+                    generator=0,
+                    **digits_sampling(model),
+                ),
+            )
     return drawn
 
 
@@ -70,8 +82,10 @@ def _accuracy(judge, labels: torch.Tensor, images: torch.Tensor) -> float:
 def test_generated_digits_are_the_requested_ones(samples, judge):
     guided = _accuracy(judge, *samples[4.0])
     plain = _accuracy(judge, *samples[1.0])
-    print(f"\ndigits U-Net, 50 DDIM steps, {10 * PER_DIGIT} images: classifier agrees with the requested digit "
-          f"for {guided:.0%} at cfg=4 and {plain:.0%} at cfg=1")
+    print(
+        f"\ndigits U-Net, 50 DDIM steps, {10 * PER_DIGIT} images: classifier agrees with the requested digit "
+        f"for {guided:.0%} at cfg=4 and {plain:.0%} at cfg=1"
+    )
     assert guided >= REQUIRED, f"cfg=4: only {guided:.0%} of the samples are the requested digit"
 
 
@@ -83,13 +97,19 @@ def test_generated_digits_have_no_speckle(samples, cfg):
     print(f"\ncfg={cfg}: {fraction:.3%} of the pixels beyond ±{OUTLIER}, worst |x| {images.abs().max().item():.2f}")
     assert fraction <= MAX_OUTLIER_FRACTION, (
         f"cfg={cfg}: {fraction:.2%} of the pixels lie beyond ±{OUTLIER} (at most {MAX_OUTLIER_FRACTION:.0%} "
-        f"allowed; {int(outside.flatten(1).any(1).sum())} of {len(images)} images have one): speckle")
+        f"allowed; {int(outside.flatten(1).any(1).sum())} of {len(images)} images have one): speckle"
+    )
 
 
-@pytest.mark.parametrize(("sampler", "steps", "options"), [
-    ("dpmpp_2m", 15, {}), ("dpmpp_2m_sde", 15, {}), ("euler_a", 30, {}),
-    ("euler", 30, {"karras_sigmas": True}),  # the shipped U-Net given fractional (float32) timesteps
-])
+@pytest.mark.parametrize(
+    ("sampler", "steps", "options"),
+    [
+        ("dpmpp_2m", 15, {}),
+        ("dpmpp_2m_sde", 15, {}),
+        ("euler_a", 30, {}),
+        ("euler", 30, {"karras_sigmas": True}),  # the shipped U-Net given fractional (float32) timesteps
+    ],
+)
 def test_fewer_steps_of_the_newer_samplers_are_read_as_often(samples, judge, sampler, steps, options):
     """The point of DPM-Solver++ (and, less so, Euler ancestral): the classifier reads 15 (30) steps'
     samples at cfg=4 at least as often as DDIM's 50, on the same labels and seed, and they stay clean."""
@@ -99,9 +119,18 @@ def test_fewer_steps_of_the_newer_samplers_are_read_as_often(samples, judge, sam
     model = digits_unet()
     labels, ddim_images = samples[4.0]
     with torch.no_grad():
-        images = fastdiff.sample(model, (len(labels), 1, 16, 16), sampler=sampler, steps=steps, cfg=4.0,
-                                 cond={"y": labels}, uncond={"y": torch.full_like(labels, NULL_CLASS)}, generator=0,
-                                 **options, **digits_sampling(model))
+        images = fastdiff.sample(
+            model,
+            (len(labels), 1, 16, 16),
+            sampler=sampler,
+            steps=steps,
+            cfg=4.0,
+            cond={"y": labels},
+            uncond={"y": torch.full_like(labels, NULL_CLASS)},
+            generator=0,
+            **options,
+            **digits_sampling(model),
+        )
     ours, ddim = _accuracy(judge, labels, images), _accuracy(judge, labels, ddim_images)
     print(f"\n{sampler} {steps} steps: {ours:.0%} read as requested (DDIM 50: {ddim:.0%})")
     assert ours >= ddim, f"{sampler} {steps} steps: {ours:.0%} of the samples read as requested, DDIM 50: {ddim:.0%}"

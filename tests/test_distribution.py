@@ -56,8 +56,9 @@ def _check_mixture(x: torch.Tensor, weights=WEIGHTS, means=MEANS, stds=STDS, wha
 def test_samples_reproduce_mixture(sampler, steps, prediction, kwargs):
     schedule = fastdiff.Schedule(kwargs.pop("schedule", "linear"))
     model = GaussianMixtureDenoiser(MEANS, STDS, WEIGHTS, schedule, prediction=prediction)
-    x = fastdiff.sample(model, (N, 2), sampler=sampler, steps=steps, schedule=schedule, prediction=prediction,
-                        generator=0, **kwargs)
+    x = fastdiff.sample(
+        model, (N, 2), sampler=sampler, steps=steps, schedule=schedule, prediction=prediction, generator=0, **kwargs
+    )
     _check_mixture(x, what=f"{sampler}-{steps} {prediction}")
 
 
@@ -104,7 +105,8 @@ def test_classifier_guidance_moves_mass_to_the_class():
     for sampler, steps in (("ddim", 50), ("ddpm", 200)):
         plain = fastdiff.sample(unconditional, (n, 2), sampler=sampler, steps=steps, cond={"y": y}, generator=3)
         assert abs((_assign(plain) == 1).float().mean().item() - 0.3) < 0.05
-        x = fastdiff.sample(unconditional, (n, 2), sampler=sampler, steps=steps, classifier_grad=grad,
-                            cond={"y": y}, generator=3)
+        x = fastdiff.sample(
+            unconditional, (n, 2), sampler=sampler, steps=steps, classifier_grad=grad, cond={"y": y}, generator=3
+        )
         frac = (_assign(x) == 1).float().mean().item()
         assert frac > 0.97, f"{sampler}: {frac:.3f} of samples in the guided class"

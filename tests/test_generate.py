@@ -33,8 +33,18 @@ def _env() -> dict:
 def _run(args: list[str], *, nproc: int | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fastdiff", *args]
     if nproc is not None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000 + nproc), "-m", "fastdiff", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000 + nproc),
+            "-m",
+            "fastdiff",
+            *args,
+        ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, **kw)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
@@ -119,9 +129,27 @@ def test_a_failing_process_ends_the_job_with_its_error(tmp_path):
     with rank 1's message instead of rank 0 waiting for it, and the images written are whole."""
     pytest.importorskip("torch.distributed", reason="torch.distributed is not available")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 1000 + 7), str(ROOT / "tests" / "generate_failing_rank.py"), "generate",
-           "--model", "digits", "--num-images", "40", "--batch-size", "4", "--steps", "6", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000 + 7),
+        str(ROOT / "tests" / "generate_failing_rank.py"),
+        "generate",
+        "--model",
+        "digits",
+        "--num-images",
+        "40",
+        "--batch-size",
+        "4",
+        "--steps",
+        "6",
+        "--out",
+        str(out),
+    ]
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode != 0 and time.monotonic() - start < 120
@@ -147,10 +175,13 @@ def test_unwritable_directory_and_bad_arguments_exit_with_a_named_error(tmp_path
     blocker.write_text("")
     done = _run(["generate", *JOB, "--out", str(blocker / "sub")], check=False)
     assert done.returncode == 2 and "argument --out: cannot write into" in done.stderr
-    for extra, match in [(["--num-images", "0"], "argument --num-images: must be an int >= 1"),
-                         (["--batch-size", "0"], "argument --batch-size: must be an int >= 1"),
-                         (["--labels", "3,x"], "argument --labels"), (["--labels", "10"], "argument --labels"),
-                         (["--karras"], "karras")]:
+    for extra, match in [
+        (["--num-images", "0"], "argument --num-images: must be an int >= 1"),
+        (["--batch-size", "0"], "argument --batch-size: must be an int >= 1"),
+        (["--labels", "3,x"], "argument --labels"),
+        (["--labels", "10"], "argument --labels"),
+        (["--karras"], "karras"),
+    ]:
         done = _run(["generate", *JOB, *extra, "--out", str(tmp_path / "x")], check=False)
         assert done.returncode == 2 and match in done.stderr, (extra, done.stderr)
     assert not (tmp_path / "x").exists()  # refused before anything was written

@@ -12,8 +12,9 @@ import torch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine gpucheck runs the whole GPU tier instead")
 def test_gpucheck_without_a_gpu_runs_the_cpu_parts_and_exits_0(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastdiff.gpucheck", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdiff.gpucheck", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no CUDA GPU here" in proc.stdout
     report = json.loads((tmp_path / "report.json").read_text())
@@ -23,6 +24,10 @@ def test_gpucheck_without_a_gpu_runs_the_cpu_parts_and_exits_0(tmp_path):
 
 
 def test_gpucheck_rejects_a_bad_budget(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastdiff.gpucheck", "--out", str(tmp_path), "--budget", "0"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastdiff.gpucheck", "--out", str(tmp_path), "--budget", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--budget must be a positive number of seconds" in proc.stderr

@@ -22,13 +22,21 @@ def _scheduler(name: str, prediction_type: str, spacing: str, steps_offset: int)
     midpoint, zero final sigma) on SD's scaled-linear betas, "-karras" with Karras sigmas, set to STEPS."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    kw = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-              prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=steps_offset)
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        steps_offset=steps_offset,
+    )
     if name.endswith("-karras"):
         kw.update(use_karras_sigmas=True)
     if name.startswith("dpmpp_2m"):
-        theirs = DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
-                                             final_sigmas_type="zero")
+        theirs = DPMSolverMultistepScheduler(
+            **kw, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"
+        )
     elif name.startswith("euler"):
         theirs = EulerDiscreteScheduler(**kw)
     else:
@@ -48,7 +56,7 @@ def _img2img_timesteps(scheduler, steps, strength):
     t_start = max(steps - init_timestep, 0)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
-    return scheduler.timesteps[t_start * scheduler.order:]
+    return scheduler.timesteps[t_start * scheduler.order :]
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
@@ -66,9 +74,18 @@ def test_img2img_matches_diffusers_pipeline_loop(name, strength):
         sample = theirs.step(toy_model(model_in, t.expand(SHAPE[0])), t, sample).prev_sample
 
     def ours(dtype, backend):
-        return fastdiff.sample(toy_model, noise=noise.to(dtype), init=init.to(dtype), strength=strength,
-                               **_options(name), steps=STEPS, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
-                               timestep_spacing="trailing", prediction="v", backend=backend)
+        return fastdiff.sample(
+            toy_model,
+            noise=noise.to(dtype),
+            init=init.to(dtype),
+            strength=strength,
+            **_options(name),
+            steps=STEPS,
+            schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+            timestep_spacing="trailing",
+            prediction="v",
+            backend=backend,
+        )
 
     exact = ours(torch.float64, "reference")
     theirs_err = (sample.double() - exact).abs().max().item()
@@ -100,8 +117,11 @@ def test_img2img_runs_the_last_steps_and_noises_init_to_the_first():
     ("kwargs", "error", "match"),
     [
         (dict(strength=0.5), ValueError, "strength applies to img2img: give init="),
-        (dict(init=torch.zeros(2, 3, 4, 4), strength=0.5), ValueError,
-         r"init must have the sample shape \(2, 3, 5, 4\)"),
+        (
+            dict(init=torch.zeros(2, 3, 4, 4), strength=0.5),
+            ValueError,
+            r"init must have the sample shape \(2, 3, 5, 4\)",
+        ),
         (dict(init=torch.zeros(SHAPE, dtype=torch.long)), TypeError, "init must be a floating-point tensor"),
         (dict(init=torch.zeros(SHAPE), strength=0.0), ValueError, r"strength must be a number in \(0, 1\]"),
         (dict(init=torch.zeros(SHAPE), strength=1.5), ValueError, r"strength must be a number in \(0, 1\]"),
@@ -114,6 +134,7 @@ def test_bad_img2img_options_are_named(kwargs, error, match):
 
 
 # ---- inpainting: init and mask, as diffusers' inpaint pipeline for a model without an inpainting head ----
+
 
 def _inpaint_loop(theirs, init, noise, mask, strength, model):
     """The loop of diffusers' StableDiffusionInpaintPipeline when the UNet has 4 input channels."""
@@ -147,9 +168,19 @@ def test_inpainting_matches_diffusers_pipeline_loop(name, strength):
 
     def ours(dtype, backend):
         kwargs = {} if strength == 1.0 else {"strength": strength}  # 1 is the default with a mask
-        return fastdiff.sample(toy_model, noise=noise.to(dtype), init=init.to(dtype), mask=mask.to(dtype),
-                               **_options(name), steps=STEPS, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
-                               timestep_spacing="leading", steps_offset=1, backend=backend, **kwargs)
+        return fastdiff.sample(
+            toy_model,
+            noise=noise.to(dtype),
+            init=init.to(dtype),
+            mask=mask.to(dtype),
+            **_options(name),
+            steps=STEPS,
+            schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+            timestep_spacing="leading",
+            steps_offset=1,
+            backend=backend,
+            **kwargs,
+        )
 
     exact = ours(torch.float64, "reference")
     theirs_err = (sample.double() - exact).abs().max().item()
@@ -176,11 +207,12 @@ def test_guided_inpainting_keeps_both_halves_in_step():
     mask = torch.zeros(1, 1, *SHAPE[2:])
     mask[..., 2:, :] = 1
     y = torch.ones(SHAPE[0])
-    fastdiff.sample(model, noise=noise, init=init, mask=mask, steps=5, schedule=sched, cfg=3.0, cond={"y": y},
-                    uncond={"y": 0 * y})
+    fastdiff.sample(
+        model, noise=noise, init=init, mask=mask, steps=5, schedule=sched, cfg=3.0, cond={"y": y}, uncond={"y": 0 * y}
+    )
     ts = sched.timesteps(5).tolist()
     for k, (t, x) in enumerate(seen):
-        assert t == ts[k] and torch.equal(x[: SHAPE[0]], x[SHAPE[0]:])
+        assert t == ts[k] and torch.equal(x[: SHAPE[0]], x[SHAPE[0] :])
         if k:
             a = sched.alphas_cumprod[t].item()
             known = a**0.5 * init + (1 - a) ** 0.5 * noise
@@ -191,13 +223,22 @@ def test_guided_inpainting_keeps_both_halves_in_step():
     ("kwargs", "error", "match"),
     [
         (dict(mask=torch.ones(1, 1, 5, 4)), ValueError, "mask applies to inpainting: give init="),
-        (dict(init=torch.zeros(SHAPE), mask=torch.ones(2, 2, 5, 4)), ValueError,
-         r"mask must be \(2 or 1, 3 or 1, \*\(5, 4\)\)"),
+        (
+            dict(init=torch.zeros(SHAPE), mask=torch.ones(2, 2, 5, 4)),
+            ValueError,
+            r"mask must be \(2 or 1, 3 or 1, \*\(5, 4\)\)",
+        ),
         (dict(init=torch.zeros(SHAPE), mask=torch.ones(1, 1, 4, 4)), ValueError, "mask must be"),
-        (dict(init=torch.zeros(SHAPE), mask=torch.ones(1, 1, 5, 4, dtype=torch.long)), TypeError,
-         "mask must be a float or bool tensor"),
-        (dict(init=torch.zeros(SHAPE), mask=torch.full((1, 1, 5, 4), 1.5)), ValueError,
-         r"mask values must be in \[0, 1\]"),
+        (
+            dict(init=torch.zeros(SHAPE), mask=torch.ones(1, 1, 5, 4, dtype=torch.long)),
+            TypeError,
+            "mask must be a float or bool tensor",
+        ),
+        (
+            dict(init=torch.zeros(SHAPE), mask=torch.full((1, 1, 5, 4), 1.5)),
+            ValueError,
+            r"mask values must be in \[0, 1\]",
+        ),
     ],
 )
 def test_bad_inpainting_options_are_named(kwargs, error, match):

@@ -54,11 +54,16 @@ def _cached_decisions(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FASTDIFF_CACHE_DIR", str(tmp_path))
     conv_signature = repr(((8, 16, 16, 16), "channels_last", 32, True, False, 2, "AVX2"))
-    tuning.store("conv3x3", conv_signature, {"fastdiff": False, "static": True, "fastdiff_us": 510.0,
-                                             "onednn_us": 230.0, "rounds": 5, "busy": 0.02})
-    tuning.store("memory_format", "digits batch 160 float32 cpu",
-                 {"choice": "channels_last", "static": "channels_last", "channels_last_us": 61000.0,
-                  "contiguous_us": 64000.0})
+    tuning.store(
+        "conv3x3",
+        conv_signature,
+        {"fastdiff": False, "static": True, "fastdiff_us": 510.0, "onednn_us": 230.0, "rounds": 5, "busy": 0.02},
+    )
+    tuning.store(
+        "memory_format",
+        "digits batch 160 float32 cpu",
+        {"choice": "channels_last", "static": "channels_last", "channels_last_us": 61000.0, "contiguous_us": 64000.0},
+    )
     return conv_signature
 
 
@@ -82,12 +87,24 @@ def test_the_cached_tuning_decisions_are_in_the_json(monkeypatch, tmp_path, caps
     assert tuning["decisions"] == {"conv3x3": 1, "memory_format": 1}
     assert tuning["path"] == str(tmp_path / "tuning.json")
     assert tuning["choices"] == [
-        {"op": "conv3x3", "signature": conv_signature,
-         "description": "x (8, 16, 16, 16) channels_last -> 32 channels, bias", "choice": "onednn",
-         "static": "fastdiff", "times_us": {"fastdiff": 510.0, "onednn": 230.0}, "rounds": 5, "busy": 0.02},
-        {"op": "memory_format", "signature": "digits batch 160 float32 cpu",
-         "description": "digits batch 160 float32 cpu", "choice": "channels_last", "static": "channels_last",
-         "times_us": {"channels_last": 61000.0, "contiguous": 64000.0}},
+        {
+            "op": "conv3x3",
+            "signature": conv_signature,
+            "description": "x (8, 16, 16, 16) channels_last -> 32 channels, bias",
+            "choice": "onednn",
+            "static": "fastdiff",
+            "times_us": {"fastdiff": 510.0, "onednn": 230.0},
+            "rounds": 5,
+            "busy": 0.02,
+        },
+        {
+            "op": "memory_format",
+            "signature": "digits batch 160 float32 cpu",
+            "description": "digits batch 160 float32 cpu",
+            "choice": "channels_last",
+            "static": "channels_last",
+            "times_us": {"channels_last": 61000.0, "contiguous": 64000.0},
+        },
     ]
 
 

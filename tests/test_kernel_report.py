@@ -37,8 +37,12 @@ def test_installed_kernels_have_no_spills_on_every_arch(capsys):
     rows = native_kernels()
     assert rows, "CUDA was compiled but the package has no ptxas report"
     archs = {"sm_" + a.removesuffix("+PTX").replace(".", "") for a in status["cuda_archs"]}
-    for kernel in ("cfg_combine_kernel", "sampler_step_kernel", "layer_norm_modulate_warp_kernel",
-                   "layer_norm_modulate_block_kernel"):
+    for kernel in (
+        "cfg_combine_kernel",
+        "sampler_step_kernel",
+        "layer_norm_modulate_warp_kernel",
+        "layer_norm_modulate_block_kernel",
+    ):
         built = {r.arch for r in rows if kernel in r.kernel}
         assert built == archs, f"{kernel} compiled for {sorted(built)}, expected {sorted(archs)}"
     spilled = [f"{r.kernel} {r.arch}: {r.spills} B" for r in rows if r.spills]

@@ -28,7 +28,7 @@ def test_eps_is_minus_sigma_times_score(t):
     model = GaussianMixtureDenoiser(means, stds, weights, sched)
     x = torch.randn(5, 2, 2, dtype=torch.float64, requires_grad=True)
     ab = sched.alphas_cumprod[t].double()
-    score, = torch.autograd.grad(_log_density(x, means, stds, weights, ab).sum(), x)
+    (score,) = torch.autograd.grad(_log_density(x, means, stds, weights, ab).sum(), x)
     eps = model(x.detach(), torch.full((5,), t))
     torch.testing.assert_close(eps, -(1 - ab).sqrt() * score, rtol=1e-9, atol=1e-9)
     # v and x0 are consistent with eps: x = sqrt(ab) x0 + sqrt(1 - ab) eps.
@@ -63,11 +63,12 @@ def test_fractional_timesteps_take_the_interpolated_noise_level():
     weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     model = GaussianMixtureDenoiser(means, stds, weights, sched)
     x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(model(x.detach(), torch.full((4,), 500.0)), model(x.detach(), torch.full((4,), 500)),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        model(x.detach(), torch.full((4,), 500.0)), model(x.detach(), torch.full((4,), 500)), rtol=1e-12, atol=1e-12
+    )
     ac = sched.alphas_cumprod.double()
     sigma = torch.lerp(((1 - ac[500]) / ac[500]).sqrt(), ((1 - ac[501]) / ac[501]).sqrt(), torch.tensor(0.25).double())
     ab = 1 / (1 + sigma**2)
-    score, = torch.autograd.grad(_log_density(x, means, stds, weights, ab).sum(), x)
+    (score,) = torch.autograd.grad(_log_density(x, means, stds, weights, ab).sum(), x)
     eps = model(x.detach(), torch.full((4,), 500.25, dtype=torch.float32))
     torch.testing.assert_close(eps, -(1 - ab).sqrt() * score, rtol=1e-9, atol=1e-9)

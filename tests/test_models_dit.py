@@ -59,8 +59,7 @@ def test_zero_init_output_is_exactly_zero_and_blocks_are_the_identity():
     model = DiT(**SMALL)
     x, t, y = _inputs()
     seen = []
-    hooks = [b.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, args[0])))
-             for b in model.blocks]
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, args[0]))) for b in model.blocks]
     out = model(x, t, y)
     for h in hooks:
         h.remove()
@@ -127,17 +126,31 @@ def test_sample_runs_with_cfg(sampler):
     model = _randomized(DiT(**SMALL), std=0.05).eval()
     labels = torch.tensor([0, 4])
     with torch.no_grad():
-        out = fastdiff.sample(model, shape=(2, 3, 8, 8), sampler=sampler, steps=4, cfg=4.0,
-                              cond={"y": labels}, uncond={"y": torch.full_like(labels, model.null_class)},
-                              variance="learned_range", generator=0)
+        out = fastdiff.sample(
+            model,
+            shape=(2, 3, 8, 8),
+            sampler=sampler,
+            steps=4,
+            cfg=4.0,
+            cond={"y": labels},
+            uncond={"y": torch.full_like(labels, model.null_class)},
+            variance="learned_range",
+            generator=0,
+        )
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
 
 
 def test_sample_reference_and_auto_agree():
     model = _randomized(DiT(**SMALL, learn_sigma=False)).eval()
     labels = torch.tensor([1, 2])
-    kwargs = dict(shape=(2, 3, 8, 8), steps=3, cfg=2.0, cond={"y": labels},
-                  uncond={"y": torch.full_like(labels, model.null_class)}, generator=1)
+    kwargs = dict(
+        shape=(2, 3, 8, 8),
+        steps=3,
+        cfg=2.0,
+        cond={"y": labels},
+        uncond={"y": torch.full_like(labels, model.null_class)},
+        generator=1,
+    )
     with torch.no_grad():
         model.backend = "reference"
         expected = fastdiff.sample(model, backend="reference", **kwargs)

@@ -16,8 +16,16 @@ from fastdiff.models import UNet
 from fastdiff.models.digits import DIGITS_CONFIG, DIGITS_WEIGHTS, NULL_CLASS, digits_to_images, images_to_digits
 from fastdiff.nn import AdaGroupNorm, SpatialSelfAttention
 
-SMALL = dict(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-             num_head_channels=8, num_classes=10, num_groups=8)
+SMALL = dict(
+    in_channels=3,
+    model_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_head_channels=8,
+    num_classes=10,
+    num_groups=8,
+)
 
 
 def _randomized(model: UNet) -> UNet:
@@ -48,8 +56,13 @@ def _inputs(model: UNet, batch: int = 3, size: int = 8, dtype=torch.float32):
         {"embedding_mode": "pre_shift"},
         {"resblock_updown": True},
         {"conv_resample": False, "out_channels": 6},
-        {"channel_mult": (1, 2, 3), "num_res_blocks": 2, "attention_resolutions": (1, 4), "num_heads": 2,
-         "num_head_channels": None},
+        {
+            "channel_mult": (1, 2, 3),
+            "num_res_blocks": 2,
+            "attention_resolutions": (1, 4),
+            "num_heads": 2,
+            "num_head_channels": None,
+        },
         {"num_classes": None},
     ],
     ids=["scale_shift", "pre_shift", "resblock_updown", "avgpool_learned_sigma", "three_levels", "unconditional"],
@@ -238,8 +251,13 @@ def test_shipped_digits_weights_load():
     assert DIGITS_WEIGHTS.is_file() and DIGITS_WEIGHTS.stat().st_size < 5e6
     model = digits_unet()
     assert model.config == UNet(**DIGITS_CONFIG).config
-    assert model.metadata["sampling"] == {"image_size": 16, "null_class": 10, "num_train_timesteps": 1000,
-                                          "prediction": "v", "schedule": "cosine"}
+    assert model.metadata["sampling"] == {
+        "image_size": 16,
+        "null_class": 10,
+        "num_train_timesteps": 1000,
+        "prediction": "v",
+        "schedule": "cosine",
+    }
     assert model.metadata["training"]["steps"] > 0
 
 

@@ -186,28 +186,42 @@ def test_on_load_callbacks_run_once_loaded(fresh_native):
 
 # op -> (schema, dispatch keys it has a kernel for; "CUDA" only where the build has the CUDA part)
 NATIVE_OPS = {
-    "cfg_combine": ("fastdiff::cfg_combine(Tensor model_out, float scale) -> Tensor",
-                    ("CPU", "Meta", "Autograd", "CUDA")),
-    "sampler_step": ("fastdiff::sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, "
-                     "float cfg_scale, bool learned_range, float clip, Tensor? threshold, Tensor? noise, "
-                     "Tensor? philox_seed, bool return_x0, Tensor? history=None) -> (Tensor, Tensor)",
-                     ("CPU", "Meta", "CUDA")),
-    "sampler_loop_step": ("fastdiff::sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, "
-                          "Tensor(b!) step, Tensor? cfg_scale, bool learned_range, float clip, Tensor? threshold, "
-                          "Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, Tensor? timesteps, "
-                          "Tensor(d!)? history=None) -> ()",
-                          ("CPU", "Meta", "CUDA")),
-    "group_norm_adagn": ("fastdiff::group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
-                         "Tensor? scale, Tensor? shift, Tensor? pre_shift, float eps, bool silu) -> Tensor",
-                         ("CPU", "Meta", "Autograd", "CUDA")),
-    "layer_norm_modulate": ("fastdiff::layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
-                            "Tensor? shift, float eps) -> Tensor",
-                            ("CPU", "Meta", "Autograd", "CUDA")),
-    "conv3x3": ("fastdiff::conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int path=0) -> Tensor",
-                ("CPU", "Meta", "Autograd")),
+    "cfg_combine": (
+        "fastdiff::cfg_combine(Tensor model_out, float scale) -> Tensor",
+        ("CPU", "Meta", "Autograd", "CUDA"),
+    ),
+    "sampler_step": (
+        "fastdiff::sampler_step(Tensor x, Tensor model_output, Tensor coefs, Tensor step, "
+        "float cfg_scale, bool learned_range, float clip, Tensor? threshold, Tensor? noise, "
+        "Tensor? philox_seed, bool return_x0, Tensor? history=None) -> (Tensor, Tensor)",
+        ("CPU", "Meta", "CUDA"),
+    ),
+    "sampler_loop_step": (
+        "fastdiff::sampler_loop_step(Tensor(a!) x_in, Tensor model_output, Tensor coefs, "
+        "Tensor(b!) step, Tensor? cfg_scale, bool learned_range, float clip, Tensor? threshold, "
+        "Tensor? noise, Tensor? philox_seed, Tensor(c!)? t_in, Tensor? timesteps, "
+        "Tensor(d!)? history=None) -> ()",
+        ("CPU", "Meta", "CUDA"),
+    ),
+    "group_norm_adagn": (
+        "fastdiff::group_norm_adagn(Tensor x, int num_groups, Tensor? weight, Tensor? bias, "
+        "Tensor? scale, Tensor? shift, Tensor? pre_shift, float eps, bool silu) -> Tensor",
+        ("CPU", "Meta", "Autograd", "CUDA"),
+    ),
+    "layer_norm_modulate": (
+        "fastdiff::layer_norm_modulate(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
+        "Tensor? shift, float eps) -> Tensor",
+        ("CPU", "Meta", "Autograd", "CUDA"),
+    ),
+    "conv3x3": (
+        "fastdiff::conv3x3(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, int path=0) -> Tensor",
+        ("CPU", "Meta", "Autograd"),
+    ),
     # No tensor argument: one catch-all kernel, which the dispatcher files under CompositeImplicitAutograd.
-    "conv3x3_weight_cache": ("fastdiff::conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]",
-                             ("CompositeImplicitAutograd",)),
+    "conv3x3_weight_cache": (
+        "fastdiff::conv3x3_weight_cache(int forget=0, bool clear=False) -> int[]",
+        ("CompositeImplicitAutograd",),
+    ),
 }
 DISPATCH_KEYS = ("CPU", "Meta", "Autograd", "CUDA", "CompositeImplicitAutograd")
 

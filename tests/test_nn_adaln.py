@@ -34,10 +34,14 @@ def test_forward_is_the_reference_formula(backend, affine):
     with torch.no_grad():
         for s, t in ((scale, shift), (None, shift), (scale, None), (None, None)):
             out = norm(x, scale=s, shift=t)
-            exact = reference.layer_norm_modulate(x.double(), None if norm.weight is None else norm.weight.double(),
-                                                  None if norm.bias is None else norm.bias.double(),
-                                                  None if s is None else s.double(), None if t is None else t.double(),
-                                                  eps=1e-6)
+            exact = reference.layer_norm_modulate(
+                x.double(),
+                None if norm.weight is None else norm.weight.double(),
+                None if norm.bias is None else norm.bias.double(),
+                None if s is None else s.double(),
+                None if t is None else t.double(),
+                eps=1e-6,
+            )
             assert out.shape == x.shape and out.dtype == x.dtype
             torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 

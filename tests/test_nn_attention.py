@@ -69,14 +69,15 @@ def test_spatial_self_attention_matches_diffusers_attention():
     stacked into one 1x1 conv, they are ADM's "new order" qkv."""
     C, heads = 64, 2
     ours = _randomize(SpatialSelfAttention(C, num_heads=heads, use_new_attention_order=True))
-    theirs = diffusers_attention.Attention(C, heads=heads, dim_head=C // heads, norm_num_groups=32, bias=True,
-                                           residual_connection=True, eps=1e-5)
+    theirs = diffusers_attention.Attention(
+        C, heads=heads, dim_head=C // heads, norm_num_groups=32, bias=True, residual_connection=True, eps=1e-5
+    )
     with torch.no_grad():
         theirs.group_norm.weight.copy_(ours.norm.weight)
         theirs.group_norm.bias.copy_(ours.norm.bias)
         for i, name in enumerate(("to_q", "to_k", "to_v")):
-            getattr(theirs, name).weight.copy_(ours.qkv.weight[i * C:(i + 1) * C, :, 0])
-            getattr(theirs, name).bias.copy_(ours.qkv.bias[i * C:(i + 1) * C])
+            getattr(theirs, name).weight.copy_(ours.qkv.weight[i * C : (i + 1) * C, :, 0])
+            getattr(theirs, name).bias.copy_(ours.qkv.bias[i * C : (i + 1) * C])
         theirs.to_out[0].weight.copy_(ours.proj_out.weight[:, :, 0])
         theirs.to_out[0].bias.copy_(ours.proj_out.bias)
         x = torch.randn(2, C, 6, 5)
@@ -86,8 +87,14 @@ def test_spatial_self_attention_matches_diffusers_attention():
 def test_spatial_self_attention_details():
     block = SpatialSelfAttention(96, head_dim=32, num_groups=8)
     assert (block.num_heads, block.head_dim) == (3, 32)
-    assert set(block.state_dict()) == {"norm.weight", "norm.bias", "qkv.weight", "qkv.bias", "proj_out.weight",
-                                       "proj_out.bias"}  # ADM's names: its checkpoints load
+    assert set(block.state_dict()) == {
+        "norm.weight",
+        "norm.bias",
+        "qkv.weight",
+        "qkv.bias",
+        "proj_out.weight",
+        "proj_out.bias",
+    }  # ADM's names: its checkpoints load
     x = torch.randn(2, 96, 4, 5)
     torch.testing.assert_close(block(x), x)  # proj_out starts at zero, as in ADM: the identity
     _randomize(block)
@@ -138,14 +145,17 @@ def test_spatial_self_attention_repr():
 
 
 def _diffusers_twin(ours: CrossAttention):
-    theirs = diffusers_attention.Attention(ours.query_dim, cross_attention_dim=ours.context_dim, heads=ours.heads,
-                                           dim_head=ours.dim_head)
+    theirs = diffusers_attention.Attention(
+        ours.query_dim, cross_attention_dim=ours.context_dim, heads=ours.heads, dim_head=ours.dim_head
+    )
     theirs.load_state_dict(ours.state_dict())  # same names: to_q, to_k, to_v, to_out.0
     return theirs
 
 
-@pytest.mark.parametrize(("query_dim", "context_dim", "heads", "dim_head", "L"),
-                         [(320, 768, 8, 40, 77), (64, 32, 2, 80, 5), (48, None, 3, 16, None)])
+@pytest.mark.parametrize(
+    ("query_dim", "context_dim", "heads", "dim_head", "L"),
+    [(320, 768, 8, 40, 77), (64, 32, 2, 80, 5), (48, None, 3, 16, None)],
+)
 def test_cross_attention_matches_diffusers(query_dim, context_dim, heads, dim_head, L):
     ours = _randomize(CrossAttention(query_dim, context_dim, heads=heads, dim_head=dim_head))
     theirs = _diffusers_twin(ours)
@@ -245,8 +255,9 @@ def test_cache_notices_writes_that_do_not_move_version_counters():
         ),
         "to_k.weight.data.copy_ (EMA swap)": lambda: layer.to_k.weight.data.copy_(torch.randn(32, 48) / 7),
         "to_v.weight through numpy": lambda: layer.to_v.weight.detach().numpy().__imul__(-1.0),
-        "load_state_dict": lambda: layer.load_state_dict(_randomize(CrossAttention(32, 48, heads=2, dim_head=16))
-                                                         .state_dict()),
+        "load_state_dict": lambda: layer.load_state_dict(
+            _randomize(CrossAttention(32, 48, heads=2, dim_head=16)).state_dict()
+        ),
     }
     with torch.no_grad(), cache_context(layer):
         for what, write in writes.items():
@@ -291,8 +302,7 @@ def test_one_projection_per_sampling_run_with_guidance():
     model = _TextConditioned()
     counter = _Counter(model.attn.to_k)
     cond, uncond = torch.randn(2, 5, 12), torch.zeros(2, 5, 12)
-    kwargs = dict(shape=(2, 4, 3, 3), steps=6, cfg=3.0, cond={"context": cond}, uncond={"context": uncond},
-                  generator=0)
+    kwargs = dict(shape=(2, 4, 3, 3), steps=6, cfg=3.0, cond={"context": cond}, uncond={"context": uncond}, generator=0)
     with torch.no_grad():
         plain = fastdiff.sample(model, **kwargs)
         assert counter.calls == 6

@@ -149,8 +149,18 @@ _SUBPROCESS_CODE = textwrap.dedent(
                     checked += 1
     print(f"checked={{checked}}")
     """
-).format(tests=str(TESTS), shapes=[(1, 1, 1, 1, 1), (2, 3, 5, 7, 9), (3, 17, 33, 8, 8), (2, 128, 96, 5, 6),
-                                    (5, 32, 48, 9, 11), (3, 16, 33, 8, 8), (4, 48, 16, 16, 16)])
+).format(
+    tests=str(TESTS),
+    shapes=[
+        (1, 1, 1, 1, 1),
+        (2, 3, 5, 7, 9),
+        (3, 17, 33, 8, 8),
+        (2, 128, 96, 5, 6),
+        (5, 32, 48, 9, 11),
+        (3, 16, 33, 8, 8),
+        (4, 48, 16, 16, 16),
+    ],
+)
 
 
 @pytest.mark.native
@@ -232,8 +242,9 @@ def test_cpu_path_argument_picks_the_path_it_names(env, taken):
     """(16 -> 16, 32 -> 48) x (path 0, 1, 2): True where the BLAS path ran."""
     env = {k: v for k, v in os.environ.items() if k != "FASTDIFF_CONV3X3_FUSED"} | env
     env["FASTDIFF_CONV3X3_NO_BLAS"] = "1"
-    result = subprocess.run([sys.executable, "-c", _PATH_TAKEN_CODE], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _PATH_TAKEN_CODE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"taken {taken}" in result.stdout, result.stdout
 
@@ -740,9 +751,7 @@ class _Doubled(nn.Conv2d):
         return 2 * super().forward(x)
 
 
-@pytest.mark.parametrize(
-    "case", ["nchw input", "reference backend", "too large", "subclass", "3x3 kernel", "stride 2"]
-)
+@pytest.mark.parametrize("case", ["nchw input", "reference backend", "too large", "subclass", "3x3 kernel", "stride 2"])
 def test_conv1x1_module_leaves_other_cases_to_the_module(case, monkeypatch):
     from fastdiff.nn import conv1x1_module
     from fastdiff.nn.conv import POINTWISE_MAX_MACS
@@ -783,6 +792,7 @@ def _spy_on_linear(monkeypatch):
 
 # ---- the measured choice (FASTDIFF_TUNE=1, the default) --------------------------------------------
 
+
 @pytest.fixture
 def fake_timings(monkeypatch, tmp_path):
     """Replace the tuner's clock: the test says how long each candidate takes (and has its own cache file)."""
@@ -808,11 +818,11 @@ def fake_timings(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("c_in", "static", "fastdiff_s", "onednn_s", "takes"),
     [
-        (64, True, 1.0, 2.0, True),     # the kernel wins: taken
-        (64, True, 2.0, 1.0, False),    # oneDNN wins by more than the margin: the static pick is replaced
-        (64, True, 1.05, 1.0, True),    # within the margin: the static pick (the kernel) stays
-        (3, False, 1.0, 2.0, True),     # the static rule said oneDNN; the kernel wins by more than the margin
-        (3, False, 1.0, 1.05, False),   # within the margin: oneDNN stays
+        (64, True, 1.0, 2.0, True),  # the kernel wins: taken
+        (64, True, 2.0, 1.0, False),  # oneDNN wins by more than the margin: the static pick is replaced
+        (64, True, 1.05, 1.0, True),  # within the margin: the static pick (the kernel) stays
+        (3, False, 1.0, 2.0, True),  # the static rule said oneDNN; the kernel wins by more than the margin
+        (3, False, 1.0, 1.05, False),  # within the margin: oneDNN stays
     ],
 )
 def test_measured_choice_follows_the_timings(monkeypatch, fake_timings, c_in, static, fastdiff_s, onednn_s, takes):

@@ -211,8 +211,10 @@ def test_explicit_triton_refusal_lists_every_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a machine where the interpreter is not asked for
     with pytest.raises(BackendUnavailableError, match=r"backend='triton' cannot run") as info:
         group_norm_adagn(x.double(), 4, scale=torch.randn(2, 8).half(), backend="triton")
-    assert "x is on cpu, the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)" in \
-        info.value.reasons
+    assert (
+        "x is on cpu, the triton backend needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+        in info.value.reasons
+    )
     assert "x dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in info.value.reasons
     assert "scale dtype torch.float16 must be x's dtype (torch.float64) or float32" in info.value.reasons
 
@@ -229,8 +231,10 @@ def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(fake_gpu)
         x = torch.empty(2, 64, 64, 320, device="cuda", dtype=torch.float16).permute(0, 3, 1, 2)  # channels_last
         scale = torch.empty(2, 320, device="cuda", dtype=torch.float32)
         inputs = {"x": x, "scale": scale}
-        assert any("CUDA not compiled into fastdiff._C" in r or "fastdiff._C not built" in r
-                   for r in SUPPORT.why_not("cuda", inputs))
+        assert any(
+            "CUDA not compiled into fastdiff._C" in r or "fastdiff._C not built" in r
+            for r in SUPPORT.why_not("cuda", inputs)
+        )
         assert select_backend("group_norm_adagn", "auto", inputs) == "triton"
         out = group_norm_adagn(x, 32, scale=scale, activation="silu")
         assert out.shape == x.shape and out.device.type == "cuda" and out.dtype == torch.float16

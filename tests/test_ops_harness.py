@@ -34,8 +34,15 @@ def _grid():
                 for sid, spec, layout in case.grid(backend):
                     bug = case.known_bug(backend, spec, layout)
                     marks = _marks(backend) + ([pytest.mark.xfail(strict=True, reason=bug)] if bug else [])
-                    yield pytest.param(case, backend, dtype, layout, spec, marks=marks,
-                                       id=f"{case.op}-{backend}-{str(dtype)[6:]}-{layout}-{sid}")
+                    yield pytest.param(
+                        case,
+                        backend,
+                        dtype,
+                        layout,
+                        spec,
+                        marks=marks,
+                        id=f"{case.op}-{backend}-{str(dtype)[6:]}-{layout}-{sid}",
+                    )
 
 
 def _device(request, backend: str):
@@ -60,8 +67,9 @@ def _float64_grid():
                     if case.applies(spec, layout):
                         bug = case.known_bug(backend, spec, layout)
                         marks = _marks(backend) + ([pytest.mark.xfail(strict=True, reason=bug)] if bug else [])
-                        yield pytest.param(case, backend, layout, spec, marks=marks,
-                                           id=f"{case.op}-{backend}-{layout}-{sid}")
+                        yield pytest.param(
+                            case, backend, layout, spec, marks=marks, id=f"{case.op}-{backend}-{layout}-{sid}"
+                        )
 
 
 @pytest.mark.parametrize(("case", "backend", "layout", "spec"), list(_float64_grid()))
@@ -86,10 +94,14 @@ def _opcheck_grid():
             for dtype, layout in case.opcheck_grid(kind):
                 devices = (("cpu", "cuda") if native_cuda else ("cpu",)) if kind == "native" else ("triton",)
                 for device in devices:
-                    marks = {"cpu": [pytest.mark.native], "cuda": [pytest.mark.native(cuda=True)],
-                             "triton": [pytest.mark.triton]}[device]
-                    yield pytest.param(case, op, device, dtype, layout, marks=marks,
-                                       id=f"{op}-{device}-{str(dtype)[6:]}-{layout}")
+                    marks = {
+                        "cpu": [pytest.mark.native],
+                        "cuda": [pytest.mark.native(cuda=True)],
+                        "triton": [pytest.mark.triton],
+                    }[device]
+                    yield pytest.param(
+                        case, op, device, dtype, layout, marks=marks, id=f"{op}-{device}-{str(dtype)[6:]}-{layout}"
+                    )
 
 
 @pytest.mark.parametrize(("case", "op", "device", "dtype", "layout"), list(_opcheck_grid()))
@@ -155,8 +167,14 @@ def _assert_unchanged(value, before) -> None:
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_unknown_backend_names_the_argument_and_the_choices(case: OpCase):
     names = (AUTO, *case.support.backends)
-    accepted = (AUTO, "reference", "cpu", "cuda", "triton", *(b for b in names[1:] if b not in
-                                                               ("reference", "cpu", "cuda", "triton")))
+    accepted = (
+        AUTO,
+        "reference",
+        "cpu",
+        "cuda",
+        "triton",
+        *(b for b in names[1:] if b not in ("reference", "cpu", "cuda", "triton")),
+    )
     with pytest.raises(ValueError, match=re.escape(f"{case.op}: backend must be one of {accepted!r}, got 'fast'")):
         case.run(case.example(), "fast")
 
@@ -174,8 +192,7 @@ def test_native_checks_name_the_argument(case: OpCase, bad: NativeBadInput, devi
     """The C++ op checks too (its CPU and Meta kernels alike), for callers of torch.ops directly, before
     it writes anything (an in-place op's arguments keep their values)."""
     args = dict(case.native_args(), **bad.overrides())
-    args = {k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
-            for k, v in args.items()}
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in args.items()}
     before = _clones(args)
     with pytest.raises(RuntimeError, match=bad.match):
         getattr(torch.ops.fastdiff, case.native_op)(*args.values())
@@ -231,6 +248,5 @@ def test_every_case_is_a_registered_op():
     for case in CASES:
         assert case.op in ops and ops[case.op] is case.support
         for op in (case.native_op, case.triton_op):
-            assert op is None or op in (case.support.kernels["cpu"].native_op or case.op,
-                                        f"{case.op}_triton"), op
+            assert op is None or op in (case.support.kernels["cpu"].native_op or case.op, f"{case.op}_triton"), op
         assert case.dtypes == DTYPES

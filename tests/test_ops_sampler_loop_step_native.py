@@ -53,14 +53,26 @@ def _native_sampler_step(args):
     B = args["x_in"].shape[0] // 2 if guided else args["x_in"].shape[0]
     cfg = float(args["cfg_scale"].reshape(())) if guided else 1.0
     return torch.ops.fastdiff.sampler_step(
-        args["x_in"][:B], args["model_output"], args["coefs"], args["step"].clone(), cfg, args["learned_range"],
-        args["clip"], args["threshold"], args["noise"], args["philox_seed"], True, args["history"])
+        args["x_in"][:B],
+        args["model_output"],
+        args["coefs"],
+        args["step"].clone(),
+        cfg,
+        args["learned_range"],
+        args["clip"],
+        args["threshold"],
+        args["noise"],
+        args["philox_seed"],
+        True,
+        args["history"],
+    )
 
 
 def _assert_bits_equal(got, want, what):
     assert got.shape == want.shape and got.dtype == want.dtype, what
     assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).contiguous().view(torch.uint8)), (
-        f"{what}: not bit-identical, max diff {(got.double() - want.double()).abs().max().item():.3g}")
+        f"{what}: not bit-identical, max diff {(got.double() - want.double()).abs().max().item():.3g}"
+    )
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -95,10 +107,14 @@ def test_views_give_the_bits_of_contiguous_inputs(dtype, config):
         for call in CASE.calls((cfg, shape), dtype, "views", "cpu"):
             args = CASE.native_kwargs(call)
             assert not args["model_output"].is_contiguous()
-            plain = dict(args, model_output=args["model_output"].contiguous(),
-                         noise=None if args["noise"] is None else args["noise"].contiguous())
-            torch.testing.assert_close(_run_native(args)["x_in"], _run_native(plain)["x_in"], rtol=0, atol=0,
-                                       msg=call.what)
+            plain = dict(
+                args,
+                model_output=args["model_output"].contiguous(),
+                noise=None if args["noise"] is None else args["noise"].contiguous(),
+            )
+            torch.testing.assert_close(
+                _run_native(args)["x_in"], _run_native(plain)["x_in"], rtol=0, atol=0, msg=call.what
+            )
 
 
 # ---- the counter and t_in --------------------------------------------------------------------------------
@@ -159,14 +175,21 @@ def test_a_whole_loop_matches_the_reference_loop():
         _op()(*native.values())
         ref["model_output"] = model(ref["x_in"], ref["t_in"])
         kwargs = {k: v for k, v in ref.items() if k not in ("x_in", "model_output", "coefs", "step", "clip")}
-        fastdiff.ops.sampler_loop_step(ref["x_in"], ref["model_output"], ref["coefs"], ref["step"],
-                                       clip=None if math.isinf(ref["clip"]) else ref["clip"], **kwargs,
-                                       backend="reference")
+        fastdiff.ops.sampler_loop_step(
+            ref["x_in"],
+            ref["model_output"],
+            ref["coefs"],
+            ref["step"],
+            clip=None if math.isinf(ref["clip"]) else ref["clip"],
+            **kwargs,
+            backend="reference",
+        )
     torch.testing.assert_close(native["x_in"], ref["x_in"], rtol=1e-4, atol=1e-4)
     assert int(native["step"]) == STEPS and torch.equal(native["t_in"], ref["t_in"])
 
 
 # ---- CUDA (the CUDA op against the oracle on the case's grid and its CUDA shapes: the harness) ---------
+
 
 @pytest.mark.native(cuda=True)
 class TestCuda:

@@ -36,18 +36,22 @@ def test_philox_noise_matches_the_reference_generator(config):
     x, out, _ = _inputs(sampler, (3, 4, 7, 9), False, torch.float32, "cpu")
     learned = sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
     for i in (1, 5):
-        got, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, i, learned_range=learned, philox_seed=2**40 + 7,
-                                           backend="cpu")
-        ref, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, i, learned_range=learned, philox_seed=2**40 + 7,
-                                           backend="reference")
+        got, _ = fastdiff.ops.sampler_step(
+            x, out, sampler.coefs, i, learned_range=learned, philox_seed=2**40 + 7, backend="cpu"
+        )
+        ref, _ = fastdiff.ops.sampler_step(
+            x, out, sampler.coefs, i, learned_range=learned, philox_seed=2**40 + 7, backend="reference"
+        )
         z = philox_normal(2**40 + 7, i, 3, 4 * 7 * 9).view(x.shape).float()
-        via_noise, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, i, learned_range=learned, noise=z,
-                                                 backend="cpu")
+        via_noise, _ = fastdiff.ops.sampler_step(
+            x, out, sampler.coefs, i, learned_range=learned, noise=z, backend="cpu"
+        )
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, via_noise, rtol=1e-5, atol=1e-5)
     # Image i's noise does not depend on the batch; another step draws other noise.
-    small, _ = fastdiff.ops.sampler_step(x[:1], out[:1], sampler.coefs, 1, learned_range=learned, philox_seed=5,
-                                         backend="cpu")
+    small, _ = fastdiff.ops.sampler_step(
+        x[:1], out[:1], sampler.coefs, 1, learned_range=learned, philox_seed=5, backend="cpu"
+    )
     full, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, 1, learned_range=learned, philox_seed=5, backend="cpu")
     torch.testing.assert_close(small, full[:1], rtol=0, atol=0)
     other, _ = fastdiff.ops.sampler_step(x, out, sampler.coefs, 1, learned_range=learned, philox_seed=6, backend="cpu")
@@ -64,8 +68,13 @@ def test_dynamic_thresholding_through_the_sampler(backend):
     _skip_unless(backend, x, out)
     got = sampler.fused_step(3, x, out, cfg_scale=2.0, backend=backend)
     u, c = out.double().chunk(2)
-    exact, _ = ddim_step(x.double(), u + 2.0 * (c - u), sampler.alpha_t[3].double(), sampler.alpha_prev[3].double(),
-                         dynamic_threshold=(0.9, 1.5))
+    exact, _ = ddim_step(
+        x.double(),
+        u + 2.0 * (c - u),
+        sampler.alpha_t[3].double(),
+        sampler.alpha_prev[3].double(),
+        dynamic_threshold=(0.9, 1.5),
+    )
     torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
     assert process_x0 is not None
 
@@ -100,8 +109,9 @@ def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(fake_gpu)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     real = _native.status()
-    fake_gpu.setattr(_native, "status", lambda: {**real, "cuda_compiled": False,
-                                                "cuda_skipped_reason": "simulated: no nvcc"})
+    fake_gpu.setattr(
+        _native, "status", lambda: {**real, "cuda_compiled": False, "cuda_skipped_reason": "simulated: no nvcc"}
+    )
     sampler = DDIMSampler(SCHEDULE, 50)  # its tables are made CUDA (fake) ones below
     with FakeTensorMode():
         x = torch.empty(8, 4, 64, 64, device="cuda", memory_format=torch.channels_last)
@@ -111,8 +121,9 @@ def test_auto_picks_triton_for_cuda_tensors_without_the_native_cuda_op(fake_gpu)
         sampler.coefs = torch.empty(50, len(STEP_COEFS), device="cuda")
         sampler.step_indices = [torch.empty((), dtype=torch.int64, device="cuda")] * 50
         # a tensor step: torch.tensor(3, device="cuda") would allocate a real one even in fake mode
-        prev, x0 = fastdiff.ops.sampler_step(x, out, sampler.coefs, sampler.step_indices[3], cfg_scale=4.0,
-                                             return_x0=True)
+        prev, x0 = fastdiff.ops.sampler_step(
+            x, out, sampler.coefs, sampler.step_indices[3], cfg_scale=4.0, return_x0=True
+        )
         assert prev.device.type == "cuda" and prev.shape == x.shape
         assert prev.is_contiguous(memory_format=torch.channels_last) and x0.stride() == prev.stride()
         for _ in range(2):
@@ -127,10 +138,12 @@ def test_cuda_sampling_matches_cpu_and_replays_in_a_graph():
     sampler_gpu = DDIMSampler(SCHEDULE, STEPS, eta=0.5, device="cuda")
     x, out, _ = _inputs(sampler_gpu, (3, 4, 7, 9), True, torch.float32, "cuda")
     seed = 1234
-    got, _ = fastdiff.ops.sampler_step(x, out, sampler_gpu.coefs, sampler_gpu.step_indices[2], cfg_scale=2.0,
-                                       philox_seed=seed, backend="cuda")
-    ref, _ = fastdiff.ops.sampler_step(x.cpu(), out.cpu(), sampler_gpu.coefs.cpu(), 2, cfg_scale=2.0,
-                                       philox_seed=seed, backend="reference")
+    got, _ = fastdiff.ops.sampler_step(
+        x, out, sampler_gpu.coefs, sampler_gpu.step_indices[2], cfg_scale=2.0, philox_seed=seed, backend="cuda"
+    )
+    ref, _ = fastdiff.ops.sampler_step(
+        x.cpu(), out.cpu(), sampler_gpu.coefs.cpu(), 2, cfg_scale=2.0, philox_seed=seed, backend="reference"
+    )
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
     step = torch.zeros((), dtype=torch.int64, device="cuda")
     static_x = x.clone()

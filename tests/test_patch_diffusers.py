@@ -38,10 +38,19 @@ def small_unet(**overrides) -> UNet2DModel:
     size (8x10 latents), attention heads of 8, output_scale_factor 2, dropout (inactive in eval)."""
     torch.manual_seed(0)
     config = dict(
-        sample_size=(8, 10), in_channels=3, out_channels=5, layers_per_block=1,
-        block_out_channels=(24, 48), norm_num_groups=8, attention_head_dim=8,
-        down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        downsample_type="resnet", upsample_type="resnet", resnet_time_scale_shift="default", dropout=0.1,
+        sample_size=(8, 10),
+        in_channels=3,
+        out_channels=5,
+        layers_per_block=1,
+        block_out_channels=(24, 48),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        downsample_type="resnet",
+        upsample_type="resnet",
+        resnet_time_scale_shift="default",
+        dropout=0.1,
     )
     config.update(overrides)
     model = UNet2DModel(**config).eval()
@@ -54,8 +63,14 @@ def cond_unet(**overrides) -> UNet2DConditionModel:
     """A small UNet2DConditionModel with self- and cross-attention (7 context tokens of width 40)."""
     torch.manual_seed(0)
     config = dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8, cross_attention_dim=40,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=40,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     )
@@ -151,9 +166,17 @@ def test_explicit_cpu_backend_runs_every_dtype(dtype):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
-                        norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                        add_attention=False).eval()
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        add_attention=False,
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         exact = model.double()(x.double(), 10).sample
@@ -182,8 +205,15 @@ def test_attention_without_scale_qk_uses_the_original_processors_scale():
     torch.manual_seed(0)
     x = torch.randn(2, 32, 5, 3)
     for processor in (AttnProcessor(), AttnProcessor2_0()):
-        attn = Attention(32, heads=4, dim_head=8, norm_num_groups=8, scale_qk=False, residual_connection=True,
-                         rescale_output_factor=1.7).eval()
+        attn = Attention(
+            32,
+            heads=4,
+            dim_head=8,
+            norm_num_groups=8,
+            scale_qk=False,
+            residual_connection=True,
+            rescale_output_factor=1.7,
+        ).eval()
         attn.set_processor(processor)
         with torch.no_grad():
             expected = attn(x)
@@ -196,8 +226,14 @@ def test_sample_with_patched_model_and_class_labels():
     """fastdiff.sample drives a patched diffusers model (a .sample output, class labels, CFG)."""
     model = _randomize(small_unet(num_class_embeds=11, out_channels=3))
     y = torch.tensor([1, 4])
-    args = dict(shape=(2, 3, 8, 10), steps=4, cfg=4.0, cond={"class_labels": y},
-                uncond={"class_labels": torch.full_like(y, 10)}, generator=0)
+    args = dict(
+        shape=(2, 3, 8, 10),
+        steps=4,
+        cfg=4.0,
+        cond={"class_labels": y},
+        uncond={"class_labels": torch.full_like(y, 10)},
+        generator=0,
+    )
     expected = fastdiff.sample(model, **args)
     fastdiff.patch(model)
     got = fastdiff.sample(model, **args)
@@ -270,8 +306,9 @@ def test_patched_model_loads_and_saves_the_same_state_dict():
     fastdiff.patch(model)
     model.load_state_dict(twin.state_dict())
     x, kwargs = _inputs(model)
-    torch.testing.assert_close(_run(model, x, kwargs, torch.float32), _run(twin, x, kwargs, torch.float32),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _run(model, x, kwargs, torch.float32), _run(twin, x, kwargs, torch.float32), rtol=1e-5, atol=1e-5
+    )
     assert model.state_dict().keys() == twin.state_dict().keys()
 
 
@@ -361,9 +398,11 @@ def test_attention_mask_falls_back_to_the_original_processor():
 @pytest.mark.parametrize("bad", [nn.Linear(2, 2), "unet", None])
 @pytest.mark.parametrize("fn", [fastdiff.patch, fastdiff.unpatch], ids=["patch", "unpatch"])
 def test_not_a_diffusers_unet_raises_type_error(fn, bad):
-    with pytest.raises(TypeError,
-                       match="model must be a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, "
-                             "DiTTransformer2DModel or PixArtTransformer2DModel, or a pipeline holding them, got"):
+    with pytest.raises(
+        TypeError,
+        match="model must be a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, "
+        "DiTTransformer2DModel or PixArtTransformer2DModel, or a pipeline holding them, got",
+    ):
         fn(bad)
 
 
@@ -408,9 +447,17 @@ def tiny_vae() -> nn.Module:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=8, sample_size=16).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    ).eval()
 
 
 def _vae_outputs(model: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,8 +486,9 @@ def _check_outputs_match(make, randomize, outputs, dtype: torch.dtype, what: str
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_vae_decode_and_encode_match_unpatched(dtype, channels_last):
-    model = _check_outputs_match(tiny_vae, _randomize, _vae_outputs, dtype, "AutoencoderKL decode, encode",
-                                 channels_last=channels_last)
+    model = _check_outputs_match(
+        tiny_vae, _randomize, _vae_outputs, dtype, "AutoencoderKL decode, encode", channels_last=channels_last
+    )
     patched = dict(patch_report(model).patched)
     assert patched["encoder.conv_norm_out"] == patched["decoder.conv_norm_out"] == "GroupNorm + conv_act SiLU"
     assert patched["decoder.up_blocks.0.resnets.0"] == "ResnetBlock2D (group): norm1+SiLU, norm2+SiLU"
@@ -470,11 +518,11 @@ def test_resnet_with_an_unprojected_time_embedding_runs_diffusers_forward():
     x, temb = torch.randn(2, 16, 5, 6), torch.randn(2, 16, 1, 1)
     with torch.no_grad():
         want = block(x, temb)
-        block.__class__ = __import__("fastdiff.integrations._diffusers_modules",
-                                     fromlist=["FusedResnetBlock2D"]).FusedResnetBlock2D
+        block.__class__ = __import__(
+            "fastdiff.integrations._diffusers_modules", fromlist=["FusedResnetBlock2D"]
+        ).FusedResnetBlock2D
         torch.testing.assert_close(block(x, temb), want, rtol=0, atol=0)
         torch.testing.assert_close(block(x, None), ResnetBlock2D.forward(block, x, None), rtol=1e-5, atol=1e-5)
-
 
 
 # ---- pipelines ---------------------------------------------------------------------------------------
@@ -524,11 +572,17 @@ def test_pipeline_components_fastdiff_cannot_patch_are_named():
     from diffusers import VQModel
 
     pipe = _pipeline(small_unet(), VQModel(block_out_channels=(32,), norm_num_groups=8, latent_channels=3))
-    with pytest.warns(PatchWarning, match=r"left 1 component\(s\) of LatentPipeline as they are \(unet patched\)"
-                                          r":\n  vae: VQModel is not supported by fastdiff.patch"):
+    with pytest.warns(
+        PatchWarning,
+        match=r"left 1 component\(s\) of LatentPipeline as they are \(unet patched\)"
+        r":\n  vae: VQModel is not supported by fastdiff.patch",
+    ):
         fastdiff.patch(pipe)
-    assert ("vae", "VQModel is not supported by fastdiff.patch (it takes UNet2DModel, UNet2DConditionModel, "
-                   "AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel)") in patch_report(pipe).skipped
+    assert (
+        "vae",
+        "VQModel is not supported by fastdiff.patch (it takes UNet2DModel, UNet2DConditionModel, "
+        "AutoencoderKL, DiTTransformer2DModel, PixArtTransformer2DModel)",
+    ) in patch_report(pipe).skipped
     assert patch_report(pipe.unet) is not None
     fastdiff.unpatch(pipe)
     assert patch_report(pipe.unet) is None
@@ -542,8 +596,16 @@ def tiny_dit() -> nn.Module:
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10).eval()
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
 
 
 def tiny_pixart() -> nn.Module:
@@ -551,9 +613,18 @@ def tiny_pixart() -> nn.Module:
     from diffusers import PixArtTransformer2DModel
 
     torch.manual_seed(0)
-    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                    num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=32,
-                                    caption_channels=24, use_additional_conditions=False).eval()
+    return PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=24,
+        use_additional_conditions=False,
+    ).eval()
 
 
 def _transformer_output(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -563,8 +634,9 @@ def _transformer_output(model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         if type(model).__name__.startswith("DiT"):
             return model(x, timestep=t, class_labels=torch.tensor([1, 7, 10])).sample
         caption = torch.randn(3, 5, 24, generator=g).to(dtype)
-        return model(x, encoder_hidden_states=caption, timestep=t,
-                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return model(
+            x, encoder_hidden_states=caption, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+        ).sample
 
 
 def _randomize_modulation(model: nn.Module) -> nn.Module:
@@ -581,8 +653,9 @@ def _randomize_modulation(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("make", [tiny_dit, tiny_pixart], ids=["DiT", "PixArt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_transformers_match_unpatched(make, dtype):
-    model = _check_outputs_match(make, _randomize_modulation, lambda m, d: (_transformer_output(m, d),), dtype,
-                                 make.__name__)
+    model = _check_outputs_match(
+        make, _randomize_modulation, lambda m, d: (_transformer_output(m, d),), dtype, make.__name__
+    )
     fused = [what for _, what in patch_report(model).patched if what.startswith("BasicTransformerBlock")]
     norm = "ada_norm_zero" if make is tiny_dit else "ada_norm_single"
     assert fused == [f"BasicTransformerBlock ({norm}): LayerNorm+modulation fused"] * 2

@@ -38,8 +38,9 @@ def _normals(seed, step, shape, dtype=torch.float32, steps=None):
     table[:, SIGMA] = 1
     x = torch.zeros(shape, dtype=dtype)
     key = torch.tensor(seed - 2**64 if seed >= 2**63 else seed)  # the int64 tensor holds the seed's 64 bits
-    out, _ = torch.ops.fastdiff.sampler_step(x, x, table, torch.tensor(step), 1.0, False, math.inf, None, None,
-                                             key, False)
+    out, _ = torch.ops.fastdiff.sampler_step(
+        x, x, table, torch.tensor(step), 1.0, False, math.inf, None, None, key, False
+    )
     return out
 
 
@@ -62,7 +63,8 @@ def _assert_float32_box_muller(z, seed, step, what):
     err = (z - z64).abs()
     assert (err <= bound).all(), (
         f"{what}: {int((err > bound).sum())} of {err.numel()} normals over the bound, worst "
-        f"{float((err / bound).max()):.3g}x at |z| {float(z64.flatten()[int((err / bound).argmax())]):.3g}")
+        f"{float((err / bound).max()):.3g}x at |z| {float(z64.flatten()[int((err / bound).argmax())]):.3g}"
+    )
 
 
 @pytest.mark.parametrize("numel", [1, 3, 4, 5, 7, 8, 13, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 1000, 4099])
@@ -129,8 +131,20 @@ def test_sampler_loop_step_draws_the_same_normals():
     table[:, SIGMA] = 1
     x_in = torch.zeros(4, 5, 13)  # guided: B = 2; 65 elements per image
     counter = torch.tensor(4)
-    torch.ops.fastdiff.sampler_loop_step(x_in, torch.zeros(4, 5, 13), table, counter, torch.tensor(1.0), False,
-                                         math.inf, None, None, torch.tensor(77), None, None)
+    torch.ops.fastdiff.sampler_loop_step(
+        x_in,
+        torch.zeros(4, 5, 13),
+        table,
+        counter,
+        torch.tensor(1.0),
+        False,
+        math.inf,
+        None,
+        None,
+        torch.tensor(77),
+        None,
+        None,
+    )
     want = _normals(77, 4, (2, 5, 13))
     assert torch.equal(x_in[:2], want) and torch.equal(x_in[2:], want)
 
@@ -155,8 +169,9 @@ def test_cpu_builds_agree(capability, tmp_path):
         pytest.skip("this CPU (or ATEN_CPU_CAPABILITY) has no AVX2")
     path = tmp_path / "z.pt"
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", _OTHER_ISA, str(path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _OTHER_ISA, str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     other = torch.load(path)
     here = _normals(2**50 + 11, 3, (3, 1037))

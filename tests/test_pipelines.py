@@ -42,17 +42,20 @@ from fastdiff.pipelines import generate, sampling_options  # noqa: E402
 from fastdiff.sampling import make_sampler  # noqa: E402
 
 # Stable Diffusion's scheduler config (v1.x): scaled-linear betas, "leading" spacing with offset 1.
-SD_BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                steps_offset=1)
+SD_BETAS = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+)
 SCHEDULERS = {
     "ddim": lambda: DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False),
     "euler": lambda: EulerDiscreteScheduler(**SD_BETAS),
     "euler-karras": lambda: EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True),
     "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**SD_BETAS),
     "dpmpp_2m-karras-trailing": lambda: DPMSolverMultistepScheduler(
-        **SD_BETAS, use_karras_sigmas=True, timestep_spacing="trailing"),
-    "ddim-v-trailing": lambda: DDIMScheduler(**SD_BETAS, prediction_type="v_prediction",
-                                             timestep_spacing="trailing", clip_sample=False),
+        **SD_BETAS, use_karras_sigmas=True, timestep_spacing="trailing"
+    ),
+    "ddim-v-trailing": lambda: DDIMScheduler(
+        **SD_BETAS, prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    ),
 }
 
 
@@ -61,9 +64,17 @@ SCHEDULERS = {
 
 def tiny_vae(levels: int = 2) -> AutoencoderKL:
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                         up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(16, 32, 32, 32)[:levels],
-                         layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(16, 32, 32, 32)[:levels],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
 
 
 def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
@@ -71,17 +82,41 @@ def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
 
     tokenizer = clip_tokenizer(tmp_path, max_length=12)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=12, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=12,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
     ).eval()
-    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=SCHEDULERS[scheduler](), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=SCHEDULERS[scheduler](),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -89,14 +124,26 @@ def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
 def dit_pipeline(scheduler=None) -> DiTPipeline:
     """DiT with learned sigma (8 output channels) and 1000 classes (DiTPipeline's null class is 1000)."""
     torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
     with torch.no_grad():  # DiT zero-initialises its modulation and output: make them matter
         for name, p in transformer.named_parameters():
             if "norm1.linear" in name or "proj_out" in name:
                 p.normal_(0.0, 0.2)
-    pipe = DiTPipeline(transformer, tiny_vae(), scheduler or DDIMScheduler(),
-                       id2label={0: "tench, Tinca tinca", 7: "cock", 42: "agama"})
+    pipe = DiTPipeline(
+        transformer,
+        tiny_vae(),
+        scheduler or DDIMScheduler(),
+        id2label={0: "tench, Tinca tinca", 7: "cock", 42: "agama"},
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,8 +161,16 @@ def pixart_pipeline(sample_size: int = 8, patch_size: int = 2, vae_levels: int =
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=sample_size, patch_size=patch_size, cross_attention_dim=48, caption_channels=24).eval()
+        num_attention_heads=3,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=sample_size,
+        patch_size=patch_size,
+        cross_attention_dim=48,
+        caption_channels=24,
+    ).eval()
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "scale_shift_table" in name or "proj_out" in name:
@@ -123,10 +178,24 @@ def pixart_pipeline(sample_size: int = 8, patch_size: int = 2, vae_levels: int =
     tokenizer = encoder = None
     if text:
         tokenizer = t5_tokenizer()
-        encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=32, num_layers=1,
-                                          num_heads=2, decoder_start_token_id=0)).eval()
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(vae_levels),
-                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+        encoder = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=24,
+                d_kv=8,
+                d_ff=32,
+                num_layers=1,
+                num_heads=2,
+                decoder_start_token_id=0,
+            )
+        ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=tiny_vae(vae_levels),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -140,8 +209,9 @@ def _float64_run(pipe, call, **kwargs):
     dtype = pipe.dtype
     pipe.to(torch.float64)
     try:
-        args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                for k, v in kwargs.items()}
+        args = {
+            k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
+        }
         return call(pipe, **args)
     finally:
         pipe.to(dtype)
@@ -149,6 +219,7 @@ def _float64_run(pipe, call, **kwargs):
 
 def _check(pipe, ours: dict, theirs: dict, what: str, outputs=("latent", "np")) -> None:
     """generate(pipe, **ours) against pipe(**theirs), and both against pipe in float64, for each output type."""
+
     def diffusers_call(p, **kw):
         return torch.as_tensor(p(**kw).images)
 
@@ -167,10 +238,12 @@ NEGATIVE = ["blur", "noise"]
 def test_stable_diffusion_matches_the_pipeline(tmp_path, scheduler):
     pipe = sd_pipeline(tmp_path, scheduler)
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    common = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, num_images_per_prompt=2, latents=latents, height=16,
-                  width=16)
-    _check(pipe, dict(common, steps=8, cfg=5.0), dict(common, num_inference_steps=8, guidance_scale=5.0),
-           f"SD {scheduler}")
+    common = dict(
+        prompt=PROMPTS, negative_prompt=NEGATIVE, num_images_per_prompt=2, latents=latents, height=16, width=16
+    )
+    _check(
+        pipe, dict(common, steps=8, cfg=5.0), dict(common, num_inference_steps=8, guidance_scale=5.0), f"SD {scheduler}"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -179,8 +252,12 @@ def test_stable_diffusion_in_half_precision_matches_the_pipeline(tmp_path, sched
     pipe = sd_pipeline(tmp_path, scheduler).to(dtype)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
     common = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents, height=16, width=16)
-    _check(pipe, dict(common, steps=8, cfg=5.0), dict(common, num_inference_steps=8, guidance_scale=5.0),
-           f"SD {scheduler} {dtype}")
+    _check(
+        pipe,
+        dict(common, steps=8, cfg=5.0),
+        dict(common, num_inference_steps=8, guidance_scale=5.0),
+        f"SD {scheduler} {dtype}",
+    )
 
 
 def test_stable_diffusion_without_guidance_calls_the_unet_on_the_prompt_alone(tmp_path):
@@ -189,8 +266,13 @@ def test_stable_diffusion_without_guidance_calls_the_unet_on_the_prompt_alone(tm
     pipe.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     common = dict(prompt=PROMPTS, latents=latents, height=16, width=16)
-    _check(pipe, dict(common, steps=5, cfg=1.0), dict(common, num_inference_steps=5, guidance_scale=1.0),
-           "SD cfg 1", outputs=("latent",))
+    _check(
+        pipe,
+        dict(common, steps=5, cfg=1.0),
+        dict(common, num_inference_steps=5, guidance_scale=1.0),
+        "SD cfg 1",
+        outputs=("latent",),
+    )
     assert batches[:5] == [2] * 5  # generate's 5 steps: the conditional batch only, as diffusers' cfg <= 1
 
 
@@ -198,11 +280,29 @@ def test_stable_diffusion_prompt_embeds_equal_the_prompt_path(tmp_path):
     pipe = sd_pipeline(tmp_path)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     positive, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVE)
-    by_text = generate(pipe, PROMPTS, negative_prompt=NEGATIVE, steps=4, cfg=3.0, latents=latents,
-                       height=16, width=16, output_type="latent")
+    by_text = generate(
+        pipe,
+        PROMPTS,
+        negative_prompt=NEGATIVE,
+        steps=4,
+        cfg=3.0,
+        latents=latents,
+        height=16,
+        width=16,
+        output_type="latent",
+    )
     pipe.text_encoder = pipe.tokenizer = None  # the embeddings path needs neither
-    by_embeds = generate(pipe, prompt_embeds=positive, negative_prompt_embeds=negative, steps=4, cfg=3.0,
-                         latents=latents, height=16, width=16, output_type="latent")
+    by_embeds = generate(
+        pipe,
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        steps=4,
+        cfg=3.0,
+        latents=latents,
+        height=16,
+        width=16,
+        output_type="latent",
+    )
     assert torch.equal(by_text, by_embeds)
 
 
@@ -212,8 +312,9 @@ def test_stable_diffusion_patched_matches_the_pipeline(tmp_path):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     common = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, latents=latents, height=16, width=16)
     want = pipe(**common, num_inference_steps=6, guidance_scale=4.0, output_type="np").images
-    exact = _float64_run(pipe, lambda p, **kw: p(**kw).images, **common, num_inference_steps=6, guidance_scale=4.0,
-                         output_type="np")
+    exact = _float64_run(
+        pipe, lambda p, **kw: p(**kw).images, **common, num_inference_steps=6, guidance_scale=4.0, output_type="np"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", PatchWarning)  # the U-Net and the VAE both patched
         fastdiff.patch(pipe, channels_last=True)
@@ -237,8 +338,9 @@ def test_stable_diffusion_pil_output_and_generator_seeds(tmp_path):
 def test_generate_leaves_the_pipelines_scheduler_alone(tmp_path):
     pipe = sd_pipeline(tmp_path, "dpmpp_2m")
     config = dict(pipe.scheduler.config)
-    generate(pipe, "a cat", steps=3, height=16, width=16, scheduler=EulerDiscreteScheduler(**SD_BETAS),
-             output_type="latent")
+    generate(
+        pipe, "a cat", steps=3, height=16, width=16, scheduler=EulerDiscreteScheduler(**SD_BETAS), output_type="latent"
+    )
     assert dict(pipe.scheduler.config) == config and pipe.scheduler.num_inference_steps is None
 
 
@@ -259,12 +361,16 @@ def test_dit_matches_the_pipeline(scheduler):
         return p(**kw, generator=torch.Generator().manual_seed(5)).images
 
     for output_type in ("np",):
-        got = generate(pipe, class_labels=["agama", 0, "cock"], steps=8, cfg=4.0, latents=latents,
-                       output_type=output_type)
-        want, exact = call(pipe, **theirs, output_type=output_type), _float64_run(pipe, call, **theirs,
-                                                                                 output_type=output_type)
-        assert_within_eager_bound(torch.as_tensor(got), torch.as_tensor(want), torch.as_tensor(exact),
-                                  f"DiT {scheduler}")
+        got = generate(
+            pipe, class_labels=["agama", 0, "cock"], steps=8, cfg=4.0, latents=latents, output_type=output_type
+        )
+        want, exact = (
+            call(pipe, **theirs, output_type=output_type),
+            _float64_run(pipe, call, **theirs, output_type=output_type),
+        )
+        assert_within_eager_bound(
+            torch.as_tensor(got), torch.as_tensor(want), torch.as_tensor(exact), f"DiT {scheduler}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -279,8 +385,11 @@ def test_dit_and_pixart_in_half_precision_match_the_pipelines(dtype):
     got = torch.as_tensor(generate(pipe, class_labels=[42, 7], steps=6, cfg=4.0, latents=latents, output_type="np"))
     assert_within_eager_bound(got, call(pipe, **theirs), _float64_run(pipe, call, **theirs), f"DiT {dtype}")
     pipe = pixart_pipeline().to(dtype)
-    common = dict(prompt="a cat", latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)).to(dtype),
-                  use_resolution_binning=False)
+    common = dict(
+        prompt="a cat",
+        latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)).to(dtype),
+        use_resolution_binning=False,
+    )
     _check(pipe, dict(common, steps=6), dict(common, num_inference_steps=6), f"PixArt {dtype}", outputs=("np",))
 
 
@@ -309,11 +418,14 @@ def test_pixart_matches_the_pipeline_from_prompts():
 def test_pixart_matches_the_pipeline_from_embeddings():
     pipe = pixart_pipeline(text=False)
     g = torch.Generator().manual_seed(7)
-    common = dict(prompt_embeds=torch.randn(2, 5, 24, generator=g), negative_prompt_embeds=torch.randn(2, 5, 24,
-                                                                                                        generator=g),
-                  prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
-                  negative_prompt_attention_mask=torch.ones(2, 5, dtype=torch.int64),
-                  latents=torch.randn(2, 4, 8, 8, generator=g), use_resolution_binning=False)
+    common = dict(
+        prompt_embeds=torch.randn(2, 5, 24, generator=g),
+        negative_prompt_embeds=torch.randn(2, 5, 24, generator=g),
+        prompt_attention_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        negative_prompt_attention_mask=torch.ones(2, 5, dtype=torch.int64),
+        latents=torch.randn(2, 4, 8, 8, generator=g),
+        use_resolution_binning=False,
+    )
     _check(pipe, dict(common, steps=6), dict(common, negative_prompt=None, num_inference_steps=6), "PixArt embeds")
 
 
@@ -322,11 +434,19 @@ def test_pixart_sigma_matches_the_pipeline():
     from diffusers import PixArtSigmaPipeline
 
     alpha = pixart_pipeline()
-    pipe = PixArtSigmaPipeline(tokenizer=alpha.tokenizer, text_encoder=alpha.text_encoder, vae=alpha.vae,
-                               transformer=alpha.transformer, scheduler=DPMSolverMultistepScheduler())
+    pipe = PixArtSigmaPipeline(
+        tokenizer=alpha.tokenizer,
+        text_encoder=alpha.text_encoder,
+        vae=alpha.vae,
+        transformer=alpha.transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
-    common = dict(prompt="a cat", latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10)),
-                  use_resolution_binning=False)
+    common = dict(
+        prompt="a cat",
+        latents=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(10)),
+        use_resolution_binning=False,
+    )
     _check(pipe, dict(common, steps=5), dict(common, num_inference_steps=5), "PixArt-Sigma", outputs=("latent",))
 
 
@@ -338,8 +458,13 @@ def test_pixart_resolution_binning_resizes_back():
     ours = generate(pipe, **common, steps=3, generator=1, output_type="latent")
     latents = torch.randn(ours.shape, generator=torch.Generator().manual_seed(8))
     assert ours.shape[2:] != (25, 37)  # binned: 200x296 is not one of the table's sizes
-    _check(pipe, dict(common, steps=3, latents=latents), dict(common, num_inference_steps=3, latents=latents),
-           "PixArt binned", outputs=("np",))
+    _check(
+        pipe,
+        dict(common, steps=3, latents=latents),
+        dict(common, num_inference_steps=3, latents=latents),
+        "PixArt binned",
+        outputs=("np",),
+    )
     assert generate(pipe, **common, steps=1, latents=latents, output_type="np").shape == (1, 200, 296, 3)
 
 
@@ -357,9 +482,10 @@ def test_pixart_1024_micro_conditions():
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS) + ["euler_a", "ddpm-large-clip"])
 def test_sampling_options_step_through_the_schedulers_timesteps(scheduler):
-    theirs = {"euler_a": lambda: EulerAncestralDiscreteScheduler(**SD_BETAS),
-              "ddpm-large-clip": lambda: DDPMScheduler(**SD_BETAS, variance_type="fixed_large")}.get(
-        scheduler, SCHEDULERS.get(scheduler))()
+    theirs = {
+        "euler_a": lambda: EulerAncestralDiscreteScheduler(**SD_BETAS),
+        "ddpm-large-clip": lambda: DDPMScheduler(**SD_BETAS, variance_type="fixed_large"),
+    }.get(scheduler, SCHEDULERS.get(scheduler))()
     options = sampling_options(theirs)
     if scheduler == "ddpm-large-clip":
         assert options["variance"] == "fixed_large" and options["clip_x0"] == 1.0
@@ -384,9 +510,11 @@ def test_bad_input_is_refused_by_name(tmp_path):
         (dict(class_labels=[1]), ValueError, "class_labels is DiT's"),
         (dict(scheduler=PNDMScheduler()), ValueError, "PNDMScheduler is not supported.*pass sampler="),
         (dict(scheduler=DPMSolverMultistepScheduler(solver_order=3)), ValueError, "solver_order=3 is not supported"),
-        (dict(scheduler=DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
-         ValueError,
-         "algorithm_type='dpmsolver' is not supported"),
+        (
+            dict(scheduler=DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+            ValueError,
+            "algorithm_type='dpmsolver' is not supported",
+        ),
         (dict(scheduler=EulerDiscreteScheduler(timestep_type="continuous")), ValueError, "timestep_type"),
         (dict(scheduler=DDPMScheduler(beta_schedule="sigmoid")), ValueError, "beta_schedule='sigmoid'"),
         (dict(scheduler=DDPMScheduler(variance_type="learned_range")), ValueError, "variance_type='learned_range'"),
@@ -396,14 +524,25 @@ def test_bad_input_is_refused_by_name(tmp_path):
         with pytest.raises(error, match=match):
             generate(pipe, **kwargs)
     # another scheduler's noise schedule under one of fastdiff's samplers
-    generate(pipe, "a cat", height=16, width=16, steps=2, scheduler=PNDMScheduler(**SD_BETAS), sampler="ddim",
-             output_type="latent")
+    generate(
+        pipe,
+        "a cat",
+        height=16,
+        width=16,
+        steps=2,
+        scheduler=PNDMScheduler(**SD_BETAS),
+        sampler="ddim",
+        output_type="latent",
+    )
     dit = dit_pipeline()
-    for kwargs, match in [(dict(), "class_labels is required"), (dict(class_labels=[1000]), r"ints in \[0, 1000\)"),
-                          (dict(class_labels=["zebra"]), "'zebra' is not one of the pipeline's label names"),
-                          (dict(class_labels=[1], prompt="a cat"), "class-conditional"),
-                          (dict(class_labels=[1], height=64), "height and width are not taken"),
-                          (dict(class_labels=[1], num_images_per_prompt=2), "num_images_per_prompt is for prompts")]:
+    for kwargs, match in [
+        (dict(), "class_labels is required"),
+        (dict(class_labels=[1000]), r"ints in \[0, 1000\)"),
+        (dict(class_labels=["zebra"]), "'zebra' is not one of the pipeline's label names"),
+        (dict(class_labels=[1], prompt="a cat"), "class-conditional"),
+        (dict(class_labels=[1], height=64), "height and width are not taken"),
+        (dict(class_labels=[1], num_images_per_prompt=2), "num_images_per_prompt is for prompts"),
+    ]:
         with pytest.raises(ValueError, match=match):
             generate(dit, **kwargs)
     with pytest.raises(TypeError, match="pipe must be one of diffusers' StableDiffusionPipeline"):

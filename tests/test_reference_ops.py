@@ -52,8 +52,9 @@ def test_group_norm_adagn_keeps_dtype_and_channels_last(dtype):
     out = group_norm_adagn(x, 4, scale=scale.to(dtype), shift=shift.to(dtype), activation="silu")
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
-    exact = _gn_oracle(x.double(), 4, None, None, scale.to(dtype).double(), shift.to(dtype).double(), None,
-                       1e-5, "silu")
+    exact = _gn_oracle(
+        x.double(), 4, None, None, scale.to(dtype).double(), shift.to(dtype).double(), None, 1e-5, "silu"
+    )
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
 

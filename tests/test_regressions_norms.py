@@ -79,14 +79,16 @@ def _check_group_norm(backend, out, x, G, **kw):
     # The float64 reference on an NCHW copy: eager's channels_last group_norm does not give exactly 0
     # for a constant group even in float64 (-7.4e-12), the NCHW one does.
     exact = ref_group_norm_adagn(
-        x.double().contiguous(), G, **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        x.double().contiguous(), G, **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    )
     eager = ref_group_norm_adagn(x, G, **kw, upcast=False)
     _check(out, eager, exact, f"{backend} group_norm_adagn")
 
 
 def _check_layer_norm(backend, out, x, **kw):
     exact = ref_layer_norm_modulate(
-        x.double(), **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        x.double(), **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    )
     eager = ref_layer_norm_modulate(x, **kw, upcast=False)
     _check(out, eager, exact, f"{backend} layer_norm_modulate")
 
@@ -112,8 +114,12 @@ def test_group_norm_adagn_constant_group_is_exactly_zero(backend, dtype, shape, 
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     _assert_zero(backend, _group_norm(backend, x, G), lambda out: _check_group_norm(backend, out, x, G))
-    _assert_zero(backend, _group_norm(backend, x, G, activation="silu"),
-                 lambda out: _check_group_norm(backend, out, x, G, activation="silu"), "silu:")
+    _assert_zero(
+        backend,
+        _group_norm(backend, x, G, activation="silu"),
+        lambda out: _check_group_norm(backend, out, x, G, activation="silu"),
+        "silu:",
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 3, 5), (1, 2, 4099)])
@@ -123,8 +129,11 @@ def test_group_norm_adagn_constant_group_after_pre_shift_is_exactly_zero(backend
     g = torch.Generator().manual_seed(0)
     x = torch.full(shape, VALUE, dtype=dtype)
     pre = torch.randn(shape[:2], generator=g).to(dtype)
-    _assert_zero(backend, _group_norm(backend, x, shape[1], pre_shift=pre),
-                 lambda out: _check_group_norm(backend, out, x, shape[1], pre_shift=pre))
+    _assert_zero(
+        backend,
+        _group_norm(backend, x, shape[1], pre_shift=pre),
+        lambda out: _check_group_norm(backend, out, x, shape[1], pre_shift=pre),
+    )
 
 
 @pytest.mark.parametrize(("backend", "dtype"), GRID)
@@ -133,8 +142,12 @@ def test_group_norm_adagn_constant_group_with_parts(backend, dtype):
     g = torch.Generator().manual_seed(1)
     B, C, G = 2, 6, 3
     x = torch.full((B, C, 4, 5), -3.25, dtype=dtype)
-    parts = dict(weight=torch.randn(C, generator=g), bias=torch.randn(C, generator=g),
-                 scale=torch.randn(B, C, generator=g), shift=torch.randn(B, C, generator=g))
+    parts = dict(
+        weight=torch.randn(C, generator=g),
+        bias=torch.randn(C, generator=g),
+        scale=torch.randn(B, C, generator=g),
+        shift=torch.randn(B, C, generator=g),
+    )
     parts = {k: v.to(dtype) for k, v in parts.items()}
     out = _group_norm(backend, x, G, **parts, activation="silu")
     _check_group_norm(backend, out, x, G, **parts, activation="silu")
@@ -152,8 +165,12 @@ def test_group_norm_adagn_constant_group_far_from_zero(backend, dtype):
 def test_layer_norm_modulate_constant_row_is_exactly_zero(backend, dtype, D):
     x = torch.full((2, 3, D), VALUE, dtype=dtype)
     for eps in (1e-6, 1e-5):
-        _assert_zero(backend, _layer_norm(backend, x, eps=eps),
-                     lambda out, eps=eps: _check_layer_norm(backend, out, x, eps=eps), f"eps={eps}:")
+        _assert_zero(
+            backend,
+            _layer_norm(backend, x, eps=eps),
+            lambda out, eps=eps: _check_layer_norm(backend, out, x, eps=eps),
+            f"eps={eps}:",
+        )
 
 
 @pytest.mark.parametrize(("backend", "dtype"), GRID)
@@ -170,8 +187,12 @@ def test_layer_norm_modulate_constant_row_with_parts(backend, dtype):
     g = torch.Generator().manual_seed(2)
     B, D = 2, 24
     x = torch.full((B, 5, D), -7.125, dtype=dtype)
-    parts = dict(weight=torch.randn(D, generator=g), bias=torch.randn(D, generator=g),
-                 scale=torch.randn(B, D, generator=g), shift=torch.randn(B, D, generator=g))
+    parts = dict(
+        weight=torch.randn(D, generator=g),
+        bias=torch.randn(D, generator=g),
+        scale=torch.randn(B, D, generator=g),
+        shift=torch.randn(B, D, generator=g),
+    )
     parts = {k: v.to(dtype) for k, v in parts.items()}
     out = _layer_norm(backend, x, **parts)
     _check_layer_norm(backend, out, x, **parts)
@@ -245,8 +266,10 @@ def test_group_norm_adagn_overflowing_square_gives_nan_for_its_group_only(backen
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and _native.status().get("cuda_compiled")),
-                    reason="needs a CUDA device and the CUDA part of fastdiff._C")
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _native.status().get("cuda_compiled")),
+    reason="needs a CUDA device and the CUDA part of fastdiff._C",
+)
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_constant_groups_and_rows_are_exact(backend, dtype):

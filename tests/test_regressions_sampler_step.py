@@ -220,12 +220,14 @@ def test_cuda_sampler_step_kernels_never_trap():
     functions = sass.split("Function : ")[1:]
     kernels = [f for f in functions if "sampler_step_kernel" in f.split("\n", 1)[0]]
     assert len(kernels) == 16, (  # the builds with and without the history input
-        f"expected 4 dtypes x 2 history builds x 2 archs of sampler_step_kernel, found {len(kernels)}")
+        f"expected 4 dtypes x 2 history builds x 2 archs of sampler_step_kernel, found {len(kernels)}"
+    )
     trapping = [f.split("\n", 1)[0] for f in kernels if "TRAP" in f]
     assert not trapping, trapping
 
 
 # ---- GPU tier ------------------------------------------------------------------------------------
+
 
 @pytest.mark.native(cuda=True)
 def test_cuda_out_of_range_step_writes_nan_and_the_context_survives():

@@ -47,8 +47,9 @@ def test_model_contract_return_forms(returns):
 def test_model_sees_int64_timesteps_of_batch_shape_and_stacked_cfg_batch():
     model = Toy()
     y = torch.tensor([1, 2, 3])
-    fastdiff.sample(model, SHAPE, steps=4, cfg=3.0, cond={"y": y}, uncond={"y": torch.zeros(3, dtype=torch.long)},
-                    generator=0)
+    fastdiff.sample(
+        model, SHAPE, steps=4, cfg=3.0, cond={"y": y}, uncond={"y": torch.zeros(3, dtype=torch.long)}, generator=0
+    )
     assert len(model.calls) == 4
     for n, t, yy in model.calls:
         assert n == 6 and t.dtype == torch.int64 and t.shape == (6,)
@@ -64,8 +65,15 @@ def test_cfg_combines_as_documented():
 
     sched = fastdiff.Schedule()
     x = torch.randn(SHAPE)
-    out = fastdiff.sample(model, noise=x, steps=1, cfg=4.0, cond={"y": torch.full((3,), 2.0)},
-                          uncond={"y": torch.full((3,), 0.5)}, timestep_spacing="trailing")
+    out = fastdiff.sample(
+        model,
+        noise=x,
+        steps=1,
+        cfg=4.0,
+        cond={"y": torch.full((3,), 2.0)},
+        uncond={"y": torch.full((3,), 0.5)},
+        timestep_spacing="trailing",
+    )
     a = sched.alphas_cumprod[999]
     eps = 0.5 + 4.0 * (2.0 - 0.5)
     torch.testing.assert_close(out, (x - (1 - a) ** 0.5 * eps) / a**0.5)
@@ -84,13 +92,21 @@ def test_same_seed_same_images_and_batch_invariance():
         assert not torch.allclose(other, a)
 
 
-STOCHASTIC = [("ddpm", {}), ("ddim", {"eta": 0.8}), ("euler_a", {}), ("dpmpp_2m_sde", {}),
-              ("dpmpp_2m_sde", {"karras_sigmas": True})]
+STOCHASTIC = [
+    ("ddpm", {}),
+    ("ddim", {"eta": 0.8}),
+    ("euler_a", {}),
+    ("dpmpp_2m_sde", {}),
+    ("dpmpp_2m_sde", {"karras_sigmas": True}),
+]
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-@pytest.mark.parametrize("sampler,kw", STOCHASTIC, ids=[f"{s}{'-karras' if kw.get('karras_sigmas') else ''}"
-                                                         f"{'-eta' if 'eta' in kw else ''}" for s, kw in STOCHASTIC])
+@pytest.mark.parametrize(
+    "sampler,kw",
+    STOCHASTIC,
+    ids=[f"{s}{'-karras' if kw.get('karras_sigmas') else ''}{'-eta' if 'eta' in kw else ''}" for s, kw in STOCHASTIC],
+)
 def test_first_image_makes_a_batch_the_same_images_of_the_whole_set(sampler, kw, backend):
     """A set of 7 images generated whole, or as batches of 3, 3 and 1 with first_image 0, 3 and 6: the
     same images, bit for bit (x_T and every step's noise follow the image's index in the set, not its
@@ -111,11 +127,16 @@ def test_first_image_makes_a_batch_the_same_images_of_the_whole_set(sampler, kw,
             pytest.skip(why)
     model = Toy()
     whole = fastdiff.sample(model, (7, 2, 4, 4), sampler=sampler, steps=6, generator=11, backend=backend, **kw)
-    parts = [fastdiff.sample(model, (n, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=first,
-                             backend=backend, **kw) for first, n in ((0, 3), (3, 3), (6, 1))]
+    parts = [
+        fastdiff.sample(
+            model, (n, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=first, backend=backend, **kw
+        )
+        for first, n in ((0, 3), (3, 3), (6, 1))
+    ]
     assert torch.equal(torch.cat(parts), whole)
-    shifted = fastdiff.sample(model, (3, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=1,
-                              backend=backend, **kw)
+    shifted = fastdiff.sample(
+        model, (3, 2, 4, 4), sampler=sampler, steps=6, generator=11, first_image=1, backend=backend, **kw
+    )
     assert not torch.allclose(shifted, whole[:3])  # the index, not only the x_T, moves the noise
 
 
@@ -142,18 +163,23 @@ def test_generator_object_and_global_rng():
 
 def test_callback_progress_and_dtype(capsys):
     seen = []
-    out = fastdiff.sample(Toy(), SHAPE, steps=4, generator=0, progress=True, dtype=torch.float64,
-                          callback=lambda i, t, x: seen.append((i, t, x.dtype)))
+    out = fastdiff.sample(
+        Toy(),
+        SHAPE,
+        steps=4,
+        generator=0,
+        progress=True,
+        dtype=torch.float64,
+        callback=lambda i, t, x: seen.append((i, t, x.dtype)),
+    )
     assert out.dtype == torch.float64
-    assert seen == [(0, 750, torch.float64), (1, 500, torch.float64), (2, 250, torch.float64),
-                    (3, 0, torch.float64)]
+    assert seen == [(0, 750, torch.float64), (1, 500, torch.float64), (2, 250, torch.float64), (3, 0, torch.float64)]
     assert "4/4" in capsys.readouterr().err
 
 
 def test_learned_range_with_ddpm_and_ddim():
     for sampler in ("ddpm", "ddim"):
-        out = fastdiff.sample(Toy(out_factor=2), SHAPE, sampler=sampler, steps=5, variance="learned_range",
-                              generator=0)
+        out = fastdiff.sample(Toy(out_factor=2), SHAPE, sampler=sampler, steps=5, variance="learned_range", generator=0)
         assert out.shape == SHAPE and torch.isfinite(out).all()
 
 
@@ -169,10 +195,19 @@ def test_learned_range_with_cfg_takes_variance_from_the_conditional_half():
         seen.append(x)
 
     y = torch.ones(3)
-    a = fastdiff.sample(model, SHAPE, sampler="ddpm", steps=3, variance="learned_range", cfg=2.0,
-                        cond={"y": y}, uncond={"y": -y}, generator=0, callback=spy)
-    b = fastdiff.sample(model, SHAPE, sampler="ddpm", steps=3, variance="learned_range", cond={"y": y},
-                        generator=0)
+    a = fastdiff.sample(
+        model,
+        SHAPE,
+        sampler="ddpm",
+        steps=3,
+        variance="learned_range",
+        cfg=2.0,
+        cond={"y": y},
+        uncond={"y": -y},
+        generator=0,
+        callback=spy,
+    )
+    b = fastdiff.sample(model, SHAPE, sampler="ddpm", steps=3, variance="learned_range", cond={"y": y}, generator=0)
     torch.testing.assert_close(a, b)
 
 
@@ -207,6 +242,7 @@ def test_backend_argument_and_env_override(monkeypatch):
 
 # ---- bad input: each case raises naming the argument and what is accepted ------------------------
 
+
 def _bad(**kwargs):
     base = dict(shape=SHAPE, steps=5, generator=0)
     base.update(kwargs)
@@ -220,8 +256,11 @@ def _bad(**kwargs):
         (dict(steps=0), ValueError, r"steps must be an int in \[1, num_train_timesteps=1000\]"),
         (dict(steps=1001), ValueError, r"steps must be an int in \[1, num_train_timesteps=1000\]"),
         (dict(steps=2.5), ValueError, "steps must be an int"),
-        (dict(sampler="heun"), ValueError,
-         r"sampler must be one of \('ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)"),
+        (
+            dict(sampler="heun"),
+            ValueError,
+            r"sampler must be one of \('ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m', 'dpmpp_2m_sde'\)",
+        ),
         (dict(schedule="quadratic"), ValueError, "schedule must be one of"),
         (dict(prediction="epsilon"), ValueError, r"prediction must be one of \('eps', 'v', 'x0'\)"),
         (dict(timestep_spacing="uniform"), ValueError, "timestep_spacing must be one of"),
@@ -234,21 +273,33 @@ def _bad(**kwargs):
         (dict(cfg=4.0, cond={"y": torch.ones(3)}), ValueError, "cfg needs both cond and uncond"),
         (dict(cfg=float("nan"), cond={}, uncond={}), ValueError, "cfg must be a finite number"),
         (dict(uncond={"y": torch.ones(3)}), ValueError, "uncond is only used with cfg"),
-        (dict(cfg=2.0, cond={"y": torch.ones(3)}, uncond={"z": torch.ones(3)}), ValueError,
-         "cond and uncond must have the same keys"),
-        (dict(cfg=2.0, cond={"y": torch.ones(3)}, uncond={"y": torch.ones(2)}), ValueError,
-         r"uncond\['y'\] has batch size 2 but the sample batch is 3"),
+        (
+            dict(cfg=2.0, cond={"y": torch.ones(3)}, uncond={"z": torch.ones(3)}),
+            ValueError,
+            "cond and uncond must have the same keys",
+        ),
+        (
+            dict(cfg=2.0, cond={"y": torch.ones(3)}, uncond={"y": torch.ones(2)}),
+            ValueError,
+            r"uncond\['y'\] has batch size 2 but the sample batch is 3",
+        ),
         (dict(cond={"y": torch.ones(4)}), ValueError, r"cond\['y'\] has batch size 4"),
         (dict(cond=[1]), TypeError, "cond must be a dict"),
         (dict(shape=None), ValueError, "give shape"),
         (dict(shape=(3,)), ValueError, r"shape must be \(B, C, ...\)"),
         (dict(shape=5), TypeError, r"shape must be a tuple \(B, C, ...\) of positive ints, got int 5"),
         (dict(device="bogus"), ValueError, "device must be a torch.device or a device string"),
-        (dict(device="cuda:7" if torch.cuda.device_count() < 8 else "cuda:99"), ValueError,
-         "device 'cuda:(7|99)' is not available here"),
+        (
+            dict(device="cuda:7" if torch.cuda.device_count() < 8 else "cuda:99"),
+            ValueError,
+            "device 'cuda:(7|99)' is not available here",
+        ),
         (dict(device="meta"), ValueError, "device 'meta' holds no data"),
-        (dict(shape=None, noise=torch.zeros(SHAPE, dtype=torch.int32)), TypeError,
-         "noise must be a floating-point tensor"),
+        (
+            dict(shape=None, noise=torch.zeros(SHAPE, dtype=torch.int32)),
+            TypeError,
+            "noise must be a floating-point tensor",
+        ),
         (dict(noise=torch.zeros(2, 2, 4, 4)), ValueError, "does not match noise.shape"),
         (dict(dtype=torch.int64), TypeError, "dtype must be a floating torch.dtype"),
         (dict(clip_x0=-1.0), ValueError, "clip_x0 must be a positive finite number"),
@@ -259,10 +310,16 @@ def _bad(**kwargs):
         (dict(first_image=True), ValueError, "first_image must be an int >= 0, got True"),
         (dict(num_train_timesteps=500, schedule=fastdiff.Schedule()), ValueError, "disagrees"),
         (dict(steps_offset=-1), ValueError, "steps_offset must be a non-negative int"),
-        (dict(model=lambda x, t: x[:, :1]), ValueError,
-         r"model output at step 0 has shape \(3, 1, 4, 4\), expected \(3, 2, 4, 4\)"),
-        (dict(model=lambda x, t: x, sampler="ddpm", variance="learned_range"), ValueError,
-         r"expected \(3, 4, 4, 4\) \(2C channels for variance='learned_range'\)"),
+        (
+            dict(model=lambda x, t: x[:, :1]),
+            ValueError,
+            r"model output at step 0 has shape \(3, 1, 4, 4\), expected \(3, 2, 4, 4\)",
+        ),
+        (
+            dict(model=lambda x, t: x, sampler="ddpm", variance="learned_range"),
+            ValueError,
+            r"expected \(3, 4, 4, 4\) \(2C channels for variance='learned_range'\)",
+        ),
         (dict(model=lambda x, t: "eps"), TypeError, "model must return a tensor"),
         (dict(model="unet"), TypeError, "model must be callable"),
         (dict(classifier_grad=lambda x, t: x[:1], cond={}), ValueError, "classifier_grad must return a tensor"),
@@ -281,20 +338,35 @@ def test_sampling_loop_makes_no_host_sync(sampler, kw):
         return torch.tanh(x) * 0.5
 
     cond, uncond = {"y": torch.ones(3)}, {"y": torch.zeros(3)}
-    _, count = count_ops(fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond,
-                         uncond=uncond, generator=0, **kw)
+    _, count = count_ops(
+        fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond, uncond=uncond, generator=0, **kw
+    )
     assert count.syncs == 0, str(count)
     assert count.ops["fastdiff.sampler_loop_step"] == 10, str(count)  # one fused op per step, guidance included
     # ... while check_finite pays exactly one sync per step, by design.
-    _, checked = count_ops(fastdiff.sample, model, SHAPE, sampler=sampler, steps=10, cfg=3.0, cond=cond,
-                           uncond=uncond, generator=0, check_finite=True, **kw)
+    _, checked = count_ops(
+        fastdiff.sample,
+        model,
+        SHAPE,
+        sampler=sampler,
+        steps=10,
+        cfg=3.0,
+        cond=cond,
+        uncond=uncond,
+        generator=0,
+        check_finite=True,
+        **kw,
+    )
     assert checked.syncs == 10, str(checked)
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(sampler="ddim", eta=0.3, clip_x0=1.0), dict(sampler="ddpm", variance="learned_range", prediction="v"),
-     dict(sampler="ddim", dynamic_threshold=(0.9, 1.2))],
+    [
+        dict(sampler="ddim", eta=0.3, clip_x0=1.0),
+        dict(sampler="ddpm", variance="learned_range", prediction="v"),
+        dict(sampler="ddim", dynamic_threshold=(0.9, 1.2)),
+    ],
 )
 def test_native_backend_samples_like_the_reference(kw):
     from fastdiff.backends import BackendUnavailableError

@@ -32,17 +32,32 @@ PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 def _pair(schedule, spacing, prediction, steps, dtype=torch.float32, sde=False, karras=False):
     beta_schedule, betas = SCHEDULES[schedule]
-    kw = dict(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=PRED[prediction],
-              timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
-              algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++", solver_order=2, solver_type="midpoint",
-              final_sigmas_type="zero", use_karras_sigmas=karras)
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_schedule=beta_schedule,
+        prediction_type=PRED[prediction],
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        final_sigmas_type="zero",
+        use_karras_sigmas=karras,
+    )
     if betas:
         kw.update(beta_start=betas[0], beta_end=betas[1])
     theirs = DPMSolverMultistepScheduler(**kw)
     theirs.set_timesteps(steps)
-    ours = make_sampler("dpmpp_2m_sde" if sde else "dpmpp_2m", Schedule(schedule, 1000, *(betas or ())), steps,
-                        timestep_spacing=spacing, steps_offset=kw["steps_offset"], prediction=prediction, dtype=dtype,
-                        karras_sigmas=karras)
+    ours = make_sampler(
+        "dpmpp_2m_sde" if sde else "dpmpp_2m",
+        Schedule(schedule, 1000, *(betas or ())),
+        steps,
+        timestep_spacing=spacing,
+        steps_offset=kw["steps_offset"],
+        prediction=prediction,
+        dtype=dtype,
+        karras_sigmas=karras,
+    )
     return theirs, ours
 
 
@@ -73,10 +88,12 @@ def _loop_rms(schedule, spacing, prediction, steps, *, sde=False, karras=False):
         z = torch.randn(SHAPE, generator=g) if sde else None
         sample = theirs.step(toy_model(sample, t.expand(SHAPE[0])), t, sample, variance_noise=z).prev_sample
         drawn = z if ours.draws_noise(i) else None
-        x, history = ops.sampler_step(x, toy_model(x, t_ours), ours.coefs, i, noise=drawn, history=history,
-                                      return_x0=True)
-        x64, history64 = exact.step(i, x64, toy_model(x64, t_ours), noise=None if z is None else z.double(),
-                                    history=history64)
+        x, history = ops.sampler_step(
+            x, toy_model(x, t_ours), ours.coefs, i, noise=drawn, history=history, return_x0=True
+        )
+        x64, history64 = exact.step(
+            i, x64, toy_model(x64, t_ours), noise=None if z is None else z.double(), history=history64
+        )
     ours_err.append(x.double() - x64)
     theirs_err.append(sample.double() - x64)
     return [torch.cat([e.reshape(-1) for e in errs]).square().mean().sqrt().item() for errs in (ours_err, theirs_err)]
@@ -117,8 +134,9 @@ def test_karras_with_the_cosine_schedule_is_refused():
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a"])
 def test_karras_with_other_samplers_is_refused(sampler):
-    with pytest.raises(ValueError, match=f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', "
-                                         f"not '{sampler}'"):
+    with pytest.raises(
+        ValueError, match=f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not '{sampler}'"
+    ):
         fastdiff.sample(toy_model, shape=SHAPE, sampler=sampler, steps=4, karras_sigmas=True)
 
 
@@ -148,8 +166,15 @@ def test_sde_noise_is_the_run_s_philox_streams():
 @pytest.mark.parametrize("variant", ["2m", "2m_sde", "2m_karras", "2m_sde_karras"])
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_fused_rows_match_the_oracle_in_float64(prediction, variant):
-    _, s = _pair("scaled_linear", "linspace", prediction, 12, dtype=torch.float64, sde="sde" in variant,
-                 karras="karras" in variant)
+    _, s = _pair(
+        "scaled_linear",
+        "linspace",
+        prediction,
+        12,
+        dtype=torch.float64,
+        sde="sde" in variant,
+        karras="karras" in variant,
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     history = torch.zeros(SHAPE, dtype=torch.float64)
@@ -159,8 +184,9 @@ def test_fused_rows_match_the_oracle_in_float64(prediction, variant):
         expected, expected_x0 = s.step(i, x, out, noise=noise, history=history)
         drawn = noise if s.draws_noise(i) else None
         for backend in ("reference", "auto"):
-            got, x0 = ops.sampler_step(x, out, s.coefs, i, noise=drawn, history=history, return_x0=True,
-                                       backend=backend)
+            got, x0 = ops.sampler_step(
+                x, out, s.coefs, i, noise=drawn, history=history, return_x0=True, backend=backend
+            )
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{backend} step {i}")
             torch.testing.assert_close(x0, expected_x0, rtol=1e-12, atol=1e-12, msg=f"{backend} x0 step {i}")
         x, history = expected, expected_x0
@@ -192,9 +218,18 @@ def test_sample_with_dpmpp_matches_the_guided_diffusers_loop():
         sample = theirs.step(u + 3.0 * (c - u), t, sample).prev_sample
 
     def ours(noise, backend):
-        return fastdiff.sample(model, noise=noise, sampler="dpmpp_2m", steps=15, cfg=3.0, cond={"y": cond},
-                               uncond={"y": uncond}, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
-                               steps_offset=1, backend=backend)
+        return fastdiff.sample(
+            model,
+            noise=noise,
+            sampler="dpmpp_2m",
+            steps=15,
+            cfg=3.0,
+            cond={"y": cond},
+            uncond={"y": uncond},
+            schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+            steps_offset=1,
+            backend=backend,
+        )
 
     exact = ours(x_T.double(), "reference")
     theirs_err = (sample.double() - exact).abs().max().item()
@@ -213,6 +248,7 @@ def test_img2img_with_dpmpp_starts_first_order():
 def test_dpmpp_runs_one_loop_op_per_step_and_is_capturable():
     """The loop op reads and rewrites the history buffer itself: nothing else runs between model calls,
     and the config names no reason against a CUDA graph."""
+
     def reasons(sampler):
         return SamplingConfig.build(toy_model, SHAPE, sampler=sampler, steps=6).capture_reasons()
 
@@ -230,8 +266,9 @@ def test_dpmpp_runs_one_loop_op_per_step_and_is_capturable():
         import fastdiff.sampling.plan as plan_module
 
         mp.setattr(plan_module, "LOOP_SUPPORT", _counting(plan_module.LOOP_SUPPORT, calls, "loop"))
-        mp.setattr(ops, "sampler_step", lambda *a, **k: (calls.__setitem__("step", calls["step"] + 1),
-                                                          real_step(*a, **k))[1])
+        mp.setattr(
+            ops, "sampler_step", lambda *a, **k: (calls.__setitem__("step", calls["step"] + 1), real_step(*a, **k))[1]
+        )
         got = fastdiff.sample(model, noise=x_T, sampler="dpmpp_2m", steps=6)
     assert calls == {"loop": 6, "step": 0}, calls
     assert real_loop is ops.sampler_loop_step

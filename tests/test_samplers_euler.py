@@ -25,8 +25,11 @@ from fastdiff import Schedule, ops  # noqa: E402
 from fastdiff.sampling import EulerAncestralSampler, EulerSampler, make_sampler  # noqa: E402
 
 PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-SCHEDULES = {"linear": ("linear", None), "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
-             "cosine": ("squaredcos_cap_v2", None)}
+SCHEDULES = {
+    "linear": ("linear", None),
+    "scaled_linear": ("scaled_linear", (0.00085, 0.012)),
+    "cosine": ("squaredcos_cap_v2", None),
+}
 SHAPE = (2, 3, 5, 4)
 STEPS = 20
 ULPS = 4  # the floor, in float32 ulp
@@ -40,33 +43,54 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def _pair(name, schedule, spacing, prediction, dtype=torch.float32, karras=False):
     beta_schedule, betas = SCHEDULES[schedule]
-    kw = dict(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type=PRED[prediction],
-              timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+    kw = dict(
+        num_train_timesteps=1000,
+        beta_schedule=beta_schedule,
+        prediction_type=PRED[prediction],
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+    )
     if betas:
         kw.update(beta_start=betas[0], beta_end=betas[1])
     if karras:
         kw.update(use_karras_sigmas=True)
     theirs = (EulerDiscreteScheduler if name == "euler" else EulerAncestralDiscreteScheduler)(**kw)
     theirs.set_timesteps(STEPS)
-    ours = make_sampler(name, Schedule(schedule, 1000, *(betas or ())), STEPS, timestep_spacing=spacing,
-                        steps_offset=kw["steps_offset"], prediction=prediction, dtype=dtype, karras_sigmas=karras)
+    ours = make_sampler(
+        name,
+        Schedule(schedule, 1000, *(betas or ())),
+        STEPS,
+        timestep_spacing=spacing,
+        steps_offset=kw["steps_offset"],
+        prediction=prediction,
+        dtype=dtype,
+        karras_sigmas=karras,
+    )
     return theirs, ours
 
 
 SPACINGS = ("leading", "trailing", "linspace")  # "linspace": fractional timesteps, float32 for the model
-CASES = [c for c in itertools.product(("euler", "euler_a"), SCHEDULES, SPACINGS, PRED)
-         if not (c[0] == "euler_a" and c[3] == "x0")]  # diffusers' ancestral Euler has no "sample" prediction
+CASES = [
+    c
+    for c in itertools.product(("euler", "euler_a"), SCHEDULES, SPACINGS, PRED)
+    if not (c[0] == "euler_a" and c[3] == "x0")
+]  # diffusers' ancestral Euler has no "sample" prediction
 # Karras sigmas: Euler only (diffusers' ancestral Euler has none), between each spacing's first and last σ
-KARRAS = [("euler", schedule, spacing, prediction) for schedule in SCHEDULES for spacing in SPACINGS
-          for prediction in ("eps", "v")]
+KARRAS = [
+    ("euler", schedule, spacing, prediction)
+    for schedule in SCHEDULES
+    for spacing in SPACINGS
+    for prediction in ("eps", "v")
+]
 
 
 def _error_rms(errors: list[torch.Tensor]) -> float:
     return torch.cat([e.reshape(-1) for e in errors]).square().mean().sqrt().item()
 
 
-@pytest.mark.parametrize(("name", "schedule", "spacing", "prediction", "karras"),
-                         [(*c, False) for c in CASES] + [(*c, True) for c in KARRAS])
+@pytest.mark.parametrize(
+    ("name", "schedule", "spacing", "prediction", "karras"), [(*c, False) for c in CASES] + [(*c, True) for c in KARRAS]
+)
 def test_euler_loop_matches_diffusers(name, schedule, spacing, prediction, karras):
     """A 20-step loop on both sides with the same draws: every model input (and x0) within float32
     rounding of diffusers', and fastdiff's fused loop as close to the float64 run as diffusers' fp32
@@ -102,7 +126,8 @@ def test_euler_loop_matches_diffusers(name, schedule, spacing, prediction, karra
     floor = ULPS * torch.finfo(torch.float32).eps
     assert ours_rms <= 2 * theirs_rms + floor, (
         f"{name} {schedule} {spacing} {prediction}: fastdiff's RMS error {ours_rms:.3g} against the float64 run "
-        f"exceeds 2x diffusers' ({theirs_rms:.3g}) + {floor:.3g}")
+        f"exceeds 2x diffusers' ({theirs_rms:.3g}) + {floor:.3g}"
+    )
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_a"])
@@ -117,8 +142,9 @@ def test_fused_rows_match_the_oracle_in_float64(name, prediction):
         noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
         expected, expected_x0 = s.step(i, x, out, noise=noise)
         for backend in ("reference", "auto"):
-            got, x0 = ops.sampler_step(x, out, s.coefs, i, noise=noise if s.draws_noise(i) else None,
-                                       return_x0=True, backend=backend)
+            got, x0 = ops.sampler_step(
+                x, out, s.coefs, i, noise=noise if s.draws_noise(i) else None, return_x0=True, backend=backend
+            )
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f"{backend} step {i}")
             # x0 as the prediction implies it (√ᾱ x_σ = x, so x0 is the same in both scales)
             torch.testing.assert_close(x0, expected_x0, rtol=1e-12, atol=1e-12, msg=f"{backend} x0 step {i}")
@@ -131,8 +157,10 @@ def test_euler_is_ddim_with_eta_zero_on_the_same_timesteps():
     euler = EulerSampler(sched, 10, dtype=torch.float64)
     ddim = make_sampler("ddim", sched, 10, dtype=torch.float64)
     assert euler.timesteps == ddim.timesteps
-    torch.testing.assert_close(euler.coefs[:, 4:8].sum(1) - euler.coefs[:, 6],  # c_x0 + c_eps + sigma
-                               euler.coefs[:, 5] + euler.coefs[:, 7])
+    torch.testing.assert_close(
+        euler.coefs[:, 4:8].sum(1) - euler.coefs[:, 6],  # c_x0 + c_eps + sigma
+        euler.coefs[:, 5] + euler.coefs[:, 7],
+    )
     g = torch.Generator().manual_seed(2)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     for i in range(10):
@@ -164,10 +192,19 @@ def test_guided_first_model_input_has_two_equal_halves(extra):
 
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
     y = torch.ones(SHAPE[0])
-    fastdiff.sample(model, noise=x_T, sampler="euler", timestep_spacing="trailing", steps=4, cfg=2.0,
-                    cond={"y": y}, uncond={"y": 0 * y}, **extra)
+    fastdiff.sample(
+        model,
+        noise=x_T,
+        sampler="euler",
+        timestep_spacing="trailing",
+        steps=4,
+        cfg=2.0,
+        cond={"y": y},
+        uncond={"y": 0 * y},
+        **extra,
+    )
     first = seen[0]
-    assert torch.equal(first[: SHAPE[0]], first[SHAPE[0]:])
+    assert torch.equal(first[: SHAPE[0]], first[SHAPE[0] :])
     if not extra:
         s = EulerSampler(Schedule("linear", 1000), 4, timestep_spacing="trailing")
         torch.testing.assert_close(first[: SHAPE[0]], x_T * s.initial_scale, rtol=1e-6, atol=0)
@@ -203,10 +240,21 @@ def test_sample_with_euler_matches_the_diffusers_loop(spacing, karras):
         sample = theirs.step(u + 3.0 * (c - u), t, sample).prev_sample
 
     def ours(noise, backend):
-        return fastdiff.sample(model, noise=noise, sampler="euler", steps=STEPS, cfg=3.0, cond={"y": cond},
-                               uncond={"y": uncond}, schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
-                               timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
-                               karras_sigmas=karras, prediction="v", backend=backend)
+        return fastdiff.sample(
+            model,
+            noise=noise,
+            sampler="euler",
+            steps=STEPS,
+            cfg=3.0,
+            cond={"y": cond},
+            uncond={"y": uncond},
+            schedule=Schedule("scaled_linear", 1000, 0.00085, 0.012),
+            timestep_spacing=spacing,
+            steps_offset=1 if spacing == "leading" else 0,
+            karras_sigmas=karras,
+            prediction="v",
+            backend=backend,
+        )
 
     seen.clear()
     exact = ours(x_T.double(), "reference")
@@ -218,7 +266,8 @@ def test_sample_with_euler_matches_the_diffusers_loop(spacing, karras):
     for backend in ("reference", "auto"):
         err = (ours(x_T, backend).double() - exact).abs().max().item()
         assert err <= 2 * theirs_err + ULPS * torch.finfo(torch.float32).eps, (
-            f"{backend}: error {err:.3g} against the float64 run, diffusers' {theirs_err:.3g}")
+            f"{backend}: error {err:.3g} against the float64 run, diffusers' {theirs_err:.3g}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -239,6 +288,6 @@ def test_bad_euler_options_are_named(kwargs, match):
 
 def test_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="infinite at the first timestep"):
-        EulerSampler(Schedule("linear", 1000, rescale_zero_terminal_snr=True), 10, prediction="v",
-                     timestep_spacing="trailing")
-
+        EulerSampler(
+            Schedule("linear", 1000, rescale_zero_terminal_snr=True), 10, prediction="v", timestep_spacing="trailing"
+        )

@@ -77,8 +77,13 @@ def test_ddim_matches_diffusers(schedule, spacing, prediction, clip, eta):
     theirs = DDIMScheduler(**kw)
     theirs.set_timesteps(steps)
     ours = DDIMSampler(
-        _fastdiff_schedule(schedule), steps, eta=eta, timestep_spacing=spacing, steps_offset=kw["steps_offset"],
-        prediction=prediction, clip_x0=clip,
+        _fastdiff_schedule(schedule),
+        steps,
+        eta=eta,
+        timestep_spacing=spacing,
+        steps_offset=kw["steps_offset"],
+        prediction=prediction,
+        clip_x0=clip,
     )
     assert ours.timesteps == theirs.timesteps.tolist()
     g = torch.Generator().manual_seed(7)
@@ -101,8 +106,9 @@ def test_ddim_dynamic_thresholding_and_final_alpha(set_alpha_to_one, threshold):
     kw = _diffusers_kwargs("linear", "leading", "eps", None, threshold)
     theirs = DDIMScheduler(set_alpha_to_one=set_alpha_to_one, **kw)
     theirs.set_timesteps(steps)
-    ours = DDIMSampler(Schedule("linear"), steps, steps_offset=1, dynamic_threshold=threshold,
-                       set_alpha_to_one=set_alpha_to_one)
+    ours = DDIMSampler(
+        Schedule("linear"), steps, steps_offset=1, dynamic_threshold=threshold, set_alpha_to_one=set_alpha_to_one
+    )
     x_ours = x_theirs = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)) * 2
     for i, t in enumerate(theirs.timesteps):
         res = theirs.step(toy_model(x_theirs, t.expand(2)) * 3, t, x_theirs)
@@ -152,8 +158,15 @@ def test_ddpm_matches_diffusers(monkeypatch, schedule, spacing, prediction, vari
     kw = _diffusers_kwargs(schedule, spacing, prediction, clip, None)
     theirs = DDPMScheduler(variance_type=variance, **kw)
     theirs.set_timesteps(steps)
-    ours = DDPMSampler(_fastdiff_schedule(schedule), steps, timestep_spacing=spacing,
-                       steps_offset=kw["steps_offset"], prediction=prediction, variance=variance, clip_x0=clip)
+    ours = DDPMSampler(
+        _fastdiff_schedule(schedule),
+        steps,
+        timestep_spacing=spacing,
+        steps_offset=kw["steps_offset"],
+        prediction=prediction,
+        variance=variance,
+        clip_x0=clip,
+    )
     assert ours.timesteps == theirs.timesteps.tolist()
     channels_out = 2 * SHAPE[1] if variance == "learned_range" else None
     _run_ddpm_pair(monkeypatch, theirs, ours, channels_out)
@@ -170,9 +183,16 @@ def test_ddpm_full_chain_matches_diffusers(monkeypatch):
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_zero_terminal_snr_v_prediction_matches_diffusers(monkeypatch, sampler):
     steps = 25
-    kw = dict(num_train_timesteps=1000, rescale_betas_zero_snr=True, prediction_type="v_prediction",
-              timestep_spacing="trailing", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-              clip_sample=False)
+    kw = dict(
+        num_train_timesteps=1000,
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+    )
     sched = Schedule("scaled_linear", 1000, 0.00085, 0.012, rescale_zero_terminal_snr=True)
     torch.testing.assert_close(sched.alphas_cumprod, DDIMScheduler(**kw).alphas_cumprod, rtol=0, atol=0)
     assert sched.alphas_cumprod[-1] == 0

@@ -76,8 +76,9 @@ def runtime(monkeypatch):
     monkeypatch.setattr(graphs, "_runtime", recorder)
     reasons = SamplingConfig.capture_reasons
     # the loop runs on the CPU here; every other reason still counts
-    monkeypatch.setattr(SamplingConfig, "capture_reasons",
-                        lambda self: [r for r in reasons(self) if "not on a CUDA device" not in r])
+    monkeypatch.setattr(
+        SamplingConfig, "capture_reasons", lambda self: [r for r in reasons(self) if "not on a CUDA device" not in r]
+    )
     monkeypatch.setattr(graphs, "_warned", set())
     graphs.clear()
     yield recorder
@@ -98,8 +99,9 @@ CASES = {
     "euler-trailing": dict(sampler="euler", timestep_spacing="trailing"),
     "euler_a": dict(sampler="euler_a"),
     "euler-img2img": dict(sampler="euler", init=torch.linspace(-1, 1, 96).reshape(SHAPE), strength=0.5),
-    "ddim-inpaint": dict(init=torch.linspace(-1, 1, 96).reshape(SHAPE), mask=(torch.arange(16) % 3 == 0).float()
-                         .reshape(1, 1, 4, 4)),
+    "ddim-inpaint": dict(
+        init=torch.linspace(-1, 1, 96).reshape(SHAPE), mask=(torch.arange(16) % 3 == 0).float().reshape(1, 1, 4, 4)
+    ),
     "no-cfg": dict(cfg=None, uncond=None),
 }
 
@@ -179,12 +181,16 @@ def test_weights_in_place_replay_and_replaced_storage_recaptures(runtime):
     with torch.no_grad():
         model.conv.weight.mul_(0.5)
     model.load_state_dict({k: v * 0.9 for k, v in model.state_dict().items()})
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()))
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
+        fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()),
+    )
     assert runtime.captures == 1  # in-place writes: the graph reads the same memory
     model.conv.weight.data = model.conv.weight.data * 2
-    assert torch.equal(fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
-                       fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()))
+    assert torch.equal(
+        fastdiff.sample(model, SHAPE, cuda_graph=True, **_kw()),
+        fastdiff.sample(model, SHAPE, cuda_graph=False, **_kw()),
+    )
     assert runtime.captures == 2  # a replaced storage: the old graph would read freed memory
 
 

@@ -52,12 +52,14 @@ LOOPS = {
 
 # ---- the plan ---------------------------------------------------------------------------------------
 
+
 def test_config_is_frozen_and_signature_ignores_values():
     a = SamplingConfig.build(Toy(), SHAPE, steps=5, generator=1, **GUIDED)
     with pytest.raises(AttributeError):
         a.steps = 6
-    b = SamplingConfig.build(a.model, SHAPE, steps=5, generator=2, cfg=7.0, cond={"y": torch.full((3,), 2.0)},
-                             uncond={"y": torch.zeros(3)})
+    b = SamplingConfig.build(
+        a.model, SHAPE, steps=5, generator=2, cfg=7.0, cond={"y": torch.full((3,), 2.0)}, uncond={"y": torch.zeros(3)}
+    )
     assert a.signature() == b.signature()  # seed, cfg and kwargs values are loaded, not captured
     c = SamplingConfig.build(a.model, SHAPE, steps=6, generator=1, **GUIDED)
     assert a.signature() != c.signature()
@@ -122,6 +124,7 @@ def test_callback_gets_a_copy_the_loop_does_not_overwrite():
 
 # ---- capture_check: fastdiff's and diffusers' models pass ---------------------------------------------
 
+
 @needs_kernel
 @pytest.mark.parametrize("name", list(LOOPS))
 def test_capture_check_passes_for_the_toy_model(name):
@@ -147,21 +150,40 @@ def test_capture_check_passes_for_inpainting():
 
 @needs_kernel
 def test_capture_check_passes_for_fastdiffs_unet():
-    model = UNet(in_channels=3, model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                 num_head_channels=8, num_classes=10, num_groups=8).eval()
+    model = UNet(
+        in_channels=3,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(2,),
+        num_head_channels=8,
+        num_classes=10,
+        num_groups=8,
+    ).eval()
     y = torch.tensor([1, 2, 3])
-    report = capture_check(model, (3, 3, 8, 8), steps=4, generator=0, cfg=2.0, cond={"y": y},
-                           uncond={"y": torch.full((3,), 10)})
+    report = capture_check(
+        model, (3, 3, 8, 8), steps=4, generator=0, cfg=2.0, cond={"y": y}, uncond={"y": torch.full((3,), 10)}
+    )
     assert report.loop_ops == {"fastdiff.sampler_loop_step": 1}, str(report)
     assert report.model_ops > 20
 
 
 @needs_kernel
 def test_capture_check_passes_for_fastdiffs_dit():
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5,
-                learn_sigma=True).eval()
-    report = capture_check(model, (2, 3, 8, 8), sampler="ddpm", variance="learned_range", steps=4, generator=0,
-                           cfg=4.0, cond={"y": torch.tensor([0, 1])}, uncond={"y": torch.tensor([5, 5])})
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5, learn_sigma=True
+    ).eval()
+    report = capture_check(
+        model,
+        (2, 3, 8, 8),
+        sampler="ddpm",
+        variance="learned_range",
+        steps=4,
+        generator=0,
+        cfg=4.0,
+        cond={"y": torch.tensor([0, 1])},
+        uncond={"y": torch.tensor([5, 5])},
+    )
     assert report.loop_ops == {"fastdiff.sampler_loop_step": 1}, str(report)
 
 
@@ -170,28 +192,58 @@ def test_capture_check_passes_for_patched_diffusers_unets():
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed")
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-        norm_num_groups=8, attention_head_dim=8, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D"), num_class_embeds=11, resnet_time_scale_shift="scale_shift",
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        num_class_embeds=11,
+        resnet_time_scale_shift="scale_shift",
     ).eval()
     fastdiff.patch(unet)
-    report = capture_check(unet, (2, 3, 8, 8), steps=3, generator=0, cfg=4.0,
-                           cond={"class_labels": torch.tensor([1, 2])}, uncond={"class_labels": torch.tensor([10, 10])})
+    report = capture_check(
+        unet,
+        (2, 3, 8, 8),
+        steps=3,
+        generator=0,
+        cfg=4.0,
+        cond={"class_labels": torch.tensor([1, 2])},
+        uncond={"class_labels": torch.tensor([10, 10])},
+    )
     assert report.loop_ops == {"fastdiff.sampler_loop_step": 1}, str(report)
 
     cond_unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=40,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=40,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
     fastdiff.patch(cond_unet)
     ctx = torch.randn(2, 7, 40)
-    report = capture_check(cond_unet, (2, 4, 8, 8), steps=3, generator=0, cfg=7.5,
-                           cond={"encoder_hidden_states": ctx}, uncond={"encoder_hidden_states": torch.zeros_like(ctx)})
+    report = capture_check(
+        cond_unet,
+        (2, 4, 8, 8),
+        steps=3,
+        generator=0,
+        cfg=7.5,
+        cond={"encoder_hidden_states": ctx},
+        uncond={"encoder_hidden_states": torch.zeros_like(ctx)},
+    )
     assert report.loop_ops == {"fastdiff.sampler_loop_step": 1}, str(report)
 
 
 # ---- capture_check: each failure kind caught and named -----------------------------------------------
+
 
 def _item(x, t):
     return x * float(t[0].item()) / 1000
@@ -276,8 +328,11 @@ def test_capture_check_catches_an_allocation_in_the_loop(monkeypatch):
         fused_call(self, i, out)
 
     monkeypatch.setattr(plan_module._Fused, "__call__", stacking)
-    with pytest.raises(CaptureCheckError, match=r"allocation outside the model at step 0: aten.cat in "
-                                                r"fastdiff's loop") as info:
+    with pytest.raises(
+        CaptureCheckError,
+        match=r"allocation outside the model at step 0: aten.cat in "
+        r"fastdiff's loop",
+    ) as info:
         capture_check(Toy(), SHAPE, steps=3, generator=0, **GUIDED)
     assert info.value.in_model is False
 
@@ -300,6 +355,7 @@ def test_capture_check_refuses_uncapturable_options(kw, reason):
 
 # ---- cuda_graph argument -------------------------------------------------------------------------------
 
+
 def test_cuda_graph_true_off_cuda_names_the_reason():
     with pytest.raises(ValueError, match="cuda_graph=True cannot capture this sampling loop: the loop runs on cpu"):
         fastdiff.sample(Toy(), SHAPE, steps=3, generator=0, cuda_graph=True)
@@ -320,6 +376,7 @@ def test_cuda_graph_bad_value(value):
 
 # ---- eager plans are reused across calls like the last one ---------------------------------------------
 
+
 def test_eager_plan_is_reused_with_new_values_and_results_stay_put():
     sample_module = importlib.import_module("fastdiff.sampling.sample")
 
@@ -330,13 +387,15 @@ def test_eager_plan_is_reused_with_new_values_and_results_stay_put():
     assert len(sample_module._plans) == 1
     plan = next(iter(sample_module._plans.values()))
     assert plan.config is None  # a kept plan holds no model, kwargs or noise between calls
-    b = fastdiff.sample(model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)},
-                        uncond={"y": torch.zeros(3)})
+    b = fastdiff.sample(
+        model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)}, uncond={"y": torch.zeros(3)}
+    )
     assert next(iter(sample_module._plans.values())) is plan and len(sample_module._plans) == 1
     assert torch.equal(a, a_copy)  # the reused plan did not write into the first call's result
     sample_module._plans.clear()
-    fresh = fastdiff.sample(model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)},
-                            uncond={"y": torch.zeros(3)})
+    fresh = fastdiff.sample(
+        model, SHAPE, steps=5, generator=2, cfg=1.5, cond={"y": torch.full((3,), 2.0)}, uncond={"y": torch.zeros(3)}
+    )
     assert torch.equal(b, fresh)
 
 

@@ -13,14 +13,19 @@ from diffusers import DDIMScheduler  # noqa: E402
 
 @pytest.mark.parametrize(
     "kind,diffusers_name,kw",
-    [("linear", "linear", {}), ("scaled_linear", "scaled_linear", dict(beta_start=0.00085, beta_end=0.012)),
-     ("cosine", "squaredcos_cap_v2", {}), ("squaredcos_cap_v2", "squaredcos_cap_v2", {})],
+    [
+        ("linear", "linear", {}),
+        ("scaled_linear", "scaled_linear", dict(beta_start=0.00085, beta_end=0.012)),
+        ("cosine", "squaredcos_cap_v2", {}),
+        ("squaredcos_cap_v2", "squaredcos_cap_v2", {}),
+    ],
 )
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_tables_equal_diffusers(kind, diffusers_name, kw, zero_snr):
     ours = fastdiff.Schedule(kind, 1000, rescale_zero_terminal_snr=zero_snr, **kw)
-    theirs = DDIMScheduler(num_train_timesteps=1000, beta_schedule=diffusers_name, rescale_betas_zero_snr=zero_snr,
-                           **kw)
+    theirs = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule=diffusers_name, rescale_betas_zero_snr=zero_snr, **kw
+    )
     assert torch.equal(ours.betas, theirs.betas)
     assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod)
 
@@ -73,8 +78,16 @@ def test_custom_alphas_cumprod_with_a_repeated_value_samples_finite(backend, pre
     """A repeated alphas_cumprod value (a beta of 0 inside the schedule) is accepted and samples finite
     numbers; only a value of 1 (DDIM went all NaN on it, as diffusers does) is refused."""
     schedule = fastdiff.Schedule(alphas_cumprod=[0.9, 0.9, 0.5, 0.1])
-    x = fastdiff.sample(lambda x, t: 0.3 * x, (1, 1, 2, 3), steps=4, schedule=schedule, generator=0,
-                        backend=backend, prediction=prediction, sampler=sampler)
+    x = fastdiff.sample(
+        lambda x, t: 0.3 * x,
+        (1, 1, 2, 3),
+        steps=4,
+        schedule=schedule,
+        generator=0,
+        backend=backend,
+        prediction=prediction,
+        sampler=sampler,
+    )
     assert torch.isfinite(x).all()
 
 
@@ -84,8 +97,10 @@ def test_zero_terminal_snr_refuses_eps_at_the_zero_snr_step():
     schedule = fastdiff.Schedule(rescale_zero_terminal_snr=True)
     assert schedule.alphas_cumprod[-1] == 0
     trailing = schedule.timesteps(5, "trailing")
-    match = (r"prediction='eps' cannot sample timestep 999, where this schedule \(rescale_zero_terminal_snr=True\) "
-             r"has zero SNR.*needs prediction='v' or 'x0'")
+    match = (
+        r"prediction='eps' cannot sample timestep 999, where this schedule \(rescale_zero_terminal_snr=True\) "
+        r"has zero SNR.*needs prediction='v' or 'x0'"
+    )
     with pytest.raises(ValueError, match=match):
         schedule.check_prediction("eps", trailing)
     schedule.check_prediction("v", trailing)
@@ -96,8 +111,13 @@ def test_zero_terminal_snr_refuses_eps_at_the_zero_snr_step():
 
 @pytest.mark.parametrize(
     "args,match",
-    [((0,), "steps must be an int in"), ((1001,), "steps must be an int in"), ((10, "even"), "timestep_spacing"),
-     ((10, "leading", -1), "steps_offset"), ((1, "leading", 1000), "beyond num_train_timesteps")],
+    [
+        ((0,), "steps must be an int in"),
+        ((1001,), "steps must be an int in"),
+        ((10, "even"), "timestep_spacing"),
+        ((10, "leading", -1), "steps_offset"),
+        ((1, "leading", 1000), "beyond num_train_timesteps"),
+    ],
 )
 def test_bad_timesteps(args, match):
     with pytest.raises(ValueError, match=match):

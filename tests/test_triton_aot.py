@@ -92,8 +92,9 @@ def test_every_pipelined_build_is_pipelined(report):
     layout (the 64-bit-offset variant included), must keep its K/V loads in flight: cp.async in the
     PTX, and shared memory for num_stages copies of the K and V tiles. (num_stages = 1 configurations
     do not pipeline by design.)"""
-    configs = {str(c): c for d in aot.HEAD_DIMS for dt in triton_attention.DTYPES
-               for c in triton_attention.configs_for(d, dt)}
+    configs = {
+        str(c): c for d in aot.HEAD_DIMS for dt in triton_attention.DTYPES for c in triton_attention.configs_for(d, dt)
+    }
     sizes = {str(d)[6:]: torch.empty((), dtype=d).element_size() for d in triton_attention.DTYPES}
     checked = set()
     for r in report:
@@ -113,8 +114,12 @@ def test_specialization_follows_the_jit():
     kernel = triton_attention.KERNEL  # compiled or interpreted, it knows its argument names
     q, k, v, out = aot._example_tensors("d-contig", torch.float16, 40)
     args = triton_attention.kernel_args(q, k, v, out, 0.1)
-    constants = triton_attention.kernel_constants(40, torch.float16, triton_attention.configs_for(40, torch.float16)[0],
-                                                  align=triton_attention.stride_align(q, k, v, out))
+    constants = triton_attention.kernel_constants(
+        40,
+        torch.float16,
+        triton_attention.configs_for(40, torch.float16)[0],
+        align=triton_attention.stride_align(q, k, v, out),
+    )
     assert constants["STRIDE_ALIGN"] == 8  # what the hints restore: rows 40 elements apart are 8-aligned
     signature, constexprs, attrs = aot._specialize(kernel, args, constants, "fp16")
     names = kernel.arg_names
@@ -198,18 +203,26 @@ def test_sampler_step_builds_compile_without_spills(sampler_step_report):
     from fastdiff.triton import sampler_step as triton_sampler_step
 
     built = {(r.arch, r.dtype, r.layout) for r in sampler_step_report}
-    expected = {(aot._compat.sm_arch(a), str(d).removeprefix("torch."), v)
-                for a, d, v in triton_sampler_step.aot_builds()}
+    expected = {
+        (aot._compat.sm_arch(a), str(d).removeprefix("torch."), v) for a, d, v in triton_sampler_step.aot_builds()
+    }
     assert built == expected
     assert {r.layout for r in sampler_step_report if r.layout.startswith("loop-")}, "no sampler_loop_step build"
-    history = {v for _, _, v in triton_sampler_step.aot_builds()
-               if triton_sampler_step.aot_example(torch.float16, v)[1]["HAS_HIST"]}
+    history = {
+        v
+        for _, _, v in triton_sampler_step.aot_builds()
+        if triton_sampler_step.aot_example(torch.float16, v)[1]["HAS_HIST"]
+    }
     assert any(v.startswith("loop-") for v in history), "no sampler_loop_step build with a history"
     assert any(not v.startswith("loop-") for v in history), "no sampler_step build with a history"
-    assert any(not triton_sampler_step.aot_example(torch.float16, v)[1]["FLAT"] for v in history), \
+    assert any(not triton_sampler_step.aot_example(torch.float16, v)[1]["FLAT"] for v in history), (
         "no history build with split (strided) addressing"
-    first = {v for _, _, v in triton_sampler_step.aot_builds()
-             if triton_sampler_step.aot_example(torch.float16, v)[1]["PHILOX_FIRST"]}
+    )
+    first = {
+        v
+        for _, _, v in triton_sampler_step.aot_builds()
+        if triton_sampler_step.aot_example(torch.float16, v)[1]["PHILOX_FIRST"]
+    }
     assert any(v.startswith("loop-") for v in first), "no sampler_loop_step build with the seed [key, first image]"
     for r in sampler_step_report:
         label = f"{r.arch} {r.dtype} {r.layout}"

@@ -63,6 +63,7 @@ def _entries(path, kind):
 
 # ---- fastdiff tune -------------------------------------------------------------------------------
 
+
 def test_tune_measures_for_real_then_a_second_run_reuses_the_cache(cache, capsys, monkeypatch):
     monkeypatch.setattr(tuning, "MEMORY_FORMAT_SECONDS", 0.0)  # the minimum rounds only: a fast test
     # the timings are real; whether the machine counts as busy is not this test's subject (see below)
@@ -153,8 +154,11 @@ def test_tune_default_is_samples_default_batch_with_and_without_guidance(monkeyp
         (["--per-class", "0"], r"argument --per-class: must be an int >= 1 .*, got 0"),
         (["--per-class", "-3"], r"argument --per-class: must be an int >= 1 .*, got -3"),
         (["--batch-size", "8", "0"], r"argument --batch-size: each batch must be an int >= 1, got 0"),
-        (["--batch-size", "4", "--cfg", "4"], r"argument --batch-size: gives the model batches directly; leave out "
-                                              r"--per-class and --cfg"),
+        (
+            ["--batch-size", "4", "--cfg", "4"],
+            r"argument --batch-size: gives the model batches directly; leave out "
+            r"--per-class and --cfg",
+        ),
         (["--cfg", "nan"], r"argument --cfg: the guidance scale must be a finite number, got nan"),
         (["--batch-size", "two"], r"argument --batch-size: invalid int value: 'two'"),
     ],
@@ -191,8 +195,11 @@ def test_sample_memory_format_auto_picks_persists_and_reuses(cache, capsys, cloc
     clock.update(channels_last=1.0, contiguous=0.8)  # NCHW faster by more than the margin
     assert main([*_SAMPLE, "--out", str(tmp_path / "a.png")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"memory format: NCHW at batch 20 \(measured: channels_last 1000\.0 ms, NCHW 800\.0 ms per "
-                     r"forward, medians of 7 alternating rounds, busy 0%; NCHW must win by 10%\)", out), out
+    assert re.search(
+        r"memory format: NCHW at batch 20 \(measured: channels_last 1000\.0 ms, NCHW 800\.0 ms per "
+        r"forward, medians of 7 alternating rounds, busy 0%; NCHW must win by 10%\)",
+        out,
+    ), out
     assert "backend auto" in out and re.search(r"backend auto .*\(NCHW\)", out)
     assert _entries(cache, "memory_format")["digits batch 20 float32 cpu"]["choice"] == "contiguous"
     calls = clock["calls"]
@@ -203,8 +210,9 @@ def test_sample_memory_format_auto_picks_persists_and_reuses(cache, capsys, cloc
     assert f"memory format: NCHW at batch 20 (cached in {cache}" in out
 
 
-@pytest.mark.parametrize(("contiguous", "choice"), [(0.8, "contiguous"), (0.95, "channels_last"),
-                                                    (1.2, "channels_last")])
+@pytest.mark.parametrize(
+    ("contiguous", "choice"), [(0.8, "contiguous"), (0.95, "channels_last"), (1.2, "channels_last")]
+)
 def test_memory_format_choice_keeps_channels_last_unless_nchw_wins_by_the_margin(cache, clock, contiguous, choice):
     clock.update(channels_last=1.0, contiguous=contiguous)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
@@ -217,8 +225,9 @@ def test_memory_format_choice_keeps_channels_last_unless_nchw_wins_by_the_margin
     assert clock["calls"] == 1
 
 
-def test_sample_memory_format_auto_with_tuning_off_is_channels_last_unmeasured(cache, capsys, clock, monkeypatch,
-                                                                               tmp_path):
+def test_sample_memory_format_auto_with_tuning_off_is_channels_last_unmeasured(
+    cache, capsys, clock, monkeypatch, tmp_path
+):
     monkeypatch.setenv("FASTDIFF_TUNE", "0")
     assert main([*_SAMPLE, "--out", str(tmp_path / "a.png")]) == 0
     out = capsys.readouterr().out
@@ -322,6 +331,7 @@ def test_compiled_conv1x1_follows_the_measured_choice(cache, clock):
 
 
 # ---- measuring on a busy machine -----------------------------------------------------------------
+
 
 def _waits(monkeypatch, per_batch):
     """run_queue_seconds replaced: each measured batch of rounds "waits for a CPU" the next number of

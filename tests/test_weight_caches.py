@@ -29,8 +29,9 @@ def test_digits_unet_samples_after_an_ema_swap_match_the_reference():
 
     model = digits_unet().eval()
     y = torch.arange(4)
-    kw = dict(steps=4, cfg=4.0, cond={"y": y}, uncond={"y": torch.full_like(y, 10)}, generator=0,
-              **digits_sampling(model))
+    kw = dict(
+        steps=4, cfg=4.0, cond={"y": y}, uncond={"y": torch.full_like(y, 10)}, generator=0, **digits_sampling(model)
+    )
     with torch.no_grad():
         fastdiff.sample(model, (4, 1, 16, 16), **kw)  # the fused path remembers the filters
         _ema_swap(model, 1)
@@ -46,9 +47,17 @@ def test_patched_diffusers_unet_after_an_ema_swap_matches_the_unpatched_model():
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    model = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                        block_out_channels=(32, 64), norm_num_groups=8, down_block_types=("DownBlock2D",) * 2,
-                        up_block_types=("UpBlock2D",) * 2, add_attention=False).eval()
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        add_attention=False,
+    ).eval()
     x = torch.randn(2, 3, 8, 8)
     fastdiff.patch(model, channels_last=True, backend="cpu")
     with torch.no_grad():

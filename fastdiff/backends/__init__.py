@@ -174,8 +174,9 @@ def _base_reasons(op: str, backend: str, kernel: Kernel, inputs: Mapping[str, to
         return []
     if kernel.kind == "missing":
         return _missing_reasons(op, backend)
-    checked = inputs if inputs is None or kernel.checked is None else {
-        k: t for k, t in inputs.items() if k in kernel.checked}
+    checked = (
+        inputs if inputs is None or kernel.checked is None else {k: t for k, t in inputs.items() if k in kernel.checked}
+    )
     if kernel.kind == "native":
         reasons = native_reasons(kernel.native_op or op, backend, kernel.dtypes, checked)
     elif kernel.kind == "triton":
@@ -215,8 +216,9 @@ def _library_reasons(backend: str, kernel: Kernel, inputs: Mapping[str, torch.Te
         return reasons
     for name, t in inputs.items():
         if kernel.devices and t.device.type not in kernel.devices:
-            reasons.append(f"{name} is on {t.device}, the {backend} backend needs {_device_names(kernel.devices)} "
-                           "tensors")
+            reasons.append(
+                f"{name} is on {t.device}, the {backend} backend needs {_device_names(kernel.devices)} tensors"
+            )
         if kernel.dtypes and t.dtype not in kernel.dtypes:
             reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(kernel.dtypes)})")
     return reasons
@@ -312,8 +314,9 @@ class OpSupport:
         extras = tuple(b for b in self.kernels if b not in BACKENDS)
         for name in extras:
             if not isinstance(name, str) or not name.isidentifier() or name == AUTO:
-                raise ValueError(f"OpSupport({self.op!r}): backend names must be identifiers other than "
-                                 f"{AUTO!r}, got {name!r}")
+                raise ValueError(
+                    f"OpSupport({self.op!r}): backend names must be identifiers other than {AUTO!r}, got {name!r}"
+                )
         priority = tuple(self.priority) or (*PRIORITY[:-1], *extras, PRIORITY[-1])
         if sorted(priority) != sorted(self.kernels):
             raise ValueError(
@@ -322,8 +325,11 @@ class OpSupport:
         object.__setattr__(self, "priority", priority)
         declared = [k for k in self.kernels.values() if isinstance(k, Kernel)]
         # A call's signature holds what the rules read: only a fully declared op has one.
-        object.__setattr__(self, "_limits", tuple(lim for k in declared for lim in k.limits)
-                           if len(declared) == len(self.kernels) else None)
+        object.__setattr__(
+            self,
+            "_limits",
+            tuple(lim for k in declared for lim in k.limits) if len(declared) == len(self.kernels) else None,
+        )
         object.__setattr__(self, "_grad_matters", any(not k.grad for k in declared))
 
     @property
@@ -349,16 +355,21 @@ class OpSupport:
             return None
         # TRITON_INTERPRET and the limits: see binding().
         # One device: every op's validation puts all its tensors on the first one's device.
-        key = (backend if isinstance(backend, str) else None, os.environ.get(ENV_VAR), _native.generation,
-               next(iter(inputs.values())).device, tuple(inputs), *[t.dtype for t in inputs.values()])
+        key = (
+            backend if isinstance(backend, str) else None,
+            os.environ.get(ENV_VAR),
+            _native.generation,
+            next(iter(inputs.values())).device,
+            tuple(inputs),
+            *[t.dtype for t in inputs.values()],
+        )
         if self._grad_matters:  # type: ignore[attr-defined]
             key += (needs_grad(inputs),)
         return key
 
     def _limit_flags(self, inputs: Mapping[str, torch.Tensor]) -> tuple:
         """The rest of a signature, read only where it took part: TRITON_INTERPRET and the limits."""
-        return (os.environ.get("TRITON_INTERPRET"),
-                *[limit.broken(inputs) is None for limit in self._limits])  # type: ignore[attr-defined]
+        return (os.environ.get("TRITON_INTERPRET"), *[limit.broken(inputs) is None for limit in self._limits])  # type: ignore[attr-defined]
 
     def _lookup(self, key: tuple, inputs: Mapping[str, torch.Tensor]) -> Binding | None:
         found = self._bindings.get(key)
@@ -393,12 +404,14 @@ class OpSupport:
         return found
 
     def _limits_took_part(self, backend: str, chosen: str, inputs: Mapping[str, torch.Tensor]) -> bool:
-        considered = self.priority[: self.priority.index(chosen) + 1] if resolve_backend(backend, self.op) == AUTO \
-            else (chosen,)
+        considered = (
+            self.priority[: self.priority.index(chosen) + 1] if resolve_backend(backend, self.op) == AUTO else (chosen,)
+        )
         for name in considered:
             kernel = self.kernels[name]
             if (kernel.limits or kernel.kind == "triton") and all(
-                    isinstance(r, ExplicitOnly) for r in _base_reasons(self.op, name, kernel, inputs)):
+                isinstance(r, ExplicitOnly) for r in _base_reasons(self.op, name, kernel, inputs)
+            ):
                 return True
         return False
 
@@ -460,8 +473,10 @@ def _refresh_accepted() -> None:
     """resolve_backend's names, computed whenever the registry changes and never while ops run: a
     table that grew as ops were first called made torch.compile guard on its size and recompile."""
     everywhere = (AUTO, *known_backends())
-    accepted = {op: (everywhere, (AUTO, *BACKENDS, *(b for b in support.backends if b not in BACKENDS)))
-                for op, support in _REGISTRY.items()}
+    accepted = {
+        op: (everywhere, (AUTO, *BACKENDS, *(b for b in support.backends if b not in BACKENDS)))
+        for op, support in _REGISTRY.items()
+    }
     _ACCEPTED.clear()
     _ACCEPTED.update(accepted)
     _ACCEPTED[None] = (everywhere, everywhere)
@@ -643,21 +658,29 @@ def triton_reasons(inputs: Mapping[str, torch.Tensor] | None, dtypes: Sequence[t
         reasons.append(why)
     if inputs is None:
         if not interpreted and not torch.cuda.is_available():
-            reasons.append("no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
-                           "kernel in Triton's CPU interpreter)")
+            reasons.append(
+                "no CUDA device (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs the "
+                "kernel in Triton's CPU interpreter)"
+            )
         return reasons
     on_cpu = []
     for name, t in inputs.items():
         if t.device.type == "cpu" and interpreted:
             on_cpu.append(name)
         elif t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
-                           "under TRITON_INTERPRET=1)")
+            reasons.append(
+                f"{name} is on {t.device}, the triton backend needs CUDA tensors (or CPU tensors "
+                "under TRITON_INTERPRET=1)"
+            )
         if t.dtype not in dtypes:
             reasons.append(f"{name} dtype {t.dtype} not supported (supported: {_dtype_names(dtypes)})")
     if on_cpu:
-        reasons.append(ExplicitOnly(f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
-                                    "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"))
+        reasons.append(
+            ExplicitOnly(
+                f"{', '.join(on_cpu)} on the CPU run in Triton's interpreter "
+                "(TRITON_INTERPRET=1): only with backend='triton', never picked by auto"
+            )
+        )
     return reasons
 
 

@@ -22,9 +22,17 @@ from ..ops.attention import attention
 from ..ops.group_norm_adagn import group_norm_adagn
 from ..ops.layer_norm_modulate import layer_norm_modulate
 
-__all__ = ["FusedResnetBlock2D", "FastdiffAttnProcessor", "FusedGroupNormSiLU", "FusedAwaySiLU", "resnet_unsupported",
-           "attention_unsupported", "norm_out_unsupported", "FusedBasicTransformerBlock",
-           "transformer_block_unsupported"]
+__all__ = [
+    "FusedResnetBlock2D",
+    "FastdiffAttnProcessor",
+    "FusedGroupNormSiLU",
+    "FusedAwaySiLU",
+    "resnet_unsupported",
+    "attention_unsupported",
+    "norm_out_unsupported",
+    "FusedBasicTransformerBlock",
+    "transformer_block_unsupported",
+]
 
 RESNET_TIME_NORMS = ("default", "scale_shift")
 ORIGINAL_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
@@ -111,8 +119,15 @@ class FusedResnetBlock2D(ResnetBlock2D):
         hidden_states = conv3x3_module(self.conv1, hidden_states, backend=backend)
 
         if no_temb:
-            hidden_states = group_norm_adagn(hidden_states, norm2.num_groups, norm2.weight, norm2.bias,
-                                             eps=norm2.eps, activation="silu", backend=backend)
+            hidden_states = group_norm_adagn(
+                hidden_states,
+                norm2.num_groups,
+                norm2.weight,
+                norm2.bias,
+                eps=norm2.eps,
+                activation="silu",
+                backend=backend,
+            )
         else:
             hidden_states = self._norm2_with_temb(hidden_states, temb)
         return self._finish(input_tensor, hidden_states)
@@ -124,14 +139,27 @@ class FusedResnetBlock2D(ResnetBlock2D):
         temb = self.time_emb_proj(temb)
         if self.time_embedding_norm == "default":
             hidden_states = group_norm_adagn(
-                hidden_states, norm2.num_groups, norm2.weight, norm2.bias, pre_shift=temb, eps=norm2.eps,
-                activation="silu", backend=backend,
+                hidden_states,
+                norm2.num_groups,
+                norm2.weight,
+                norm2.bias,
+                pre_shift=temb,
+                eps=norm2.eps,
+                activation="silu",
+                backend=backend,
             )
         else:
             time_scale, time_shift = torch.chunk(temb, 2, dim=1)
             hidden_states = group_norm_adagn(
-                hidden_states, norm2.num_groups, norm2.weight, norm2.bias, scale=time_scale, shift=time_shift,
-                eps=norm2.eps, activation="silu", backend=backend,
+                hidden_states,
+                norm2.num_groups,
+                norm2.weight,
+                norm2.bias,
+                scale=time_scale,
+                shift=time_shift,
+                eps=norm2.eps,
+                activation="silu",
+                backend=backend,
             )
         return hidden_states
 
@@ -169,8 +197,9 @@ class FusedGroupNormSiLU(nn.GroupNorm):
     fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm_adagn(x, self.num_groups, self.weight, self.bias, eps=self.eps, activation="silu",
-                                backend=self.fastdiff_backend)
+        return group_norm_adagn(
+            x, self.num_groups, self.weight, self.bias, eps=self.eps, activation="silu", backend=self.fastdiff_backend
+        )
 
 
 class FusedAwaySiLU(nn.SiLU):
@@ -271,8 +300,10 @@ def transformer_block_unsupported(block: nn.Module) -> str | None:
     if type(block) is not BasicTransformerBlock:
         return f"{type(block).__name__} subclasses BasicTransformerBlock; its forward may differ, so it is left alone"
     if block.norm_type not in ADALN_NORM_TYPES:
-        return (f"norm_type {block.norm_type!r}: only {ADALN_NORM_TYPES} (DiT's adaLN-Zero, PixArt's adaLN-single) "
-                "are fused")
+        return (
+            f"norm_type {block.norm_type!r}: only {ADALN_NORM_TYPES} (DiT's adaLN-Zero, PixArt's adaLN-single) "
+            "are fused"
+        )
     if block.pos_embed is not None or getattr(block, "fuser", None) is not None or block._chunk_size is not None:
         return "positional embeddings, GLIGEN or chunked feed-forward are not fused"
     if block.norm_type == "ada_norm_zero":
@@ -287,15 +318,24 @@ def transformer_block_unsupported(block: nn.Module) -> str | None:
     return None
 
 
-def _modulated(norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-               backend: str) -> torch.Tensor:
+def _modulated(
+    norm: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, backend: str
+) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift`` as one ``layer_norm_modulate``; scale and shift (B, D)."""
     return layer_norm_modulate(x, norm.weight, norm.bias, scale, shift, norm.eps, backend=backend)
 
 
-def _fused_transformer_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
-                               encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
-                               class_labels=None, added_cond_kwargs=None):
+def _fused_transformer_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    timestep=None,
+    cross_attention_kwargs=None,
+    class_labels=None,
+    added_cond_kwargs=None,
+):
     """BasicTransformerBlock.forward for adaLN-Zero (DiT) and adaLN-single (PixArt), each
     LayerNorm + modulation one ``layer_norm_modulate``; the rest is diffusers' forward, step by step."""
     backend = self.fastdiff_backend
@@ -308,13 +348,17 @@ def _fused_transformer_forward(self, hidden_states, attention_mask=None, encoder
         norm_hidden_states = _modulated(norm1.norm, hidden_states, scale_msa, shift_msa, backend)
     else:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+            self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
+        ).chunk(6, dim=1)
         norm_hidden_states = _modulated(self.norm1, hidden_states, scale_msa[:, 0], shift_msa[:, 0], backend)
 
     cross_attention_kwargs = dict(cross_attention_kwargs) if cross_attention_kwargs is not None else {}
-    attn_output = self.attn1(norm_hidden_states,
-                             encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
-                             attention_mask=attention_mask, **cross_attention_kwargs)
+    attn_output = self.attn1(
+        norm_hidden_states,
+        encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
+        attention_mask=attention_mask,
+        **cross_attention_kwargs,
+    )
     attn_output = gate_msa.unsqueeze(1) * attn_output if self.norm_type == "ada_norm_zero" else gate_msa * attn_output
     hidden_states = attn_output + hidden_states
     if hidden_states.ndim == 4:
@@ -322,8 +366,12 @@ def _fused_transformer_forward(self, hidden_states, attention_mask=None, encoder
 
     if self.attn2 is not None:
         norm_hidden_states = self.norm2(hidden_states) if self.norm_type == "ada_norm_zero" else hidden_states
-        attn_output = self.attn2(norm_hidden_states, encoder_hidden_states=encoder_hidden_states,
-                                 attention_mask=encoder_attention_mask, **cross_attention_kwargs)
+        attn_output = self.attn2(
+            norm_hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            **cross_attention_kwargs,
+        )
         hidden_states = attn_output + hidden_states
 
     if self.norm_type == "ada_norm_zero":
@@ -347,10 +395,36 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
 
     fastdiff_backend: str = "auto"  # set per instance by fastdiff.patch
 
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        timestep=None,
+        cross_attention_kwargs=None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ):
         if cross_attention_kwargs or timestep is None:
-            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-        return _fused_transformer_forward(self, hidden_states, attention_mask, encoder_hidden_states,
-                                          encoder_attention_mask, timestep, None, class_labels, added_cond_kwargs)
+            return super().forward(
+                hidden_states,
+                attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                timestep,
+                cross_attention_kwargs,
+                class_labels,
+                added_cond_kwargs,
+            )
+        return _fused_transformer_forward(
+            self,
+            hidden_states,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            timestep,
+            None,
+            class_labels,
+            added_cond_kwargs,
+        )

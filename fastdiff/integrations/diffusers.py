@@ -47,10 +47,17 @@ from ..backends import AUTO, resolve_backend
 __all__ = ["patch", "unpatch", "patch_report", "PatchReport", "PatchWarning"]
 
 _STATE = "_fastdiff_patch"
-_SUPPORTED_MODELS = ("UNet2DModel", "UNet2DConditionModel", "AutoencoderKL", "DiTTransformer2DModel",
-                     "PixArtTransformer2DModel")
-_MODELS_TEXT = ("a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, DiTTransformer2DModel or "
-                "PixArtTransformer2DModel, or a pipeline holding them")
+_SUPPORTED_MODELS = (
+    "UNet2DModel",
+    "UNet2DConditionModel",
+    "AutoencoderKL",
+    "DiTTransformer2DModel",
+    "PixArtTransformer2DModel",
+)
+_MODELS_TEXT = (
+    "a diffusers UNet2DModel, UNet2DConditionModel, AutoencoderKL, DiTTransformer2DModel or "
+    "PixArtTransformer2DModel, or a pipeline holding them"
+)
 # The modules whose forward runs conv_norm_out and then conv_act, back to back, and conv_act nowhere else.
 _NORM_OUT_OWNERS = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder")
 
@@ -101,8 +108,9 @@ class _PatchState:
 def _check_model(model: object, caller: str) -> None:
     """Raise TypeError unless ``model`` is one of the diffusers models patch() takes (``_SUPPORTED_MODELS``)."""
     if importlib.util.find_spec("diffusers") is None:
-        raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__} (diffusers is not "
-                        "installed)")
+        raise TypeError(
+            f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__} (diffusers is not installed)"
+        )
     if not _is_supported(model):
         raise TypeError(f"{caller}: model must be {_MODELS_TEXT}, got {type(model).__name__}")
 
@@ -152,13 +160,22 @@ def _patch_pipeline(pipe, channels_last: bool, backend: str):
             patch(component, channels_last=channels_last, backend=backend)
             done.append(name)
         else:
-            unsupported.append((name, f"{type(component).__name__} is not supported by fastdiff.patch (it takes "
-                                      f"{', '.join(_SUPPORTED_MODELS)})"))
+            unsupported.append(
+                (
+                    name,
+                    f"{type(component).__name__} is not supported by fastdiff.patch (it takes "
+                    f"{', '.join(_SUPPORTED_MODELS)})",
+                )
+            )
     pipe.__dict__[_PIPE_STATE] = (tuple(done), tuple(unsupported))
     if unsupported:
         listed = "\n".join(f"  {name}: {why}" for name, why in unsupported)
-        warnings.warn(f"fastdiff.patch left {len(unsupported)} component(s) of {type(pipe).__name__} as they are "
-                      f"({', '.join(done) or 'none'} patched):\n{listed}", PatchWarning, stacklevel=3)
+        warnings.warn(
+            f"fastdiff.patch left {len(unsupported)} component(s) of {type(pipe).__name__} as they are "
+            f"({', '.join(done) or 'none'} patched):\n{listed}",
+            PatchWarning,
+            stacklevel=3,
+        )
     return pipe
 
 
@@ -239,8 +256,9 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
             else:
                 skipped.append((name, why))
         elif isinstance(module, ResnetBlockCondNorm2D):
-            skipped.append((name, f"ResnetBlockCondNorm2D (time_embedding_norm {module.time_embedding_norm!r}) "
-                                  "is not fused"))
+            skipped.append(
+                (name, f"ResnetBlockCondNorm2D (time_embedding_norm {module.time_embedding_norm!r}) is not fused")
+            )
         elif isinstance(module, Attention):
             why = attention_unsupported(module)
             if why is None:
@@ -252,8 +270,9 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
             else:
                 skipped.append((name, why))
         elif hasattr(module, "set_processor") and name:
-            skipped.append((name, f"{type(module).__name__}: only diffusers' Attention modules get fastdiff's "
-                                  "processor"))
+            skipped.append(
+                (name, f"{type(module).__name__}: only diffusers' Attention modules get fastdiff's processor")
+            )
         elif type(module).__name__.startswith("Resnet"):
             skipped.append((name, f"{type(module).__name__} is not fused"))
     # The 3x3 "same" convolutions outside the patched ResNet blocks (conv_in, conv_out, the upsamplers'):
@@ -262,8 +281,11 @@ def patch(model: nn.Module, *, channels_last: bool = False, backend: str = AUTO)
 
     # (not inside any ResNet block: a patched one runs its convolutions fused already, and one left alone
     # stays exactly as it was)
-    blocks = tuple(f"{name}." for name, module in model.named_modules()
-                   if isinstance(module, (ResnetBlock2D, ResnetBlockCondNorm2D)))
+    blocks = tuple(
+        f"{name}."
+        for name, module in model.named_modules()
+        if isinstance(module, (ResnetBlock2D, ResnetBlockCondNorm2D))
+    )
     for name, module in model.named_modules():
         if type(module) is nn.Conv2d and _same_3x3(module) and not name.startswith(blocks):
             state.swap(module, Conv3x3, "backend", backend)

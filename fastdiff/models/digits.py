@@ -23,8 +23,16 @@ from ..schedule import Schedule
 from .unet import UNet
 
 __all__ = [
-    "DIGITS_CONFIG", "DIGITS_WEIGHTS", "NULL_CLASS", "digits_sampling", "digits_schedule", "digits_to_images",
-    "digits_unet", "images_to_digits", "load_unet", "save_unet",
+    "DIGITS_CONFIG",
+    "DIGITS_WEIGHTS",
+    "NULL_CLASS",
+    "digits_sampling",
+    "digits_schedule",
+    "digits_to_images",
+    "digits_unet",
+    "images_to_digits",
+    "load_unet",
+    "save_unet",
 ]
 
 DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_unet.safetensors"
@@ -32,8 +40,16 @@ DIGITS_WEIGHTS = Path(__file__).resolve().parent / "weights" / "digits_unet.safe
 # 16, 32 and 32 channels, attention at 8x8 and in the middle, AdaGN scale/shift; sized to train in
 # minutes on one shared CPU core.
 DIGITS_CONFIG: dict[str, Any] = dict(
-    in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2,),
-    num_head_channels=32, num_classes=10, embedding_mode="scale_shift", num_groups=8, dropout=0.0,
+    in_channels=1,
+    model_channels=16,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_head_channels=32,
+    num_classes=10,
+    embedding_mode="scale_shift",
+    num_groups=8,
+    dropout=0.0,
 )
 NULL_CLASS = 10
 

@@ -160,29 +160,41 @@ class DiT(nn.Module):
         backend: str = AUTO,
     ) -> None:
         super().__init__()
-        for name, value in (("input_size", input_size), ("patch_size", patch_size), ("in_channels", in_channels),
-                            ("hidden_size", hidden_size), ("depth", depth), ("num_heads", num_heads)):
+        for name, value in (
+            ("input_size", input_size),
+            ("patch_size", patch_size),
+            ("in_channels", in_channels),
+            ("hidden_size", hidden_size),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
             positive_int(name, value, "DiT")
         if input_size % patch_size != 0:
             raise ValueError(f"DiT: input_size ({input_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % num_heads != 0:
             raise ValueError(f"DiT: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if hidden_size % 4 != 0:
-            raise ValueError(f"DiT: hidden_size ({hidden_size}) must be divisible by 4 (2-D sin-cos position "
-                             "embedding: sines and cosines of rows and columns)")
+            raise ValueError(
+                f"DiT: hidden_size ({hidden_size}) must be divisible by 4 (2-D sin-cos position "
+                "embedding: sines and cosines of rows and columns)"
+            )
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not mlp_ratio > 0:
             raise ValueError(f"DiT: mlp_ratio must be a positive number, got {mlp_ratio!r}")
         if not math.isfinite(mlp_ratio):
             raise ValueError(f"DiT: mlp_ratio must be a finite positive number, got {mlp_ratio!r}")
         if int(hidden_size * mlp_ratio) < 1:
-            raise ValueError(f"DiT: mlp_ratio ({mlp_ratio}) leaves the MLP no hidden units at hidden_size "
-                             f"{hidden_size}")
+            raise ValueError(
+                f"DiT: mlp_ratio ({mlp_ratio}) leaves the MLP no hidden units at hidden_size {hidden_size}"
+            )
         if not isinstance(learn_sigma, bool):
             raise ValueError(f"DiT: learn_sigma must be True or False, got {learn_sigma!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"DiT: num_classes must be an int >= 0 (0: unconditional), got {num_classes!r}")
-        if (isinstance(class_dropout_prob, bool) or not isinstance(class_dropout_prob, numbers.Real)
-                or not 0.0 <= class_dropout_prob <= 1.0):
+        if (
+            isinstance(class_dropout_prob, bool)
+            or not isinstance(class_dropout_prob, numbers.Real)
+            or not 0.0 <= class_dropout_prob <= 1.0
+        ):
             raise ValueError(f"DiT: class_dropout_prob must be a number in [0, 1], got {class_dropout_prob!r}")
         if class_dropout_prob > 0 and num_classes == 0:
             raise ValueError("DiT: class_dropout_prob needs class labels; this model is unconditional (num_classes=0)")
@@ -264,11 +276,13 @@ class DiT(nn.Module):
                 self.pos_embed.copy_(sincos_position_embedding_2d(self.hidden_size, self.input_size // self.patch_size))
 
     def extra_repr(self) -> str:
-        return (f"input_size={self.input_size}, patch_size={self.patch_size}, in_channels={self.in_channels}, "
-                f"out_channels={self.out_channels}, hidden_size={self.hidden_size}, depth={self.depth}, "
-                f"num_heads={self.num_heads}, mlp_ratio={self.mlp_ratio}, num_classes={self.num_classes}, "
-                f"pos_embed={self.pos_embed_kind!r}, class_dropout_prob={self.class_dropout_prob}, "
-                f"backend={self.backend!r}")
+        return (
+            f"input_size={self.input_size}, patch_size={self.patch_size}, in_channels={self.in_channels}, "
+            f"out_channels={self.out_channels}, hidden_size={self.hidden_size}, depth={self.depth}, "
+            f"num_heads={self.num_heads}, mlp_ratio={self.mlp_ratio}, num_classes={self.num_classes}, "
+            f"pos_embed={self.pos_embed_kind!r}, class_dropout_prob={self.class_dropout_prob}, "
+            f"backend={self.backend!r}"
+        )
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> None:
         expected = (self.in_channels, self.input_size, self.input_size)

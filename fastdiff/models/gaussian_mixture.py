@@ -31,8 +31,14 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         prediction: what to return: "eps", "v" or "x0".
     """
 
-    def __init__(self, means: torch.Tensor, stds: torch.Tensor, weights: torch.Tensor, schedule: Schedule,
-                 prediction: str = "eps") -> None:
+    def __init__(
+        self,
+        means: torch.Tensor,
+        stds: torch.Tensor,
+        weights: torch.Tensor,
+        schedule: Schedule,
+        prediction: str = "eps",
+    ) -> None:
         super().__init__()
         means = torch.as_tensor(means, dtype=torch.float64)
         K = means.shape[0]
@@ -66,29 +72,30 @@ class GaussianMixtureDenoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         B = x.shape[0]
-        xf = x.to(torch.float64).reshape(B, -1)                       # (B, D)
+        xf = x.to(torch.float64).reshape(B, -1)  # (B, D)
         D = xf.shape[1]
-        ab = self._alpha_bar(t).reshape(B, 1)                         # (B, 1)
-        mu = self.means.reshape(self.num_components, -1)              # (K, D)
-        var = ab * self.stds.pow(2) + (1 - ab)                        # (B, K)
-        diff = ab.sqrt().unsqueeze(-1) * mu - xf.unsqueeze(1)   # (B, K, D)
+        ab = self._alpha_bar(t).reshape(B, 1)  # (B, 1)
+        mu = self.means.reshape(self.num_components, -1)  # (K, D)
+        var = ab * self.stds.pow(2) + (1 - ab)  # (B, K)
+        diff = ab.sqrt().unsqueeze(-1) * mu - xf.unsqueeze(1)  # (B, K, D)
         logp = self.log_weights - 0.5 * diff.pow(2).sum(-1) / var - 0.5 * D * torch.log(var)
         if y is not None:
             y = y.to(x.device).reshape(B, 1)
             if bool(((y < 0) | (y > self.num_components)).any()):
-                raise ValueError(f"y must hold classes in [0, {self.num_components}] "
-                                 f"({self.num_components} is the null class)")
-            only = torch.arange(self.num_components, device=x.device) == y     # (B, K)
+                raise ValueError(
+                    f"y must hold classes in [0, {self.num_components}] ({self.num_components} is the null class)"
+                )
+            only = torch.arange(self.num_components, device=x.device) == y  # (B, K)
             null = y == self.num_components
             logp = torch.where(only | null, logp, torch.full_like(logp, -math.inf))
-        r = torch.softmax(logp, dim=1)                                # (B, K)
-        score = (r.unsqueeze(-1) * diff / var.unsqueeze(-1)).sum(1)   # (B, D)
+        r = torch.softmax(logp, dim=1)  # (B, K)
+        score = (r.unsqueeze(-1) * diff / var.unsqueeze(-1)).sum(1)  # (B, D)
         eps = -(1 - ab).sqrt() * score
         if self.prediction == "eps":
             out = eps
         else:
             # E[x0 | x_t, k] = μ_k + √ᾱ σ_k² / var_k (x_t - √ᾱ μ_k): finite even where ᾱ = 0.
-            shrink = ab.sqrt() * self.stds.pow(2) / var                     # (B, K)
+            shrink = ab.sqrt() * self.stds.pow(2) / var  # (B, K)
             x0 = (r.unsqueeze(-1) * (mu - shrink.unsqueeze(-1) * diff)).sum(1)
             out = x0 if self.prediction == "x0" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
         return out.reshape(x.shape).to(x.dtype)

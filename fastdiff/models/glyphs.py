@@ -41,5 +41,6 @@ def digit_glyphs() -> torch.Tensor:
 
 def glyph_mixture(schedule: Schedule, std: float = 0.2, prediction: str = "eps") -> GaussianMixtureDenoiser:
     """The exact denoiser of the ten-glyph mixture (uniform weights); class 10 is the null class."""
-    return GaussianMixtureDenoiser(digit_glyphs(), torch.full((10,), std), torch.ones(10), schedule,
-                                   prediction=prediction)
+    return GaussianMixtureDenoiser(
+        digit_glyphs(), torch.full((10,), std), torch.ones(10), schedule, prediction=prediction
+    )

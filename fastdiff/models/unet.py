@@ -81,8 +81,18 @@ class _ResBlock(nn.Module):
     added before it (``pre_shift``).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, num_groups: int, dropout: float,
-                 embedding_mode: str, up: bool = False, down: bool = False, backend: str = AUTO) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        num_groups: int,
+        dropout: float,
+        embedding_mode: str,
+        up: bool = False,
+        down: bool = False,
+        backend: str = AUTO,
+    ) -> None:
         super().__init__()
         self.embedding_mode = embedding_mode
         self.norm1 = AdaGroupNorm(in_ch, num_groups, activation="silu", backend=backend)
@@ -210,8 +220,10 @@ class UNet(nn.Module):
         rates = tuple(2**i for i in range(len(channel_mult)))
         for rate in attention_resolutions:
             if rate not in rates:
-                raise ValueError(f"UNet: attention_resolutions has {rate}, not a downsample rate of this UNet "
-                                 f"(channel_mult has {len(channel_mult)} levels: rates {rates})")
+                raise ValueError(
+                    f"UNet: attention_resolutions has {rate}, not a downsample rate of this UNet "
+                    f"(channel_mult has {len(channel_mult)} levels: rates {rates})"
+                )
         num_heads = _positive_int("num_heads", num_heads)
         if num_head_channels is not None:
             num_head_channels = _positive_int("num_head_channels", num_head_channels)
@@ -236,11 +248,19 @@ class UNet(nn.Module):
 
         # The constructor's arguments, JSON-friendly: what a checkpoint stores to rebuild the model.
         self.config: dict[str, Any] = dict(
-            in_channels=in_channels, model_channels=model_channels, out_channels=out_channels,
-            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-            attention_resolutions=list(attention_resolutions), num_heads=num_heads,
-            num_head_channels=num_head_channels, num_classes=num_classes, embedding_mode=embedding_mode,
-            conv_resample=conv_resample, resblock_updown=resblock_updown, num_groups=num_groups,
+            in_channels=in_channels,
+            model_channels=model_channels,
+            out_channels=out_channels,
+            channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=list(attention_resolutions),
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_classes=num_classes,
+            embedding_mode=embedding_mode,
+            conv_resample=conv_resample,
+            resblock_updown=resblock_updown,
+            num_groups=num_groups,
             dropout=float(dropout),
         )
         self.in_channels = in_channels
@@ -259,8 +279,9 @@ class UNet(nn.Module):
             return _ResBlock(cin, cout, emb_dim, num_groups, dropout, embedding_mode, backend=backend, **updown)
 
         def attention(ch: int) -> SpatialSelfAttention:
-            return SpatialSelfAttention(ch, num_heads=num_heads, head_dim=num_head_channels,
-                                        num_groups=num_groups, backend=backend)
+            return SpatialSelfAttention(
+                ch, num_heads=num_heads, head_dim=num_head_channels, num_groups=num_groups, backend=backend
+            )
 
         def resample(ch: int, up: bool) -> nn.Module:
             if resblock_updown:
@@ -301,8 +322,10 @@ class UNet(nn.Module):
     @staticmethod
     def _check_heads(ch: int, num_heads: int, num_head_channels: int | None) -> None:
         if num_head_channels is not None and ch % num_head_channels:
-            raise ValueError(f"UNet: num_head_channels ({num_head_channels}) must divide the channels ({ch}) "
-                             "of every attention block")
+            raise ValueError(
+                f"UNet: num_head_channels ({num_head_channels}) must divide the channels ({ch}) "
+                "of every attention block"
+            )
         if num_head_channels is None and ch % num_heads:
             raise ValueError(f"UNet: num_heads ({num_heads}) must divide the channels ({ch}) of every attention block")
 
@@ -322,8 +345,9 @@ class UNet(nn.Module):
         """:meth:`torch.nn.Module.to`; a ``memory_format`` also becomes the format forward runs in."""
         memory_format = torch._C._nn._parse_to(*args, **kwargs)[3]
         if memory_format not in (None, torch.contiguous_format, torch.channels_last):
-            raise ValueError(f"UNet.to: memory_format must be torch.contiguous_format or torch.channels_last, "
-                             f"got {memory_format}")
+            raise ValueError(
+                f"UNet.to: memory_format must be torch.contiguous_format or torch.channels_last, got {memory_format}"
+            )
         out = super().to(*args, **kwargs)
         if memory_format is not None:
             self.memory_format = memory_format
@@ -356,10 +380,19 @@ class UNet(nn.Module):
         GEMM instead of one small one per block, each of which costs more in fixed overhead than in
         flops), keyed by block. Blocks whose projection is not a plain hook-free ``nn.Linear`` with a
         bias are left out (they project for themselves)."""
-        blocks = [layer for level in (*self.encoder, self.middle, *self.decoder) for layer in level
-                  if isinstance(layer, _ResBlock)]
-        blocks = [b for b in blocks if type(b.emb_proj) is nn.Linear and b.emb_proj.bias is not None
-                  and not (b.emb_proj._forward_hooks or b.emb_proj._forward_pre_hooks)]
+        blocks = [
+            layer
+            for level in (*self.encoder, self.middle, *self.decoder)
+            for layer in level
+            if isinstance(layer, _ResBlock)
+        ]
+        blocks = [
+            b
+            for b in blocks
+            if type(b.emb_proj) is nn.Linear
+            and b.emb_proj.bias is not None
+            and not (b.emb_proj._forward_hooks or b.emb_proj._forward_pre_hooks)
+        ]
         if not blocks:
             return {}
         weight = torch.cat([b.emb_proj.weight for b in blocks])
@@ -374,8 +407,7 @@ class UNet(nn.Module):
         B, _, H, W = x.shape
         factor = 2 ** (self.num_levels - 1)
         if H % factor or W % factor:
-            raise ValueError(f"UNet: H and W ({H}, {W}) must be divisible by {factor} "
-                             f"(2 ** (len(channel_mult) - 1))")
+            raise ValueError(f"UNet: H and W ({H}, {W}) must be divisible by {factor} (2 ** (len(channel_mult) - 1))")
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(B)
@@ -388,9 +420,11 @@ class UNet(nn.Module):
                 got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ValueError(f"UNet: y must be an int64 tensor of shape ({B},), got {got}")
 
-        in_format = torch.channels_last if (
-            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ) else torch.contiguous_format
+        in_format = (
+            torch.channels_last
+            if (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            else torch.contiguous_format
+        )
         emb = self.embedding(t, y, B)
         proj = self.block_projections(emb)
         h = self.input_conv(x.contiguous(memory_format=self.memory_format))

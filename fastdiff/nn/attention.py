@@ -106,8 +106,14 @@ class SpatialSelfAttention(nn.Module):
         # The norm follows backend="reference" (a whole model switched to the oracle runs no kernel);
         # any other backend names an attention backend, and the norm picks its own on auto. It runs on
         # x as given, so a channels_last map stays channels_last.
-        h = group_norm_adagn(x, self.norm.num_groups, self.norm.weight, self.norm.bias, eps=self.norm.eps,
-                             backend="reference" if self.backend == "reference" else "auto")
+        h = group_norm_adagn(
+            x,
+            self.norm.num_groups,
+            self.norm.weight,
+            self.norm.bias,
+            eps=self.norm.eps,
+            backend="reference" if self.backend == "reference" else "auto",
+        )
         # Token-major (B, N, C) (a view of a channels_last map; one transposing copy of an NCHW one):
         # the 1x1 convs are then plain matmuls (F.linear on the convs' own weights), and q, k, v are
         # views with a contiguous head dimension, the layout fused attention kernels read fastest
@@ -235,13 +241,16 @@ class CrossAttention(nn.Module):
             raise ValueError(f"CrossAttention: x must be (B, N, {self.query_dim}), got {tuple(x.shape)}")
         if context is None:
             if self.context_dim != self.query_dim:
-                raise ValueError(f"CrossAttention: context is required (context_dim {self.context_dim} != "
-                                 f"query_dim {self.query_dim})")
+                raise ValueError(
+                    f"CrossAttention: context is required (context_dim {self.context_dim} != "
+                    f"query_dim {self.query_dim})"
+                )
             k, v = self._heads(self.to_k(x)), self._heads(self.to_v(x))  # x changes every step: never cached
         else:
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim:
-                raise ValueError(f"CrossAttention: context must be ({x.shape[0]}, L, {self.context_dim}), "
-                                 f"got {tuple(context.shape)}")
+                raise ValueError(
+                    f"CrossAttention: context must be ({x.shape[0]}, L, {self.context_dim}), got {tuple(context.shape)}"
+                )
             k, v = self.project_context(context)
         out = _attention(self._heads(self.to_q(x)), k, v, backend=self.backend)  # (B, heads, N, dim_head)
         B, _, N, _ = out.shape

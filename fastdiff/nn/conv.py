@@ -13,8 +13,15 @@ from ..backends import AUTO, BACKENDS, resolve_backend
 from ..ops.conv3x3 import SUPPORT as _CONV3X3_SUPPORT
 from ..ops.conv3x3 import conv3x3
 
-__all__ = ["Conv3x3", "conv1x1_module", "conv3x3_module", "tuning_decisions", "pointwise_decisions", "clear_tuning",
-           "TUNE_ENV"]
+__all__ = [
+    "Conv3x3",
+    "conv1x1_module",
+    "conv3x3_module",
+    "tuning_decisions",
+    "pointwise_decisions",
+    "clear_tuning",
+    "TUNE_ENV",
+]
 
 TUNE_ENV = tuning.TUNE_ENV
 # The measured choice (see _measured_choice): alternating runs of each candidate, and the margin by
@@ -163,16 +170,24 @@ def _layout(x: torch.Tensor) -> str:
 
 
 def _conv_key(shape: tuple, layout: str, out_channels: int, bias: bool, residual: bool) -> tuple:
-    return (shape, layout, out_channels, bias, residual, torch.get_num_threads(),
-            torch.backends.cpu.get_cpu_capability())
+    return (
+        shape,
+        layout,
+        out_channels,
+        bias,
+        residual,
+        torch.get_num_threads(),
+        torch.backends.cpu.get_cpu_capability(),
+    )
 
 
 def _valid_conv(decision: dict) -> bool:
     return isinstance(decision.get("fastdiff"), bool)
 
 
-def _measured_choice(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str,
-                     static: bool) -> tuple[bool, str]:
+def _measured_choice(
+    conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None, chosen: str, static: bool
+) -> tuple[bool, str]:
     """Whether fastdiff's kernel runs this convolution, and which of its Winograd paths: measured once
     per signature (shape, layout, channels, bias, residual, threads, CPU capability), the kernel's
     fused path and its BLAS path against the module's own convolution (oneDNN), and remembered. The
@@ -278,18 +293,16 @@ def conv3x3_module(
         use_op = False
     elif chosen == AUTO:
         use_op = (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and conv.weight.dtype == torch.float32
-            and x.dim() == 4
+            x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and x.dim() == 4
         )
         if use_op:
             static = _auto_takes(x, conv.in_channels, conv.out_channels)
             if not torch.compiler.is_compiling():
                 use_op, path = _measured_choice(conv, x, residual, chosen, static) if _tuning() else (static, path)
             else:  # a measurement cannot be traced: the choice eager calls measured, else the static rule
-                known = _known_choice(tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None,
-                                      residual is not None)
+                known = _known_choice(
+                    tuple(x.shape), _layout(x), conv.out_channels, conv.bias is not None, residual is not None
+                )
                 if known is not None:
                     # The path as a literal (Dynamo cannot guard a string that came out of the lookup).
                     use_op = known[0]

@@ -9,6 +9,11 @@ from .sampler_loop_step import sampler_loop_step
 from .sampler_step import sampler_step
 
 __all__ = [
-    "attention", "cfg_combine", "conv3x3", "group_norm_adagn", "layer_norm_modulate", "sampler_loop_step",
+    "attention",
+    "cfg_combine",
+    "conv3x3",
+    "group_norm_adagn",
+    "layer_norm_modulate",
+    "sampler_loop_step",
     "sampler_step",
 ]

@@ -62,10 +62,17 @@ def _reference(q, k, v, scale: float) -> torch.Tensor:
 
 
 # The Triton kernel's rules; fastdiff.triton.attention checks its arguments against these.
-TRITON = Kernel("triton", torch_op("attention_triton"), dtypes=TRITON_DTYPES,
-                limits=(Limit(f"head dim D <= {TRITON_MAX_HEAD_DIM}", _head_dim_too_large),
-                        Limit(f"B and H <= {GRID_MAX}", _grid_too_large)),
-                grad=False, layouts="any strides")
+TRITON = Kernel(
+    "triton",
+    torch_op("attention_triton"),
+    dtypes=TRITON_DTYPES,
+    limits=(
+        Limit(f"head dim D <= {TRITON_MAX_HEAD_DIM}", _head_dim_too_large),
+        Limit(f"B and H <= {GRID_MAX}", _grid_too_large),
+    ),
+    grad=False,
+    layouts="any strides",
+)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,8 +96,14 @@ SUPPORT = register_op(
             "cpu": Kernel("missing"),
             "cuda": Kernel("missing"),
             "triton": TRITON,
-            "xformers": Kernel("library", _xformers, dtypes=(torch.float32, torch.float16, torch.bfloat16),
-                               devices=("cuda",), requires="xformers", install="pip install xformers"),
+            "xformers": Kernel(
+                "library",
+                _xformers,
+                dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                devices=("cuda",),
+                requires="xformers",
+                install="pip install xformers",
+            ),
             "sdpa": Kernel("library", _sdpa, layouts="any strides"),
         },
         inputs=_inputs,

@@ -32,8 +32,9 @@ SUPPORT = register_op(
     OpSupport(
         OP,
         {
-            "reference": Kernel("reference", lambda model_out, scale: _reference_cfg_combine(model_out, scale,
-                                                                                             upcast=True)),
+            "reference": Kernel(
+                "reference", lambda model_out, scale: _reference_cfg_combine(model_out, scale, upcast=True)
+            ),
             "cpu": Kernel("native", torch_op(OP), **_NATIVE),
             "cuda": Kernel("native", torch_op(OP), **_NATIVE),
             "triton": Kernel("missing"),

@@ -47,8 +47,7 @@ def _prepare(x, weight, bias, residual, path, backend, checked=True) -> tuple:
     # Unchecked, the kernel's own checks match _validate's except for empty maps and channels,
     # which it would compute, and the path's name, which it never sees: those are checked here.
     code = PATHS.get(path) if type(path) is str else None
-    if (checked or code is None or x.dim() != 4 or min(x.shape[1:]) == 0 or weight.dim() != 4
-            or weight.shape[0] == 0):
+    if checked or code is None or x.dim() != 4 or min(x.shape[1:]) == 0 or weight.dim() != 4 or weight.shape[0] == 0:
         _validate(x, weight, bias, residual, path)
     if backend == "cpu" and not torch.compiler.is_compiling():
         _forget_when_freed(weight)
@@ -64,8 +63,13 @@ SUPPORT = register_op(
         OP,
         {
             "reference": Kernel("reference", _reference),
-            "cpu": Kernel("native", torch_op(OP), dtypes=(torch.float32,), checks_args=True,
-                          layouts="NCHW or channels_last in; channels_last out"),
+            "cpu": Kernel(
+                "native",
+                torch_op(OP),
+                dtypes=(torch.float32,),
+                checks_args=True,
+                layouts="NCHW or channels_last in; channels_last out",
+            ),
             "cuda": Kernel("missing"),
             "triton": Kernel("missing"),
         },
@@ -104,8 +108,9 @@ def _validate(x: object, weight: object, bias: object, residual: object, path: o
         raise ValueError(f"conv3x3: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {tuple(weight.shape)}")
     c_out = weight.shape[0]
     if c_out == 0:  # as for C_in, H and W: F.conv2d refuses it, so every backend does
-        raise ValueError(f"conv3x3: weight must have at least one output channel (C_out >= 1), got shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"conv3x3: weight must have at least one output channel (C_out >= 1), got shape {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (c_out,):
         raise ValueError(f"conv3x3: bias must have shape (C_out,) = ({c_out},), got {tuple(bias.shape)}")
     want = (x.shape[0], c_out, x.shape[2], x.shape[3])

@@ -42,8 +42,10 @@ def _sample_too_wide(inputs: Mapping[str, torch.Tensor]) -> str | None:
     extent = _sample_extent(inputs["x"])
     if extent <= _INT32_MAX:
         return None
-    return (f"one sample of x spans {extent} elements; the triton kernels index within a sample in 32 bits "
-            f"(at most {_INT32_MAX})")
+    return (
+        f"one sample of x spans {extent} elements; the triton kernels index within a sample in 32 bits "
+        f"(at most {_INT32_MAX})"
+    )
 
 
 def _too_many_groups(inputs: Mapping[str, torch.Tensor]) -> str | None:
@@ -69,18 +71,29 @@ def _prepare(x, num_groups, weight, bias, scale, shift, pre_shift, eps, activati
 
 
 def _reference(x, num_groups, weight, bias, scale, shift, pre_shift, eps, silu) -> torch.Tensor:
-    return _reference_group_norm_adagn(x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps,
-                                       activation="silu" if silu else None, upcast=True)
+    return _reference_group_norm_adagn(
+        x, num_groups, weight, bias, scale, shift, pre_shift, eps=eps, activation="silu" if silu else None, upcast=True
+    )
 
 
-_NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
-           "parts": PARTS, "checks_args": True, "layouts": "NCHW and channels_last in place; others copied once"}
+_NATIVE = {
+    "dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "checked": ("x",),
+    "parts": PARTS,
+    "checks_args": True,
+    "layouts": "NCHW and channels_last in place; others copied once",
+}
 # The Triton kernels' rules; fastdiff.triton.group_norm_adagn checks its arguments against these.
 TRITON = Kernel(
-    "triton", torch_op("group_norm_adagn_triton"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    checked=("x",), parts=PARTS,
-    limits=(Limit("one sample of x spans at most 2^31 - 1 elements", _sample_too_wide),
-            Limit("B * C at most 2^31 - 1", _too_many_groups)),
+    "triton",
+    torch_op("group_norm_adagn_triton"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    checked=("x",),
+    parts=PARTS,
+    limits=(
+        Limit("one sample of x spans at most 2^31 - 1 elements", _sample_too_wide),
+        Limit("B * C at most 2^31 - 1", _too_many_groups),
+    ),
     layouts="NCHW, channels_last and any view whose spatial dims merge, in place; others copied once",
 )
 

@@ -64,13 +64,27 @@ def _reference(x, weight, bias, scale, shift, eps: float) -> torch.Tensor:
     return _reference_layer_norm_modulate(x, weight, bias, scale, shift, eps=eps, upcast=True)
 
 
-_NATIVE = {"dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64), "checked": ("x",),
-           "parts": PARTS, "checks_args": True, "layouts": "any strides"}
+_NATIVE = {
+    "dtypes": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "checked": ("x",),
+    "parts": PARTS,
+    "checks_args": True,
+    "layouts": "any strides",
+}
 # The Triton kernel's rules; fastdiff.triton.layer_norm_modulate checks its arguments against these.
-TRITON = Kernel("triton", torch_op("layer_norm_modulate_triton"), dtypes=TRITON_DTYPES, checked=("x",), parts=PARTS,
-                limits=(Limit(f"D <= {TRITON_MAX_FEATURES} features", _rows_too_long),
-                        Limit(f"B <= {GRID_MAX}", _too_many_samples)),
-                grad=False, layouts="any strides")
+TRITON = Kernel(
+    "triton",
+    torch_op("layer_norm_modulate_triton"),
+    dtypes=TRITON_DTYPES,
+    checked=("x",),
+    parts=PARTS,
+    limits=(
+        Limit(f"D <= {TRITON_MAX_FEATURES} features", _rows_too_long),
+        Limit(f"B <= {GRID_MAX}", _too_many_samples),
+    ),
+    grad=False,
+    layouts="any strides",
+)
 
 SUPPORT = register_op(
     OpSupport(

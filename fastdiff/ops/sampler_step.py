@@ -34,8 +34,9 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHECKED = ("x", "model_output")
 
 
-def _inputs(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-            return_x0, history) -> dict[str, torch.Tensor]:
+def _inputs(
+    x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0, history
+) -> dict[str, torch.Tensor]:
     inputs = {"x": x, "model_output": model_output, "coefs": coefs}
     if threshold is not None:
         inputs["threshold"] = threshold
@@ -46,30 +47,67 @@ def _inputs(x, model_output, coefs, step, cfg_scale, learned_range, clip, thresh
     return inputs
 
 
-def _check(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-           return_x0, history) -> None:
+def _check(
+    x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0, history
+) -> None:
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, history)
 
 
-def _prepare(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
-             history, backend, checked=True) -> tuple:
+def _prepare(
+    x,
+    model_output,
+    coefs,
+    step,
+    cfg_scale,
+    learned_range,
+    clip,
+    threshold,
+    noise,
+    philox_seed,
+    return_x0,
+    history,
+    backend,
+    checked=True,
+) -> tuple:
     _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, history)
     if threshold is not None and threshold.dtype not in (torch.float32, torch.float64):
         threshold = threshold.float()  # exact for float16/bfloat16; every backend reads float32 or float64
-    return (x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
-            history)
+    return (
+        x,
+        model_output,
+        coefs,
+        step,
+        cfg_scale,
+        learned_range,
+        clip,
+        threshold,
+        noise,
+        philox_seed,
+        return_x0,
+        history,
+    )
 
 
-def _reference(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-               return_x0, history):
+def _reference(
+    x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0, history
+):
     step_index = step if _is_int(step) else step.reshape(())
     seed = philox_seed
     if philox_seed is not None:  # the reference draws Philox on the host
         step_index = int(step_index)
         seed = int(philox_seed.reshape(())) if isinstance(philox_seed, torch.Tensor) else philox_seed
     x_prev, x0 = _reference_sampler_step(
-        x, model_output, coefs, step_index, cfg_scale=cfg_scale, learned_range=learned_range, clip=clip,
-        threshold=threshold, noise=noise, philox_seed=seed, history=history,
+        x,
+        model_output,
+        coefs,
+        step_index,
+        cfg_scale=cfg_scale,
+        learned_range=learned_range,
+        clip=clip,
+        threshold=threshold,
+        noise=noise,
+        philox_seed=seed,
+        history=history,
     )
     return x_prev, (x0 if return_x0 else None)
 
@@ -78,16 +116,30 @@ def _kernel(op: str):
     """The run function of a step kernel: torch.ops.fastdiff.<op> with its scalars and the step index
     and seed as device tensors."""
 
-    def run(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
-            history):
+    def run(
+        x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0, history
+    ):
         step_t = torch.tensor(step, dtype=torch.int64, device=x.device) if _is_int(step) else step
         # A Python int becomes a device tensor here: a synchronous host copy, which a CUDA graph
         # capture refuses; the sampling loop passes its seed (and step) as device tensors made once.
-        seed_t = philox_seed if philox_seed is None or isinstance(philox_seed, torch.Tensor) else torch.tensor(
-            philox_seed, dtype=torch.int64, device=x.device)
+        seed_t = (
+            philox_seed
+            if philox_seed is None or isinstance(philox_seed, torch.Tensor)
+            else torch.tensor(philox_seed, dtype=torch.int64, device=x.device)
+        )
         x_prev, x0 = getattr(torch.ops.fastdiff, op)(
-            x, model_output, coefs, step_t, 1.0 if cfg_scale is None else float(cfg_scale), bool(learned_range),
-            math.inf if clip is None else float(clip), threshold, noise, seed_t, bool(return_x0), history,
+            x,
+            model_output,
+            coefs,
+            step_t,
+            1.0 if cfg_scale is None else float(cfg_scale),
+            bool(learned_range),
+            math.inf if clip is None else float(clip),
+            threshold,
+            noise,
+            seed_t,
+            bool(return_x0),
+            history,
         )
         return x_prev, (x0 if return_x0 else None)
 
@@ -96,14 +148,27 @@ def _kernel(op: str):
 
 def native_kernel(run, op: str = OP) -> Kernel:
     """A native backend of the step ops (sampler_step and sampler_loop_step share their rules)."""
-    return Kernel("native", run, dtypes=NATIVE_DTYPES, checked=CHECKED, grad=False, native_op=op,
-                  layouts="any strides; outputs in x's suggested memory format")
+    return Kernel(
+        "native",
+        run,
+        dtypes=NATIVE_DTYPES,
+        checked=CHECKED,
+        grad=False,
+        native_op=op,
+        layouts="any strides; outputs in x's suggested memory format",
+    )
 
 
 def triton_kernel(run) -> Kernel:
     """The Triton backend of the step ops; fastdiff.triton.sampler_step checks against its dtypes."""
-    return Kernel("triton", run, dtypes=TRITON_DTYPES, checked=CHECKED, grad=False,
-                  layouts="any strides; outputs in x's suggested memory format")
+    return Kernel(
+        "triton",
+        run,
+        dtypes=TRITON_DTYPES,
+        checked=CHECKED,
+        grad=False,
+        layouts="any strides; outputs in x's suggested memory format",
+    )
 
 
 _native_run = _kernel(OP)
@@ -128,19 +193,39 @@ SUPPORT = register_op(
 
 @torch.library.custom_op("fastdiff::sampler_step_triton", mutates_args=())
 def _sampler_step_triton(
-    x: torch.Tensor, model_output: torch.Tensor, coefs: torch.Tensor, step: torch.Tensor, cfg_scale: float,
-    learned_range: bool, clip: float, threshold: torch.Tensor | None, noise: torch.Tensor | None,
-    philox_seed: torch.Tensor | None, return_x0: bool, history: torch.Tensor | None = None,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefs: torch.Tensor,
+    step: torch.Tensor,
+    cfg_scale: float,
+    learned_range: bool,
+    clip: float,
+    threshold: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    philox_seed: torch.Tensor | None,
+    return_x0: bool,
+    history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ..triton.sampler_step import sampler_step as triton_sampler_step
 
-    return triton_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                               philox_seed, return_x0, history)
+    return triton_sampler_step(
+        x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0, history
+    )
 
 
 @_sampler_step_triton.register_fake
 def _sampler_step_triton_fake(
-    x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed, return_x0,
+    x,
+    model_output,
+    coefs,
+    step,
+    cfg_scale,
+    learned_range,
+    clip,
+    threshold,
+    noise,
+    philox_seed,
+    return_x0,
     history=None,
 ):
     from torch._prims_common import suggest_memory_format
@@ -161,8 +246,20 @@ def _tracing_or_capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-              history=None, threshold_values=True):
+def _validate(
+    x,
+    model_output,
+    coefs,
+    step,
+    cfg_scale,
+    learned_range,
+    clip,
+    threshold,
+    noise,
+    philox_seed,
+    history=None,
+    threshold_values=True,
+):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
         what = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"sampler_step: x must be a floating tensor (B, C, *spatial), got {what}")
@@ -190,29 +287,43 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
     if channels not in (C, 2 * C) or (learned_range and channels != 2 * C):
         need = f"2C ({2 * C})" if learned_range else f"C ({C}) or 2C ({2 * C})"
         raise ValueError(f"sampler_step: model_output must have {need} channels, got {channels}")
-    if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
-                                  or not math.isfinite(cfg_scale)):
+    if cfg_scale is not None and (
+        isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale)
+    ):
         raise ValueError(f"sampler_step: cfg_scale must be a finite number or None, got {cfg_scale!r}")
-    if (not isinstance(coefs, torch.Tensor) or coefs.dim() != 2 or coefs.shape[1] != len(STEP_COEFS)
-            or coefs.dtype not in (torch.float32, torch.float64) or coefs.device != x.device):
-        got = (f"{tuple(coefs.shape)} {coefs.dtype} on {coefs.device}" if isinstance(coefs, torch.Tensor)
-               else type(coefs).__name__)
+    if (
+        not isinstance(coefs, torch.Tensor)
+        or coefs.dim() != 2
+        or coefs.shape[1] != len(STEP_COEFS)
+        or coefs.dtype not in (torch.float32, torch.float64)
+        or coefs.device != x.device
+    ):
+        got = (
+            f"{tuple(coefs.shape)} {coefs.dtype} on {coefs.device}"
+            if isinstance(coefs, torch.Tensor)
+            else type(coefs).__name__
+        )
         raise ValueError(
             f"sampler_step: coefs must be a float32/float64 table (steps, {len(STEP_COEFS)}) on x's device, got {got}"
         )
     if _is_int(step):
         if not 0 <= step < coefs.shape[0]:
             raise ValueError(f"sampler_step: step must be in [0, {coefs.shape[0]}), got {step}")
-    elif not (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.numel() == 1
-              and step.device == x.device):
+    elif not (
+        isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.numel() == 1 and step.device == x.device
+    ):
         raise TypeError("sampler_step: step must be an int or a one-element int64 tensor on x's device")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
         raise ValueError(f"sampler_step: clip must be a positive number or None, got {clip!r}")
     if threshold is not None:
         if clip is not None:
             raise ValueError("sampler_step: give clip or threshold, not both")
-        if not (isinstance(threshold, torch.Tensor) and threshold.shape == (B,) and threshold.is_floating_point()
-                and threshold.device == x.device):
+        if not (
+            isinstance(threshold, torch.Tensor)
+            and threshold.shape == (B,)
+            and threshold.is_floating_point()
+            and threshold.device == x.device
+        ):
             raise ValueError(f"sampler_step: threshold must be a floating tensor of shape ({B},) on x's device")
         # A value check reads the tensor on the host: skipped while a trace or a CUDA graph capture runs
         # (fastdiff.sample's thresholds are clamped to >= 1 where they are made).
@@ -227,24 +338,41 @@ def _validate(x, model_output, coefs, step, cfg_scale, learned_range, clip, thre
     if noise is not None:
         if philox_seed is not None:
             raise ValueError("sampler_step: give noise or philox_seed, not both")
-        if not (isinstance(noise, torch.Tensor) and noise.shape == x.shape and noise.dtype == x.dtype
-                and noise.device == x.device):
+        if not (
+            isinstance(noise, torch.Tensor)
+            and noise.shape == x.shape
+            and noise.dtype == x.dtype
+            and noise.device == x.device
+        ):
             raise ValueError(f"sampler_step: noise must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device})")
     if philox_seed is not None and not (
         (_is_int(philox_seed) and 0 <= philox_seed < 2**63)
-        or (isinstance(philox_seed, torch.Tensor) and philox_seed.dtype == torch.int64 and philox_seed.numel() == 1
-            and philox_seed.device == x.device)
+        or (
+            isinstance(philox_seed, torch.Tensor)
+            and philox_seed.dtype == torch.int64
+            and philox_seed.numel() == 1
+            and philox_seed.device == x.device
+        )
     ):
         raise ValueError(
             "sampler_step: philox_seed must be an int in [0, 2**63) or a one-element int64 tensor on x's device, "
             f"got {philox_seed!r}"
         )
-    if history is not None and not (isinstance(history, torch.Tensor) and history.shape == x.shape
-                                    and history.dtype == x.dtype and history.device == x.device):
-        got = (f"{tuple(history.shape)} {history.dtype} on {history.device}" if isinstance(history, torch.Tensor)
-               else type(history).__name__)
-        raise ValueError(f"sampler_step: history must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}) "
-                         f"holding the previous step's x0, got {got}")
+    if history is not None and not (
+        isinstance(history, torch.Tensor)
+        and history.shape == x.shape
+        and history.dtype == x.dtype
+        and history.device == x.device
+    ):
+        got = (
+            f"{tuple(history.shape)} {history.dtype} on {history.device}"
+            if isinstance(history, torch.Tensor)
+            else type(history).__name__
+        )
+        raise ValueError(
+            f"sampler_step: history must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}) "
+            f"holding the previous step's x0, got {got}"
+        )
 
 
 def sampler_step(
@@ -290,5 +418,18 @@ def sampler_step(
     nonzero noise factor; otherwise the variance channels are not read, so NaN or Inf there cannot
     reach the result.
     """
-    return SUPPORT(backend, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                   philox_seed, return_x0, history)
+    return SUPPORT(
+        backend,
+        x,
+        model_output,
+        coefs,
+        step,
+        cfg_scale,
+        learned_range,
+        clip,
+        threshold,
+        noise,
+        philox_seed,
+        return_x0,
+        history,
+    )

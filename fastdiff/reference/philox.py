@@ -44,7 +44,7 @@ def philox_normal(seed: int, step: int, batch: int, numel: int, first: int = 0) 
     b, q = np.meshgrid(images, np.arange(blocks, dtype=np.uint64), indexing="ij")
     counter = np.stack([q.ravel(), b.ravel(), np.full(q.size, step, np.uint64), np.zeros(q.size, np.uint64)], 1)
     bits = philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
-    r = np.sqrt(-2.0 * np.log(_uniform(bits[:, 0::2])))          # (N, 2): pairs (v0, v1), (v2, v3)
+    r = np.sqrt(-2.0 * np.log(_uniform(bits[:, 0::2])))  # (N, 2): pairs (v0, v1), (v2, v3)
     theta = 2 * np.pi * _uniform(bits[:, 1::2])
     z = np.stack([r * np.cos(theta), r * np.sin(theta)], axis=2)  # (N, 2, 2) -> v0', v1', v2', v3'
     return torch.from_numpy(z.reshape(batch, blocks * 4)[:, :numel].copy())

@@ -26,8 +26,7 @@ from .philox import philox_normal
 __all__ = ["STEP_COEFS", "sampler_step", "sampler_loop_step"]
 
 # Column order of the coefficient table; csrc/common/sampler_step.h's StepCoef enum matches it.
-STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise",
-              "c_hist")
+STEP_COEFS = ("a_x", "a_m", "e_x", "e_m", "c_x0", "c_eps", "c_x", "sigma", "log_small", "log_large", "noise", "c_hist")
 
 
 def sampler_step(
@@ -138,9 +137,17 @@ def sampler_loop_step(
     batch = x_in.shape[0] // 2 if guided else x_in.shape[0]
     s = int(step.reshape(()))
     x_prev, x0 = sampler_step(
-        x_in[:batch], model_output, coefs, s, cfg_scale=float(cfg_scale.reshape(())) if guided else None,
-        learned_range=learned_range, clip=clip, threshold=threshold, noise=noise,
-        philox_seed=None if philox_seed is None else int(philox_seed.reshape(-1)[0]), history=history,
+        x_in[:batch],
+        model_output,
+        coefs,
+        s,
+        cfg_scale=float(cfg_scale.reshape(())) if guided else None,
+        learned_range=learned_range,
+        clip=clip,
+        threshold=threshold,
+        noise=noise,
+        philox_seed=None if philox_seed is None else int(philox_seed.reshape(-1)[0]),
+        history=history,
         first_image=0 if philox_seed is None or philox_seed.numel() == 1 else int(philox_seed.reshape(-1)[1]),
     )
     x_in[:batch] = x_prev

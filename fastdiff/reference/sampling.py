@@ -97,8 +97,17 @@ def ddim_step(
     """
     if upcast:
         return _upcast_call(
-            ddim_step, x, model_output, noise, classifier_grad, alpha_t=alpha_t, alpha_prev=alpha_prev,
-            prediction=prediction, eta=eta, clip=clip, dynamic_threshold=dynamic_threshold,
+            ddim_step,
+            x,
+            model_output,
+            noise,
+            classifier_grad,
+            alpha_t=alpha_t,
+            alpha_prev=alpha_prev,
+            prediction=prediction,
+            eta=eta,
+            clip=clip,
+            dynamic_threshold=dynamic_threshold,
         )
     x0, eps = predict_x0_and_eps(x, model_output, alpha_t, prediction)
     if classifier_grad is not None:
@@ -143,8 +152,17 @@ def ddpm_step(
     """
     if upcast:
         return _upcast_call(
-            ddpm_step, x, model_output, noise, classifier_grad, alpha_t=alpha_t, alpha_prev=alpha_prev,
-            prediction=prediction, variance=variance, add_noise=add_noise, clip=clip,
+            ddpm_step,
+            x,
+            model_output,
+            noise,
+            classifier_grad,
+            alpha_t=alpha_t,
+            alpha_prev=alpha_prev,
+            prediction=prediction,
+            variance=variance,
+            add_noise=add_noise,
+            clip=clip,
             dynamic_threshold=dynamic_threshold,
         )
     if variance == "learned_range":
@@ -205,9 +223,17 @@ def euler_step(
     where σ_up > 0). ᾱ_prev = 1 (σ' = 0) is the last step.
     """
     if upcast:
-        return _upcast_call(lambda x, m, noise, classifier_grad, **kw: euler_step(x, m, noise=noise, **kw), x,
-                            model_output, noise, None, alpha_t=alpha_t, alpha_prev=alpha_prev,
-                            prediction=prediction, ancestral=ancestral)
+        return _upcast_call(
+            lambda x, m, noise, classifier_grad, **kw: euler_step(x, m, noise=noise, **kw),
+            x,
+            model_output,
+            noise,
+            None,
+            alpha_t=alpha_t,
+            alpha_prev=alpha_prev,
+            prediction=prediction,
+            ancestral=ancestral,
+        )
     sigma, sigma_next = ((1 - alpha_t) / alpha_t) ** 0.5, ((1 - alpha_prev) / alpha_prev) ** 0.5
     if ancestral:
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
@@ -257,8 +283,17 @@ def dpmpp_2m_step(
     if upcast:
         compute = torch.promote_types(x.dtype, torch.float32)
         up = lambda t: None if t is None else t.to(compute)  # noqa: E731
-        x_prev, x0 = dpmpp_2m_step(up(x), up(model_output), alpha_t, alpha_prev, prediction=prediction,
-                                   alpha_before=alpha_before, previous_x0=up(previous_x0), sde=sde, noise=up(noise))
+        x_prev, x0 = dpmpp_2m_step(
+            up(x),
+            up(model_output),
+            alpha_t,
+            alpha_prev,
+            prediction=prediction,
+            alpha_before=alpha_before,
+            previous_x0=up(previous_x0),
+            sde=sde,
+            noise=up(noise),
+        )
         return x_prev.to(x.dtype), x0.to(x.dtype)
     x0, _ = predict_x0_and_eps(x, model_output, alpha_t, prediction)
     alpha_s, sigma_s = alpha_t**0.5, (1 - alpha_t) ** 0.5

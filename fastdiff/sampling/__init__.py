@@ -19,8 +19,23 @@ from .samplers import (
     make_sampler,
 )
 
-__all__ = ["sample", "SamplingConfig", "SamplingPlan", "graphs", "capture_check", "CaptureCheckError",
-           "CaptureReport", "Sampler", "DDIMSampler", "DDPMSampler",
-           "EulerSampler", "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler",
-           "DPMSolverPlusPlus2MSDESampler", "make_sampler", "NoiseStreams",
-           "SAMPLERS", "VARIANCES"]
+__all__ = [
+    "sample",
+    "SamplingConfig",
+    "SamplingPlan",
+    "graphs",
+    "capture_check",
+    "CaptureCheckError",
+    "CaptureReport",
+    "Sampler",
+    "DDIMSampler",
+    "DDPMSampler",
+    "EulerSampler",
+    "EulerAncestralSampler",
+    "DPMSolverPlusPlus2MSampler",
+    "DPMSolverPlusPlus2MSDESampler",
+    "make_sampler",
+    "NoiseStreams",
+    "SAMPLERS",
+    "VARIANCES",
+]

@@ -29,8 +29,14 @@ from .plan import SamplingPlan
 
 __all__ = ["capture_check", "CaptureCheckError", "CaptureReport", "FAILURE_KINDS"]
 
-FAILURE_KINDS = ("not capturable", "host sync", "copy across devices", "allocation outside the model",
-                 "branch on a tensor value", "steps differ")
+FAILURE_KINDS = (
+    "not capturable",
+    "host sync",
+    "copy across devices",
+    "allocation outside the model",
+    "branch on a tensor value",
+    "steps differ",
+)
 
 # Tensor methods that hand a device value to Python (a device-to-host copy and a wait on CUDA).
 _HOST_READS = {"item", "tolist", "numpy", "__int__", "__float__", "__index__", "__complex__"}
@@ -44,8 +50,9 @@ _TO_HOST = {"cpu"}
 class CaptureCheckError(AssertionError):
     """A step of the loop cannot be captured in a CUDA graph; ``kind`` is one of ``FAILURE_KINDS``."""
 
-    def __init__(self, kind: str, message: str, *, step: int | None = None, op: str | None = None,
-                 in_model: bool | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, *, step: int | None = None, op: str | None = None, in_model: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.kind, self.step, self.op, self.in_model = kind, step, op, in_model
 
@@ -55,16 +62,18 @@ class CaptureReport:
     """What one step dispatches (identical at every step, or the check would have failed)."""
 
     steps: int
-    loop_ops: Counter = field(default_factory=Counter)   # per step, outside the model
-    model_ops: int = 0                                     # per step, inside the model
+    loop_ops: Counter = field(default_factory=Counter)  # per step, outside the model
+    model_ops: int = 0  # per step, inside the model
     syncs: int = 0
     allocations_outside_model: int = 0
 
     def __str__(self) -> str:
         loop = ", ".join(f"{k}×{v}" for k, v in sorted(self.loop_ops.items()))
-        return (f"capturable: {self.steps} steps with identical op traces; per step {self.model_ops} ops in the "
-                f"model and {sum(self.loop_ops.values())} outside it ({loop}); {self.syncs} host syncs; "
-                f"{self.allocations_outside_model} allocations outside the model")
+        return (
+            f"capturable: {self.steps} steps with identical op traces; per step {self.model_ops} ops in the "
+            f"model and {sum(self.loop_ops.values())} outside it ({loop}); {self.syncs} host syncs; "
+            f"{self.allocations_outside_model} allocations outside the model"
+        )
 
 
 def _op_name(func: Any) -> str:
@@ -82,11 +91,11 @@ class _Watcher:
 
     def __init__(self, plan: SamplingPlan, known: dict[int, str]) -> None:
         self.plan = plan
-        self.known = known            # storage address -> name of a buffer or weight made before the loop
+        self.known = known  # storage address -> name of a buffer or weight made before the loop
         self.step = -1
         self.in_model = False
         self.trace: list[tuple] = []
-        self.local: dict[int, int] = {}   # storage address -> index of the op that made it in this step
+        self.local: dict[int, int] = {}  # storage address -> index of the op that made it in this step
         self.loop_ops: Counter = Counter()
         self.model_ops = 0
 
@@ -102,19 +111,30 @@ class _Watcher:
         return "in the model" if self.in_model else "in fastdiff's loop"
 
     def fail(self, kind: str, op: str, advice: str) -> None:
-        raise CaptureCheckError(kind, f"capture_check: {kind} at step {self.step}: {op} {self.where()}. {advice}",
-                                step=self.step, op=op, in_model=self.in_model)
+        raise CaptureCheckError(
+            kind,
+            f"capture_check: {kind} at step {self.step}: {op} {self.where()}. {advice}",
+            step=self.step,
+            op=op,
+            in_model=self.in_model,
+        )
 
     def describe(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             addr = value.untyped_storage().data_ptr() if value.device.type != "meta" else 0
             base = ("local", self.local[addr]) if addr in self.local else ("buffer", self.known.get(addr, addr))
-            return base + (value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype,
-                           value.device.type)
+            return base + (
+                value.storage_offset(),
+                tuple(value.shape),
+                tuple(value.stride()),
+                value.dtype,
+                value.device.type,
+            )
         if isinstance(value, (list, tuple)):
             return tuple(self.describe(v) for v in value)
-        if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
-                              torch.layout)):
+        if isinstance(
+            value, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout)
+        ):
             return value
         return type(value).__name__
 
@@ -129,21 +149,33 @@ class _FunctionWatch(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         w = self.w
         if name in _BRANCHES:
-            w.fail("branch on a tensor value", f"Tensor.{name}",
-                   "A Python `if` on a tensor reads it on the host and takes one path at capture; compute both "
-                   "sides with torch.where, or decide from shapes or Python values before the loop.")
+            w.fail(
+                "branch on a tensor value",
+                f"Tensor.{name}",
+                "A Python `if` on a tensor reads it on the host and takes one path at capture; compute both "
+                "sides with torch.where, or decide from shapes or Python values before the loop.",
+            )
         if name in _HOST_READS:
-            w.fail("host sync", f"Tensor.{name}",
-                   "Reading a device value on the host waits for the device and is refused during capture; keep "
-                   "the value on the device (index with tensors, use torch.where/clamp) or read it before the loop.")
+            w.fail(
+                "host sync",
+                f"Tensor.{name}",
+                "Reading a device value on the host waits for the device and is refused during capture; keep "
+                "the value on the device (index with tensors, use torch.where/clamp) or read it before the loop.",
+            )
         if name in _FROM_HOST and not (args and isinstance(args[0], torch.Tensor)):
-            w.fail("copy across devices", f"torch.{name}",
-                   "A tensor made from host data is a synchronous host-to-device copy on CUDA, refused during "
-                   "capture; make it once before the loop (a buffer or a registered module buffer).")
+            w.fail(
+                "copy across devices",
+                f"torch.{name}",
+                "A tensor made from host data is a synchronous host-to-device copy on CUDA, refused during "
+                "capture; make it once before the loop (a buffer or a registered module buffer).",
+            )
         if name in _TO_HOST or (name == "to" and _names_host(args[1:], kwargs)):
-            w.fail("copy across devices", f"Tensor.{name}",
-                   "Moving a tensor to the host inside the loop is a device-to-host copy and a sync; keep it on the "
-                   "loop's device.")
+            w.fail(
+                "copy across devices",
+                f"Tensor.{name}",
+                "Moving a tensor to the host inside the loop is a device-to-host copy and a sync; keep it on the "
+                "loop's device.",
+            )
         return func(*args, **kwargs)
 
 
@@ -164,12 +196,19 @@ class _DispatchWatch(TorchDispatchMode):
         kwargs = kwargs or {}
         w, name = self.w, _op_name(func)
         if name in HOST_SYNC_OPS:
-            w.fail("host sync", name,
-                   "This op reads a device value on the host (or has a data-dependent output shape) and waits for "
-                   "the device; CUDA graph capture refuses it.")
+            w.fail(
+                "host sync",
+                name,
+                "This op reads a device value on the host (or has a data-dependent output shape) and waits for "
+                "the device; CUDA graph capture refuses it.",
+            )
         if name in ("aten.lift_fresh", "aten.lift_fresh_copy"):
-            w.fail("copy across devices", name, "A tensor made from host data inside the loop is a synchronous "
-                   "host-to-device copy on CUDA; make it once before the loop.")
+            w.fail(
+                "copy across devices",
+                name,
+                "A tensor made from host data inside the loop is a synchronous "
+                "host-to-device copy on CUDA; make it once before the loop.",
+            )
         flat = [a for a in _flatten(args) + _flatten(list(kwargs.values())) if isinstance(a, torch.Tensor)]
         # A 0-d CPU tensor beside CUDA ones is passed to the kernel as a scalar (PyTorch allows the mix);
         # one made in the loop from host data is caught above, one kept from before is in the trace.
@@ -182,9 +221,12 @@ class _DispatchWatch(TorchDispatchMode):
         if not w.in_model:
             w.loop_ops[name] += 1
             if _allocates(func):
-                w.fail("allocation outside the model", name,
-                       "Every tensor the loop touches outside the model must be a buffer of the plan, made once; "
-                       "a per-step allocation also means a per-step copy.")
+                w.fail(
+                    "allocation outside the model",
+                    name,
+                    "Every tensor the loop touches outside the model must be a buffer of the plan, made once; "
+                    "a per-step allocation also means a per-step copy.",
+                )
         else:
             w.model_ops += 1
         record = (name, w.in_model, w.describe(args), w.describe(kwargs))
@@ -236,8 +278,9 @@ def _first_difference(a: list[tuple], b: list[tuple]) -> tuple[int, tuple | None
     return -1, None, None
 
 
-def capture_check(model: Callable[..., Any], shape: tuple[int, ...] | None = None, **sample_kwargs: Any
-                  ) -> CaptureReport:
+def capture_check(
+    model: Callable[..., Any], shape: tuple[int, ...] | None = None, **sample_kwargs: Any
+) -> CaptureReport:
     """Run ``fastdiff.sample(model, shape, **sample_kwargs)``'s planned loop and prove every step
     capturable in a CUDA graph, or raise ``CaptureCheckError`` naming the failure, op and step.
 
@@ -282,7 +325,10 @@ def capture_check(model: Callable[..., Any], shape: tuple[int, ...] | None = Non
                     f"(step 0: {_short(ra)}; step {i}: {_short(rb)}). A graph captured at one step would replay "
                     "that step's ops, memory and scalars at every step: keep per-step values in device tensors "
                     "indexed on the device, and run the same ops every step.",
-                    step=i, op=op, in_model=(rb or ra)[1])
+                    step=i,
+                    op=op,
+                    in_model=(rb or ra)[1],
+                )
     finally:
         plan.model_region = contextlib.nullcontext
     return report

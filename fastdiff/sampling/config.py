@@ -36,9 +36,7 @@ def _check_kwargs(name: str, kwargs: Any, batch: int) -> dict:
         raise TypeError(f"{name} must be a dict of model keyword arguments, got {type(kwargs).__name__}")
     for key, value in kwargs.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] != batch:
-            raise ValueError(
-                f"{name}[{key!r}] has batch size {value.shape[0]} but the sample batch is {batch}"
-            )
+            raise ValueError(f"{name}[{key!r}] has batch size {value.shape[0]} but the sample batch is {batch}")
     return dict(kwargs)
 
 
@@ -128,22 +126,28 @@ def _schedule_key(schedule: Schedule) -> tuple:
     return schedule.num_train_timesteps, hashlib.sha1(ac.numpy().tobytes()).hexdigest()
 
 
-
 def _check_mask(mask: Any, shape: tuple[int, ...]) -> torch.Tensor:
     """The inpainting mask: a real or bool tensor of (B or 1, C or 1, *spatial) with values in [0, 1]
     (1: generate, 0: keep ``init``, diffusers' convention); returned detached, as a float tensor."""
     if not isinstance(mask, torch.Tensor) or not (mask.is_floating_point() or mask.dtype == torch.bool):
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a float or bool tensor, got {got}")
-    ok = mask.dim() == len(shape) and mask.shape[0] in (1, shape[0]) and mask.shape[1] in (1, shape[1]) \
+    ok = (
+        mask.dim() == len(shape)
+        and mask.shape[0] in (1, shape[0])
+        and mask.shape[1] in (1, shape[1])
         and tuple(mask.shape[2:]) == tuple(shape[2:])
+    )
     if not ok:
-        raise ValueError(f"mask must be ({shape[0]} or 1, {shape[1]} or 1, *{tuple(shape[2:])}) for samples of shape "
-                         f"{shape}, got {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be ({shape[0]} or 1, {shape[1]} or 1, *{tuple(shape[2:])}) for samples of shape "
+            f"{shape}, got {tuple(mask.shape)}"
+        )
     mask = mask.detach().float() if mask.dtype == torch.bool else mask.detach()
     if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # once per call, before sampling
         raise ValueError("mask values must be in [0, 1] (1: generate, 0: keep init), got some outside")
     return mask
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -214,12 +218,30 @@ class SamplingConfig:
         model_kwargs = self.cond if not self.guided else {k: (self.uncond[k], self.cond[k]) for k in self.cond}
         kw_sig = _kwargs_signature({k: (v[0] if isinstance(v, tuple) else v) for k, v in model_kwargs.items()})
         return (
-            id(self.model), self.shape, self.dtype, self.device, self.sampler, self.steps, self.start,
-            self.init is not None, None if self.mask is None else tuple(self.mask.shape), self.noised_init,
-            self.guided, self.eta,
-            _schedule_key(self.schedule), self.timestep_spacing, self.steps_offset, self.karras_sigmas,
-            self.prediction, self.variance, self.clip_x0, self.threshold, self.set_alpha_to_one, self.backend,
-            self.classifier_grad is not None, kw_sig,
+            id(self.model),
+            self.shape,
+            self.dtype,
+            self.device,
+            self.sampler,
+            self.steps,
+            self.start,
+            self.init is not None,
+            None if self.mask is None else tuple(self.mask.shape),
+            self.noised_init,
+            self.guided,
+            self.eta,
+            _schedule_key(self.schedule),
+            self.timestep_spacing,
+            self.steps_offset,
+            self.karras_sigmas,
+            self.prediction,
+            self.variance,
+            self.clip_x0,
+            self.threshold,
+            self.set_alpha_to_one,
+            self.backend,
+            self.classifier_grad is not None,
+            kw_sig,
         )
 
     def capture_reasons(self) -> list[str]:
@@ -231,8 +253,9 @@ class SamplingConfig:
         if self.classifier_grad is not None:
             reasons.append("classifier_grad calls a classifier with autograd on the host every step")
         if self.threshold is not None:
-            reasons.append("dynamic_threshold takes a per-image quantile every step (a sort and allocations "
-                           "outside the model)")
+            reasons.append(
+                "dynamic_threshold takes a per-image quantile every step (a sort and allocations outside the model)"
+            )
         if self.callback is not None:
             reasons.append("a callback runs Python on x after every step")
         if self.check_finite:
@@ -310,9 +333,16 @@ class SamplingConfig:
             raise ValueError("give clip_x0 or dynamic_threshold, not both")
         if classifier_grad is not None and not callable(classifier_grad):
             raise TypeError(f"classifier_grad must be callable, got {type(classifier_grad).__name__}")
-        check_sampler_options(sampler, variance=variance, eta=eta, clip_x0=clip_x0, dynamic_threshold=threshold,
-                              classifier_grad=classifier_grad, timestep_spacing=timestep_spacing,
-                              karras_sigmas=karras_sigmas)
+        check_sampler_options(
+            sampler,
+            variance=variance,
+            eta=eta,
+            clip_x0=clip_x0,
+            dynamic_threshold=threshold,
+            classifier_grad=classifier_grad,
+            timestep_spacing=timestep_spacing,
+            karras_sigmas=karras_sigmas,
+        )
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if not any(cuda_graph is mode or (isinstance(mode, str) and cuda_graph == mode) for mode in CUDA_GRAPH_MODES):
@@ -320,8 +350,7 @@ class SamplingConfig:
         backend = backends.resolve_backend(backend)
 
         if shape is not None and not isinstance(shape, (tuple, list, torch.Size)):
-            raise TypeError(
-                f"shape must be a tuple (B, C, ...) of positive ints, got {type(shape).__name__} {shape!r}")
+            raise TypeError(f"shape must be a tuple (B, C, ...) of positive ints, got {type(shape).__name__} {shape!r}")
         if noise is not None:
             if not isinstance(noise, torch.Tensor):
                 raise TypeError(f"noise must be a tensor, got {type(noise).__name__}")
@@ -363,8 +392,9 @@ class SamplingConfig:
             if strength is not None:
                 raise ValueError("strength applies to img2img: give init=... (the images to start from) with it")
             if mask is not None:
-                raise ValueError("mask applies to inpainting: give init=... (the images whose unmasked part is kept) "
-                                 "with it")
+                raise ValueError(
+                    "mask applies to inpainting: give init=... (the images whose unmasked part is kept) with it"
+                )
         else:
             if not isinstance(init, torch.Tensor) or not init.is_floating_point():
                 got = init.dtype if isinstance(init, torch.Tensor) else type(init).__name__
@@ -377,8 +407,10 @@ class SamplingConfig:
                 raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
             runs = min(int(steps * strength), steps)  # diffusers' img2img: the last int(steps * strength) steps
             if runs < 1:
-                raise ValueError(f"strength={strength} with steps={steps} runs int(steps * strength) = 0 steps; "
-                                 "raise strength or steps")
+                raise ValueError(
+                    f"strength={strength} with steps={steps} runs int(steps * strength) = 0 steps; "
+                    "raise strength or steps"
+                )
             start = steps - runs
             init = init.detach()
             if mask is not None:
@@ -392,14 +424,36 @@ class SamplingConfig:
         if cfg is not None:
             _check_halves(cond, uncond)  # also when cfg == 1, which calls the model on cond alone
         return cls(
-            model=model, shape=shape, noise=noise, init=init, start=start, mask=mask, noised_init=noised_init,
-            sampler=sampler, steps=steps, cfg=cfg,
-            cond=cond, uncond=uncond,
-            eta=float(eta), schedule=schedule, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
+            model=model,
+            shape=shape,
+            noise=noise,
+            init=init,
+            start=start,
+            mask=mask,
+            noised_init=noised_init,
+            sampler=sampler,
+            steps=steps,
+            cfg=cfg,
+            cond=cond,
+            uncond=uncond,
+            eta=float(eta),
+            schedule=schedule,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
             karras_sigmas=karras_sigmas,
-            prediction=prediction, variance=variance, clip_x0=clip_x0, threshold=threshold,
-            set_alpha_to_one=set_alpha_to_one, classifier_grad=classifier_grad, seed=base_seed(generator),
+            prediction=prediction,
+            variance=variance,
+            clip_x0=clip_x0,
+            threshold=threshold,
+            set_alpha_to_one=set_alpha_to_one,
+            classifier_grad=classifier_grad,
+            seed=base_seed(generator),
             first_image=_first_image(first_image, shape[0]),
-            dtype=dtype, device=device, backend=backend, progress=bool(progress), callback=callback,
-            check_finite=bool(check_finite), cuda_graph=cuda_graph,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            progress=bool(progress),
+            callback=callback,
+            check_finite=bool(check_finite),
+            cuda_graph=cuda_graph,
         )

@@ -148,14 +148,18 @@ class _Entry:
             plan.step(i)
         eager = (plan.x_in, plan.counter, plan.t_in)
         tol = 1e-5 if config.dtype == torch.float64 else 1e-3 if config.dtype == torch.float32 else 2e-2
-        same = (torch.equal(replayed[1], eager[1]) and torch.equal(replayed[2], eager[2])
-                and torch.allclose(replayed[0], eager[0], rtol=tol, atol=tol, equal_nan=True))
+        same = (
+            torch.equal(replayed[1], eager[1])
+            and torch.equal(replayed[2], eager[2])
+            and torch.allclose(replayed[0], eager[0], rtol=tol, atol=tol, equal_nan=True)
+        )
         if not same:
             diff = (replayed[0].double() - eager[0].double()).abs().max().item()
             raise CaptureError(
                 f"the captured graph's first {n} step(s) differ from the eager loop's (max |x difference| {diff:.3g}, "
                 f"step counter {int(replayed[1])} vs {int(eager[1])}): something in a step was fixed at capture "
-                "time; fastdiff.sampling.capture_check(model, ...) on the CPU names what")
+                "time; fastdiff.sampling.capture_check(model, ...) on the CPU names what"
+            )
 
     def replay(self) -> None:
         plan, c = self.plan, self.plan.config

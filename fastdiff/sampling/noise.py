@@ -42,8 +42,9 @@ class NoiseStreams:
     """One generator per image on ``device``; ``initial()`` draws x_T, (B, *shape) in ``dtype``. Image b
     of the batch is image ``first`` + b of the run (its stream seeded by (seed, first + b))."""
 
-    def __init__(self, seed: int, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype,
-                 first: int = 0):
+    def __init__(
+        self, seed: int, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, first: int = 0
+    ):
         self.shape = tuple(shape)
         self.device = torch.device(device)
         self.dtype = dtype

@@ -72,10 +72,20 @@ class SamplingPlan:
         c = config
         self.config = c
         self.sampler: Sampler = make_sampler(
-            c.sampler, c.schedule, c.steps, eta=c.eta, set_alpha_to_one=c.set_alpha_to_one,
-            timestep_spacing=c.timestep_spacing, steps_offset=c.steps_offset, karras_sigmas=c.karras_sigmas,
+            c.sampler,
+            c.schedule,
+            c.steps,
+            eta=c.eta,
+            set_alpha_to_one=c.set_alpha_to_one,
+            timestep_spacing=c.timestep_spacing,
+            steps_offset=c.steps_offset,
+            karras_sigmas=c.karras_sigmas,
             prediction=c.prediction,
-            variance=c.variance, clip_x0=c.clip_x0, dynamic_threshold=c.threshold, device=c.device, dtype=c.dtype,
+            variance=c.variance,
+            clip_x0=c.clip_x0,
+            dynamic_threshold=c.threshold,
+            device=c.device,
+            dtype=c.dtype,
             start=c.start,
         )
         self.num_steps = len(self.sampler.timesteps)
@@ -118,8 +128,9 @@ class SamplingPlan:
                 out[key] = value
             elif c.guided:
                 u = c.uncond[key]
-                out[key] = value.new_empty((2 * c.batch,) + tuple(value.shape[1:]),
-                                           dtype=torch.promote_types(u.dtype, value.dtype))
+                out[key] = value.new_empty(
+                    (2 * c.batch,) + tuple(value.shape[1:]), dtype=torch.promote_types(u.dtype, value.dtype)
+                )
             else:
                 out[key] = torch.empty_like(value, memory_format=torch.contiguous_format)
         return out
@@ -140,8 +151,12 @@ class SamplingPlan:
             # img2img: the images noised to the first timestep that runs, as diffusers' add_noise does
             # (for the Euler samplers too: their model input √ᾱ (init + σ noise) is the same blend).
             a = float(self.sampler.alpha_levels[0])
-            torch.add(c.init.to(device=c.device, dtype=c.dtype) * math.sqrt(a), x_T.to(c.dtype),
-                      alpha=math.sqrt(1 - a), out=self.x_in[:B])
+            torch.add(
+                c.init.to(device=c.device, dtype=c.dtype) * math.sqrt(a),
+                x_T.to(c.dtype),
+                alpha=math.sqrt(1 - a),
+                out=self.x_in[:B],
+            )
         else:
             self.x_in[:B].copy_(x_T)
             if self.sampler.initial_scale != 1.0:  # the first model input of a sampler in σ's scale (Euler)
@@ -173,7 +188,8 @@ class SamplingPlan:
             if tuple(out.shape) != self.expected:
                 what = " (2C channels for variance='learned_range')" if self.sampler.model_channels_factor == 2 else ""
                 raise ValueError(
-                    f"model output at step {i} has shape {tuple(out.shape)}, expected {self.expected}{what}")
+                    f"model output at step {i} has shape {tuple(out.shape)}, expected {self.expected}{what}"
+                )
             if out.dtype != c.dtype:
                 out = out.to(c.dtype)
             if shares_memory(out, self.x_in):  # the step writes x_in in place while reading the output
@@ -185,8 +201,7 @@ class SamplingPlan:
         call, then the strategy's update of x_in, t_in and the counter."""
         out = self.call_model(i)
         if self.config.check_finite and not bool(torch.isfinite(out).all()):
-            raise FloatingPointError(
-                f"model output has NaN or Inf at step {i} (timestep {self.sampler.timesteps[i]})")
+            raise FloatingPointError(f"model output has NaN or Inf at step {i} (timestep {self.sampler.timesteps[i]})")
         self.strategy(i, out)
         if self.inpaint is not None:
             self.inpaint()
@@ -220,8 +235,10 @@ class SamplingPlan:
         if self.config.device.type == "cuda" and not reasons:
             inputs = {"x": self.x_in, "model_output": self.x_in, "coefs": self.coefs}
             if backends.select_backend(LOOP_OP, self.config.backend, inputs) == "reference":
-                reasons.append("no CUDA kernel for the step here (fastdiff._C without CUDA and no Triton), and the "
-                               "reference reads the step index and seed on the host")
+                reasons.append(
+                    "no CUDA kernel for the step here (fastdiff._C without CUDA and no Triton), and the "
+                    "reference reads the step index and seed on the host"
+                )
         return reasons
 
 
@@ -249,7 +266,7 @@ class _Inpaint:
         # Views made once (index_select writes into coef; the counter and x_in are the plan's own buffers).
         self.c_init, self.c_noise = self.coef[0, 0], self.coef[0, 1]
         self.row = plan.counter.reshape(1)
-        self.other_half = plan.x_in[plan.batch:] if c.guided else None
+        self.other_half = plan.x_in[plan.batch :] if c.guided else None
         shape = (plan.batch,) + c.shape[1:]
         self.init = torch.empty(shape, dtype=c.dtype, device=c.device)
         self.noise = torch.empty(shape, dtype=c.dtype, device=c.device)
@@ -286,7 +303,7 @@ class _Strategy:
         p = self.plan
         p.x_in[: p.batch].copy_(x_prev)
         if p.config.guided:
-            p.x_in[p.batch:].copy_(x_prev)
+            p.x_in[p.batch :].copy_(x_prev)
         p.counter.add_(1)
         if i + 1 < p.num_steps:
             p.t_in.fill_(p.sampler.timesteps[i + 1])
@@ -309,12 +326,39 @@ class _Fused(_Strategy):
         if self._run is None:
             # First step: every check and the backend choice, once; the plan's buffers keep their
             # signature, so later steps run the bound kernel with no dispatch.
-            binding = LOOP_SUPPORT.bind(c.backend, p.x_in, out, p.coefs, p.counter, p.cfg, learned, c.clip_x0,
-                                        threshold, None, p.seed, p.t_in, p.timesteps, p.history)
+            binding = LOOP_SUPPORT.bind(
+                c.backend,
+                p.x_in,
+                out,
+                p.coefs,
+                p.counter,
+                p.cfg,
+                learned,
+                c.clip_x0,
+                threshold,
+                None,
+                p.seed,
+                p.t_in,
+                p.timesteps,
+                p.history,
+            )
             self._run = binding.kernel.run
         clip = math.inf if c.clip_x0 is None else c.clip_x0
-        self._run(p.x_in, out, p.coefs, p.counter, p.cfg, learned, clip, threshold, None, p.seed, p.t_in, p.timesteps,
-                  p.history)
+        self._run(
+            p.x_in,
+            out,
+            p.coefs,
+            p.counter,
+            p.cfg,
+            learned,
+            clip,
+            threshold,
+            None,
+            p.seed,
+            p.t_in,
+            p.timesteps,
+            p.history,
+        )
 
 
 class _Thresholded(_Fused):

@@ -16,8 +16,19 @@ from ..reference import sampling as ref
 from ..reference.sampler_step import STEP_COEFS
 from ..schedule import Schedule
 
-__all__ = ["SAMPLERS", "VARIANCES", "check_sampler_options", "Sampler", "DDIMSampler", "DDPMSampler", "EulerSampler",
-           "EulerAncestralSampler", "DPMSolverPlusPlus2MSampler", "DPMSolverPlusPlus2MSDESampler", "make_sampler"]
+__all__ = [
+    "SAMPLERS",
+    "VARIANCES",
+    "check_sampler_options",
+    "Sampler",
+    "DDIMSampler",
+    "DDPMSampler",
+    "EulerSampler",
+    "EulerAncestralSampler",
+    "DPMSolverPlusPlus2MSampler",
+    "DPMSolverPlusPlus2MSDESampler",
+    "make_sampler",
+]
 
 SAMPLERS = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_sde")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -66,29 +77,47 @@ def _levels(sigmas: np.ndarray) -> torch.Tensor:
     return 1 / (1 + sigma32**2)
 
 
-def check_sampler_options(sampler: str, *, variance: str | None = None, eta: float = 0.0, clip_x0: float | None = None,
-                          dynamic_threshold: tuple[float, float] | None = None, classifier_grad: object = None,
-                          timestep_spacing: str = "leading", karras_sigmas: bool = False) -> None:
+def check_sampler_options(
+    sampler: str,
+    *,
+    variance: str | None = None,
+    eta: float = 0.0,
+    clip_x0: float | None = None,
+    dynamic_threshold: tuple[float, float] | None = None,
+    classifier_grad: object = None,
+    timestep_spacing: str = "leading",
+    karras_sigmas: bool = False,
+) -> None:
     """Raise ValueError, naming the option, for what ``sampler`` does not take (``fastdiff.sample``'s
     config and the samplers' constructors both ask here)."""
     if sampler != "ddpm" and variance not in (None, "learned_range"):
         raise ValueError(
-            f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'")
+            f"variance={variance!r} applies to sampler='ddpm'; with {sampler!r} use None or 'learned_range'"
+        )
     if not isinstance(karras_sigmas, bool):
         raise ValueError(f"karras_sigmas must be True or False, got {karras_sigmas!r}")
     if karras_sigmas and sampler not in _KARRAS_SAMPLERS:
-        raise ValueError(f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not {sampler!r} "
-                         "(as in diffusers, whose EulerAncestralDiscreteScheduler has no Karras sigmas)")
+        raise ValueError(
+            f"karras_sigmas applies to sampler='euler', 'dpmpp_2m' and 'dpmpp_2m_sde', not {sampler!r} "
+            "(as in diffusers, whose EulerAncestralDiscreteScheduler has no Karras sigmas)"
+        )
     if sampler not in _PLAIN_SAMPLERS:
         return
     if eta != 0:
-        raise ValueError(f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
-                         "dpmpp_2m none, euler_a ancestral, dpmpp_2m_sde the SDE's)")
-    for name, value in (("clip_x0", clip_x0), ("dynamic_threshold", dynamic_threshold),
-                        ("classifier_grad", classifier_grad)):
+        raise ValueError(
+            f"eta applies to sampler='ddim' only; {sampler!r} sets its own noise (euler and "
+            "dpmpp_2m none, euler_a ancestral, dpmpp_2m_sde the SDE's)"
+        )
+    for name, value in (
+        ("clip_x0", clip_x0),
+        ("dynamic_threshold", dynamic_threshold),
+        ("classifier_grad", classifier_grad),
+    ):
         if value is not None:
-            raise ValueError(f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
-                             "Euler and DPM-Solver++ samplers)")
+            raise ValueError(
+                f"{name} applies to sampler='ddim' and 'ddpm', not {sampler!r} (not in fastdiff's "
+                "Euler and DPM-Solver++ samplers)"
+            )
 
 
 class Sampler:
@@ -129,8 +158,9 @@ class Sampler:
         self.table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         ts = self._timesteps(schedule, steps, timestep_spacing, steps_offset)
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(ts):
-            raise ValueError(f"start must be an int in [0, {len(ts)}) (the first of the {len(ts)} steps to run), "
-                             f"got {start!r}")
+            raise ValueError(
+                f"start must be an int in [0, {len(ts)}) (the first of the {len(ts)} steps to run), got {start!r}"
+            )
         alpha_t, alpha_prev = self._step_alphas(ts)
         # img2img: the run begins at step ``start`` of the schedule's timesteps (see SamplingConfig's strength);
         # every table below holds the steps that run, so step 0 is always the first one run.
@@ -219,8 +249,12 @@ class Sampler:
         if self.dynamic_threshold is not None:
             if model_output.shape[0] != x.shape[0]:
                 model_output = torch.cat(
-                    [ops.cfg_combine(model_output[:, : x.shape[1]], cfg_scale, backend=backend),
-                     model_output[x.shape[0]:, x.shape[1]:]], dim=1)
+                    [
+                        ops.cfg_combine(model_output[:, : x.shape[1]], cfg_scale, backend=backend),
+                        model_output[x.shape[0] :, x.shape[1] :],
+                    ],
+                    dim=1,
+                )
             row = self.coefs[i].to(torch.promote_types(x.dtype, torch.float32))
             x0 = row[0] * x + row[1] * model_output[:, : x.shape[1]]
             ratio, max_value = self.dynamic_threshold
@@ -228,8 +262,17 @@ class Sampler:
             threshold = threshold.clamp(min=1, max=max_value)
         learned = self.learned_sigma
         x_prev, _ = ops.sampler_step(
-            x, model_output, self.coefs, self.step_indices[i], cfg_scale=cfg_scale, learned_range=learned,
-            clip=self.clip_x0, threshold=threshold, noise=noise, history=history, backend=backend,
+            x,
+            model_output,
+            self.coefs,
+            self.step_indices[i],
+            cfg_scale=cfg_scale,
+            learned_range=learned,
+            clip=self.clip_x0,
+            threshold=threshold,
+            noise=noise,
+            history=history,
+            backend=backend,
         )
         return x_prev
 
@@ -275,8 +318,10 @@ class Sampler:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(steps={self.steps}, prediction={self.prediction!r}, "
-                f"variance={self.variance!r}, schedule={self.schedule!r})")
+        return (
+            f"{type(self).__name__}(steps={self.steps}, prediction={self.prediction!r}, "
+            f"variance={self.variance!r}, schedule={self.schedule!r})"
+        )
 
 
 class DDIMSampler(Sampler):
@@ -289,8 +334,9 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule: Schedule, steps: int, *, eta: float = 0.0, set_alpha_to_one: bool = True,
-                 **kwargs) -> None:
+    def __init__(
+        self, schedule: Schedule, steps: int, *, eta: float = 0.0, set_alpha_to_one: bool = True, **kwargs
+    ) -> None:
         self.eta = float(eta)
         self.set_alpha_to_one = bool(set_alpha_to_one)
         super().__init__(schedule, steps, **kwargs)
@@ -315,9 +361,17 @@ class DDIMSampler(Sampler):
         if self.variance == "learned_range":
             model_output = model_output[:, : x.shape[1]]
         return ref.ddim_step(
-            x, model_output, _at(self.alpha_t, i), _at(self.alpha_prev, i),
-            prediction=self.prediction, eta=self.eta, noise=noise, clip=self.clip_x0,
-            dynamic_threshold=self.dynamic_threshold, classifier_grad=classifier_grad, upcast=True,
+            x,
+            model_output,
+            _at(self.alpha_t, i),
+            _at(self.alpha_prev, i),
+            prediction=self.prediction,
+            eta=self.eta,
+            noise=noise,
+            clip=self.clip_x0,
+            dynamic_threshold=self.dynamic_threshold,
+            classifier_grad=classifier_grad,
+            upcast=True,
         )
 
 
@@ -356,24 +410,38 @@ class DDPMSampler(Sampler):
 
     def step(self, i, x, model_output, noise=None, classifier_grad=None, history=None):
         return ref.ddpm_step(
-            x, model_output, _at(self.alpha_t, i), _at(self.alpha_prev, i),
-            prediction=self.prediction, variance=self.variance,
-            add_noise=_at(self.add_noise, i) if noise is not None else False, noise=noise,
-            clip=self.clip_x0, dynamic_threshold=self.dynamic_threshold, classifier_grad=classifier_grad, upcast=True,
+            x,
+            model_output,
+            _at(self.alpha_t, i),
+            _at(self.alpha_prev, i),
+            prediction=self.prediction,
+            variance=self.variance,
+            add_noise=_at(self.add_noise, i) if noise is not None else False,
+            noise=noise,
+            clip=self.clip_x0,
+            dynamic_threshold=self.dynamic_threshold,
+            classifier_grad=classifier_grad,
+            upcast=True,
         )
 
 
 def _check_own_options(name: str, kwargs: dict, karras_sigmas: bool) -> None:
     """A sampler constructor's options, checked as ``fastdiff.sample`` checks them."""
-    check_sampler_options(name, variance=kwargs.get("variance"), clip_x0=kwargs.get("clip_x0"),
-                          dynamic_threshold=kwargs.get("dynamic_threshold"),
-                          timestep_spacing=kwargs.get("timestep_spacing", "leading"), karras_sigmas=karras_sigmas)
+    check_sampler_options(
+        name,
+        variance=kwargs.get("variance"),
+        clip_x0=kwargs.get("clip_x0"),
+        dynamic_threshold=kwargs.get("dynamic_threshold"),
+        timestep_spacing=kwargs.get("timestep_spacing", "leading"),
+        karras_sigmas=karras_sigmas,
+    )
 
 
 def _check_finite_sigma(sampler: Sampler, what: str) -> None:
     if float(sampler.alpha_t[0]) <= 0:
-        raise ValueError(f"sampler={sampler.name!r} {what} {sampler.timesteps[0]} (ᾱ = 0, a zero-terminal-SNR "
-                         "schedule); use 'ddim'")
+        raise ValueError(
+            f"sampler={sampler.name!r} {what} {sampler.timesteps[0]} (ᾱ = 0, a zero-terminal-SNR schedule); use 'ddim'"
+        )
 
 
 class EulerSampler(Sampler):
@@ -451,8 +519,14 @@ class EulerSampler(Sampler):
         if classifier_grad is not None:
             raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
         return ref.euler_step(
-            x, model_output[:, : x.shape[1]], _at(self.alpha_t, i), _at(self.alpha_prev, i),
-            prediction=self.prediction, ancestral=self.ancestral, noise=noise, upcast=True,
+            x,
+            model_output[:, : x.shape[1]],
+            _at(self.alpha_t, i),
+            _at(self.alpha_prev, i),
+            prediction=self.prediction,
+            ancestral=self.ancestral,
+            noise=noise,
+            upcast=True,
         )
 
 
@@ -505,8 +579,10 @@ class DPMSolverPlusPlus2MSampler(Sampler):
             return schedule.timesteps(steps, spacing, offset)
         # diffusers' DPM-Solver spaces steps + 1 points as DDIM would and drops the last (timestep 0)
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < T:
-            raise ValueError(f"steps must be an int in [1, {T - 1}] for sampler={self.name!r} with {spacing!r} "
-                             f"timesteps (it spaces steps + 1 points), got {steps!r}")
+            raise ValueError(
+                f"steps must be an int in [1, {T - 1}] for sampler={self.name!r} with {spacing!r} "
+                f"timesteps (it spaces steps + 1 points), got {steps!r}"
+            )
         return schedule.timesteps(steps + 1, spacing, offset)[:-1]
 
     def _karras_timesteps(self, schedule: Schedule, steps: int) -> torch.Tensor:
@@ -515,10 +591,12 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         each step's timestep the schedule's (interpolated in log σ) rounded to an int; the step's
         coefficients come from σ itself (ᾱ = 1 / (1 + σ²)), not from the rounded timestep."""
         if schedule.kind == "cosine":
-            raise ValueError("karras_sigmas with the cosine schedule is not a configuration diffusers' DPM-Solver "
-                             "runs (it leaves those timesteps fractional, truncates them to int64, and its step "
-                             "index then runs past its sigmas), so there is nothing to match; use the linear or "
-                             "scaled_linear schedule, or karras_sigmas=False")
+            raise ValueError(
+                "karras_sigmas with the cosine schedule is not a configuration diffusers' DPM-Solver "
+                "runs (it leaves those timesteps fractional, truncates them to int64, and its step "
+                "index then runs past its sigmas), so there is nothing to match; use the linear or "
+                "scaled_linear schedule, or karras_sigmas=False"
+            )
         # diffusers' arithmetic, in its dtypes: σ of the float32 schedule, log σ in float32
         train, log_train = _train_sigmas(schedule)
         sigmas = _karras_sigmas(float(train[0]), float(train[-1]), steps)
@@ -535,7 +613,7 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         h = (alpha_t / sigma_t).log() - lam  # +inf at the last step (first order there)
         n = len(a)
         second = torch.zeros(n, dtype=torch.bool)
-        second[1:n - 1] = True  # the first step and the last are first order
+        second[1 : n - 1] = True  # the first step and the last are first order
         r = torch.ones_like(a)
         r[1:] = (lam[1:] - lam[:-1]) / h[1:]  # h of the previous step over this one's
         r = torch.where(second, r, torch.ones_like(r))
@@ -567,9 +645,16 @@ class DPMSolverPlusPlus2MSampler(Sampler):
             raise ValueError(f"classifier_grad applies to ddim and ddpm, not sampler={self.name!r}")
         k = i if isinstance(i, int) else int(i)
         return ref.dpmpp_2m_step(
-            x, model_output[:, : x.shape[1]], _at(self.alpha_t, k), _at(self.alpha_prev, k),
-            prediction=self.prediction, alpha_before=self.alpha_before(k), previous_x0=history, sde=self.sde,
-            noise=noise if self.sde and self.draws_noise(k) else None, upcast=True,
+            x,
+            model_output[:, : x.shape[1]],
+            _at(self.alpha_t, k),
+            _at(self.alpha_prev, k),
+            prediction=self.prediction,
+            alpha_before=self.alpha_before(k),
+            previous_x0=history,
+            sde=self.sde,
+            noise=noise if self.sde and self.draws_noise(k) else None,
+            upcast=True,
         )
 
 
@@ -601,6 +686,11 @@ def make_sampler(name: str, schedule: Schedule, steps: int, **kwargs) -> Sampler
     kwargs.pop("set_alpha_to_one", None)
     if karras:  # refused above for the samplers whose constructors do not take it
         kwargs["karras_sigmas"] = True
-    cls = {"ddpm": DDPMSampler, "euler": EulerSampler, "euler_a": EulerAncestralSampler,
-           "dpmpp_2m": DPMSolverPlusPlus2MSampler, "dpmpp_2m_sde": DPMSolverPlusPlus2MSDESampler}[name]
+    cls = {
+        "ddpm": DDPMSampler,
+        "euler": EulerSampler,
+        "euler_a": EulerAncestralSampler,
+        "dpmpp_2m": DPMSolverPlusPlus2MSampler,
+        "dpmpp_2m_sde": DPMSolverPlusPlus2MSDESampler,
+    }[name]
     return cls(schedule, steps, **kwargs)

@@ -39,6 +39,8 @@ def interpreter_mismatch() -> str | None:
     if imported_interpreted == interpreting():
         return None
     if interpreting():
-        return ("TRITON_INTERPRET=1 was set after triton was imported: Triton's own functions are compiled "
-                "ones (set TRITON_INTERPRET=1 before importing triton)")
+        return (
+            "TRITON_INTERPRET=1 was set after triton was imported: Triton's own functions are compiled "
+            "ones (set TRITON_INTERPRET=1 before importing triton)"
+        )
     return "triton was imported under TRITON_INTERPRET=1, which is off now: its functions are interpreted ones"

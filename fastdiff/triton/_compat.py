@@ -23,8 +23,16 @@ try:
 except ImportError:  # pragma: no cover - triton < 3.0
     GPUTarget = None
 
-__all__ = ["GPUTarget", "TRITON_VERSION", "interpreting", "as_jit", "launchable", "sm_arch", "interpreter_traffic",
-           "InterpreterTraffic"]
+__all__ = [
+    "GPUTarget",
+    "TRITON_VERSION",
+    "interpreting",
+    "as_jit",
+    "launchable",
+    "sm_arch",
+    "interpreter_traffic",
+    "InterpreterTraffic",
+]
 
 TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 
@@ -32,8 +40,10 @@ TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 def as_jit(kernel) -> JITFunction:
     """The kernel as a compiled-mode JITFunction, what ``triton.compile`` needs."""
     if not isinstance(kernel, JITFunction):
-        raise RuntimeError(f"{kernel.__name__} was decorated under TRITON_INTERPRET=1: compile it in a process "
-                           "without that variable (fastdiff.triton.aot runs its builds in one)")
+        raise RuntimeError(
+            f"{kernel.__name__} was decorated under TRITON_INTERPRET=1: compile it in a process "
+            "without that variable (fastdiff.triton.aot runs its builds in one)"
+        )
     return kernel
 
 

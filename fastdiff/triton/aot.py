@@ -188,22 +188,39 @@ def _measure(kernel, args: list, constants: dict, arch: int, options: dict, row:
     )
     seconds = time.perf_counter() - start
     gpu = _compat.sm_arch(arch)
-    build = TritonBuild(kernel=compiled.metadata.name, arch=gpu, shared_bytes=int(compiled.metadata.shared),
-                        compile_seconds=round(seconds, 2), **row)
+    build = TritonBuild(
+        kernel=compiled.metadata.name,
+        arch=gpu,
+        shared_bytes=int(compiled.metadata.shared),
+        compile_seconds=round(seconds, 2),
+        **row,
+    )
     with tempfile.TemporaryDirectory(prefix="fastdiff-aot-") as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
         ptx.write_text(compiled.asm["ptx"])
         cubin.write_bytes(compiled.asm["cubin"])
         # Triton's own ptxas flags (backends/nvidia/compiler.py make_cubin), so the counts are its cubin's.
         log = subprocess.run(
-            [_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(ptx),
-             "-o", str(Path(tmp, "check.cubin"))],
-            capture_output=True, text=True, check=True,
+            [
+                _tool("ptxas"),
+                "-lineinfo",
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={gpu}",
+                str(ptx),
+                "-o",
+                str(Path(tmp, "check.cubin")),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
     parsed = parse_ptxas(log)
     if len(parsed) != 1:
         raise RuntimeError(f"aot: expected one entry in ptxas -v output for {gpu}, got:\n{log}")
@@ -223,13 +240,24 @@ def compile_build(arch: int, dtype: torch.dtype, head_dim: int, config, layout: 
     """Compile one attention build for ``sm_<arch>`` and measure it (no GPU needed)."""
     q, k, v, out = _example_tensors(layout, dtype, head_dim)
     args = _attention.kernel_args(q, k, v, out, 1.0 / head_dim**0.5)
-    constants = _attention.kernel_constants(head_dim, dtype, config, align=_attention.stride_align(q, k, v, out),
-                                            int64_offsets=layout.endswith("-int64")
-                                            or _attention.needs_int64_offsets(q, k, v, out))
-    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, block_d=constants["BLOCK_D"],
-               config=str(config), layout=layout, op="attention")
-    return _measure(_attention.KERNEL, args, constants, arch,
-                    {"num_warps": config.num_warps, "num_stages": config.num_stages}, row)
+    constants = _attention.kernel_constants(
+        head_dim,
+        dtype,
+        config,
+        align=_attention.stride_align(q, k, v, out),
+        int64_offsets=layout.endswith("-int64") or _attention.needs_int64_offsets(q, k, v, out),
+    )
+    row = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        head_dim=head_dim,
+        block_d=constants["BLOCK_D"],
+        config=str(config),
+        layout=layout,
+        op="attention",
+    )
+    return _measure(
+        _attention.KERNEL, args, constants, arch, {"num_warps": config.num_warps, "num_stages": config.num_stages}, row
+    )
 
 
 def group_norm_adagn_builds() -> list[tuple]:
@@ -250,65 +278,116 @@ def _group_norm_adagn_example(layout: str, dtype: torch.dtype, shape: tuple[int,
         x3, out3 = (torch.empty(B, C, S, dtype=dtype, device="meta") for _ in range(2))
     else:  # channels_last: channels adjacent, (B, S, C) memory seen as (B, C, S)
         x3, out3 = (torch.empty(B, S, C, dtype=dtype, device="meta").transpose(1, 2) for _ in range(2))
-    parts = {n: torch.empty((C,) if n in ("weight", "bias") else (B, C), dtype=dtype, device="meta")
-             for n in _group_norm_adagn.PARTS}
+    parts = {
+        n: torch.empty((C,) if n in ("weight", "bias") else (B, C), dtype=dtype, device="meta")
+        for n in _group_norm_adagn.PARTS
+    }
     return x3, out3, parts
 
 
-def compile_group_norm_adagn_build(arch: int, dtype: torch.dtype, layout: str, shape: tuple[int, int, int],
-                                   groups: int, plan, kernel: str) -> TritonBuild:
+def compile_group_norm_adagn_build(
+    arch: int, dtype: torch.dtype, layout: str, shape: tuple[int, int, int], groups: int, plan, kernel: str
+) -> TritonBuild:
     """Compile one group_norm_adagn kernel of ``plan`` (every part present, SiLU) for ``sm_<arch>``."""
     x3, out3, parts = _group_norm_adagn_example(layout, dtype, shape)
     partials = torch.empty(shape[0] * groups * plan.splits * 3, dtype=torch.float32, device="meta")
     args = _group_norm_adagn.kernel_args(x3, out3, parts, partials, groups, 1e-5, plan)[kernel]
     constants = _group_norm_adagn.kernel_constants(parts, True, plan)[kernel]
-    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=0, config=str(plan), layout=layout,
-               op="group_norm_adagn")
+    row = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        head_dim=0,
+        block_d=0,
+        config=str(plan),
+        layout=layout,
+        op="group_norm_adagn",
+    )
     return _measure(_group_norm_adagn.KERNELS[kernel], args, constants, arch, {"num_warps": plan.num_warps}, row)
 
 
 def compile_sampler_step_build(arch: int, dtype: torch.dtype, variant: str) -> TritonBuild:
     """Compile one sampler_step build (:func:`fastdiff.triton.sampler_step.aot_builds`) for ``sm_<arch>``."""
     args, constants, config = _sampler_step.aot_example(dtype, variant)
-    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=4 * config.block_q, config=str(config),
-               layout=variant, op="sampler_step")
+    row = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        head_dim=0,
+        block_d=4 * config.block_q,
+        config=str(config),
+        layout=variant,
+        op="sampler_step",
+    )
     return _measure(_sampler_step.KERNEL, args, constants, arch, {"num_warps": config.num_warps}, row)
 
 
 # (D, parts, rows per program): DiT-XL/2's 1152 features with scale/shift read in place from the
 # (B, 6D) adaLN output, 4 tokens a program; and the largest row the kernel takes, with every part.
-_LAYER_NORM_MODULATE_PLANS = ((1152, ("scale", "shift"), 4), (_layer_norm_modulate.MAX_FEATURES,
-                                                             ("weight", "bias", "scale", "shift"), 1))
+_LAYER_NORM_MODULATE_PLANS = (
+    (1152, ("scale", "shift"), 4),
+    (_layer_norm_modulate.MAX_FEATURES, ("weight", "bias", "scale", "shift"), 1),
+)
 
 
 def layer_norm_modulate_builds() -> list[tuple]:
     """(arch, dtype, D, parts, rows) for every layer_norm_modulate build."""
-    return [(arch, dtype, d, parts, rows) for arch in ARCHS for dtype in _layer_norm_modulate.DTYPES
-            for d, parts, rows in _LAYER_NORM_MODULATE_PLANS]
+    return [
+        (arch, dtype, d, parts, rows)
+        for arch in ARCHS
+        for dtype in _layer_norm_modulate.DTYPES
+        for d, parts, rows in _LAYER_NORM_MODULATE_PLANS
+    ]
 
 
-def compile_layer_norm_modulate_build(arch: int, dtype: torch.dtype, features: int, parts: tuple[str, ...],
-                                      rows: int) -> TritonBuild:
+def compile_layer_norm_modulate_build(
+    arch: int, dtype: torch.dtype, features: int, parts: tuple[str, ...], rows: int
+) -> TritonBuild:
     """Compile the layer_norm_modulate kernel for (8, 256, features) tokens on ``sm_<arch>``."""
     B, N, D = 8, 256, features
     x, y = (torch.empty(B, N, D, dtype=dtype, device="meta") for _ in range(2))
     modulation = torch.empty(B, 6 * D, dtype=torch.float32, device="meta")  # DiT's adaLN output
-    given = {"weight": torch.empty(D, dtype=dtype, device="meta"), "bias": torch.empty(D, dtype=dtype, device="meta"),
-             "scale": modulation[:, :D], "shift": modulation[:, D:2 * D]}
+    given = {
+        "weight": torch.empty(D, dtype=dtype, device="meta"),
+        "bias": torch.empty(D, dtype=dtype, device="meta"),
+        "scale": modulation[:, :D],
+        "shift": modulation[:, D : 2 * D],
+    }
     given = {name: t for name, t in given.items() if name in parts}
 
     def strides(name: str, n: int) -> tuple[int, ...]:
         return given[name].stride() if name in given else (0,) * n
 
-    args = [x, y, *(given.get(name, x) for name in ("weight", "bias", "scale", "shift")), *x.stride(),
-            *strides("weight", 1), *strides("bias", 1), *strides("scale", 2), *strides("shift", 2), N, D, 1e-6]
+    args = [
+        x,
+        y,
+        *(given.get(name, x) for name in ("weight", "bias", "scale", "shift")),
+        *x.stride(),
+        *strides("weight", 1),
+        *strides("bias", 1),
+        *strides("scale", 2),
+        *strides("shift", 2),
+        N,
+        D,
+        1e-6,
+    ]
     block_d = triton.next_power_of_2(D)
-    constants = dict(HAS_WEIGHT="weight" in given, HAS_BIAS="bias" in given, HAS_SCALE="scale" in given,
-                     HAS_SHIFT="shift" in given, BLOCK_D=block_d, ROWS=rows, ROUND_BF16=False)
-    row = dict(dtype=str(dtype).removeprefix("torch."), head_dim=0, block_d=block_d,
-               config=f"D{D}-rows{rows}-{'+'.join(parts)}", layout="contiguous", op="layer_norm_modulate")
-    return _measure(_layer_norm_modulate.KERNEL, args, constants, arch,
-                    {"num_warps": _layer_norm_modulate._num_warps(block_d)}, row)
+    constants = dict(
+        HAS_WEIGHT="weight" in given,
+        HAS_BIAS="bias" in given,
+        HAS_SCALE="scale" in given,
+        HAS_SHIFT="shift" in given,
+        BLOCK_D=block_d,
+        ROWS=rows,
+        ROUND_BF16=False,
+    )
+    row = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        head_dim=0,
+        block_d=block_d,
+        config=f"D{D}-rows{rows}-{'+'.join(parts)}",
+        layout="contiguous",
+        op="layer_norm_modulate",
+    )
+    return _measure(
+        _layer_norm_modulate.KERNEL, args, constants, arch, {"num_warps": _layer_norm_modulate._num_warps(block_d)}, row
+    )
 
 
 def _ptxas_version() -> str:
@@ -347,39 +426,67 @@ def register_family(family: KernelFamily) -> KernelFamily:
     return family
 
 
-register_family(KernelFamily(
-    op="attention",
-    builds=attention_builds,
-    compile=compile_build,
-    sources=lambda: (_attention.KERNEL.fn, _attention.kernel_constants, _attention.kernel_args, compile_build,
-                     _example_tensors, _attention.stride_align, _attention.needs_int64_offsets),
-    columns="  D  BLOCK_D",
-    cells=lambda r: f"{r.head_dim:3d}  {r.block_d:7d}",
-    tensor_cores=True,
-))
-register_family(KernelFamily(
-    op="group_norm_adagn",
-    builds=group_norm_adagn_builds,
-    compile=compile_group_norm_adagn_build,
-    sources=lambda: (*(k.fn for k in _group_norm_adagn.KERNELS.values()), _group_norm_adagn.kernel_constants,
-                     _group_norm_adagn.kernel_args, compile_group_norm_adagn_build, _group_norm_adagn_example),
-))
+register_family(
+    KernelFamily(
+        op="attention",
+        builds=attention_builds,
+        compile=compile_build,
+        sources=lambda: (
+            _attention.KERNEL.fn,
+            _attention.kernel_constants,
+            _attention.kernel_args,
+            compile_build,
+            _example_tensors,
+            _attention.stride_align,
+            _attention.needs_int64_offsets,
+        ),
+        columns="  D  BLOCK_D",
+        cells=lambda r: f"{r.head_dim:3d}  {r.block_d:7d}",
+        tensor_cores=True,
+    )
+)
+register_family(
+    KernelFamily(
+        op="group_norm_adagn",
+        builds=group_norm_adagn_builds,
+        compile=compile_group_norm_adagn_build,
+        sources=lambda: (
+            *(k.fn for k in _group_norm_adagn.KERNELS.values()),
+            _group_norm_adagn.kernel_constants,
+            _group_norm_adagn.kernel_args,
+            compile_group_norm_adagn_build,
+            _group_norm_adagn_example,
+        ),
+    )
+)
 
-register_family(KernelFamily(
-    op="sampler_step",
-    builds=lambda: _sampler_step.aot_builds(),
-    compile=compile_sampler_step_build,
-    sources=lambda: (_sampler_step.KERNEL.fn, _sampler_step.kernel_constants, _sampler_step.kernel_args,
-                     _sampler_step.aot_example, compile_sampler_step_build),
-))
+register_family(
+    KernelFamily(
+        op="sampler_step",
+        builds=lambda: _sampler_step.aot_builds(),
+        compile=compile_sampler_step_build,
+        sources=lambda: (
+            _sampler_step.KERNEL.fn,
+            _sampler_step.kernel_constants,
+            _sampler_step.kernel_args,
+            _sampler_step.aot_example,
+            compile_sampler_step_build,
+        ),
+    )
+)
 
-register_family(KernelFamily(
-    op="layer_norm_modulate",
-    builds=layer_norm_modulate_builds,
-    compile=compile_layer_norm_modulate_build,
-    sources=lambda: (_layer_norm_modulate.KERNEL.fn, _layer_norm_modulate._num_warps,
-                     compile_layer_norm_modulate_build),
-))
+register_family(
+    KernelFamily(
+        op="layer_norm_modulate",
+        builds=layer_norm_modulate_builds,
+        compile=compile_layer_norm_modulate_build,
+        sources=lambda: (
+            _layer_norm_modulate.KERNEL.fn,
+            _layer_norm_modulate._num_warps,
+            compile_layer_norm_modulate_build,
+        ),
+    )
+)
 
 
 def _cache_key(family: KernelFamily, builds: Iterable) -> str:
@@ -431,8 +538,12 @@ def report(op: str | None = None, *, use_cache: bool = True, compile_missing: bo
             package_root = str(Path(__file__).resolve().parents[2])  # this fastdiff, not another install
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             result = subprocess.run(
-                [sys.executable, "-m", "fastdiff.triton.aot", "--op", name, "--write", str(path)], env=env,
-                capture_output=True, text=True, check=False)
+                [sys.executable, "-m", "fastdiff.triton.aot", "--op", name, "--write", str(path)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if result.returncode != 0:
                 raise RuntimeError(f"aot: compiling the Triton builds of {name} failed:\n{result.stderr[-4000:]}")
         rows += [TritonBuild(**row) for row in json.loads(path.read_text())]
@@ -454,8 +565,10 @@ def format_triton_kernels(rows: list[TritonBuild]) -> str:
         if not mine:
             continue
         width = max(22, *(len(r.kernel) for r in mine))
-        lines.append(f"  {'kernel':<{width}}  arch    dtype   {family.columns}  config                  layout    "
-                     "regs  spill(B)  smem(B)  MMA")
+        lines.append(
+            f"  {'kernel':<{width}}  arch    dtype   {family.columns}  config                  layout    "
+            "regs  spill(B)  smem(B)  MMA"
+        )
         for r in mine:
             cells = f" {family.cells(r)}  " if family.columns else "  "
             lines.append(

@@ -61,10 +61,22 @@ def _attention_fwd_kernel(
     K,  # (B, H, Nk, D) keys, any strides
     V,  # (B, H, Nk, D) values, any strides
     O,  # (B, H, Nq, D) output, any strides
-    stride_qb, stride_qh, stride_qn, stride_qd,  # Q strides in elements
-    stride_kb, stride_kh, stride_kn, stride_kd,  # K strides in elements
-    stride_vb, stride_vh, stride_vn, stride_vd,  # V strides in elements
-    stride_ob, stride_oh, stride_on, stride_od,  # O strides in elements
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,  # Q strides in elements
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,  # K strides in elements
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,  # V strides in elements
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,  # O strides in elements
     Nq,  # query rows per (batch, head), >= 1
     Nk,  # key/value rows per (batch, head), >= 1
     qk_scale,  # scale * log2(e): scores come out in base 2, ready for exp2
@@ -238,8 +250,15 @@ def needs_int64_offsets(*tensors: torch.Tensor, block: int = 256) -> bool:
     return False
 
 
-def kernel_constants(head_dim: int, dtype: torch.dtype, config: AttentionConfig, interpret: bool = False, *,
-                     align: int = 1, int64_offsets: bool = False) -> dict:
+def kernel_constants(
+    head_dim: int,
+    dtype: torch.dtype,
+    config: AttentionConfig,
+    interpret: bool = False,
+    *,
+    align: int = 1,
+    int64_offsets: bool = False,
+) -> dict:
     """The constexpr arguments of one kernel build (shared by the launcher and the AOT report);
     ``align`` and ``int64_offsets`` from :func:`stride_align` and :func:`needs_int64_offsets`."""
     return {
@@ -280,14 +299,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for why in _DECLARED.broken_limits({"q": q, "k": k, "v": v}):
         raise ValueError(f"flash_attention: {why}")
     if q.device.type != "cuda" and not _compat.interpreting():
-        raise ValueError(f"flash_attention: tensors are on {q.device}; Triton runs CUDA tensors "
-                         "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"flash_attention: tensors are on {q.device}; Triton runs CUDA tensors "
+            "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)"
+        )
 
 
 def kernel_args(q, k, v, out, scale: float) -> list:
     """The kernel's runtime arguments, in order (the launcher's and the AOT report's, alike)."""
-    return [q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), q.shape[2], k.shape[2],
-            scale * _LOG2E]
+    return [q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), q.shape[2], k.shape[2], scale * _LOG2E]
 
 
 def _launch(q, k, v, out, scale: float, config: AttentionConfig) -> None:
@@ -296,8 +316,14 @@ def _launch(q, k, v, out, scale: float, config: AttentionConfig) -> None:
     grid = (triton.cdiv(Nq, config.block_m), H, B)
     kernel[grid](
         *kernel_args(q, k, v, out, scale),
-        **kernel_constants(D, q.dtype, config, _compat.interpreting(), align=stride_align(q, k, v, out),
-                           int64_offsets=needs_int64_offsets(q, k, v, out)),
+        **kernel_constants(
+            D,
+            q.dtype,
+            config,
+            _compat.interpreting(),
+            align=stride_align(q, k, v, out),
+            int64_offsets=needs_int64_offsets(q, k, v, out),
+        ),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -310,8 +336,7 @@ _TUNED: dict[tuple, AttentionConfig] = {}
 
 
 def _tuning_key(q: torch.Tensor, k: torch.Tensor) -> tuple:
-    return (str(q.device), q.dtype, q.shape[3], triton.next_power_of_2(q.shape[2]),
-            triton.next_power_of_2(k.shape[2]))
+    return (str(q.device), q.dtype, q.shape[3], triton.next_power_of_2(q.shape[2]), triton.next_power_of_2(k.shape[2]))
 
 
 def _tune(q, k, v, out, scale: float, candidates: tuple[AttentionConfig, ...]) -> AttentionConfig:
@@ -325,8 +350,10 @@ def _tune(q, k, v, out, scale: float, candidates: tuple[AttentionConfig, ...]) -
         except OutOfResources:  # e.g. more shared memory than this GPU has (sm_86: 99 KB)
             continue
     if not times:
-        raise RuntimeError(f"flash_attention: no configuration of {[str(c) for c in candidates]} fits "
-                           f"this GPU ({torch.cuda.get_device_name(q.device)})")
+        raise RuntimeError(
+            f"flash_attention: no configuration of {[str(c) for c in candidates]} fits "
+            f"this GPU ({torch.cuda.get_device_name(q.device)})"
+        )
     return min(times, key=times.get)
 
 
@@ -364,8 +391,10 @@ def flash_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"flash_attention: out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"flash_attention: out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device}, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     with _on_device(q):
         if config is None:
             config = _config(q, k, v, out, float(scale))
@@ -395,9 +424,7 @@ def warmup(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     return config
 
 
-def design_bytes(
-    q_shape: tuple[int, ...], nk: int, element_size: int, block_m: int
-) -> dict[str, int]:
+def design_bytes(q_shape: tuple[int, ...], nk: int, element_size: int, block_m: int) -> dict[str, int]:
     """The bytes one launch is designed to move: q read and o written once, k and v read once per
     query block of ``block_m`` rows. Also ``"minimum"``: every tensor touched exactly once."""
     B, H, Nq, D = q_shape

@@ -93,9 +93,17 @@ MAX_SPLITS = 32
 def _adagn_epilogue(
     centered,  # (BLOCK_C, BLOCK_S) u - mean
     rstd,  # the group's 1 / sqrt(var + eps)
-    channels, sample_channels, c_valid,  # (BLOCK_C,) channel index, b * C + channel, channel in range
-    W, BIAS, SCALE, SHIFT,  # the parts (any pointer when absent)
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    channels,
+    sample_channels,
+    c_valid,  # (BLOCK_C,) channel index, b * C + channel, channel in range
+    W,
+    BIAS,
+    SCALE,
+    SHIFT,  # the parts (any pointer when absent)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -135,16 +143,26 @@ def _adagn_epilogue(
 def _group_norm_adagn_fused_kernel(
     X,  # (B, C, S) input, any strides (NCHW: stride_xs = 1; channels_last: stride_xc = 1)
     Y,  # (B, C, S) output, any strides
-    W, BIAS,  # (C,) weight and bias (any pointer when absent)
-    SCALE, SHIFT, PRE,  # (B, C) contiguous scale, shift, pre_shift (any pointer when absent)
-    stride_xb, stride_xc, stride_xs,  # X strides in elements
-    stride_yb, stride_yc, stride_ys,  # Y strides in elements
+    W,
+    BIAS,  # (C,) weight and bias (any pointer when absent)
+    SCALE,
+    SHIFT,
+    PRE,  # (B, C) contiguous scale, shift, pre_shift (any pointer when absent)
+    stride_xb,
+    stride_xc,
+    stride_xs,  # X strides in elements
+    stride_yb,
+    stride_yc,
+    stride_ys,  # Y strides in elements
     C,  # channels
     G,  # groups
     CPG,  # channels per group, C / G
     S,  # spatial positions per channel
     eps,  # GroupNorm's epsilon, float32
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     HAS_PRE: tl.constexpr,  # which optional parts are present
     SILU: tl.constexpr,  # apply SiLU
     BLOCK_C: tl.constexpr,  # power of two >= C/G
@@ -171,8 +189,23 @@ def _group_norm_adagn_fused_kernel(
     var = tl.maximum(tl.div_rn(tl.sum(centered * centered), count), 0.0)
     rstd = tl.where(var - var == 0.0, tl.div_rn(1.0, tl.sqrt_rn(var + eps)), var - var)  # NaN if M2 overflowed
 
-    y = _adagn_epilogue(centered, rstd, channels, sample_channels, c_valid, W, BIAS, SCALE, SHIFT, HAS_WEIGHT,
-                        HAS_BIAS, HAS_SCALE, HAS_SHIFT, SILU, BLOCK_C)
+    y = _adagn_epilogue(
+        centered,
+        rstd,
+        channels,
+        sample_channels,
+        c_valid,
+        W,
+        BIAS,
+        SCALE,
+        SHIFT,
+        HAS_WEIGHT,
+        HAS_BIAS,
+        HAS_SCALE,
+        HAS_SHIFT,
+        SILU,
+        BLOCK_C,
+    )
     y_ptrs = Y + sample.to(tl.int64) * stride_yb + channels[:, None] * stride_yc + offs_s[None, :] * stride_ys
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -187,7 +220,9 @@ def _group_norm_adagn_stats_kernel(
     X,  # (B, C, S) input, any strides
     PARTIALS,  # (B * G, splits, 3) float32 out: (count, mean, M2) of each program's tiles
     PRE,  # (B, C) contiguous pre_shift (any pointer when absent)
-    stride_xb, stride_xc, stride_xs,  # X strides in elements
+    stride_xb,
+    stride_xc,
+    stride_xs,  # X strides in elements
     C,  # channels
     G,  # groups
     CPG,  # channels per group, C / G
@@ -216,8 +251,9 @@ def _group_norm_adagn_stats_kernel(
         c_valid = (c0 + offs_c) < CPG
         mask = c_valid[:, None] & ((s0 + offs_s) < S)[None, :]
         channels = group * CPG + c0 + offs_c
-        u = tl.load(x_base + channels[:, None] * stride_xc + (s0 + offs_s)[None, :] * stride_xs, mask=mask,
-                    other=0.0).to(tl.float32)
+        u = tl.load(
+            x_base + channels[:, None] * stride_xc + (s0 + offs_s)[None, :] * stride_xs, mask=mask, other=0.0
+        ).to(tl.float32)
         if HAS_PRE:
             u = u + tl.load(PRE + sample * C + channels, mask=c_valid, other=0.0).to(tl.float32)[:, None]
         n_t = tl.zeros([], tl.float32) + tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(S - s0, BLOCK_S)
@@ -247,10 +283,17 @@ def _group_norm_adagn_apply_kernel(
     X,  # (B, C, S) input, any strides
     Y,  # (B, C, S) output, any strides
     PARTIALS,  # (B * G, splits, 3) float32: the statistics kernel's (count, mean, M2)
-    W, BIAS,  # (C,) weight and bias (any pointer when absent)
-    SCALE, SHIFT, PRE,  # (B, C) contiguous scale, shift, pre_shift (any pointer when absent)
-    stride_xb, stride_xc, stride_xs,  # X strides in elements
-    stride_yb, stride_yc, stride_ys,  # Y strides in elements
+    W,
+    BIAS,  # (C,) weight and bias (any pointer when absent)
+    SCALE,
+    SHIFT,
+    PRE,  # (B, C) contiguous scale, shift, pre_shift (any pointer when absent)
+    stride_xb,
+    stride_xc,
+    stride_xs,  # X strides in elements
+    stride_yb,
+    stride_yc,
+    stride_ys,  # Y strides in elements
     C,  # channels
     G,  # groups
     CPG,  # channels per group, C / G
@@ -258,7 +301,10 @@ def _group_norm_adagn_apply_kernel(
     TILES_S,  # tiles along S, cdiv(S, BLOCK_S)
     TILES,  # tiles per group; >= splits
     eps,  # GroupNorm's epsilon, float32
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     HAS_PRE: tl.constexpr,  # which optional parts are present
     SILU: tl.constexpr,  # apply SiLU
     BLOCK_C: tl.constexpr,  # channels per tile (power of two)
@@ -295,15 +341,34 @@ def _group_norm_adagn_apply_kernel(
         mask = c_valid[:, None] & ((s0 + offs_s) < S)[None, :]
         channels = group * CPG + c0 + offs_c
         sample_channels = sample * C + channels
-        u = tl.load(x_base + channels[:, None] * stride_xc + (s0 + offs_s)[None, :] * stride_xs, mask=mask,
-                    other=0.0).to(tl.float32)
+        u = tl.load(
+            x_base + channels[:, None] * stride_xc + (s0 + offs_s)[None, :] * stride_xs, mask=mask, other=0.0
+        ).to(tl.float32)
         if HAS_PRE:
             u = u + tl.load(PRE + sample_channels, mask=c_valid, other=0.0).to(tl.float32)[:, None]
         centered = u - mean
-        y = _adagn_epilogue(centered, rstd, channels, sample_channels, c_valid, W, BIAS, SCALE, SHIFT, HAS_WEIGHT,
-                            HAS_BIAS, HAS_SCALE, HAS_SHIFT, SILU, BLOCK_C)
-        tl.store(y_base + channels[:, None] * stride_yc + (s0 + offs_s)[None, :] * stride_ys,
-                 y.to(Y.dtype.element_ty), mask=mask)
+        y = _adagn_epilogue(
+            centered,
+            rstd,
+            channels,
+            sample_channels,
+            c_valid,
+            W,
+            BIAS,
+            SCALE,
+            SHIFT,
+            HAS_WEIGHT,
+            HAS_BIAS,
+            HAS_SCALE,
+            HAS_SHIFT,
+            SILU,
+            BLOCK_C,
+        )
+        tl.store(
+            y_base + channels[:, None] * stride_yc + (s0 + offs_s)[None, :] * stride_ys,
+            y.to(Y.dtype.element_ty),
+            mask=mask,
+        )
 
 
 KERNELS = {
@@ -420,9 +485,11 @@ def _views(x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, tor
     if out is None:
         out = expected
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride() != expected.stride():
-        raise ValueError(f"group_norm_adagn (triton): out must be a {tuple(x.shape)} {x.dtype} tensor on {x.device} "
-                         f"with strides {expected.stride()} (x's suggested memory format), got {tuple(out.shape)} "
-                         f"{out.dtype} on {out.device} with strides {out.stride()}")
+        raise ValueError(
+            f"group_norm_adagn (triton): out must be a {tuple(x.shape)} {x.dtype} tensor on {x.device} "
+            f"with strides {expected.stride()} (x's suggested memory format), got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device} with strides {out.stride()}"
+        )
     try:
         x3 = x.view(B, C, S)
     except RuntimeError:  # spatial dims that do not merge into one stride: one copy, as the native op
@@ -445,13 +512,16 @@ def _check(x: torch.Tensor, num_groups: int, parts: dict) -> None:
         if tuple(part.shape) != shape:
             raise ValueError(f"group_norm_adagn (triton): {name} must have shape {shape}, got {tuple(part.shape)}")
         if part.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"group_norm_adagn (triton): {name} dtype {part.dtype} must be x's dtype ({x.dtype}) "
-                            "or float32")
+            raise TypeError(
+                f"group_norm_adagn (triton): {name} dtype {part.dtype} must be x's dtype ({x.dtype}) or float32"
+            )
         if part.device != x.device:
             raise ValueError(f"group_norm_adagn (triton): {name} is on {part.device} but x is on {x.device}")
     if x.device.type != "cuda" and not _compat.interpreting():
-        raise ValueError(f"group_norm_adagn (triton): x is on {x.device}; Triton runs CUDA tensors "
-                         "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"group_norm_adagn (triton): x is on {x.device}; Triton runs CUDA tensors "
+            "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)"
+        )
     for why in _DECLARED.broken_limits({"x": x}):
         raise ValueError(f"group_norm_adagn (triton): {why}")
 
@@ -481,8 +551,22 @@ def kernel_args(x3, out3, parts: dict, partials, num_groups: int, eps: float, p:
     tiles_s, tiles = p.tiles(cpg, S)
     return {
         "stats": [x3, partials, pre, *x3.stride(), *sizes, tiles_s, tiles],
-        "apply": [x3, out3, partials, w, bias, scale, shift, pre, *x3.stride(), *out3.stride(), *sizes, tiles_s,
-                  tiles, eps],
+        "apply": [
+            x3,
+            out3,
+            partials,
+            w,
+            bias,
+            scale,
+            shift,
+            pre,
+            *x3.stride(),
+            *out3.stride(),
+            *sizes,
+            tiles_s,
+            tiles,
+            eps,
+        ],
     }
 
 
@@ -533,7 +617,8 @@ def group_norm_adagn(
     with _on_device(x):
         if p.path == "fused":
             _compat.launchable(KERNELS["fused"])[(B * num_groups,)](
-                *args["fused"], **constants["fused"], num_warps=p.num_warps)
+                *args["fused"], **constants["fused"], num_warps=p.num_warps
+            )
         else:
             grid = (B * num_groups, p.splits)
             _compat.launchable(KERNELS["stats"])[grid](*args["stats"], **constants["stats"], num_warps=p.num_warps)
@@ -566,5 +651,11 @@ def design_bytes(
         parts = B * C * tiles_s * (pre + per_sample + per_channel)
         partials = B * num_groups * p.splits * 12 * (1 + p.splits)
     minimum = 2 * once + B * C * per_sample + C * per_channel
-    return {"x": x_bytes, "out": once, "parts": parts, "partials": partials,
-            "total": x_bytes + once + parts + partials, "minimum": minimum}
+    return {
+        "x": x_bytes,
+        "out": once,
+        "parts": parts,
+        "partials": partials,
+        "total": x_bytes + once + parts + partials,
+        "minimum": minimum,
+    }

@@ -58,10 +58,15 @@ def _layer_norm_modulate_kernel(
     Bias,  # (D,) bias, likewise
     Scale,  # (B, D) scale, likewise
     Shift,  # (B, D) shift, likewise
-    stride_xb, stride_xn, stride_xd,  # X strides in elements
-    stride_w, stride_bias,  # W and Bias strides in elements
-    stride_sb, stride_sd,  # Scale strides in elements
-    stride_tb, stride_td,  # Shift strides in elements
+    stride_xb,
+    stride_xn,
+    stride_xd,  # X strides in elements
+    stride_w,
+    stride_bias,  # W and Bias strides in elements
+    stride_sb,
+    stride_sd,  # Scale strides in elements
+    stride_tb,
+    stride_td,  # Shift strides in elements
     N,  # tokens per sample, >= 1
     D,  # features per token, 1 <= D <= BLOCK_D
     eps,  # added to the variance
@@ -85,9 +90,7 @@ def _layer_norm_modulate_kernel(
     if HAS_BIAS:
         offset = tl.load(Bias + offs * stride_bias, mask=d_valid, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        one_plus_scale = 1.0 + tl.load(Scale + b * stride_sb + offs * stride_sd, mask=d_valid, other=0.0).to(
-            tl.float32
-        )
+        one_plus_scale = 1.0 + tl.load(Scale + b * stride_sb + offs * stride_sd, mask=d_valid, other=0.0).to(tl.float32)
         gain = gain * one_plus_scale
         # A zero bias stays out of the offset: 0 * (1 + s) is NaN for an infinite scale, where the
         # reference gives +-Inf (csrc/common/layer_norm_modulate.h does the same).
@@ -151,11 +154,15 @@ def _check(x: torch.Tensor, parts: dict[str, torch.Tensor | None]) -> None:
             continue
         shape = (D,) if name in ("weight", "bias") else (B, D)
         if tuple(t.shape) != shape or t.device != x.device:
-            raise ValueError(f"layer_norm_modulate (triton): {name} must be a {shape} tensor on {x.device}, got "
-                             f"{tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"layer_norm_modulate (triton): {name} must be a {shape} tensor on {x.device}, got "
+                f"{tuple(t.shape)} on {t.device}"
+            )
     if x.device.type != "cuda" and not _compat.interpreting():
-        raise ValueError(f"layer_norm_modulate (triton): x is on {x.device}; Triton runs CUDA tensors "
-                         "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"layer_norm_modulate (triton): x is on {x.device}; Triton runs CUDA tensors "
+            "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)"
+        )
 
 
 def layer_norm_modulate(

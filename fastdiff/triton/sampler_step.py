@@ -167,11 +167,21 @@ def _sampler_step_kernel(
     SEED,  # one-element int64 [Philox key], or two-element [key, first image] (PHILOX_FIRST) (NOISE_MODE 2), or a dummy
     THRESHOLD,  # (B,) float32/float64 dynamic-threshold s per image (HAS_THRESHOLD), or a dummy
     HIST,  # (B, C, *sp) history h, the previous step's x0, x's dtype (HAS_HIST), or a dummy
-    stride_ob, stride_oc, stride_os,  # OUT and X0 strides: image, channel, flattened spatial
-    stride_xb, stride_xc, stride_xs,  # X strides
-    stride_mb, stride_mc, stride_ms,  # M strides
-    stride_nb, stride_nc, stride_ns,  # NOISE strides
-    stride_hb, stride_hc, stride_hs,  # HIST strides
+    stride_ob,
+    stride_oc,
+    stride_os,  # OUT and X0 strides: image, channel, flattened spatial
+    stride_xb,
+    stride_xc,
+    stride_xs,  # X strides
+    stride_mb,
+    stride_mc,
+    stride_ms,  # M strides
+    stride_nb,
+    stride_nc,
+    stride_ns,  # NOISE strides
+    stride_hb,
+    stride_hc,
+    stride_hs,  # HIST strides
     stride_t,  # THRESHOLD stride
     n,  # C * S, elements per image
     spatial,  # S, spatial elements per channel
@@ -275,8 +285,7 @@ def _sampler_step_kernel(
             else:
                 word = image.to(tl.uint32)
             zero = tl.zeros([BLOCK_Q], dtype=tl.uint32)
-            b0, b1, b2, b3 = _philox4x32_10(quad.to(tl.uint32), zero + word,
-                                            zero + step.to(tl.uint32), zero, k0, k1)
+            b0, b1, b2, b3 = _philox4x32_10(quad.to(tl.uint32), zero + word, zero + step.to(tl.uint32), zero, k0, k1)
             z0, z1 = _box_muller(b0, b1, ACCURATE_MATH)
             z2, z3 = _box_muller(b2, b3, ACCURATE_MATH)
             # join(join(z0, z2), join(z1, z3))[q, k, l] is z_{2k + l}: flattened, the quad's 4 normals in order.
@@ -330,8 +339,7 @@ def _advance_kernel(
         t = tl.load(TIMESTEPS + tl.where(ok, nxt, 0) * stride_ts, mask=ok, other=0)
         for start in range(0, t_numel, BLOCK):
             i = start + tl.arange(0, BLOCK)
-            tl.store(T_IN + i * stride_t, tl.zeros([BLOCK], dtype=T_IN.dtype.element_ty) + t,
-                     mask=(i < t_numel) & ok)
+            tl.store(T_IN + i * stride_t, tl.zeros([BLOCK], dtype=T_IN.dtype.element_ty) + t, mask=(i < t_numel) & ok)
 
 
 ADVANCE_KERNEL = _advance_kernel
@@ -382,27 +390,36 @@ def _in_place_or_copy(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, in
     return t, strides
 
 
-def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_step",
-           history=None) -> None:
+def _check(
+    x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_step", history=None
+) -> None:
     """The launcher's own checks (the torch op may be called without the public op's validation);
     ``op`` names the entry in the messages."""
     if x.dtype not in DTYPES:
-        raise TypeError(f"{op} (triton): x dtype {x.dtype} not supported (float32, float16, bfloat16; "
-                        "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)")
+        raise TypeError(
+            f"{op} (triton): x dtype {x.dtype} not supported (float32, float16, bfloat16; "
+            "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)"
+        )
     if x.dim() < 2 or model_output.dim() != x.dim() or model_output.shape[2:] != x.shape[2:]:
-        raise ValueError(f"{op} (triton): x (B, C, *spatial) and model_output (B or 2B, C or 2C, *spatial) "
-                         f"must agree, got {tuple(x.shape)} and {tuple(model_output.shape)}")
+        raise ValueError(
+            f"{op} (triton): x (B, C, *spatial) and model_output (B or 2B, C or 2C, *spatial) "
+            f"must agree, got {tuple(x.shape)} and {tuple(model_output.shape)}"
+        )
     B, C = x.shape[:2]
     if model_output.shape[0] not in (B, 2 * B) or model_output.shape[1] not in (C, 2 * C):
-        raise ValueError(f"{op} (triton): model_output must have B ({B}) or 2B rows and C ({C}) or 2C "
-                         f"channels, got {tuple(model_output.shape)}")
+        raise ValueError(
+            f"{op} (triton): model_output must have B ({B}) or 2B rows and C ({C}) or 2C "
+            f"channels, got {tuple(model_output.shape)}"
+        )
     if learned_range and model_output.shape[1] != 2 * C:
         raise ValueError(f"{op} (triton): learned_range needs 2C ({2 * C}) model_output channels")
     if model_output.dtype != x.dtype or (noise is not None and (noise.dtype != x.dtype or noise.shape != x.shape)):
         raise TypeError(f"{op} (triton): model_output and noise must have x's dtype (and noise x's shape)")
     if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS or coefs.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op} (triton): coefs must be a float32/float64 (steps, {NUM_COEFS}) table, got "
-                         f"{tuple(coefs.shape)} {coefs.dtype}")
+        raise ValueError(
+            f"{op} (triton): coefs must be a float32/float64 (steps, {NUM_COEFS}) table, got "
+            f"{tuple(coefs.shape)} {coefs.dtype}"
+        )
     if step.dtype != torch.int64 or step.numel() != 1:
         raise TypeError(f"{op} (triton): step must be a one-element int64 tensor")
     if threshold is not None and (threshold.shape != (B,) or threshold.dtype not in (torch.float32, torch.float64)):
@@ -417,8 +434,10 @@ def _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_
     if history is not None:
         _check_history(history, x, op, "x_in[:B]" if op == "sampler_loop_step" else "x")
     if x.device.type != "cuda" and not _compat.interpreting():
-        raise ValueError(f"{op} (triton): tensors are on {x.device}; Triton runs CUDA tensors "
-                         "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)")
+        raise ValueError(
+            f"{op} (triton): tensors are on {x.device}; Triton runs CUDA tensors "
+            "(CPU tensors only in Triton's interpreter, TRITON_INTERPRET=1)"
+        )
 
 
 def _check_history(history, x, op: str, like: str) -> None:
@@ -426,14 +445,28 @@ def _check_history(history, x, op: str, like: str) -> None:
     if not isinstance(history, torch.Tensor):
         raise TypeError(f"{op} (triton): history must be None or a tensor like {like}, got {type(history).__name__}")
     if history.shape != x.shape or history.dtype != x.dtype or history.device != x.device:
-        raise ValueError(f"{op} (triton): history must have {like}'s shape, dtype and device ({tuple(x.shape)}, "
-                         f"{x.dtype}, {x.device}), got ({tuple(history.shape)}, {history.dtype}, {history.device})")
+        raise ValueError(
+            f"{op} (triton): history must have {like}'s shape, dtype and device ({tuple(x.shape)}, "
+            f"{x.dtype}, {x.device}), got ({tuple(history.shape)}, {history.dtype}, {history.device})"
+        )
 
 
-def kernel_constants(dtype: torch.dtype, *, flat: bool, guided: bool, learned: bool, noise_mode: int,
-                     threshold: bool, write_x0: bool, write_out2: bool = False, cfg_tensor: bool = False,
-                     history: bool = False, philox_first: bool = False, config: StepConfig = CONFIG,
-                     interpret: bool = False) -> dict:
+def kernel_constants(
+    dtype: torch.dtype,
+    *,
+    flat: bool,
+    guided: bool,
+    learned: bool,
+    noise_mode: int,
+    threshold: bool,
+    write_x0: bool,
+    write_out2: bool = False,
+    cfg_tensor: bool = False,
+    history: bool = False,
+    philox_first: bool = False,
+    config: StepConfig = CONFIG,
+    interpret: bool = False,
+) -> dict:
     """The constexpr arguments of one kernel build (shared by the launcher and the AOT builds);
     ``write_out2`` and ``cfg_tensor`` are the loop step's (a second x_prev store, a device cfg_scale);
     ``history``: a history tensor is given (its term is added where the row's c_hist is not 0);
@@ -441,17 +474,39 @@ def kernel_constants(dtype: torch.dtype, *, flat: bool, guided: bool, learned: b
     if philox_first and noise_mode != NOISE_PHILOX:
         raise ValueError("sampler_step (triton): philox_first needs Philox noise (noise_mode NOISE_PHILOX)")
     return {
-        "BLOCK_Q": config.block_q, "FLAT": flat, "GUIDED": guided, "LEARNED": learned, "NOISE_MODE": noise_mode,
+        "BLOCK_Q": config.block_q,
+        "FLAT": flat,
+        "GUIDED": guided,
+        "LEARNED": learned,
+        "NOISE_MODE": noise_mode,
         "PHILOX_FIRST": philox_first,
-        "HAS_THRESHOLD": threshold, "WRITE_X0": write_x0, "WRITE_OUT2": write_out2, "CFG_TENSOR": cfg_tensor,
+        "HAS_THRESHOLD": threshold,
+        "WRITE_X0": write_x0,
+        "WRITE_OUT2": write_out2,
+        "CFG_TENSOR": cfg_tensor,
         "HAS_HIST": history,
-        "ACCURATE_MATH": not interpret and libdevice is not None, "RNE_BF16": interpret and dtype == torch.bfloat16,
+        "ACCURATE_MATH": not interpret and libdevice is not None,
+        "RNE_BF16": interpret and dtype == torch.bfloat16,
     }
 
 
-def kernel_args(out, x0, x, model_output, noise, coefs, step, seed, threshold, *, cfg_scale: float | torch.Tensor,
-                clip: float, image0: int = 0, out2: torch.Tensor | None = None,
-                history: torch.Tensor | None = None) -> list:
+def kernel_args(
+    out,
+    x0,
+    x,
+    model_output,
+    noise,
+    coefs,
+    step,
+    seed,
+    threshold,
+    *,
+    cfg_scale: float | torch.Tensor,
+    clip: float,
+    image0: int = 0,
+    out2: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+) -> list:
     """The kernel's runtime arguments, in order (the launcher's and the AOT builds', alike). Absent
     optional tensors are replaced by x (never read: their constexpr switch is off). ``cfg_scale`` is
     a float, or the loop step's one-element device tensor (CFG_TENSOR); ``out2`` (WRITE_OUT2) and
@@ -467,13 +522,41 @@ def kernel_args(out, x0, x, model_output, noise, coefs, step, seed, threshold, *
         if t is not None and _image_strides(t) != (ob, oc, os_):
             raise ValueError(f"sampler_step (triton): the {name} must have the first output's strides")
     return [
-        out, x0 if x0 is not None else out, out2 if out2 is not None else out, x, model_output,
-        noise if noise is not None else x, coefs, step, seed if seed is not None else step,
-        threshold if threshold is not None else coefs, history if history is not None else x,
-        ob, oc, os_, xb, xc, xs, mb, mc, ms, nb, nc, ns, hb, hc, hs,
+        out,
+        x0 if x0 is not None else out,
+        out2 if out2 is not None else out,
+        x,
+        model_output,
+        noise if noise is not None else x,
+        coefs,
+        step,
+        seed if seed is not None else step,
+        threshold if threshold is not None else coefs,
+        history if history is not None else x,
+        ob,
+        oc,
+        os_,
+        xb,
+        xc,
+        xs,
+        mb,
+        mc,
+        ms,
+        nb,
+        nc,
+        ns,
+        hb,
+        hc,
+        hs,
         threshold.stride(0) if threshold is not None else 0,
-        C * spatial, spatial, C, B, image0, coefs.shape[0],
-        cfg_scale if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale), float(clip),
+        C * spatial,
+        spatial,
+        C,
+        B,
+        image0,
+        coefs.shape[0],
+        cfg_scale if isinstance(cfg_scale, torch.Tensor) else float(cfg_scale),
+        float(clip),
     ]
 
 
@@ -518,13 +601,44 @@ def sampler_step(
     x0 = _new_output(x) if return_x0 else None
     if x.numel():
         x, _ = _in_place_or_copy(x)
-        _launch(out, x0, None, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-                philox_seed, history, guided=model_output.shape[0] == 2 * B and B > 0)
+        _launch(
+            out,
+            x0,
+            None,
+            x,
+            model_output,
+            coefs,
+            step,
+            cfg_scale,
+            learned_range,
+            clip,
+            threshold,
+            noise,
+            philox_seed,
+            history,
+            guided=model_output.shape[0] == 2 * B and B > 0,
+        )
     return out, x0 if x0 is not None else x.new_empty((0,))
 
 
-def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise,
-            philox_seed, history, *, guided: bool) -> None:
+def _launch(
+    out,
+    x0,
+    out2,
+    x,
+    model_output,
+    coefs,
+    step,
+    cfg_scale,
+    learned_range,
+    clip,
+    threshold,
+    noise,
+    philox_seed,
+    history,
+    *,
+    guided: bool,
+) -> None:
     """Launch the step kernel over x's (non-empty) batch, in chunks of the grid's image limit."""
     B, C = x.shape[:2]
     model_output, _ = _in_place_or_copy(model_output)
@@ -537,20 +651,44 @@ def _launch(out, x0, out2, x, model_output, coefs, step, cfg_scale, learned_rang
     operands = [out, x, model_output] + [t for t in (noise, history) if t is not None]
     flat = _flat(operands, spatial, C, channel_major=learned_range or philox_seed is not None)
     noise_mode = NOISE_PHILOX if philox_seed is not None else NOISE_TENSOR if noise is not None else NOISE_NONE
-    constants = kernel_constants(x.dtype, flat=flat, guided=guided, learned=bool(learned_range), noise_mode=noise_mode,
-                                 threshold=threshold is not None, write_x0=x0 is not None, write_out2=out2 is not None,
-                                 cfg_tensor=isinstance(cfg_scale, torch.Tensor), history=history is not None,
-                                 philox_first=philox_seed is not None and philox_seed.numel() == 2,
-                                 interpret=_compat.interpreting())
+    constants = kernel_constants(
+        x.dtype,
+        flat=flat,
+        guided=guided,
+        learned=bool(learned_range),
+        noise_mode=noise_mode,
+        threshold=threshold is not None,
+        write_x0=x0 is not None,
+        write_out2=out2 is not None,
+        cfg_tensor=isinstance(cfg_scale, torch.Tensor),
+        history=history is not None,
+        philox_first=philox_seed is not None and philox_seed.numel() == 2,
+        interpret=_compat.interpreting(),
+    )
     kernel = _compat.launchable(_sampler_step_kernel)
     quads = triton.cdiv(n, 4)
     with _on_device(x):
         for image0 in range(0, B, MAX_GRID_Y):
             grid = (triton.cdiv(quads, CONFIG.block_q), min(MAX_GRID_Y, B - image0))
             kernel[grid](
-                *kernel_args(out, x0, x, model_output, noise, coefs, step, philox_seed, threshold,
-                             cfg_scale=cfg_scale, clip=clip, image0=image0, out2=out2, history=history),
-                **constants, num_warps=CONFIG.num_warps,
+                *kernel_args(
+                    out,
+                    x0,
+                    x,
+                    model_output,
+                    noise,
+                    coefs,
+                    step,
+                    philox_seed,
+                    threshold,
+                    cfg_scale=cfg_scale,
+                    clip=clip,
+                    image0=image0,
+                    out2=out2,
+                    history=history,
+                ),
+                **constants,
+                num_warps=CONFIG.num_warps,
             )
 
 
@@ -560,14 +698,22 @@ def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history=None) ->
     if not isinstance(x_in, torch.Tensor) or x_in.dim() < 2:
         raise ValueError(f"{op}: x_in must be a (B or 2B, C, *spatial) tensor")
     if not x_in.is_contiguous():
-        raise ValueError(f"{op}: x_in must be contiguous (the step is written into it in place), got strides "
-                         f"{tuple(x_in.stride())} for shape {tuple(x_in.shape)}")
+        raise ValueError(
+            f"{op}: x_in must be contiguous (the step is written into it in place), got strides "
+            f"{tuple(x_in.stride())} for shape {tuple(x_in.shape)}"
+        )
     if x_in.dtype not in DTYPES:
-        raise TypeError(f"{op}: x_in dtype {x_in.dtype} not supported (float32, float16, bfloat16; "
-                        "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)")
+        raise TypeError(
+            f"{op}: x_in dtype {x_in.dtype} not supported (float32, float16, bfloat16; "
+            "the kernel computes in float32, so float64 goes to the cpu/cuda/reference backends)"
+        )
     if cfg_scale is not None:
-        if not (isinstance(cfg_scale, torch.Tensor) and cfg_scale.numel() == 1
-                and cfg_scale.dtype in (torch.float32, torch.float64) and cfg_scale.device == x_in.device):
+        if not (
+            isinstance(cfg_scale, torch.Tensor)
+            and cfg_scale.numel() == 1
+            and cfg_scale.dtype in (torch.float32, torch.float64)
+            and cfg_scale.device == x_in.device
+        ):
             raise TypeError(f"{op}: cfg_scale must be None or a one-element float32/float64 tensor on x_in's device")
         if x_in.shape[0] % 2:
             raise ValueError(f"{op}: with cfg_scale, x_in holds x_t twice (2B rows), got {x_in.shape[0]} rows")
@@ -578,18 +724,26 @@ def _check_loop(x_in, model_output, cfg_scale, t_in, timesteps, history=None) ->
         if timesteps is None:
             raise ValueError(f"{op}: t_in needs timesteps (t_in becomes timesteps[step + 1])")
         for name, t in (("t_in", t_in), ("timesteps", timesteps)):
-            if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in (torch.int64, torch.float32)
-                    and t.device == x_in.device and t.dtype == t_in.dtype):
-                raise TypeError(f"{op}: {name} must be a 1-D int64 (or float32) tensor on x_in's device, t_in's "
-                                "dtype")
+            if not (
+                isinstance(t, torch.Tensor)
+                and t.dim() == 1
+                and t.dtype in (torch.int64, torch.float32)
+                and t.device == x_in.device
+                and t.dtype == t_in.dtype
+            ):
+                raise TypeError(f"{op}: {name} must be a 1-D int64 (or float32) tensor on x_in's device, t_in's dtype")
     if isinstance(history, torch.Tensor):  # shape, dtype and device: _check, against x_in[:B]
         if not history.is_contiguous():
-            raise ValueError(f"{op}: history must be contiguous (this step's x0 is written into it in place), got "
-                             f"strides {tuple(history.stride())} for shape {tuple(history.shape)}")
+            raise ValueError(
+                f"{op}: history must be contiguous (this step's x0 is written into it in place), got "
+                f"strides {tuple(history.stride())} for shape {tuple(history.shape)}"
+            )
         for name, t in (("x_in", x_in), ("model_output", model_output)):
             if _overlaps(history, t):
-                raise ValueError(f"{op}: history shares memory with {name}; the step writes history while "
-                                 f"reading {name} (give the loop its own buffer)")
+                raise ValueError(
+                    f"{op}: history shares memory with {name}; the step writes history while "
+                    f"reading {name} (give the loop its own buffer)"
+                )
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -645,20 +799,50 @@ def sampler_loop_step(
     guided = cfg_scale is not None
     B = x_in.shape[0] // 2 if guided else x_in.shape[0]
     x = x_in[:B]
-    _check(x, model_output, coefs, step, threshold, noise, philox_seed, learned_range, op="sampler_loop_step",
-           history=history)
+    _check(
+        x,
+        model_output,
+        coefs,
+        step,
+        threshold,
+        noise,
+        philox_seed,
+        learned_range,
+        op="sampler_loop_step",
+        history=history,
+    )
     if x.numel():
         # The history is read (HAS_HIST) and then written as the x0 output: x's strides, both contiguous.
-        _launch(x, history, x_in[B:] if guided else None, x, model_output, coefs, step,
-                cfg_scale if guided else 1.0, learned_range, clip, threshold, noise, philox_seed, history,
-                guided=guided)
+        _launch(
+            x,
+            history,
+            x_in[B:] if guided else None,
+            x,
+            model_output,
+            coefs,
+            step,
+            cfg_scale if guided else 1.0,
+            learned_range,
+            clip,
+            threshold,
+            noise,
+            philox_seed,
+            history,
+            guided=guided,
+        )
     advance = _compat.launchable(_advance_kernel)
     with _on_device(x_in):
         advance[(1,)](
-            step, t_in if t_in is not None else step, timesteps if timesteps is not None else step,
-            t_in.stride(0) if t_in is not None else 0, timesteps.stride(0) if timesteps is not None else 0,
-            t_in.numel() if t_in is not None else 0, timesteps.numel() if timesteps is not None else 0,
-            HAS_T=t_in is not None, BLOCK=ADVANCE_BLOCK, num_warps=1,
+            step,
+            t_in if t_in is not None else step,
+            timesteps if timesteps is not None else step,
+            t_in.stride(0) if t_in is not None else 0,
+            timesteps.stride(0) if timesteps is not None else 0,
+            t_in.numel() if t_in is not None else 0,
+            timesteps.numel() if timesteps is not None else 0,
+            HAS_T=t_in is not None,
+            BLOCK=ADVANCE_BLOCK,
+            num_warps=1,
         )
 
 
@@ -682,10 +866,21 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = False, learned: bool = False,
-                 noise: str = "none", write_x0: bool = False, coef_size: int = 4, threshold_size: int = 0,
-                 history: str = "none", write_history: bool = False, philox_first: bool = False,
-                 config: StepConfig = CONFIG) -> dict[str, int]:
+def design_bytes(
+    x_shape: tuple[int, ...],
+    element_size: int,
+    *,
+    guided: bool = False,
+    learned: bool = False,
+    noise: str = "none",
+    write_x0: bool = False,
+    coef_size: int = 4,
+    threshold_size: int = 0,
+    history: str = "none",
+    write_history: bool = False,
+    philox_first: bool = False,
+    config: StepConfig = CONFIG,
+) -> dict[str, int]:
     """The bytes one launch is designed to move (``noise``: "none", "tensor" or "philox";
     ``threshold_size``: the threshold's element size, 0 without one; ``history``: "none", "read"
     (given, the row's c_hist not 0) or "unread" (given, c_hist 0); ``write_history``: the loop
@@ -738,25 +933,54 @@ def design_bytes(x_shape: tuple[int, ...], element_size: int, *, guided: bool = 
 # launches for a batch that does not start at image 0), and DPM-Solver++ 2M's with the history read
 # and overwritten by x0).
 _AOT_VARIANTS = {
-    "flat-plain": dict(flat=True, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
-                       write_x0=False),
-    "flat-cfg-noise": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_TENSOR, threshold=False,
-                           write_x0=False),
-    "flat-cfg-philox-learned-x0": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX,
-                                       threshold=False, write_x0=True),
-    "split-philox-threshold": dict(flat=False, guided=True, learned=False, noise_mode=NOISE_PHILOX,
-                                   threshold=True, write_x0=True),
-    "flat-cfg-history": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False,
-                             write_x0=False, history=True),
-    "split-history-x0": dict(flat=False, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False,
-                             write_x0=True, history=True),
-    "loop-cfg-philox-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX, threshold=False,
-                                    write_x0=False, write_out2=True, cfg_tensor=True),
-    "loop-cfg-philox-first-learned": dict(flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX,
-                                          threshold=False, write_x0=False, write_out2=True, cfg_tensor=True,
-                                          philox_first=True),
-    "loop-cfg-history": dict(flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False,
-                             write_x0=True, write_out2=True, cfg_tensor=True, history=True),
+    "flat-plain": dict(flat=True, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False, write_x0=False),
+    "flat-cfg-noise": dict(
+        flat=True, guided=True, learned=False, noise_mode=NOISE_TENSOR, threshold=False, write_x0=False
+    ),
+    "flat-cfg-philox-learned-x0": dict(
+        flat=True, guided=True, learned=True, noise_mode=NOISE_PHILOX, threshold=False, write_x0=True
+    ),
+    "split-philox-threshold": dict(
+        flat=False, guided=True, learned=False, noise_mode=NOISE_PHILOX, threshold=True, write_x0=True
+    ),
+    "flat-cfg-history": dict(
+        flat=True, guided=True, learned=False, noise_mode=NOISE_NONE, threshold=False, write_x0=False, history=True
+    ),
+    "split-history-x0": dict(
+        flat=False, guided=False, learned=False, noise_mode=NOISE_NONE, threshold=False, write_x0=True, history=True
+    ),
+    "loop-cfg-philox-learned": dict(
+        flat=True,
+        guided=True,
+        learned=True,
+        noise_mode=NOISE_PHILOX,
+        threshold=False,
+        write_x0=False,
+        write_out2=True,
+        cfg_tensor=True,
+    ),
+    "loop-cfg-philox-first-learned": dict(
+        flat=True,
+        guided=True,
+        learned=True,
+        noise_mode=NOISE_PHILOX,
+        threshold=False,
+        write_x0=False,
+        write_out2=True,
+        cfg_tensor=True,
+        philox_first=True,
+    ),
+    "loop-cfg-history": dict(
+        flat=True,
+        guided=True,
+        learned=False,
+        noise_mode=NOISE_NONE,
+        threshold=False,
+        write_x0=True,
+        write_out2=True,
+        cfg_tensor=True,
+        history=True,
+    ),
 }
 
 
@@ -780,8 +1004,15 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
     if constants["WRITE_OUT2"]:
         x_in = torch.empty(2 * B, C, H, W, dtype=dtype, device="meta")
         x, out2 = x_in[:B], x_in[B:]
-    m = torch.empty(2 * B if constants["GUIDED"] else B, 2 * C if constants["LEARNED"] else C, H, W, dtype=dtype,
-                    device="meta", memory_format=fmt)
+    m = torch.empty(
+        2 * B if constants["GUIDED"] else B,
+        2 * C if constants["LEARNED"] else C,
+        H,
+        W,
+        dtype=dtype,
+        device="meta",
+        memory_format=fmt,
+    )
     noise = torch.empty_like(x) if constants["NOISE_MODE"] == NOISE_TENSOR else None
     seed = None
     if constants["NOISE_MODE"] == NOISE_PHILOX:
@@ -800,8 +1031,21 @@ def aot_example(dtype: torch.dtype, variant: str) -> tuple[list, dict, StepConfi
         else:  # a view of a wider buffer: spatial stride 2
             history = torch.empty(B, C, H, 2 * W, dtype=dtype, device="meta")[..., ::2]
     cfg = torch.empty((), device="meta") if constants["CFG_TENSOR"] else 4.0
-    args = kernel_args(out, x0, x, m, noise, coefs, step, seed, threshold, cfg_scale=cfg,
-                       clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"), out2=out2, history=history)
+    args = kernel_args(
+        out,
+        x0,
+        x,
+        m,
+        noise,
+        coefs,
+        step,
+        seed,
+        threshold,
+        cfg_scale=cfg,
+        clip=1.0 if not constants["HAS_THRESHOLD"] else float("inf"),
+        out2=out2,
+        history=history,
+    )
     return args, constants, CONFIG
 
 
@@ -810,4 +1054,3 @@ def aot_compile(build: tuple[int, torch.dtype, str]):
     from . import aot
 
     return aot.compile_sampler_step_build(*build)
-

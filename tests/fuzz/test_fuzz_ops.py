@@ -664,8 +664,14 @@ def test_sampler_loop_step(case):
             expected, _ = ops.sampler_step(x, m, coefs, s["step"], **kwargs, backend=backend)
         except Exception as exc:  # noqa: BLE001 - whatever sampler_step refuses, the loop step refuses
             with pytest.raises(Exception):  # noqa: B017
-                ops.sampler_loop_step(torch.cat([x, x]) if guided else x.clone(), m, coefs,
-                                      torch.tensor(s["step"]), **loop_kwargs, backend=backend)
+                ops.sampler_loop_step(
+                    torch.cat([x, x]) if guided else x.clone(),
+                    m,
+                    coefs,
+                    torch.tensor(s["step"]),
+                    **loop_kwargs,
+                    backend=backend,
+                )
             note(f"{backend}: both refuse ({exc})")
             continue
         x_in = torch.cat([x, x]) if guided else x.clone()
@@ -683,6 +689,13 @@ def test_sampler_loop_step(case):
 
 def test_fuzz_covers_every_public_op():
     """A new public op needs a fuzz test here."""
-    covered = {"cfg_combine", "group_norm_adagn", "layer_norm_modulate", "attention", "conv3x3", "sampler_step",
-               "sampler_loop_step"}
+    covered = {
+        "cfg_combine",
+        "group_norm_adagn",
+        "layer_norm_modulate",
+        "attention",
+        "conv3x3",
+        "sampler_step",
+        "sampler_loop_step",
+    }
     assert set(ops.__all__) == covered

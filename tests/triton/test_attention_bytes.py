@@ -32,14 +32,19 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_bytes_within_the_design(shape, dtype, interpreted):
     B, H, Nq, Nk, D = shape
-    q, k, v = torch.randn(B, H, Nq, D, dtype=dtype), torch.randn(B, H, Nk, D, dtype=dtype), \
-        torch.randn(B, H, Nk, D, dtype=dtype)
+    q, k, v = (
+        torch.randn(B, H, Nq, D, dtype=dtype),
+        torch.randn(B, H, Nk, D, dtype=dtype),
+        torch.randn(B, H, Nk, D, dtype=dtype),
+    )
     config = triton_attention.configs_for(D, dtype)[0]
     with _compat.interpreter_traffic() as traffic:
         out = triton_attention.flash_attention(q, k, v, config=config)
     design = triton_attention.design_bytes(q.shape, Nk, q.element_size(), config.block_m)
     measured = {
-        "q": traffic.bytes("load", q), "k": traffic.bytes("load", k), "v": traffic.bytes("load", v),
+        "q": traffic.bytes("load", q),
+        "k": traffic.bytes("load", k),
+        "v": traffic.bytes("load", v),
         "o": traffic.bytes("store", out),
     }
     measured["total"] = traffic.bytes("load") + traffic.bytes("store")
@@ -48,8 +53,10 @@ def test_bytes_within_the_design(shape, dtype, interpreted):
         assert design[name] <= measured[name] <= TOLERANCE * design[name], (name, measured, design)
     assert traffic.unique_bytes("load", q) == traffic.bytes("load", q), "q was read more than once"
     assert traffic.unique_bytes("store", out) == traffic.bytes("store", out) == out.numel() * out.element_size()
-    print(f"\n{shape} {dtype} {config}: {measured['total']} B = {measured['total'] / design['total']:.3f} x design, "
-          f"{measured['total'] / design['minimum']:.2f} x every-tensor-once ({design['minimum']} B)")
+    print(
+        f"\n{shape} {dtype} {config}: {measured['total']} B = {measured['total'] / design['total']:.3f} x design, "
+        f"{measured['total'] / design['minimum']:.2f} x every-tensor-once ({design['minimum']} B)"
+    )
 
 
 def test_qkv_views_are_read_in_place(interpreted):

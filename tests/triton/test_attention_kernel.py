@@ -36,8 +36,7 @@ SHAPES = [
 ]
 if full_triton_grid():  # 60 more shapes: every D bucket, odd D, block edges on both sides
     SHAPES += [
-        (2, 3, nq, nk, d)
-        for nq, nk, d in itertools.product([1, 17, 129, 257], [1, 77, 130], [24, 40, 96, 160, 256])
+        (2, 3, nq, nk, d) for nq, nk, d in itertools.product([1, 17, 129, 257], [1, 77, 130], [24, 40, 96, 160, 256])
     ]
 LAYOUTS = ["contiguous", "conv-views", "transposed", "broadcast-kv"]
 
@@ -115,10 +114,10 @@ def test_writes_a_strided_out_and_nothing_else(dtype, triton_device):
     B, H, Nq, Nk, D = 2, 2, 37, 77, 40
     q, k, v = _inputs((B, H, Nq, Nk, D), dtype, "contiguous", triton_device)
     buffer = torch.full((B, H * D + 3, Nq), float("nan"), dtype=dtype, device=triton_device)
-    out = buffer[:, :H * D].view(B, H, D, Nq).transpose(-1, -2)
+    out = buffer[:, : H * D].view(B, H, D, Nq).transpose(-1, -2)
     assert flash_attention(q, k, v, out=out) is out
     _check(out, q, k, v, what="strided out")
-    assert torch.isnan(buffer[:, H * D:]).all(), "the kernel wrote outside out"
+    assert torch.isnan(buffer[:, H * D :]).all(), "the kernel wrote outside out"
 
 
 @pytest.mark.parametrize("scale", [0.3, 0.0, -1.25, 8.0])
@@ -143,8 +142,9 @@ def test_interpreter_still_multiplies_bf16_bit_patterns(monkeypatch, triton_devi
     if triton_device.type != "cpu":
         pytest.skip("about Triton's interpreter; kernels run compiled on this machine's GPU")
     constants = triton_attention.kernel_constants
-    monkeypatch.setattr(triton_attention, "kernel_constants",
-                        lambda *a, **kw: {**constants(*a, **kw), "UPCAST_DOT": False})
+    monkeypatch.setattr(
+        triton_attention, "kernel_constants", lambda *a, **kw: {**constants(*a, **kw), "UPCAST_DOT": False}
+    )
     q, k, v = _inputs((1, 1, 16, 16, 16), torch.bfloat16, "contiguous", triton_device)
     out = flash_attention(q, k, v)
     exact = reference_attention(q.double(), k.double(), v.double())
@@ -250,16 +250,32 @@ def test_triton_module_is_imported_lazily():
     ~0.15 s, and fastdiff must import where Triton is absent)."""
     import subprocess
 
-    code = "import sys, fastdiff; print('triton' in sys.modules, hasattr(__import__('torch').ops.fastdiff, " \
-           "'attention_triton'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-                         cwd=str(Path(fastdiff.__file__).parents[1]))
+    code = (
+        "import sys, fastdiff; print('triton' in sys.modules, hasattr(__import__('torch').ops.fastdiff, "
+        "'attention_triton'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=str(Path(fastdiff.__file__).parents[1]),
+    )
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
 
 
 def test_math_helpers():
     assert [triton_attention.block_d(d) for d in (1, 16, 17, 40, 64, 80, 160, 256)] == [
-        16, 16, 32, 64, 64, 128, 256, 256]
+        16,
+        16,
+        32,
+        64,
+        64,
+        128,
+        256,
+        256,
+    ]
     assert math.isclose(triton_attention._LOG2E, 1 / math.log(2))
 
 
@@ -316,8 +332,10 @@ def test_stride_align_divides_every_offset(make, expected):
     align = triton_attention.stride_align(t)
     assert align == expected
     # every index along a strided axis; along a unit-stride axis the starts of 16-element runs
-    axes = [range(0, size, 16) if stride == 1 and i >= 2 else range(size)
-            for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True))]
+    axes = [
+        range(0, size, 16) if stride == 1 and i >= 2 else range(size)
+        for i, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True))
+    ]
     for index in itertools.product(*axes):
         offset = sum(i * s for i, s in zip(index, t.stride(), strict=True))
         assert offset % align == 0, index

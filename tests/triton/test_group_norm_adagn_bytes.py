@@ -61,9 +61,11 @@ def test_bytes_within_the_design(shape, G, options, dtype, layout, interpreted):
     assert traffic.unique_bytes("store", out) == measured["out"] == out.numel() * out.element_size()
     if p.path == "fused":
         assert traffic.unique_bytes("load", x) == measured["x"], "the fused path read x more than once"
-    print(f"\n{shape} G={G} {dtype} {layout} {p}: {measured['total']} B = "
-          f"{measured['total'] / design['total']:.3f} x design, {measured['total'] / design['minimum']:.3f} x "
-          f"every-tensor-once ({design['minimum']} B)")
+    print(
+        f"\n{shape} G={G} {dtype} {layout} {p}: {measured['total']} B = "
+        f"{measured['total'] / design['total']:.3f} x design, {measured['total'] / design['minimum']:.3f} x "
+        f"every-tensor-once ({design['minimum']} B)"
+    )
 
 
 def test_design_numbers():

@@ -53,8 +53,9 @@ def _poisoned(x):
 
 def _run(x, G, parts, activation, path, shape):
     out = _poisoned(x)
-    result = triton_gn.group_norm_adagn(x, G, **parts, silu=activation == "silu", out=out,
-                                        **_path_options(path, shape, G))
+    result = triton_gn.group_norm_adagn(
+        x, G, **parts, silu=activation == "silu", out=out, **_path_options(path, shape, G)
+    )
     assert result is out
     return out
 
@@ -83,8 +84,7 @@ def test_matches_reference(shape, G, layout, dtype, path, triton_device):
     for kind, activation in _case_parts():
         parts = _make_parts(kind, B, C, dtype, triton_device)
         out = _run(x, G, parts, activation, path, shape)
-        _check(out, x, G, parts, activation, f"{path} {dtype} {shape} G={G} {layout} {kind} "
-                                                               f"act={activation}")
+        _check(out, x, G, parts, activation, f"{path} {dtype} {shape} G={G} {layout} {kind} act={activation}")
 
 
 def _every_combination():
@@ -115,20 +115,29 @@ def test_part_kinds_in_16_bit(dtype, path, triton_device):
     for kind, part_dtype, activation in cases:
         parts = _make_parts(kind, 3, 4, part_dtype, triton_device)
         out = _run(x, G, parts, activation, path, shape)
-        _check(out, x, G, parts, activation, f"{path} {dtype} {kind} parts {part_dtype} "
-                                                               f"{activation}")
+        _check(out, x, G, parts, activation, f"{path} {dtype} {kind} parts {part_dtype} {activation}")
 
 
 # The split path's masked lanes hold (0 - mean) * a, far out here, and SiLU's exp overflows there
 # (to inf, giving -0, never stored); numpy says so.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("path", [
-    pytest.param("fused", marks=pytest.mark.xfail(strict=True, reason=(
-        "fastdiff bug, reported: the fused Triton path's error on this large-mean group (mean 1000, std 0.01) "
-        "is 1.3e-4, 2.7x eager float32's 4.9e-5, past the 2x-eager bound; the split path holds it (seeded "
-        "parts: with the earlier unseeded ones it passed by chance)"))),
-    "split",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(
+            "fused",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "fastdiff bug, reported: the fused Triton path's error on this large-mean group (mean 1000, "
+                    "std 0.01) is 1.3e-4, 2.7x eager float32's 4.9e-5, past the 2x-eager bound; the split path holds "
+                    "it (seeded parts: with the earlier unseeded ones it passed by chance)"
+                ),
+            ),
+        ),
+        "split",
+    ],
+)
 def test_large_mean_small_spread(path, triton_device):
     """|mean| >> std: E[u^2] - E[u]^2 would cancel to noise; centered moments do not."""
     shape, G = (2, 8, 9, 11), 2
@@ -156,8 +165,11 @@ def test_constant_groups_give_bias_exactly(path, triton_device):
 def test_output_format_and_allocation(triton_device):
     """Without ``out``: a new tensor in x's suggested memory format (channels_last_3d too); a
     strided view whose spatial dims merge is read in place, one that does not is copied once."""
-    for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last),
-                        ("strided", torch.contiguous_format)):
+    for layout, fmt in (
+        ("nchw", torch.contiguous_format),
+        ("channels_last", torch.channels_last),
+        ("strided", torch.contiguous_format),
+    ):
         x = _x((2, 12, 5, 7), torch.float32, layout, triton_device)
         out = triton_gn.group_norm_adagn(x, 4, silu=True)
         assert out.is_contiguous(memory_format=fmt), layout
@@ -168,8 +180,7 @@ def test_output_format_and_allocation(triton_device):
     x = base[:, :, :, 1:8]  # rows of 7 in rows of 9: the spatial dims do not merge
     with pytest.raises(RuntimeError):
         x.view(2, 12, -1)
-    _check(triton_gn.group_norm_adagn(x, 4), x, 4, {n: None for n in PART_NAMES}, None,
-                             "unmergeable view")
+    _check(triton_gn.group_norm_adagn(x, 4), x, 4, {n: None for n in PART_NAMES}, None, "unmergeable view")
 
 
 def test_empty_input_returns_empty(triton_device):
@@ -200,16 +211,31 @@ def test_plans():
 @pytest.mark.parametrize(
     ("make", "error", "match"),
     [
-        (lambda d: (torch.randn(2, 8, 3, dtype=torch.float64, device=d), 4, {}), TypeError,
-         r"x dtype torch.float64 not supported"),
+        (
+            lambda d: (torch.randn(2, 8, 3, dtype=torch.float64, device=d), 4, {}),
+            TypeError,
+            r"x dtype torch.float64 not supported",
+        ),
         (lambda d: (torch.randn(2, 8, 3, device=d), 3, {}), ValueError, r"channels \(8\) must be divisible"),
-        (lambda d: (torch.randn(2, 8, 3, device=d).half(), 4, {"scale": torch.randn(2, 8, device=d).bfloat16()}),
-         TypeError, r"scale dtype torch.bfloat16 must be x's dtype \(torch.float16\) or float32"),
-        (lambda d: (torch.randn(2, 8, 3, device=d), 4, {"weight": torch.randn(4, device=d)}), ValueError,
-         r"weight must have shape \(8,\)"),
-        (lambda d: (torch.randn(2, 8, 3, device=d), 4, {"out": torch.empty(2, 8, 3, device=d).transpose(1, 2)
-                                                        .contiguous().transpose(1, 2)}),
-         ValueError, r"out must be a \(2, 8, 3\) torch.float32 tensor .* with strides \(24, 3, 1\)"),
+        (
+            lambda d: (torch.randn(2, 8, 3, device=d).half(), 4, {"scale": torch.randn(2, 8, device=d).bfloat16()}),
+            TypeError,
+            r"scale dtype torch.bfloat16 must be x's dtype \(torch.float16\) or float32",
+        ),
+        (
+            lambda d: (torch.randn(2, 8, 3, device=d), 4, {"weight": torch.randn(4, device=d)}),
+            ValueError,
+            r"weight must have shape \(8,\)",
+        ),
+        (
+            lambda d: (
+                torch.randn(2, 8, 3, device=d),
+                4,
+                {"out": torch.empty(2, 8, 3, device=d).transpose(1, 2).contiguous().transpose(1, 2)},
+            ),
+            ValueError,
+            r"out must be a \(2, 8, 3\) torch.float32 tensor .* with strides \(24, 3, 1\)",
+        ),
     ],
 )
 def test_rejects_what_it_cannot_run(make, error, match, triton_device):

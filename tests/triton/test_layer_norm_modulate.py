@@ -126,10 +126,18 @@ def test_triton_module_is_imported_lazily():
 
     import fastdiff
 
-    code = ("import sys, torch, fastdiff; print('triton' in sys.modules, "
-            "hasattr(torch.ops.fastdiff, 'layer_norm_modulate_triton'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
-                         cwd=str(Path(fastdiff.__file__).parents[1]))
+    code = (
+        "import sys, torch, fastdiff; print('triton' in sys.modules, "
+        "hasattr(torch.ops.fastdiff, 'layer_norm_modulate_triton'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=str(Path(fastdiff.__file__).parents[1]),
+    )
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
 
 
@@ -140,8 +148,9 @@ def _traffic(x, parts, rows):
     with _compat.interpreter_traffic() as traffic:
         out = triton_lnm.layer_norm_modulate(x, **parts, rows=rows)
     present = {k: v for k, v in parts.items() if v is not None}
-    design = triton_lnm.design_bytes(tuple(x.shape), x.element_size(),
-                                     {k: v.element_size() for k, v in present.items()}, rows)
+    design = triton_lnm.design_bytes(
+        tuple(x.shape), x.element_size(), {k: v.element_size() for k, v in present.items()}, rows
+    )
     measured = {"x": traffic.bytes("load", x), "y": traffic.bytes("store", out)}
     measured.update({k: traffic.bytes("load", v) for k, v in present.items() if k in ("weight", "bias")})
     if "scale" in present:  # chunks of one (B, 6D) buffer: their loads are told apart by storage only
@@ -149,8 +158,9 @@ def _traffic(x, parts, rows):
         design["scale+shift"] = design.pop("scale") + design.pop("shift")
     measured["total"] = traffic.bytes("load") + traffic.bytes("store")
     assert measured["total"] == sum(v for k, v in measured.items() if k != "total"), "traffic outside the tensors"
-    assert traffic.unique_bytes("load", x) == traffic.bytes("load", x) == x.numel() * x.element_size(), \
+    assert traffic.unique_bytes("load", x) == traffic.bytes("load", x) == x.numel() * x.element_size(), (
         "x must be read exactly once"
+    )
     assert traffic.unique_bytes("store", out) == traffic.bytes("store", out) == out.numel() * out.element_size()
     return measured, design
 
@@ -173,8 +183,10 @@ def test_bytes_within_the_design(case, dtype, interpreted):
     measured, design = _traffic(x, parts, rows)
     for name in measured:
         assert design[name] <= measured[name] <= TOLERANCE * design[name], (name, measured, design)
-    print(f"\n{case} {dtype}: {measured['total']} B = {measured['total'] / design['total']:.3f} x design, "
-          f"{measured['total'] / design['minimum']:.2f} x every-tensor-once ({design['minimum']} B)")
+    print(
+        f"\n{case} {dtype}: {measured['total']} B = {measured['total'] / design['total']:.3f} x design, "
+        f"{measured['total'] / design['minimum']:.2f} x every-tensor-once ({design['minimum']} B)"
+    )
 
 
 def test_dit_block_moves_little_more_than_every_tensor_once(interpreted):
@@ -193,8 +205,14 @@ def test_design_numbers():
     every-tensor-once in loads, while the re-read parts (8 x 1152 float32 each) come from L2."""
     d = triton_lnm.design_bytes((8, 256, 1152), 2, {"scale": 4, "shift": 4}, 16)
     once = 8 * 256 * 1152 * 2
-    assert d == {"x": once, "y": once, "scale": 8 * 16 * 1152 * 4, "shift": 8 * 16 * 1152 * 4,
-                 "total": 2 * once + 2 * 8 * 16 * 1152 * 4, "minimum": 2 * once + 2 * 8 * 1152 * 4}
+    assert d == {
+        "x": once,
+        "y": once,
+        "scale": 8 * 16 * 1152 * 4,
+        "shift": 8 * 16 * 1152 * 4,
+        "total": 2 * once + 2 * 8 * 16 * 1152 * 4,
+        "minimum": 2 * once + 2 * 8 * 1152 * 4,
+    }
     assert 1.11 < d["total"] / d["minimum"] < 1.12
 
 

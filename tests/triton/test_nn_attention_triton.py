@@ -28,9 +28,11 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 @pytest.mark.parametrize("new_order", [False, True])
 def test_spatial_self_attention_on_triton(dtype, new_order, triton_device):
-    ours, reference = _twins(lambda b: SpatialSelfAttention(80, num_heads=2, num_groups=16,
-                                                            use_new_attention_order=new_order, backend=b),
-                             triton_device, dtype)
+    ours, reference = _twins(
+        lambda b: SpatialSelfAttention(80, num_heads=2, num_groups=16, use_new_attention_order=new_order, backend=b),
+        triton_device,
+        dtype,
+    )
     x = torch.randn(2, 80, 7, 9, device=triton_device, dtype=dtype)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), **TOLERANCE[dtype])

@@ -38,8 +38,19 @@ def _learned(sampler) -> bool:
     return sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
 
 
-def _setup(config, dtype, shape, guided, device, *, noise_mode="none", threshold=False, mo_layout="contiguous",
-           cfg_dtype=torch.float32, seed=0):
+def _setup(
+    config,
+    dtype,
+    shape,
+    guided,
+    device,
+    *,
+    noise_mode="none",
+    threshold=False,
+    mo_layout="contiguous",
+    cfg_dtype=torch.float32,
+    seed=0,
+):
     """(sampler, x_in, model_output, kwargs) for one loop step: x_in holds x twice when guided."""
     sampler = _sampler(config, dtype, device)
     x, out, noise = _inputs(sampler, shape, guided, dtype, device, seed=seed)
@@ -49,7 +60,8 @@ def _setup(config, dtype, shape, guided, device, *, noise_mode="none", threshold
     x_in = torch.cat([x, x]) if guided else x.clone()
     kw = dict(
         cfg_scale=torch.tensor([CFG], dtype=cfg_dtype, device=device) if guided else None,
-        learned_range=_learned(sampler), clip=sampler.clip_x0,
+        learned_range=_learned(sampler),
+        clip=sampler.clip_x0,
         threshold=torch.linspace(1.0, 2.5, B, device=device) if threshold else None,
         noise=noise if noise_mode == "tensor" else None,
         philox_seed=torch.tensor(2**40 + 7, device=device) if noise_mode == "philox" else None,
@@ -66,20 +78,45 @@ def _state(x_in, s, device, with_t=True):
 
 def _run_triton(x_in, out, coefs, step, t_in, timesteps, kw, history=None):
     clip = math.inf if kw["clip"] is None else float(kw["clip"])
-    triton_step.sampler_loop_step(x_in, out, coefs, step, kw["cfg_scale"], kw["learned_range"], clip,
-                                  kw["threshold"], kw["noise"], kw["philox_seed"], t_in, timesteps, history)
+    triton_step.sampler_loop_step(
+        x_in,
+        out,
+        coefs,
+        step,
+        kw["cfg_scale"],
+        kw["learned_range"],
+        clip,
+        kw["threshold"],
+        kw["noise"],
+        kw["philox_seed"],
+        t_in,
+        timesteps,
+        history,
+    )
 
 
 def _run_reference(x_in, out, coefs, step, t_in, timesteps, kw, dtype=None, history=None):
     """The oracle on clones (``dtype``: converted first, float64 for the exact value): (x_in, history)."""
+
     def conv(t):
         return None if t is None else t.clone() if dtype is None else t.to(dtype)
 
     x_in, history = conv(x_in), conv(history)
-    reference_loop_step(x_in, conv(out), coefs if dtype is None else coefs.to(dtype), step,
-                        cfg_scale=kw["cfg_scale"], learned_range=kw["learned_range"], clip=kw["clip"],
-                        threshold=conv(kw["threshold"]), noise=conv(kw["noise"]), philox_seed=kw["philox_seed"],
-                        t_in=t_in, timesteps=timesteps, history=history)
+    reference_loop_step(
+        x_in,
+        conv(out),
+        coefs if dtype is None else coefs.to(dtype),
+        step,
+        cfg_scale=kw["cfg_scale"],
+        learned_range=kw["learned_range"],
+        clip=kw["clip"],
+        threshold=conv(kw["threshold"]),
+        noise=conv(kw["noise"]),
+        philox_seed=kw["philox_seed"],
+        t_in=t_in,
+        timesteps=timesteps,
+        history=history,
+    )
     return x_in, history
 
 
@@ -88,8 +125,20 @@ def _triton_step(x, out, coefs, s, kw, history=None):
     clip = math.inf if kw["clip"] is None else float(kw["clip"])
     cfg = 1.0 if kw["cfg_scale"] is None else float(kw["cfg_scale"].reshape(()))
     step = torch.tensor(s, dtype=torch.int64, device=x.device)
-    return triton_step.sampler_step(x, out, coefs, step, cfg, kw["learned_range"], clip, kw["threshold"],
-                                    kw["noise"], kw["philox_seed"], True, history)
+    return triton_step.sampler_step(
+        x,
+        out,
+        coefs,
+        step,
+        cfg,
+        kw["learned_range"],
+        clip,
+        kw["threshold"],
+        kw["noise"],
+        kw["philox_seed"],
+        True,
+        history,
+    )
 
 
 def _check_step(sampler, x_in0, out, kw, s, device, what, coefs=None, history=None):
@@ -106,8 +155,9 @@ def _check_step(sampler, x_in0, out, kw, s, device, what, coefs=None, history=No
 
     ref_x_in, ref_step, ref_t = _state(x_in0, s, device)
     ref_x_in, ref_hist = _run_reference(ref_x_in, out, coefs, ref_step, ref_t, timesteps, kw, history=history)
-    exact, exact_hist = _run_reference(x_in0, out, coefs, _state(x_in0, s, device)[1], None, None, kw,
-                                       torch.float64, history=history)
+    exact, exact_hist = _run_reference(
+        x_in0, out, coefs, _state(x_in0, s, device)[1], None, None, kw, torch.float64, history=history
+    )
 
     assert x_in.dtype == x_in0.dtype and x_in.shape == x_in0.shape and x_in.is_contiguous()
     if B:
@@ -115,8 +165,9 @@ def _check_step(sampler, x_in0, out, kw, s, device, what, coefs=None, history=No
         torch.testing.assert_close(x_in[:B], same, rtol=0, atol=0, equal_nan=True, msg=f"{what}: not sampler_step's")
         assert_within_eager_bound(x_in[:B].cpu(), ref_x_in[:B].cpu(), exact[:B].cpu(), what)
         if history is not None:
-            torch.testing.assert_close(hist, same_x0, rtol=0, atol=0, equal_nan=True,
-                                       msg=f"{what}: history does not hold sampler_step's x0")
+            torch.testing.assert_close(
+                hist, same_x0, rtol=0, atol=0, equal_nan=True, msg=f"{what}: history does not hold sampler_step's x0"
+            )
             assert_within_eager_bound(hist.cpu(), ref_hist.cpu(), exact_hist.cpu(), what + " history (x0)")
     if guided:
         torch.testing.assert_close(x_in[B:], x_in[:B], rtol=0, atol=0, equal_nan=True, msg=f"{what}: halves differ")
@@ -145,16 +196,25 @@ def test_matches_reference_and_sampler_step(dtype, case, guided, triton_device):
     the 16-bit dtypes, float32 for float32."""
     config, noise_mode, threshold = CASES[case]
     cfg_dtype = torch.float32 if dtype == torch.float32 else torch.float64
-    sampler, x_in, out, kw = _setup(config, dtype, (3, 4, 7, 9), guided, triton_device, noise_mode=noise_mode,
-                                    threshold=threshold, cfg_dtype=cfg_dtype)
+    sampler, x_in, out, kw = _setup(
+        config,
+        dtype,
+        (3, 4, 7, 9),
+        guided,
+        triton_device,
+        noise_mode=noise_mode,
+        threshold=threshold,
+        cfg_dtype=cfg_dtype,
+    )
     if threshold:
         out = out * 4  # x0 past the thresholds
     for s in (4, STEPS - 1):
         _check_step(sampler, x_in, out, kw, s, triton_device, f"{dtype} {case} {'cfg' if guided else 'plain'} step {s}")
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 5, 13), (3, 2, 1, 1), (0, 3, 5, 7)],
-                         ids=["B1-5x7", "B3-1d-13", "B3-1x1", "B0"])
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 5, 7), (3, 5, 13), (3, 2, 1, 1), (0, 3, 5, 7)], ids=["B1-5x7", "B3-1d-13", "B3-1x1", "B0"]
+)
 @pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
 def test_batch_sizes_and_odd_spatial_sizes(shape, guided, triton_device):
     sampler, x_in, out, kw = _setup("ddpm-learned", torch.float16, shape, guided, triton_device, noise_mode="philox")
@@ -165,8 +225,15 @@ def test_batch_sizes_and_odd_spatial_sizes(shape, guided, triton_device):
 @pytest.mark.parametrize("noise_mode", ["tensor", "philox"])
 def test_channels_last_model_output(noise_mode, triton_device):
     """model_output in channels_last (x_in must stay contiguous): read in place, same numbers."""
-    sampler, x_in, out, kw = _setup("ddpm-learned", torch.float32, (2, 4, 5, 3), True, triton_device,
-                                    noise_mode=noise_mode, mo_layout="channels_last")
+    sampler, x_in, out, kw = _setup(
+        "ddpm-learned",
+        torch.float32,
+        (2, 4, 5, 3),
+        True,
+        triton_device,
+        noise_mode=noise_mode,
+        mo_layout="channels_last",
+    )
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     _check_step(sampler, x_in, out, kw, 3, triton_device, f"channels_last {noise_mode}")
 
@@ -179,8 +246,14 @@ def test_philox_numbers_are_the_triton_steps(triton_device):
     x_in = torch.zeros(4, 3, 5, 5, device=triton_device)
     out = torch.zeros_like(x_in)
     seed = torch.tensor(1234, device=triton_device)
-    kw = dict(cfg_scale=torch.tensor([2.0], device=triton_device), learned_range=False, clip=None, threshold=None,
-              noise=None, philox_seed=seed)
+    kw = dict(
+        cfg_scale=torch.tensor([2.0], device=triton_device),
+        learned_range=False,
+        clip=None,
+        threshold=None,
+        noise=None,
+        philox_seed=seed,
+    )
     step = torch.tensor([2], device=triton_device)
     for s in (2, 3):
         _run_triton(x_in, out, coefs, step, None, None, kw)
@@ -226,8 +299,14 @@ def test_empty_batch_still_advances(guided, triton_device):
     sampler = _sampler("ddim-eps", device=triton_device)
     rows = 0
     x_in = torch.empty(rows, 3, 4, 4, device=triton_device)
-    kw = dict(cfg_scale=torch.tensor([2.0], device=triton_device) if guided else None, learned_range=False,
-              clip=None, threshold=None, noise=None, philox_seed=None)
+    kw = dict(
+        cfg_scale=torch.tensor([2.0], device=triton_device) if guided else None,
+        learned_range=False,
+        clip=None,
+        threshold=None,
+        noise=None,
+        philox_seed=None,
+    )
     step = torch.tensor([1], device=triton_device)
     t_in = torch.empty(0, dtype=torch.int64, device=triton_device)
     _run_triton(x_in, x_in, sampler.coefs, step, t_in, torch.tensor(TIMESTEPS, device=triton_device), kw)
@@ -240,8 +319,7 @@ def test_x_in_read_once_and_both_halves_written_once(interpreted):
     halves), and the advance moves the counter and t_in only (besides timesteps[s + 1])."""
     from fastdiff.triton import _compat
 
-    sampler, x_in, out, kw = _setup("ddpm-learned", torch.float16, (2, 4, 9, 7), True, interpreted,
-                                    noise_mode="philox")
+    sampler, x_in, out, kw = _setup("ddpm-learned", torch.float16, (2, 4, 9, 7), True, interpreted, noise_mode="philox")
     x_in, step, t_in = _state(x_in, 3, interpreted)
     timesteps = torch.tensor(TIMESTEPS)
     half = x_in[:2].numel() * x_in.element_size()
@@ -257,25 +335,50 @@ def test_x_in_read_once_and_both_halves_written_once(interpreted):
 
 def _refusal_args(device):
     sampler, x_in, out, kw = _setup("ddim-eps", torch.float32, (2, 3, 4, 4), True, device)
-    return dict(x_in=x_in, model_output=out, coefs=sampler.coefs, step=torch.tensor([0], device=device),
-                cfg_scale=kw["cfg_scale"], learned_range=False, clip=math.inf, threshold=None, noise=None,
-                philox_seed=None, t_in=torch.zeros(4, dtype=torch.int64, device=device),
-                timesteps=torch.tensor(TIMESTEPS, device=device))
+    return dict(
+        x_in=x_in,
+        model_output=out,
+        coefs=sampler.coefs,
+        step=torch.tensor([0], device=device),
+        cfg_scale=kw["cfg_scale"],
+        learned_range=False,
+        clip=math.inf,
+        threshold=None,
+        noise=None,
+        philox_seed=None,
+        t_in=torch.zeros(4, dtype=torch.int64, device=device),
+        timesteps=torch.tensor(TIMESTEPS, device=device),
+    )
 
 
 REFUSALS = {
     # name: (change to the arguments, exception, message)
-    "float64": (lambda a: a.update(x_in=a["x_in"].double(), model_output=a["model_output"].double()), TypeError,
-                "x_in dtype torch.float64 not supported"),
-    "channels_last-x_in": (lambda a: a.update(x_in=a["x_in"].contiguous(memory_format=torch.channels_last)),
-                           ValueError, "x_in must be contiguous"),
-    "strided-x_in": (lambda a: a.update(x_in=torch.cat([a["x_in"], a["x_in"]], -1)[..., ::2]), ValueError,
-                     "x_in must be contiguous"),
-    "odd-rows-guided": (lambda a: a.update(x_in=a["x_in"][:3], model_output=a["model_output"][:3]), ValueError,
-                        "2B rows"),
+    "float64": (
+        lambda a: a.update(x_in=a["x_in"].double(), model_output=a["model_output"].double()),
+        TypeError,
+        "x_in dtype torch.float64 not supported",
+    ),
+    "channels_last-x_in": (
+        lambda a: a.update(x_in=a["x_in"].contiguous(memory_format=torch.channels_last)),
+        ValueError,
+        "x_in must be contiguous",
+    ),
+    "strided-x_in": (
+        lambda a: a.update(x_in=torch.cat([a["x_in"], a["x_in"]], -1)[..., ::2]),
+        ValueError,
+        "x_in must be contiguous",
+    ),
+    "odd-rows-guided": (
+        lambda a: a.update(x_in=a["x_in"][:3], model_output=a["model_output"][:3]),
+        ValueError,
+        "2B rows",
+    ),
     "model_output-rows": (lambda a: a.update(model_output=a["model_output"][:2]), ValueError, "x_in's 4 rows"),
-    "unguided-2B-model_output": (lambda a: a.update(x_in=a["x_in"][:2].contiguous(), cfg_scale=None), ValueError,
-                                 "x_in's 2 rows"),
+    "unguided-2B-model_output": (
+        lambda a: a.update(x_in=a["x_in"][:2].contiguous(), cfg_scale=None),
+        ValueError,
+        "x_in's 2 rows",
+    ),
     "cfg-float": (lambda a: a.update(cfg_scale=2.0), TypeError, "cfg_scale must be None or a one-element"),
     "cfg-int": (lambda a: a.update(cfg_scale=torch.tensor([2])), TypeError, "cfg_scale must be None"),
     "cfg-two": (lambda a: a.update(cfg_scale=torch.tensor([2.0, 3.0])), TypeError, "cfg_scale must be None"),
@@ -283,23 +386,44 @@ REFUSALS = {
     "t_in-int32": (lambda a: a.update(t_in=a["t_in"].int()), TypeError, r"t_in must be a 1-D int64 \(or float32\)"),
     "timesteps-2d": (lambda a: a.update(timesteps=a["timesteps"].view(2, 5)), TypeError, "timesteps must be a 1-D"),
     "step-int32": (lambda a: a.update(step=a["step"].int()), TypeError, "sampler_loop_step \\(triton\\): step must"),
-    "noise-and-philox": (lambda a: a.update(noise=a["x_in"][:2].clone(), philox_seed=torch.tensor(1)), ValueError,
-                         "noise or philox_seed, not both"),
+    "noise-and-philox": (
+        lambda a: a.update(noise=a["x_in"][:2].clone(), philox_seed=torch.tensor(1)),
+        ValueError,
+        "noise or philox_seed, not both",
+    ),
     "learned-with-C-channels": (lambda a: a.update(learned_range=True), ValueError, "learned_range needs 2C"),
-    "history-x_in-rows": (lambda a: a.update(history=torch.zeros_like(a["x_in"])), ValueError,
-                          r"history must have x_in\[:B\]'s shape, dtype and device \(\(2, 3, 4, 4\), torch.float32"),
-    "history-dtype": (lambda a: a.update(history=torch.zeros_like(a["x_in"][:2], dtype=torch.float16)), ValueError,
-                      r"history must have x_in\[:B\]'s shape, dtype and device .* got \(\(2, 3, 4, 4\), "
-                      r"torch.float16"),
-    "history-device": (lambda a: a.update(history=torch.empty(2, 3, 4, 4, device="meta")), ValueError,
-                       r"history must have x_in\[:B\]'s shape, dtype and device .*, meta\)"),
-    "history-strided": (lambda a: a.update(history=torch.zeros(2, 3, 4, 8, device=a["x_in"].device)[..., ::2]),
-                        ValueError, "history must be contiguous"),
-    "history-channels_last": (lambda a: a.update(history=torch.zeros_like(a["x_in"][:2]).contiguous(
-        memory_format=torch.channels_last)), ValueError, "history must be contiguous"),
+    "history-x_in-rows": (
+        lambda a: a.update(history=torch.zeros_like(a["x_in"])),
+        ValueError,
+        r"history must have x_in\[:B\]'s shape, dtype and device \(\(2, 3, 4, 4\), torch.float32",
+    ),
+    "history-dtype": (
+        lambda a: a.update(history=torch.zeros_like(a["x_in"][:2], dtype=torch.float16)),
+        ValueError,
+        r"history must have x_in\[:B\]'s shape, dtype and device .* got \(\(2, 3, 4, 4\), "
+        r"torch.float16",
+    ),
+    "history-device": (
+        lambda a: a.update(history=torch.empty(2, 3, 4, 4, device="meta")),
+        ValueError,
+        r"history must have x_in\[:B\]'s shape, dtype and device .*, meta\)",
+    ),
+    "history-strided": (
+        lambda a: a.update(history=torch.zeros(2, 3, 4, 8, device=a["x_in"].device)[..., ::2]),
+        ValueError,
+        "history must be contiguous",
+    ),
+    "history-channels_last": (
+        lambda a: a.update(history=torch.zeros_like(a["x_in"][:2]).contiguous(memory_format=torch.channels_last)),
+        ValueError,
+        "history must be contiguous",
+    ),
     "history-in-x_in": (lambda a: a.update(history=a["x_in"][2:]), ValueError, "history shares memory with x_in"),
-    "history-in-model_output": (lambda a: a.update(history=a["model_output"][:2]), ValueError,
-                                "history shares memory with model_output"),
+    "history-in-model_output": (
+        lambda a: a.update(history=a["model_output"][:2]),
+        ValueError,
+        "history shares memory with model_output",
+    ),
 }
 
 
@@ -319,8 +443,9 @@ def test_cuda_graph_replay(triton_device):
     and the counter and t_in as the oracle advances them."""
     if triton_device.type != "cuda":
         pytest.skip("CUDA graphs need a GPU (the interpreter runs CPU tensors)")
-    sampler, x_in0, out, kw = _setup("ddpm-learned", torch.float16, (2, 4, 16, 16), True, triton_device,
-                                     noise_mode="philox")
+    sampler, x_in0, out, kw = _setup(
+        "ddpm-learned", torch.float16, (2, 4, 16, 16), True, triton_device, noise_mode="philox"
+    )
     timesteps = torch.tensor(TIMESTEPS, device=triton_device)
     x_in, step, t_in = _state(x_in0, 2, triton_device)
     _run_triton(x_in, out, sampler.coefs, step, t_in, timesteps, kw)  # compile before capturing
@@ -337,8 +462,17 @@ def test_cuda_graph_replay(triton_device):
     for _ in range(3):
         graph.replay()
         _run_triton(eager_x_in, out, sampler.coefs, eager_step, eager_t, timesteps, kw)
-        reference_loop_step(ref_x_in, out, sampler.coefs, ref_step, cfg_scale=kw["cfg_scale"], learned_range=True,
-                            philox_seed=kw["philox_seed"], t_in=ref_t, timesteps=timesteps)
+        reference_loop_step(
+            ref_x_in,
+            out,
+            sampler.coefs,
+            ref_step,
+            cfg_scale=kw["cfg_scale"],
+            learned_range=True,
+            philox_seed=kw["philox_seed"],
+            t_in=ref_t,
+            timesteps=timesteps,
+        )
     torch.cuda.synchronize()
     torch.testing.assert_close(x_in, eager_x_in, rtol=0, atol=0)
     torch.testing.assert_close(x_in, ref_x_in, rtol=1e-2, atol=1e-2)
@@ -365,8 +499,9 @@ def test_history_matches_reference_and_sampler_step(dtype, case, guided, triton_
     sampler, x_in, out, kw = _setup(config, dtype, (3, 4, 7, 9), guided, triton_device, noise_mode=noise_mode)
     table = history_table(sampler)
     B = 3
-    history = torch.randn(x_in[:B].shape, generator=torch.Generator().manual_seed(9)).to(dtype=dtype,
-                                                                                     device=triton_device)
+    history = torch.randn(x_in[:B].shape, generator=torch.Generator().manual_seed(9)).to(
+        dtype=dtype, device=triton_device
+    )
     used = [i for i in range(STEPS) if table[i, 11] != 0]
     unused = [i for i in range(STEPS) if table[i, 11] == 0]
     what = f"{dtype} {case} {'cfg' if guided else 'plain'}"
@@ -374,8 +509,9 @@ def test_history_matches_reference_and_sampler_step(dtype, case, guided, triton_
         _check_step(sampler, x_in, out, kw, s, triton_device, f"{what} step {s}", coefs=table, history=history)
     nan_history = torch.full_like(history, math.nan)
     for s in (unused[0], unused[-1]):
-        _check_step(sampler, x_in, out, kw, s, triton_device, f"{what} step {s} (c_hist 0)", coefs=table,
-                    history=nan_history)
+        _check_step(
+            sampler, x_in, out, kw, s, triton_device, f"{what} step {s} (c_hist 0)", coefs=table, history=nan_history
+        )
         with_nan, step, _ = _state(x_in, s, triton_device, with_t=False)
         hist = nan_history.clone()
         _run_triton(with_nan, out, table, step, None, None, kw, hist)
@@ -407,10 +543,19 @@ def test_dpmpp_2m_loop_from_an_uninitialised_history(dtype, triton_device):
         x, prev_x0 = _triton_step(x, outs[s], table, s, kw, prev_x0)
         torch.testing.assert_close(x_in[:2], x, rtol=0, atol=0, msg=f"{dtype} step {s}")
         torch.testing.assert_close(history, prev_x0, rtol=0, atol=0, msg=f"{dtype} step {s} history")
-        reference_loop_step(ref_x_in, outs[s], table, ref_step, cfg_scale=kw["cfg_scale"], t_in=ref_t,
-                            timesteps=timesteps, history=ref_hist)
-        reference_loop_step(exact_x_in, outs[s].double(), table.double(), exact_step, cfg_scale=kw["cfg_scale"],
-                            history=exact_hist)
+        reference_loop_step(
+            ref_x_in,
+            outs[s],
+            table,
+            ref_step,
+            cfg_scale=kw["cfg_scale"],
+            t_in=ref_t,
+            timesteps=timesteps,
+            history=ref_hist,
+        )
+        reference_loop_step(
+            exact_x_in, outs[s].double(), table.double(), exact_step, cfg_scale=kw["cfg_scale"], history=exact_hist
+        )
     assert x_in.isfinite().all() and step.tolist() == [STEPS] and t_in.tolist() == ref_t.tolist()
     assert_within_eager_bound(x_in.cpu(), ref_x_in.cpu(), exact_x_in.cpu(), f"{dtype} DPM-Solver++ 2M loop")
     assert_within_eager_bound(history.cpu(), ref_hist.cpu(), exact_hist.cpu(), f"{dtype} DPM-Solver++ 2M history")
@@ -433,8 +578,9 @@ def test_history_read_once_and_written_once(row, interpreted):
     size = history.numel() * history.element_size()
     with _compat.interpreter_traffic() as traffic:
         _run_triton(x_in, out, table, step, t_in, timesteps, kw, history)
-    design = triton_step.design_bytes(history.shape, history.element_size(), guided=True,
-                                      history="read" if s else "unread", write_history=True)
+    design = triton_step.design_bytes(
+        history.shape, history.element_size(), guided=True, history="read" if s else "unread", write_history=True
+    )
     assert traffic.bytes("load", history) == traffic.unique_bytes("load", history) == design["history"]
     assert traffic.bytes("store", history) == traffic.unique_bytes("store", history) == design["history_out"] == size
     assert design["history"] == (size if s else 0)

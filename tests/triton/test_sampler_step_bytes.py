@@ -28,14 +28,37 @@ CASES = {
     # name: (shape, dtype, guided, sampler variance, noise, return_x0, threshold, layout)
     "ddim-plain-fp32": ((2, 4, 33, 17), torch.float32, False, None, "none", False, False, "contiguous"),
     "ddim-cfg-x0-fp16": ((2, 4, 33, 17), torch.float16, True, None, "none", True, False, "contiguous"),
-    "ddpm-cfg-noise-bf16": ((3, 3, 20, 20), torch.bfloat16, True, "fixed_small", "tensor", False, False,
-                            "contiguous"),
-    "ddpm-cfg-learned-philox": ((2, 4, 33, 17), torch.float32, True, "learned_range", "philox", True, False,
-                                "contiguous"),
-    "channels_last-cfg-noise": ((2, 4, 33, 17), torch.float32, True, "fixed_small", "tensor", False, False,
-                                "channels_last"),
-    "channels_last-learned-philox": ((2, 4, 33, 17), torch.float16, True, "learned_range", "philox", True,
-                                     False, "channels_last"),
+    "ddpm-cfg-noise-bf16": ((3, 3, 20, 20), torch.bfloat16, True, "fixed_small", "tensor", False, False, "contiguous"),
+    "ddpm-cfg-learned-philox": (
+        (2, 4, 33, 17),
+        torch.float32,
+        True,
+        "learned_range",
+        "philox",
+        True,
+        False,
+        "contiguous",
+    ),
+    "channels_last-cfg-noise": (
+        (2, 4, 33, 17),
+        torch.float32,
+        True,
+        "fixed_small",
+        "tensor",
+        False,
+        False,
+        "channels_last",
+    ),
+    "channels_last-learned-philox": (
+        (2, 4, 33, 17),
+        torch.float16,
+        True,
+        "learned_range",
+        "philox",
+        True,
+        False,
+        "channels_last",
+    ),
     "threshold-fp32": ((2, 4, 33, 17), torch.float32, True, None, "none", True, True, "contiguous"),
 }
 
@@ -45,8 +68,9 @@ def test_bytes_within_the_design(case, interpreted):
     shape, dtype, guided, variance, noise_mode, return_x0, threshold, layout = CASES[case]
     B, C = shape[:2]
     learned = variance == "learned_range"
-    sampler = (DDPMSampler(fastdiff.Schedule(), 10, variance=variance) if variance
-               else DDIMSampler(fastdiff.Schedule(), 10))
+    sampler = (
+        DDPMSampler(fastdiff.Schedule(), 10, variance=variance) if variance else DDIMSampler(fastdiff.Schedule(), 10)
+    )
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
     out = torch.randn((2 * B if guided else B, 2 * C if learned else C) + shape[2:], dtype=dtype)
@@ -57,15 +81,34 @@ def test_bytes_within_the_design(case, interpreted):
     seed = 5 if noise_mode == "philox" else None
     with _compat.interpreter_traffic() as traffic:
         prev, x0 = fastdiff.ops.sampler_step(
-            x, out, sampler.coefs, step, cfg_scale=2.0 if guided else None, learned_range=learned, noise=noise,
-            philox_seed=seed, threshold=thresholds, return_x0=return_x0, backend="triton")
-    design = triton_step.design_bytes(shape, x.element_size(), guided=guided, learned=learned, noise=noise_mode,
-                                      write_x0=return_x0, coef_size=sampler.coefs.element_size(),
-                                      threshold_size=4 if threshold else 0)
+            x,
+            out,
+            sampler.coefs,
+            step,
+            cfg_scale=2.0 if guided else None,
+            learned_range=learned,
+            noise=noise,
+            philox_seed=seed,
+            threshold=thresholds,
+            return_x0=return_x0,
+            backend="triton",
+        )
+    design = triton_step.design_bytes(
+        shape,
+        x.element_size(),
+        guided=guided,
+        learned=learned,
+        noise=noise_mode,
+        write_x0=return_x0,
+        coef_size=sampler.coefs.element_size(),
+        threshold_size=4 if threshold else 0,
+    )
     measured = {
-        "x": traffic.bytes("load", x), "model_output": traffic.bytes("load", out),
+        "x": traffic.bytes("load", x),
+        "model_output": traffic.bytes("load", out),
         "noise": traffic.bytes("load", noise) if noise is not None else 0,
-        "out": traffic.bytes("store", prev), "x0": traffic.bytes("store", x0) if x0 is not None else 0,
+        "out": traffic.bytes("store", prev),
+        "x0": traffic.bytes("store", x0) if x0 is not None else 0,
         "coefs": traffic.bytes("load", sampler.coefs),
     }
     total = traffic.bytes("load") + traffic.bytes("store")
@@ -75,8 +118,10 @@ def test_bytes_within_the_design(case, interpreted):
     assert traffic.unique_bytes("load", x) == traffic.bytes("load", x), "x was read more than once"
     assert traffic.unique_bytes("load", out) == traffic.bytes("load", out), "model_output was read more than once"
     assert traffic.unique_bytes("store", prev) == prev.numel() * prev.element_size()
-    print(f"\n{case}: {total} B = {total / design['total']:.3f} x design, "
-          f"{total / design['minimum']:.4f} x minimum ({design['minimum']} B)")
+    print(
+        f"\n{case}: {total} B = {total / design['total']:.3f} x design, "
+        f"{total / design['minimum']:.4f} x minimum ({design['minimum']} B)"
+    )
 
 
 def test_design_numbers():
@@ -117,15 +162,20 @@ def test_history_bytes_within_the_design(case, interpreted):
     if layout == "strided":
         history = torch.cat([history, history], -1)[..., ::2]
     with _compat.interpreter_traffic() as traffic:
-        prev, x0 = triton_step.sampler_step(x, out, coefs, torch.tensor(i), 2.0, False, math.inf, None, None, None,
-                                            return_x0, history)
+        prev, x0 = triton_step.sampler_step(
+            x, out, coefs, torch.tensor(i), 2.0, False, math.inf, None, None, None, return_x0, history
+        )
     read = coefs[i, 11] != 0
-    design = triton_step.design_bytes(shape, x.element_size(), guided=guided, write_x0=return_x0,
-                                      history="read" if read else "unread")
+    design = triton_step.design_bytes(
+        shape, x.element_size(), guided=guided, write_x0=return_x0, history="read" if read else "unread"
+    )
     measured = {
-        "x": traffic.bytes("load", x), "model_output": traffic.bytes("load", out),
-        "history": traffic.bytes("load", history), "out": traffic.bytes("store", prev),
-        "x0": traffic.bytes("store", x0) if return_x0 else 0, "coefs": traffic.bytes("load", coefs),
+        "x": traffic.bytes("load", x),
+        "model_output": traffic.bytes("load", out),
+        "history": traffic.bytes("load", history),
+        "out": traffic.bytes("store", prev),
+        "x0": traffic.bytes("store", x0) if return_x0 else 0,
+        "coefs": traffic.bytes("load", coefs),
     }
     total = traffic.bytes("load") + traffic.bytes("store")
     for name, value in measured.items():

@@ -48,8 +48,9 @@ def _run(op, sampler, x, out, seed, *, s=S, cfg=None, coefs=None):
     clip = math.inf if sampler is None or sampler.clip_x0 is None else float(sampler.clip_x0)
     if op == "sampler_step":
         step = torch.tensor(s, dtype=torch.int64, device=x.device)
-        return triton_step.sampler_step(x, out, coefs, step, 1.0 if cfg is None else cfg, learned, clip, None, None,
-                                        seed, False)[0]
+        return triton_step.sampler_step(
+            x, out, coefs, step, 1.0 if cfg is None else cfg, learned, clip, None, None, seed, False
+        )[0]
     x_in = torch.cat([x, x]) if cfg is not None else x.clone()
     step = torch.tensor([s], dtype=torch.int64, device=x.device)
     cfg_t = None if cfg is None else torch.tensor([cfg], dtype=torch.float64, device=x.device)
@@ -64,8 +65,16 @@ def _oracle(sampler, x, out, first, *, cfg=None, dtype=None):
     B = x.shape[0]
     z = philox_normal(KEY, S, B, math.prod(x.shape[1:]), first=first).view(x.shape).to(x.device)
     conv = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-    return reference_step(conv(x), conv(out), conv(sampler.coefs), S, cfg_scale=cfg,
-                          learned_range=learned_range(sampler), clip=sampler.clip_x0, noise=z)[0]
+    return reference_step(
+        conv(x),
+        conv(out),
+        conv(sampler.coefs),
+        S,
+        cfg_scale=cfg,
+        learned_range=learned_range(sampler),
+        clip=sampler.clip_x0,
+        noise=z,
+    )[0]
 
 
 def _rows(t, rows, guided):
@@ -153,8 +162,8 @@ def test_guided_loop_step_writes_both_halves_with_the_offset_noise(dtype, triton
     # A float64 cfg tensor rounds to float32 in the kernel, as sampler_step's float argument does.
     step = _run("sampler_step", sampler, sub_x, sub_out, seed, cfg=CFG)
     torch.testing.assert_close(x_in[:B], step, rtol=0, atol=0, msg="not sampler_step's")
-    torch.testing.assert_close(x_in[:B], whole[FIRST:SHAPE[0]], rtol=0, atol=0, msg="not images 5..7 (first half)")
-    torch.testing.assert_close(x_in[B:], whole[SHAPE[0] + FIRST:], rtol=0, atol=0, msg="not images 5..7 (second)")
+    torch.testing.assert_close(x_in[:B], whole[FIRST : SHAPE[0]], rtol=0, atol=0, msg="not images 5..7 (first half)")
+    torch.testing.assert_close(x_in[B:], whole[SHAPE[0] + FIRST :], rtol=0, atol=0, msg="not images 5..7 (second)")
     cfg32 = float(torch.tensor(CFG, dtype=torch.float32))
     eager = _oracle(sampler, sub_x, sub_out, FIRST, cfg=cfg32)
     exact = _oracle(sampler, sub_x, sub_out, FIRST, cfg=cfg32, dtype=torch.float64)
@@ -223,4 +232,4 @@ def test_cuda_graph_replays_with_a_new_first_image(triton_device):
     torch.cuda.synchronize()
     assert step.tolist() == [S + 1]
     torch.testing.assert_close(x_in[:B], whole[2:5], rtol=0, atol=0)
-    torch.testing.assert_close(x_in[B:], whole[SHAPE[0] + 2:SHAPE[0] + 5], rtol=0, atol=0)
+    torch.testing.assert_close(x_in[B:], whole[SHAPE[0] + 2 : SHAPE[0] + 5], rtol=0, atol=0)

@@ -55,8 +55,9 @@ def poisoned(monkeypatch):
 
 def _step(x, out, sampler, i, **kw):
     learned = sampler.variance == "learned_range" and isinstance(sampler, DDPMSampler)
-    return fastdiff.ops.sampler_step(x, out, sampler.coefs, i, learned_range=learned, clip=sampler.clip_x0,
-                                     return_x0=True, backend="triton", **kw)
+    return fastdiff.ops.sampler_step(
+        x, out, sampler.coefs, i, learned_range=learned, clip=sampler.clip_x0, return_x0=True, backend="triton", **kw
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -70,13 +71,21 @@ def test_matches_oracle(dtype, config, guided, triton_device, poisoned):
             for i in STEP_INDICES:
                 step_noise = noise if sampler.draws_noise(i) else None
                 history = noise if sampler.multistep else None  # the previous x0: any values
-                got, x0 = _step(x, out, sampler, i, cfg_scale=3.5 if guided else None, noise=step_noise,
-                                history=history)
+                got, x0 = _step(
+                    x, out, sampler, i, cfg_scale=3.5 if guided else None, noise=step_noise, history=history
+                )
                 xc, oc, nc = x.cpu(), out.cpu(), None if step_noise is None else step_noise.cpu()
                 hc = None if history is None else history.cpu()
-                exact_prev, exact_x0 = _oracle(sampler, i, xc.double(), oc.double(),
-                                               None if nc is None else nc.double(), 3.5, False,
-                                               None if hc is None else hc.double())
+                exact_prev, exact_x0 = _oracle(
+                    sampler,
+                    i,
+                    xc.double(),
+                    oc.double(),
+                    None if nc is None else nc.double(),
+                    3.5,
+                    False,
+                    None if hc is None else hc.double(),
+                )
                 eager_prev, eager_x0 = _oracle(sampler, i, xc, oc, nc, 3.5, False, hc)
                 what = f"triton {dtype} {config} {'cfg' if guided else 'plain'} {shape_name} step {i} seed {seed}"
                 assert got.dtype == dtype and got.shape == x.shape and got.device == x.device
@@ -206,13 +215,16 @@ def test_philox_normals(seed, triton_device):
         err = (z - z64).abs()
         worst = int(err.argmax())
         assert (err <= bound).all(), f"seed {seed} step {step}: {int((err > bound).sum())} normals over the bound"
-        print(f"\nseed {seed} step {step}: max |z - z64| {err.max():.3g} (at |z| {z64.flatten()[worst]:.3g}); "
-              f"{(z == z64.float().double()).double().mean():.1%} equal to the oracle rounded to float32")
+        print(
+            f"\nseed {seed} step {step}: max |z - z64| {err.max():.3g} (at |z| {z64.flatten()[worst]:.3g}); "
+            f"{(z == z64.float().double()).double().mean():.1%} equal to the oracle rounded to float32"
+        )
     one = _normals(triton_device, seed, 7, (1,) + shape[1:]).cpu()
     torch.testing.assert_close(one[0], _normals(triton_device, seed, 7, shape).cpu()[0], rtol=0, atol=0)
     assert not torch.equal(_normals(triton_device, seed, 6, shape).cpu(), _normals(triton_device, seed, 7, shape).cpu())
-    assert not torch.equal(_normals(triton_device, seed ^ 1, 7, shape).cpu(),
-                           _normals(triton_device, seed, 7, shape).cpu())
+    assert not torch.equal(
+        _normals(triton_device, seed ^ 1, 7, shape).cpu(), _normals(triton_device, seed, 7, shape).cpu()
+    )
 
 
 @pytest.mark.skipif(not _native.status()["built"], reason=f"fastdiff._C not built: {_native.status()['reason']}")
@@ -260,8 +272,9 @@ def test_empty_batch_and_one_element(triton_device):
     x = torch.randn(1, 1, device=triton_device)
     m = torch.randn(2, 1, device=triton_device)
     got, _ = fastdiff.ops.sampler_step(x, m, sampler.coefs, 1, cfg_scale=2.0, philox_seed=3, backend="triton")
-    ref, _ = fastdiff.ops.sampler_step(x.cpu(), m.cpu(), sampler.coefs.cpu(), 1, cfg_scale=2.0, philox_seed=3,
-                                       backend="reference")
+    ref, _ = fastdiff.ops.sampler_step(
+        x.cpu(), m.cpu(), sampler.coefs.cpu(), 1, cfg_scale=2.0, philox_seed=3, backend="reference"
+    )
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -270,8 +283,9 @@ def test_float64_is_refused_with_the_reason(triton_device):
     x = torch.randn(2, 3, 4, device=triton_device, dtype=torch.float64)
     with pytest.raises(fastdiff.backends.BackendUnavailableError, match="float32") as info:
         fastdiff.ops.sampler_step(x, x, sampler.coefs, 1, backend="triton")
-    assert any("dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in r
-               for r in info.value.reasons)
+    assert any(
+        "dtype torch.float64 not supported (supported: float32, float16, bfloat16)" in r for r in info.value.reasons
+    )
 
 
 def test_the_sampler_fast_path_runs_triton(triton_device):
@@ -294,13 +308,27 @@ def test_the_sampler_fast_path_runs_triton(triton_device):
 @pytest.mark.parametrize("variant", ["plain", "cfg-learned-x0", "philox-clip-channels_last", "threshold-noise"])
 def test_opcheck(dtype, variant, triton_device):
     sampler = _sampler("ddpm-learned" if "learned" in variant else "ddim-v-eta-clip", dtype, triton_device)
-    x, out, noise = _inputs(sampler, (2, 3, 5, 4), "cfg" in variant, dtype, triton_device,
-                            layout="channels_last" if "channels_last" in variant else "contiguous")
-    args = (x, out, sampler.coefs, torch.tensor(3, device=triton_device), 2.0, "learned" in variant,
-            1.0 if "clip" in variant else math.inf,
-            torch.full((2,), 1.3, device=triton_device) if "threshold" in variant else None,
-            noise if "noise" in variant else None,
-            torch.tensor(11, device=triton_device) if "philox" in variant else None, "x0" in variant)
+    x, out, noise = _inputs(
+        sampler,
+        (2, 3, 5, 4),
+        "cfg" in variant,
+        dtype,
+        triton_device,
+        layout="channels_last" if "channels_last" in variant else "contiguous",
+    )
+    args = (
+        x,
+        out,
+        sampler.coefs,
+        torch.tensor(3, device=triton_device),
+        2.0,
+        "learned" in variant,
+        1.0 if "clip" in variant else math.inf,
+        torch.full((2,), 1.3, device=triton_device) if "threshold" in variant else None,
+        noise if "noise" in variant else None,
+        torch.tensor(11, device=triton_device) if "philox" in variant else None,
+        "x0" in variant,
+    )
     torch.library.opcheck(torch.ops.fastdiff.sampler_step_triton.default, args)
 
 
@@ -331,19 +359,37 @@ def _history_step(x, out, table, i, history, *, sampler, guided, noise_mode, noi
     step = torch.tensor(i, device=x.device)
     clip = math.inf if sampler.clip_x0 is None else float(sampler.clip_x0)
     return triton_step.sampler_step(
-        x, out, table, step, 3.5 if guided else 1.0, learned_range(sampler), clip, None,
+        x,
+        out,
+        table,
+        step,
+        3.5 if guided else 1.0,
+        learned_range(sampler),
+        clip,
+        None,
         noise if noise_mode == "tensor" else None,
-        torch.tensor(77, device=x.device) if noise_mode == "philox" else None, return_x0, history)
+        torch.tensor(77, device=x.device) if noise_mode == "philox" else None,
+        return_x0,
+        history,
+    )
 
 
 def _history_reference(x, out, table, i, history, *, sampler, guided, noise_mode, noise, exact):
     """fastdiff.reference.sampler_step with the history: float64 (exact) or in x's dtype (eager)."""
     conv = (lambda t: None if t is None else t.cpu().double()) if exact else (lambda t: None if t is None else t.cpu())
-    return reference_step(conv(x), conv(out), conv(table), i, cfg_scale=3.5 if guided else None,
-                          learned_range=learned_range(sampler), clip=sampler.clip_x0,
-                          noise=conv(noise) if noise_mode == "tensor" else None,
-                          philox_seed=77 if noise_mode == "philox" else None, history=conv(history),
-                          upcast=exact)
+    return reference_step(
+        conv(x),
+        conv(out),
+        conv(table),
+        i,
+        cfg_scale=3.5 if guided else None,
+        learned_range=learned_range(sampler),
+        clip=sampler.clip_x0,
+        noise=conv(noise) if noise_mode == "tensor" else None,
+        philox_seed=77 if noise_mode == "philox" else None,
+        history=conv(history),
+        upcast=exact,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -429,8 +475,9 @@ def test_history_layouts(layout, triton_device, poisoned):
         viewed = _views(history, h_layout)
     assert torch.equal(viewed, history) and (h_layout == "contiguous" or not viewed.is_contiguous())
     got, x0 = _history_step(x, out, table, i, viewed, **kw)
-    same, same_x0 = _history_step(x, out, table, i, history.contiguous(memory_format=triton_step.memory_format(x)),
-                                  **kw)
+    same, same_x0 = _history_step(
+        x, out, table, i, history.contiguous(memory_format=triton_step.memory_format(x)), **kw
+    )
     torch.testing.assert_close(got, same, rtol=0, atol=0)
     torch.testing.assert_close(x0, same_x0, rtol=0, atol=0)
     exact = _history_reference(x, out, table, i, history, exact=True, **kw)
@@ -442,21 +489,31 @@ def test_history_out_of_range_step_writes_nan(triton_device):
     sampler = _sampler("dpmpp_2m-v", device=triton_device)
     table = history_table(sampler)
     x, out, _ = _inputs(sampler, (2, 3, 5, 4), False, torch.float32, triton_device)
-    got, x0 = _history_step(x, out, table, STEPS, torch.randn_like(x), sampler=sampler, guided=False,
-                            noise_mode="none", noise=None)
+    got, x0 = _history_step(
+        x, out, table, STEPS, torch.randn_like(x), sampler=sampler, guided=False, noise_mode="none", noise=None
+    )
     assert got.isnan().all() and x0.isnan().all()
 
 
 HISTORY_REFUSALS = {
     # name: (the history given for x of shape (2, 3, 5, 4) float32, exception, message)
-    "shape": (lambda x: torch.randn(2, 3, 5, 5), ValueError,
-              r"history must have x's shape, dtype and device \(\(2, 3, 5, 4\), torch.float32, cpu\), "
-              r"got \(\(2, 3, 5, 5\), torch.float32, cpu\)"),
+    "shape": (
+        lambda x: torch.randn(2, 3, 5, 5),
+        ValueError,
+        r"history must have x's shape, dtype and device \(\(2, 3, 5, 4\), torch.float32, cpu\), "
+        r"got \(\(2, 3, 5, 5\), torch.float32, cpu\)",
+    ),
     "batch": (lambda x: torch.randn(4, 3, 5, 4), ValueError, r"got \(\(4, 3, 5, 4\)"),
-    "dtype": (lambda x: torch.randn(2, 3, 5, 4, dtype=torch.float16), ValueError,
-              r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float16"),
-    "device": (lambda x: torch.empty(2, 3, 5, 4, device="meta"), ValueError,
-               r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float32, meta\)"),
+    "dtype": (
+        lambda x: torch.randn(2, 3, 5, 4, dtype=torch.float16),
+        ValueError,
+        r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float16",
+    ),
+    "device": (
+        lambda x: torch.empty(2, 3, 5, 4, device="meta"),
+        ValueError,
+        r"history must have x's shape, dtype and device .* got \(\(2, 3, 5, 4\), torch.float32, meta\)",
+    ),
     "not-a-tensor": (lambda x: [[0.0]], TypeError, "history must be None or a tensor like x, got list"),
 }
 
@@ -472,5 +529,6 @@ def test_history_refusals(name, triton_device):
     if name == "device" and triton_device.type != "cpu":
         message = message.replace("cpu", str(x.device))
     with pytest.raises(error, match=message):
-        _history_step(x, out, history_table(sampler), 1, history, sampler=sampler, guided=False, noise_mode="none",
-                      noise=None)
+        _history_step(
+            x, out, history_table(sampler), 1, history, sampler=sampler, guided=False, noise_mode="none", noise=None
+        )
