@@ -33,7 +33,8 @@ inline void check_cfg_combine_dtype_and_scale(const at::Tensor& model_out, doubl
 inline void check_cfg_combine_rows(int64_t rows) {
   TORCH_CHECK(rows >= 2 && rows % 2 == 0,
               "cfg_combine: model_out must have an even number of rows [uncond; cond] on dim 0 "
-              "(at least 2), got ", rows);
+              "(at least 2), got ",
+              rows);
 }
 
 }  // namespace fastdiff

@@ -39,8 +39,7 @@ inline void check_group_norm_adagn_part(const char* name, const std::optional<at
     return;
   }
   const at::Tensor& t = *part;
-  TORCH_CHECK(t.device() == x.device(), "group_norm_adagn: ", name, " is on ", t.device(), " but x is on ",
-              x.device());
+  TORCH_CHECK(t.device() == x.device(), "group_norm_adagn: ", name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat, "group_norm_adagn: ", name,
               " dtype must be x's dtype (", x.scalar_type(), ") or float32, got ", t.scalar_type());
   const char* expected = per_sample ? "(B, C)" : "(C,)";
@@ -48,8 +47,8 @@ inline void check_group_norm_adagn_part(const char* name, const std::optional<at
   const c10::SymInt& C = x.sym_size(1);
   TORCH_CHECK(t.dim() == (per_sample ? 2 : 1), "group_norm_adagn: ", name, " must have shape ", expected, " = ",
               per_sample ? c10::SymIntArrayRef({B, C}) : c10::SymIntArrayRef({C}), ", got ", t.sym_sizes());
-  const c10::SymBool same = per_sample ? t.sym_size(0).sym_eq(B).sym_and(t.sym_size(1).sym_eq(C))
-                                       : t.sym_size(0).sym_eq(C);
+  const c10::SymBool same =
+      per_sample ? t.sym_size(0).sym_eq(B).sym_and(t.sym_size(1).sym_eq(C)) : t.sym_size(0).sym_eq(C);
   TORCH_SYM_CHECK(same, "group_norm_adagn: ", name, " must have shape ", expected, " = ",
                   per_sample ? c10::SymIntArrayRef({B, C}) : c10::SymIntArrayRef({C}), ", got ", t.sym_sizes());
 }
@@ -77,8 +76,6 @@ inline void check_group_norm_adagn(const at::Tensor& x, int64_t num_groups, cons
 
 // The output's memory format: x's own (what F.group_norm returns too). The kernels run on
 // x.contiguous(format), a copy only for inputs that are dense in neither layout.
-inline at::MemoryFormat group_norm_adagn_format(const at::Tensor& x) {
-  return x.suggest_memory_format();
-}
+inline at::MemoryFormat group_norm_adagn_format(const at::Tensor& x) { return x.suggest_memory_format(); }
 
 }  // namespace fastdiff

@@ -31,8 +31,8 @@ at::Tensor layer_norm_modulate_cuda(const at::Tensor& x, const std::optional<at:
 
 // One optional part: x's device, x's dtype or float32, shape (D,) or (B, D) (compared as SymInts, so
 // the Meta implementation checks symbolic shapes with the same code).
-inline void check_layer_norm_modulate_part(const char* name, const std::optional<at::Tensor>& part,
-                                           const at::Tensor& x, bool per_sample) {
+inline void check_layer_norm_modulate_part(const char* name, const std::optional<at::Tensor>& part, const at::Tensor& x,
+                                           bool per_sample) {
   if (!part.has_value()) {
     return;
   }
@@ -48,10 +48,10 @@ inline void check_layer_norm_modulate_part(const char* name, const std::optional
   const std::vector<c10::SymInt> want = per_sample ? std::vector<c10::SymInt>{B, D} : std::vector<c10::SymInt>{D};
   TORCH_CHECK(t.dim() == (per_sample ? 2 : 1), "layer_norm_modulate: ", name, " must have shape ", expected, " = ",
               c10::SymIntArrayRef(want), ", got ", t.sym_sizes());
-  const c10::SymBool same = per_sample ? t.sym_size(0).sym_eq(B).sym_and(t.sym_size(1).sym_eq(D))
-                                       : t.sym_size(0).sym_eq(D);
-  TORCH_SYM_CHECK(same, "layer_norm_modulate: ", name, " must have shape ", expected, " = ",
-                  c10::SymIntArrayRef(want), ", got ", t.sym_sizes());
+  const c10::SymBool same =
+      per_sample ? t.sym_size(0).sym_eq(B).sym_and(t.sym_size(1).sym_eq(D)) : t.sym_size(0).sym_eq(D);
+  TORCH_SYM_CHECK(same, "layer_norm_modulate: ", name, " must have shape ", expected, " = ", c10::SymIntArrayRef(want),
+                  ", got ", t.sym_sizes());
 }
 
 // The checks every implementation (CPU, CUDA, Meta) runs first; they guard direct torch.ops calls.

@@ -17,27 +17,27 @@ namespace fastdiff {
 // (x_prev, x0); x0 is empty unless return_x0. history (like x, optional): a multistep solver's
 // previous x0, added with the row's c_hist weight.
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
-                                                    const at::Tensor& coefs, const at::Tensor& step,
-                                                    double cfg_scale, bool learned_range, double clip,
+                                                    const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                    bool learned_range, double clip,
                                                     const std::optional<at::Tensor>& threshold,
                                                     const std::optional<at::Tensor>& noise,
                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0,
                                                     const std::optional<at::Tensor>& history);
 std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const at::Tensor& model_output,
-                                                     const at::Tensor& coefs, const at::Tensor& step,
-                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                     bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Tensor>& philox_seed, bool return_x0,
-                                                    const std::optional<at::Tensor>& history);
+                                                     const std::optional<at::Tensor>& history);
 #ifdef FASTDIFF_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
-                                                     const at::Tensor& coefs, const at::Tensor& step,
-                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                     bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Tensor>& philox_seed, bool return_x0,
-                                                    const std::optional<at::Tensor>& history);
+                                                     const std::optional<at::Tensor>& history);
 #endif
 
 // sampler_loop_step: the sampling loop's step, in place and CUDA-graph capturable. x_in is the
@@ -61,14 +61,14 @@ void sampler_loop_step_meta(const at::Tensor& x_in, const at::Tensor& model_outp
                             double clip, const std::optional<at::Tensor>& threshold,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
                             const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
-                           const std::optional<at::Tensor>& history);
+                            const std::optional<at::Tensor>& history);
 #ifdef FASTDIFF_WITH_CUDA
 void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& coefs,
                             const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale, bool learned_range,
                             double clip, const std::optional<at::Tensor>& threshold,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
                             const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
-                           const std::optional<at::Tensor>& history);
+                            const std::optional<at::Tensor>& history);
 #endif
 
 // What the shared sampler_step checks call the op and its x in their messages.
@@ -82,10 +82,10 @@ inline constexpr StepOpNames kSamplerStepNames{"sampler_step", "x"};
 // output, the noise and the outputs (defined in csrc/cpu/sampler_step.cpp, used by CPU and CUDA).
 struct SamplerStepPlan {
   at::Tensor x, model_output, noise, hist, out, x0;  // noise/hist/x0 undefined when absent; the loop
-                                                    // step's x0 is its history buffer, hist itself
-  at::Tensor out2;                             // a second copy of out (sampler_loop_step's x_in[B:]), or undefined
-  int64_t batch = 0, n = 0, mn = 0;            // B, elements per image, model-output elements per row
-  bool guided = false;                         // model_output has 2B rows
+                                                     // step's x0 is its history buffer, hist itself
+  at::Tensor out2;                   // a second copy of out (sampler_loop_step's x_in[B:]), or undefined
+  int64_t batch = 0, n = 0, mn = 0;  // B, elements per image, model-output elements per row
+  bool guided = false;               // model_output has 2B rows
   at::MemoryFormat format = at::MemoryFormat::Contiguous;  // of x as given: outputs are returned in it
 };
 SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
@@ -95,10 +95,9 @@ SamplerStepPlan plan_sampler_step(const at::Tensor& x, const at::Tensor& model_o
                                   const std::optional<at::Tensor>& history);
 // sampler_loop_step's plan: x = x_in[:B] itself, out = x (in place), out2 = x_in[B:] with guidance;
 // x_in must be contiguous, the model output and noise are made so. All of its checks first.
-SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor& model_output,
-                                       const at::Tensor& coefs, const at::Tensor& step,
-                                       const std::optional<at::Tensor>& cfg_scale, bool learned_range, double clip,
-                                       const std::optional<at::Tensor>& threshold,
+SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& coefs,
+                                       const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale,
+                                       bool learned_range, double clip, const std::optional<at::Tensor>& threshold,
                                        const std::optional<at::Tensor>& noise,
                                        const std::optional<at::Tensor>& philox_seed,
                                        const std::optional<at::Tensor>& t_in,
@@ -108,8 +107,7 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
 void check_sampler_step_static(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
                                const at::Tensor& step, double cfg_scale, double clip,
                                const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
-                               const std::optional<at::Tensor>& philox_seed,
-                               const std::optional<at::Tensor>& history,
+                               const std::optional<at::Tensor>& philox_seed, const std::optional<at::Tensor>& history,
                                const StepOpNames& names = kSamplerStepNames);
 // Outputs in x's memory format (the plan may have computed in another one).
 std::tuple<at::Tensor, at::Tensor> finish_sampler_step(const SamplerStepPlan& plan);

@@ -41,8 +41,8 @@ void autograd_or_companion(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   }
   const std::string companion = schema.name() + "_autograd";
   auto handle = c10::Dispatcher::singleton().findSchema({companion, schema.overload_name()});
-  TORCH_CHECK(handle.has_value(), schema.name(), ": an input requires grad, but the backward formula (",
-              companion, ") is not registered; import fastdiff.ops, which registers it");
+  TORCH_CHECK(handle.has_value(), schema.name(), ": an input requires grad, but the backward formula (", companion,
+              ") is not registered; import fastdiff.ops, which registers it");
   handle->callBoxed(stack);
 }
 

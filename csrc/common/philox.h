@@ -70,8 +70,7 @@ FASTDIFF_INLINE void philox_normal4(Philox4 bits, float out[4]) {
 // counter (index / 4, image, step, 0), key = the 64-bit seed. Image i's noise never depends on
 // the batch size, and step s's on any other step.
 FASTDIFF_INLINE void philox_block(uint64_t seed, int64_t step, int64_t image, int64_t index, float out[4]) {
-  const Philox4 ctr{{static_cast<uint32_t>(index >> 2), static_cast<uint32_t>(image), static_cast<uint32_t>(step),
-                     0u}};
+  const Philox4 ctr{{static_cast<uint32_t>(index >> 2), static_cast<uint32_t>(image), static_cast<uint32_t>(step), 0u}};
   philox_normal4(philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)), out);
 }
 

@@ -44,9 +44,8 @@ struct StepCoefs {
 
 template <typename T, typename S>
 FASTDIFF_INLINE StepCoefs<T> load_step_coefs(const S* row) {
-  return StepCoefs<T>{T(row[kAx]),       T(row[kAm]),       T(row[kEx]),    T(row[kEm]),
-                      T(row[kCx0]),      T(row[kCeps]),     T(row[kCx]),    T(row[kSigma]),
-                      T(row[kLogSmall]), T(row[kLogLarge]), T(row[kNoise]), T(row[kHist])};
+  return StepCoefs<T>{T(row[kAx]), T(row[kAm]),    T(row[kEx]),       T(row[kEm]),       T(row[kCx0]),   T(row[kCeps]),
+                      T(row[kCx]), T(row[kSigma]), T(row[kLogSmall]), T(row[kLogLarge]), T(row[kNoise]), T(row[kHist])};
 }
 
 // NaN-propagating clamp (a NaN prediction must stay visible, not become the clip value). The CPU

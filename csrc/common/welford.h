@@ -35,9 +35,9 @@ FASTDIFF_INLINE WelfordStats<T> welford_update(WelfordStats<T> s, T v) {
 // Merges the moments of two disjoint sets (Chan, Golub & LeVeque 1979):
 //   n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n.
 // Either side may be empty: its d^2 term is left out, never weighted by 0 (d^2 * 0 is NaN for a mean
-// whose square overflows: a group at 1e30 in float32), and an empty a gives mean_b * 1 exactly. Equal means merge exactly (d = 0), so sets whose
-// own means are exact (the shifted moments of the kernels: a constant set's mean is its value) stay
-// exact through any tree of merges.
+// whose square overflows: a group at 1e30 in float32), and an empty a gives mean_b * 1 exactly. Equal means merge
+// exactly (d = 0), so sets whose own means are exact (the shifted moments of the kernels: a constant set's mean is its
+// value) stay exact through any tree of merges.
 template <typename T, typename N>
 FASTDIFF_INLINE WelfordStats<T, N> welford_combine(const WelfordStats<T, N>& a, const WelfordStats<T, N>& b) {
   const N n = a.count + b.count;
@@ -51,7 +51,6 @@ FASTDIFF_INLINE WelfordStats<T, N> welford_combine(const WelfordStats<T, N>& a, 
   // A select, not an early return per empty side: the branches made ptxas spill in a CUDA kernel.
   return {n, a.mean + delta * T(fb), a.m2 + b.m2 + (weight == N(0) ? T(0) : cross)};
 }
-
 
 // 1 / sqrt(var + eps) with the biased (population) variance M2 / n. M2 >= 0 in exact
 // arithmetic; the clamp only removes a rounding-level negative. The count must be positive.

@@ -44,9 +44,8 @@ at::Tensor cfg_combine_cpu(const at::Tensor& model_out, double scale) {
   const c10::ScalarType dtype = in.scalar_type();
   void* out_ptr = out.mutable_data_ptr();
   const void* in_ptr = in.const_data_ptr();
-  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) {
-    chunk_fn(dtype, out_ptr, in_ptr, n, scale, begin, end);
-  });
+  at::parallel_for(0, n, kGrainSize,
+                   [&](int64_t begin, int64_t end) { chunk_fn(dtype, out_ptr, in_ptr, n, scale, begin, end); });
   return out;
 }
 

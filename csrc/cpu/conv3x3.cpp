@@ -61,9 +61,9 @@ using SgemmFn = void (*)(const char* transa, const char* transb, const void* m, 
 // small (C_in, C_out <= 48: the block's convolution ran 10-25% faster batched). Each per-group array
 // has one element, so the int64_t trick above holds for it too; the pointer arrays are pointers.
 using SgemmBatchFn = void (*)(const char* transa, const char* transb, const void* m, const void* n, const void* k,
-                              const float* alpha, const float** a, const void* lda, const float** b,
-                              const void* ldb, const float* beta, float** c, const void* ldc,
-                              const void* group_count, const void* group_size);
+                              const float* alpha, const float** a, const void* lda, const float** b, const void* ldb,
+                              const float* beta, float** c, const void* ldc, const void* group_count,
+                              const void* group_size);
 
 // A BLAS routine of the library torch links, by its symbol; nullptr when it is absent, when the
 // environment variable `off` is "1", or on a big-endian CPU (where the int64_t trick does not hold).
@@ -111,7 +111,6 @@ bool use_fused_path(int64_t c_in, int64_t c_out, Conv3x3Path path) {
   return forced >= 0 ? forced == 1 : std::min(c_in, c_out) <= kFusedMaxChannels;
 }
 
-
 // U for a weight, remembered per weight: a model's filters change only when it trains, and
 // transforming one costs a large share of a call on small maps (at 4x4 pixels, more than the GEMMs).
 // An entry is keyed by the weight's storage (held weakly: a freed storage can never match, and its
@@ -136,8 +135,8 @@ struct CachedWeight {
 
   // Whether this entry is the one for `weight` (whose bytes may still have changed since).
   bool is_for(const at::Tensor& weight) const {
-    return storage._unsafe_get_target() == weight.storage().unsafeGetStorageImpl() &&
-           data == weight.const_data_ptr() && weight.sizes().equals(sizes) && weight.strides().equals(strides);
+    return storage._unsafe_get_target() == weight.storage().unsafeGetStorageImpl() && data == weight.const_data_ptr() &&
+           weight.sizes().equals(sizes) && weight.strides().equals(strides);
   }
 };
 
@@ -192,8 +191,8 @@ at::Tensor transform_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn weigh
   // Rows padded (zeros past C_out), so every vector the fused path's GEMMs load is whole and aligned.
   const int64_t ldu = cpu::conv3x3_padded_row(c_out);
   const at::Tensor w = weight.permute({1, 2, 3, 0}).contiguous();
-  at::Tensor u = ldu == c_out ? at::empty({16, c_in, ldu}, weight.options())
-                              : at::zeros({16, c_in, ldu}, weight.options());
+  at::Tensor u =
+      ldu == c_out ? at::empty({16, c_in, ldu}, weight.options()) : at::zeros({16, c_in, ldu}, weight.options());
   const float* w_ptr = w.const_data_ptr<float>();
   float* u_ptr = u.mutable_data_ptr<float>();
   at::parallel_for(0, c_in, std::max<int64_t>(1, kGrainValues / (16 * ldu)),
@@ -242,8 +241,9 @@ at::Tensor transformed_weight(const at::Tensor& weight, cpu::Conv3x3WeightFn wei
   ++cache.misses;
   cache.drop_if([&](const CachedWeight& e) { return e.is_for(weight); });
   if (cache.bytes + bytes <= budget) {
-    cache.entries.push_front(CachedWeight{
-        c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()), weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
+    cache.entries.push_front(
+        CachedWeight{c10::weak_intrusive_ptr<c10::StorageImpl>(weight.storage().getWeakStorageImpl()),
+                     weight.const_data_ptr(), weight.sizes().vec(), weight.strides().vec(), copy, u, bytes});
     cache.bytes += bytes;
   }
   return u;

@@ -266,7 +266,7 @@ void conv3x3_input_tiles(const float* x,  // (N, H, W, C_in) NHWC input
   input_tiles(x, zeros.data(), v, layout, g, begin, end);
 }
 
-void conv3x3_output_tiles(const float* m,         // GEMM results, C_out contiguous (see Conv3x3Layout)
+void conv3x3_output_tiles(const float* m,  // GEMM results, C_out contiguous (see Conv3x3Layout)
                           const Conv3x3Layout& layout,
                           const float* bias,      // (C_out,) or nullptr
                           const float* residual,  // (N, H, W, C_out) NHWC, or nullptr

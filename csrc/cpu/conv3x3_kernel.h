@@ -12,10 +12,10 @@ namespace fastdiff::cpu {
 // Sizes shared by both transforms. Tiles are 2x2 output pixels; tile t is (n, ty, tx) in row-major
 // order over (N, tiles_h, tiles_w), and its 4x4 input patch starts at pixel (2*ty - 1, 2*tx - 1).
 struct Conv3x3Geometry {
-  int64_t n, h, w;            // batch, height, width of input and output
-  int64_t c_in, c_out;        // channels
-  int64_t tiles_h, tiles_w;   // ceil(h / 2), ceil(w / 2)
-  int64_t tiles;              // n * tiles_h * tiles_w
+  int64_t n, h, w;           // batch, height, width of input and output
+  int64_t c_in, c_out;       // channels
+  int64_t tiles_h, tiles_w;  // ceil(h / 2), ceil(w / 2)
+  int64_t tiles;             // n * tiles_h * tiles_w
 };
 
 // A row of `channels` floats rounded up to whole 64-byte lines (16 floats, a multiple of every
@@ -46,20 +46,17 @@ using Conv3x3WeightFn = void (*)(const float* w, float* u, int64_t c_in, int64_t
 // L1, with the GEMMs in registers (no BLAS): for few channels, where the BLAS path's V and M of a
 // block of 256 tiles travel through L2 and the transforms cost more than the GEMMs. u is (16, C_in,
 // ldu) with ldu a multiple of 16 and its columns past C_out zero.
-using Conv3x3FusedFn = void (*)(const float* x, const float* u, int64_t ldu, const float* bias,
-                                const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,
-                                int64_t end);
+using Conv3x3FusedFn = void (*)(const float* x, const float* u, int64_t ldu, const float* bias, const float* residual,
+                                float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);
 
-#define FASTDIFF_CONV3X3_DECLARE                                                                      \
-  void conv3x3_weight(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t ldu, int64_t begin,  \
-                      int64_t end);                                                                   \
-  void conv3x3_input_tiles(const float* x, float* v, const Conv3x3Layout& layout, const Conv3x3Geometry& g, \
-                           int64_t begin, int64_t end);                                               \
-  void conv3x3_output_tiles(const float* m, const Conv3x3Layout& layout, const float* bias, const float* residual, \
-                            float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);        \
-  void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const float* bias,                \
-                           const float* residual, float* out, const Conv3x3Geometry& g, int64_t begin,   \
-                           int64_t end);
+#define FASTDIFF_CONV3X3_DECLARE                                                                                       \
+  void conv3x3_weight(const float* w, float* u, int64_t c_in, int64_t c_out, int64_t ldu, int64_t begin, int64_t end); \
+  void conv3x3_input_tiles(const float* x, float* v, const Conv3x3Layout& layout, const Conv3x3Geometry& g,            \
+                           int64_t begin, int64_t end);                                                                \
+  void conv3x3_output_tiles(const float* m, const Conv3x3Layout& layout, const float* bias, const float* residual,     \
+                            float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);                         \
+  void conv3x3_fused_tiles(const float* x, const float* u, int64_t ldu, const float* bias, const float* residual,      \
+                           float* out, const Conv3x3Geometry& g, int64_t begin, int64_t end);
 
 namespace isa_default {
 FASTDIFF_CONV3X3_DECLARE

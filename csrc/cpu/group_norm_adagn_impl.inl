@@ -140,8 +140,7 @@ void nchw_by_group(const Problem<scalar_t>& pb) {
     for (int64_t j = 0; j < pb.Cg; ++j) {
       const int64_t c = g * pb.Cg + j;
       const int64_t offset = (b * pb.C + c) * pb.S;
-      span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, pb.S,
-                                  pb.params.coefficients(b, c, stats.mean, rstd));
+      span_apply<scalar_t, kSilu>(pb.x + offset, pb.out + offset, pb.S, pb.params.coefficients(b, c, stats.mean, rstd));
     }
   });
 }
@@ -353,8 +352,8 @@ void channels_last_apply(const scalar_t* __restrict__ x,  // (n, C) input rows
       IO::store(out_row + c,
                 adagn_apply(lo, FVec::loadu(k.pre_shift + c), FVec::loadu(k.mean + c), FVec::loadu(k.a + c),
                             FVec::loadu(k.b + c), kSilu),
-                adagn_apply(hi, FVec::loadu(k.pre_shift + c + L), FVec::loadu(k.mean + c + L),
-                            FVec::loadu(k.a + c + L), FVec::loadu(k.b + c + L), kSilu));
+                adagn_apply(hi, FVec::loadu(k.pre_shift + c + L), FVec::loadu(k.mean + c + L), FVec::loadu(k.a + c + L),
+                            FVec::loadu(k.b + c + L), kSilu));
     }
     if (rest > 0) {
       FVec lo, hi;

@@ -24,9 +24,9 @@
 #endif
 // pick_isa over the three builds of `name`, a function each of isa_default, isa_avx2 and
 // isa_avx512 declares, as a function pointer of type `Fn`.
-#define FASTDIFF_CPU_PICK(Fn, name)                                                                    \
-  ::fastdiff::cpu::pick_isa<Fn>(&::fastdiff::cpu::isa_default::name,                                  \
-                                FASTDIFF_CPU_IF_AVX2(&::fastdiff::cpu::isa_avx2::name),                \
+#define FASTDIFF_CPU_PICK(Fn, name)                                                     \
+  ::fastdiff::cpu::pick_isa<Fn>(&::fastdiff::cpu::isa_default::name,                    \
+                                FASTDIFF_CPU_IF_AVX2(&::fastdiff::cpu::isa_avx2::name), \
                                 FASTDIFF_CPU_IF_AVX512(&::fastdiff::cpu::isa_avx512::name))
 
 namespace fastdiff::cpu {

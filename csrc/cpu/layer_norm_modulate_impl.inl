@@ -37,9 +37,9 @@ constexpr int64_t kBlock = 4096;
 
 // out[d] = (x[d] - mean) * rstd * gain[d] + offset[d] for one row of D features.
 template <typename scalar_t>
-void row_apply(const scalar_t* __restrict__ x,                      // (D,) input row
-               scalar_t* __restrict__ out,                          // (D,) output row
-               const at::opmath_type<scalar_t>* __restrict__ gain,  // (D,) the sample's gains
+void row_apply(const scalar_t* __restrict__ x,                        // (D,) input row
+               scalar_t* __restrict__ out,                            // (D,) output row
+               const at::opmath_type<scalar_t>* __restrict__ gain,    // (D,) the sample's gains
                const at::opmath_type<scalar_t>* __restrict__ offset,  // (D,) the sample's offsets
                int64_t D, at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> rstd) {
   using IO = Io<scalar_t>;
@@ -50,8 +50,7 @@ void row_apply(const scalar_t* __restrict__ x,                      // (D,) inpu
   int64_t d = 0;
   for (; d + IO::kStep <= D; d += IO::kStep) {
     IO::load(x + d, lo, hi);
-    IO::store(out + d,
-              modulate_apply(lo, mean_v, rstd_v, FVec::loadu(gain + d), FVec::loadu(offset + d)),
+    IO::store(out + d, modulate_apply(lo, mean_v, rstd_v, FVec::loadu(gain + d), FVec::loadu(offset + d)),
               modulate_apply(hi, mean_v, rstd_v, FVec::loadu(gain + d + L), FVec::loadu(offset + d + L)));
   }
   if (d < D) {  // the last D - d < kStep features as one partial step, as group_norm_adagn's rows end
@@ -73,7 +72,8 @@ void run(const LayerNormModulateArgs& args) {
   const ModulateParams<opmath_t> params{static_cast<const opmath_t*>(args.weight),
                                         static_cast<const opmath_t*>(args.bias),
                                         static_cast<const opmath_t*>(args.scale),
-                                        static_cast<const opmath_t*>(args.shift), args.scale_stride,
+                                        static_cast<const opmath_t*>(args.shift),
+                                        args.scale_stride,
                                         args.shift_stride};
   const opmath_t eps = static_cast<opmath_t>(args.eps);
 
@@ -89,8 +89,8 @@ void run(const LayerNormModulateArgs& args) {
 
   const int64_t rows = B * N;
   const int64_t want = kTasksPerThread * at::get_num_threads();
-  const int64_t rows_per_task = std::max<int64_t>(
-      1, std::min((kMinTaskElements + D - 1) / D, (rows + want - 1) / want));
+  const int64_t rows_per_task =
+      std::max<int64_t>(1, std::min((kMinTaskElements + D - 1) / D, (rows + want - 1) / want));
   const int64_t tasks = (rows + rows_per_task - 1) / rows_per_task;
   for_each_task(tasks, rows_per_task * D, /*last_first=*/false, [&](int64_t t) {
     const int64_t end = std::min(rows, (t + 1) * rows_per_task);

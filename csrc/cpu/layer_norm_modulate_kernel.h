@@ -21,11 +21,11 @@ struct LayerNormModulateArgs {
   const void* shift;     // (B, D), sample b at b * shift_stride
   int64_t scale_stride;  // in elements
   int64_t shift_stride;  // in elements
-  int64_t batch;       // B >= 1
-  int64_t tokens;      // N >= 1
-  int64_t features;    // D >= 1
-  int64_t stride_b;    // x's stride of dim 0, in elements
-  int64_t stride_n;    // x's stride of dim 1, in elements
+  int64_t batch;         // B >= 1
+  int64_t tokens;        // N >= 1
+  int64_t features;      // D >= 1
+  int64_t stride_b;      // x's stride of dim 0, in elements
+  int64_t stride_n;      // x's stride of dim 1, in elements
   double eps;
 };
 

@@ -97,7 +97,7 @@ FASTDIFF_INLINE void minus_two_log_uniform(const __m256i* bits, __m256* out) {
     z[k] = _mm256_mul_ps(f[k], f[k]);
     p[k] = _mm256_fmadd_ps(_mm256_set1_ps(7.0376836292E-2f), f[k], _mm256_set1_ps(-1.1514610310E-1f));
   }
-  constexpr float kP[] = {1.1676998740E-1f,  -1.2420140846E-1f, 1.4249322787E-1f, -1.6668057665E-1f,
+  constexpr float kP[] = {1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f, -1.6668057665E-1f,
                           2.0000714765E-1f, -2.4999993993E-1f, 3.3333331174E-1f};
   for (float c : kP) {
     for (int k = 0; k < K; ++k) {
@@ -130,7 +130,7 @@ FASTDIFF_INLINE void sincos_uniform(const __m256i* bits, __m256* sin_out, __m256
                                        _mm256_add_ps(_mm256_cvtepi32_ps(top), _mm256_set1_ps(0.5f)));
     const __m256 q = _mm256_cvtepi32_ps(qi[k]);
     const __m256 x = _mm256_fnmadd_ps(q, _mm256_set1_ps(1.5707963705062866f), theta);  // exact
-    const __m256 b = _mm256_set1_ps(-4.3711388286737929e-08f);                        // pi/2 - A, rounded
+    const __m256 b = _mm256_set1_ps(-4.3711388286737929e-08f);                         // pi/2 - A, rounded
     const __m256 qb = rounded(_mm256_mul_ps(q, b));
     const __m256 qb_lo = _mm256_fmsub_ps(q, b, qb);
     hi[k] = _mm256_sub_ps(x, qb);
@@ -199,8 +199,7 @@ constexpr int64_t kPhiloxGroupElements = 64;
 // The Philox normals of one image at one sampler step.
 class PhiloxNormals {
  public:
-  PhiloxNormals(uint64_t seed, int64_t step, int64_t image)
-      : seed_(seed), step_(step), image_(image) {
+  PhiloxNormals(uint64_t seed, int64_t step, int64_t image) : seed_(seed), step_(step), image_(image) {
 #if FASTDIFF_PHILOX_AVX2
     // The counter's words 1-3 (image, step, 0) are the same in every lane, and so is much of the
     // first two rounds: word 2's product in round 0, then word 0's in round 1.

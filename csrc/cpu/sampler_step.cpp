@@ -36,36 +36,36 @@ void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* nam
 void check_sampler_step_static(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefs,
                                const at::Tensor& step, double cfg_scale, double clip,
                                const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
-                               const std::optional<at::Tensor>& philox_seed,
-                               const std::optional<at::Tensor>& history, const StepOpNames& names) {
+                               const std::optional<at::Tensor>& philox_seed, const std::optional<at::Tensor>& history,
+                               const StepOpNames& names) {
   const char* op = names.op;
   const char* xn = names.x;
   TORCH_CHECK(x.dim() >= 2, op, ": ", xn, " must have shape (B, C, *spatial), got ", x.dim(), " dims");
   TORCH_CHECK(is_float_dtype(x.scalar_type()), op, ": ", xn,
               " dtype must be float32, float64, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(model_output.scalar_type() == x.scalar_type(), op, ": model_output dtype (",
-              model_output.scalar_type(), ") must equal ", xn, "'s (", x.scalar_type(), ")");
+  TORCH_CHECK(model_output.scalar_type() == x.scalar_type(), op, ": model_output dtype (", model_output.scalar_type(),
+              ") must equal ", xn, "'s (", x.scalar_type(), ")");
   TORCH_CHECK(model_output.dim() == x.dim(), op, ": model_output must have ", xn, "'s rank ", x.dim(), ", got ",
               model_output.dim());
   check_same_device(model_output, x, "model_output", names);
   TORCH_CHECK(coefs.dim() == 2 && (coefs.scalar_type() == at::kFloat || coefs.scalar_type() == at::kDouble), op,
-              ": coefs must be a 2-D float32/float64 table (steps, ", int(kNumStepCoefs), "), got ", coefs.dim(),
-              "-D ", coefs.scalar_type());
+              ": coefs must be a 2-D float32/float64 table (steps, ", int(kNumStepCoefs), "), got ", coefs.dim(), "-D ",
+              coefs.scalar_type());
   check_same_device(coefs, x, "coefs", names);
   TORCH_CHECK(step.scalar_type() == at::kLong, op, ": step must be an int64 tensor, got ", step.scalar_type());
   check_same_device(step, x, "step", names);
   TORCH_CHECK(std::isfinite(cfg_scale), op, ": cfg_scale must be finite, got ", cfg_scale);
   TORCH_CHECK(clip > 0, op, ": clip must be > 0 (inf for no clipping), got ", clip);
   if (threshold.has_value()) {
-    TORCH_CHECK(threshold->dim() == 1 && (threshold->scalar_type() == at::kFloat ||
-                                          threshold->scalar_type() == at::kDouble),
-                op, ": threshold must be a 1-D float32/float64 tensor (B,), got ", threshold->dim(), "-D ",
-                threshold->scalar_type());
+    TORCH_CHECK(
+        threshold->dim() == 1 && (threshold->scalar_type() == at::kFloat || threshold->scalar_type() == at::kDouble),
+        op, ": threshold must be a 1-D float32/float64 tensor (B,), got ", threshold->dim(), "-D ",
+        threshold->scalar_type());
     check_same_device(*threshold, x, "threshold", names);
   }
   if (noise.has_value()) {
-    TORCH_CHECK(noise->scalar_type() == x.scalar_type(), op, ": noise dtype (", noise->scalar_type(),
-                ") must equal ", xn, "'s (", x.scalar_type(), ")");
+    TORCH_CHECK(noise->scalar_type() == x.scalar_type(), op, ": noise dtype (", noise->scalar_type(), ") must equal ",
+                xn, "'s (", x.scalar_type(), ")");
     check_same_device(*noise, x, "noise", names);
     TORCH_CHECK(!philox_seed.has_value(), op, ": give noise or philox_seed, not both");
   }
@@ -93,8 +93,8 @@ void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_outpu
   const int64_t rows = model_output.size(0), channels = model_output.size(1);
   TORCH_CHECK(rows == B || rows == 2 * B, op, ": model_output must have B (", B, ") rows, or 2B (", 2 * B,
               ") rows [uncond; cond] for guidance, got ", rows);
-  TORCH_CHECK(channels == C || channels == 2 * C, op, ": model_output must have C (", C, ") channels, or 2C (",
-              2 * C, ") with learned variance, got ", channels);
+  TORCH_CHECK(channels == C || channels == 2 * C, op, ": model_output must have C (", C, ") channels, or 2C (", 2 * C,
+              ") with learned variance, got ", channels);
   TORCH_CHECK(!learned_range || channels == 2 * C, op, ": learned_range needs 2C (", 2 * C,
               ") model_output channels, got ", channels);
   for (int64_t d = 2; d < x.dim(); ++d) {
@@ -117,8 +117,8 @@ void check_sampler_step_sizes(const at::Tensor& x, const at::Tensor& model_outpu
                 philox_seed->numel());
   }
   if (history.has_value()) {
-    TORCH_CHECK(history->sizes() == x.sizes(), op, ": history must have ", names.x, "'s shape ", x.sizes(),
-                ", got ", history->sizes());
+    TORCH_CHECK(history->sizes() == x.sizes(), op, ": history must have ", names.x, "'s shape ", x.sizes(), ", got ",
+                history->sizes());
   }
 }
 
@@ -177,10 +177,8 @@ constexpr StepOpNames kLoopSizeNames{"sampler_loop_step", "x_in[:B]"};
 // sampler_step's, plus its own arguments. Shared with the Meta kernel.
 void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& coefs,
                                     const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale, double clip,
-                                    const std::optional<at::Tensor>& threshold,
-                                    const std::optional<at::Tensor>& noise,
-                                    const std::optional<at::Tensor>& philox_seed,
-                                    const std::optional<at::Tensor>& t_in,
+                                    const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& noise,
+                                    const std::optional<at::Tensor>& philox_seed, const std::optional<at::Tensor>& t_in,
                                     const std::optional<at::Tensor>& timesteps,
                                     const std::optional<at::Tensor>& history) {
   // cfg_scale is a tensor here, checked below (1.0 stands in for the scalar sampler_step checks).
@@ -208,8 +206,8 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
   }
   if (timesteps.has_value()) {
     TORCH_CHECK(timesteps->dim() == 1 && timestep_type(timesteps->scalar_type()),
-                "sampler_loop_step: timesteps must be a 1-D int64 (or float32) tensor, got ", timesteps->dim(),
-                "-D ", timesteps->scalar_type());
+                "sampler_loop_step: timesteps must be a 1-D int64 (or float32) tensor, got ", timesteps->dim(), "-D ",
+                timesteps->scalar_type());
     TORCH_CHECK(!t_in.has_value() || t_in->scalar_type() == timesteps->scalar_type(),
                 "sampler_loop_step: t_in and timesteps must have one dtype, got ", t_in->scalar_type(), " and ",
                 timesteps->scalar_type());
@@ -218,7 +216,8 @@ void check_sampler_loop_step_static(const at::Tensor& x_in, const at::Tensor& mo
   if (history.has_value()) {
     TORCH_CHECK(history->is_contiguous(),
                 "sampler_loop_step: history must be contiguous (NCHW order): the step writes x0 into it in place; "
-                "got sizes ", history->sizes(), " and strides ", history->strides());
+                "got sizes ",
+                history->sizes(), " and strides ", history->strides());
   }
 }
 
@@ -240,17 +239,16 @@ void check_no_overlap_with_x_in(const at::Tensor& x_in, const at::Tensor& t, con
 
 }  // namespace
 
-SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor& model_output,
-                                       const at::Tensor& coefs, const at::Tensor& step,
-                                       const std::optional<at::Tensor>& cfg_scale, bool learned_range, double clip,
-                                       const std::optional<at::Tensor>& threshold,
+SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& coefs,
+                                       const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale,
+                                       bool learned_range, double clip, const std::optional<at::Tensor>& threshold,
                                        const std::optional<at::Tensor>& noise,
                                        const std::optional<at::Tensor>& philox_seed,
                                        const std::optional<at::Tensor>& t_in,
                                        const std::optional<at::Tensor>& timesteps,
                                        const std::optional<at::Tensor>& history) {
-  check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed,
-                                 t_in, timesteps, history);
+  check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed, t_in,
+                                 timesteps, history);
   const bool guided = cfg_scale.has_value();
   const int64_t rows = x_in.size(0);
   TORCH_CHECK(!guided || rows % 2 == 0,
@@ -260,8 +258,8 @@ SamplerStepPlan plan_sampler_loop_step(const at::Tensor& x_in, const at::Tensor&
               guided ? "2B: [uncond; cond], as cfg_scale is given" : "B: no cfg_scale given", "), got ",
               model_output.size(0));
   if (guided) {
-    TORCH_CHECK(cfg_scale->numel() == 1, "sampler_loop_step: cfg_scale must hold one value, got ",
-                cfg_scale->numel(), " elements");
+    TORCH_CHECK(cfg_scale->numel() == 1, "sampler_loop_step: cfg_scale must hold one value, got ", cfg_scale->numel(),
+                " elements");
   }
   const at::Tensor x = x_in.narrow(0, 0, B);
   check_sampler_step_sizes(x, model_output, coefs, step, learned_range, threshold, noise, philox_seed, history,
@@ -354,35 +352,32 @@ void run_sampler_step_cpu(const SamplerStepPlan& plan, const at::Tensor& coefs, 
   args.philox = philox_seed.has_value();
   const at::Tensor seed_words = args.philox ? philox_seed->reshape({-1}).contiguous() : at::Tensor();
   args.seed = args.philox ? static_cast<uint64_t>(seed_words.const_data_ptr<int64_t>()[0]) : 0;
-  args.first_image = args.philox && seed_words.numel() == 2
-                         ? static_cast<uint32_t>(seed_words.const_data_ptr<int64_t>()[1])
-                         : 0u;
+  args.first_image =
+      args.philox && seed_words.numel() == 2 ? static_cast<uint32_t>(seed_words.const_data_ptr<int64_t>()[1]) : 0u;
   args.step = index;
 
   static const cpu::SamplerStepChunkFn chunk_fn = cpu::pick_isa<cpu::SamplerStepChunkFn>(
       &cpu::isa_default::sampler_step_chunk, FASTDIFF_CPU_IF_AVX2(&cpu::isa_avx2::sampler_step_chunk), nullptr);
-  at::parallel_for(0, plan.batch * plan.n, kGrainSize,
-                   [&](int64_t begin, int64_t end) { chunk_fn(args, begin, end); });
+  at::parallel_for(0, plan.batch * plan.n, kGrainSize, [&](int64_t begin, int64_t end) { chunk_fn(args, begin, end); });
 }
 
 void check_step_index(const char* op, int64_t index, const at::Tensor& coefs) {
-  TORCH_CHECK(index >= 0 && index < coefs.size(0), op, ": step index ", index, " is out of range [0, ",
-              coefs.size(0), ")");
+  TORCH_CHECK(index >= 0 && index < coefs.size(0), op, ": step index ", index, " is out of range [0, ", coefs.size(0),
+              ")");
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
-                                                    const at::Tensor& coefs, const at::Tensor& step,
-                                                    double cfg_scale, bool learned_range, double clip,
+                                                    const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                    bool learned_range, double clip,
                                                     const std::optional<at::Tensor>& threshold,
                                                     const std::optional<at::Tensor>& noise,
                                                     const std::optional<at::Tensor>& philox_seed, bool return_x0,
                                                     const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x.device().is_cpu(), "sampler_step (cpu): x must be a CPU tensor, got device ", x.device());
-  SamplerStepPlan plan =
-      plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-                        return_x0, history);
+  SamplerStepPlan plan = plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold,
+                                           noise, philox_seed, return_x0, history);
   const int64_t index = *step.const_data_ptr<int64_t>();  // a CPU tensor: read directly, no dispatch
   check_step_index("sampler_step", index, coefs);
   run_sampler_step_cpu(plan, coefs, index, cfg_scale, learned_range, clip, threshold, philox_seed);
@@ -395,10 +390,9 @@ void sampler_loop_step_cpu(const at::Tensor& x_in, const at::Tensor& model_outpu
                            const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
                            const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
                            const std::optional<at::Tensor>& history) {
-  TORCH_CHECK(x_in.device().is_cpu(), "sampler_loop_step (cpu): x_in must be a CPU tensor, got device ",
-              x_in.device());
-  const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range,
-                                                      clip, threshold, noise, philox_seed, t_in, timesteps, history);
+  TORCH_CHECK(x_in.device().is_cpu(), "sampler_loop_step (cpu): x_in must be a CPU tensor, got device ", x_in.device());
+  const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range, clip,
+                                                      threshold, noise, philox_seed, t_in, timesteps, history);
   // CPU tensors: every value is read directly from memory, no dispatch.
   int64_t* counter = step.mutable_data_ptr<int64_t>();
   const int64_t index = *counter;
@@ -431,14 +425,14 @@ void sampler_loop_step_cpu(const at::Tensor& x_in, const at::Tensor& model_outpu
 }
 
 void sampler_loop_step_meta(const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& coefs,
-                            const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale,
-                            bool /*learned_range*/, double clip, const std::optional<at::Tensor>& threshold,
+                            const at::Tensor& step, const std::optional<at::Tensor>& cfg_scale, bool /*learned_range*/,
+                            double clip, const std::optional<at::Tensor>& threshold,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox_seed,
                             const std::optional<at::Tensor>& t_in, const std::optional<at::Tensor>& timesteps,
                             const std::optional<at::Tensor>& history) {
   // In place, nothing to allocate: only the checks that need no data (nor concrete sizes).
-  check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed,
-                                 t_in, timesteps, history);
+  check_sampler_loop_step_static(x_in, model_output, coefs, step, cfg_scale, clip, threshold, noise, philox_seed, t_in,
+                                 timesteps, history);
 }
 
 }  // namespace fastdiff

@@ -45,9 +45,9 @@ struct Row {
   const scalar_t* var;  // learned-variance channels, or nullptr
   const scalar_t* z;    // noise, or nullptr
   const scalar_t* h;    // the previous step's x0, or nullptr (read only when adds_hist)
-  scalar_t* out;   // may be x itself: every element is read before it is written
-  scalar_t* out2;  // a second copy of out, or nullptr
-  scalar_t* x0;    // or nullptr; may be h itself (read before written, as x and out)
+  scalar_t* out;        // may be x itself: every element is read before it is written
+  scalar_t* out2;       // a second copy of out, or nullptr
+  scalar_t* x0;         // or nullptr; may be h itself (read before written, as x and out)
 };
 
 // One image's step: its rows, this step's coefficients and clip range.
@@ -74,8 +74,8 @@ struct RowStep {
     const opmath_t lo = this->lo, hi = this->hi, scale = this->scale, s = this->s;
     const bool learned = this->learned, adds_hist = this->adds_hist, adds_noise = this->adds_noise;
     if constexpr (kVector && std::is_same_v<Z, scalar_t>) {
-      const StepCoefs<V> kv{V(k.a_x),   V(k.a_m),       V(k.e_x),       V(k.e_m),   V(k.c_x0), V(k.c_eps),
-                            V(k.c_x),   V(k.sigma),     V(k.log_small), V(k.log_large), V(k.noise), V(k.c_hist)};
+      const StepCoefs<V> kv{V(k.a_x), V(k.a_m),   V(k.e_x),       V(k.e_m),       V(k.c_x0),  V(k.c_eps),
+                            V(k.c_x), V(k.sigma), V(k.log_small), V(k.log_large), V(k.noise), V(k.c_hist)};
       const V lov(lo), hiv(hi), scalev(scale), sv(s), zero(opmath_t(0));
       const Z* zi = z;
       for (; i + V::size() <= end; i += V::size(), zi += adds_noise ? V::size() : 0) {
@@ -113,8 +113,8 @@ struct RowStep {
       }
       const opmath_t h = adds_hist ? static_cast<opmath_t>(r.h[i]) : opmath_t(0);
       opmath_t x0;
-      const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, h, zs, k, lo, hi,
-                                                        scale, learned, adds_hist, adds_noise, x0);
+      const opmath_t out = sampler_step_value<opmath_t>(static_cast<opmath_t>(r.x[i]), m, var, h, zs, k, lo, hi, scale,
+                                                        learned, adds_hist, adds_noise, x0);
       r.out[i] = static_cast<scalar_t>(out);
       if (r.out2 != nullptr) {
         r.out2[i] = static_cast<scalar_t>(out);
@@ -153,8 +153,8 @@ void run_row(const SamplerStepArgs& a, int64_t image, int64_t i, int64_t end) {
   }
   const bool adds_noise = step_adds_noise(r.z != nullptr || a.philox, a.learned, k);
   const bool adds_hist = step_adds_hist(r.h != nullptr, k);
-  const RowStep<scalar_t> row{r, k, lo, hi, scale, static_cast<opmath_t>(a.cfg_scale), a.learned, adds_hist,
-                              adds_noise};
+  const RowStep<scalar_t> row{r,         k,         lo,        hi, scale, static_cast<opmath_t>(a.cfg_scale),
+                              a.learned, adds_hist, adds_noise};
   if (!(a.philox && adds_noise)) {
     row.run(i, end, r.z != nullptr ? r.z + i : nullptr);
     return;

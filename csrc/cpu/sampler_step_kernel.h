@@ -17,19 +17,19 @@ namespace fastdiff::cpu {
 // element of x and hist is read before its outputs are written.
 struct SamplerStepArgs {
   c10::ScalarType dtype;
-  void* out;             // (B, N) x_{t-1}
-  void* out2;            // (B, N) a second copy of x_{t-1} (sampler_loop_step's x_in[B:]), or nullptr
-  void* x0_out;          // (B, N) predicted x0, or nullptr
-  const void* x;         // (B, N) x_t
-  const void* m;         // (B or 2B, MN) model output
-  const void* noise;     // (B, N) standard normals, or nullptr (Philox or no noise)
-  const void* hist;      // (B, N) the previous step's x0 (multistep), or nullptr; may be x0_out itself
-  const void* coef;      // (kNumStepCoefs,) this step's row of the coefficient table
-  const void* threshold; // (B,) dynamic-threshold s per image, or nullptr
-  int64_t batch;         // B
-  int64_t n;             // N, elements per image
-  int64_t mn;            // MN, model-output elements per row
-  bool guided;           // the model output has 2B rows: combine with cfg_scale
+  void* out;              // (B, N) x_{t-1}
+  void* out2;             // (B, N) a second copy of x_{t-1} (sampler_loop_step's x_in[B:]), or nullptr
+  void* x0_out;           // (B, N) predicted x0, or nullptr
+  const void* x;          // (B, N) x_t
+  const void* m;          // (B or 2B, MN) model output
+  const void* noise;      // (B, N) standard normals, or nullptr (Philox or no noise)
+  const void* hist;       // (B, N) the previous step's x0 (multistep), or nullptr; may be x0_out itself
+  const void* coef;       // (kNumStepCoefs,) this step's row of the coefficient table
+  const void* threshold;  // (B,) dynamic-threshold s per image, or nullptr
+  int64_t batch;          // B
+  int64_t n;              // N, elements per image
+  int64_t mn;             // MN, model-output elements per row
+  bool guided;            // the model output has 2B rows: combine with cfg_scale
   double cfg_scale;
   bool learned;          // sigma from the learned-variance channels
   double clip;           // clamp x0 to [-clip, clip] (inf: no clipping)

@@ -64,8 +64,8 @@ at::Tensor cfg_combine_cuda(const at::Tensor& model_out, double scale) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "cfg_combine_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* base = in.const_data_ptr<scalar_t>();
-    cfg_combine_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-        out.mutable_data_ptr<scalar_t>(), base, base + n, n, static_cast<opmath_t>(scale));
+    cfg_combine_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>(), base,
+                                                                            base + n, n, static_cast<opmath_t>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

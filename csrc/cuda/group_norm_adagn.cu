@@ -175,8 +175,8 @@ __device__ WelfordStats<acc_t> block_combine(WelfordStats<acc_t> s) {
 // One block per group: load the group into shared memory while taking its moments, then apply.
 template <typename scalar_t, typename param_t, int V>
 __global__ void __launch_bounds__(kFusedMaxThreads)
-    group_norm_adagn_fused_kernel(scalar_t* __restrict__ out,        // x's shape and layout
-                                  const scalar_t* __restrict__ x,    // (B, C, S) or (B, S, C)
+    group_norm_adagn_fused_kernel(scalar_t* __restrict__ out,         // x's shape and layout
+                                  const scalar_t* __restrict__ x,     // (B, C, S) or (B, S, C)
                                   const AdagnParams<param_t> params,  // optional (C,) and (B, C) parts
                                   const GroupShape shape,             // sizes and layout
                                   const at::opmath_type<scalar_t> eps, const bool silu) {
@@ -211,9 +211,9 @@ __global__ void __launch_bounds__(kFusedMaxThreads)
 template <typename scalar_t, typename param_t, int V>
 __global__ void __launch_bounds__(kPairThreads)
     group_norm_adagn_stats_kernel(AccStats<scalar_t>* __restrict__ partials,  // (B*G, splits) moments out
-                                  const scalar_t* __restrict__ x,              // (B, C, S) or (B, S, C)
-                                  const AdagnParams<param_t> params,           // optional (C,), (B, C) parts
-                                  const GroupShape shape) {                    // sizes and layout
+                                  const scalar_t* __restrict__ x,             // (B, C, S) or (B, S, C)
+                                  const AdagnParams<param_t> params,          // optional (C,), (B, C) parts
+                                  const GroupShape shape) {                   // sizes and layout
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, V>;
   const int64_t bg = blockIdx.x;
@@ -238,11 +238,11 @@ __global__ void __launch_bounds__(kPairThreads)
 // Pair, second half: block (bg, split) merges group bg's partial moments, then applies to its slice.
 template <typename scalar_t, typename param_t, int V>
 __global__ void __launch_bounds__(kPairThreads)
-    group_norm_adagn_apply_kernel(scalar_t* __restrict__ out,                        // x's shape and layout
-                                  const scalar_t* __restrict__ x,                    // (B, C, S) or (B, S, C)
-                                  const AccStats<scalar_t>* __restrict__ partials,   // (B*G, splits) moments
-                                  const AdagnParams<param_t> params,                 // optional (C,), (B, C) parts
-                                  const GroupShape shape,                            // sizes and layout
+    group_norm_adagn_apply_kernel(scalar_t* __restrict__ out,                       // x's shape and layout
+                                  const scalar_t* __restrict__ x,                   // (B, C, S) or (B, S, C)
+                                  const AccStats<scalar_t>* __restrict__ partials,  // (B*G, splits) moments
+                                  const AdagnParams<param_t> params,                // optional (C,), (B, C) parts
+                                  const GroupShape shape,                           // sizes and layout
                                   const at::opmath_type<scalar_t> eps, const bool silu) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, V>;
@@ -291,9 +291,9 @@ void launch(const at::Tensor& in, at::Tensor& out, const AdagnParams<param_t>& p
 
   if (group_bytes <= kFusedMaxBytes) {
     const int threads = std::min(kFusedMaxThreads, std::max(kWarp, round_up(vectors, kWarp)));
-    group_norm_adagn_fused_kernel<scalar_t, param_t, V><<<static_cast<unsigned>(groups_total), threads,
-                                                          static_cast<size_t>(group_bytes), stream>>>(
-        y, x, params, shape, static_cast<acc_t>(eps), silu);
+    group_norm_adagn_fused_kernel<scalar_t, param_t, V>
+        <<<static_cast<unsigned>(groups_total), threads, static_cast<size_t>(group_bytes), stream>>>(
+            y, x, params, shape, static_cast<acc_t>(eps), silu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -309,8 +309,8 @@ void launch(const at::Tensor& in, at::Tensor& out, const AdagnParams<param_t>& p
   const dim3 grid(static_cast<unsigned>(groups_total), static_cast<unsigned>(splits));
   group_norm_adagn_stats_kernel<scalar_t, param_t, V><<<grid, kPairThreads, 0, stream>>>(stats, x, params, shape);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  group_norm_adagn_apply_kernel<scalar_t, param_t, V><<<grid, kPairThreads, 0, stream>>>(
-      y, x, stats, params, shape, static_cast<acc_t>(eps), silu);
+  group_norm_adagn_apply_kernel<scalar_t, param_t, V>
+      <<<grid, kPairThreads, 0, stream>>>(y, x, stats, params, shape, static_cast<acc_t>(eps), silu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -4,9 +4,10 @@
 // (16 bytes where D, the row strides and the pointers allow, else V = 1), accumulating in float32
 // (float64 for float64):
 //  * rows of up to 32 * vecs_per_lane<V>() vectors (D <= 1536 in 16-byte vectors, every DiT width;
-//    D <= 384 in scalars) take the warp kernel: one warp per row, the row held in registers, so x is read from memory once. The
-//    row's shifted sum gives the mean (x0 + sum(x - x0) / D, exact for a constant row), then the squared deviations from it give M2 (two passes over
-//    registers, each a warp shuffle reduction), then the epilogue writes the row.
+//    D <= 384 in scalars) take the warp kernel: one warp per row, the row held in registers, so x is read from memory
+//    once. The row's shifted sum gives the mean (x0 + sum(x - x0) / D, exact for a constant row), then the squared
+//    deviations from it give M2 (two passes over registers, each a warp shuffle reduction), then the epilogue writes
+//    the row.
 //  * longer rows take the block kernel: one block per row, each thread merging the moments of its
 //    vectors (welford_combine), a block reduction, then a second read of the row (from L2) to apply.
 // The arithmetic (folding the parts, the rstd, the epilogue) is csrc/common/layer_norm_modulate.h,
@@ -79,8 +80,8 @@ __device__ WelfordStats<acc_t> warp_combine(WelfordStats<acc_t> s) {
 
 // The epilogue of one vector: features d0 .. d0 + V - 1 of sample b.
 template <typename acc_t, typename scalar_t, typename param_t, int V>
-__device__ Pack<scalar_t, V> pack_apply(const Pack<scalar_t, V>& pack, const ModulateParams<param_t>& params,
-                                        int64_t b, int64_t d0, acc_t mean, acc_t rstd) {
+__device__ Pack<scalar_t, V> pack_apply(const Pack<scalar_t, V>& pack, const ModulateParams<param_t>& params, int64_t b,
+                                        int64_t d0, acc_t mean, acc_t rstd) {
   Pack<scalar_t, V> out;
 #pragma unroll
   for (int l = 0; l < V; ++l) {
@@ -92,7 +93,7 @@ __device__ Pack<scalar_t, V> pack_apply(const Pack<scalar_t, V>& pack, const Mod
 
 // One warp per row, the row in registers: x read once, out written once.
 template <typename scalar_t, typename param_t, int V>
-__global__ void __launch_bounds__(kWarp * kRowsPerBlock)
+__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     layer_norm_modulate_warp_kernel(scalar_t* __restrict__ out,            // (B, N, D) contiguous
                                     const scalar_t* __restrict__ x,        // (B, N, D), rows at any strides
                                     const ModulateParams<param_t> params,  // optional (D,), (B, D) parts
@@ -223,8 +224,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t, typename param_t, int V>
-void launch(const scalar_t* x, scalar_t* y, const ModulateParams<param_t>& params, const RowShape& shape,
-            double eps, cudaStream_t stream) {
+void launch(const scalar_t* x, scalar_t* y, const ModulateParams<param_t>& params, const RowShape& shape, double eps,
+            cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (shape.features / V <= static_cast<int64_t>(kWarp) * vecs_per_lane<V>()) {
     const int64_t blocks = (shape.rows + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -233,8 +234,7 @@ void launch(const scalar_t* x, scalar_t* y, const ModulateParams<param_t>& param
                                                                               static_cast<acc_t>(eps));
   } else {
     layer_norm_modulate_block_kernel<scalar_t, param_t, V>
-        <<<static_cast<unsigned>(shape.rows), kBlockThreads, 0, stream>>>(y, x, params, shape,
-                                                                          static_cast<acc_t>(eps));
+        <<<static_cast<unsigned>(shape.rows), kBlockThreads, 0, stream>>>(y, x, params, shape, static_cast<acc_t>(eps));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -260,8 +260,8 @@ at::Tensor layer_norm_modulate_cuda(const at::Tensor& x, const std::optional<at:
   // Strides of size-1 dims are never used to step; 0 keeps them out of the alignment test below.
   shape.stride_b = x.size(0) > 1 ? in.stride(0) : 0;
   shape.stride_n = shape.tokens > 1 ? in.stride(1) : 0;
-  TORCH_CHECK(shape.rows <= std::numeric_limits<int32_t>::max(), "layer_norm_modulate (cuda): B * N = ",
-              shape.rows, " rows exceed 2^31 - 1 (one block or warp per row)");
+  TORCH_CHECK(shape.rows <= std::numeric_limits<int32_t>::max(), "layer_norm_modulate (cuda): B * N = ", shape.rows,
+              " rows exceed 2^31 - 1 (one block or warp per row)");
 
   // The parts are read in x's dtype when they all have it, else all in the math type (float32 parts
   // with a 16-bit x are the common mixed case, and need no copy then). Features must be contiguous;
@@ -285,14 +285,13 @@ at::Tensor layer_norm_modulate_cuda(const at::Tensor& x, const std::optional<at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_modulate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
-    const bool vectorized = shape.features % kVec == 0 && shape.stride_b % kVec == 0 &&
-                            shape.stride_n % kVec == 0 && aligned_16(in.const_data_ptr()) &&
-                            aligned_16(out.const_data_ptr());
+    const bool vectorized = shape.features % kVec == 0 && shape.stride_b % kVec == 0 && shape.stride_n % kVec == 0 &&
+                            aligned_16(in.const_data_ptr()) && aligned_16(out.const_data_ptr());
     auto run = [&](auto param_tag) {
       using param_t = decltype(param_tag);
       auto ptr = [](const at::Tensor& v) { return v.defined() ? v.const_data_ptr<param_t>() : nullptr; };
-      const ModulateParams<param_t> params{ptr(w), ptr(bi), ptr(s), ptr(t), s.defined() ? s.stride(0) : 0,
-                                           t.defined() ? t.stride(0) : 0};
+      const ModulateParams<param_t> params{
+          ptr(w), ptr(bi), ptr(s), ptr(t), s.defined() ? s.stride(0) : 0, t.defined() ? t.stride(0) : 0};
       const scalar_t* xp = in.const_data_ptr<scalar_t>();
       scalar_t* yp = out.mutable_data_ptr<scalar_t>();
       if (vectorized) {

@@ -179,8 +179,8 @@ constexpr int kAdvanceThreads = 128;
 // T: the timesteps' type, int64 or float (fractional timesteps: diffusers' Euler with "linspace"
 // spacing or Karras sigmas).
 template <typename T>
-__global__ void sampler_loop_advance_kernel(int64_t* step, T* t_in, int64_t t_len, int64_t t_stride,
-                                            const T* timesteps, int64_t num_timesteps, int64_t ts_stride) {
+__global__ void sampler_loop_advance_kernel(int64_t* step, T* t_in, int64_t t_len, int64_t t_stride, const T* timesteps,
+                                            int64_t num_timesteps, int64_t ts_stride) {
   const int64_t s = *step;
   // An out-of-range s (the step wrote NaN) still advances; t_in is filled only from a valid entry.
   const bool fill = t_in != nullptr && s >= -1 && s < num_timesteps - 1;
@@ -201,8 +201,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // Launches the planned step on the current stream: the coefficient row *step (a one-element int64
 // tensor on the device), cfg_scale from cfg_dev (a one-element float32/float64 device tensor) when
 // defined, else the value cfg_scale.
-void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, const at::Tensor& step,
-                         double cfg_scale, const at::Tensor& cfg_dev, bool learned_range, double clip,
+void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                         const at::Tensor& cfg_dev, bool learned_range, double clip,
                          const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& philox_seed) {
   if (plan.batch * plan.n == 0) {
     return;
@@ -214,9 +214,8 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
   const at::Tensor step_index = step.reshape({}).contiguous();
   const at::Tensor seed = philox_seed.has_value() ? philox_seed->reshape({-1}).contiguous() : at::Tensor();
 
-  const bool vec4 = dtype == at::kFloat && plan.n % 4 == 0 && plan.mn % 4 == 0 &&
-                    aligned16(plan.x.const_data_ptr()) && aligned16(plan.model_output.const_data_ptr()) &&
-                    aligned16(plan.out.const_data_ptr()) &&
+  const bool vec4 = dtype == at::kFloat && plan.n % 4 == 0 && plan.mn % 4 == 0 && aligned16(plan.x.const_data_ptr()) &&
+                    aligned16(plan.model_output.const_data_ptr()) && aligned16(plan.out.const_data_ptr()) &&
                     (!plan.out2.defined() || aligned16(plan.out2.const_data_ptr())) &&
                     (!plan.x0.defined() || aligned16(plan.x0.const_data_ptr())) &&
                     (!plan.noise.defined() || aligned16(plan.noise.const_data_ptr())) &&
@@ -252,17 +251,16 @@ void launch_sampler_step(const SamplerStepPlan& plan, const at::Tensor& coefs, c
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
-                                                     const at::Tensor& coefs, const at::Tensor& step,
-                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                     bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Tensor>& philox_seed, bool return_x0,
                                                      const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x.is_cuda(), "sampler_step (cuda): x must be a CUDA tensor, got device ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
-  SamplerStepPlan plan =
-      plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold, noise, philox_seed,
-                        return_x0, history);
+  SamplerStepPlan plan = plan_sampler_step(x, model_output, coefs, step, cfg_scale, learned_range, clip, threshold,
+                                           noise, philox_seed, return_x0, history);
   launch_sampler_step(plan, coefs, step, cfg_scale, at::Tensor(), learned_range, clip, threshold, philox_seed);
   return finish_sampler_step(plan);
 }
@@ -275,8 +273,8 @@ void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_outp
                             const std::optional<at::Tensor>& history) {
   TORCH_CHECK(x_in.is_cuda(), "sampler_loop_step (cuda): x_in must be a CUDA tensor, got device ", x_in.device());
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range,
-                                                      clip, threshold, noise, philox_seed, t_in, timesteps, history);
+  const SamplerStepPlan plan = plan_sampler_loop_step(x_in, model_output, coefs, step, cfg_scale, learned_range, clip,
+                                                      threshold, noise, philox_seed, t_in, timesteps, history);
   // No host sync, no value-dependent allocation: s, cfg_scale and the seed are read by the kernels.
   // An out-of-range s makes the step write NaN (as sampler_step does); the counter still advances.
   const at::Tensor cfg_dev = cfg_scale.has_value() ? *cfg_scale : at::Tensor();
@@ -288,9 +286,9 @@ void sampler_loop_step_cuda(const at::Tensor& x_in, const at::Tensor& model_outp
   const auto advance = [&](auto zero) {
     using T = decltype(zero);
     sampler_loop_advance_kernel<T><<<1, kAdvanceThreads, 0, stream>>>(
-        step.mutable_data_ptr<int64_t>(), has_t ? t_in->mutable_data_ptr<T>() : nullptr,
-        has_t ? t_in->size(0) : 0, has_t ? t_in->stride(0) : 0, has_t ? timesteps->const_data_ptr<T>() : nullptr,
-        has_t ? timesteps->size(0) : 0, has_t ? timesteps->stride(0) : 0);
+        step.mutable_data_ptr<int64_t>(), has_t ? t_in->mutable_data_ptr<T>() : nullptr, has_t ? t_in->size(0) : 0,
+        has_t ? t_in->stride(0) : 0, has_t ? timesteps->const_data_ptr<T>() : nullptr, has_t ? timesteps->size(0) : 0,
+        has_t ? timesteps->stride(0) : 0);
   };
   if (has_t && t_in->scalar_type() == at::kFloat) {
     advance(0.0f);

@@ -13,10 +13,9 @@ at::Tensor cfg_combine_meta(const at::Tensor& model_out, double scale) {
   std::vector<c10::SymInt> sizes = model_out.sym_sizes().vec();
   const c10::SymInt& rows = sizes[0];
   // expect_true records the condition as a runtime assertion instead of specializing on the size.
-  TORCH_SYM_CHECK(rows.sym_ge(2), "cfg_combine: model_out must have at least 2 rows [uncond; cond], got ",
+  TORCH_SYM_CHECK(rows.sym_ge(2), "cfg_combine: model_out must have at least 2 rows [uncond; cond], got ", rows);
+  TORCH_SYM_CHECK((rows % 2).sym_eq(0), "cfg_combine: model_out must have an even number of rows [uncond; cond], got ",
                   rows);
-  TORCH_SYM_CHECK((rows % 2).sym_eq(0),
-                  "cfg_combine: model_out must have an even number of rows [uncond; cond], got ", rows);
   sizes[0] = rows / 2;
   return at::empty_symint(sizes, model_out.options());
 }

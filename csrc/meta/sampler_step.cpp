@@ -9,8 +9,8 @@
 namespace fastdiff {
 
 std::tuple<at::Tensor, at::Tensor> sampler_step_meta(const at::Tensor& x, const at::Tensor& model_output,
-                                                     const at::Tensor& coefs, const at::Tensor& step,
-                                                     double cfg_scale, bool learned_range, double clip,
+                                                     const at::Tensor& coefs, const at::Tensor& step, double cfg_scale,
+                                                     bool learned_range, double clip,
                                                      const std::optional<at::Tensor>& threshold,
                                                      const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Tensor>& philox_seed, bool return_x0,
