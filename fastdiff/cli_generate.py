@@ -123,26 +123,24 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     )
     label_table = torch.tensor(labels, device=device)
 
-    def sample_block(first: int, batch: int) -> torch.Tensor:
+    def block_call(first: int, batch: int) -> tuple[tuple[int, ...], dict]:
+        """``fastdiff.sample``'s shape and keyword arguments for images first .. first + batch - 1."""
         y = label_table[torch.arange(first, first + batch, device=device) % len(labels)]
-        kw = dict(cond={"y": y})
+        kw = dict(options, cond={"y": y}, first_image=first)
         if args.cfg is not None:
             kw.update(cfg=args.cfg, uncond={"y": torch.full_like(y, NUM_CLASSES)})
+        return (batch, *demo.image_shape), kw
+
+    def sample_block(first: int, batch: int) -> torch.Tensor:
+        shape, kw = block_call(first, batch)
         with torch.no_grad():
-            return fastdiff.sample(demo.model, (batch, *demo.image_shape), first_image=first, **options, **kw)
+            return fastdiff.sample(demo.model, shape, **kw)
 
     try:  # every option checked by sample()'s own rules before anything is written
         from .sampling import SamplingConfig
 
-        y = label_table[:1]
-        guidance = dict(cfg=args.cfg, uncond={"y": y}) if args.cfg is not None else {}
-        SamplingConfig.build(
-            demo.model,
-            (args.batch_size, *demo.image_shape),
-            cond={"y": y.repeat(args.batch_size)},
-            **{**guidance, "uncond": {"y": y.repeat(args.batch_size)}} if guidance else {},
-            **options,
-        )
+        shape, kw = block_call(0, args.batch_size)
+        SamplingConfig.build(demo.model, shape, **kw)
         demo.schedule.check_prediction(demo.prediction, demo.schedule.timesteps(args.steps))
     except (ValueError, TypeError) as exc:
         g.error(str(exc))

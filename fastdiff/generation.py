@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._png import png_bytes
+
 __all__ = [
     "GenerationError",
     "image_path",
@@ -167,7 +169,6 @@ class Totals:
     written: int
     sample_seconds: float
     write_seconds: float
-    blocks: int
 
 
 def generate_images(
@@ -191,7 +192,7 @@ def generate_images(
         wanted = missing_indices(out, range(first, min(first + batch_size, num_images)))
         if wanted:
             todo.append((first, wanted))
-    totals = Totals(0, 0.0, 0.0, 0)
+    totals = Totals(0, 0.0, 0.0)
     start = time.perf_counter()
     pfile = _progress_file(out, rank)
 
@@ -213,7 +214,7 @@ def generate_images(
             path = image_path(out, i)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(path, _png_bytes(images[i - first]), f"rank{rank}")
+                _write_atomic(path, png_bytes(images[i - first]), f"rank{rank}")
             except OSError as exc:
                 raise GenerationError(
                     f"rank {rank}: cannot write {path} ({exc.strerror or exc}); the images written "
@@ -222,7 +223,6 @@ def generate_images(
         totals.sample_seconds += t1 - t0
         totals.write_seconds += time.perf_counter() - t1
         totals.written += len(wanted)
-        totals.blocks += 1
         report(False)
     report(True)
     if rank == 0 and progress is not None and world > 1:  # the other ranks' progress until they finish
@@ -233,12 +233,6 @@ def generate_images(
 
 
 # ---- PNG -------------------------------------------------------------------------------------------------
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from ._png import png_bytes
-
-    return png_bytes(image)
 
 
 def read_png(path: str | Path) -> np.ndarray:
@@ -344,7 +338,7 @@ def pack(
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             f.write(_npy_header((n, h, w, 3), np.uint8))
             for i in range(n):
-                img = read_png(image_path(out, i))
+                img = first if i == 0 else read_png(image_path(out, i))
                 if img.shape[:2] != (h, w):
                     raise GenerationError(f"{image_path(out, i)} is {img.shape[:2]}, image 0 is {(h, w)}")
                 if img.ndim == 2:

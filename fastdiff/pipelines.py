@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import positive_int
 from .sampling import sample
 from .schedule import Schedule
 
@@ -113,26 +114,20 @@ def sampling_options(scheduler: Any, sampler: str | None = None) -> dict[str, An
     if config is None or not hasattr(config, "get"):
         raise TypeError(f"scheduler must be a diffusers scheduler, got {name}")
     where = f"scheduler {name}"
-    if name in _SAMPLER_OF:
-        own = _SAMPLER_OF[name]
-    elif name == "DPMSolverMultistepScheduler":
+    own = _SAMPLER_OF.get(name)  # None: no fastdiff sampler is this scheduler (then sampler= must name one)
+    if name == "DPMSolverMultistepScheduler":
         algorithm = config.get("algorithm_type", "dpmsolver++")
-        if algorithm not in _DPM_ALGORITHMS:
-            if sampler is None:
-                raise ValueError(
-                    f"{where}: algorithm_type={algorithm!r} is not supported (fastdiff takes "
-                    f"{' or '.join(map(repr, _DPM_ALGORITHMS))})"
-                )
-            own = None
-        else:
-            own = _DPM_ALGORITHMS[algorithm]
-    elif sampler is None:
+        own = _DPM_ALGORITHMS.get(algorithm)
+        if own is None and sampler is None:
+            raise ValueError(
+                f"{where}: algorithm_type={algorithm!r} is not supported (fastdiff takes "
+                f"{' or '.join(map(repr, _DPM_ALGORITHMS))})"
+            )
+    elif own is None and sampler is None:
         raise ValueError(
             f"{where} is not supported: fastdiff samples as {', '.join(SUPPORTED_SCHEDULERS)}; pass "
             "sampler= to run one of fastdiff's samplers on this scheduler's noise schedule"
         )
-    else:
-        own = None
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in _PREDICTION:
         raise ValueError(
@@ -188,10 +183,10 @@ class _Denoiser(nn.Module):
     ``added_cond_kwargs``, and a learned variance's channels dropped (the pipelines step on the
     latent channels only)."""
 
-    def __init__(self, model: nn.Module, kind: str, channels: int) -> None:
+    def __init__(self, model: nn.Module, kind: str) -> None:
         super().__init__()
-        self.model, self.kind, self.channels = model, kind, channels
-        self.learned = model.config.out_channels == 2 * channels
+        self.model, self.kind, self.channels = model, kind, model.config.in_channels
+        self.learned = model.config.out_channels == 2 * self.channels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.kind == "pixart":
@@ -211,7 +206,7 @@ def _denoiser(pipe: Any, kind: str) -> nn.Module:
     model = pipe.transformer
     kept = pipe.__dict__.get("_fastdiff_denoiser")
     if kept is None or kept.model is not model:
-        kept = _Denoiser(model, kind, model.config.in_channels)
+        kept = _Denoiser(model, kind)
         pipe.__dict__["_fastdiff_denoiser"] = kept
     return kept
 
@@ -239,15 +234,9 @@ def _call_default(pipe: Any, name: str) -> Any:
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _prompt_batch(prompt: Any, prompt_embeds: torch.Tensor | None, what: str) -> int:
+def _prompt_batch(prompt: Any, prompt_embeds: torch.Tensor | None) -> int:
     if (prompt is None) == (prompt_embeds is None):
-        raise ValueError(f"give prompt or prompt_embeds{what}, not {'both' if prompt is not None else 'neither'}")
+        raise ValueError(f"give prompt or prompt_embeds, not {'both' if prompt is not None else 'neither'}")
     if prompt is None:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise ValueError(
@@ -363,8 +352,8 @@ def generate(
     kind = _kind(pipe)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    num_images_per_prompt = _positive_int(num_images_per_prompt, "num_images_per_prompt")
-    steps = _positive_int(_call_default(pipe, "num_inference_steps") if steps is None else steps, "steps")
+    num_images_per_prompt = positive_int("num_images_per_prompt", num_images_per_prompt)
+    steps = positive_int("steps", _call_default(pipe, "num_inference_steps") if steps is None else steps)
     cfg = float(_call_default(pipe, "guidance_scale") if cfg is None else cfg)
     if not math.isfinite(cfg):
         raise ValueError(f"cfg must be finite, got {cfg}")
@@ -403,7 +392,7 @@ def generate(
     else:
         if class_labels is not None:
             raise ValueError(f"{type(pipe).__name__} is text-conditional: class_labels is DiT's")
-        batch = _prompt_batch(prompt, prompt_embeds, "")
+        batch = _prompt_batch(prompt, prompt_embeds)
         total = batch * num_images_per_prompt
         scale = pipe.vae_scale_factor
         size = denoiser_module.config.sample_size

@@ -93,6 +93,32 @@ def clip_tokenizer(directory, max_length: int = 77):
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
 
 
+def clip_text_encoder(tokenizer, width: int, intermediate: int):
+    """A 2-layer CLIP text encoder (4 heads) over ``tokenizer``'s vocabulary and length, its weights drawn
+    after ``torch.manual_seed(0)`` (the caller's next model continues that stream)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=intermediate, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    return CLIPTextModel(config).eval()
+
+
+def stable_diffusion_pipeline(tokenizer, text_encoder, unet, vae, scheduler):
+    """A StableDiffusionPipeline of these parts, without safety checker, its progress bar off."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def sd_shaped_vae():
     """A small AutoencoderKL with SD's layout (4 latent channels, three 2x upsamplings, two ResNet
     blocks per level plus the mid block's two and its attention, GroupNorm+SiLU before conv_out),
@@ -119,24 +145,10 @@ def sd_shaped_pipeline(directory, scheduler=None):
     cross-attention, two ResNet blocks each, widths 32-64-64-64, heads of 32 channels: SD's own are
     40-160 wide, and 4-wide heads would leave attention a tenth of its speed); ``sd_shaped_vae`` (32x32
     latents decode to 256x256); SD's DDIM scheduler config. The tokenizer's files go to ``directory``."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     tokenizer = clip_tokenizer(directory)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=256,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
+    text_encoder = clip_text_encoder(tokenizer, width=64, intermediate=256)
     unet = UNet2DConditionModel(
         sample_size=32,
         in_channels=4,
@@ -160,15 +172,4 @@ def sd_shaped_pipeline(directory, scheduler=None):
             clip_sample=False,
             set_alpha_to_one=False,
         )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stable_diffusion_pipeline(tokenizer, text_encoder, unet, vae, scheduler)

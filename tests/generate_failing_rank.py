@@ -8,7 +8,7 @@ from fastdiff import cli, generation
 
 if os.environ.get("RANK") == "1":
     calls = []
-    real = generation._png_bytes
+    real = generation.png_bytes
 
     def failing(image):
         calls.append(1)
@@ -16,6 +16,6 @@ if os.environ.get("RANK") == "1":
             raise OSError(28, "No space left on device (injected into rank 1)")
         return real(image)
 
-    generation._png_bytes = failing
+    generation.png_bytes = failing
 
 sys.exit(cli.main(sys.argv[1:]))

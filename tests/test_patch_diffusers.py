@@ -591,8 +591,9 @@ def test_pipeline_components_fastdiff_cannot_patch_are_named():
 # ---- DiT and PixArt transformers -----------------------------------------------------------------
 
 
-def tiny_dit() -> nn.Module:
-    """A small DiTTransformer2DModel (adaLN-Zero, class labels with the null class 10)."""
+def tiny_dit(num_embeds_ada_norm: int = 10) -> nn.Module:
+    """A small DiTTransformer2DModel (adaLN-Zero, learned sigma, class labels with the null class
+    ``num_embeds_ada_norm``)."""
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -604,7 +605,7 @@ def tiny_dit() -> nn.Module:
         num_layers=2,
         sample_size=8,
         patch_size=2,
-        num_embeds_ada_norm=10,
+        num_embeds_ada_norm=num_embeds_ada_norm,
     ).eval()
 
 

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from baselines import clip_tokenizer
+from baselines import clip_text_encoder, clip_tokenizer, stable_diffusion_pipeline
 from conftest import assert_within_eager_bound
 
 import fastdiff
@@ -25,7 +25,6 @@ from diffusers import (  # noqa: E402
     DDIMScheduler,
     DDPMScheduler,
     DiTPipeline,
-    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -36,6 +35,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
+from test_patch_diffusers import tiny_dit  # noqa: E402
 
 from fastdiff.integrations.diffusers import PatchWarning  # noqa: E402
 from fastdiff.pipelines import generate, sampling_options  # noqa: E402
@@ -78,23 +78,8 @@ def tiny_vae(levels: int = 2) -> AutoencoderKL:
 
 
 def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = clip_tokenizer(tmp_path, max_length=12)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=12,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
+    text_encoder = clip_text_encoder(tokenizer, width=32, intermediate=64)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -107,33 +92,12 @@ def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     ).eval()
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=SCHEDULERS[scheduler](),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stable_diffusion_pipeline(tokenizer, text_encoder, unet, tiny_vae(), SCHEDULERS[scheduler]())
 
 
 def dit_pipeline(scheduler=None) -> DiTPipeline:
     """DiT with learned sigma (8 output channels) and 1000 classes (DiTPipeline's null class is 1000)."""
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=8,
-        num_layers=2,
-        sample_size=8,
-        patch_size=2,
-        num_embeds_ada_norm=1000,
-    ).eval()
+    transformer = tiny_dit(num_embeds_ada_norm=1000)
     with torch.no_grad():  # DiT zero-initialises its modulation and output: make them matter
         for name, p in transformer.named_parameters():
             if "norm1.linear" in name or "proj_out" in name:
