@@ -92,8 +92,9 @@ def _native_lines(status: dict) -> list[str]:
     else:
         lines.append(f"  CUDA kernels: not compiled: {status['cuda_skipped_reason'] or 'no reason recorded'}")
     lines.append(
-        f"  built with torch {info.get('torch_version')} (CUDA {info.get('torch_cuda_version')}), "
-        f"{info.get('cxx_version') or info.get('cxx')}, at {info.get('built_at')}"
+        f"  built by {info.get('builder', 'setup.py')} with torch {info.get('torch_version')} "
+        f"(CUDA {info.get('torch_cuda_version')}), {info.get('cxx_version') or info.get('cxx')}, "
+        f"at {info.get('built_at')}"
     )
     return lines
 
