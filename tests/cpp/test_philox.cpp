@@ -32,14 +32,23 @@ void check_words(const Philox4& got, uint32_t w0, uint32_t w1, uint32_t w2, uint
 
 // Random123's kat_vectors for philox4x32 with 10 rounds (counter words, then key words).
 void test_known_answers() {
-  check_words(fastdiff::philox4x32_10(Philox4{{0u, 0u, 0u, 0u}}, 0u, 0u), 0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu,
-              0x9b00dbd8u);
-  check_words(
-      fastdiff::philox4x32_10(Philox4{{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}}, 0xffffffffu, 0xffffffffu),
-      0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu);
-  check_words(
-      fastdiff::philox4x32_10(Philox4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u, 0x299f31d0u),
-      0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u);
+  {
+    Context ctx("Random123 kat: counter 0 0 0 0, key 0 0");
+    check_words(fastdiff::philox4x32_10(Philox4{{0u, 0u, 0u, 0u}}, 0u, 0u), 0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu,
+                0x9b00dbd8u);
+  }
+  {
+    Context ctx("Random123 kat: counter ffffffff x4, key ffffffff ffffffff");
+    const uint32_t f = 0xffffffffu;
+    check_words(fastdiff::philox4x32_10(Philox4{{f, f, f, f}}, f, f), 0x408f276du, 0x41c83b0eu, 0xa20bc7c6u,
+                0x6d5451fdu);
+  }
+  {
+    Context ctx("Random123 kat: counter 243f6a88 85a308d3 13198a2e 03707344, key a4093822 299f31d0");
+    check_words(fastdiff::philox4x32_10(Philox4{{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}}, 0xa4093822u,
+                                        0x299f31d0u),
+                0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u);
+  }
 }
 
 // philox_uniform(bits) is documented as ((bits >> 8) + 0.5) 2^-24: the top 24 bits, centred in
