@@ -45,8 +45,11 @@ FASTDIFF_INLINE Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
-// A uint32 to a float uniform in (0, 1): the top 24 bits, centred in their bucket, so 0 and 1
-// are never produced and log() below stays finite.
+// A uint32 to a float uniform in (0, 1]: the top 24 bits k, as (k + 0.5) 2^-24 rounded to float. Below
+// bits = 2^31 that is exact, the centre of k's bucket; above, k + 0.5 needs 25 bits and ties to even, so
+// the values there lie on a 2^-23 grid and bits >= 0xffffff00 give exactly 1 (that pair's Box-Muller
+// radius sqrt(-2 ln 1) is then 0, a finite normal). 0 is never produced, so log() below stays finite.
+// Kept as it is, in every backend, because any other rounding would change every seed's noise.
 FASTDIFF_INLINE float philox_uniform(uint32_t bits) {
   return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
 }

@@ -77,7 +77,8 @@ FASTDIFF_INLINE void mulhilo_scalar(uint32_t a, uint32_t b, uint32_t& hi, uint32
 // shifted by 24 before any rounding, and theta = 2 pi u is (2 pi 2^-24) v, so both are bit-identical to
 // computing from u, one multiply cheaper.
 FASTDIFF_INLINE __m256 uniform_scaled(__m256i bits) {
-  return _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)), _mm256_set1_ps(0.5f));  // < 2^24: exact
+  return _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 8)),
+                       _mm256_set1_ps(0.5f));  // rounds as philox_uniform
 }
 
 // The math below works on K registers side by side, each step for all K before the next: a single

@@ -32,6 +32,8 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 def _uniform(bits: np.ndarray) -> np.ndarray:
+    """(top 24 bits + 0.5) 2^-24 in float64, so always in (0, 1); the kernels round it to float32, which gives
+    exactly 1 for bits >= 0xffffff00 (csrc/common/philox.h), a normal of 0 where this one is about 2.4e-4."""
     return ((bits >> np.uint32(8)).astype(np.float64) + 0.5) / 16777216.0
 
 

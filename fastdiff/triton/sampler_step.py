@@ -107,7 +107,7 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def _uniform(bits):
-    """uint32 -> float32 in (0, 1): the top 24 bits, centred in their bucket (philox_uniform)."""
+    """uint32 -> float32 in (0, 1]: (top 24 bits + 0.5) 2^-24 rounded as philox_uniform rounds it (philox.h)."""
     return ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
 
 

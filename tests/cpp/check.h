@@ -16,7 +16,6 @@ namespace fastdiff_test {
 struct Counters {
   long checks = 0;
   long failures = 0;
-  long known_bugs = 0;
 };
 
 inline Counters& counters() {
@@ -131,27 +130,10 @@ bool check_nan(const T& v, const char* ev, const char* file, int line) {
   return ok;
 }
 
-// A strict expected failure: a claim the code under test is known to break (reported, and
-// counted apart). Should it start to hold, that is a failure, so the marker cannot outlive the bug.
-inline bool check_known_bug(bool ok, const char* expr, const char* note, const char* file, int line) {
-  ++counters().checks;
-  if (ok) {
-    fail(file, line, std::string("CHECK_KNOWN_BUG(") + expr + ") holds now: make it a CHECK (" + note + ")");
-    return false;
-  }
-  ++counters().known_bugs;
-  std::fprintf(stderr, "%s:%d: known bug (expected failure): %s -- %s\n", file, line, expr, note);
-  return true;
-}
-
 // The one-line summary; the exit status for main.
 inline int finish(const char* name) {
   const Counters& c = counters();
-  std::printf("%s: %ld checks, %ld failed", name, c.checks, c.failures);
-  if (c.known_bugs) {
-    std::printf(", %ld known bug(s) reported above", c.known_bugs);
-  }
-  std::printf("\n");
+  std::printf("%s: %ld checks, %ld failed\n", name, c.checks, c.failures);
   return c.failures == 0 && c.checks > 0 ? 0 : 1;
 }
 
@@ -163,5 +145,3 @@ inline int finish(const char* name) {
 #define CHECK_NEAR(got, want, tol) \
   ::fastdiff_test::check_near((got), (want), (tol), #got, #want, #tol, __FILE__, __LINE__)
 #define CHECK_NAN(v) ::fastdiff_test::check_nan((v), #v, __FILE__, __LINE__)
-#define CHECK_KNOWN_BUG(cond, note) \
-  ::fastdiff_test::check_known_bug(static_cast<bool>(cond), #cond, (note), __FILE__, __LINE__)

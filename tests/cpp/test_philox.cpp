@@ -51,8 +51,8 @@ void test_known_answers() {
   }
 }
 
-// philox_uniform(bits) is documented as ((bits >> 8) + 0.5) 2^-24: the top 24 bits, centred in
-// their bucket, "so 0 and 1 are never produced".
+// philox_uniform(bits) is documented as ((bits >> 8) + 0.5) 2^-24 rounded to float: in (0, 1], exact
+// below bits = 2^31, ties to even above, exactly 1 from 0xffffff00 up, never 0.
 void test_uniform() {
   // The formula, evaluated exactly in double (25 significant bits at most) and rounded once to float,
   // which is what the float arithmetic does: bits < 2^31 ((bits >> 8) + 0.5 < 2^23) give the exact
@@ -70,18 +70,18 @@ void test_uniform() {
       CHECK_EQ(static_cast<double>(fastdiff::philox_uniform(bits)), exact);
     }
   }
-  // The low end: exactly 2^-25, so log(u) is finite (the half of the claim that Box-Muller needs).
+  // The low end: exactly 2^-25, so log(u) is finite (what Box-Muller needs).
   CHECK_EQ(static_cast<double>(fastdiff::philox_uniform(0u)), 0x1p-25);
   CHECK(fastdiff::philox_uniform(0u) > 0.0f);
   CHECK(std::isfinite(std::log(fastdiff::philox_uniform(0u))));
   CHECK_EQ(static_cast<double>(fastdiff::philox_uniform(0x7fffffffu)), 0.5 - 0x1p-25);
-  // The high end: (2^24 - 1) + 0.5 is not a float; it rounds to 2^24, so the uniform is exactly 1
-  // for bits >= 0xffffff00, against the header's comment. Box-Muller stays finite there (r = 0).
-  CHECK_KNOWN_BUG(fastdiff::philox_uniform(0xffffffffu) < 1.0f,
-                  "philox.h: philox_uniform(bits >= 0xffffff00) == 1.0f; (bits >> 8) + 0.5f rounds for bits >= 2^31");
-  CHECK_KNOWN_BUG(static_cast<double>(fastdiff::philox_uniform(0xffffffffu)) == 1.0 - 0x1p-25,
-                  "philox.h: 1 - 2^-25 is not a float, so the documented value cannot be produced");
-  CHECK_EQ(fastdiff::philox_uniform(0xffffff00u), 1.0f);  // what happens instead (pinned, see above)
+  // The high end, as philox.h documents it: (2^24 - 1) + 0.5 is not a float and rounds to 2^24, so the
+  // uniform is exactly 1 from bits = 0xffffff00 up; k + 0.5 ties to the even k there, so the value below
+  // it is 1 - 2^-23 (k = 2^24 - 2 and 2^24 - 3 both round to it), and 1 - 2^-24 never occurs.
+  CHECK_EQ(fastdiff::philox_uniform(0xffffffffu), 1.0f);
+  CHECK_EQ(fastdiff::philox_uniform(0xffffff00u), 1.0f);
+  CHECK_EQ(static_cast<double>(fastdiff::philox_uniform(0xfffffeffu)), 1.0 - 0x1p-23);
+  CHECK_EQ(static_cast<double>(fastdiff::philox_uniform(0xfffffdffu)), 1.0 - 0x1p-23);
   float out[4];
   fastdiff::philox_normal4(Philox4{{0xffffffffu, 0x40000000u, 0u, 0xffffffffu}}, out);
   CHECK_EQ(out[0], 0.0f);  // r = sqrt(-2 log 1) = 0
