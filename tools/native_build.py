@@ -339,7 +339,9 @@ def write_cmake(build_dir: Path, cxx: str | None) -> dict:
         )
     lines = [f"# Written by {Path(__file__).relative_to(ROOT)} at configure time; do not edit."]
     for key, value in variables.items():
-        lines.append(f"set({key} {_cmake_list(value) if isinstance(value, list) else _cmake_list([value])})")
+        # A ; in a sentence would split it into a CMake list (and an escaped one prints as \;).
+        text = _cmake_list(value) if isinstance(value, list) else _cmake_list([value.replace(";", ",")])
+        lines.append(f"set({key} {text})")
     build_dir.mkdir(parents=True, exist_ok=True)
     (build_dir / "fastdiff_native.cmake").write_text("\n".join(lines) + "\n")
     (build_dir / "fastdiff_native.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
