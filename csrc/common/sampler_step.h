@@ -15,12 +15,18 @@ namespace fastdiff {
 //   prev = c_x0 * x0 + c_eps * eps + c_x * x + c_hist * h + sigma * z
 //          (h: the previous step's x0 of a multistep solver, only when given and c_hist != 0; the
 //          noise term only when the step adds noise)
-// DDIM (Song et al. 2021, eq. 12): c_x0 = sqrt(ab_prev), c_eps = sqrt(1 - ab_prev - sigma^2), c_x = 0.
-// DDPM (Ho et al. 2020, eq. 7):    c_x0 = sqrt(ab_prev) beta / (1 - ab), c_x = sqrt(alpha)(1 - ab_prev)/(1 - ab),
-//                                  c_eps = 0; sigma fixed, or learned: exp((f log_large + (1-f) log_small) / 2)
-//                                  with f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), times `noise`.
-// DPM-Solver++ 2M (Lu et al. 2022): c_x = sigma_t / sigma_s, c_x0 and c_hist the midpoint weights of
-//                                  D0 and D1 (fastdiff/sampling/samplers.py), sigma the SDE variant's.
+// ab and ab_prev are alphas_cumprod at the step's timestep and the one it moves to.
+// DDIM (Song et al. 2021, eq. 12): c_x0 = sqrt(ab_prev), c_eps = sqrt(1 - ab_prev - sigma^2), c_x = 0;
+//                                  noise = 1 where eta > 0.
+// DDPM (Ho et al. 2020, eq. 7):    with alpha = ab / ab_prev, beta = 1 - alpha (respaced steps):
+//                                  c_x0 = sqrt(ab_prev) beta / (1 - ab), c_x = sqrt(alpha)(1 - ab_prev)/(1 - ab),
+//                                  c_eps = 0; noise = 1 at timesteps > 0, 0 at timestep 0; sigma the fixed
+//                                  one times noise, or learned: exp((f log_large + (1-f) log_small) / 2) * noise
+//                                  with f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15), log_small the log of
+//                                  beta (1 - ab_prev) / (1 - ab) floored at 1e-20, log_large log(beta).
+// DPM-Solver++ 2M (Lu et al. 2022): c_x = sigma_t / sigma_s (times e^-h in the SDE variant), c_x0 and c_hist
+//                                  the midpoint weights of D0 and D1 (fastdiff/sampling/samplers.py), sigma
+//                                  the SDE variant's.
 enum StepCoef : int {
   kAx = 0,
   kAm,
