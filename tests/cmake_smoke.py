@@ -2,9 +2,11 @@
 
 ctest runs this file (CMakeLists.txt: tests python_smoke_default and python_smoke_avx2) with
 PYTHONPATH=BUILD/python, where the build links the Python sources beside its own _C, and
-FASTDIFF_CMAKE_BUILD=BUILD, from the build folder (`python -m pytest` puts the working directory first on
-sys.path, so from the repository root it would import the source tree's fastdiff, and the first test says so).
-`pytest tests` does not collect it (the name does not start with test_).
+FASTDIFF_CMAKE_BUILD=BUILD, as a script (`python tests/cmake_smoke.py`, which runs pytest on itself): a script
+puts its own folder first on sys.path, where `python -m pytest` would put the working directory, which in the
+repository root holds the source tree's fastdiff. `pytest tests` does not collect it (the name does not start
+with test_).
+
 The full grids stay in tests/test_ops_harness.py, on the extension setup.py builds; this checks that the
 CMake build is the same extension: it loads, it registers every native op, and each op's CPU kernel
 (each ISA build, through ATEN_CPU_CAPABILITY) agrees with the reference.
@@ -73,3 +75,9 @@ def test_cpu_op_matches_reference(case: OpCase, dtype: torch.dtype):
     skip_unless_runs(case, "cpu", *calls)
     for call in calls:
         case.check(case.run(call, "cpu"), call, f"cpu {sid} {call.what}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(pytest.main([__file__, "-q", "-rs", "-p", "no:cacheprovider"]))
