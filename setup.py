@@ -122,10 +122,7 @@ PLAN = native_build.plan()
 def _extensions() -> list:
     if not PLAN["native"]:
         return []
-    if PLAN["cuda_home"]:
-        os.environ["CUDA_HOME"] = PLAN["cuda_home"]  # before cpp_extension reads it at import
-    if PLAN["cuda"]:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(PLAN["cuda_archs"])
+    native_build.export_cuda_env(PLAN)  # before cpp_extension is imported
     os.environ.setdefault("MAX_JOBS", "2")  # these machines have 2 cores; nvcc needs ~1 GB per job
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 

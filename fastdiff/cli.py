@@ -395,14 +395,9 @@ def _decision_lines(rows: list[tuple[dict, str]]) -> str:
     return "\n".join(f"  {tuning.format_choice(d, width)}; {_SOURCES[source]}" for d, source in rows)
 
 
-def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
-    import fastdiff
-    from fastdiff._png import write_png
-
-    n = 10 * args.per_class
-    shape = (n, *demo.image_shape)
-    labels = torch.arange(10).repeat_interleave(args.per_class)
-    kwargs = dict(
+def _sample_options(args: argparse.Namespace, demo: _Demo, dtype: torch.dtype, device: str) -> dict:
+    """fastdiff.sample's options that `fastdiff sample` and `fastdiff generate` both take from their flags."""
+    return dict(
         sampler=args.sampler,
         steps=args.steps,
         eta=args.eta,
@@ -410,9 +405,19 @@ def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
         schedule=demo.schedule,
         prediction=demo.prediction,
         generator=args.seed,
-        dtype=_DTYPES[args.dtype],
-        device=args.device,
+        dtype=dtype,
+        device=device,
     )
+
+
+def _sample_command(args: argparse.Namespace, demo: _Demo) -> int:
+    import fastdiff
+    from fastdiff._png import write_png
+
+    n = 10 * args.per_class
+    shape = (n, *demo.image_shape)
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    kwargs = _sample_options(args, demo, _DTYPES[args.dtype], args.device)
     if args.cfg is not None:
         kwargs.update(cfg=args.cfg, cond={"y": labels}, uncond={"y": torch.full((n,), 10)})
     else:

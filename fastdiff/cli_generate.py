@@ -80,7 +80,7 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     import fastdiff
 
     from . import tuning
-    from .cli import _check_device, _make_demo
+    from .cli import _check_device, _make_demo, _sample_options
     from .info import cpu_line
 
     rank, world, local_rank = _dist()
@@ -109,17 +109,7 @@ def generate_command(g: argparse.ArgumentParser, args: argparse.Namespace, dtype
     if isinstance(demo.model, torch.nn.Module):
         demo.model.to(device=device, dtype=dtype)
     options = dict(
-        sampler=args.sampler,
-        steps=args.steps,
-        eta=args.eta,
-        karras_sigmas=args.karras,
-        schedule=demo.schedule,
-        prediction=demo.prediction,
-        generator=args.seed,
-        dtype=dtype,
-        device=device,
-        backend=args.backend,
-        cuda_graph=cuda_graph[args.cuda_graph],
+        _sample_options(args, demo, dtype, device), backend=args.backend, cuda_graph=cuda_graph[args.cuda_graph]
     )
     label_table = torch.tensor(labels, device=device)
 

@@ -98,14 +98,14 @@ def test_stage_links_the_sources_and_records_the_cmake_build(native_build, tmp_p
     extension = package / "_C.fake.so"
     extension.write_bytes(b"")
     (package / "gone.py").symlink_to(tmp_path / "nowhere.py")  # a module since removed from the tree
-    native_build.stage(tmp_path, extension, seconds=None)
+    native_build.stage(tmp_path, extension)
     assert (package / "__init__.py").resolve() == ROOT / "fastdiff" / "__init__.py"
     assert (package / "ops").is_symlink() and not (package / "gone.py").is_symlink()
     assert not [p for p in package.iterdir() if p.is_symlink() and p.name.startswith(("_C.", "_build_info"))]
     info = json.loads((package / "_build_info.json").read_text())
     assert info["builder"] == "cmake" and info["native"] and info["fastdiff_version"] == fastdiff.__version__
     with pytest.raises(SystemExit, match="must be linked into"):
-        native_build.stage(tmp_path, tmp_path / "_C.so", seconds=None)
+        native_build.stage(tmp_path, tmp_path / "_C.so")
 
 
 def test_the_installed_build_record_names_its_builder():

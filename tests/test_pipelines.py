@@ -32,10 +32,9 @@ from diffusers import (  # noqa: E402
     PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
-from test_patch_diffusers import tiny_dit  # noqa: E402
+from test_patch_diffusers import cond_unet, tiny_dit  # noqa: E402
 
 from fastdiff.integrations.diffusers import PatchWarning  # noqa: E402
 from fastdiff.pipelines import generate, sampling_options  # noqa: E402
@@ -80,18 +79,7 @@ def tiny_vae(levels: int = 2) -> AutoencoderKL:
 def sd_pipeline(tmp_path, scheduler: str = "ddim") -> StableDiffusionPipeline:
     tokenizer = clip_tokenizer(tmp_path, max_length=12)
     text_encoder = clip_text_encoder(tokenizer, width=32, intermediate=64)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=8,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    unet = cond_unet(cross_attention_dim=32)
     return stable_diffusion_pipeline(tokenizer, text_encoder, unet, tiny_vae(), SCHEDULERS[scheduler]())
 
 

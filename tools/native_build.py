@@ -268,13 +268,19 @@ def write_build_info(package_dir: Path, info: dict) -> None:
 # ---- torch's flags, for builds that do not go through cpp_extension (CMake) ---------------------------
 
 
+def export_cuda_env(result: dict) -> None:
+    """CUDA_HOME and TORCH_CUDA_ARCH_LIST from the plan, before torch.utils.cpp_extension is imported: it reads
+    CUDA_HOME at import (and would guess /usr/local here), and the arch list when it makes -gencode flags."""
+    if result["cuda_home"]:
+        os.environ["CUDA_HOME"] = result["cuda_home"]
+    if result["cuda"]:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(result["cuda_archs"])
+
+
 def torch_flags(result: dict) -> dict:
     """What torch.utils.cpp_extension's CppExtension/CUDAExtension add for ``fastdiff._C``, from torch itself:
     include and library directories, libraries, defines, the C++ standard, nvcc's flags and arch flags."""
-    if result["cuda_home"]:
-        os.environ["CUDA_HOME"] = result["cuda_home"]  # before cpp_extension reads it at import
-    if result["cuda"]:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(result["cuda_archs"])
+    export_cuda_env(result)
     from torch.utils import cpp_extension
 
     device = "cuda" if result["cuda"] else "cpu"
@@ -321,12 +327,13 @@ def write_cmake(build_dir: Path, cxx: str | None) -> dict:
         "FASTDIFF_NVCC_FLAGS": NVCC_FLAGS,
         "FASTDIFF_CUDA_DEFINE": CUDA_DEFINE,
     }
-    for name, _, _ in SIMD_BUILDS:
+    for name, _, flags in SIMD_BUILDS:
         variables[f"FASTDIFF_{name.upper()}_SOURCES"] = found[name]
-        variables[f"FASTDIFF_{name.upper()}_FLAGS"] = simd_flags(f"x_{name}.cpp")
+        variables[f"FASTDIFF_{name.upper()}_FLAGS"] = list(flags) if X86_SIMD_BUILD else []
     if result["native"]:
-        variables["FASTDIFF_CXX_FLAGS"] = cxx_flags(torch_uses_openmp())
-        variables["FASTDIFF_OPENMP"] = "ON" if torch_uses_openmp() else "OFF"
+        openmp = torch_uses_openmp()
+        variables["FASTDIFF_CXX_FLAGS"] = cxx_flags(openmp)
+        variables["FASTDIFF_OPENMP"] = "ON" if openmp else "OFF"
         torch = torch_flags(result)
         variables.update(
             FASTDIFF_TORCH_INCLUDE_DIRS=torch["include_dirs"],
@@ -351,7 +358,7 @@ def write_cmake(build_dir: Path, cxx: str | None) -> dict:
 _BUILD_PRODUCTS = ("_C.", BUILD_INFO, "_ptxas_report.txt", "__pycache__")
 
 
-def stage(build_dir: Path, extension: Path, seconds: float | None) -> Path:
+def stage(build_dir: Path, extension: Path) -> Path:
     """After the link: BUILD_DIR/python/fastdiff links every file and folder of fastdiff/ except setup.py's
     build products, holds the CMake-built extension, and gets its own build record. With BUILD_DIR/python
     first on PYTHONPATH, `import fastdiff` runs the CMake build."""
@@ -369,7 +376,7 @@ def stage(build_dir: Path, extension: Path, seconds: float | None) -> Path:
             link.symlink_to(entry)
     if extension.resolve().parent != package.resolve():
         raise SystemExit(f"stage: the extension {extension} must be linked into {package}")
-    write_build_info(package, build_info(result, built=True, seconds=seconds, builder="cmake", ptxas_report=None))
+    write_build_info(package, build_info(result, built=True, seconds=None, builder="cmake", ptxas_report=None))
     return package
 
 
@@ -384,14 +391,13 @@ def main(argv: list[str]) -> int:
     staged = commands.add_parser("stage", help="make BUILD_DIR/python/fastdiff importable (after the link)")
     staged.add_argument("build_dir", type=Path)
     staged.add_argument("--extension", type=Path, required=True, help="the linked _C*.so")
-    listing = commands.add_parser("sources", help="print the source files of each build as JSON")
-    del listing
+    commands.add_parser("sources", help="print the source files of each build as JSON")
     args = parser.parse_args(argv)
     if args.command == "cmake":
         result = write_cmake(args.build_dir, args.cxx)
         print(f"fastdiff build: {plan_line(result)}")
     elif args.command == "stage":
-        package = stage(args.build_dir, args.extension, seconds=None)
+        package = stage(args.build_dir, args.extension)
         print(f"fastdiff build: {package} is importable with PYTHONPATH={package.parent}")
     else:
         print(json.dumps(sources(), indent=2))
