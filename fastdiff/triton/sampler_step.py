@@ -959,17 +959,6 @@ _AOT_VARIANTS = {
         write_out2=True,
         cfg_tensor=True,
     ),
-    "loop-cfg-philox-first-learned": dict(
-        flat=True,
-        guided=True,
-        learned=True,
-        noise_mode=NOISE_PHILOX,
-        threshold=False,
-        write_x0=False,
-        write_out2=True,
-        cfg_tensor=True,
-        philox_first=True,
-    ),
     "loop-cfg-history": dict(
         flat=True,
         guided=True,
@@ -982,6 +971,8 @@ _AOT_VARIANTS = {
         history=True,
     ),
 }
+# The same build with the batch's first image index read from philox_seed (sample(first_image=)).
+_AOT_VARIANTS["loop-cfg-philox-first-learned"] = dict(_AOT_VARIANTS["loop-cfg-philox-learned"], philox_first=True)
 
 
 def aot_builds() -> list[tuple[int, torch.dtype, str]]:
